@@ -1,0 +1,174 @@
+"""Build a tiny, random-init Stable Diffusion model folder offline.
+
+The folder has the layout of a real Hub checkpoint (model_index.json, unet/, vae/,
+text_encoder/, tokenizer/, scheduler/, PyTorch safetensors weights), so ti_flax loads it
+through the same code path as runwayml/stable-diffusion-v1-5. The tokenizer is the real
+49408-token CLIP tokenizer, rebuilt from open_clip's BPE merges file (MIT licensed), so
+placeholder tokens, initializer tokens and token ids behave exactly as on a real model.
+
+Needs torch (building uses diffusers' PyTorch classes) and the `open_clip_torch` package
+installed without dependencies (`pip install --no-deps open_clip_torch`) for its merges file.
+
+Usage:
+    python scripts/make_tiny_model.py OUTPUT_DIR [--layout tiny|sd1-small]
+        [--prediction_type epsilon|v_prediction] [--seed 0]
+"""
+
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import sys
+
+CLIP_VOCAB_SIZE = 49408
+NUM_MERGES = 49152 - 256 - 2
+
+# Block layouts. "tiny" is the 2-block model the tests use; "sd1-small" has SD 1.x's
+# 4 down / 4 up blocks with cross-attention at small widths (for benchmarks).
+LAYOUTS = {
+    "tiny": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+            attention_head_dim=8,
+            sample_size=16,
+        ),
+        vae=dict(block_out_channels=(32, 64)),
+        hidden=32,
+        layers=2,
+        resolution=32,
+    ),
+    "sd1-small": dict(
+        unet=dict(
+            block_out_channels=(32, 64, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            layers_per_block=2,
+            attention_head_dim=8,
+            sample_size=32,
+        ),
+        vae=dict(block_out_channels=(32, 32, 64, 64)),
+        hidden=64,
+        layers=4,
+        resolution=256,
+    ),
+}
+
+
+def find_bpe_file():
+    """Path of open_clip's `bpe_simple_vocab_16e6.txt.gz`, without importing open_clip (and torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "error: open_clip is not installed; run `pip install --no-deps open_clip_torch` "
+            "(only its BPE merges file is used) or pass --bpe PATH"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+
+
+def write_clip_tokenizer(bpe_path, out_dir):
+    """Write vocab.json/merges.txt of the standard CLIP tokenizer and return a CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
+    base = list(bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(
+        os.path.join(out_dir, "vocab.json"),
+        os.path.join(out_dir, "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+
+
+def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, bpe_path=None):
+    """Write a random-init Stable Diffusion folder to `out_dir` and return its path."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = LAYOUTS[layout]
+    hidden = spec["hidden"]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=4, cross_attention_dim=hidden, norm_num_groups=32, **spec["unet"]
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
+        sample_size=spec["resolution"],
+        **spec["vae"],
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden + 5,
+            num_hidden_layers=spec["layers"],
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=hidden,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    # SD 1.x's scheduler config; v_prediction gives an SD 2.x-768-style model.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer = write_clip_tokenizer(bpe_path or find_bpe_file(), tok_dir)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiny")
+    parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bpe", default=None, help="path to bpe_simple_vocab_16e6.txt.gz")
+    args = parser.parse_args(argv)
+    build_tiny_model(args.output_dir, args.layout, args.prediction_type, args.seed, args.bpe)
+    print(f"tiny Stable Diffusion model ({args.layout}, {args.prediction_type}) written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

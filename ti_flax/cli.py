@@ -1,0 +1,82 @@
+"""Command-line flags -> TrainConfig. Flag names follow diffusers' textual_inversion scripts."""
+
+import argparse
+import dataclasses
+import os
+
+from .config import INTERPOLATIONS, LR_SCHEDULERS, TrainConfig
+from .errors import UserError
+
+
+def _bool_flag(parser, name, help):
+    parser.add_argument(f"--{name}", action="store_true", help=help)
+
+
+def build_parser():
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m ti_flax.train",
+        description="Textual inversion for Stable Diffusion in JAX/Flax: learn new token embeddings "
+        "for a concept from a few images.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True, help="local model folder or Hub id")
+    g.add_argument("--revision", help="Hub revision (branch, tag or commit) of the model")
+    g.add_argument("--tokenizer_name", help="tokenizer folder or Hub id, if not the model's own")
+    g = p.add_argument_group("concept and data")
+    g.add_argument("--train_data_dir", required=True, help="folder with the 3-10 training images")
+    g.add_argument("--placeholder_token", required=True, help="the new token, e.g. <cat-toy>")
+    g.add_argument("--initializer_token", required=True, help="one existing token whose row starts the training")
+    g.add_argument("--num_vectors", type=int, default=d.num_vectors, help="vectors per concept (tokens tok, tok_1, ...)")
+    g.add_argument("--learnable_property", choices=["object", "style"], default=d.learnable_property)
+    g.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")
+    g.add_argument("--resolution", type=int, default=d.resolution)
+    _bool_flag(g, "center_crop", "crop the central square before resizing (default: squash to a square)")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation)
+    g.add_argument("--flip_p", type=float, default=d.flip_p, help="probability of a horizontal flip")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="batch size per device")
+    g.add_argument("--num_train_epochs", type=int, default=d.num_train_epochs)
+    g.add_argument("--max_train_steps", type=int, default=d.max_train_steps, help="total steps; overrides --num_train_epochs (0: use --num_train_epochs)")
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    _bool_flag(g, "scale_lr", "multiply the learning rate by the global batch size (off by default)")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=d.lr_scheduler)
+    g.add_argument("--lr_warmup_steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--adam_beta1", type=float, default=d.adam_beta1)
+    g.add_argument("--adam_beta2", type=float, default=d.adam_beta2)
+    g.add_argument("--adam_weight_decay", type=float, default=d.adam_weight_decay)
+    g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
+    g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (off by default)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", default=d.output_dir)
+    g.add_argument("--save_steps", type=int, default=d.save_steps,
+                   help="write learned_embeds-steps-N.safetensors every N steps (0: off)")
+    _bool_flag(g, "no_safe_serialization", "also write learned_embeds.bin with torch.save")
+    _bool_flag(g, "save_as_full_pipeline", "also save the whole Flax pipeline with the new tokens")
+    g.add_argument("--logging_dir", default=d.logging_dir, help="TensorBoard folder, relative to --output_dir")
+    g.add_argument("--report_to", choices=["auto", "tensorboard", "none"], default=d.report_to)
+    _bool_flag(g, "push_to_hub", "upload the output folder to the Hugging Face Hub at the end")
+    g.add_argument("--hub_model_id", help="Hub repository for --push_to_hub (default: the output folder's name)")
+    g.add_argument("--hub_token", help="Hub token for --push_to_hub")
+    _bool_flag(g, "use_auth_token", "use the token saved by `huggingface-cli login`")
+    g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_config(argv=None):
+    """Parse flags into a validated TrainConfig. Raises UserError on bad values."""
+    args = vars(build_parser().parse_args(argv))
+    local_rank = args.pop("local_rank")
+    if local_rank != -1:
+        raise UserError(
+            "--local_rank is a PyTorch launcher flag; JAX runs one process per host and uses every local device"
+        )
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in args.items() if k in known}
+    if values["max_train_steps"] == 0:
+        values["max_train_steps"] = None
+    config = TrainConfig(**values)
+    if config.output_dir and os.path.isfile(config.output_dir):
+        raise UserError(f"--output_dir {config.output_dir}: is a file, not a folder")
+    return config.validate()

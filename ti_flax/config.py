@@ -1,0 +1,154 @@
+"""One frozen dataclass describing a training run: defaults, validation, JSON round trip."""
+
+import dataclasses
+import json
+import math
+from typing import Optional
+
+from .errors import UserError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
+INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A textual-inversion run. Field names and meanings follow diffusers' training scripts.
+
+    Example:
+        >>> from ti_flax import TrainConfig, train
+        >>> cfg = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5",
+        ...                   train_data_dir="cat_toy/", placeholder_token="<cat-toy>",
+        ...                   initializer_token="toy", output_dir="out", max_train_steps=3000)
+        >>> result = train(cfg)  # doctest: +SKIP
+    """
+
+    # Model
+    pretrained_model_name_or_path: str = ""
+    revision: Optional[str] = None
+    tokenizer_name: Optional[str] = None
+    # Concept and data
+    train_data_dir: str = ""
+    placeholder_token: str = ""
+    initializer_token: str = ""
+    num_vectors: int = 1
+    learnable_property: str = "object"
+    repeats: int = 100
+    resolution: int = 512
+    center_crop: bool = False
+    interpolation: str = "bicubic"
+    flip_p: float = 0.5
+    # Optimisation
+    seed: int = 42
+    train_batch_size: int = 16  # per device
+    num_train_epochs: int = 100
+    max_train_steps: Optional[int] = 5000  # overrides num_train_epochs when set
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: Optional[float] = None
+    # Outputs
+    output_dir: str = "text-inversion-model"
+    save_steps: int = 500
+    no_safe_serialization: bool = False
+    save_as_full_pipeline: bool = False
+    logging_dir: str = "logs"
+    report_to: str = "auto"  # tensorboard when tensorboardX is installed, else none
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_token: Optional[str] = None
+    use_auth_token: bool = False
+
+    def validate(self):
+        """Raise UserError for the first problem found; return self when the config is usable."""
+        for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token", "initializer_token"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
+        checks = [
+            (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),
+            (self.learnable_property in ("object", "style"),
+             f"--learnable_property must be 'object' or 'style', got {self.learnable_property!r}"),
+            (self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}"),
+            (self.resolution > 0 and self.resolution % 8 == 0,
+             f"--resolution must be a positive multiple of 8, got {self.resolution}"),
+            (self.interpolation in INTERPOLATIONS,
+             f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"),
+            (0.0 <= self.flip_p <= 1.0, f"--flip_p must be between 0 and 1, got {self.flip_p}"),
+            (self.train_batch_size >= 1, f"--train_batch_size must be at least 1, got {self.train_batch_size}"),
+            (self.num_train_epochs >= 1, f"--num_train_epochs must be at least 1, got {self.num_train_epochs}"),
+            (self.max_train_steps is None or self.max_train_steps >= 1,
+             f"--max_train_steps must be at least 1, got {self.max_train_steps}"),
+            (self.learning_rate > 0 and math.isfinite(self.learning_rate),
+             f"--learning_rate must be a positive number, got {self.learning_rate}"),
+            (self.lr_scheduler in LR_SCHEDULERS,
+             f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"),
+            (self.lr_warmup_steps >= 0, f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}"),
+            (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
+            (self.adam_weight_decay >= 0, f"--adam_weight_decay must be >= 0, got {self.adam_weight_decay}"),
+            (self.adam_epsilon > 0, f"--adam_epsilon must be > 0, got {self.adam_epsilon}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"--max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            (self.save_steps >= 0, f"--save_steps must be >= 0 (0 turns it off), got {self.save_steps}"),
+            (bool(self.output_dir), "--output_dir must not be empty"),
+            (self.report_to in ("auto", "tensorboard", "none"),
+             f"--report_to must be tensorboard or none, got {self.report_to!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.report_to == "tensorboard":
+            from .logs import tensorboard_available
+
+            if not tensorboard_available():
+                raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
+        return self
+
+    @property
+    def resolved_report_to(self):
+        """"auto" resolved: tensorboard when its writer is installed, else none."""
+        if self.report_to != "auto":
+            return self.report_to
+        from .logs import tensorboard_available
+
+        return "tensorboard" if tensorboard_available() else "none"
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def tiny(cls, model_dir, data_dir, output_dir, **changes):
+        """A few-step run on the tiny test model: what tests and the demo use."""
+        base = dict(
+            pretrained_model_name_or_path=model_dir,
+            train_data_dir=data_dir,
+            output_dir=output_dir,
+            placeholder_token="<cat-toy>",
+            initializer_token="toy",
+            resolution=32,
+            train_batch_size=1,
+            max_train_steps=4,
+            repeats=10,
+            learning_rate=5e-3,
+            lr_warmup_steps=0,
+            save_steps=0,
+            seed=0,
+        )
+        base.update(changes)
+        return cls(**base)

@@ -1,0 +1,297 @@
+"""Training data for textual inversion: numpy only, decoded once, seeded by the step number.
+
+The images of a folder are decoded, cropped and resized once into a uint8 array. The content of
+global step `s` is a pure function of `(seed, s)`: each epoch draws its shuffle, flips and
+templates from `np.random.default_rng([seed, epoch])`, so resuming needs only the step number.
+"""
+
+import itertools
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ti_flax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# The small ImageNet templates of the textual-inversion paper, as in the diffusers examples.
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+STYLE_TEMPLATES = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a cropped painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+)
+
+
+def templates_for(learnable_property: str) -> tuple[str, ...]:
+    """Returns the prompt templates for "object" or "style"."""
+    if learnable_property == "object":
+        return OBJECT_TEMPLATES
+    if learnable_property == "style":
+        return STYLE_TEMPLATES
+    raise UserError(f"learnable_property must be 'object' or 'style', not {learnable_property!r}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Converts any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        # Pillow's own convert() clips 16/32-bit values to 255, turning a 16-bit scan white.
+        a = np.asarray(img).astype(np.float64)
+        a = a * 255.0 if img.mode == "F" else a / 257.0  # F taken as [0, 1]; I as 16-bit
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _load_one(path: str, resolution: int, center_crop: bool, resample) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()
+        img = _to_rgb(ImageOps.exif_transpose(img))
+    if center_crop:
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return np.asarray(img.resize((resolution, resolution), resample=resample), dtype=np.uint8)
+
+
+def load_images(
+    data_dir: str, resolution: int, center_crop: bool, interpolation: str
+) -> tuple[np.ndarray, list[str]]:
+    """Decodes every image in a folder (not recursive), in name order.
+
+    Args:
+      data_dir: folder of training images; other files (captions, .DS_Store, folders) are skipped
+        with one warning that lists them.
+      resolution: side of the square output.
+      center_crop: crop the central square before resizing; otherwise squash to a square.
+      interpolation: "nearest", "bilinear", "bicubic" or "lanczos".
+
+    Returns:
+      images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*INTERPOLATIONS]}")
+    if not os.path.exists(data_dir):
+        raise UserError(f"training data folder {data_dir} does not exist")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"training data path {data_dir} is not a folder")
+    names, skipped = [], []
+    for name in sorted(os.listdir(data_dir)):
+        is_file = os.path.isfile(os.path.join(data_dir, name))
+        ok = is_file and name.lower().endswith(IMAGE_EXTENSIONS)
+        (names if ok else skipped).append(name)
+    if skipped:
+        warnings.warn(
+            f"skipping {len(skipped)} non-image entries in {data_dir}: {', '.join(skipped)}",
+            stacklevel=2,
+        )
+    if not names:
+        raise UserError(f"no images in {data_dir} (looked for {' '.join(IMAGE_EXTENSIONS)})")
+    images = []
+    for name in names:
+        path = os.path.join(data_dir, name)
+        try:
+            images.append(_load_one(path, resolution, center_crop, INTERPOLATIONS[interpolation]))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            reason = " ".join(f"{type(e).__name__}: {e}".split())  # keep the message one line
+            raise UserError(
+                f"cannot decode image {path} ({reason}); remove it or re-save it as PNG or JPEG"
+            ) from e
+    return np.stack(images), names
+
+
+def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: str) -> np.ndarray:
+    """Fills each template with the placeholder text and tokenizes it.
+
+    Args:
+      tokenizer: a Hugging Face CLIP tokenizer that already knows the placeholder tokens.
+      templates: strings with one "{}", e.g. OBJECT_TEMPLATES.
+      placeholder_text: e.g. "<cat-toy> <cat-toy>_1 <cat-toy>_2".
+
+    Returns:
+      int32 [len(templates), tokenizer.model_max_length] token ids, padded.
+    """
+    texts = [t.format(placeholder_text) for t in templates]
+    max_len = tokenizer.model_max_length
+    if not 0 < max_len <= 4096:  # a tokenizer folder without tokenizer_config.json says 1e30
+        raise UserError(f"tokenizer.model_max_length is {max_len}; its config file is missing")
+    # Truncation would silently cut placeholder vectors out of the prompt: refuse instead.
+    lengths = [len(ids) for ids in tokenizer(texts).input_ids]
+    if max(lengths) > max_len:
+        longest = texts[int(np.argmax(lengths))]
+        raise UserError(f"prompt {longest!r} is {max(lengths)} tokens, more than the text "
+                        f"encoder's {max_len}; use fewer vectors per token")
+    ids = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
+    ).input_ids
+    return np.asarray(ids, dtype=np.int32)
+
+
+class TrainData:
+    """Seeded batches of (image, flip, template) drawn per epoch; step s depends on (seed, s) only.
+
+    An epoch is `num_images * repeats` example slots (slot k shows image k % num_images), shuffled,
+    each with its own flip and template, cut into `steps_per_epoch` global batches; the remainder
+    is dropped, as with a DataLoader's drop_last=True.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        template_ids: np.ndarray,
+        repeats: int,
+        flip_p: float,
+        seed: int,
+        global_batch_size: int,
+    ):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
+        if template_ids.ndim != 2 or len(template_ids) == 0:
+            raise ValueError(f"template_ids must be [T, L] with T > 0, got {template_ids.shape}")
+        if repeats < 1 or global_batch_size < 1:
+            raise UserError(f"repeats ({repeats}) and batch ({global_batch_size}) must be >= 1")
+        if not 0.0 <= flip_p <= 1.0:
+            raise UserError(f"flip_p must be in [0, 1], got {flip_p}")
+        if seed < 0:
+            raise UserError(f"seed must be >= 0, got {seed}")
+        self.images = images
+        self.template_ids = np.asarray(template_ids, dtype=np.int32)
+        self.repeats, self.flip_p, self.seed = int(repeats), float(flip_p), int(seed)
+        self.global_batch_size = int(global_batch_size)
+        self.epoch_size = len(images) * self.repeats
+        self.steps_per_epoch = self.epoch_size // self.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"global batch size {global_batch_size} is larger than images x repeats "
+                f"({len(images)} x {repeats} = {self.epoch_size}); lower it or raise --repeats"
+            )
+        self._epoch = -1
+        self._plan = None
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns (image index, flip, template index) for each position of an epoch."""
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            # Draw order is part of the format: changing it changes every run's batches.
+            slots = rng.permutation(self.epoch_size)
+            flips = rng.random(self.epoch_size) < self.flip_p
+            templates = rng.integers(len(self.template_ids), size=self.epoch_size)
+            self._plan = (slots % len(self.images), flips, templates)
+            self._epoch = epoch
+        return self._plan
+
+    def _rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of global batch `step`."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        image_idx, flips, template_idx = self.epoch_plan(epoch)
+        sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
+        pixels = self.images[image_idx[sel]]  # fancy indexing copies, so flipping is safe
+        flip = flips[sel]
+        pixels[flip] = pixels[flip][:, :, ::-1]
+        return {
+            "pixel_values": pixels,
+            "input_ids": self.template_ids[template_idx[sel]],
+            "example_ids": np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size,
+        }
+
+    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+        """Returns the whole global batch of `step`.
+
+        Returns:
+          pixel_values uint8 [G, H, W, 3], input_ids int32 [G, L], example_ids int64 [G] (the index
+          of each example in the run, step * G + j, for per-example noise).
+        """
+        return self._rows(step, 0, self.global_batch_size)
+
+    def local_batch(
+        self, step: int, process_index: int, process_count: int, local_device_count: int
+    ) -> dict[str, np.ndarray]:
+        """Returns this process's contiguous share of global batch `step`, split per device.
+
+        Args:
+          step: global step.
+          process_index, process_count: this host and the number of hosts.
+          local_device_count: devices on this host.
+
+        Returns:
+          The global_batch arrays, rows [p*G/P, (p+1)*G/P), reshaped to [local_device_count,
+          G / (process_count * local_device_count), ...].
+        """
+        g = self.global_batch_size
+        if g % (process_count * local_device_count):
+            raise ValueError(
+                f"global batch {g} is not divisible by {process_count} processes x "
+                f"{local_device_count} devices"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        share = g // process_count
+        rows = self._rows(step, process_index * share, (process_index + 1) * share)
+        return {k: v.reshape(local_device_count, -1, *v.shape[1:]) for k, v in rows.items()}
+
+    def batches(self, start_step: int, process_index: int = 0, process_count: int = 1,
+                local_device_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+        """Yields local batches for start_step, start_step + 1, ... forever."""
+        for step in itertools.count(start_step):
+            yield self.local_batch(step, process_index, process_count, local_device_count)

@@ -1,0 +1,360 @@
+"""Loading the frozen Stable Diffusion parts, and running them.
+
+This is the only module that imports diffusers' and transformers' Flax model classes, so
+the model code can be replaced later without touching the rest of ti_flax.
+
+A model folder (local, or a Hub snapshot) holds `unet/`, `vae/`, `text_encoder/`,
+`tokenizer/` and `scheduler/`. Each component's weights are read, in this order, from
+Flax msgpack, PyTorch safetensors (converted without torch), or PyTorch `.bin` (needs torch).
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+
+
+class _DropFlaxNoise(logging.Filter):
+    # diffusers 0.39 logs "Flax classes are deprecated" on every Flax class it builds, and
+    # lists the PyTorch-only config keys each time a Flax model is built from a Hub config.
+    def filter(self, record):
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
+
+
+_NOISE = (
+    "Flax classes are deprecated",
+    "are not expected and will be ignored",
+    "You have disabled the safety checker",
+)
+
+
+def _quiet_libraries():
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    dlogging.get_logger("diffusers")  # make sure the library handler exists
+    for handler in logging.getLogger("diffusers").handlers:
+        handler.addFilter(_DropFlaxNoise())
+    tlogging.set_verbosity_error()
+
+
+_quiet_libraries()
+
+# Imported after the filter so their import-time messages are dropped too.
+from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Locating a model
+
+
+def resolve_model_dir(name_or_path, revision=None):
+    """Local folder for a model path or Hub id (downloaded to the HF cache, or read from it).
+
+    Raises UserError when the model cannot be found. With HF_HUB_OFFLINE=1 only the local
+    cache is consulted, so no network call is made.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"--pretrained_model_name_or_path {name_or_path!r}: no such model folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            name_or_path,
+            revision=revision,
+            allow_patterns=["*.json", "*.txt", "*.msgpack", "*.safetensors", "*.bin", "*.model"],
+            ignore_patterns=["*.fp16.*", "*.non_ema.*", "*.ckpt", "safety_checker/*", "*/*.onnx"],
+        )
+    except Exception as err:  # network down, offline mode, unknown repo, wrong revision
+        raise UserError(
+            f"--pretrained_model_name_or_path {name_or_path!r}: not a local folder and could not be "
+            f"fetched from the Hugging Face Hub ({type(err).__name__}); pass a local model folder"
+        ) from None
+
+
+def check_model_dir(model_dir, tokenizer_dir=None):
+    """Raise UserError naming every missing component of a Stable Diffusion folder."""
+    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(model_dir, c))]
+    if tokenizer_dir is None and not os.path.isdir(os.path.join(model_dir, "tokenizer")):
+        missing.append("tokenizer")
+    if missing:
+        raise UserError(
+            f"{model_dir}: not a Stable Diffusion model folder (missing {', '.join(missing)}/); "
+            "expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+
+
+class _AsNumpy:
+    """Gives a numpy array the `.numpy()` that diffusers' converter calls on torch tensors."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def numpy(self):
+        return self.array
+
+
+class _ShapesOnly:
+    """Stands in for a Flax model in diffusers' converter, which only needs parameter shapes:
+    `jax.eval_shape` gives them without allocating a random-init copy of the whole model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def init_weights(self, rng):
+        return jax.eval_shape(self.model.init_weights, rng)
+
+
+def _load_diffusers_params(cls, folder):
+    """(module, params) of a diffusers Flax model from msgpack, safetensors or .bin."""
+    if os.path.exists(os.path.join(folder, "diffusion_flax_model.msgpack")):
+        return cls.from_pretrained(folder)
+    st_path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if os.path.exists(st_path):
+        from safetensors.numpy import load_file
+
+        model = cls.from_config(cls.load_config(folder))
+        state = {k: _AsNumpy(v) for k, v in load_file(st_path).items()}
+        params = convert_pytorch_state_dict_to_flax(state, _ShapesOnly(model))
+        return model, jax.tree_util.tree_map(np.asarray, params)
+    if os.path.exists(os.path.join(folder, "diffusion_pytorch_model.bin")):
+        _require_torch(folder)
+        return cls.from_pretrained(folder, from_pt=True)
+    raise UserError(
+        f"{folder}: no weights found (expected diffusion_flax_model.msgpack, "
+        "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"
+    )
+
+
+def _require_torch(folder):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError(f"{folder}: only PyTorch .bin weights found; reading them needs `pip install torch`") from None
+
+
+def _load_text_params(folder):
+    files = set(os.listdir(folder))
+    if "flax_model.msgpack" in files:
+        model = FlaxCLIPTextModel.from_pretrained(folder, _do_init=False)
+    elif "model.safetensors" in files:
+        # transformers' PyTorch converter needs an initialised model (`_do_init=True`).
+        model = FlaxCLIPTextModel.from_pretrained(folder, from_pt=True)
+    elif "pytorch_model.bin" in files:
+        _require_torch(folder)
+        model = FlaxCLIPTextModel.from_pretrained(folder, from_pt=True)
+    else:
+        raise UserError(f"{folder}: no text encoder weights (flax_model.msgpack, model.safetensors or pytorch_model.bin)")
+    module, params = model if isinstance(model, tuple) else (model, model.params)
+    return module.config, jax.tree_util.tree_map(np.asarray, params)
+
+
+# --------------------------------------------------------------------------------------------
+# The frozen model, as static definitions plus a pytree of weights
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything static about a model: hashable, so a compiled step can be cached by it.
+
+    Configs are kept as JSON strings; the Flax modules are rebuilt from them where needed
+    (building a linen module is cheap, and linen modules themselves are not hashable).
+    """
+
+    text_config: str
+    unet_config: str
+    vae_config: str
+    prediction_type: str
+    scaling_factor: float
+    num_train_timesteps: int
+    base_vocab_size: int
+    dtype: str = "float32"
+
+    @property
+    def hidden_size(self):
+        return json.loads(self.text_config)["hidden_size"]
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(json.loads(self.vae_config)["block_out_channels"]) - 1)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded Stable Diffusion model: static spec, host-side weights, tokenizer, noise table."""
+
+    spec: ModelSpec
+    params: dict  # {"text_encoder": ..., "unet": ..., "vae": ...}, numpy arrays
+    tokenizer: CLIPTokenizer
+    alphas_cumprod: np.ndarray  # [num_train_timesteps] float32
+    model_dir: str
+    scheduler_config: dict
+
+
+def load_model(name_or_path, revision=None, tokenizer_name=None):
+    """Load tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion model."""
+    model_dir = resolve_model_dir(name_or_path, revision)
+    tokenizer_dir = resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
+    check_model_dir(model_dir, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or os.path.join(model_dir, "tokenizer"))
+    text_config, text_params = _load_text_params(os.path.join(model_dir, "text_encoder"))
+    unet, unet_params = _load_diffusers_params(FlaxUNet2DConditionModel, os.path.join(model_dir, "unet"))
+    vae, vae_params = _load_diffusers_params(FlaxAutoencoderKL, os.path.join(model_dir, "vae"))
+    scheduler_config = FlaxDDPMScheduler.load_config(os.path.join(model_dir, "scheduler"))
+    alphas_cumprod = noise_schedule(scheduler_config)
+    if text_config.vocab_size != len(tokenizer):
+        raise UserError(
+            f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the text encoder has "
+            f"{text_config.vocab_size} rows; use the tokenizer that belongs to this model"
+        )
+    spec = ModelSpec(
+        text_config=text_config.to_json_string(),
+        unet_config=json.dumps(dict(unet.config), sort_keys=True),
+        vae_config=json.dumps(dict(vae.config), sort_keys=True),
+        prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+        scaling_factor=float(vae.config.scaling_factor),
+        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        base_vocab_size=int(text_config.vocab_size),
+    )
+    if spec.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"{model_dir}: scheduler prediction_type {spec.prediction_type!r} is not supported")
+    params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
+    return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config))
+
+
+def load_tokenizer(folder):
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise UserError(f"{folder}: could not load a CLIP tokenizer ({err})") from None
+
+
+def noise_schedule(scheduler_config):
+    """alphas_cumprod of the model's training noise schedule, as diffusers computes it."""
+    scheduler = FlaxDDPMScheduler.from_config(dict(scheduler_config))
+    return np.asarray(scheduler.create_state().common.alphas_cumprod, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules built from a spec
+
+
+@functools.lru_cache(maxsize=None)
+def _modules(spec):
+    dtype = jnp.dtype(spec.dtype)
+    text = FlaxCLIPTextModel(CLIPTextConfig.from_dict(json.loads(spec.text_config)), dtype=dtype, _do_init=False)
+    unet = FlaxUNet2DConditionModel.from_config(json.loads(spec.unet_config), dtype=dtype)
+    vae = FlaxAutoencoderKL.from_config(json.loads(spec.vae_config), dtype=dtype)
+    return text.module, unet, vae
+
+
+def token_table(text_params):
+    """The text encoder's [vocab, hidden] token-embedding table."""
+    return text_params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+
+def with_token_table(text_params, table):
+    """A copy of the text-encoder params with the token table replaced (the rest shared)."""
+    out = jax.tree_util.tree_map(lambda x: x, text_params)  # new containers, same leaves
+    out["text_model"]["embeddings"]["token_embedding"]["embedding"] = table
+    return out
+
+
+def encode_text(spec, text_params, input_ids, rows):
+    """CLIP last hidden state [B, L, D] for ids that may include the learned tokens.
+
+    Ids below `spec.base_vocab_size` read the frozen table; ids at or above it read
+    `rows[id - base_vocab_size]`. The table is never copied or grown, so the only gradient
+    the caller can take is the one with respect to `rows` ([num_vectors, D]).
+    """
+    text_module, _, _ = _modules(spec)
+    table = token_table(text_params)
+    base = spec.base_vocab_size
+    is_new = input_ids >= base
+    frozen = jnp.take(table, jnp.where(is_new, 0, input_ids), axis=0)
+    learned = jnp.take(rows.astype(table.dtype), jnp.where(is_new, input_ids - base, 0), axis=0)
+    token_embeds = jnp.where(is_new[..., None], learned, frozen)
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+
+    def run(module):
+        tm = module.text_model
+        hidden = token_embeds + tm.embeddings.position_embedding(positions)
+        mask = jnp.ones_like(input_ids)
+        out = tm.encoder(inputs_embeds=hidden, attention_mask=mask, deterministic=True, return_dict=False)
+        return tm.final_layer_norm(out[0])
+
+    return text_module.apply({"params": text_params}, method=run)
+
+
+def predict_noise(spec, unet_params, latents, timesteps, encoder_hidden_states):
+    """UNet output for NCHW latents (epsilon or v, per the model's prediction_type)."""
+    _, unet, _ = _modules(spec)
+    out = unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), encoder_hidden_states, train=False)
+    return out.sample
+
+
+def vae_moments(spec, vae_params, pixels_nchw):
+    """Mean and log-variance (NHWC) of the VAE posterior for pixels in [-1, 1], NCHW."""
+    _, _, vae = _modules(spec)
+    dist = vae.apply({"params": vae_params}, pixels_nchw, deterministic=True, method=vae.encode).latent_dist
+    return dist.mean, dist.logvar
+
+
+# --------------------------------------------------------------------------------------------
+# Saving a whole pipeline
+
+
+def _flax_scheduler(scheduler_config):
+    import diffusers
+
+    name = scheduler_config.get("_class_name", "PNDMScheduler").replace("Flax", "")
+    cls = getattr(diffusers, "Flax" + name, None) or diffusers.FlaxPNDMScheduler
+    return cls.from_config(dict(scheduler_config))
+
+
+def save_pipeline(model, tokenizer, rows, out_dir):
+    """Save a FlaxStableDiffusionPipeline whose tokenizer and text encoder hold the new tokens."""
+    from diffusers import FlaxStableDiffusionPipeline
+
+    from .tokens import merged_table
+
+    spec = model.spec
+    table = merged_table(token_table(model.params["text_encoder"]), rows)
+    config = CLIPTextConfig.from_dict(json.loads(spec.text_config))
+    config.vocab_size = table.shape[0]  # the grown table does not fit the old config
+    text = FlaxCLIPTextModel(config, _do_init=False)
+    _, unet, vae = _modules(spec)
+    pipe = FlaxStableDiffusionPipeline(
+        text_encoder=text,
+        vae=vae,
+        unet=unet,
+        tokenizer=tokenizer,
+        scheduler=_flax_scheduler(model.scheduler_config),
+        safety_checker=None,  # diffusers 0.39's Flax safety checker crashes on current jax
+        feature_extractor=None,
+    )
+    params = {
+        "text_encoder": with_token_table(model.params["text_encoder"], table),
+        "unet": model.params["unet"],
+        "vae": model.params["vae"],
+    }
+    pipe.save_pretrained(out_dir, params=params)
+    return out_dir

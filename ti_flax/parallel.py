@@ -1,0 +1,58 @@
+"""Putting trees on the local devices for a pmapped step, and feeding it batches.
+
+Replicated trees are laid out with the same sharding the pmapped step gives its outputs, so
+the donated state it returns can go straight back in without a retrace or a reshard.
+"""
+
+import collections
+import itertools
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+AXIS = "devices"
+
+
+def device_sharding(devices):
+    """Leading axis split over `devices`: the layout pmap gives its inputs and outputs."""
+    return NamedSharding(Mesh(np.asarray(devices), (AXIS,)), PartitionSpec(AXIS))
+
+
+def replicate(tree, devices):
+    """One copy of each leaf per device, stacked on a leading device axis."""
+    sharding = device_sharding(devices)
+
+    def put(x):
+        x = np.asarray(x)
+        # broadcast_to is a view: each device receives its copy without n copies on the host.
+        return jax.device_put(np.broadcast_to(x, (len(devices),) + x.shape), sharding)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of each leaf, on the host as numpy."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(tree))
+
+
+def shard(batch, devices):
+    """Put a host batch shaped [num_devices, ...] on the devices, one slice each."""
+    sharding = device_sharding(devices)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
+
+
+def prefetch_to_devices(batches, devices, size=2):
+    """Yield device batches while the next `size - 1` are already being copied over.
+
+    Copies are asynchronous, so the transfer of batch k+1 overlaps step k.
+    """
+    queue = collections.deque()
+    batches = iter(batches)
+    for batch in itertools.islice(batches, size):
+        queue.append(shard(batch, devices))
+    while queue:
+        yield queue.popleft()
+        for batch in itertools.islice(batches, 1):
+            queue.append(shard(batch, devices))

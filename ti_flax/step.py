@@ -1,0 +1,126 @@
+"""The pure textual-inversion train step.
+
+`train_step(state, frozen, batch, base_key)` differentiates the diffusion loss with respect to
+the learned rows only. The frozen text encoder, UNet and VAE weights come in as a separate,
+non-donated argument; nothing is closed over, so a 49408 x 768 table never becomes a constant
+of the compiled program.
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import models
+from .parallel import AXIS
+
+
+class TrainState(NamedTuple):
+    """What training changes: the step counter, the learned rows and their optimizer state."""
+
+    step: Any  # int32 scalar
+    rows: Any  # float32 [num_vectors, hidden]
+    opt_state: Any
+
+
+def init_state(rows, opt_spec):
+    rows = jnp.asarray(rows, jnp.float32)
+    return TrainState(step=jnp.zeros((), jnp.int32), rows=rows, opt_state=opt_spec.build().init(rows))
+
+
+def noisy_latents(alphas_cumprod, latents, noise, timesteps):
+    """Forward diffusion q(x_t | x_0) for NCHW latents and per-example timesteps."""
+    a = alphas_cumprod[timesteps][:, None, None, None]
+    return jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
+
+
+def velocity(alphas_cumprod, latents, noise, timesteps):
+    """The v-prediction target sqrt(a) * noise - sqrt(1 - a) * x_0."""
+    a = alphas_cumprod[timesteps][:, None, None, None]
+    return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents
+
+
+def example_draws(key, example_ids, latent_shape, num_train_timesteps):
+    """Per-example (latent sample noise, diffusion noise, timestep), keyed by global example id.
+
+    Keying by the example's index in the run rather than by device makes the draws the same
+    whatever the number of devices or hosts the global batch is split over.
+    """
+
+    def one(example_id):
+        k = jax.random.fold_in(key, example_id)
+        k_latent, k_noise, k_time = jax.random.split(k, 3)
+        return (
+            jax.random.normal(k_latent, latent_shape),
+            jax.random.normal(k_noise, latent_shape),
+            jax.random.randint(k_time, (), 0, num_train_timesteps),
+        )
+
+    return jax.vmap(one)(example_ids)
+
+
+def diffusion_inputs(spec, frozen, batch, key):
+    """(noisy latents, timesteps, target) for a batch of uint8 NHWC images."""
+    pixels = batch["pixel_values"].astype(jnp.float32) / 127.5 - 1.0
+    mean, logvar = models.vae_moments(spec, frozen["vae"], jnp.transpose(pixels, (0, 3, 1, 2)))
+    mean, logvar = (jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)) for x in (mean, logvar))
+    latent_eps, noise, timesteps = example_draws(key, batch["example_ids"], mean.shape[1:], spec.num_train_timesteps)
+    latents = (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps) * spec.scaling_factor
+    alphas = frozen["alphas_cumprod"]
+    noisy = noisy_latents(alphas, latents, noise, timesteps)
+    target = noise if spec.prediction_type == "epsilon" else velocity(alphas, latents, noise, timesteps)
+    return noisy, timesteps, target
+
+
+def diffusion_loss(rows, spec, frozen, input_ids, noisy, timesteps, target):
+    """Mean squared error of the UNet's prediction, conditioned on text with the learned rows."""
+    hidden = models.encode_text(spec, frozen["text_encoder"], input_ids, rows)
+    pred = models.predict_noise(spec, frozen["unet"], noisy.astype(hidden.dtype), timesteps, hidden)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+
+def train_step(state, frozen, batch, base_key, *, spec, opt_spec, axis_name=AXIS):
+    """One optimizer step on one device's share of the global batch.
+
+    Args:
+      state: TrainState (donated by the caller).
+      frozen: {"text_encoder", "unet", "vae": params, "alphas_cumprod": [T]}; never donated.
+      batch: {"pixel_values": uint8 [B, H, W, 3], "input_ids": int32 [B, L], "example_ids": int [B]}.
+      base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
+      spec: models.ModelSpec (static). opt_spec: optim.OptimizerSpec (static).
+    Returns:
+      (new TrainState, metrics dict of scalars averaged over devices).
+    """
+    key = jax.random.fold_in(base_key, state.step)
+    noisy, timesteps, target = diffusion_inputs(spec, frozen, batch, key)
+    loss, grads = jax.value_and_grad(diffusion_loss)(
+        state.rows, spec, frozen, batch["input_ids"], noisy, timesteps, target
+    )
+    loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    updates, opt_state = opt_spec.build().update(grads, state.opt_state, state.rows)
+    rows = optax.apply_updates(state.rows, updates)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "row_norms": jnp.linalg.norm(rows, axis=-1),
+        "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads)),
+    }
+    return TrainState(state.step + 1, rows, opt_state), metrics
+
+
+# Traces of train_step, counted so tests can assert a run compiles it once.
+TRACE_COUNT = {"train_step": 0}
+
+
+def _counted_train_step(*args, **kwargs):
+    TRACE_COUNT["train_step"] += 1
+    return train_step(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=16)
+def pmapped_train_step(spec, opt_spec, devices):
+    """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
+    fn = functools.partial(_counted_train_step, spec=spec, opt_spec=opt_spec)
+    return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=(0,))

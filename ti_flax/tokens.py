@@ -1,0 +1,75 @@
+"""Placeholder tokens and their rows of the CLIP token-embedding table.
+
+The learned rows live apart from the frozen table: `rows[i]` is the embedding of token id
+`base_vocab_size + i`. This module names the tokens, adds them to the tokenizer, picks the
+initial rows, and merges rows into a full table when a whole pipeline is saved.
+"""
+
+import numpy as np
+
+from .errors import UserError
+
+
+def placeholder_tokens(token, num_vectors):
+    """Token names for `num_vectors` vectors: `tok`, `tok_1`, ..., `tok_{n-1}`.
+
+    This is the naming diffusers' `load_textual_inversion` gives a [n, D] embedding, and the
+    one its `maybe_convert_prompt` expands "tok" into at inference.
+    """
+    if num_vectors < 1:
+        raise UserError(f"--num_vectors must be at least 1, got {num_vectors}")
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def placeholder_text(tokens):
+    """The prompt text that stands for the concept: all its tokens, space separated."""
+    return " ".join(tokens)
+
+
+def add_placeholder_tokens(tokenizer, tokens):
+    """Add `tokens` to `tokenizer` (in place) and return their ids, which follow the base vocab.
+
+    Raises UserError if any token is already in the vocabulary, before changing anything.
+    """
+    if not tokens[0].strip() or any(ch.isspace() for ch in tokens[0]):
+        raise UserError(f"--placeholder_token {tokens[0]!r}: must be one word without spaces, like <cat-toy>")
+    vocab = tokenizer.get_vocab()
+    taken = [t for t in tokens if t in vocab]
+    if taken:
+        raise UserError(
+            f"--placeholder_token: {', '.join(taken)} already in the tokenizer's vocabulary; "
+            "choose a new token, for example <my-concept>"
+        )
+    base = len(tokenizer)
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(base, base + len(tokens))):
+        raise UserError(f"--placeholder_token: tokenizer gave ids {ids} for {tokens}, expected them after the vocabulary")
+    # Each placeholder must survive tokenization of a prompt as exactly one id.
+    for token, token_id in zip(tokens, ids):
+        if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+            raise UserError(f"--placeholder_token {token!r} does not tokenize to a single token")
+    return ids
+
+
+def initializer_id(tokenizer, initializer_token):
+    """The id of the single token `initializer_token`; UserError if it is not exactly one token."""
+    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise UserError(
+            f"--initializer_token {initializer_token!r} must be a single token, but it splits into "
+            f"{len(ids)}: {pieces}; pick one word, such as 'toy' or 'painting'"
+        )
+    return ids[0]
+
+
+def initial_rows(table, init_id, num_vectors):
+    """`num_vectors` copies of row `init_id` of the frozen table, as float32 [n, D]."""
+    return np.repeat(np.asarray(table[init_id], dtype=np.float32)[None], num_vectors, axis=0)
+
+
+def merged_table(table, rows):
+    """The frozen table with the learned rows appended: the token table of a saved pipeline."""
+    table = np.asarray(table)
+    return np.concatenate([table, np.asarray(rows, dtype=table.dtype)], axis=0)

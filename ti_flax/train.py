@@ -1,0 +1,304 @@
+"""The training loop: load, step, log, save. The math lives in step.py, the parts elsewhere.
+
+Run it as `python -m ti_flax.train --help`, or from Python:
+
+    >>> from ti_flax import TrainConfig, train
+    >>> result = train(TrainConfig(...))  # doctest: +SKIP
+    >>> result.files["diffusers"]  # doctest: +SKIP
+"""
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from . import data as data_lib
+from . import export, models, parallel, step as step_lib, tokens as tokens_lib
+from .config import TrainConfig
+from .errors import UserError
+from .logs import MetricsLogger
+from .optim import OptimizerSpec
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradients became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes:
+      output_dir: the run's folder.
+      files: {"diffusers": learned_embeds.safetensors path, ...} of the files written.
+      tokens: the placeholder tokens, e.g. ["<cat-toy>", "<cat-toy>_1"].
+      rows: float32 [num_vectors, hidden], the learned embedding.
+      final_loss: loss of the last step.
+      history: one dict per step (step, loss, lr, grad_norm, row_norms).
+    """
+
+    output_dir: str
+    files: dict
+    tokens: list
+    rows: np.ndarray
+    final_loss: float
+    history: list
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs, prepared and checked before anything is written."""
+
+    config: TrainConfig
+    model: models.LoadedModel
+    tokens: list
+    token_ids: list
+    init_rows: np.ndarray
+    data: data_lib.TrainData
+    opt_spec: OptimizerSpec
+    total_steps: int
+    devices: tuple
+
+
+def prepare(config):
+    """Load the model and data and check the run can go ahead. Raises UserError; writes nothing."""
+    config.validate()
+    model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+    check_resolution(config.resolution, model.spec)
+    tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
+    init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
+    token_ids = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
+    init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
+    images, _ = data_lib.load_images(config.train_data_dir, config.resolution, config.center_crop, config.interpolation)
+    template_ids = data_lib.tokenize_templates(
+        model.tokenizer, data_lib.templates_for(config.learnable_property), tokens_lib.placeholder_text(tokens)
+    )
+    devices = tuple(jax.local_devices())
+    global_batch = config.train_batch_size * jax.device_count()
+    data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch)
+    total_steps = config.max_train_steps or config.num_train_epochs * data.steps_per_epoch
+    opt_spec = OptimizerSpec.from_config(config, jax.device_count(), total_steps)
+    if config.push_to_hub:
+        check_hub_token(config)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices)
+
+
+def check_resolution(resolution, spec):
+    import json
+
+    down = len(json.loads(spec.unet_config)["down_block_types"])
+    multiple = spec.vae_scale_factor * 2 ** (down - 1)
+    if resolution % multiple:
+        raise UserError(f"--resolution {resolution}: this model needs a multiple of {multiple}")
+
+
+def check_hub_token(config):
+    from huggingface_hub import get_token
+
+    if not (config.hub_token or get_token()):
+        raise UserError("--push_to_hub needs a token: pass --hub_token or run `huggingface-cli login` first")
+
+
+def train(config, callbacks: Sequence[Callable[[dict], None]] = ()):
+    """Train placeholder-token embeddings and write them to `config.output_dir`.
+
+    Args:
+      config: a TrainConfig.
+      callbacks: functions called with each step's record (step, loss, lr, grad_norm, row_norms).
+    Returns:
+      TrainResult with the files written and the per-step history.
+    Raises:
+      UserError on bad input (before anything is written) and TrainingDiverged on NaN/Inf.
+    """
+    run = prepare(config)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(config.output_dir, exist_ok=True)
+        print_banner(run)
+    logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
+    try:
+        rows, history = train_loop(run, logger, callbacks, writer)
+    finally:
+        logger.close()
+    files = save_outputs(run, rows) if writer else {}
+    if writer:
+        print_summary(run, files, history)
+    final_loss = history[-1]["loss"] if history else float("nan")
+    return TrainResult(config.output_dir, files, run.tokens, rows, final_loss, history)
+
+
+def train_loop(run, logger, callbacks, writer, start_step=0, state=None):
+    """Step from `start_step` to `run.total_steps`; return the final rows and per-step records."""
+    from tqdm.auto import tqdm
+
+    config, devices = run.config, run.devices
+    spec = run.model.spec
+    frozen = parallel.replicate({**run.model.params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
+    if state is None:
+        state = step_lib.init_state(run.init_rows, run.opt_spec)
+    state = parallel.replicate(state, devices)
+    keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
+    p_step = step_lib.pmapped_train_step(spec, run.opt_spec, devices)
+    schedule = run.opt_spec.schedule()
+    batches = parallel.prefetch_to_devices(
+        run.data.batches(start_step, jax.process_index(), jax.process_count(), len(devices)), devices
+    )
+    history = []
+    bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
+    t_last = time.perf_counter()
+
+    def record(done_step, metrics):
+        nonlocal t_last
+        metrics = parallel.unreplicate(metrics)
+        if not bool(metrics["finite"]):
+            raise TrainingDiverged(
+                f"step {done_step}: loss or gradients became NaN/Inf (loss={float(metrics['loss'])}); "
+                "no embedding was written for it. Lower --learning_rate or set --max_grad_norm"
+            )
+        now = time.perf_counter()
+        rec = {
+            "step": done_step,
+            "loss": float(metrics["loss"]),
+            "lr": float(schedule(done_step - 1)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "row_norms": [float(x) for x in metrics["row_norms"]],
+            "steps_per_sec": 1.0 / max(now - t_last, 1e-9),
+        }
+        t_last = now
+        history.append(rec)
+        logger.log(done_step, {k: v for k, v in rec.items() if k != "step"})
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+        bar.update(1)
+        for callback in callbacks:
+            callback(rec)
+
+    pending = None
+    try:
+        for step in range(start_step, run.total_steps):
+            state, metrics = p_step(state, frozen, next(batches), keys)
+            # Read the previous step's metrics only now, so the host never waits on the
+            # step it just dispatched; a NaN still stops the run one step later at most.
+            if pending is not None:
+                record(*pending)
+            pending = (step + 1, metrics)
+            if writer and config.save_steps and (step + 1) % config.save_steps == 0:
+                record(*pending)
+                pending = None
+                save_intermediate(run, parallel.unreplicate(state.rows), step + 1)
+        if pending is not None:
+            record(*pending)
+    finally:
+        bar.close()
+    return parallel.unreplicate(state.rows), history
+
+
+def save_intermediate(run, rows, step):
+    path = os.path.join(run.config.output_dir, f"learned_embeds-steps-{step}.safetensors")
+    export.save_diffusers(path, run.tokens[0], rows)
+
+
+def save_outputs(run, rows):
+    """Write the final embedding (and pipeline, and Hub upload) for a finished run."""
+    config = run.config
+    files = {"diffusers": export.save_diffusers(os.path.join(config.output_dir, export.DIFFUSERS_FILE), run.tokens[0], rows)}
+    if config.no_safe_serialization:
+        files["diffusers_bin"] = export.save_diffusers_bin(
+            os.path.join(config.output_dir, export.DIFFUSERS_BIN), run.tokens[0], rows
+        )
+    if config.save_as_full_pipeline or config.push_to_hub:
+        files["pipeline"] = save_pipeline(run, rows)
+    if config.push_to_hub:
+        files["hub"] = push_to_hub(config)
+    return files
+
+
+def save_pipeline(run, rows):
+    """Save the full Flax pipeline into output_dir, via a temporary folder renamed into place."""
+    import shutil
+    import tempfile
+
+    out = run.config.output_dir
+    tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=out)
+    try:
+        models.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
+        for name in os.listdir(tmp):
+            target = os.path.join(out, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def push_to_hub(config):
+    from huggingface_hub import create_repo, upload_folder
+
+    token = config.hub_token or (True if config.use_auth_token else None)
+    repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=config.output_dir,
+        token=token,
+        commit_message="Upload textual inversion embedding trained with ti_flax",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"],
+    )
+    return repo_id
+
+
+def print_banner(run):
+    config, spec = run.config, run.model.spec
+    n_rows = len(run.tokens)
+    print(
+        f"ti_flax: textual inversion of {' '.join(run.tokens)} (ids {run.token_ids[0]}..{run.token_ids[-1]}) "
+        f"from {config.initializer_token!r}\n"
+        f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size})\n"
+        f"  devices    {jax.device_count()} ({len(run.devices)} local, {jax.process_count()} process(es), "
+        f"{jax.default_backend()})\n"
+        f"  batch      {config.train_batch_size} per device x {jax.device_count()} devices = "
+        f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
+        f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})\n"
+        f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
+        f"  output     {config.output_dir}",
+        flush=True,
+    )
+
+
+def print_summary(run, files, history):
+    loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
+    print(f"done: {len(history)} steps, final loss {loss}", flush=True)
+    for kind, path in files.items():
+        print(f"  {kind:13s} {path}", flush=True)
+
+
+def main(argv=None):
+    from .cli import parse_config
+
+    try:
+        train(parse_config(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+class _CallableModule(type(sys)):
+    # `ti_flax.train` names both this module and the function: once the module is imported,
+    # Python binds the package attribute to the module, so `from ti_flax import train` may give
+    # either. Making the module callable keeps `train(config)` working in both cases.
+    def __call__(self, *args, **kwargs):
+        return train(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+else:
+    sys.modules[__name__].__class__ = _CallableModule
