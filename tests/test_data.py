@@ -13,35 +13,6 @@ from PIL import Image
 from ti_flax import data
 from ti_flax.errors import UserError
 
-BPE_PATH = "/tmp/venv/lib/python3.11/site-packages/open_clip/bpe_simple_vocab_16e6.txt.gz"
-
-
-def build_clip_tokenizer(directory):
-    """Builds the real CLIP BPE tokenizer offline from open_clip's merges file."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    with gzip.open(BPE_PATH, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    vocab_file = os.path.join(directory, "vocab.json")
-    merges_file = os.path.join(directory, "merges.txt")
-    with open(vocab_file, "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f)
-    with open(merges_file, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges))
-    # Without a tokenizer_config.json, model_max_length would default to 1e30; SD's is 77.
-    return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
-
-
-@pytest.fixture(scope="session")
-def clip_tokenizer(tmp_path_factory):
-    return build_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
-
-
 def make_train_data(n=5, res=4, repeats=3, flip_p=0.5, seed=0, g=3, t=4):
     # Each image is a distinct horizontal ramp, so flips and identities are visible.
     ramp = np.arange(res, dtype=np.uint8)[None, :, None]
@@ -205,6 +176,7 @@ def test_tokenize_templates(clip_tokenizer):
 
 
 def test_tokenize_needs_a_max_length(tmp_path):
+    from conftest import build_clip_tokenizer
     from transformers import CLIPTokenizer
 
     build_clip_tokenizer(tmp_path)

@@ -1,0 +1,61 @@
+"""Shared fixtures: 4 fake CPU devices, tiny models and sample images built once per session."""
+
+import os
+import sys
+
+# Must happen before jax is imported anywhere: tests see 4 CPU devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import make_tiny_model  # noqa: E402
+
+SAMPLE_IMAGES = os.path.join(ROOT, "scripts", "sample_images")
+
+
+def build_clip_tokenizer(directory):
+    """The real 49408-token CLIP tokenizer, built offline from open_clip's merges file."""
+    return make_tiny_model.write_clip_tokenizer(make_tiny_model.find_bpe_file(), str(directory))
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    return build_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-init SD-1.x-layout model folder (PyTorch safetensors, real CLIP tokenizer)."""
+    return make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny-sd")), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model_dir(tmp_path_factory):
+    """The same tiny model with a v_prediction scheduler (SD 2.x-768 style)."""
+    return make_tiny_model.build_tiny_model(
+        str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction", seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_images_dir():
+    """The bundled sample images (PNG and JPEG, odd sizes)."""
+    return SAMPLE_IMAGES
+
+
+@pytest.fixture(scope="session")
+def user_images_dir(tmp_path_factory):
+    """User-style images: RGBA, grayscale, odd sizes, JPEG and PNG."""
+    d = tmp_path_factory.mktemp("user_images")
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 255, (45, 61, 4), dtype=np.uint8), "RGBA").save(d / "a.png")
+    Image.fromarray(rng.integers(0, 255, (70, 33), dtype=np.uint8), "L").save(d / "b.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / "c.jpeg")
+    return str(d)
