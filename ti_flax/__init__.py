@@ -14,7 +14,8 @@ __all__ = ["TrainConfig", "UserError", "train", "TrainResult"]
 def __getattr__(name):
     # Importing jax and the model libraries is slow: do it when training is asked for.
     if name in ("train", "TrainResult"):
-        from . import train as train_module
+        import importlib
 
-        return getattr(train_module, name)
+        module = importlib.import_module(".train", __name__)  # binds ti_flax.train to the module
+        return module if name == "train" else module.TrainResult
     raise AttributeError(name)

@@ -1,18 +1,43 @@
 """Learned rows -> embedding files that other Stable Diffusion tools load.
 
+Two uses:
+
+* the trainer calls `save_diffusers` / `save_diffusers_bin` for its own outputs;
+* `export_embedding` (and `python -m ti_flax.export`, console script `ti-flax-export`)
+  converts any embedding `ti_flax.embeddings.read_embedding` understands into the layout of
+  diffusers, A1111 or kohya / ComfyUI, reads every file back before reporting success, and
+  with `verify=MODEL_DIR` checks it in PyTorch diffusers against the Flax text encoder.
+
 Every file is written to a temporary name in the destination folder and renamed into place
-only when complete, so a crash never leaves a half-written embedding behind.
+only when complete (and, for an export, checked), so a crash never leaves a half-written
+embedding behind.
+
+Example:
+    ti-flax-export out/checkpoint-500 --format a1111 --output embeddings/
+    ti-flax-export sd-flax-out --token '<cat-toy>' --output cat-toy.safetensors --format kohya
+    ti-flax-export sd-flax-out/learned_embeds.npy --allow-pickle --output out/ --verify MODEL_DIR
 """
 
+import argparse
 import os
+import re
+import secrets
+import sys
 import tempfile
 
 import numpy as np
 
+from .embeddings import DIFFUSERS_BIN, DIFFUSERS_FILE, KOHYA_KEY, A1111_LAYOUT, read_embedding
 from .errors import UserError
 
-DIFFUSERS_FILE = "learned_embeds.safetensors"
-DIFFUSERS_BIN = "learned_embeds.bin"
+FORMATS = ("diffusers", "a1111", "kohya", "comfyui")  # comfyui reads kohya's layout
+_EXTENSIONS = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt", ".safetensors"), "kohya": (".safetensors", ".pt")}
+# A1111 writes this fixed id for its placeholder "*" (modules/textual_inversion/textual_inversion.py).
+A1111_STRING_TO_TOKEN = {"*": 265}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing one file (used by the trainer)
 
 
 def atomic_write(path, write):
@@ -50,18 +75,13 @@ def check_rows(rows):
 def save_diffusers(path, token, rows):
     """`{token: float32 [N, D]}` safetensors with metadata format=pt: what
     `StableDiffusionPipeline.load_textual_inversion` reads (N > 1 loads as tok, tok_1, ...)."""
-    from safetensors.numpy import save_file
-
     rows = check_rows(rows)
-    return atomic_write(path, lambda tmp: save_file({token: rows}, tmp, metadata={"format": "pt"}))
+    return atomic_write(path, lambda tmp: _write_safetensors(tmp, {token: rows}))
 
 
 def save_diffusers_bin(path, token, rows):
     """The same dict `torch.save`d to a .bin, as diffusers' PyTorch script writes it."""
-    try:
-        import torch
-    except ImportError:
-        raise UserError("writing learned_embeds.bin needs torch: `pip install torch`, or drop --no_safe_serialization") from None
+    torch = _require_torch("writing learned_embeds.bin", "or drop --no_safe_serialization")
     rows = check_rows(rows)
     return atomic_write(path, lambda tmp: torch.save({token: torch.from_numpy(rows.copy())}, tmp))
 
@@ -76,3 +96,258 @@ def load_diffusers(path):
     (token, rows), = tensors.items()
     rows = np.asarray(rows, dtype=np.float32)
     return token, rows.reshape(1, -1) if rows.ndim == 1 else rows
+
+
+def _require_torch(what, alternative=""):
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{what} needs torch: `pip install torch`{', ' + alternative if alternative else ''}") from None
+    return torch
+
+
+def _write_safetensors(path, tensors, metadata=None):
+    from safetensors.numpy import save_file
+
+    save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
+
+
+def _write_torch(path, data):
+    torch = _require_torch(f"writing {os.path.basename(path)}")
+
+    def to_torch(obj):
+        if isinstance(obj, np.ndarray):
+            return torch.from_numpy(obj.copy())
+        return {k: to_torch(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
+    torch.save(to_torch(data), path)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts
+
+
+def _file_content(layout, rows, token, name, step):
+    """(tensors-or-dict, safetensors metadata) for a layout; the dict is what torch.save gets."""
+    if layout == "diffusers":
+        return {token: rows}, None
+    if layout == "kohya":
+        return {KOHYA_KEY: rows}, None
+    # A1111's own save(): torch.save of exactly these six entries.
+    a1111 = {
+        "string_to_token": dict(A1111_STRING_TO_TOKEN),
+        "string_to_param": {"*": rows},
+        "name": name,
+        "step": step,
+        "sd_checkpoint": None,
+        "sd_checkpoint_name": None,
+    }
+    # safetensors holds only a flat name -> tensor map, so the .safetensors flavour is one
+    # tensor keyed by the name (A1111 and ComfyUI read any single-tensor file; diffusers takes
+    # the key as the token), with the remaining fields as metadata strings.
+    metadata = {"layout": A1111_LAYOUT, "name": name, "string_to_token": '{"*": 265}'}
+    if step is not None:
+        metadata["step"] = str(step)
+    return a1111, {"st": {name: rows}, "metadata": metadata}
+
+
+def _write(path, layout, rows, token, name, step):
+    content, st = _file_content(layout, rows, token, name, step)
+    if path.endswith(".safetensors"):
+        if st is not None:
+            _write_safetensors(path, st["st"], st["metadata"])
+        else:
+            _write_safetensors(path, content)
+    else:
+        _write_torch(path, content)
+
+
+def _expected_token(layout, token, name):
+    return {"diffusers": token, "a1111": name, "kohya": None}[layout]
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def export_embedding(source, output, format="diffusers", token=None, name=None, allow_pickle=False,
+                     overwrite=False, bin=False, verify=None, log=None):
+    """Convert an embedding in any layout into the layout another tool loads.
+
+    Args:
+        source: anything `ti_flax.embeddings.read_embedding` reads: an output or checkpoint-N
+            folder, a pipeline folder (with `token`), a `learned_embeds.npy` (with
+            `allow_pickle`), or a diffusers, A1111 or kohya file.
+        output: the file to write, or a folder (then `learned_embeds.safetensors` for
+            diffusers, `NAME.pt` for a1111, `NAME.safetensors` for kohya / comfyui).
+        format: "diffusers", "a1111", "kohya" or "comfyui" (kohya's layout).
+        token: the token (picks the rows of a pipeline folder; renames the token otherwise).
+        name: the A1111 embedding name and default file name (default: token without <>).
+        allow_pickle: allow reading a pickled `.npy`; unpickling can run code, trusted files only.
+        overwrite: replace existing output files instead of refusing.
+        bin: with format "diffusers", also write `learned_embeds.bin` (needs torch).
+        verify: a Stable Diffusion model folder: load each written file with diffusers'
+            PyTorch `load_textual_inversion` and compare text-encoder outputs with Flax.
+        log: called with one line per file written and per verification, e.g. `print`.
+
+    Returns:
+        The list of paths written.
+
+    Raises:
+        UserError: on any bad input; nothing is written then.
+    """
+    layout = _layout_name(format)
+    if bin and layout != "diffusers":
+        raise UserError(f"--bin writes {DIFFUSERS_BIN}, the diffusers layout; it does not go with --format {format}")
+    if token is not None:
+        _check_token(token)
+    emb = read_embedding(source, token=token, allow_pickle=allow_pickle)
+    token = emb.token
+    if layout == "diffusers" and token is None:
+        raise UserError(f"{emb.path}: the {emb.format} file does not name its token; pass --token, e.g. --token '<my-concept>'")
+    name = name or _default_name(token, output)
+    paths = _output_paths(output, layout, name, bin)
+    for path in paths:
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a folder; pass a file name or its parent folder as --output")
+        if os.path.exists(path) and not overwrite:
+            raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+    if layout == "a1111" and name is None:
+        raise UserError(f"{emb.path}: the {emb.format} file does not name its token; pass --name or --token for the A1111 name")
+    if verify is not None:
+        from . import verify as verify_lib
+
+        verify_lib.require_torch()
+        verify_lib.check_width(verify, emb.rows)
+    return _write_checked(paths, layout, emb, token, name, verify, log or (lambda line: None))
+
+
+def _write_checked(paths, layout, emb, token, name, verify, log):
+    """Stage every file, read each back, verify, then rename all into place (or none)."""
+    staged = []
+    try:
+        for path in paths:
+            tmp = _staging_name(path)
+            staged.append(tmp)
+            file_layout = "diffusers" if path.endswith(".bin") else layout
+            _write(tmp, file_layout, emb.rows, token, name, emb.step)
+            _read_back(tmp, path, emb.rows, _expected_token(file_layout, token, name))
+        results = []
+        if verify is not None:
+            from . import verify as verify_lib
+
+            # diffusers-layout files carry their token; the others need token= (A1111's name may
+            # be an ordinary word already in the vocabulary).
+            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, layout != "diffusers" and not tmp.endswith(".bin")) for tmp in staged]
+            results = verify_lib.verify_files(verify, emb.rows, checks)
+        for tmp, path in zip(staged, paths):
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    for path in paths:
+        log(f"wrote {path} ({emb.num_vectors} x {emb.width}, token {token or '-'}, from {emb.format} {emb.path})")
+    for path, result in zip(paths, results):
+        log(f"verified {path} in diffusers (PyTorch) as {result.token} (ids {list(result.token_ids)}): "
+            f"max abs difference to Flax {result.max_abs_diff:.2e}")
+    return list(paths)
+
+
+def _staging_name(path):
+    # Keep the extension last: readers and diffusers pick the loader by it.
+    folder, base = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(base)
+    return os.path.join(folder, f".{stem}.{secrets.token_hex(4)}.tmp{ext}")
+
+
+def _read_back(tmp, path, rows, token):
+    back = read_embedding(tmp)
+    if back.rows.shape != rows.shape or not np.array_equal(back.rows, rows) or back.token != token:
+        raise UserError(f"{path}: reading the written file back gave different rows or token; nothing was written")
+
+
+def _layout_name(format):
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r}: unknown; choose one of {', '.join(FORMATS)}")
+    return "kohya" if format == "comfyui" else format
+
+
+def _check_token(token):
+    if not token.strip() or any(ch.isspace() for ch in token):
+        raise UserError(f"--token {token!r}: must be one word without spaces, like <cat-toy>")
+
+
+def _default_name(token, output):
+    if token and token.strip("<>"):
+        return token.strip("<>")
+    if os.path.splitext(output)[1].lower() in (".pt", ".safetensors", ".bin") and not os.path.isdir(output):
+        return os.path.splitext(os.path.basename(output))[0]
+    return None
+
+
+def _output_paths(output, layout, name, bin):
+    output = os.fspath(output)
+    ext = os.path.splitext(output)[1].lower()
+    if os.path.isdir(output) or not ext:
+        if layout == "diffusers":
+            base = os.path.join(output, DIFFUSERS_FILE)
+        elif name is None:
+            raise UserError(f"--output {output}: a folder, and the embedding has no name to call the file by; pass --name or --token")
+        elif not re.fullmatch(r"[\w.\- ]+", name):
+            raise UserError(f"--name {name!r}: use letters, digits, '.', '-', '_' or spaces for a file name")
+        else:
+            base = os.path.join(output, name + _EXTENSIONS[layout][0])
+    elif ext not in _EXTENSIONS[layout]:
+        raise UserError(f"--output {output}: a {layout} file ends in {' or '.join(_EXTENSIONS[layout])}, not {ext}")
+    else:
+        base = output
+    if not bin or base.endswith(".bin"):
+        return [base]
+    return [base, os.path.splitext(base)[0] + ".bin"]  # learned_embeds.safetensors -> learned_embeds.bin
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ti-flax-export",
+        description="Convert a textual-inversion embedding to the layout diffusers, A1111 or kohya / ComfyUI load.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Example:", 1)[1],
+    )
+    parser.add_argument("source", help="output or checkpoint-N folder, pipeline folder (with --token), "
+                        "learned_embeds.npy (with --allow-pickle), or a diffusers / A1111 / kohya file")
+    parser.add_argument("--output", "-o", required=True, help="file to write, or a folder for the default file name")
+    parser.add_argument("--format", default="diffusers", help=f"one of {', '.join(FORMATS)} (default diffusers)")
+    parser.add_argument("--token", default=None, help="the learned token: picks it in a pipeline folder, renames it otherwise")
+    parser.add_argument("--name", default=None, help="A1111 name and default file name (default: the token without <>)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read a pickled .npy (diffusers' Flax script output); pickle can run code, "
+                        "so only use this for files you trust")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--bin", action="store_true", help=f"with --format diffusers, also write {DIFFUSERS_BIN} (needs torch)")
+    parser.add_argument("--verify", metavar="MODEL_DIR", default=None,
+                        help="load the written file in PyTorch diffusers from MODEL_DIR and compare with Flax (needs torch)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        export_embedding(
+            args.source, args.output, format=args.format, token=args.token, name=args.name,
+            allow_pickle=args.allow_pickle, overwrite=args.overwrite, bin=args.bin, verify=args.verify, log=print,
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

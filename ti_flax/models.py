@@ -56,6 +56,19 @@ from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_d
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 
 
+def _filter_module_loggers():
+    # Records also reach handlers other than diffusers' own (pytest's, a notebook's), so
+    # filter at each diffusers module logger as well.
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("diffusers"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _DropFlaxNoise) for f in logger.filters):
+                logger.addFilter(_DropFlaxNoise())
+
+
+_filter_module_loggers()
+
+
 # --------------------------------------------------------------------------------------------
 # Locating a model
 
@@ -113,35 +126,59 @@ class _AsNumpy:
 
 
 class _ShapesOnly:
-    """Stands in for a Flax model in diffusers' converter, which only needs parameter shapes:
-    `jax.eval_shape` gives them without allocating a random-init copy of the whole model."""
+    """Stands in for a Flax model in the diffusers and transformers converters, which only need
+    parameter shapes: `jax.eval_shape` gives them without a random-init copy of the model."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, init_weights, base_model_prefix=None):
+        self.shapes = jax.eval_shape(init_weights, jax.random.PRNGKey(0))
+        self.base_model_prefix = base_model_prefix
 
-    def init_weights(self, rng):
-        return jax.eval_shape(self.model.init_weights, rng)
+    def init_weights(self, rng):  # diffusers' converter
+        return self.shapes
+
+    @property
+    def params(self):  # transformers' converter
+        return self.shapes
+
+
+def _float32_numpy(params, shapes, folder):
+    """Host numpy float32 params; UserError if the checkpoint misses any weight of the model."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat, want = flatten_dict(params), flatten_dict(shapes)
+    missing = sorted(".".join(k) for k in set(want) - set(flat))
+    if missing:
+        raise UserError(f"{folder}: checkpoint lacks {len(missing)} weights of this model, e.g. {missing[0]}")
+    return unflatten_dict({k: np.asarray(flat[k], dtype=np.float32) for k in want})
+
+
+def _read_safetensors(path):
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:
+        raise UserError(f"{path}: could not read safetensors weights ({err})") from None
 
 
 def _load_diffusers_params(cls, folder):
-    """(module, params) of a diffusers Flax model from msgpack, safetensors or .bin."""
+    """(module, float32 numpy params) of a diffusers Flax model from msgpack, safetensors or .bin."""
+    model = cls.from_config(cls.load_config(folder))
+    shapes = _ShapesOnly(model, model.init_weights)
     if os.path.exists(os.path.join(folder, "diffusion_flax_model.msgpack")):
-        return cls.from_pretrained(folder)
-    st_path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    if os.path.exists(st_path):
-        from safetensors.numpy import load_file
-
-        model = cls.from_config(cls.load_config(folder))
-        state = {k: _AsNumpy(v) for k, v in load_file(st_path).items()}
-        params = convert_pytorch_state_dict_to_flax(state, _ShapesOnly(model))
-        return model, jax.tree_util.tree_map(np.asarray, params)
-    if os.path.exists(os.path.join(folder, "diffusion_pytorch_model.bin")):
+        _, params = cls.from_pretrained(folder, _do_init=False)
+    elif os.path.exists(os.path.join(folder, "diffusion_pytorch_model.safetensors")):
+        state = _read_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        params = convert_pytorch_state_dict_to_flax({k: _AsNumpy(v) for k, v in state.items()}, shapes)
+    elif os.path.exists(os.path.join(folder, "diffusion_pytorch_model.bin")):
         _require_torch(folder)
-        return cls.from_pretrained(folder, from_pt=True)
-    raise UserError(
-        f"{folder}: no weights found (expected diffusion_flax_model.msgpack, "
-        "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"
-    )
+        _, params = cls.from_pretrained(folder, from_pt=True)
+    else:
+        raise UserError(
+            f"{folder}: no weights found (expected diffusion_flax_model.msgpack, "
+            "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"
+        )
+    return model, _float32_numpy(params, shapes.shapes, folder)
 
 
 def _require_torch(folder):
@@ -152,19 +189,22 @@ def _require_torch(folder):
 
 
 def _load_text_params(folder):
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax as convert_text
+
+    config = CLIPTextConfig.from_pretrained(folder)
+    model = FlaxCLIPTextModel(config, _do_init=False)
+    shapes = _ShapesOnly(model, lambda rng: model.init_weights(rng, model.input_shape), model.base_model_prefix)
     files = set(os.listdir(folder))
     if "flax_model.msgpack" in files:
-        model = FlaxCLIPTextModel.from_pretrained(folder, _do_init=False)
+        _, params = FlaxCLIPTextModel.from_pretrained(folder, _do_init=False)
     elif "model.safetensors" in files:
-        # transformers' PyTorch converter needs an initialised model (`_do_init=True`).
-        model = FlaxCLIPTextModel.from_pretrained(folder, from_pt=True)
+        params = convert_text(_read_safetensors(os.path.join(folder, "model.safetensors")), shapes)
     elif "pytorch_model.bin" in files:
         _require_torch(folder)
-        model = FlaxCLIPTextModel.from_pretrained(folder, from_pt=True)
+        params = FlaxCLIPTextModel.from_pretrained(folder, from_pt=True).params
     else:
         raise UserError(f"{folder}: no text encoder weights (flax_model.msgpack, model.safetensors or pytorch_model.bin)")
-    module, params = model if isinstance(model, tuple) else (model, model.params)
-    return module.config, jax.tree_util.tree_map(np.asarray, params)
+    return config, _float32_numpy(params, shapes.shapes, folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +356,39 @@ def vae_moments(spec, vae_params, pixels_nchw):
     _, _, vae = _modules(spec)
     dist = vae.apply({"params": vae_params}, pixels_nchw, deterministic=True, method=vae.encode).latent_dist
     return dist.mean, dist.logvar
+
+
+def decode_latents(spec, vae_params, latents_nchw):
+    """Pixels in about [-1, 1], NCHW, from NCHW latents scaled the way the UNet sees them."""
+    _, _, vae = _modules(spec)
+    return vae.apply({"params": vae_params}, latents_nchw / spec.scaling_factor, method=vae.decode).sample
+
+
+# --scheduler name -> diffusers Flax scheduler class. Each one runs inside jax.lax.fori_loop
+# on current jax (FlaxDDPMScheduler's step does not: it calls jnp.clip(a_min=...)).
+SAMPLING_SCHEDULERS = {
+    "pndm": "FlaxPNDMScheduler",
+    "ddim": "FlaxDDIMScheduler",
+    "dpm": "FlaxDPMSolverMultistepScheduler",
+    "euler": "FlaxEulerDiscreteScheduler",
+}
+# The timestep_spacing values each Flax scheduler implements (pndm and ddim ignore the key).
+_SPACINGS = {"dpm": ("linspace", "leading", "trailing"), "euler": ("linspace", "leading")}
+
+
+def flax_scheduler(name, scheduler_config):
+    """The diffusers Flax scheduler `name` (a key of SAMPLING_SCHEDULERS) for a model's config."""
+    import diffusers
+
+    if name not in SAMPLING_SCHEDULERS:
+        raise UserError(f"--scheduler {name!r}: choose one of {', '.join(SAMPLING_SCHEDULERS)}")
+    spacing = scheduler_config.get("timestep_spacing")
+    if name in _SPACINGS and spacing is not None and spacing not in _SPACINGS[name]:
+        raise UserError(
+            f"--scheduler {name}: this model's scheduler config asks for timestep_spacing {spacing!r}, "
+            f"which diffusers' Flax {name} scheduler lacks; use --scheduler pndm or ddim"
+        )
+    return getattr(diffusers, SAMPLING_SCHEDULERS[name]).from_config(dict(scheduler_config))
 
 
 # --------------------------------------------------------------------------------------------

@@ -55,11 +55,14 @@ class OptimizerSpec:
 
     @classmethod
     def from_config(cls, config, num_devices, total_steps):
+        # Lengths that do not shape the schedule are zeroed, so runs that differ only there
+        # share one compiled step.
+        constant = config.lr_scheduler == "constant"
         return cls(
             lr_scheduler=config.lr_scheduler,
             peak_lr=learning_rate(config, num_devices),
-            warmup_steps=config.lr_warmup_steps,
-            total_steps=total_steps,
+            warmup_steps=0 if constant else config.lr_warmup_steps,
+            total_steps=0 if config.lr_scheduler in ("constant", "constant_with_warmup") else total_steps,
             beta1=config.adam_beta1,
             beta2=config.adam_beta2,
             epsilon=config.adam_epsilon,

@@ -32,13 +32,13 @@ def init_state(rows, opt_spec):
 
 def noisy_latents(alphas_cumprod, latents, noise, timesteps):
     """Forward diffusion q(x_t | x_0) for NCHW latents and per-example timesteps."""
-    a = alphas_cumprod[timesteps][:, None, None, None]
+    a = jnp.asarray(alphas_cumprod)[timesteps][:, None, None, None]
     return jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
 
 
 def velocity(alphas_cumprod, latents, noise, timesteps):
     """The v-prediction target sqrt(a) * noise - sqrt(1 - a) * x_0."""
-    a = alphas_cumprod[timesteps][:, None, None, None]
+    a = jnp.asarray(alphas_cumprod)[timesteps][:, None, None, None]
     return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents
 
 
@@ -103,7 +103,7 @@ def train_step(state, frozen, batch, base_key, *, spec, opt_spec, axis_name=AXIS
     rows = optax.apply_updates(state.rows, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "row_norms": jnp.linalg.norm(rows, axis=-1),
         "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads)),
     }

@@ -64,8 +64,11 @@ class Run:
     devices: tuple
 
 
-def prepare(config):
-    """Load the model and data and check the run can go ahead. Raises UserError; writes nothing."""
+def prepare(config, devices=None):
+    """Load the model and data and check the run can go ahead. Raises UserError; writes nothing.
+
+    `devices` are the local devices to train on (default: all of them).
+    """
     config.validate()
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
     check_resolution(config.resolution, model.spec)
@@ -77,11 +80,12 @@ def prepare(config):
     template_ids = data_lib.tokenize_templates(
         model.tokenizer, data_lib.templates_for(config.learnable_property), tokens_lib.placeholder_text(tokens)
     )
-    devices = tuple(jax.local_devices())
-    global_batch = config.train_batch_size * jax.device_count()
+    devices = tuple(devices or jax.local_devices())
+    num_devices = len(devices) * jax.process_count()
+    global_batch = config.train_batch_size * num_devices
     data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch)
     total_steps = config.max_train_steps or config.num_train_epochs * data.steps_per_epoch
-    opt_spec = OptimizerSpec.from_config(config, jax.device_count(), total_steps)
+    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
     if config.push_to_hub:
         check_hub_token(config)
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices)
@@ -103,18 +107,19 @@ def check_hub_token(config):
         raise UserError("--push_to_hub needs a token: pass --hub_token or run `huggingface-cli login` first")
 
 
-def train(config, callbacks: Sequence[Callable[[dict], None]] = ()):
+def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None):
     """Train placeholder-token embeddings and write them to `config.output_dir`.
 
     Args:
       config: a TrainConfig.
       callbacks: functions called with each step's record (step, loss, lr, grad_norm, row_norms).
+      devices: local devices to train on (default: all).
     Returns:
       TrainResult with the files written and the per-step history.
     Raises:
       UserError on bad input (before anything is written) and TrainingDiverged on NaN/Inf.
     """
-    run = prepare(config)
+    run = prepare(config, devices)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(config.output_dir, exist_ok=True)
@@ -258,9 +263,9 @@ def print_banner(run):
         f"ti_flax: textual inversion of {' '.join(run.tokens)} (ids {run.token_ids[0]}..{run.token_ids[-1]}) "
         f"from {config.initializer_token!r}\n"
         f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size})\n"
-        f"  devices    {jax.device_count()} ({len(run.devices)} local, {jax.process_count()} process(es), "
-        f"{jax.default_backend()})\n"
-        f"  batch      {config.train_batch_size} per device x {jax.device_count()} devices = "
+        f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
+        f"{jax.process_count()} process(es), {jax.default_backend()})\n"
+        f"  batch      {config.train_batch_size} per device x {len(run.devices) * jax.process_count()} devices = "
         f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
         f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})\n"
         f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"

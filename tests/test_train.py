@@ -1,0 +1,228 @@
+"""End-to-end training on the tiny model: outputs, frozen weights, devices, learning, interop."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from ti_flax import TrainConfig, models, step as step_lib, train
+from ti_flax.optim import OptimizerSpec
+
+
+def tiny_config(model_dir, data_dir, out, **changes):
+    return TrainConfig.tiny(model_dir, data_dir, str(out), **changes)
+
+
+@pytest.fixture(scope="session")
+def four_device_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
+    """6 steps on 4 devices, 2 vectors, every output switched on."""
+    out = tmp_path_factory.mktemp("run4")
+    config = tiny_config(
+        tiny_model_dir, sample_images_dir, out, num_vectors=2, max_train_steps=6, save_steps=3,
+        save_as_full_pipeline=True, no_safe_serialization=True, report_to="tensorboard",
+    )
+    records = []
+    result = train(config, callbacks=[records.append])
+    return config, result, records
+
+
+@pytest.fixture(scope="session")
+def one_device_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
+    """The same global batch of 4 on one device: per-device batch 4."""
+    out = tmp_path_factory.mktemp("run1")
+    config = tiny_config(
+        tiny_model_dir, sample_images_dir, out, num_vectors=2, max_train_steps=6, train_batch_size=4
+    )
+    return config, train(config, devices=jax.local_devices()[:1])
+
+
+def read_embedding_file(path):
+    with safe_open(path, "np") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_outputs_layout(four_device_run):
+    config, result, records = four_device_run
+    metadata, tensors = read_embedding_file(os.path.join(config.output_dir, "learned_embeds.safetensors"))
+    assert metadata == {"format": "pt"}
+    assert list(tensors) == ["<cat-toy>"]
+    assert tensors["<cat-toy>"].shape == (2, 32) and tensors["<cat-toy>"].dtype == np.float32
+    np.testing.assert_array_equal(tensors["<cat-toy>"], result.rows)
+    for step in (3, 6):
+        assert os.path.exists(os.path.join(config.output_dir, f"learned_embeds-steps-{step}.safetensors"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert result.tokens == ["<cat-toy>", "<cat-toy>_1"]
+    lines = open(os.path.join(config.output_dir, "logs", "metrics.jsonl")).read().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(config.output_dir, "logs")))
+    # nothing half-written is left behind
+    assert not [n for n in os.listdir(config.output_dir) if n.startswith(".")]
+
+
+def test_bin_matches_safetensors(four_device_run):
+    torch = pytest.importorskip("torch")
+    config, result, _ = four_device_run
+    state = torch.load(os.path.join(config.output_dir, "learned_embeds.bin"), weights_only=True)
+    assert list(state) == ["<cat-toy>"]
+    np.testing.assert_array_equal(state["<cat-toy>"].numpy(), result.rows)
+
+
+def test_rows_moved_from_initializer(four_device_run, tiny_model_dir):
+    _, result, _ = four_device_run
+    base = models.load_model(tiny_model_dir)
+    init_id = base.tokenizer.encode("toy", add_special_tokens=False)[0]
+    init_row = models.token_table(base.params["text_encoder"])[init_id]
+    assert np.all(np.isfinite(result.rows))
+    assert not np.allclose(result.rows, init_row[None])
+
+
+def test_full_pipeline_keeps_every_frozen_weight_bitwise(four_device_run, tiny_model_dir):
+    config, result, _ = four_device_run
+    base = models.load_model(tiny_model_dir)
+    saved = models.load_model(config.output_dir)  # Flax msgpack path of the loader
+    vocab = base.spec.base_vocab_size
+    table = models.token_table(saved.params["text_encoder"])
+    assert table.shape == (vocab + 2, 32)
+    np.testing.assert_array_equal(table[:vocab], models.token_table(base.params["text_encoder"]))
+    np.testing.assert_array_equal(table[vocab:], result.rows)
+    for part in ("text_encoder", "unet", "vae"):
+        a, b = jax.tree_util.tree_flatten_with_path(base.params[part])[0], jax.tree_util.tree_flatten_with_path(
+            saved.params[part]
+        )[0]
+        assert [k for k, _ in a] == [k for k, _ in b]
+        for (path, x), (_, y) in zip(a, b):
+            if "token_embedding" not in jax.tree_util.keystr(path):
+                np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    assert saved.tokenizer.convert_tokens_to_ids(result.tokens) == [vocab, vocab + 1]
+
+
+def test_one_and_four_devices_agree(four_device_run, one_device_run):
+    # Same seed and global batch: per-example randomness is keyed by example, not device.
+    _, four, _ = four_device_run
+    _, one = one_device_run
+    np.testing.assert_allclose(one.rows, four.rows, atol=2e-6)
+    np.testing.assert_allclose([r["loss"] for r in one.history], [r["loss"] for r in four.history], rtol=1e-5)
+
+
+def test_step_traced_once_per_run(tiny_model_dir, sample_images_dir, tmp_path):
+    step_lib.pmapped_train_step.cache_clear()
+    before = step_lib.TRACE_COUNT["train_step"]
+    config = tiny_config(tiny_model_dir, sample_images_dir, tmp_path / "o", max_train_steps=4)
+    train(config, devices=jax.local_devices()[:2])
+    assert step_lib.TRACE_COUNT["train_step"] - before == 1
+
+
+def test_optimizer_state_is_only_the_rows():
+    config = TrainConfig(lr_scheduler="linear", max_grad_norm=1.0)
+    spec = OptimizerSpec.from_config(config, num_devices=4, total_steps=100)
+    state = step_lib.init_state(np.zeros((3, 768), np.float32), spec)
+    sizes = [x.size for x in jax.tree_util.tree_leaves(state.opt_state)]
+    assert sum(s for s in sizes if s > 1) == 2 * 3 * 768  # Adam's two moments
+    assert sum(s for s in sizes if s == 1) <= 2  # step counts
+
+
+def fixed_eval_loss(model, rows, data, steps=4):
+    """Loss over a fixed set of (image, noise, timestep) draws: the same for any rows."""
+    key = jax.random.PRNGKey(1234)
+    spec = model.spec
+    frozen = {**model.params, "alphas_cumprod": model.alphas_cumprod}
+
+    @jax.jit
+    def loss(rows, batch, key):
+        noisy, t, target = step_lib.diffusion_inputs(spec, frozen, batch, key)
+        return step_lib.diffusion_loss(rows, spec, frozen, batch["input_ids"], noisy, t, target)
+
+    return float(np.mean([loss(rows, data.global_batch(s), jax.random.fold_in(key, s)) for s in range(steps)]))
+
+
+def test_learning_is_real(one_device_run, tiny_model_dir, sample_images_dir, tmp_path):
+    config, _ = one_device_run
+    config = config.replace(output_dir=str(tmp_path / "long"), max_train_steps=40)
+    result = train(config, devices=jax.local_devices()[:1])
+    from ti_flax.train import prepare
+
+    run = prepare(config, devices=jax.local_devices()[:1])
+    before = fixed_eval_loss(run.model, run.init_rows, run.data)
+    after = fixed_eval_loss(run.model, result.rows, run.data)
+    assert after < before, (before, after)
+
+
+def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
+    torch = pytest.importorskip("torch")
+    from diffusers import DDPMScheduler
+
+    model = models.load_model(tiny_vpred_model_dir)
+    assert model.spec.prediction_type == "v_prediction"
+    # Our forward process and v target agree with diffusers' PyTorch scheduler.
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    x0, noise = np.random.default_rng(0).normal(size=(2, 2, 4, 4, 4)).astype(np.float32)
+    t = np.array([3, 917])
+    ours_noisy = step_lib.noisy_latents(model.alphas_cumprod, x0, noise, t)
+    ours_v = step_lib.velocity(model.alphas_cumprod, x0, noise, t)
+    tx, tn, tt = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
+    np.testing.assert_allclose(ours_noisy, scheduler.add_noise(tx, tn, tt).numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours_v, scheduler.get_velocity(tx, tn, tt).numpy(), atol=1e-5)
+    # And the step uses that target for a v-prediction model.
+    batch = {
+        "pixel_values": np.zeros((2, 32, 32, 3), np.uint8),
+        "input_ids": np.zeros((2, 77), np.int32),
+        "example_ids": np.arange(2),
+    }
+    frozen = {**model.params, "alphas_cumprod": model.alphas_cumprod}
+    key = jax.random.PRNGKey(0)
+    noisy, t, target = step_lib.diffusion_inputs(model.spec, frozen, batch, key)
+    eps = step_lib.example_draws(key, jnp.arange(2), noisy.shape[1:], 1000)[1]
+    assert not np.allclose(target, eps)
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "polynomial"])
+def test_lr_schedules_match_diffusers(name):
+    torch = pytest.importorskip("torch")
+    from diffusers.optimization import get_scheduler
+
+    peak, warmup, total = 1e-3, 5, 30
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    ref = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    config = TrainConfig(lr_scheduler=name, learning_rate=peak, lr_warmup_steps=warmup)
+    ours = OptimizerSpec.from_config(config, 1, total).schedule()
+    np.testing.assert_allclose([float(ours(s)) for s in range(total)], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_interop_with_pytorch_diffusers(four_device_run, tiny_model_dir, tmp_path):
+    """The trained file, and 1- and 3-vector files, load through load_textual_inversion."""
+    torch = pytest.importorskip("torch")
+    from diffusers import StableDiffusionPipeline
+
+    from ti_flax import export
+
+    config, result, _ = four_device_run
+    base = models.load_model(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    cases = {2: os.path.join(config.output_dir, "learned_embeds.safetensors")}
+    for n in (1, 3):
+        cases[n] = export.save_diffusers(str(tmp_path / f"e{n}.safetensors"), "<cat-toy>", rng.normal(size=(n, 32)))
+    for n, path in cases.items():
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+        pipe.load_textual_inversion(path)
+        _, tensors = read_embedding_file(path)
+        rows = tensors["<cat-toy>"]
+        tokens = ["<cat-toy>"] + [f"<cat-toy>_{i}" for i in range(1, n)]
+        vocab = base.spec.base_vocab_size
+        assert pipe.tokenizer.convert_tokens_to_ids(tokens) == list(range(vocab, vocab + n))
+        table = pipe.text_encoder.get_input_embeddings().weight.detach().numpy()
+        np.testing.assert_array_equal(table[vocab:], rows)
+        prompt = pipe.maybe_convert_prompt("a photo of <cat-toy>", pipe.tokenizer)
+        ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            torch_hidden = pipe.text_encoder(ids)[0].numpy()
+        flax_hidden = models.encode_text(base.spec, base.params["text_encoder"], jnp.asarray(ids.numpy()), rows)
+        assert np.abs(np.asarray(flax_hidden) - torch_hidden).max() < 1e-4
