@@ -1,0 +1,109 @@
+"""Command-line behaviour: flags, and one clear line with exit status 2 for every user error."""
+
+import os
+import shutil
+
+import pytest
+
+from ti_flax import cli
+from ti_flax.train import main
+
+REFERENCE_FLAGS = (
+    "pretrained_model_name_or_path revision tokenizer_name train_data_dir placeholder_token initializer_token "
+    "learnable_property repeats output_dir seed resolution center_crop train_batch_size num_train_epochs "
+    "max_train_steps save_steps learning_rate scale_lr lr_warmup_steps lr_scheduler adam_beta1 adam_beta2 "
+    "adam_weight_decay adam_epsilon push_to_hub use_auth_token hub_token hub_model_id logging_dir local_rank "
+    "num_vectors save_as_full_pipeline no_safe_serialization max_grad_norm interpolation flip_p"
+).split()
+
+
+def base_args(model_dir, data_dir, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", model_dir, "--train_data_dir", data_dir, "--output_dir", str(out),
+        "--placeholder_token", "<cat-toy>", "--initializer_token", "toy", "--resolution", "32",
+        "--train_batch_size", "1", "--max_train_steps", "2", *extra,
+    ]
+
+
+def test_reference_flags_are_accepted():
+    parser = cli.build_parser()
+    known = {a.dest for a in parser._actions}
+    assert set(REFERENCE_FLAGS) <= known
+
+
+def test_scale_lr_is_opt_in(tiny_model_dir, sample_images_dir, tmp_path):
+    args = base_args(tiny_model_dir, sample_images_dir, tmp_path)
+    assert cli.parse_config(args).scale_lr is False
+    assert cli.parse_config(args + ["--scale_lr"]).scale_lr is True
+
+
+def test_max_train_steps_zero_uses_epochs(tiny_model_dir, sample_images_dir, tmp_path):
+    args = base_args(tiny_model_dir, sample_images_dir, tmp_path)
+    assert cli.parse_config(args + ["--max_train_steps", "0"]).max_train_steps is None
+
+
+def run_error(capsys, args, out):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert not os.path.exists(out), "nothing may be written on a user error"
+    return err
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"--placeholder_token": "toy"}, "already in the tokenizer's vocabulary"),
+        ({"--initializer_token": "cat toy"}, "must be a single token"),
+        ({"--initializer_token": "xylophonist"}, "must be a single token"),
+        ({"--resolution": "36"}, "multiple of 8"),
+        ({"--pretrained_model_name_or_path": "/no/such/model"}, "no such model folder"),
+        ({"--pretrained_model_name_or_path": "nobody-here/no-such-model"}, "could not be fetched"),
+        ({"--lr_scheduler": "cosine_with_restarts"}, None),
+        ({"--local_rank": "0"}, "--local_rank"),
+        ({"--num_vectors": "0"}, "--num_vectors"),
+        ({"--train_data_dir": "/no/such/images"}, "does not exist"),
+    ],
+)
+def test_user_errors(changes, expected, tiny_model_dir, sample_images_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, sample_images_dir, out)
+    for flag, value in changes.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    if expected is None:  # argparse's own choice check: exit 2 with usage
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 2
+        assert not os.path.exists(out)
+        return
+    assert expected in run_error(capsys, args, out)
+
+
+def test_model_folder_without_unet(tiny_model_dir, sample_images_dir, tmp_path, capsys):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    out = tmp_path / "out"
+    err = run_error(capsys, base_args(str(broken), sample_images_dir, out), out)
+    assert "unet/" in err
+
+
+def test_empty_data_folder(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    out = tmp_path / "out"
+    err = run_error(capsys, base_args(tiny_model_dir, str(empty), out), out)
+    assert "image" in err
+
+
+def test_push_to_hub_without_token(tiny_model_dir, sample_images_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = tmp_path / "out"
+    err = run_error(capsys, base_args(tiny_model_dir, sample_images_dir, out, "--push_to_hub"), out)
+    assert "--push_to_hub" in err
