@@ -52,6 +52,12 @@ def build_parser():
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--save_steps", type=int, default=d.save_steps,
                    help="write learned_embeds-steps-N.safetensors every N steps (0: off)")
+    g.add_argument("--checkpointing_steps", type=int, default=d.checkpointing_steps,
+                   help="save a resumable checkpoint-N folder every N steps (0: off)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=d.checkpoints_total_limit,
+                   help="keep at most this many checkpoints (oldest removed first)")
+    g.add_argument("--resume_from_checkpoint", default=d.resume_from_checkpoint,
+                   help='a checkpoint folder, or "latest" to continue from the newest in --output_dir')
     _bool_flag(g, "no_safe_serialization", "also write learned_embeds.bin with torch.save")
     _bool_flag(g, "save_as_full_pipeline", "also save the whole Flax pipeline with the new tokens")
     g.add_argument("--logging_dir", default=d.logging_dir, help="TensorBoard folder, relative to --output_dir")

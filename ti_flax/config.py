@@ -55,6 +55,9 @@ class TrainConfig:
     # Outputs
     output_dir: str = "text-inversion-model"
     save_steps: int = 500
+    checkpointing_steps: int = 500  # 0: no checkpoints
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
     no_safe_serialization: bool = False
     save_as_full_pipeline: bool = False
     logging_dir: str = "logs"
@@ -94,6 +97,10 @@ class TrainConfig:
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"--max_grad_norm must be > 0, got {self.max_grad_norm}"),
             (self.save_steps >= 0, f"--save_steps must be >= 0 (0 turns it off), got {self.save_steps}"),
+            (self.checkpointing_steps >= 0,
+             f"--checkpointing_steps must be >= 0 (0 turns it off), got {self.checkpointing_steps}"),
+            (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}"),
             (bool(self.output_dir), "--output_dir must not be empty"),
             (self.report_to in ("auto", "tensorboard", "none"),
              f"--report_to must be tensorboard or none, got {self.report_to!r}"),
@@ -148,6 +155,7 @@ class TrainConfig:
             learning_rate=5e-3,
             lr_warmup_steps=0,
             save_steps=0,
+            checkpointing_steps=0,
             seed=0,
         )
         base.update(changes)

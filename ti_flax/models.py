@@ -266,9 +266,9 @@ def load_model(name_or_path, revision=None, tokenizer_name=None):
             f"{text_config.vocab_size} rows; use the tokenizer that belongs to this model"
         )
     spec = ModelSpec(
-        text_config=text_config.to_json_string(),
-        unet_config=json.dumps(dict(unet.config), sort_keys=True),
-        vae_config=json.dumps(dict(vae.config), sort_keys=True),
+        text_config=_config_json(text_config.to_dict()),
+        unet_config=_config_json(unet.config),
+        vae_config=_config_json(vae.config),
         prediction_type=scheduler_config.get("prediction_type", "epsilon"),
         scaling_factor=float(vae.config.scaling_factor),
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
@@ -278,6 +278,12 @@ def load_model(name_or_path, revision=None, tokenizer_name=None):
         raise UserError(f"{model_dir}: scheduler prediction_type {spec.prediction_type!r} is not supported")
     params = {"text_encoder": text_params, "unet": unet_params, "vae": vae_params}
     return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config))
+
+
+def _config_json(config):
+    # Private keys vary between processes (diffusers' `_use_default_values` is a set's order).
+    skip = ("transformers_version", "architectures")
+    return json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_") and k not in skip}, sort_keys=True)
 
 
 def load_tokenizer(folder):

@@ -11,17 +11,19 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from . import checkpoint as ckpt
 from . import data as data_lib
 from . import export, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError
 from .logs import MetricsLogger
 from .optim import OptimizerSpec
+from .preempt import Preempted, StopOnSignal
 
 
 class TrainingDiverged(UserError):
@@ -62,6 +64,8 @@ class Run:
     opt_spec: OptimizerSpec
     total_steps: int
     devices: tuple
+    meta: dict  # what checkpoints record about this run
+    resume_from: Optional[str] = None  # checkpoint folder to continue from
 
 
 def prepare(config, devices=None):
@@ -88,7 +92,12 @@ def prepare(config, devices=None):
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
     if config.push_to_hub:
         check_hub_token(config)
-    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices)
+    fingerprint = ckpt.model_fingerprint(model.spec, models.token_table(model.params["text_encoder"]))
+    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images))
+    resume_from = ckpt.resolve_resume(config)
+    if resume_from:
+        ckpt.check_compatible(ckpt.read_meta(resume_from), meta, resume_from)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, resume_from)
 
 
 def check_resolution(resolution, spec):
@@ -124,9 +133,11 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     if writer:
         os.makedirs(config.output_dir, exist_ok=True)
         print_banner(run)
+    state, start_step = initial_state(run)
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
-        rows, history = train_loop(run, logger, callbacks, writer)
+        with StopOnSignal() as stop:
+            rows, history = train_loop(run, logger, callbacks, writer, state, start_step, stop)
     finally:
         logger.close()
     files = save_outputs(run, rows) if writer else {}
@@ -136,15 +147,26 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     return TrainResult(config.output_dir, files, run.tokens, rows, final_loss, history)
 
 
-def train_loop(run, logger, callbacks, writer, start_step=0, state=None):
-    """Step from `start_step` to `run.total_steps`; return the final rows and per-step records."""
+def initial_state(run):
+    """(host TrainState, first step): fresh from the initial rows, or restored from a checkpoint."""
+    fresh = step_lib.init_state(run.init_rows, run.opt_spec)
+    if not run.resume_from:
+        return fresh, 0
+    state, meta = ckpt.load_checkpoint(run.resume_from, fresh)
+    print(f"resuming from {run.resume_from} (step {meta['step']})", flush=True)
+    return state, int(meta["step"])
+
+
+def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
+    """Step from `start_step` to `run.total_steps`; return the final rows and per-step records.
+
+    Checkpoints every --checkpointing_steps, and on a stop signal (then raises Preempted).
+    """
     from tqdm.auto import tqdm
 
     config, devices = run.config, run.devices
     spec = run.model.spec
     frozen = parallel.replicate({**run.model.params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
-    if state is None:
-        state = step_lib.init_state(run.init_rows, run.opt_spec)
     state = parallel.replicate(state, devices)
     keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
     p_step = step_lib.pmapped_train_step(spec, run.opt_spec, devices)
@@ -190,15 +212,36 @@ def train_loop(run, logger, callbacks, writer, start_step=0, state=None):
             if pending is not None:
                 record(*pending)
             pending = (step + 1, metrics)
-            if writer and config.save_steps and (step + 1) % config.save_steps == 0:
-                record(*pending)
+            done = step + 1
+            save_rows = writer and config.save_steps and done % config.save_steps == 0
+            save_state = (config.checkpointing_steps and done % config.checkpointing_steps == 0) or (
+                stop is not None and stop.requested
+            )
+            if save_rows or save_state:
+                record(*pending)  # a NaN step raises here, before anything of it is saved
                 pending = None
-                save_intermediate(run, parallel.unreplicate(state.rows), step + 1)
+                if save_rows:
+                    save_intermediate(run, parallel.unreplicate(state.rows), done)
+                if save_state:
+                    path = save_checkpoint(run, state) if writer else None
+                if stop is not None and stop.requested:
+                    raise Preempted(
+                        f"stopped by signal at step {done}; checkpoint saved in {path}. Continue with the same "
+                        f"command plus --resume_from_checkpoint latest",
+                        stop.requested,
+                    )
         if pending is not None:
             record(*pending)
     finally:
         bar.close()
     return parallel.unreplicate(state.rows), history
+
+
+def save_checkpoint(run, state):
+    host_state = parallel.unreplicate(state)
+    if not np.all(np.isfinite(host_state.rows)):
+        raise TrainingDiverged(f"step {int(host_state.step)}: learned rows are NaN/Inf; no checkpoint written")
+    return ckpt.save_checkpoint(run.config.output_dir, host_state, run.meta, run.config.checkpoints_total_limit)
 
 
 def save_intermediate(run, rows, step):
@@ -276,7 +319,7 @@ def print_banner(run):
 
 def print_summary(run, files, history):
     loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
-    print(f"done: {len(history)} steps, final loss {loss}", flush=True)
+    print(f"done: step {run.total_steps} ({len(history)} steps in this run), final loss {loss}", flush=True)
     for kind, path in files.items():
         print(f"  {kind:13s} {path}", flush=True)
 
@@ -286,6 +329,9 @@ def main(argv=None):
 
     try:
         train(parse_config(argv))
+    except Preempted as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,209 @@
+"""Checkpoints: save and restore a run's trainable state atomically, and find the latest one.
+
+A checkpoint is `output_dir/checkpoint-{step}/` holding
+  state.safetensors           the learned rows, every optimizer moment and count, the step;
+  learned_embeds.safetensors  the rows in diffusers' layout (usable as they are);
+  meta.json                   step, tokens, run config, model fingerprint, batch geometry.
+It is written under a hidden temporary name and renamed into place only when complete, so a
+killed process never leaves a `checkpoint-N` that `latest` would pick. The frozen models are
+never part of it: a checkpoint is a few kilobytes.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+
+import jax
+import numpy as np
+
+from . import export
+from .errors import UserError
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".checkpoint-"
+
+# Settings that must match for a resume to continue the same run. Everything else (steps,
+# checkpointing, saving, logging, validation) may change on resume.
+MUST_MATCH = (
+    "placeholder_token",
+    "num_vectors",
+    "resolution",
+    "center_crop",
+    "interpolation",
+    "learnable_property",
+    "repeats",
+    "flip_p",
+    "seed",
+)
+
+
+def checkpoint_dir(output_dir, step):
+    return os.path.join(output_dir, f"checkpoint-{step}")
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in `output_dir` as sorted [(step, path)]; warns about leftovers."""
+    if not os.path.isdir(output_dir):
+        return []
+    found, leftovers = [], []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        match = _NAME.match(name)
+        if match and os.path.isfile(os.path.join(path, META_FILE)) and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+        elif match or name.startswith(_TMP_PREFIX):
+            leftovers.append(name)
+    if leftovers:
+        warnings.warn(
+            f"ignoring incomplete checkpoint folder(s) in {output_dir}: {', '.join(sorted(leftovers))} "
+            "(left by an interrupted save; safe to delete)",
+            stacklevel=2,
+        )
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir):
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def model_fingerprint(spec, table):
+    """A short hash of the model's configs and token table: the same base model, wherever it lives."""
+    digest = hashlib.sha256()
+    for text in (spec.text_config, spec.unet_config, spec.vae_config, spec.prediction_type):
+        digest.update(text.encode())
+    digest.update(np.ascontiguousarray(np.asarray(table)[:: max(1, len(table) // 64)], np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _flat(tree):
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_checkpoint(output_dir, state, meta, total_limit=None):
+    """Write `state` (a host-side TrainState) and `meta` as checkpoint-{step}; return its path.
+
+    The folder appears under its final name only when complete; with `total_limit`, the oldest
+    checkpoints beyond the limit are removed after the new one is in place.
+    """
+    from safetensors.numpy import save_file
+
+    step = int(state.step)
+    final = checkpoint_dir(output_dir, step)
+    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(_flat(state), os.path.join(tmp, STATE_FILE))
+        export.save_diffusers(os.path.join(tmp, export.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
+        if os.environ.get("TI_FLAX_TEST_PAUSE_IN_SAVE_AT") == str(step):
+            # Test hook: holds the save half-done so a test can kill the process right here.
+            print(f"checkpoint: pausing inside the save of step {step}", flush=True)
+            time.sleep(120)
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump({**meta, "step": step, "format_version": FORMAT_VERSION}, f, indent=2)
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # the same step saved again (e.g. after a resume)
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if total_limit:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def _fsync_tree(folder):
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+
+
+def read_meta(path):
+    try:
+        with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a ti_flax checkpoint ({err})") from None
+
+
+def load_checkpoint(path, template):
+    """Restore a TrainState shaped like `template` from checkpoint folder `path`.
+
+    Returns (state of numpy arrays, meta dict). UserError if the saved optimizer state does not
+    have the template's structure (for instance --max_grad_norm was switched on or off).
+    """
+    from safetensors.numpy import load_file
+
+    meta = read_meta(path)
+    saved = load_file(os.path.join(path, STATE_FILE))
+    want = _flat(template)
+    if set(saved) != set(want) or any(saved[k].shape != want[k].shape for k in want):
+        raise UserError(
+            f"{path}: optimizer state does not match this run's optimizer "
+            "(was --max_grad_norm or --num_vectors changed?); resume with the original settings"
+        )
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    restored = [saved[jax.tree_util.keystr(p)].astype(np.asarray(x).dtype) for p, x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, restored), meta
+
+
+def run_meta(config, tokens, token_ids, fingerprint, global_batch, num_images):
+    """What a checkpoint records about its run, for the compatibility check on resume."""
+    return {
+        "tokens": list(tokens),
+        "token_ids": list(token_ids),
+        "model": config.pretrained_model_name_or_path,
+        "model_fingerprint": fingerprint,
+        "global_batch_size": global_batch,
+        "num_images": num_images,
+        "config": json.loads(config.to_json()),
+    }
+
+
+def check_compatible(saved, current, path):
+    """UserError listing every setting that differs between a checkpoint and this run."""
+    diffs = []
+    if saved.get("model_fingerprint") != current["model_fingerprint"]:
+        diffs.append(f"base model ({saved.get('model')} vs {current['model']})")
+    for key in ("tokens", "global_batch_size", "num_images"):
+        if saved.get(key) != current[key]:
+            diffs.append(f"{key} ({saved.get(key)} vs {current[key]})")
+    for key in MUST_MATCH:
+        a, b = saved.get("config", {}).get(key), current["config"][key]
+        if a != b:
+            diffs.append(f"--{key} ({a} vs {b})")
+    if diffs:
+        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + "; ".join(diffs) + " (checkpoint vs now)")
+
+
+def resolve_resume(config):
+    """The checkpoint folder to resume from, or None to start fresh (saying why)."""
+    target = config.resume_from_checkpoint
+    if not target:
+        return None
+    if target == "latest":
+        path = latest_checkpoint(config.output_dir)
+        if path is None:
+            print(f"--resume_from_checkpoint latest: no checkpoint in {config.output_dir}; starting fresh", flush=True)
+        return path
+    path = target if os.path.isdir(target) else os.path.join(config.output_dir, target)
+    if not os.path.isdir(path):
+        raise UserError(f"--resume_from_checkpoint {target}: no such checkpoint folder")
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        raise UserError(f"--resume_from_checkpoint {target}: incomplete or not a checkpoint (no {META_FILE})")
+    return path
