@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from ti_flax import cli
@@ -107,3 +108,40 @@ def test_push_to_hub_without_token(tiny_model_dir, sample_images_dir, tmp_path, 
     out = tmp_path / "out"
     err = run_error(capsys, base_args(tiny_model_dir, sample_images_dir, out, "--push_to_hub"), out)
     assert "--push_to_hub" in err
+
+
+def test_initial_embeddings_start_the_rows(tiny_model_dir, sample_images_dir, tmp_path):
+    from safetensors.numpy import save_file
+
+    from ti_flax.train import prepare
+
+    rows = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
+    save_file({"emb_params": rows}, str(tmp_path / "kohya.safetensors"))
+    args = base_args(tiny_model_dir, sample_images_dir, tmp_path / "out", "--num_vectors", "2")
+    args[args.index("--initializer_token") : args.index("--initializer_token") + 2] = [
+        "--initial_embeddings", str(tmp_path / "kohya.safetensors"),
+    ]
+    run = prepare(cli.parse_config(args))
+    np.testing.assert_array_equal(run.init_rows, rows)
+
+
+@pytest.mark.parametrize(
+    "shape, extra, expected",
+    [((2, 48), ["--num_vectors", "2"], "width is 48"), ((3, 32), ["--num_vectors", "2"], "has 3 vectors")],
+)
+def test_initial_embeddings_must_fit(shape, extra, expected, tiny_model_dir, sample_images_dir, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    save_file({"<x>": np.ones(shape, np.float32)}, str(tmp_path / "e.safetensors"))
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, sample_images_dir, out, *extra)
+    args[args.index("--initializer_token") : args.index("--initializer_token") + 2] = [
+        "--initial_embeddings", str(tmp_path / "e.safetensors"),
+    ]
+    assert expected in run_error(capsys, args, out)
+
+
+def test_initializer_and_initial_embeddings_exclusive(tiny_model_dir, sample_images_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, sample_images_dir, out, "--initial_embeddings", "x.safetensors")
+    assert "exactly one of --initializer_token" in run_error(capsys, args, out)

@@ -26,8 +26,10 @@ def build_parser():
     g = p.add_argument_group("concept and data")
     g.add_argument("--train_data_dir", required=True, help="folder with the 3-10 training images")
     g.add_argument("--placeholder_token", required=True, help="the new token, e.g. <cat-toy>")
-    g.add_argument("--initializer_token", required=True, help="one existing token whose row starts the training")
+    g.add_argument("--initializer_token", default="", help="one existing token whose row starts the training")
     g.add_argument("--num_vectors", type=int, default=d.num_vectors, help="vectors per concept (tokens tok, tok_1, ...)")
+    g.add_argument("--initial_embeddings", help="start from this embedding file (diffusers, A1111 or kohya layout) "
+                   "instead of the initializer token's row; its vector count must equal --num_vectors")
     g.add_argument("--learnable_property", choices=["object", "style"], default=d.learnable_property)
     g.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")
     g.add_argument("--resolution", type=int, default=d.resolution)

@@ -32,6 +32,7 @@ class TrainConfig:
     placeholder_token: str = ""
     initializer_token: str = ""
     num_vectors: int = 1
+    initial_embeddings: Optional[str] = None  # start from an existing embedding file instead
     learnable_property: str = "object"
     repeats: int = 100
     resolution: int = 512
@@ -69,9 +70,14 @@ class TrainConfig:
 
     def validate(self):
         """Raise UserError for the first problem found; return self when the config is usable."""
-        for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token", "initializer_token"):
+        for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")
+        if bool(self.initializer_token) == bool(self.initial_embeddings):
+            raise UserError(
+                "pass exactly one of --initializer_token (a word whose row starts the training) and "
+                "--initial_embeddings (an embedding file to continue from)"
+            )
         checks = [
             (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),
             (self.learnable_property in ("object", "style"),

@@ -226,6 +226,8 @@ def _layout(path, data, metadata):
         return (str(name) if name is not None else None), next(iter(params.values())), "a1111", _int_or_none(step)
     if "clip_l" in data or "clip_g" in data:
         raise UserError(f"{path}: an SDXL embedding (clip_l / clip_g); ti_flax reads SD 1.x / 2.x embeddings with one tensor")
+    if not any(isinstance(v, np.ndarray) for v in data.values()):
+        raise UserError(f"{path}: no embedding layout recognised (no tensor among {_describe(data)})")
     if len(data) != 1:
         raise UserError(
             f"{path}: {len(data)} entries ({_keys(data)}) where one embedding tensor is expected; "
@@ -293,7 +295,12 @@ def _read_folder(folder, token, allow_pickle):
         return _read_pipeline(folder, token)
     npy = os.path.join(folder, FLAX_NPY)
     if os.path.isfile(npy):
-        # The Flax script's output folder holds both; the .npy needs no model code to read.
+        if is_pipeline and not allow_pickle:
+            # diffusers' Flax script saves both; the pipeline's rows need no unpickling.
+            raise UserError(
+                f"{folder}: output of diffusers' Flax script; pass --token TOKEN to read the rows from its "
+                f"saved pipeline, or --allow-pickle to read {FLAX_NPY} (unpickling can run code: only for files you trust)"
+            )
         return _read_file(npy, allow_pickle)
     if is_pipeline:
         learned = _learned_tokens(_pipeline_tokenizer(folder))

@@ -127,37 +127,33 @@ def _write_torch(path, data):
 # Layouts
 
 
-def _file_content(layout, rows, token, name, step):
-    """(tensors-or-dict, safetensors metadata) for a layout; the dict is what torch.save gets."""
-    if layout == "diffusers":
-        return {token: rows}, None
-    if layout == "kohya":
-        return {KOHYA_KEY: rows}, None
-    # A1111's own save(): torch.save of exactly these six entries.
-    a1111 = {
-        "string_to_token": dict(A1111_STRING_TO_TOKEN),
-        "string_to_param": {"*": rows},
-        "name": name,
-        "step": step,
-        "sd_checkpoint": None,
-        "sd_checkpoint_name": None,
-    }
-    # safetensors holds only a flat name -> tensor map, so the .safetensors flavour is one
-    # tensor keyed by the name (A1111 and ComfyUI read any single-tensor file; diffusers takes
-    # the key as the token), with the remaining fields as metadata strings.
-    metadata = {"layout": A1111_LAYOUT, "name": name, "string_to_token": '{"*": 265}'}
-    if step is not None:
-        metadata["step"] = str(step)
-    return a1111, {"st": {name: rows}, "metadata": metadata}
-
-
 def _write(path, layout, rows, token, name, step):
-    content, st = _file_content(layout, rows, token, name, step)
+    """Write `rows` in `layout` to `path`: safetensors or torch.save, by the extension."""
+    metadata = None
+    if layout == "diffusers":
+        content = {token: rows}
+    elif layout == "kohya":
+        content = {KOHYA_KEY: rows}
+    elif path.endswith(".safetensors"):
+        # safetensors holds only a flat name -> tensor map, so A1111's dict cannot go in as it
+        # is: one tensor keyed by the name (A1111 and ComfyUI read any single-tensor file, and
+        # diffusers takes the key as the token), the other fields as metadata strings.
+        content = {name: rows}
+        metadata = {"layout": A1111_LAYOUT, "name": name, "string_to_token": '{"*": 265}'}
+        if step is not None:
+            metadata["step"] = str(step)
+    else:
+        # A1111's own Embedding.save(): torch.save of exactly these six entries.
+        content = {
+            "string_to_token": dict(A1111_STRING_TO_TOKEN),
+            "string_to_param": {"*": rows},
+            "name": name,
+            "step": step,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": None,
+        }
     if path.endswith(".safetensors"):
-        if st is not None:
-            _write_safetensors(path, st["st"], st["metadata"])
-        else:
-            _write_safetensors(path, content)
+        _write_safetensors(path, content, metadata)
     else:
         _write_torch(path, content)
 
@@ -212,8 +208,6 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
             raise UserError(f"{path}: is a folder; pass a file name or its parent folder as --output")
         if os.path.exists(path) and not overwrite:
             raise UserError(f"{path}: already exists; pass --overwrite to replace it")
-    if layout == "a1111" and name is None:
-        raise UserError(f"{emb.path}: the {emb.format} file does not name its token; pass --name or --token for the A1111 name")
     if verify is not None:
         from . import verify as verify_lib
 
@@ -229,16 +223,15 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
         for path in paths:
             tmp = _staging_name(path)
             staged.append(tmp)
-            file_layout = "diffusers" if path.endswith(".bin") else layout
-            _write(tmp, file_layout, emb.rows, token, name, emb.step)
-            _read_back(tmp, path, emb.rows, _expected_token(file_layout, token, name))
+            _write(tmp, layout, emb.rows, token, name, emb.step)
+            _read_back(tmp, path, emb.rows, _expected_token(layout, token, name))
         results = []
         if verify is not None:
             from . import verify as verify_lib
 
             # diffusers-layout files carry their token; the others need token= (A1111's name may
             # be an ordinary word already in the vocabulary).
-            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, layout != "diffusers" and not tmp.endswith(".bin")) for tmp in staged]
+            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, layout != "diffusers") for tmp in staged]
             results = verify_lib.verify_files(verify, emb.rows, checks)
         for tmp, path in zip(staged, paths):
             os.chmod(tmp, 0o666 & ~_umask())
@@ -247,8 +240,9 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
         for tmp in staged:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    label = {"diffusers": f", token {token}", "a1111": f", name {name}", "kohya": ""}[layout]
     for path in paths:
-        log(f"wrote {path} ({emb.num_vectors} x {emb.width}, token {token or '-'}, from {emb.format} {emb.path})")
+        log(f"wrote {path}: {layout} layout, {emb.num_vectors} x {emb.width}{label} (from {emb.format} {emb.path})")
     for path, result in zip(paths, results):
         log(f"verified {path} in diffusers (PyTorch) as {result.token} (ids {list(result.token_ids)}): "
             f"max abs difference to Flax {result.max_abs_diff:.2e}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as data_lib
+from . import embeddings
 from . import export, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError
@@ -77,9 +78,13 @@ def prepare(config, devices=None):
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
     check_resolution(config.resolution, model.spec)
     tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
-    init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
+    if config.initial_embeddings:
+        start = embeddings.read_embedding(config.initial_embeddings)
+        init_rows = embeddings.check_embedding_fits(start, config.num_vectors, model.spec.hidden_size)
+    else:
+        init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
+        init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
     token_ids = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
-    init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
     images, _ = data_lib.load_images(config.train_data_dir, config.resolution, config.center_crop, config.interpolation)
     template_ids = data_lib.tokenize_templates(
         model.tokenizer, data_lib.templates_for(config.learnable_property), tokens_lib.placeholder_text(tokens)
@@ -304,7 +309,7 @@ def print_banner(run):
     n_rows = len(run.tokens)
     print(
         f"ti_flax: textual inversion of {' '.join(run.tokens)} (ids {run.token_ids[0]}..{run.token_ids[-1]}) "
-        f"from {config.initializer_token!r}\n"
+        f"from {config.initial_embeddings or repr(config.initializer_token)}\n"
         f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size})\n"
         f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
         f"{jax.process_count()} process(es), {jax.default_backend()})\n"
