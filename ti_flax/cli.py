@@ -50,6 +50,13 @@ def build_parser():
     g.add_argument("--adam_weight_decay", type=float, default=d.adam_weight_decay)
     g.add_argument("--adam_epsilon", type=float, default=d.adam_epsilon)
     g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (off by default)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps,
+                   help="micro-batches per optimizer update; --max_train_steps and --checkpointing_steps count updates")
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--mixed_precision", default=d.mixed_precision, metavar="{no,bf16}",
+                   help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")
+    _bool_flag(g, "cache_latents", "VAE-encode each image and its flip once before training (the VAE leaves the step)")
+    _bool_flag(g, "gradient_checkpointing", "recompute the UNet's block activations in the backward pass: less memory, more compute")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--save_steps", type=int, default=d.save_steps,
@@ -69,6 +76,12 @@ def build_parser():
     g.add_argument("--hub_token", help="Hub token for --push_to_hub")
     _bool_flag(g, "use_auth_token", "use the token saved by `huggingface-cli login`")
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    g = p.add_argument_group("multi-process (a multi-host TPU slice needs none of these)")
+    g.add_argument("--coordinator_address", help="host:port of process 0, for CPU/GPU clusters")
+    g.add_argument("--num_processes", type=int, help="number of processes (one per host)")
+    g.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes-1")
+    g.add_argument("--distributed_timeout", type=int, default=d.distributed_timeout,
+                   help="seconds to wait for all processes to join (default 300)")
     return p
 
 

@@ -9,6 +9,7 @@ from .errors import UserError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest")
+MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> frozen models' dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,11 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: Optional[float] = None
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer update
+    # Speed and memory
+    mixed_precision: str = "no"  # "bf16": frozen weights and activations in bfloat16
+    cache_latents: bool = False  # VAE-encode each (image, flip) view once, up front
+    gradient_checkpointing: bool = False  # rematerialise the UNet's blocks in the backward pass
     # Outputs
     output_dir: str = "text-inversion-model"
     save_steps: int = 500
@@ -64,6 +70,11 @@ class TrainConfig:
     logging_dir: str = "logs"
     report_to: str = "auto"  # tensorboard when tensorboardX is installed, else none
     push_to_hub: bool = False
+    # Multi-process (CPU/GPU clusters; a multi-host TPU slice is detected automatically)
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    distributed_timeout: int = 300
     hub_model_id: Optional[str] = None
     hub_token: Optional[str] = None
     use_auth_token: bool = False
@@ -78,7 +89,16 @@ class TrainConfig:
                 "pass exactly one of --initializer_token (a word whose row starts the training) and "
                 "--initial_embeddings (an embedding file to continue from)"
             )
+        if self.mixed_precision == "fp16":
+            raise UserError(
+                "--mixed_precision fp16 is not supported: float16 gives TPUs no speed-up and risks overflow "
+                "without loss scaling; use --mixed_precision bf16"
+            )
         checks = [
+            (self.mixed_precision in MIXED_PRECISION,
+             f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
+            (self.gradient_accumulation_steps >= 1,
+             f"--gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}"),
             (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),
             (self.learnable_property in ("object", "style"),
              f"--learnable_property must be 'object' or 'style', got {self.learnable_property!r}"),
@@ -108,6 +128,7 @@ class TrainConfig:
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}"),
             (bool(self.output_dir), "--output_dir must not be empty"),
+            (self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}"),
             (self.report_to in ("auto", "tensorboard", "none"),
              f"--report_to must be tensorboard or none, got {self.report_to!r}"),
         ]
@@ -120,6 +141,11 @@ class TrainConfig:
             if not tensorboard_available():
                 raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
         return self
+
+    @property
+    def compute_dtype(self):
+        """The frozen models' weight and activation dtype: "float32" or "bfloat16"."""
+        return MIXED_PRECISION[self.mixed_precision]
 
     @property
     def resolved_report_to(self):

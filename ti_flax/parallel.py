@@ -5,6 +5,7 @@ the donated state it returns can go straight back in without a retrace or a resh
 """
 
 import collections
+import functools
 import itertools
 
 import jax
@@ -18,6 +19,32 @@ AXIS = "devices"
 def device_sharding(devices):
     """Leading axis split over `devices`: the layout pmap gives its inputs and outputs."""
     return NamedSharding(Mesh(np.asarray(devices), (AXIS,)), PartitionSpec(AXIS))
+
+
+def pmap_devices(devices):
+    """The `devices` argument for jax.pmap: in a multi-process run it must be None, so the
+    mapped axis (and every collective) spans the devices of all processes."""
+    return None if jax.process_count() > 1 else tuple(devices)
+
+
+@functools.lru_cache(maxsize=None)
+def _any_fn(devices):
+    return jax.pmap(lambda x: jax.lax.pmax(x, AXIS), axis_name=AXIS, devices=pmap_devices(devices))
+
+
+def stop_vote(flag, devices):
+    """Whether any process asked to stop, agreed through a collective (not the filesystem).
+
+    Returns a value to read later with `bool(...)`: a device array in a multi-process run
+    (so reading it can lag a step behind, like the metrics), the flag itself otherwise.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    return _any_fn(tuple(devices))(np.full((len(devices),), int(bool(flag)), np.int32))
+
+
+def vote_result(vote):
+    return bool(vote) if isinstance(vote, bool) else bool(np.asarray(vote)[0])
 
 
 def replicate(tree, devices):

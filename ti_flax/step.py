@@ -11,10 +11,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from . import models
-from .parallel import AXIS
+from .parallel import AXIS, pmap_devices
 
 
 class TrainState(NamedTuple):
@@ -61,11 +62,24 @@ def example_draws(key, example_ids, latent_shape, num_train_timesteps):
     return jax.vmap(one)(example_ids)
 
 
+def encode_pixels(spec, vae_params, pixel_values):
+    """VAE posterior (mean, log-variance), float32 NCHW, of uint8 NHWC images."""
+    pixels = pixel_values.astype(jnp.float32) / 127.5 - 1.0
+    mean, logvar = models.vae_moments(spec, vae_params, jnp.transpose(pixels, (0, 3, 1, 2)))
+    return tuple(jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)) for x in (mean, logvar))
+
+
 def diffusion_inputs(spec, frozen, batch, key):
-    """(noisy latents, timesteps, target) for a batch of uint8 NHWC images."""
-    pixels = batch["pixel_values"].astype(jnp.float32) / 127.5 - 1.0
-    mean, logvar = models.vae_moments(spec, frozen["vae"], jnp.transpose(pixels, (0, 3, 1, 2)))
-    mean, logvar = (jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)) for x in (mean, logvar))
+    """(noisy latents, timesteps, target) for a batch of uint8 NHWC images or of cached moments.
+
+    A batch with "latent_mean" and "latent_logvar" (from --cache_latents) skips the VAE; the
+    latent sample still draws its noise from the example's own key, so both kinds of batch give
+    the same draws.
+    """
+    if "latent_mean" in batch:
+        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
+    else:
+        mean, logvar = encode_pixels(spec, frozen["vae"], batch["pixel_values"])
     latent_eps, noise, timesteps = example_draws(key, batch["example_ids"], mean.shape[1:], spec.num_train_timesteps)
     latents = (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps) * spec.scaling_factor
     alphas = frozen["alphas_cumprod"]
@@ -82,12 +96,17 @@ def diffusion_loss(rows, spec, frozen, input_ids, noisy, timesteps, target):
 
 
 def train_step(state, frozen, batch, base_key, *, spec, opt_spec, axis_name=AXIS):
-    """One optimizer step on one device's share of the global batch.
+    """One optimizer step (or, with gradient accumulation, one micro-step) on one device's share.
 
     Args:
-      state: TrainState (donated by the caller).
+      state: TrainState (donated by the caller). `state.step` counts optimizer updates: with
+        `opt_spec.accumulation_steps` K > 1 it advances on every K-th call only, so the K
+        micro-batches of an update share the step's key and differ by example id, exactly as
+        one batch K times larger would.
       frozen: {"text_encoder", "unet", "vae": params, "alphas_cumprod": [T]}; never donated.
-      batch: {"pixel_values": uint8 [B, H, W, 3], "input_ids": int32 [B, L], "example_ids": int [B]}.
+        Float leaves in `spec.dtype`; "vae" may be absent when batches carry cached latents.
+      batch: {"pixel_values": uint8 [B, H, W, 3] or "latent_mean", "latent_logvar": float32
+        [B, C, h, w], "input_ids": int32 [B, L], "example_ids": int [B]}.
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec (static). opt_spec: optim.OptimizerSpec (static).
     Returns:
@@ -107,7 +126,17 @@ def train_step(state, frozen, batch, base_key, *, spec, opt_spec, axis_name=AXIS
         "row_norms": jnp.linalg.norm(rows, axis=-1),
         "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads)),
     }
-    return TrainState(state.step + 1, rows, opt_state), metrics
+    step = state.step + jnp.asarray(opt_spec.updated(opt_state), jnp.int32)
+    return TrainState(step, rows, opt_state), metrics
+
+
+def mean_metrics(micro_metrics):
+    """One record from the host metrics of an update's micro-steps: loss and gradient norm
+    averaged, `finite` only if every micro-step was, row norms after the last."""
+    loss = np.mean([m["loss"] for m in micro_metrics], dtype=np.float32)
+    grad_norm = np.mean([m["grad_norm"] for m in micro_metrics], dtype=np.float32)
+    finite = all(bool(m["finite"]) for m in micro_metrics)
+    return {**micro_metrics[-1], "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 # Traces of train_step, counted so tests can assert a run compiles it once.
@@ -123,4 +152,4 @@ def _counted_train_step(*args, **kwargs):
 def pmapped_train_step(spec, opt_spec, devices):
     """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
     fn = functools.partial(_counted_train_step, spec=spec, opt_spec=opt_spec)
-    return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=(0,))
+    return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))

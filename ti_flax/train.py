@@ -18,8 +18,8 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import embeddings
-from . import export, models, parallel, step as step_lib, tokens as tokens_lib
+from . import distributed, embeddings
+from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError
 from .logs import MetricsLogger
@@ -66,7 +66,6 @@ class Run:
     total_steps: int
     devices: tuple
     meta: dict  # what checkpoints record about this run
-    resume_from: Optional[str] = None  # checkpoint folder to continue from
 
 
 def prepare(config, devices=None):
@@ -93,16 +92,14 @@ def prepare(config, devices=None):
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
     data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch)
-    total_steps = config.max_train_steps or config.num_train_epochs * data.steps_per_epoch
+    # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
+    total_steps = config.max_train_steps or max(1, config.num_train_epochs * data.steps_per_epoch // config.gradient_accumulation_steps)
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
     if config.push_to_hub:
         check_hub_token(config)
     fingerprint = ckpt.model_fingerprint(model.spec, models.token_table(model.params["text_encoder"]))
     meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images))
-    resume_from = ckpt.resolve_resume(config)
-    if resume_from:
-        ckpt.check_compatible(ckpt.read_meta(resume_from), meta, resume_from)
-    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, resume_from)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta)
 
 
 def check_resolution(resolution, spec):
@@ -133,12 +130,14 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     Raises:
       UserError on bad input (before anything is written) and TrainingDiverged on NaN/Inf.
     """
+    config.validate()
+    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, config.distributed_timeout)
     run = prepare(config, devices)
+    state, start_step = initial_state(run)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(config.output_dir, exist_ok=True)
         print_banner(run)
-    state, start_step = initial_state(run)
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
         with StopOnSignal() as stop:
@@ -153,13 +152,31 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
 
 
 def initial_state(run):
-    """(host TrainState, first step): fresh from the initial rows, or restored from a checkpoint."""
+    """(host TrainState, first step): fresh, or restored from --resume_from_checkpoint.
+
+    Process 0 reads the checkpoint (other hosts need not see its disk) and every process
+    receives the same state through a broadcast. Raises UserError before anything is written.
+    """
     fresh = step_lib.init_state(run.init_rows, run.opt_spec)
-    if not run.resume_from:
-        return fresh, 0
-    state, meta = ckpt.load_checkpoint(run.resume_from, fresh)
-    print(f"resuming from {run.resume_from} (step {meta['step']})", flush=True)
-    return state, int(meta["step"])
+    state, error = fresh, None
+    if jax.process_index() == 0:
+        try:
+            path = ckpt.resolve_resume(run.config)
+            if path:
+                ckpt.check_compatible(ckpt.read_meta(path), run.meta, path)
+                state, meta = ckpt.load_checkpoint(path, fresh)
+                print(f"resuming from {path} (step {meta['step']})", flush=True)
+        except UserError as err:
+            error = err
+    if jax.process_count() > 1:
+        ok = distributed.broadcast_from_first(np.int32(error is None))
+        if error is None and not ok:
+            raise UserError("process 0 could not resume from its checkpoint; see its output")
+        if error is None:
+            state = distributed.broadcast_from_first(jax.tree_util.tree_map(np.asarray, state))
+    if error is not None:
+        raise error
+    return state, int(state.step)
 
 
 def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
@@ -170,22 +187,29 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     from tqdm.auto import tqdm
 
     config, devices = run.config, run.devices
-    spec = run.model.spec
-    frozen = parallel.replicate({**run.model.params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
+    spec = dataclasses.replace(run.model.spec, dtype=config.compute_dtype, remat=config.gradient_checkpointing)
+    # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
+    frozen_params = models.cast_params(run.model.params, spec.dtype)
+    frozen = parallel.replicate({**frozen_params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
+    del frozen_params
+    data, accum = run.data, config.gradient_accumulation_steps
+    if config.cache_latents:  # encode every view now; the step then never sees the VAE
+        data = latents.cached_data(spec, frozen.pop("vae"), run.data, devices)
     state = parallel.replicate(state, devices)
     keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
     p_step = step_lib.pmapped_train_step(spec, run.opt_spec, devices)
     schedule = run.opt_spec.schedule()
     batches = parallel.prefetch_to_devices(
-        run.data.batches(start_step, jax.process_index(), jax.process_count(), len(devices)), devices
+        data.batches(start_step * accum, jax.process_index(), jax.process_count(), len(devices)), devices
     )
     history = []
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
     t_last = time.perf_counter()
 
-    def record(done_step, metrics):
+    def record(done_step, metrics, vote):
+        """Log a finished step; returns whether any process asked to stop by then."""
         nonlocal t_last
-        metrics = parallel.unreplicate(metrics)
+        metrics = step_lib.mean_metrics(parallel.unreplicate(metrics))
         if not bool(metrics["finite"]):
             raise TrainingDiverged(
                 f"step {done_step}: loss or gradients became NaN/Inf (loss={float(metrics['loss'])}); "
@@ -207,33 +231,38 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
         bar.update(1)
         for callback in callbacks:
             callback(rec)
+        return parallel.vote_result(vote)
 
-    pending = None
+    pending, stopping = None, False
     try:
         for step in range(start_step, run.total_steps):
-            state, metrics = p_step(state, frozen, next(batches), keys)
+            metrics = []
+            for _ in range(accum):  # micro-batches of one optimizer update
+                state, micro = p_step(state, frozen, next(batches), keys)
+                metrics.append(micro)
+            # Every process votes on stopping after each step; all read the votes at the same
+            # steps, so a signal on any host makes every host checkpoint the same step.
+            vote = parallel.stop_vote(stop.requested if stop is not None else 0, devices)
             # Read the previous step's metrics only now, so the host never waits on the
             # step it just dispatched; a NaN still stops the run one step later at most.
             if pending is not None:
-                record(*pending)
-            pending = (step + 1, metrics)
+                stopping = record(*pending)
+            pending = (step + 1, metrics, vote)
             done = step + 1
             save_rows = writer and config.save_steps and done % config.save_steps == 0
-            save_state = (config.checkpointing_steps and done % config.checkpointing_steps == 0) or (
-                stop is not None and stop.requested
-            )
-            if save_rows or save_state:
-                record(*pending)  # a NaN step raises here, before anything of it is saved
+            save_state = config.checkpointing_steps and done % config.checkpointing_steps == 0
+            if save_rows or save_state or stopping:
+                stopping = record(*pending) or stopping  # a NaN step raises here, before anything is saved
                 pending = None
                 if save_rows:
                     save_intermediate(run, parallel.unreplicate(state.rows), done)
-                if save_state:
+                if save_state or stopping:
                     path = save_checkpoint(run, state) if writer else None
-                if stop is not None and stop.requested:
+                if stopping:
                     raise Preempted(
                         f"stopped by signal at step {done}; checkpoint saved in {path}. Continue with the same "
                         f"command plus --resume_from_checkpoint latest",
-                        stop.requested,
+                        (stop.requested if stop is not None else 0) or 15,
                     )
         if pending is not None:
             record(*pending)
@@ -315,7 +344,10 @@ def print_banner(run):
         f"{jax.process_count()} process(es), {jax.default_backend()})\n"
         f"  batch      {config.train_batch_size} per device x {len(run.devices) * jax.process_count()} devices = "
         f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
-        f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})\n"
+        f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
+        f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
+        f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}\n"
         f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
         f"  output     {config.output_dir}",
         flush=True,
