@@ -41,6 +41,7 @@ MUST_MATCH = (
     "repeats",
     "flip_p",
     "seed",
+    "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
 )
 
 
@@ -155,7 +156,7 @@ def load_checkpoint(path, template):
     if set(saved) != set(want) or any(saved[k].shape != want[k].shape for k in want):
         raise UserError(
             f"{path}: optimizer state does not match this run's optimizer "
-            "(was --max_grad_norm or --num_vectors changed?); resume with the original settings"
+            "(was --max_grad_norm, --num_vectors or --gradient_accumulation_steps changed?); resume with the original settings"
         )
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     restored = [saved[jax.tree_util.keystr(p)].astype(np.asarray(x).dtype) for p, x in leaves]

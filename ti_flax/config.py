@@ -67,6 +67,13 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest"
     no_safe_serialization: bool = False
     save_as_full_pipeline: bool = False
+    # Validation images (off unless validation_prompt is set)
+    validation_prompt: Optional[str] = None
+    num_validation_images: int = 4
+    validation_steps: int = 100
+    validation_num_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    validation_seed: Optional[int] = None  # default: --seed
     logging_dir: str = "logs"
     report_to: str = "auto"  # tensorboard when tensorboardX is installed, else none
     push_to_hub: bool = False
@@ -128,6 +135,13 @@ class TrainConfig:
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              f"--checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}"),
             (bool(self.output_dir), "--output_dir must not be empty"),
+            (self.num_validation_images >= 1,
+             f"--num_validation_images must be at least 1, got {self.num_validation_images}"),
+            (self.validation_steps >= 1, f"--validation_steps must be at least 1, got {self.validation_steps}"),
+            (self.validation_num_inference_steps >= 1,
+             f"--validation_num_inference_steps must be at least 1, got {self.validation_num_inference_steps}"),
+            (self.validation_seed is None or 0 <= self.validation_seed < 2**32,
+             f"--validation_seed must be in [0, 2**32), got {self.validation_seed}"),
             (self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}"),
             (self.report_to in ("auto", "tensorboard", "none"),
              f"--report_to must be tensorboard or none, got {self.report_to!r}"),

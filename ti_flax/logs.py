@@ -46,6 +46,11 @@ class MetricsLogger:
                     for i, v in enumerate(value):
                         self.writer.add_scalar(f"train/{name}/{i}", v, step)
 
+    def log_image(self, step, name, image):
+        """An HWC uint8 image to TensorBoard (metrics.jsonl holds only scalars)."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(name, image, step, dataformats="HWC")
+
     def close(self):
         if self.file is not None:
             self.file.close()

@@ -51,7 +51,9 @@ def _quiet_libraries():
 _quiet_libraries()
 
 # Imported after the filter so their import-time messages are dropped too.
+import flax.linen as nn  # noqa: E402
 from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
+from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 
@@ -226,7 +228,8 @@ class ModelSpec:
     scaling_factor: float
     num_train_timesteps: int
     base_vocab_size: int
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of the frozen modules ("bfloat16" for --mixed_precision bf16)
+    remat: bool = False  # rematerialise the UNet's blocks in the backward pass (--gradient_checkpointing)
 
     @property
     def hidden_size(self):
@@ -307,9 +310,51 @@ def noise_schedule(scheduler_config):
 def _modules(spec):
     dtype = jnp.dtype(spec.dtype)
     text = FlaxCLIPTextModel(CLIPTextConfig.from_dict(json.loads(spec.text_config)), dtype=dtype, _do_init=False)
-    unet = FlaxUNet2DConditionModel.from_config(json.loads(spec.unet_config), dtype=dtype)
+    unet_class = _RematUNet if spec.remat else FlaxUNet2DConditionModel
+    unet = unet_class.from_config(json.loads(spec.unet_config), dtype=dtype)
     vae = FlaxAutoencoderKL.from_config(json.loads(spec.vae_config), dtype=dtype)
     return text.module, unet, vae
+
+
+@functools.lru_cache(maxsize=None)
+def _remat_class(block_class):
+    return nn.remat(block_class)
+
+
+def _remat_block(block):
+    """A copy of an (unbound) UNet block whose __call__ is rematerialised: same fields, same params."""
+    fields = {f.name: getattr(block, f.name) for f in dataclasses.fields(block) if f.init and f.name not in ("parent", "name")}
+    return _remat_class(type(block))(**fields)
+
+
+@flax_register_to_config
+class _RematUNet(FlaxUNet2DConditionModel):
+    """diffusers' Flax UNet with each down, mid and up block under `flax.linen.remat`.
+
+    The backward pass recomputes a block's activations from its input instead of keeping them:
+    less activation memory for more compute. diffusers' Flax UNet has no such option and builds
+    its blocks in `setup()`, so the blocks are swapped as setup assigns them. The remat'ed
+    classes subclass the originals (the UNet's isinstance dispatch still works) and keep their
+    attribute names, so the parameter tree is the same as the plain UNet's.
+    """
+
+    def __setattr__(self, name, value):
+        if name in ("down_blocks", "up_blocks"):
+            value = [_remat_block(block) for block in value]
+        elif name == "mid_block" and value is not None:
+            value = _remat_block(value)
+        super().__setattr__(name, value)
+
+
+def cast_params(params, dtype):
+    """A copy of a host params tree with every float leaf cast to `dtype` (e.g. "bfloat16")."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+
+    return jax.tree_util.tree_map(cast, params)
 
 
 def token_table(text_params):

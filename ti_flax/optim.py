@@ -7,9 +7,10 @@ import optax
 
 
 def learning_rate(config, num_devices):
-    """The base learning rate; `--scale_lr` multiplies it by the global batch size."""
+    """The base learning rate; `--scale_lr` multiplies it by the global batch size of one update
+    (per-device batch x devices x --gradient_accumulation_steps), as diffusers does."""
     if config.scale_lr:
-        return config.learning_rate * config.train_batch_size * num_devices
+        return config.learning_rate * config.train_batch_size * num_devices * config.gradient_accumulation_steps
     return config.learning_rate
 
 
@@ -52,6 +53,7 @@ class OptimizerSpec:
     epsilon: float
     weight_decay: float
     max_grad_norm: Optional[float]
+    accumulation_steps: int = 1  # micro-batches per optimizer update (optax.MultiSteps when > 1)
 
     @classmethod
     def from_config(cls, config, num_devices, total_steps):
@@ -68,6 +70,7 @@ class OptimizerSpec:
             epsilon=config.adam_epsilon,
             weight_decay=config.adam_weight_decay,
             max_grad_norm=config.max_grad_norm,
+            accumulation_steps=config.gradient_accumulation_steps,
         )
 
     def schedule(self):
@@ -78,7 +81,9 @@ class OptimizerSpec:
 
         The optimizer only ever sees the [num_vectors, hidden] rows (the frozen table is not
         part of the trainable tree), so its state is two [num_vectors, hidden] moments and a
-        count.
+        count. With `accumulation_steps` K > 1 it is wrapped in `optax.MultiSteps`: each call
+        adds one micro-batch's gradient to a running mean (one more [num_vectors, hidden]
+        buffer) and every K-th call applies the update; the schedule counts updates.
         """
         parts = []
         if self.max_grad_norm is not None:
@@ -86,4 +91,13 @@ class OptimizerSpec:
         parts.append(
             optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.epsilon, weight_decay=self.weight_decay)
         )
-        return optax.chain(*parts)
+        tx = optax.chain(*parts)
+        if self.accumulation_steps > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulation_steps)
+        return tx
+
+    def updated(self, opt_state):
+        """Whether the update that produced `opt_state` changed the rows (always, without accumulation)."""
+        if self.accumulation_steps == 1:
+            return True
+        return opt_state.mini_step == 0  # MultiSteps wraps its micro-step counter when it applies

@@ -104,6 +104,46 @@ def image_noise(key, image_ids, shape):
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(jnp.asarray(image_ids))
 
 
+def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, settings):
+    """The scheduler's loop from starting noise to final latents, with classifier-free guidance.
+
+    Args:
+      frozen: {"text_encoder", "unet", ...: params}.
+      rows: float32 [R, hidden] learned rows; token id base_vocab_size + i reads rows[i].
+      prompt_ids, negative_ids: int32 [B, L] token ids of the prompts and negative prompts.
+      noise: float32 [B, C, h, w] standard normal starting latents (scaled here by the
+        scheduler's init_noise_sigma, as diffusers' pipelines scale given latents).
+      guidance_scale: float32 scalar. settings: SamplerSettings (static).
+    Returns:
+      float32 [B, C, h, w] latents, as diffusers' pipelines return with output_type="latent".
+    """
+    spec = settings.spec
+    scheduler = _scheduler(settings.scheduler, settings.scheduler_config)
+    batch = prompt_ids.shape[0]
+    # Negative and positive prompts go through each model in one batch: [uncond, cond].
+    context = models.encode_text(spec, frozen["text_encoder"], jnp.concatenate([negative_ids, prompt_ids]), rows)
+    # The scheduler state depends only on the static config: building it here costs nothing
+    # at run time, and its few small tables are constants of the program.
+    state = scheduler.set_timesteps(scheduler.create_state(), settings.num_inference_steps, noise.shape)
+    latents = noise * state.init_noise_sigma
+
+    def step(i, carry):
+        latents, state = carry
+        t = state.timesteps[i]
+        # Euler looks its step up by exact (fractional) timestep; the others index tables with it.
+        t_sched = t if settings.scheduler == "euler" else t.astype(jnp.int32)
+        x = scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t_sched)
+        timesteps = jnp.broadcast_to(t.astype(jnp.float32), (2 * batch,))
+        pred = models.predict_noise(spec, frozen["unet"], x.astype(context.dtype), timesteps, context)
+        uncond, cond = jnp.split(pred.astype(jnp.float32), 2)
+        guided = uncond + guidance_scale * (cond - uncond)
+        return scheduler.step(state, guided, t_sched, latents, return_dict=False)
+
+    # PNDM takes one more step than num_inference_steps (its warm-up): loop over its timesteps.
+    latents, _ = jax.lax.fori_loop(0, state.timesteps.shape[0], step, (latents, state))
+    return latents
+
+
 def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance_scale, *, settings):
     """Images for one device's share of the prompts (pure; compile it with pmap).
 
@@ -120,36 +160,18 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
     """
     TRACE_COUNT["sample"] += 1
     spec = settings.spec
-    scheduler = _scheduler(settings.scheduler, settings.scheduler_config)
-    batch = prompt_ids.shape[0]
-    # Negative and positive prompts go through each model in one batch: [uncond, cond].
-    context = models.encode_text(spec, frozen["text_encoder"], jnp.concatenate([negative_ids, prompt_ids]), rows)
-    scale = spec.vae_scale_factor
-    channels = json.loads(spec.unet_config)["in_channels"]
-    shape = (channels, settings.height // scale, settings.width // scale)
-    latents = image_noise(key, image_ids, shape)
-    # The scheduler state depends only on the static config: building it here costs nothing
-    # at run time, and its few small tables are constants of the program.
-    state = scheduler.set_timesteps(scheduler.create_state(), settings.num_inference_steps, latents.shape)
-    latents = latents * state.init_noise_sigma
-
-    def denoise(i, carry):
-        latents, state = carry
-        t = state.timesteps[i]
-        # Euler looks its step up by exact (fractional) timestep; the others index tables with it.
-        t_sched = t if settings.scheduler == "euler" else t.astype(jnp.int32)
-        x = scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t_sched)
-        timesteps = jnp.broadcast_to(t.astype(jnp.float32), (2 * batch,))
-        pred = models.predict_noise(spec, frozen["unet"], x.astype(context.dtype), timesteps, context)
-        uncond, cond = jnp.split(pred.astype(jnp.float32), 2)
-        guided = uncond + guidance_scale * (cond - uncond)
-        return scheduler.step(state, guided, t_sched, latents, return_dict=False)
-
-    # PNDM takes one more step than num_inference_steps (its warm-up): loop over its timesteps.
-    latents, _ = jax.lax.fori_loop(0, state.timesteps.shape[0], denoise, (latents, state))
-    pixels = models.decode_latents(spec, frozen["vae"], latents.astype(context.dtype)).astype(jnp.float32)
+    noise = image_noise(key, image_ids, latent_shape(settings))
+    latents = denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings=settings)
+    pixels = models.decode_latents(spec, frozen["vae"], latents.astype(spec.dtype)).astype(jnp.float32)
     pixels = jnp.round(jnp.clip(pixels / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return jnp.transpose(pixels, (0, 2, 3, 1))
+
+
+def latent_shape(settings):
+    """[C, h, w] of one image's latents."""
+    scale = settings.spec.vae_scale_factor
+    channels = json.loads(settings.spec.unet_config)["in_channels"]
+    return (channels, settings.height // scale, settings.width // scale)
 
 
 @functools.lru_cache(maxsize=16)
@@ -227,8 +249,13 @@ class Sampler:
         Returns:
           uint8 [num_images, height, width, 3].
         """
+        if not 0 <= seed < 2**32:
+            raise UserError(f"--seed {seed}: must be between 0 and {2**32 - 1}")
         hidden = self.settings.spec.hidden_size
-        rows = np.asarray(rows, dtype=np.float32).reshape(-1, hidden)
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != hidden:
+            # A replicated [devices, N, D] copy from a pmapped state must be unreplicated first.
+            raise ValueError(f"rows: expected [num_rows, {hidden}], got shape {rows.shape}")
         bucket = max(ROW_BUCKET, -(-rows.shape[0] // ROW_BUCKET) * ROW_BUCKET)
         rows = np.concatenate([rows, np.zeros((bucket - rows.shape[0], hidden), np.float32)])
         prompt_ids = self._per_device(prompt_ids, "prompt_ids")

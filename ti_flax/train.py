@@ -18,13 +18,15 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, embeddings
+from . import distributed, embeddings, model_card
 from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError
 from .logs import MetricsLogger
 from .optim import OptimizerSpec
 from .preempt import Preempted, StopOnSignal
+from .validation import Validator
+from .validation import grid as grid_image
 
 
 class TrainingDiverged(UserError):
@@ -141,10 +143,10 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
         with StopOnSignal() as stop:
-            rows, history = train_loop(run, logger, callbacks, writer, state, start_step, stop)
+            rows, history, grid = train_loop(run, logger, callbacks, writer, state, start_step, stop)
     finally:
         logger.close()
-    files = save_outputs(run, rows) if writer else {}
+    files = save_outputs(run, rows, history, grid) if writer else {}
     if writer:
         print_summary(run, files, history)
     final_loss = history[-1]["loss"] if history else float("nan")
@@ -192,6 +194,10 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     frozen_params = models.cast_params(run.model.params, spec.dtype)
     frozen = parallel.replicate({**frozen_params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
     del frozen_params
+    # Built before --cache_latents takes the VAE out of the step's weights: sampling decodes.
+    validator = Validator(config, spec, run.model, run.tokens, dict(frozen), devices) if (
+        writer and config.validation_prompt) else None
+    last_grid = None
     data, accum = run.data, config.gradient_accumulation_steps
     if config.cache_latents:  # encode every view now; the step then never sees the VAE
         data = latents.cached_data(spec, frozen.pop("vae"), run.data, devices)
@@ -217,6 +223,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
             )
         now = time.perf_counter()
         rec = {
+            "kind": "step",
             "step": done_step,
             "loss": float(metrics["loss"]),
             "lr": float(schedule(done_step - 1)),
@@ -226,12 +233,20 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
         }
         t_last = now
         history.append(rec)
-        logger.log(done_step, {k: v for k, v in rec.items() if k != "step"})
+        logger.log(done_step, {k: v for k, v in rec.items() if k not in ("step", "kind")})
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
         bar.update(1)
         for callback in callbacks:
             callback(rec)
         return parallel.vote_result(vote)
+
+    def validate(done_step):
+        nonlocal last_grid
+        paths, last_grid, images = validator(parallel.unreplicate(state.rows), done_step)
+        logger.log_image(done_step, "validation", grid_image(images))
+        model_card.write_model_card(config, run.tokens, history, {}, last_grid)
+        for callback in callbacks:
+            callback({"kind": "validation", "step": done_step, "images": paths, "grid": last_grid})
 
     pending, stopping = None, False
     try:
@@ -251,11 +266,14 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
             done = step + 1
             save_rows = writer and config.save_steps and done % config.save_steps == 0
             save_state = config.checkpointing_steps and done % config.checkpointing_steps == 0
-            if save_rows or save_state or stopping:
+            validating = validator is not None and (done % config.validation_steps == 0 or done == run.total_steps)
+            if save_rows or save_state or stopping or validating:
                 stopping = record(*pending) or stopping  # a NaN step raises here, before anything is saved
                 pending = None
                 if save_rows:
                     save_intermediate(run, parallel.unreplicate(state.rows), done)
+                if validating:
+                    validate(done)
                 if save_state or stopping:
                     path = save_checkpoint(run, state) if writer else None
                 if stopping:
@@ -268,7 +286,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
             record(*pending)
     finally:
         bar.close()
-    return parallel.unreplicate(state.rows), history
+    return parallel.unreplicate(state.rows), history, last_grid
 
 
 def save_checkpoint(run, state):
@@ -283,16 +301,17 @@ def save_intermediate(run, rows, step):
     export.save_diffusers(path, run.tokens[0], rows)
 
 
-def save_outputs(run, rows):
-    """Write the final embedding (and pipeline, and Hub upload) for a finished run."""
+def save_outputs(run, rows, history, grid=None):
+    """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run."""
     config = run.config
     files = {"diffusers": export.save_diffusers(os.path.join(config.output_dir, export.DIFFUSERS_FILE), run.tokens[0], rows)}
     if config.no_safe_serialization:
         files["diffusers_bin"] = export.save_diffusers_bin(
             os.path.join(config.output_dir, export.DIFFUSERS_BIN), run.tokens[0], rows
         )
-    if config.save_as_full_pipeline or config.push_to_hub:
+    if config.save_as_full_pipeline:
         files["pipeline"] = save_pipeline(run, rows)
+    files["model_card"] = model_card.write_model_card(config, run.tokens, history, files, grid)
     if config.push_to_hub:
         files["hub"] = push_to_hub(config)
     return files

@@ -1,0 +1,221 @@
+"""Generate images with one or more textual-inversion embeddings, in Flax.
+
+    python -m ti_flax.generate --pretrained_model_name_or_path MODEL_DIR \\
+        --embeddings out/learned_embeds.safetensors my-style.pt \\
+        --prompt "a photo of <cat-toy> in the style of my-style" --num_images 4 --output_dir images
+
+or from Python:
+
+    >>> from ti_flax.generate import generate
+    >>> paths = generate("MODEL_DIR", "a photo of <cat-toy>", ["out/learned_embeds.safetensors"])  # doctest: +SKIP
+
+Embeddings are read by ti_flax.embeddings.read_embedding: diffusers files, A1111 `.pt` /
+`.safetensors`, kohya files, `.npy`, output or checkpoint-N folders. The word that stands
+for an embedding in a prompt is, in this order: TOKEN when it is given as `FILE:TOKEN`, the
+token the file names (the diffusers key, the A1111 `name`), or the file name without its
+extension (as A1111 does). An embedding of N vectors becomes the tokens tok, tok_1, ...,
+tok_{N-1}; writing tok in --prompt or --negative_prompt stands for all of them, as in
+diffusers. Several embeddings can be used at once, in either prompt.
+
+Images are written to OUTPUT_DIR/000.png, 001.png, ... (a rerun overwrites them), each
+written atomically and carrying its settings in a PNG "parameters" text chunk.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from .errors import UserError
+
+SCHEDULER_CHOICES = ("pndm", "ddim", "dpm", "euler")  # == sampler.SCHEDULERS (kept here for a fast --help)
+MAX_SEED = 2**32 - 1
+
+
+def parse_embedding_arg(arg):
+    """(path, token or None) of an --embeddings entry: FILE, or FILE:TOKEN to name its token."""
+    if isinstance(arg, (tuple, list)):
+        path, token = arg
+        return os.fspath(path), token
+    arg = os.fspath(arg)
+    if not os.path.exists(arg):
+        head, sep, tail = arg.rpartition(":")
+        if sep and head and tail and os.path.exists(head):
+            return head, tail
+    return arg, None
+
+
+def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
+    """Read embeddings and add their tokens to `tokenizer` (in place), after the base vocabulary.
+
+    Args:
+      tokenizer: the model's CLIP tokenizer. spec: models.ModelSpec.
+      embedding_args: paths, "FILE:TOKEN" strings or (path, token) pairs.
+      allow_pickle: let read_embedding unpickle a `.npy` (trusted files only).
+    Returns:
+      (concepts, rows): concepts is a list of token lists, one per embedding
+      ([tok, tok_1, ...]); rows is float32 [total vectors, hidden] in the same order, so the
+      token with id base_vocab_size + i reads rows[i].
+    Raises:
+      UserError: unreadable file, width that does not fit the model, token already in the
+        vocabulary or used twice, token that is not one word.
+      ValueError: the tokenizer already holds added tokens.
+    """
+    from . import tokens as tokens_lib
+    from .embeddings import check_embedding_fits, read_embedding
+
+    if len(tokenizer) != spec.base_vocab_size:
+        raise ValueError("load_concepts needs the model's own tokenizer, with no tokens added yet")
+    # Read and check every file before the tokenizer changes, so an error leaves it untouched.
+    concepts, rows, owners = [], [], {}
+    vocab = tokenizer.get_vocab()
+    for arg in embedding_args:
+        path, token = parse_embedding_arg(arg)
+        emb = read_embedding(path, token=token, allow_pickle=allow_pickle)
+        token = emb.token or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        emb_rows = check_embedding_fits(emb, None, spec.hidden_size, what=f"--embeddings {path}")
+        if not token or any(ch.isspace() for ch in token):
+            raise UserError(f"--embeddings {path}: token {token!r} is not one word; name it with {path}:<token>")
+        names = tokens_lib.placeholder_tokens(token, emb_rows.shape[0])
+        for name in names:
+            if name in owners:
+                raise UserError(
+                    f"--embeddings {path}: token {name!r} is also used by {owners[name]}; "
+                    f"give one of them another name with FILE:<token>"
+                )
+            if name in vocab:
+                raise UserError(
+                    f"--embeddings {path}: token {name!r} is already in the tokenizer's vocabulary, so "
+                    f"prompts could not reach the embedding; give it a new name with {path}:<new-token>"
+                )
+        owners.update((name, path) for name in names)
+        concepts.append(names)
+        rows.append(emb_rows)
+    for names in concepts:
+        try:
+            # Ids follow the base vocabulary in order, so token id base + i reads rows[i].
+            tokens_lib.add_placeholder_tokens(tokenizer, names)
+        except UserError as err:
+            raise UserError(f"--embeddings {owners[names[0]]}: {err}") from None
+    rows = np.concatenate(rows) if rows else np.zeros((0, spec.hidden_size), np.float32)
+    return concepts, rows
+
+
+def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
+             guidance_scale=7.5, seed=0, height=None, width=None, scheduler="pndm", output_dir="generated",
+             allow_pickle=False, devices=None):
+    """Generate images from `prompt` with the given embeddings and save them as PNG files.
+
+    Args:
+      pretrained_model_name_or_path: a Stable Diffusion folder or Hub id.
+      prompt, negative_prompt: the texts; either may use the embeddings' tokens.
+      embeddings: paths, "FILE:TOKEN" strings or (path, token) pairs (see the module docstring).
+      num_images, steps, guidance_scale, seed: sampling settings; the same seed and settings give
+        the same images whatever the number of devices.
+      height, width: pixels, multiples of 8; default: the model's native size.
+      scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler".
+      output_dir: where 000.png, 001.png, ... are written.
+      allow_pickle: allow reading a pickled `.npy` (trusted files only).
+      devices: the local devices to split images over (default: all).
+    Returns:
+      The paths of the images written, in order.
+    Raises:
+      UserError: on bad input, before anything is written.
+    """
+    from . import export, models
+    from .sampler import Sampler, encode_prompt
+
+    # Checks that need no model come first, so a typo fails fast.
+    if num_images < 1:
+        raise UserError(f"--num_images {num_images}: must be at least 1")
+    if steps < 1:
+        raise UserError(f"--steps {steps}: must be at least 1")
+    for flag, size in (("--height", height), ("--width", width)):
+        if size is not None and (size <= 0 or size % 8):
+            raise UserError(f"{flag} {size}: must be a positive multiple of 8")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: must be between 0 and {MAX_SEED}")
+    if not np.isfinite(guidance_scale):
+        raise UserError(f"--guidance_scale {guidance_scale}: must be a finite number")
+    if scheduler not in SCHEDULER_CHOICES:
+        raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULER_CHOICES)}")
+    if isinstance(embeddings, (str, os.PathLike)):
+        embeddings = [embeddings]
+    model = models.load_model(pretrained_model_name_or_path)
+    concepts, rows = load_concepts(model.tokenizer, model.spec, embeddings, allow_pickle)
+    sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
+                                 height=height, width=width, scheduler=scheduler, devices=devices)
+    prompt_ids = encode_prompt(model.tokenizer, prompt, concepts)
+    negative_ids = encode_prompt(model.tokenizer, negative_prompt, concepts)
+    for names in concepts:
+        first = model.tokenizer.convert_tokens_to_ids(names[0])
+        if first not in prompt_ids and first not in negative_ids:
+            warnings.warn(f"embedding token {names[0]} appears in neither --prompt nor --negative_prompt", stacklevel=2)
+    images = sampler.sample(rows, prompt_ids, negative_ids, seed)
+    parameters = (
+        f"{prompt}\nNegative prompt: {negative_prompt}\nSteps: {steps}, Sampler: {scheduler}, "
+        f"CFG scale: {guidance_scale}, Seed: {seed}, Size: {sampler.width}x{sampler.height}, "
+        f"Model: {pretrained_model_name_or_path}, Embeddings: {', '.join(n[0] for n in concepts) or 'none'}"
+    )
+    return [
+        export.atomic_write(os.path.join(output_dir, f"{i:03d}.png"), _png_writer(image, f"{parameters}, Image: {i}"))
+        for i, image in enumerate(images)
+    ]
+
+
+def _png_writer(image, parameters):
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)  # where A1111 and others look for generation settings
+    return lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="ti-flax-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Stable Diffusion folder or Hub id")
+    parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
+                        help="embedding files or folders; FILE:TOKEN names the token used in prompts")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default="", help="may use embedding tokens too")
+    parser.add_argument("--num_images", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="pndm")
+    parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
+    parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
+                        help="allow reading a pickled .npy embedding (it can run code: trusted files only)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        try:
+            paths = generate(
+                args.pretrained_model_name_or_path, args.prompt, args.embeddings, args.negative_prompt,
+                args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
+                args.scheduler, args.output_dir, args.allow_pickle,
+            )
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""--cache_latents: VAE-encode each (image, flip) view once, up front, and train from the cache.
+
+Resizing and cropping happen once when the images are loaded and a horizontal flip is the only
+random augmentation, so a run only ever shows the VAE `2 x num_images` distinct views. Encoding
+each of them once, before the first step, takes the VAE encoder out of the train step. The cache
+keeps the posterior's mean and log-variance, not a sample: each step still draws the latent
+sample with the example's own key (`step.example_draws`), so the training distribution and the
+draws are those of a run without the cache.
+"""
+
+import functools
+import math
+
+import jax
+import numpy as np
+
+from . import data as data_lib
+from . import step as step_lib
+
+ENCODE_BATCH_PER_DEVICE = 8
+
+
+@functools.lru_cache(maxsize=8)
+def _pmapped_encode(spec, devices):
+    return jax.pmap(functools.partial(step_lib.encode_pixels, spec), devices=devices)
+
+
+def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
+    """VAE posterior of every image, unflipped and flipped, in batches sharded over `devices`.
+
+    Args:
+      spec: models.ModelSpec (its dtype is the VAE's compute dtype).
+      vae_params: VAE params replicated on `devices` (as parallel.replicate lays them out).
+      images: uint8 [N, H, W, 3], the decoded training images.
+      devices: the local devices to encode on.
+      batch_per_device: views per device per call (the last call is padded).
+    Returns:
+      (mean, logvar): float32 numpy [N, 2, C, h, w]; index [i, 1] is image i flipped.
+    """
+    views = np.stack([images, images[:, :, ::-1]], axis=1).reshape(-1, *images.shape[1:])
+    n, num_devices = len(views), len(devices)
+    per_device = max(1, min(batch_per_device, math.ceil(n / num_devices)))
+    chunk = per_device * num_devices
+    encode = _pmapped_encode(spec, tuple(devices))
+    means, logvars = [], []
+    for start in range(0, n, chunk):
+        part = views[start : start + chunk]
+        pad = chunk - len(part)
+        if pad:  # one compiled shape for every call: pad with copies of the last view
+            part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+        mean, logvar = encode(vae_params, part.reshape(num_devices, per_device, *part.shape[1:]))
+        means.append(np.asarray(mean).reshape(chunk, *mean.shape[2:])[: chunk - pad])
+        logvars.append(np.asarray(logvar).reshape(chunk, *logvar.shape[2:])[: chunk - pad])
+    shape = (len(images), 2) + means[0].shape[1:]
+    return np.concatenate(means).reshape(shape), np.concatenate(logvars).reshape(shape)
+
+
+class CachedLatentData(data_lib.TrainData):
+    """TrainData whose batches carry each example's cached latent moments instead of its pixels.
+
+    Same epochs, shuffles, flips, templates and example ids as the TrainData it wraps (the
+    example at a position shows view [image, flip] of the cache); batches hold "latent_mean" and
+    "latent_logvar" (float32 [..., C, h, w]), "input_ids" and "example_ids".
+    """
+
+    def __init__(self, data, mean, logvar):
+        super().__init__(data.images, data.template_ids, data.repeats, data.flip_p, data.seed, data.global_batch_size)
+        if mean.shape[:2] != (len(data.images), 2) or logvar.shape != mean.shape:
+            raise ValueError(f"cache must be [{len(data.images)}, 2, C, h, w], got {mean.shape} and {logvar.shape}")
+        self.latent_mean, self.latent_logvar = mean, logvar
+
+    def _rows(self, step, lo, hi):
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        image_idx, flips, template_idx = self.epoch_plan(epoch)
+        sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
+        view = (image_idx[sel], flips[sel].astype(np.int64))
+        return {
+            "latent_mean": self.latent_mean[view],
+            "latent_logvar": self.latent_logvar[view],
+            "input_ids": self.template_ids[template_idx[sel]],
+            "example_ids": np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size,
+        }
+
+
+def cached_data(spec, vae_params, data, devices):
+    """`data` with every image encoded once: a CachedLatentData for the train loop."""
+    mean, logvar = encode_views(spec, vae_params, data.images, devices)
+    return CachedLatentData(data, mean, logvar)

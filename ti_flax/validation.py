@@ -1,0 +1,67 @@
+"""Validation images during training: the same prompt and seed every time, so they compare.
+
+The sampler is built once per run on the train loop's replicated frozen weights (no second
+copy) and compiled on first use; the learned rows are an argument, so no validation
+recompiles anything.
+"""
+
+import math
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from . import export
+from .sampler import Sampler, encode_prompt
+
+FOLDER = "validation"
+
+
+def grid(images):
+    """uint8 [N, H, W, 3] -> one image, as square as possible (a single row up to 4 images)."""
+    n, h, w, _ = images.shape
+    cols = n if n <= 4 else math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    return out
+
+
+def save_png(path, array):
+    return export.atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+class Validator:
+    """Renders `config.validation_prompt` with the current rows into output_dir/validation/."""
+
+    def __init__(self, config, spec, model, tokens, frozen, devices):
+        if config.placeholder_token not in config.validation_prompt:
+            warnings.warn(
+                f"--validation_prompt {config.validation_prompt!r} does not contain {config.placeholder_token}: "
+                "its images cannot show the concept being learned",
+                stacklevel=2,
+            )
+        self.folder = os.path.join(config.output_dir, FOLDER)
+        self.seed = config.seed if config.validation_seed is None else config.validation_seed
+        self.sampler = Sampler(
+            spec,
+            frozen,
+            model.scheduler_config,
+            num_images=config.num_validation_images,
+            num_inference_steps=config.validation_num_inference_steps,
+            guidance_scale=config.validation_guidance_scale,
+            devices=devices,
+            params_replicated=True,
+        )
+        self.prompt_ids = encode_prompt(model.tokenizer, config.validation_prompt, [tokens])
+        self.negative_ids = encode_prompt(model.tokenizer, "")
+
+    def __call__(self, rows, step):
+        """Sample with `rows` and save the images and their grid; returns (image paths, grid path, images)."""
+        images = self.sampler.sample(rows, self.prompt_ids, self.negative_ids, seed=self.seed)
+        paths = [save_png(os.path.join(self.folder, f"step-{step:06d}-{i}.png"), im) for i, im in enumerate(images)]
+        grid_path = save_png(os.path.join(self.folder, f"step-{step:06d}.png"), grid(images))
+        return paths, grid_path, images
