@@ -8,14 +8,18 @@
 from .config import TrainConfig
 from .errors import UserError
 
-__all__ = ["TrainConfig", "UserError", "train", "TrainResult"]
+__all__ = ["TrainConfig", "UserError", "train", "TrainResult", "export", "generate"]
+
+# name -> the module that defines it; `train`, `export` and `generate` are callable modules
+# (see _entry.py), so `ti_flax.train(config)` works however the module was imported.
+_LAZY = {"train": "train", "TrainResult": "train", "export": "export", "generate": "generate"}
 
 
 def __getattr__(name):
-    # Importing jax and the model libraries is slow: do it when training is asked for.
-    if name in ("train", "TrainResult"):
-        import importlib
+    # Importing jax and the model libraries is slow: do it when they are asked for.
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ti_flax' has no attribute {name!r}")
+    import importlib
 
-        module = importlib.import_module(".train", __name__)  # binds ti_flax.train to the module
-        return module if name == "train" else module.TrainResult
-    raise AttributeError(name)
+    module = importlib.import_module("." + _LAZY[name], __name__)  # binds ti_flax.<module>
+    return module if name == _LAZY[name] else getattr(module, name)

@@ -343,5 +343,14 @@ def main(argv=None):
     return 0
 
 
+def export(source, output, **kwargs):
+    """`ti_flax.export(...)`: the same as `export_embedding` (see there for the arguments)."""
+    return export_embedding(source, output, **kwargs)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    from ._entry import make_callable
+
+    make_callable(__name__, "export")

@@ -397,15 +397,9 @@ def main(argv=None):
     return 0
 
 
-class _CallableModule(type(sys)):
-    # `ti_flax.train` names both this module and the function: once the module is imported,
-    # Python binds the package attribute to the module, so `from ti_flax import train` may give
-    # either. Making the module callable keeps `train(config)` working in both cases.
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
 if __name__ == "__main__":
     sys.exit(main())
 else:
-    sys.modules[__name__].__class__ = _CallableModule
+    from ._entry import make_callable
+
+    make_callable(__name__, "train")
