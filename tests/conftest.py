@@ -22,6 +22,13 @@ from PIL import Image  # noqa: E402
 
 import make_tiny_model  # noqa: E402
 
+try:  # PyTorch's threads next to XLA's on 2 cores slow the interop tests 10x or more
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 SAMPLE_IMAGES = os.path.join(ROOT, "scripts", "sample_images")
 
 

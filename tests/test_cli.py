@@ -145,3 +145,11 @@ def test_initializer_and_initial_embeddings_exclusive(tiny_model_dir, sample_ima
     out = tmp_path / "out"
     args = base_args(tiny_model_dir, sample_images_dir, out, "--initial_embeddings", "x.safetensors")
     assert "exactly one of --initializer_token" in run_error(capsys, args, out)
+
+
+def test_placeholder_that_is_already_a_word(tiny_model_dir, sample_images_dir, tmp_path, capsys):
+    # "sks" is not a vocabulary key ("sks</w>" is), but it tokenizes to one existing token.
+    out = tmp_path / "out"
+    args = base_args(tiny_model_dir, sample_images_dir, out)
+    args[args.index("--placeholder_token") + 1] = "sks"
+    assert "already in the tokenizer's vocabulary" in run_error(capsys, args, out)

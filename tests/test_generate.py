@@ -212,6 +212,13 @@ def test_cli(tiny_model_dir, files, tmp_path, capsys):
     assert "warning: embedding token <cat-toy> appears in neither" in captured.err
 
 
+def test_package_attribute_is_the_function(tiny_model_dir):
+    import ti_flax
+
+    with pytest.raises(UserError, match="--num_images 0"):
+        ti_flax.generate(tiny_model_dir, "a cat", num_images=0)
+
+
 def test_scheduler_choices_match_the_sampler():
     assert gen.SCHEDULER_CHOICES == sampler.SCHEDULERS
 

@@ -115,6 +115,7 @@ class TrainConfig:
             (self.interpolation in INTERPOLATIONS,
              f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"),
             (0.0 <= self.flip_p <= 1.0, f"--flip_p must be between 0 and 1, got {self.flip_p}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (self.train_batch_size >= 1, f"--train_batch_size must be at least 1, got {self.train_batch_size}"),
             (self.num_train_epochs >= 1, f"--num_train_epochs must be at least 1, got {self.num_train_epochs}"),
             (self.max_train_steps is None or self.max_train_steps >= 1,

@@ -34,7 +34,9 @@ def add_placeholder_tokens(tokenizer, tokens):
     if not tokens[0].strip() or any(ch.isspace() for ch in tokens[0]):
         raise UserError(f"--placeholder_token {tokens[0]!r}: must be one word without spaces, like <cat-toy>")
     vocab = tokenizer.get_vocab()
-    taken = [t for t in tokens if t in vocab]
+    # Exact vocabulary entries, and words that already tokenize to one entry ("cat", "sks"):
+    # adding those would silently take the word over in every prompt.
+    taken = [t for t in tokens if t in vocab or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
     if taken:
         raise UserError(
             f"--placeholder_token: {', '.join(taken)} already in the tokenizer's vocabulary; "
