@@ -16,6 +16,11 @@ MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> 
 class TrainConfig:
     """A textual-inversion run. Field names and meanings follow diffusers' training scripts.
 
+    Args:
+        Every field is the `python -m ti_flax.train` flag of the same name, with the same
+        default (`--help` describes each); `TrainConfig.tiny(...)` is a few-step run on a tiny
+        test model. Call `validate()` to check the values before a long model load.
+
     Example:
         >>> from ti_flax import TrainConfig, train
         >>> cfg = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5",
@@ -87,7 +92,13 @@ class TrainConfig:
     use_auth_token: bool = False
 
     def validate(self):
-        """Raise UserError for the first problem found; return self when the config is usable."""
+        """Check every value; `TrainConfig(...).validate()` is what `train` does first.
+
+        Returns:
+            self, when the config is usable.
+        Raises:
+            UserError: naming the first bad flag, e.g. "--learning_rate must be a positive number".
+        """
         for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")

@@ -191,6 +191,13 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
 
     Raises:
         UserError: on any bad input; nothing is written then.
+
+    Example:
+        >>> import ti_flax
+        >>> ti_flax.export("out/learned_embeds.safetensors", "embeddings/", format="a1111")  # doctest: +SKIP
+        ['embeddings/cat-toy.pt']
+        >>> ti_flax.export("learned_embeds.npy", "out/", allow_pickle=True)  # doctest: +SKIP
+        ['out/learned_embeds.safetensors']
     """
     layout = _layout_name(format)
     if bin and layout != "diffusers":

@@ -123,6 +123,12 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
       The paths of the images written, in order.
     Raises:
       UserError: on bad input, before anything is written.
+
+    Example:
+        >>> import ti_flax
+        >>> ti_flax.generate("runwayml/stable-diffusion-v1-5", "a photo of <cat-toy> on a beach",
+        ...                  ["out/learned_embeds.safetensors"], num_images=2, output_dir="images")  # doctest: +SKIP
+        ['images/000.png', 'images/001.png']
     """
     from . import export, models
     from .sampler import Sampler, encode_prompt
@@ -219,3 +225,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    from ._entry import make_callable
+
+    make_callable(__name__, "generate")

@@ -125,12 +125,26 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
 
     Args:
       config: a TrainConfig.
-      callbacks: functions called with each step's record (step, loss, lr, grad_norm, row_norms).
+      callbacks: functions called with a dict after every step, {"kind": "step", "step", "loss",
+        "lr", "grad_norm", "row_norms", "steps_per_sec"}, and after every validation,
+        {"kind": "validation", "step", "images": PNG paths, "grid": PNG path}.
       devices: local devices to train on (default: all).
     Returns:
       TrainResult with the files written and the per-step history.
     Raises:
       UserError on bad input (before anything is written) and TrainingDiverged on NaN/Inf.
+
+    Example:
+        >>> from ti_flax import TrainConfig, train
+        >>> config = TrainConfig(pretrained_model_name_or_path="runwayml/stable-diffusion-v1-5",
+        ...                      train_data_dir="cat_toy", placeholder_token="<cat-toy>",
+        ...                      initializer_token="toy", output_dir="out", max_train_steps=3000)
+        >>> def show(record):
+        ...     if record["kind"] == "step":
+        ...         print(record["step"], record["loss"])
+        >>> result = train(config, callbacks=[show])  # doctest: +SKIP
+        >>> result.files["diffusers"], result.final_loss  # doctest: +SKIP
+        ('out/learned_embeds.safetensors', 0.1234)
     """
     config.validate()
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, config.distributed_timeout)

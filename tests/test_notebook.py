@@ -1,0 +1,138 @@
+"""scripts/colab_tpu.ipynb runs top to bottom with TINY = True, on CPU, in bounded time.
+
+The notebook is executed as Jupyter would run it after opening it from scripts/ (the kernel's
+working folder is scripts/), in a kernel on this interpreter, with TINY and WORKDIR set by a
+cell added after its "parameters" cell (papermill's convention).
+"""
+
+import json
+import os
+import sys
+import time
+
+import nbclient
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+from ti_flax.embeddings import read_embedding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "scripts", "colab_tpu.ipynb")
+CELL_TIMEOUT = 300  # seconds; the whole notebook takes about a minute on 2 CPU cores
+KERNEL = "ti_flax_test_python"
+
+
+def kernel_on_this_interpreter(root):
+    """A kernel spec that starts ipykernel with sys.executable, found first through JUPYTER_PATH."""
+    folder = root / "kernels" / KERNEL
+    folder.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "ti_flax test kernel",
+        "language": "python",
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    return str(root)
+
+
+def with_parameters(nb, **values):
+    """Insert a cell assigning `values` after the cell tagged "parameters"."""
+    (index,) = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(index + 1, cell)
+    return nb
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, request):
+    base = tmp_path_factory.mktemp("notebook")
+    workdir = base / "work"
+    monkeypatch = pytest.MonkeyPatch()
+    request.addfinalizer(monkeypatch.undo)
+    monkeypatch.setenv("JUPYTER_PATH", kernel_on_this_interpreter(base / "jupyter"))
+    nb = with_parameters(nbformat.read(NOTEBOOK, as_version=4), TINY=True, WORKDIR=str(workdir))
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT, kernel_name=KERNEL, resources={"metadata": {"path": os.path.join(ROOT, "scripts")}}
+    )
+    start = time.perf_counter()
+    try:
+        client.execute()
+    finally:
+        nbformat.write(nb, str(base / "executed.ipynb"))  # kept for reading a failure
+    return nb, workdir, time.perf_counter() - start
+
+
+def outputs(nb, cell_text):
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and cell_text in c.source]
+    return cell.outputs
+
+
+def png_outputs(cell_outputs):
+    return [o for o in cell_outputs if o.output_type == "display_data" and "image/png" in o.data]
+
+
+def text_of(cell_outputs):
+    return "".join(o.get("text", "") for o in cell_outputs if o.output_type == "stream")
+
+
+def test_the_notebook_runs_in_bounded_time(executed):
+    nb, _, seconds = executed
+    assert seconds < 180, f"the TINY notebook took {seconds:.0f} s"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"]
+
+
+def test_training_wrote_the_embedding_checkpoints_and_validation_images(executed):
+    _, workdir, _ = executed
+    out = workdir / "output"
+    emb = read_embedding(str(out / "learned_embeds.safetensors"))
+    assert emb.token == "<my-concept>" and emb.rows.shape == (2, 32) and np.all(np.isfinite(emb.rows))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == sorted(
+        f"step-{s:06d}{suffix}.png" for s in (3, 6) for suffix in ("", "-0", "-1")
+    )
+    assert sorted(p.name for p in (workdir / "images").iterdir()) == sorted(
+        os.listdir(os.path.join(ROOT, "scripts", "sample_images"))
+    )
+
+
+def test_training_cell_shows_progress_and_validation_images_inline(executed):
+    nb, _, _ = executed
+    cell = outputs(nb, "ti_flax.train(config")
+    text = text_of(cell)
+    assert "train: 100%" in text and "6/6" in text  # tqdm's bar
+    assert "step 3: a photo of <my-concept>" in text and "step 6: a photo of <my-concept>" in text
+    assert len(png_outputs(cell)) == 2  # one strip of 2 validation images per validation
+    assert "final loss" in text
+
+
+def test_export_cell_writes_every_format_and_a_zip(executed):
+    import zipfile
+
+    _, workdir, _ = executed
+    export = workdir / "export"
+    rows = read_embedding(str(workdir / "output" / "learned_embeds.safetensors")).rows
+    diffusers = read_embedding(str(export / "learned_embeds.safetensors"))
+    a1111 = read_embedding(str(export / "my-concept.pt"))  # torch is installed in the test environment
+    comfy = read_embedding(str(export / "comfyui" / "my-concept.safetensors"))
+    assert (diffusers.format, diffusers.token) == ("diffusers", "<my-concept>")
+    assert (a1111.format, a1111.token) == ("a1111", "my-concept")
+    assert comfy.format == "kohya"
+    for emb in (diffusers, a1111, comfy):
+        np.testing.assert_array_equal(emb.rows, rows)
+    with zipfile.ZipFile(workdir / "my-concept-embeddings.zip") as z:
+        assert sorted(z.namelist()) == ["comfyui/", "comfyui/my-concept.safetensors", "learned_embeds.safetensors",
+                                        "my-concept.pt"]
+
+
+def test_generate_cell_writes_and_shows_two_images(executed):
+    nb, workdir, _ = executed
+    generated = sorted(p.name for p in (workdir / "generated").iterdir())
+    assert generated == ["000.png", "001.png"]
+    assert Image.open(workdir / "generated" / "000.png").size == (32, 32)
+    assert len(png_outputs(outputs(nb, "ti_flax.generate("))) == 1
+
