@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 
 from .embeddings import DIFFUSERS_BIN, DIFFUSERS_FILE, KOHYA_KEY, A1111_LAYOUT, read_embedding
-from .errors import UserError
+from .errors import UserError, run_cli
 
 FORMATS = ("diffusers", "a1111", "kohya", "comfyui")  # comfyui reads kohya's layout
 _EXTENSIONS = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt", ".safetensors"), "kohya": (".safetensors", ".pt")}
@@ -339,15 +339,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        export_embedding(
-            args.source, args.output, format=args.format, token=args.token, name=args.name,
-            allow_pickle=args.allow_pickle, overwrite=args.overwrite, bin=args.bin, verify=args.verify, log=print,
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: export_embedding(
+        args.source, args.output, format=args.format, token=args.token, name=args.name,
+        allow_pickle=args.allow_pickle, overwrite=args.overwrite, bin=args.bin, verify=args.verify, log=print,
+    ))
 
 
 def export(source, output, **kwargs):

@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, run_cli
 
 SCHEDULER_CHOICES = ("pndm", "ddim", "dpm", "euler")  # == sampler.SCHEDULERS (kept here for a fast --help)
 MAX_SEED = 2**32 - 1
@@ -203,24 +203,18 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    paths = []
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-        try:
-            paths = generate(
-                args.pretrained_model_name_or_path, args.prompt, args.embeddings, args.negative_prompt,
-                args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
-                args.scheduler, args.output_dir, args.allow_pickle,
-            )
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+        code = run_cli(lambda: paths.extend(generate(
+            args.pretrained_model_name_or_path, args.prompt, args.embeddings, args.negative_prompt,
+            args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
+            args.scheduler, args.output_dir, args.allow_pickle,
+        )))
     for path in paths:
         print(path)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

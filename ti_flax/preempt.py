@@ -7,15 +7,14 @@ from .errors import UserError
 
 
 class Preempted(UserError):
-    """Training stopped on a signal after saving a checkpoint."""
+    """Training stopped on a signal after saving a checkpoint; exits with 128 + the signal."""
+
+    label = "stopped"
 
     def __init__(self, message, signum):
         super().__init__(message)
         self.signum = signum
-
-    @property
-    def exit_code(self):
-        return 128 + self.signum
+        self.exit_code = 128 + signum
 
 
 class StopOnSignal:

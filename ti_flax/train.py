@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +21,7 @@ from . import data as data_lib
 from . import distributed, embeddings, model_card
 from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, run_cli
 from .logs import MetricsLogger
 from .optim import OptimizerSpec
 from .preempt import Preempted, StopOnSignal
@@ -203,7 +203,10 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     from tqdm.auto import tqdm
 
     config, devices = run.config, run.devices
-    spec = dataclasses.replace(run.model.spec, dtype=config.compute_dtype, remat=config.gradient_checkpointing)
+    spec = dataclasses.replace(
+        run.model.spec, dtype=config.compute_dtype, remat=config.gradient_checkpointing,
+        attention=models.resolve_attention(config.attention),
+    )
     # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
     frozen_params = models.cast_params(run.model.params, spec.dtype)
     frozen = parallel.replicate({**frozen_params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
@@ -380,7 +383,8 @@ def print_banner(run):
         f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
         f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
-        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}\n"
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+        f"attention {models.resolve_attention(config.attention)}\n"
         f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
         f"  output     {config.output_dir}",
         flush=True,
@@ -397,18 +401,7 @@ def print_summary(run, files, history):
 def main(argv=None):
     from .cli import parse_config
 
-    try:
-        train(parse_config(argv))
-    except Preempted as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(lambda: train(parse_config(argv)))
 
 
 if __name__ == "__main__":
