@@ -57,6 +57,9 @@ def build_parser():
                    help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")
     _bool_flag(g, "cache_latents", "VAE-encode each image and its flip once before training (the VAE leaves the step)")
     _bool_flag(g, "gradient_checkpointing", "recompute the UNet's block activations in the backward pass: less memory, more compute")
+    g.add_argument("--attention", choices=["auto", "dense", "chunked"], default=d.attention,
+                   help="UNet attention: dense (best on TPU/GPU), chunked (query chunks: faster on CPU, less memory); "
+                   "auto: chunked on CPU only")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--save_steps", type=int, default=d.save_steps,

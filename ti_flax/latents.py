@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from . import data as data_lib
+from . import parallel
 from . import step as step_lib
 
 ENCODE_BATCH_PER_DEVICE = 8
@@ -22,7 +23,15 @@ ENCODE_BATCH_PER_DEVICE = 8
 
 @functools.lru_cache(maxsize=8)
 def _pmapped_encode(spec, devices):
-    return jax.pmap(functools.partial(step_lib.encode_pixels, spec), devices=devices)
+    # Like the train step, the pmap spans every process's devices in a multi-process run: each
+    # process encodes the same views in the same calls, so they stay in step.
+    return jax.pmap(functools.partial(step_lib.encode_pixels, spec), devices=parallel.pmap_devices(devices))
+
+
+def _local_rows(x):
+    """This process's rows of a pmap output, in device order, as numpy [local devices, ...]."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
 
 
 def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
@@ -49,8 +58,8 @@ def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATC
         if pad:  # one compiled shape for every call: pad with copies of the last view
             part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
         mean, logvar = encode(vae_params, part.reshape(num_devices, per_device, *part.shape[1:]))
-        means.append(np.asarray(mean).reshape(chunk, *mean.shape[2:])[: chunk - pad])
-        logvars.append(np.asarray(logvar).reshape(chunk, *logvar.shape[2:])[: chunk - pad])
+        means.append(_local_rows(mean).reshape(chunk, *mean.shape[2:])[: chunk - pad])
+        logvars.append(_local_rows(logvar).reshape(chunk, *logvar.shape[2:])[: chunk - pad])
     shape = (len(images), 2) + means[0].shape[1:]
     return np.concatenate(means).reshape(shape), np.concatenate(logvars).reshape(shape)
 

@@ -8,6 +8,7 @@ A model folder (local, or a Hub snapshot) holds `unet/`, `vae/`, `text_encoder/`
 Flax msgpack, PyTorch safetensors (converted without torch), or PyTorch `.bin` (needs torch).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -54,6 +55,7 @@ _quiet_libraries()
 import flax.linen as nn  # noqa: E402
 from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
+from diffusers.models.attention_flax import FlaxAttention  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 
@@ -230,6 +232,7 @@ class ModelSpec:
     base_vocab_size: int
     dtype: str = "float32"  # compute dtype of the frozen modules ("bfloat16" for --mixed_precision bf16)
     remat: bool = False  # rematerialise the UNet's blocks in the backward pass (--gradient_checkpointing)
+    attention: str = "dense"  # "chunked": the UNet's attention in query chunks (see ATTENTION)
 
     @property
     def hidden_size(self):
@@ -289,6 +292,39 @@ def _config_json(config):
     return json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_") and k not in skip}, sort_keys=True)
 
 
+def spec_from_configs(text_config, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000):
+    """A ModelSpec from config dicts (a model's config.json contents), with no weights anywhere.
+
+    For measuring a model's step (shapes, FLOPs, memory) without downloading it.
+    """
+    text = CLIPTextConfig.from_dict(dict(text_config))
+    unet = FlaxUNet2DConditionModel.from_config(dict(unet_config))
+    vae = FlaxAutoencoderKL.from_config(dict(vae_config))
+    return ModelSpec(
+        text_config=_config_json(text.to_dict()),
+        unet_config=_config_json(unet.config),
+        vae_config=_config_json(vae.config),
+        prediction_type=prediction_type,
+        scaling_factor=float(vae.config.scaling_factor),
+        num_train_timesteps=int(num_train_timesteps),
+        base_vocab_size=int(text.vocab_size),
+    )
+
+
+def abstract_params(spec):
+    """{"text_encoder", "unet", "vae"}: float32 jax.ShapeDtypeStruct trees, computed by
+    `jax.eval_shape` of the models' initialisers, so nothing is allocated."""
+    key = jax.random.PRNGKey(0)
+    text = FlaxCLIPTextModel(CLIPTextConfig.from_dict(json.loads(spec.text_config)), _do_init=False)
+    unet = FlaxUNet2DConditionModel.from_config(json.loads(spec.unet_config))
+    vae = FlaxAutoencoderKL.from_config(json.loads(spec.vae_config))
+    return {
+        "text_encoder": jax.eval_shape(lambda k: text.init_weights(k, text.input_shape), key),
+        "unet": jax.eval_shape(unet.init_weights, key),
+        "vae": jax.eval_shape(vae.init_weights, key),
+    }
+
+
 def load_tokenizer(folder):
     try:
         return CLIPTokenizer.from_pretrained(folder)
@@ -314,6 +350,61 @@ def _modules(spec):
     unet = unet_class.from_config(json.loads(spec.unet_config), dtype=dtype)
     vae = FlaxAutoencoderKL.from_config(json.loads(spec.vae_config), dtype=dtype)
     return text.module, unet, vae
+
+
+# --attention: how the UNet computes attention. Same weights, same result within float rounding.
+#   dense    one [tokens, tokens] score matrix per head (diffusers' default): few large kernels,
+#            what XLA runs best on TPU and GPU, and what XLA's cost analysis counts exactly.
+#   chunked  ATTENTION_CHUNK queries at a time under lax.map, each chunk rematerialised: a score
+#            block stays in cache and no score matrix is kept for the backward pass. On a CPU a
+#            UNet step at 1024+ tokens is bound by passes over the score matrices, and this is
+#            ~1.5x faster there (scripts/benchmark.py); on any backend it cuts activation memory.
+#   auto     chunked on CPU, dense on TPU and GPU.
+ATTENTION = ("auto", "dense", "chunked")
+ATTENTION_CHUNK = 256
+
+
+def chunked_attention(query, key, value, scale, chunk=ATTENTION_CHUNK):
+    """softmax(query key^T * scale) value for [batch * heads, tokens, dim] inputs, `chunk` queries
+    at a time; the backward pass recomputes each chunk's scores instead of storing them."""
+    batch, num_q, dim = query.shape
+    if num_q <= chunk or num_q % chunk:
+        chunk = num_q
+
+    @jax.checkpoint
+    def attend(q):
+        scores = jnp.einsum("bid,bjd->bij", q, key) * scale
+        return jnp.einsum("bij,bjd->bid", nn.softmax(scores, axis=-1), value)
+
+    if chunk == num_q:
+        return attend(query)
+    chunks = jnp.swapaxes(query.reshape(batch, num_q // chunk, chunk, dim), 0, 1)
+    out = jax.lax.map(attend, chunks)
+    return jnp.swapaxes(out, 0, 1).reshape(batch, num_q, value.shape[-1])
+
+
+def _chunked_attention_interceptor(next_fun, args, kwargs, context):
+    # Runs diffusers' FlaxAttention with its own projections and weights, and chunked_attention
+    # in place of its dense score matrix.
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, FlaxAttention):
+        return next_fun(*args, **kwargs)
+    hidden_states, rest = args[0], dict(zip(("context", "deterministic"), args[1:]), **kwargs)
+    context_states = rest.get("context")
+    context_states = hidden_states if context_states is None else context_states
+    q, k, v = (
+        module.reshape_heads_to_batch_dim(proj(x))
+        for proj, x in ((module.query, hidden_states), (module.key, context_states), (module.value, context_states))
+    )
+    out = module.reshape_batch_dim_to_heads(chunked_attention(q, k, v, module.scale))
+    return module.dropout_layer(module.proj_attn(out), deterministic=rest.get("deterministic", True))
+
+
+def resolve_attention(name, backend=None):
+    """"dense" or "chunked" for an --attention value ("auto" picks by the JAX backend)."""
+    if name != "auto":
+        return name
+    return "chunked" if (backend or jax.default_backend()) == "cpu" else "dense"
 
 
 @functools.lru_cache(maxsize=None)
@@ -398,7 +489,9 @@ def encode_text(spec, text_params, input_ids, rows):
 def predict_noise(spec, unet_params, latents, timesteps, encoder_hidden_states):
     """UNet output for NCHW latents (epsilon or v, per the model's prediction_type)."""
     _, unet, _ = _modules(spec)
-    out = unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), encoder_hidden_states, train=False)
+    interceptor = _chunked_attention_interceptor if spec.attention == "chunked" else None
+    with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
+        out = unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), encoder_hidden_states, train=False)
     return out.sample
 
 

@@ -95,7 +95,8 @@ def prepare(config, devices=None):
     global_batch = config.train_batch_size * num_devices
     data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch)
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
-    total_steps = config.max_train_steps or max(1, config.num_train_epochs * data.steps_per_epoch // config.gradient_accumulation_steps)
+    epochs_batches = config.num_train_epochs * data.steps_per_epoch
+    total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
     if config.push_to_hub:
         check_hub_token(config)

@@ -1,0 +1,136 @@
+"""Work per step of an SD 1.5-shaped model from XLA's cost analysis, for scripts/benchmark.py.
+
+The step is lowered with abstract shapes (jax.eval_shape of the models' initialisers, the real
+SD 1.5 configs below): no weights are allocated and nothing is downloaded. Also the activation
+memory a step keeps for its backward pass, counted from JAX's residuals.
+"""
+
+import dataclasses
+import time
+
+# runwayml/stable-diffusion-v1-5: text_encoder/, unet/ and vae/ config.json (CLIP ViT-L/14 text tower).
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    attention_dropout=0.0, dropout=0.0, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SD15_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
+    cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, sample_size=64, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+SD15_VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
+    up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215,
+)
+TPU_BF16_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12}
+
+
+def memory_dict(compiled):
+    """XLA's memory analysis of a compiled program, as a dict of byte counts."""
+    stats = compiled.memory_analysis()
+    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "generated_code_size_in_bytes")
+    return {k: int(getattr(stats, k)) for k in keys if stats is not None and hasattr(stats, k)}
+
+
+def activation_bytes(spec, params, batch, latent):
+    """Bytes the forward pass keeps for the backward pass of our loss (JAX's residuals of the
+    gradient with respect to the rows; weights and inputs not counted). Backend-independent:
+    this is what --gradient_checkpointing and --attention chunked shrink.
+
+    Args:
+      spec: the variant's ModelSpec. params: {"text_encoder", "unet"} arrays or ShapeDtypeStructs.
+      batch, latent: per-device batch and latent side.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from ti_flax import step as step_lib
+
+    S = jax.ShapeDtypeStruct
+    dtype = jnp.dtype(spec.dtype)
+    frozen = {k: jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params[k]) for k in ("text_encoder", "unet")}
+    moments = S((batch, 4, latent, latent), jnp.float32)
+    args = (S((1, spec.hidden_size), jnp.float32), frozen, S((batch, 77), jnp.int32), moments, S((batch,), jnp.int32), moments)
+
+    def vjp_closure(rows, frozen, ids, noisy, t, target):
+        return jax.vjp(lambda r: step_lib.diffusion_loss(r, spec, frozen, ids, noisy, t, target), rows)[1]
+
+    jaxpr = jax.make_jaxpr(vjp_closure)(*args).jaxpr
+    inputs = set(jaxpr.invars)
+    saved = {v for v in jaxpr.outvars if type(v).__name__ != "Literal" and v not in inputs}
+    return int(sum(v.aval.size * v.aval.dtype.itemsize for v in saved))
+
+
+def cost_dict(cost):
+    """{"flops", "bytes_accessed"} from XLA's cost analysis."""
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
+    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
+def abstract_cost(variant, batch, resolution, compile_it=True):
+    """FLOPs, bytes accessed, XLA memory and activation memory of one device's step.
+
+    Args:
+      variant: benchmark.Variant. batch: per-device batch. resolution: image side in pixels.
+      compile_it: analyse the compiled (fused) program; False: the unoptimised HLO (fast).
+    Returns:
+      a dict of the figures, with the FLOP-bound seconds per step on each TPU chip.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from ti_flax import models, step as step_lib
+    from ti_flax.config import TrainConfig
+    from ti_flax.optim import OptimizerSpec
+
+    S = jax.ShapeDtypeStruct
+    lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
+    spec = models.spec_from_configs(SD15_TEXT, SD15_UNET, SD15_VAE)
+    params = models.abstract_params(spec)
+    config = TrainConfig(mixed_precision=variant.mixed_precision, gradient_accumulation_steps=variant.accumulation)
+    opt_spec = OptimizerSpec.from_config(config, 1, 1000)
+    hidden, latent = spec.hidden_size, resolution // spec.vae_scale_factor
+    ids = {"input_ids": S((batch, 77), jnp.int32)}
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    alphas = S((spec.num_train_timesteps,), jnp.float32)
+    if variant.reference:
+        import bench_reference as ref
+
+        table = S((spec.base_vocab_size + 1, hidden), jnp.float32)
+        text = models.with_token_table(params["text_encoder"], table)
+        state = jax.eval_shape(lambda p: ref.init_state(p, opt_spec), text)
+        devices = tuple(jax.local_devices()[:1])
+        fn = ref.pmapped_reference_step(ref.grown_spec(spec, 1), opt_spec, (spec.base_vocab_size,), devices)
+        frozen = {"unet": params["unet"], "vae": params["vae"], "alphas_cumprod": alphas}
+        args = (state, table, frozen, {"pixel_values": S((batch, 3, resolution, resolution), jnp.float32), **ids})
+    else:
+        attention = models.resolve_attention(variant.attention, backend="tpu")
+        spec = dataclasses.replace(spec, dtype=config.compute_dtype, remat=variant.remat, attention=attention)
+        dtype = jnp.dtype(spec.dtype)
+        frozen = jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params)
+        frozen["alphas_cumprod"] = alphas
+        if variant.cache_latents:
+            del frozen["vae"]
+            moments = S((batch, 4, latent, latent), jnp.float32)
+            data = {"latent_mean": moments, "latent_logvar": moments}
+        else:
+            data = {"pixel_values": S((batch, resolution, resolution, 3), jnp.uint8)}
+        state = jax.eval_shape(lambda: step_lib.init_state(jnp.zeros((1, hidden)), opt_spec))
+        fn = step_lib.pmapped_train_step(spec, opt_spec, tuple(jax.local_devices()[:1]))
+        args = (state, frozen, {**data, **ids, "example_ids": S((batch,), jnp.int32)}, key)
+    start = time.perf_counter()
+    lowered = fn.lower(*(lead(a) for a in args))
+    out = {"variant": variant.name, "batch": batch, "resolution": resolution}
+    if not variant.reference:
+        out["activation_residual_bytes"] = activation_bytes(spec, params, batch, latent)
+    if compile_it:
+        compiled = lowered.compile()
+        out.update(cost_dict(compiled.cost_analysis()), xla_memory=memory_dict(compiled), analysis="compiled")
+    else:
+        out.update(cost_dict(lowered.cost_analysis()), analysis="lowered")
+    out["lower_compile_s"] = time.perf_counter() - start
+    out["tpu_min_s_per_step"] = {chip: out["flops"] / peak for chip, peak in TPU_BF16_PEAK_FLOPS.items()}
+    return out
