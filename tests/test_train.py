@@ -226,3 +226,14 @@ def test_interop_with_pytorch_diffusers(four_device_run, tiny_model_dir, tmp_pat
             torch_hidden = pipe.text_encoder(ids)[0].numpy()
         flax_hidden = models.encode_text(base.spec, base.params["text_encoder"], jnp.asarray(ids.numpy()), rows)
         assert np.abs(np.asarray(flax_hidden) - torch_hidden).max() < 1e-4
+
+
+def test_trains_on_user_style_images(tiny_model_dir, user_images_dir, tmp_path):
+    """RGBA PNG, grayscale JPEG, odd sizes, center crop, all 4 devices: a loadable embedding."""
+    config = tiny_config(
+        tiny_model_dir, user_images_dir, tmp_path / "o", num_vectors=2, max_train_steps=3, center_crop=True
+    )
+    result = train(config)
+    _, tensors = read_embedding_file(os.path.join(config.output_dir, "learned_embeds.safetensors"))
+    assert tensors["<cat-toy>"].shape == (2, 32) and np.all(np.isfinite(tensors["<cat-toy>"]))
+    assert len(result.history) == 3
