@@ -242,6 +242,13 @@ class ModelSpec:
     def vae_scale_factor(self):
         return 2 ** (len(json.loads(self.vae_config)["block_out_channels"]) - 1)
 
+    @property
+    def pixel_multiple(self):
+        """Image sides must be multiples of this: Flax's UNet upsamples by exactly 2, so every
+        downsampling of the latents (VAE factor, then each UNet down block) must divide evenly."""
+        down = len(json.loads(self.unet_config)["down_block_types"])
+        return self.vae_scale_factor * 2 ** (down - 1)
+
 
 @dataclasses.dataclass
 class LoadedModel:

@@ -54,9 +54,7 @@ def check_size(spec, height, width):
     """Raise UserError unless `height` x `width` pixels is a size the model can sample."""
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise UserError(f"--height/--width {height}x{width}: both must be positive multiples of 8")
-    # Flax's UNet upsamples by exactly 2, so each downsampling must divide evenly.
-    down = len(json.loads(spec.unet_config)["down_block_types"])
-    multiple = spec.vae_scale_factor * 2 ** (down - 1)
+    multiple = spec.pixel_multiple
     if height % multiple or width % multiple:
         raise UserError(f"--height/--width {height}x{width}: this model needs multiples of {multiple}")
 

@@ -106,12 +106,8 @@ def prepare(config, devices=None):
 
 
 def check_resolution(resolution, spec):
-    import json
-
-    down = len(json.loads(spec.unet_config)["down_block_types"])
-    multiple = spec.vae_scale_factor * 2 ** (down - 1)
-    if resolution % multiple:
-        raise UserError(f"--resolution {resolution}: this model needs a multiple of {multiple}")
+    if resolution % spec.pixel_multiple:
+        raise UserError(f"--resolution {resolution}: this model needs a multiple of {spec.pixel_multiple}")
 
 
 def check_hub_token(config):
