@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 
@@ -558,7 +558,7 @@ def save_pipeline(model, tokenizer, rows, out_dir):
     """Save a FlaxStableDiffusionPipeline whose tokenizer and text encoder hold the new tokens."""
     from diffusers import FlaxStableDiffusionPipeline
 
-    from .tokens import merged_table
+    from ..tokens import merged_table
 
     spec = model.spec
     table = merged_table(token_table(model.params["text_encoder"]), rows)
