@@ -55,6 +55,43 @@ LAYOUTS = {
         layers=4,
         resolution=256,
     ),
+    # The golden layouts (tests/golden.py): SD 1.x and SD 2.x block structure at 64 px, so the
+    # first UNet level has 32 x 32 = 1024 tokens and --attention chunked really splits them.
+    # Their weights are drawn with numpy from each weight's name (reinit_weights), not by the
+    # libraries' initialisers, so the golden values survive a torch or diffusers upgrade.
+    "golden-sd1": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+            attention_head_dim=8,
+            sample_size=32,
+        ),
+        vae=dict(block_out_channels=(32, 64)),
+        hidden=32,
+        layers=2,
+        resolution=64,
+        numpy_weights=True,
+    ),
+    # SD 2.x: linear attention projections, a head count per block, OpenCLIP's gelu.
+    "golden-sd2": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=2,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            sample_size=32,
+        ),
+        vae=dict(block_out_channels=(32, 64)),
+        hidden=32,
+        layers=2,
+        resolution=64,
+        hidden_act="gelu",
+        numpy_weights=True,
+    ),
 }
 
 
@@ -125,7 +162,7 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
             num_attention_heads=4,
             max_position_embeddings=77,
             projection_dim=hidden,
-            hidden_act="quick_gelu",
+            hidden_act=spec.get("hidden_act", "quick_gelu"),
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
@@ -155,7 +192,46 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
             requires_safety_checker=False,
         )
         pipe.save_pretrained(out_dir, safe_serialization=True)
+    if spec.get("numpy_weights"):
+        reinit_weights(out_dir, seed)
     return out_dir
+
+
+def _weight_values(name, shape, seed):
+    """Deterministic float32 values for one weight, from its name: norm scales near 1, biases
+    near 0, embeddings at CLIP's 0.02, matrices and kernels at 1 / sqrt(fan_in)."""
+    import zlib
+
+    import numpy as np
+
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    noise = rng.standard_normal(shape).astype(np.float32)
+    leaf = name.rsplit(".", 2)
+    if len(shape) == 1:
+        return (1.0 + 0.1 * noise) if "norm" in name and name.endswith(".weight") else 0.05 * noise
+    if "embedding" in leaf[-2]:
+        return 0.02 * noise
+    fan_in = int(np.prod(shape[1:]))
+    return noise / np.float32(np.sqrt(fan_in))
+
+
+def reinit_weights(model_dir, seed):
+    """Overwrite every float weight of a saved pipeline folder with `_weight_values`."""
+    from safetensors.numpy import load_file, save_file
+
+    for component in sorted(os.listdir(model_dir)):
+        folder = os.path.join(model_dir, component)
+        if not os.path.isdir(folder):
+            continue
+        for filename in sorted(os.listdir(folder)):
+            if not filename.endswith(".safetensors"):
+                continue
+            path = os.path.join(folder, filename)
+            state = load_file(path)
+            for name in state:
+                if state[name].dtype.kind == "f":
+                    state[name] = _weight_values(f"{component}.{name}", state[name].shape, seed)
+            save_file(state, path, metadata={"format": "pt"})
 
 
 def main(argv=None):
