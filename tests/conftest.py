@@ -38,8 +38,27 @@ def build_clip_tokenizer(directory):
 
 
 @pytest.fixture(scope="session")
-def clip_tokenizer(tmp_path_factory):
+def _session_clip_tokenizer(tmp_path_factory):
     return build_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+@pytest.fixture
+def clip_tokenizer(_session_clip_tokenizer):
+    """A fresh copy for each test: adding tokens in one test cannot leak into another."""
+    import copy
+
+    return copy.deepcopy(_session_clip_tokenizer)
+
+
+# A test that needs a model folder loads a model and almost always compiles a step: it is an
+# end-to-end test, marked `slow` here so `pytest -m "not slow"` is the quick inner loop.
+MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +90,15 @@ def user_images_dir(tmp_path_factory):
     Image.fromarray(rng.integers(0, 255, (70, 33), dtype=np.uint8), "L").save(d / "b.jpg")
     Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(d / "c.jpeg")
     return str(d)
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2"])
+def golden_run(request, tmp_path_factory):
+    """(family, model folder, recorded golden values, values computed now) for tests/golden.py's
+    SD 1.x and SD 2.x layouts; built and computed once per session."""
+    import golden
+
+    name = request.param
+    model_dir = golden.build_model(name, str(tmp_path_factory.mktemp(f"golden-{name}")))
+    want = dict(np.load(golden.golden_path(name)))
+    return name, model_dir, want, golden.forward_values(model_dir)

@@ -8,7 +8,6 @@ A model folder (local, or a Hub snapshot) holds `unet/`, `vae/`, `text_encoder/`
 Flax msgpack, PyTorch safetensors (converted without torch), or PyTorch `.bin` (needs torch).
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -55,7 +54,7 @@ _quiet_libraries()
 import flax.linen as nn  # noqa: E402
 from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel  # noqa: E402
 from diffusers.configuration_utils import flax_register_to_config  # noqa: E402
-from diffusers.models.attention_flax import FlaxAttention  # noqa: E402
+from diffusers.models.attention_flax import FlaxAttention, FlaxGEGLU  # noqa: E402
 from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel  # noqa: E402
 
@@ -407,6 +406,27 @@ def _chunked_attention_interceptor(next_fun, args, kwargs, context):
     return module.dropout_layer(module.proj_attn(out), deterministic=rest.get("deterministic", True))
 
 
+def _exact_geglu_interceptor(next_fun, args, kwargs, context):
+    # diffusers' Flax GEGLU gates with jax.nn.gelu's default tanh approximation; the PyTorch
+    # UNet every user samples with uses the exact (erf) GELU. The approximation moved the row
+    # gradient 1.3e-4 (relative) away from PyTorch autograd's on the tiny models.
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, FlaxGEGLU):
+        return next_fun(*args, **kwargs)
+    hidden_linear, hidden_gelu = jnp.split(module.proj(args[0]), 2, axis=2)
+    return hidden_linear * nn.gelu(hidden_gelu, approximate=False)
+
+
+def _unet_interceptor(next_fun, args, kwargs, context):
+    return _exact_geglu_interceptor(next_fun, args, kwargs, context)
+
+
+def _chunked_unet_interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, FlaxGEGLU):
+        return _exact_geglu_interceptor(next_fun, args, kwargs, context)
+    return _chunked_attention_interceptor(next_fun, args, kwargs, context)
+
+
 def resolve_attention(name, backend=None):
     """"dense" or "chunked" for an --attention value ("auto" picks by the JAX backend)."""
     if name != "auto":
@@ -496,8 +516,8 @@ def encode_text(spec, text_params, input_ids, rows):
 def predict_noise(spec, unet_params, latents, timesteps, encoder_hidden_states):
     """UNet output for NCHW latents (epsilon or v, per the model's prediction_type)."""
     _, unet, _ = _modules(spec)
-    interceptor = _chunked_attention_interceptor if spec.attention == "chunked" else None
-    with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
+    interceptor = _chunked_unet_interceptor if spec.attention == "chunked" else _unet_interceptor
+    with nn.intercept_methods(interceptor):
         out = unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), encoder_hidden_states, train=False)
     return out.sample
 

@@ -1,0 +1,83 @@
+"""The loss and its gradient with respect to the learned rows, against PyTorch autograd.
+
+The same weights (the golden SD 1.x and SD 2.x layouts), the same token ids and rows, and the
+same explicit noisy latents, timesteps and target: diffusers' PyTorch UNet on transformers'
+PyTorch CLIP text encoder, differentiated by torch, is the reference.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+torch = pytest.importorskip("torch")
+
+
+def torch_loss_and_grad(model_dir, input_ids, rows, noisy, timesteps, target):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel.from_pretrained(os.path.join(model_dir, "text_encoder")).eval().double()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet")).eval().double()
+    for p in list(text.parameters()) + list(unet.parameters()):
+        p.requires_grad_(False)
+    table = text.get_input_embeddings().weight
+    vocab = table.shape[0]
+    learned = torch.nn.Parameter(torch.from_numpy(rows))
+    # The grown table's new rows are `learned`: torch differentiates through the lookup.
+    embeds = torch.nn.functional.embedding(torch.from_numpy(input_ids).long(), torch.cat([table, learned]))
+    positions = text.text_model.embeddings.position_embedding.weight[: input_ids.shape[1]]
+    hidden = text.text_model.encoder(inputs_embeds=embeds + positions,
+                                     causal_attention_mask=_causal(input_ids.shape[1])).last_hidden_state
+    hidden = text.text_model.final_layer_norm(hidden)
+    assert (input_ids >= vocab).any()  # the learned rows are really in the prompt
+    pred = unet(torch.from_numpy(noisy), torch.from_numpy(timesteps), hidden).sample
+    loss = torch.mean((pred - torch.from_numpy(target)) ** 2)
+    loss.backward()
+    return loss.item(), learned.grad.numpy()
+
+
+def _causal(length):
+    mask = torch.full((length, length), float("-inf"), dtype=torch.float64).triu(1)
+    return mask[None, None]
+
+
+def test_loss_and_row_gradient_match_pytorch_autograd(golden_run):
+    # Both sides in float64, so the comparison measures the math, not float32 rounding (which
+    # alone puts the two frameworks' fp32 row gradients ~1.3e-4 apart, relative L2).
+    import dataclasses
+
+    import jax
+
+    from ti_flax import models, step as step_lib
+    from ti_flax.train import prepare
+
+    import golden
+
+    _, model_dir, _, ours = golden_run
+    run = prepare(golden.run_config(model_dir, "unused"), devices=jax.local_devices()[:1])
+    f64 = {k: np.asarray(v, np.float64) if v.dtype.kind == "f" else v for k, v in ours.items() if k != "fingerprint"}
+    alphas = np.asarray(run.model.alphas_cumprod, np.float64)
+    noisy = f64["noise"] * np.sqrt(1 - alphas[f64["timesteps"]])[:, None, None, None] + _latents(f64, run) * np.sqrt(
+        alphas[f64["timesteps"]])[:, None, None, None]
+    ref_loss, ref_grad = torch_loss_and_grad(model_dir, f64["input_ids"], f64["rows"], noisy, f64["timesteps"], f64["target"])
+    with jax.enable_x64(True):
+        spec = dataclasses.replace(run.model.spec, dtype="float64")
+        frozen = {**models.cast_params(run.model.params, "float64"), "alphas_cumprod": alphas}
+        loss, grad = jax.value_and_grad(step_lib.diffusion_loss)(
+            f64["rows"], spec, frozen, f64["input_ids"], noisy, f64["timesteps"], f64["target"]
+        )
+        assert grad.dtype == np.float64
+    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss), (float(loss), ref_loss)
+    rel = np.linalg.norm(np.asarray(grad) - ref_grad) / np.linalg.norm(ref_grad)
+    assert rel < 1e-4, rel
+    # Each learned row gets its own, non-zero gradient (both vectors are in the prompt).
+    assert np.all(np.linalg.norm(ref_grad, axis=-1) > 0)
+
+
+def _latents(values, run):
+    # The scaled latent sample the step diffuses: posterior mean + std * the example's draw.
+    mean, logvar = values["vae_mean"], values["vae_logvar"]
+    return (mean + np.exp(0.5 * np.clip(logvar, -30.0, 20.0)) * values["latent_noise"]) * run.model.spec.scaling_factor
