@@ -153,3 +153,28 @@ def test_placeholder_that_is_already_a_word(tiny_model_dir, sample_images_dir, t
     args = base_args(tiny_model_dir, sample_images_dir, out)
     args[args.index("--placeholder_token") + 1] = "sks"
     assert "already in the tokenizer's vocabulary" in run_error(capsys, args, out)
+
+
+# The argparse defaults of diffusers' textual_inversion_flax.py (its last version, 0.39), and
+# its dataset's interpolation and flip probability, for the flags the README lists as "the same".
+REFERENCE_DEFAULTS = {
+    "learnable_property": "object", "repeats": 100, "output_dir": "text-inversion-model", "seed": 42,
+    "resolution": 512, "center_crop": False, "train_batch_size": 16, "num_train_epochs": 100,
+    "max_train_steps": 5000, "learning_rate": 1e-4, "lr_warmup_steps": 500, "lr_scheduler": "constant",
+    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-08,
+    "push_to_hub": False, "use_auth_token": False, "hub_token": None, "hub_model_id": None,
+    "logging_dir": "logs", "tokenizer_name": None, "interpolation": "bicubic", "flip_p": 0.5,
+}
+
+
+def test_same_defaults_as_the_reference_script():
+    from ti_flax import TrainConfig
+
+    required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--placeholder_token", "<t>",
+                "--initializer_token", "toy"]
+    parsed = cli.parse_config(required)  # the command line's defaults, too
+    config = TrainConfig()
+    for name, value in REFERENCE_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+        assert getattr(parsed, name) == value, name
+    assert config.scale_lr is False  # the one deliberate change: opt-in (README, "Fixed")

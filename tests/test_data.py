@@ -1,6 +1,5 @@
 """Tests for ti_flax.data: image decoding, templates, and the seeded batch iterator."""
 
-import copy
 import gzip
 import json
 import os
@@ -162,7 +161,7 @@ def test_templates():
 
 
 def test_tokenize_templates(clip_tokenizer):
-    tok = copy.deepcopy(clip_tokenizer)  # the fixture is shared by the whole session
+    tok = clip_tokenizer
     tok.add_tokens(["<cat-toy>", "<cat-toy>_1"])
     cat = tok.convert_tokens_to_ids("<cat-toy>")
     cat1 = tok.convert_tokens_to_ids("<cat-toy>_1")
@@ -255,11 +254,20 @@ def test_center_crop_and_odd_sizes(tmp_path):
     assert (squashed[0] == [255, 0, 0]).all() and (squashed[-1] == [255, 0, 0]).all()
 
 
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "nearest"])
-def test_interpolations(tmp_path, interpolation):
-    Image.new("RGB", (10, 6), (9, 99, 199)).save(tmp_path / "x.png")
-    images, _ = load(tmp_path, res=5, interpolation=interpolation)
-    assert (images == [9, 99, 199]).all()
+def test_interpolations_use_their_filter(tmp_path):
+    # A textured image: each filter gives different pixels, and each must be PIL's own resize
+    # with that filter (a flat colour would come out the same whatever the filter).
+    texture = np.random.default_rng(0).integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    Image.fromarray(texture).save(tmp_path / "x.png")
+    filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "nearest": Image.NEAREST}
+    assert set(filters) == set(data.INTERPOLATIONS)
+    results = {}
+    for name, resample in filters.items():
+        (got,), _ = load(tmp_path, res=7, interpolation=name)
+        want = np.asarray(Image.fromarray(texture).resize((7, 7), resample=resample))
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        results[name] = got.tobytes()
+    assert len(set(results.values())) == len(filters)
 
 
 def test_unknown_interpolation(tmp_path):

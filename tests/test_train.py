@@ -23,7 +23,7 @@ def four_device_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run4")
     config = tiny_config(
         tiny_model_dir, sample_images_dir, out, num_vectors=2, max_train_steps=6, save_steps=3,
-        save_as_full_pipeline=True, no_safe_serialization=True, report_to="tensorboard",
+        save_as_full_pipeline=True, no_safe_serialization=True, report_to="tensorboard", checkpointing_steps=1,
     )
     records = []
     result = train(config, callbacks=[records.append])
@@ -35,7 +35,8 @@ def one_device_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
     """The same global batch of 4 on one device: per-device batch 4."""
     out = tmp_path_factory.mktemp("run1")
     config = tiny_config(
-        tiny_model_dir, sample_images_dir, out, num_vectors=2, max_train_steps=6, train_batch_size=4
+        tiny_model_dir, sample_images_dir, out, num_vectors=2, max_train_steps=6, train_batch_size=4,
+        checkpointing_steps=1,
     )
     return config, train(config, devices=jax.local_devices()[:1])
 
@@ -45,6 +46,19 @@ def read_embedding_file(path):
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
 
 
+def checkpoint_state(output_dir, step):
+    """{name: array} of checkpoint-{step}'s state file: rows, Adam moments, counts."""
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(output_dir, f"checkpoint-{step}", "state.safetensors"))
+
+
+def first_moment(state):
+    """Adam's first moment; after one update it is (1 - beta1) x the raw averaged gradient."""
+    (name,) = [k for k in state if k.endswith(".mu")]
+    return state[name]
+
+
 def test_outputs_layout(four_device_run):
     config, result, records = four_device_run
     metadata, tensors = read_embedding_file(os.path.join(config.output_dir, "learned_embeds.safetensors"))
@@ -52,8 +66,14 @@ def test_outputs_layout(four_device_run):
     assert list(tensors) == ["<cat-toy>"]
     assert tensors["<cat-toy>"].shape == (2, 32) and tensors["<cat-toy>"].dtype == np.float32
     np.testing.assert_array_equal(tensors["<cat-toy>"], result.rows)
+    # Each -steps-N file holds the rows after step N: the checkpoint's rows, with the norms the
+    # callback reported at that step.
     for step in (3, 6):
-        assert os.path.exists(os.path.join(config.output_dir, f"learned_embeds-steps-{step}.safetensors"))
+        meta_n, saved = read_embedding_file(os.path.join(config.output_dir, f"learned_embeds-steps-{step}.safetensors"))
+        assert meta_n == {"format": "pt"} and list(saved) == ["<cat-toy>"]
+        np.testing.assert_array_equal(saved["<cat-toy>"], checkpoint_state(config.output_dir, step)[".rows"])
+        np.testing.assert_allclose(np.linalg.norm(saved["<cat-toy>"], axis=-1), records[step - 1]["row_norms"], rtol=1e-6)
+    assert not os.path.exists(os.path.join(config.output_dir, "learned_embeds-steps-2.safetensors"))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert result.tokens == ["<cat-toy>", "<cat-toy>_1"]
     lines = open(os.path.join(config.output_dir, "logs", "metrics.jsonl")).read().splitlines()
@@ -106,6 +126,20 @@ def test_one_and_four_devices_agree(four_device_run, one_device_run):
     _, one = one_device_run
     np.testing.assert_allclose(one.rows, four.rows, atol=2e-6)
     np.testing.assert_allclose([r["loss"] for r in one.history], [r["loss"] for r in four.history], rtol=1e-5)
+
+
+def test_four_devices_average_the_same_raw_gradient(four_device_run, one_device_run):
+    # Adam is invariant to the gradient's scale, so equal rows cannot tell a cross-device mean
+    # from a sum; the first moment after one update (0.1 x the raw gradient) and the gradient
+    # norms can.
+    four_config, four, _ = four_device_run
+    one_config, one = one_device_run
+    g1 = first_moment(checkpoint_state(one_config.output_dir, 1))
+    g4 = first_moment(checkpoint_state(four_config.output_dir, 1))
+    assert np.linalg.norm(g1) > 0
+    np.testing.assert_allclose(g4, g1, rtol=1e-4, atol=1e-4 * np.abs(g1).max())
+    np.testing.assert_allclose([r["grad_norm"] for r in four.history], [r["grad_norm"] for r in one.history], rtol=1e-4)
+    np.testing.assert_allclose(one.history[0]["grad_norm"], np.linalg.norm(g1) / 0.1, rtol=1e-5)
 
 
 def test_step_traced_once_per_run(tiny_model_dir, sample_images_dir, tmp_path):
@@ -175,8 +209,15 @@ def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
     frozen = {**model.params, "alphas_cumprod": model.alphas_cumprod}
     key = jax.random.PRNGKey(0)
     noisy, t, target = step_lib.diffusion_inputs(model.spec, frozen, batch, key)
-    eps = step_lib.example_draws(key, jnp.arange(2), noisy.shape[1:], 1000)[1]
-    assert not np.allclose(target, eps)
+    # The exact target: v of the scaled latent sample and the example's own noise and timestep.
+    mean, logvar = step_lib.encode_pixels(model.spec, model.params["vae"], batch["pixel_values"])
+    latent_eps, eps, draws_t = step_lib.example_draws(key, jnp.arange(2), noisy.shape[1:], 1000)
+    latents = (mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * latent_eps) * model.spec.scaling_factor
+    np.testing.assert_array_equal(t, draws_t)
+    a = model.alphas_cumprod[np.asarray(t)][:, None, None, None]
+    want_v = np.sqrt(a) * np.asarray(eps) - np.sqrt(1 - a) * np.asarray(latents)
+    np.testing.assert_allclose(target, want_v, atol=1e-5)
+    np.testing.assert_allclose(noisy, np.sqrt(a) * np.asarray(latents) + np.sqrt(1 - a) * np.asarray(eps), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "polynomial"])

@@ -341,13 +341,24 @@ def save_pipeline(run, rows):
     try:
         models.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
         for name in os.listdir(tmp):
-            target = os.path.join(out, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, name), target)
+            _swap_in(os.path.join(tmp, name), os.path.join(out, name), os.path.join(tmp, ".old-" + name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _swap_in(new, target, aside):
+    """Move `new` to `target`. A folder already at `target` is moved to `aside` first and put
+    back if the move fails, so `target` is always whole: the old one or the new one."""
+    if not os.path.isdir(target):
+        os.replace(new, target)  # a file (or nothing) at target: one atomic rename
+        return
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
 
 
 def push_to_hub(config):
