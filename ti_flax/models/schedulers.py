@@ -276,6 +276,9 @@ def _plan_ddim(s, config, steps):
     final = 1.0 if s["set_alpha_to_one"] else ac[0]
     timesteps = _spaced_timesteps(s["timestep_spacing"], n_train, steps, s["steps_offset"])
     rows = []
+    if timesteps.max() >= n_train:
+        raise UserError(f"--steps {steps}: with steps_offset {s['steps_offset']} DDIM would need timestep "
+                        f"{timesteps.max()} of a {n_train}-step schedule; use fewer steps")
     for t in timesteps:
         prev = int(t) - n_train // steps
         a_t, b_t = ac[int(t)], 1 - ac[int(t)]
@@ -358,6 +361,8 @@ def _plan_dpm(s, config, steps):
         timesteps = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     elif spacing == "leading":
         ratio = last // (steps + 1)
+        if ratio == 0:
+            raise UserError(f"--steps {steps}: too many for the dpm sampler with leading timestep spacing")
         timesteps = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + s["steps_offset"]
     else:
         timesteps = np.arange(last, 0, -n_train / steps).round().astype(np.int64) - 1
@@ -385,10 +390,12 @@ def _plan_dpm(s, config, steps):
         h = lambda_t - lambda_s0
         em1 = -1.0 if math.isinf(h) else math.expm1(-h)  # exp(-h) - 1
         a, b0 = sigma_t / sigma_s0, -alpha_t * em1
-        if first_order:
+        _, _, lambda_s1 = alpha_sigma_lambda(sigmas[i - 1])
+        # h == 0 (a timestep repeated by rounding, e.g. 1000 linspace steps) leaves x as it is, as
+        # diffusers' formulas do in the limit; a zero previous step (r0 == 0) falls back to first order.
+        if first_order or h == 0 or lambda_s0 == lambda_s1:
             rows.append(dict(conv, a=a, b=b0, c=0.0))
             continue
-        _, _, lambda_s1 = alpha_sigma_lambda(sigmas[i - 1])
         r0 = (lambda_s0 - lambda_s1) / h
         # D1 = (m0 - m1) / r0, weighted by c1
         c1 = -0.5 * alpha_t * em1 if s["solver_type"] == "midpoint" else alpha_t * (em1 / h + 1.0)
