@@ -20,7 +20,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..errors import UserError
 from .weights import check_params, unflatten
