@@ -92,6 +92,7 @@ def forward_values(model_dir):
     values = {
         "rows": rows,
         "input_ids": batch["input_ids"],
+        "pixel_values": batch["pixel_values"],
         "latent_noise": latent_noise,
         "noise": noise,
         "timesteps": timesteps,
