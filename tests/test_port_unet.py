@@ -271,7 +271,9 @@ def test_sdxl_needs_its_added_conditioning():
 
 def test_unknown_attention_is_a_user_error(sd1):
     with pytest.raises(UserError, match="choose one of"):
-        jax.eval_shape(lambda: unet.apply(sd1.params, sd1.config, sd1.sample, sd1.timesteps, sd1.text, attention="sdpa"))
+        jax.eval_shape(
+            lambda: unet.apply(sd1.params, sd1.config, sd1.sample, sd1.timesteps, sd1.text, attention="sdpa")
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +397,9 @@ def test_load_params(tmp_path):
 # Config
 
 
-@pytest.mark.parametrize("config", [_SD15, _SD21, _SDXL, FAMILIES["sdxl"]["config"]], ids=["sd15", "sd21", "sdxl", "tiny-xl"])
+@pytest.mark.parametrize(
+    "config", [_SD15, _SD21, _SDXL, FAMILIES["sdxl"]["config"]], ids=["sd15", "sd21", "sdxl", "tiny-xl"]
+)
 def test_config_round_trips_and_is_hashable(config):
     parsed = unet.UNetConfig.from_dict(config)
     again = unet.UNetConfig.from_dict(json.loads(json.dumps(parsed.to_dict())))
@@ -438,3 +442,18 @@ def test_unsupported_configs_are_user_errors(change, message):
         unet.param_shapes(config)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_odd_latent_sides_upsample_to_the_skip_size():
+    """9x7 latents: the down path rounds 9 -> 5 and 7 -> 4, so the up path must resize to the
+    skip connection's size instead of doubling (diffusers' forward_upsample_size)."""
+    sd2 = _family("sd2")
+    rng = np.random.default_rng(5)
+    sample = rng.standard_normal((BATCH, 9, 7, 4), dtype=np.float32)
+    with torch.no_grad():
+        latents = torch.from_numpy(sample).permute(0, 3, 1, 2)
+        out = sd2.model(latents, torch.from_numpy(sd2.timesteps).long(), torch.from_numpy(sd2.text)).sample
+    reference = out.permute(0, 2, 3, 1).numpy()
+    out = sd2.forward("dense", sample=sample)
+    assert out.shape == (BATCH, 9, 7, 4)
+    assert _max_diff(out, reference) <= TOL

@@ -112,7 +112,10 @@ class UNetConfig:
         d = dict(d)
         name = d.get("_class_name")
         if name is not None and name not in _CLASS_NAMES:
-            raise UserError(f"unet config: _class_name {name!r} is not a UNet2DConditionModel; only SD 1.x/2.x/XL UNets are supported")
+            raise UserError(
+                f"unet config: _class_name {name!r} is not a UNet2DConditionModel; "
+                "only SD 1.x/2.x/XL UNets are supported"
+            )
         for key, what in _FOREIGN.items():
             if key in d:
                 raise UserError(f"unet config: key {key!r} belongs to {what}, not a Stable Diffusion UNet")
@@ -188,7 +191,7 @@ class UNetConfig:
         if self.mid_block_only_cross_attention not in (None, False) or any(
             (self.only_cross_attention,) if isinstance(self.only_cross_attention, bool) else self.only_cross_attention
         ):
-            raise UserError("unet config: only_cross_attention is not supported (Stable Diffusion UNets use self-attention)")
+            raise UserError("unet config: only_cross_attention is not supported (SD UNets use self-attention)")
         if self.downsample_padding not in (0, 1):
             raise UserError(f"unet config: downsample_padding={self.downsample_padding} is not supported (only 0 or 1)")
         if any(isinstance(t, tuple) for t in self.transformer_layers):
@@ -204,7 +207,8 @@ class UNetConfig:
         for i, (c, h) in enumerate(zip(self.block_out_channels, self.heads)):
             if c % h:
                 raise UserError(f"unet config: block {i} has {c} channels, not divisible into {h} attention heads")
-        self.layers, self.cross_dims  # per-block lengths checked
+        for name in ("layers_per_block", "cross_attention_dim"):
+            self._per_block(name)  # a per-block list must have one entry per block
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +243,9 @@ def _resnet_shapes(prefix, c_in, c_out, temb):
     return s
 
 
-def _transformer_shapes(prefix, config, c, cross_dim, num_layers):
+def _transformer_shapes(prefix, config, c, level):
+    """Transformer2DModel at down level `level` (the mid block is level -1)."""
+    cross_dim, num_layers = config.cross_dims[level], config.transformer_layers[level]
     proj = _linear_shapes if config.use_linear_projection else (lambda p, i, o: _conv_shapes(p, i, o, 1))
     s = {**_norm_shapes(f"{prefix}.norm", c), **proj(f"{prefix}.proj_in", c, c)}
     for j in range(num_layers):
@@ -275,15 +281,11 @@ def param_shapes(config):
         for j in range(config.layers[i]):
             s.update(_resnet_shapes(f"down_blocks.{i}.resnets.{j}", c_in if j == 0 else c_out, c_out, temb))
             if kind == "CrossAttnDownBlock2D":
-                s.update(
-                    _transformer_shapes(
-                        f"down_blocks.{i}.attentions.{j}", config, c_out, config.cross_dims[i], config.transformer_layers[i]
-                    )
-                )
+                s.update(_transformer_shapes(f"down_blocks.{i}.attentions.{j}", config, c_out, i))
         if i < n - 1:
             s.update(_conv_shapes(f"down_blocks.{i}.downsamplers.0.conv", c_out, c_out, 3))
     s.update(_resnet_shapes("mid_block.resnets.0", ch[-1], ch[-1], temb))
-    s.update(_transformer_shapes("mid_block.attentions.0", config, ch[-1], config.cross_dims[-1], config.transformer_layers[-1]))
+    s.update(_transformer_shapes("mid_block.attentions.0", config, ch[-1], -1))
     s.update(_resnet_shapes("mid_block.resnets.1", ch[-1], ch[-1], temb))
     for i, kind in enumerate(config.up_block_types):
         r = n - 1 - i  # the down level this up block mirrors
@@ -294,11 +296,7 @@ def param_shapes(config):
             skip = c_skip_in if j == config.layers[r] else c_out
             s.update(_resnet_shapes(f"up_blocks.{i}.resnets.{j}", res_in + skip, c_out, temb))
             if kind == "CrossAttnUpBlock2D":
-                s.update(
-                    _transformer_shapes(
-                        f"up_blocks.{i}.attentions.{j}", config, c_out, config.cross_dims[r], config.transformer_layers[r]
-                    )
-                )
+                s.update(_transformer_shapes(f"up_blocks.{i}.attentions.{j}", config, c_out, r))
         if i < n - 1:
             s.update(_conv_shapes(f"up_blocks.{i}.upsamplers.0.conv", c_out, c_out, 3))
     s.update(_norm_shapes("conv_norm_out", ch[0]))
@@ -386,8 +384,11 @@ def _basic_transformer_block(p, x, context, heads, implementation):
     return x + _linear(p["ff"]["net"]["2"], value * jax.nn.gelu(gate, approximate=False))  # GEGLU, exact GELU
 
 
-def _transformer(p, x, context, heads, num_layers, config, implementation):
-    """Transformer2DModel over NHWC: GroupNorm(eps 1e-6), proj_in, blocks, proj_out, residual."""
+def _transformer(p, x, context, config, level, implementation):
+    """Transformer2DModel over NHWC: GroupNorm(eps 1e-6), proj_in, blocks, proj_out, residual.
+
+    `level`: the down level whose head count and depth it has (the mid block is level -1)."""
+    heads, num_layers = config.heads[level], config.transformer_layers[level]
     b, h, w, c = x.shape
     y = _group_norm(p["norm"], x, config.norm_num_groups, 1e-6)
     if config.use_linear_projection:
@@ -431,9 +432,7 @@ def _down_block(p, x, temb, context, *, config, i, implementation):
     for j in range(config.layers[i]):
         x = _resnet(p["resnets"][str(j)], x, temb, config)
         if config.down_block_types[i] == "CrossAttnDownBlock2D":
-            x = _transformer(
-                p["attentions"][str(j)], x, context, config.heads[i], config.transformer_layers[i], config, implementation
-            )
+            x = _transformer(p["attentions"][str(j)], x, context, config, i, implementation)
         skips.append(x)
     if i < config.num_blocks - 1:
         x = _downsample(p["downsamplers"]["0"]["conv"], x, config.downsample_padding)
@@ -444,9 +443,7 @@ def _down_block(p, x, temb, context, *, config, i, implementation):
 def _mid_block(p, x, temb, context, *, config, implementation):
     scale = config.mid_block_scale_factor
     x = _resnet(p["resnets"]["0"], x, temb, config, scale)
-    x = _transformer(
-        p["attentions"]["0"], x, context, config.heads[-1], config.transformer_layers[-1], config, implementation
-    )
+    x = _transformer(p["attentions"]["0"], x, context, config, -1, implementation)
     return _resnet(p["resnets"]["1"], x, temb, config, scale)
 
 
@@ -456,9 +453,7 @@ def _up_block(p, x, temb, context, skips, *, config, i, upsample_size, implement
         x = jnp.concatenate([x, skips[-1 - j]], axis=-1)  # skip connections, last first
         x = _resnet(p["resnets"][str(j)], x, temb, config)
         if config.up_block_types[i] == "CrossAttnUpBlock2D":
-            x = _transformer(
-                p["attentions"][str(j)], x, context, config.heads[r], config.transformer_layers[r], config, implementation
-            )
+            x = _transformer(p["attentions"][str(j)], x, context, config, r, implementation)
     if upsample_size is not None:
         x = _upsample(p["upsamplers"]["0"], x, upsample_size)
     return x
@@ -505,7 +500,8 @@ def apply(
     # Time embedding (+ SDXL's pooled-text and size/crop embedding).
     ch = config.block_out_channels
     t_emb = timestep_embedding(t, ch[0], config.flip_sin_to_cos, config.freq_shift).astype(dtype)
-    temb = _linear(params["time_embedding"]["linear_2"], jax.nn.silu(_linear(params["time_embedding"]["linear_1"], t_emb)))
+    te = params["time_embedding"]
+    temb = _linear(te["linear_2"], jax.nn.silu(_linear(te["linear_1"], t_emb)))
     if config.addition_embed_type == "text_time":
         if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
             raise UserError("this SDXL UNet needs added_cond={'text_embeds': [B, E], 'time_ids': [B, 6]}")
@@ -576,7 +572,9 @@ def _read_state_dict(folder):
         try:
             import torch
         except ImportError:
-            raise UserError(f"{binary}: only PyTorch .bin weights found; reading them needs `pip install torch`") from None
+            raise UserError(
+                f"{binary}: only PyTorch .bin weights found; reading them needs `pip install torch`"
+            ) from None
         state = torch.load(binary, map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in state.items()}, binary
     raise UserError(
