@@ -93,6 +93,7 @@ def forward_values(model_dir):
         "rows": rows,
         "input_ids": batch["input_ids"],
         "pixel_values": batch["pixel_values"],
+        "noisy": noisy,
         "latent_noise": latent_noise,
         "noise": noise,
         "timesteps": timesteps,

@@ -101,7 +101,7 @@ def fewer_images(sample_images_dir, out):
         ({"seed": 5}, "--seed"),
         ({"resolution": 16}, "--resolution"),
         ({"center_crop": True}, "--center_crop"),
-        ({"interpolation": "bicubic"}, "--interpolation"),
+        ({"interpolation": "bilinear"}, "--interpolation"),  # the default is bicubic
         ({"learnable_property": "style"}, "--learnable_property"),
         ({"repeats": 3}, "--repeats"),
         ({"flip_p": 0.0}, "--flip_p"),

@@ -115,3 +115,16 @@ def test_owned_noise_schedule_is_the_trainers(family):
     with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
     np.testing.assert_array_equal(schedulers.alphas_cumprod(config), models.load_model(model_dir).alphas_cumprod)
+
+
+@pytest.mark.parametrize("attention", ["dense", "chunked"])
+def test_owned_unet_reproduces_golden(family, attention):
+    from ti_flax.models import unet
+
+    _, model_dir, want, got = family
+    config, params = unet.load_params(os.path.join(model_dir, "unet"))
+    sample = np.transpose(got["noisy"], (0, 2, 3, 1))
+    out = jax.jit(lambda p, x, t, h: unet.apply(p, config, x, t, h, attention=attention))(
+        params, sample, want["timesteps"], want["text_hidden"])
+    problem = golden.compare(f"unet_{attention}", np.transpose(np.asarray(out), (0, 3, 1, 2)), want[f"unet_{attention}"])
+    assert problem is None, problem

@@ -100,8 +100,8 @@ def test_remat_and_accumulation_give_the_same_raw_gradient(pixel_run, accumulate
     big, accumulated = first_moment(pixel_run[0]), first_moment(accumulated_run[0])
     assert np.linalg.norm(big) > 0
     np.testing.assert_allclose(accumulated, big, rtol=1e-4, atol=1e-4 * np.abs(big).max())
-    np.testing.assert_allclose([r["grad_norm"] for r in accumulated_run[1].history],
-                               [r["grad_norm"] for r in pixel_run[1].history], rtol=1e-4)
+    # (The logged grad_norm of an accumulated update is the mean of its micro-batches' norms,
+    # which is not the norm of their mean gradient: it is not compared here.)
 
 
 def test_accumulation_resume_is_bitwise_identical(accumulated_run, tmp_path):
