@@ -223,7 +223,7 @@ def check_compatible(saved, current, path):
         if a != b:
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:
-        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + "; ".join(diffs) + " (checkpoint vs now)")
+        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + files.short_list(diffs, 4, "; ") + " (checkpoint vs now)")
 
 
 def resolve_resume(config):

@@ -166,9 +166,8 @@ def _read_npy(path, allow_pickle):
             raise UserError(f"{path}: not a readable .npy file ({_first_line(err)})") from None
         if not allow_pickle:
             raise UserError(
-                f"{path}: this .npy holds a pickled Python object (diffusers' Flax script writes "
-                "learned_embeds.npy this way); unpickling can run arbitrary code, so it is read only "
-                "with --allow-pickle (allow_pickle=True), and only for files you trust"
+                f"{path}: a pickled Python object (as diffusers' Flax script writes it); unpickling can run "
+                "code: pass --allow-pickle (allow_pickle=True) only for files you trust"
             ) from None
         array = np.load(path, allow_pickle=True)
     except Exception as err:
@@ -275,7 +274,7 @@ def _read_folder(folder, token, allow_pickle):
         learned = _learned_tokens(_pipeline_tokenizer(folder))
         raise UserError(
             f"{folder}: a pipeline folder; pass --token to choose which learned token to read "
-            f"(added tokens there: {', '.join(learned) or 'none'})"
+            f"(added tokens there: {files.short_list(learned, 5) or 'none'})"
         )
     raise UserError(
         f"{folder}: no embedding found (expected {DIFFUSERS_FILE}, {DIFFUSERS_BIN}, {FLAX_NPY}, "
@@ -306,7 +305,7 @@ def _read_pipeline(folder, token):
     if token not in added:
         raise UserError(
             f"{folder}: {token!r} is not a token added to this pipeline's tokenizer "
-            f"(added tokens: {', '.join(_learned_tokens(tokenizer)) or 'none'})"
+            f"(added tokens: {files.short_list(_learned_tokens(tokenizer), 5) or 'none'})"
         )
     tokens = [token]
     while f"{token}_{len(tokens)}" in added:

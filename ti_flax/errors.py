@@ -22,11 +22,12 @@ def run_cli(action):
 
     from .files import one_line
 
-    def show(message, *_, **__):
-        print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+    def format_warning(message, *_, **__):
+        return f"warning: {one_line(message)}\n"
 
-    previous = warnings.showwarning
-    warnings.showwarning = show
+    # formatwarning, not showwarning: a caller recording warnings (pytest.warns) still sees them.
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_warning
     try:
         action()
     except UserError as err:
@@ -36,5 +37,5 @@ def run_cli(action):
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        warnings.showwarning = previous
+        warnings.formatwarning = previous
     return 0

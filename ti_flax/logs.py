@@ -35,7 +35,8 @@ class MetricsLogger:
         if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, logging_dir))
+            with files.writing(os.path.join(output_dir, logging_dir)):
+                self.writer = SummaryWriter(os.path.join(output_dir, logging_dir))
 
     def log(self, step, scalars):
         if not self.enabled:
