@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, export, models, train as train_mod
+from ti_flax import TrainConfig, checkpoint, export, files, models, train as train_mod
 from ti_flax.step import init_state
 from ti_flax.optim import OptimizerSpec
 
@@ -28,15 +28,13 @@ def test_embedding_write_crash_keeps_the_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / "learned_embeds.safetensors")
     old = np.arange(6, dtype=np.float32).reshape(2, 3)
     export.save_diffusers(path, "<cat-toy>", old)
-    real = export._write_safetensors
+    real = files.write_bytes
 
-    def write_half_then_crash(target, *args, **kwargs):
-        real(target, *args, **kwargs)
-        with open(target, "r+b") as f:
-            f.truncate(10)
+    def write_half_then_crash(target, data, *args, **kwargs):
+        real(target, data[:10], *args, **kwargs)  # the lowest writer dies half-way
         raise Crash()
 
-    monkeypatch.setattr(export, "_write_safetensors", write_half_then_crash)
+    monkeypatch.setattr(files, "write_bytes", write_half_then_crash)
     with pytest.raises(Crash):
         export.save_diffusers(path, "<cat-toy>", old + 1)
     np.testing.assert_array_equal(load_file(path)["<cat-toy>"], old)

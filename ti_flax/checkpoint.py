@@ -19,7 +19,7 @@ import warnings
 import jax
 import numpy as np
 
-from . import export
+from . import export, files
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -91,36 +91,72 @@ def _flat(tree):
 def save_checkpoint(output_dir, state, meta, total_limit=None):
     """Write `state` (a host-side TrainState) and `meta` as checkpoint-{step}; return its path.
 
-    The folder appears under its final name only when complete; with `total_limit`, the oldest
-    checkpoints beyond the limit are removed after the new one is in place.
+    The folder is written under a hidden temporary name, read back and compared with `state`
+    (a checkpoint that does not read back is never renamed into place), then renamed: it
+    appears under its final name only when complete. With `total_limit`, the oldest
+    checkpoints beyond the limit are removed after the new one is in place. A failed write
+    (disk full, read-only...) is `files.WriteFailed` naming the file; nothing is left behind.
     """
-    from safetensors.numpy import save_file
-
     step = int(state.step)
     final = checkpoint_dir(output_dir, step)
     tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    flat = _flat(state)
     try:
-        save_file(_flat(state), os.path.join(tmp, STATE_FILE))
-        export.save_diffusers(os.path.join(tmp, export.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
-            json.dump({**meta, "step": step, "format_version": FORMAT_VERSION}, f, indent=2)
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # the same step saved again (e.g. after a resume)
-            old = final + f".old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with files.writing(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            try:
+                with files.writing(os.path.join(final, STATE_FILE)):
+                    files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
+                with files.writing(os.path.join(final, export.DIFFUSERS_FILE)):
+                    export.save_diffusers(os.path.join(tmp, export.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
+                with files.writing(os.path.join(final, META_FILE)):
+                    files.write_text(
+                        os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)
+                    )
+                _fsync_tree(tmp)
+                _verify_written(tmp, flat, final)
+                if os.path.exists(final):  # the same step saved again (e.g. after a resume)
+                    old = final + f".old-{os.getpid()}"
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except files.WriteFailed as err:
+        # Name the file under the checkpoint's final name, not the hidden temporary folder.
+        if err.path.startswith(tmp):
+            raise files.WriteFailed(final + err.path[len(tmp):], err.err) from None
         raise
     if total_limit:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)
     return final
+
+
+def _verify_written(folder, flat, final):
+    """Read a just-written checkpoint folder back; WriteFailed unless it holds what was written."""
+    try:
+        back = verify_checkpoint(folder)
+    except UserError as err:
+        raise files.WriteFailed(final, ValueError(f"it does not read back ({err})")) from None
+    if set(back) != set(flat) or any(not np.array_equal(back[k], np.asarray(flat[k])) for k in flat):
+        raise files.WriteFailed(final, ValueError("reading it back gave different values"))
+
+
+def verify_checkpoint(path):
+    """Read checkpoint folder `path` back: its meta.json and every tensor of its state file.
+
+    Returns the state tensors; raises a UserError (`files.DamagedFile` for a damaged file)
+    naming what does not read back.
+    """
+    meta = read_meta(path)
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("tokens"), list):
+        raise files.DamagedFile(os.path.join(path, META_FILE), "not a ti_flax checkpoint's meta.json (no step or tokens)", None)
+    return files.read_safetensors(os.path.join(path, STATE_FILE), advice=None)
 
 
 def _fsync_tree(folder):
@@ -130,23 +166,21 @@ def _fsync_tree(folder):
 
 
 def read_meta(path):
-    try:
-        with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: not a ti_flax checkpoint ({err})") from None
+    meta_file = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_file):
+        raise UserError(f"{path}: not a ti_flax checkpoint (no {META_FILE})")
+    return files.read_json(meta_file, "a ti_flax checkpoint's meta.json (JSON)", advice=None)
 
 
 def load_checkpoint(path, template):
     """Restore a TrainState shaped like `template` from checkpoint folder `path`.
 
-    Returns (state of numpy arrays, meta dict). UserError if the saved optimizer state does not
-    have the template's structure (for instance --max_grad_norm was switched on or off).
+    Returns (state of numpy arrays, meta dict). UserError if a file does not read back, or if
+    the saved optimizer state does not have the template's structure (for instance
+    --max_grad_norm was switched on or off).
     """
-    from safetensors.numpy import load_file
-
     meta = read_meta(path)
-    saved = load_file(os.path.join(path, STATE_FILE))
+    saved = files.read_safetensors(os.path.join(path, STATE_FILE), advice=None)
     want = _flat(template)
     if set(saved) != set(want) or any(saved[k].shape != want[k].shape for k in want):
         raise UserError(
@@ -184,22 +218,41 @@ def check_compatible(saved, current, path):
         if a != b:
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:
-        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + "; ".join(diffs) + " (checkpoint vs now)")
+        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + files.short_list(diffs, 4, "; ") + " (checkpoint vs now)")
 
 
 def resolve_resume(config):
-    """The checkpoint folder to resume from, or None to start fresh (saying why)."""
+    """The checkpoint folder to resume from, or None to start fresh (saying why).
+
+    "latest" skips checkpoints that do not read back (one warning each, naming it) and takes the
+    newest one that does; a damaged checkpoint named explicitly is a UserError naming it.
+    """
     target = config.resume_from_checkpoint
     if not target:
         return None
     if target == "latest":
-        path = latest_checkpoint(config.output_dir)
-        if path is None:
-            print(f"--resume_from_checkpoint latest: no checkpoint in {config.output_dir}; starting fresh", flush=True)
-        return path
+        checkpoints = list_checkpoints(config.output_dir)
+        skipped = 0
+        for _, path in reversed(checkpoints):
+            try:
+                verify_checkpoint(path)
+            except files.DamagedFile as err:
+                skipped += 1
+                warnings.warn(f"--resume_from_checkpoint latest: skipping {path}: {err}", stacklevel=2)
+                continue
+            return path
+        why = f"no checkpoint that reads back ({skipped} damaged)" if skipped else "no checkpoint"
+        print(f"--resume_from_checkpoint latest: {why} in {config.output_dir}; starting fresh", flush=True)
+        return None
     path = target if os.path.isdir(target) else os.path.join(config.output_dir, target)
     if not os.path.isdir(path):
         raise UserError(f"--resume_from_checkpoint {target}: no such checkpoint folder")
     if not os.path.isfile(os.path.join(path, META_FILE)):
         raise UserError(f"--resume_from_checkpoint {target}: incomplete or not a checkpoint (no {META_FILE})")
+    try:
+        verify_checkpoint(path)
+    except files.DamagedFile as err:
+        raise files.DamagedFile(
+            err.path, err.problem, "a damaged checkpoint: resume from an earlier one, or from latest (it skips damaged ones)"
+        ) from None
     return path

@@ -197,7 +197,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"unknown config fields: {', '.join(unknown)}")
+            raise UserError(f"unknown config fields: {', '.join(unknown[:5])}{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
         return cls(**data)
 
     @classmethod

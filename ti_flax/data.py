@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from ti_flax import files
 from ti_flax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -101,10 +102,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def read_image(path: str) -> Image.Image:
+    """The decoded image at `path` (EXIF orientation applied) in 8-bit RGB; a file that cannot
+    be read or decoded (truncated, corrupt, not an image) is one UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except PermissionError:
+        raise UserError(f"cannot read image {path}: permission denied; make it readable or remove it") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+        raise UserError(
+            f"cannot decode image {path} ({files.first_line(e)}); remove it or re-save it as PNG or JPEG"
+        ) from None
+
+
 def _load_one(path: str, resolution: int, center_crop: bool, resample) -> np.ndarray:
-    with Image.open(path) as img:
-        img.load()
-        img = _to_rgb(ImageOps.exif_transpose(img))
+    img = read_image(path)
     if center_crop:
         w, h = img.size
         side = min(w, h)
@@ -135,13 +149,13 @@ def load_images(
     if not os.path.isdir(data_dir):
         raise UserError(f"training data path {data_dir} is not a folder")
     names, skipped = [], []
-    for name in sorted(os.listdir(data_dir)):
+    for name in sorted(files.list_folder(data_dir, "training data folder")):
         is_file = os.path.isfile(os.path.join(data_dir, name))
         ok = is_file and name.lower().endswith(IMAGE_EXTENSIONS)
         (names if ok else skipped).append(name)
     if skipped:
         warnings.warn(
-            f"skipping {len(skipped)} non-image entries in {data_dir}: {', '.join(skipped)}",
+            f"skipping {len(skipped)} non-image entries in {data_dir}: {files.short_list(skipped, 5)}",
             stacklevel=2,
         )
     if not names:
@@ -149,13 +163,7 @@ def load_images(
     images = []
     for name in names:
         path = os.path.join(data_dir, name)
-        try:
-            images.append(_load_one(path, resolution, center_crop, INTERPOLATIONS[interpolation]))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())  # keep the message one line
-            raise UserError(
-                f"cannot decode image {path} ({reason}); remove it or re-save it as PNG or JPEG"
-            ) from e
+        images.append(_load_one(path, resolution, center_crop, INTERPOLATIONS[interpolation]))
     return np.stack(images), names
 
 
@@ -177,9 +185,14 @@ def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: st
     # Truncation would silently cut placeholder vectors out of the prompt: refuse instead.
     lengths = [len(ids) for ids in tokenizer(texts).input_ids]
     if max(lengths) > max_len:
-        longest = texts[int(np.argmax(lengths))]
-        raise UserError(f"prompt {longest!r} is {max(lengths)} tokens, more than the text "
-                        f"encoder's {max_len}; use fewer vectors per token")
+        # Name the template and count the placeholders rather than repeat the expanded prompt.
+        longest = templates[int(np.argmax(lengths))]
+        words = placeholder_text.split()
+        shown = " ".join(words) if len(words) <= 3 else f"{words[0]} {words[1]} ... {words[-1]}"
+        raise UserError(
+            f"prompt {longest.format(shown)!r} ({len(words)} placeholder tokens) is {max(lengths)} tokens, "
+            f"more than the text encoder's {max_len}; use fewer vectors per token (--num_vectors)"
+        )
     ids = tokenizer(
         texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
     ).input_ids

@@ -19,11 +19,11 @@ Only numpy and safetensors are needed, except for torch files (torch) and pipeli
 
 import dataclasses
 import os
-import pickle
 import re
 
 import numpy as np
 
+from . import files
 from .errors import UserError
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
@@ -149,42 +149,13 @@ def _step_from_name(path):
 
 
 def _load_safetensors(path):
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            return {key: f.get_tensor(key) for key in f.keys()}, metadata
-    except Exception as err:  # truncated file, bfloat16 (numpy has no such dtype), not safetensors
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    # bfloat16 files fail here too: numpy has no such dtype.
+    return files.read_safetensors(path, metadata=True, advice="export or download it again")
 
 
 def _load_torch(path):
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"{path}: reading a torch file needs torch (`pip install torch`)") from None
-    try:
-        # weights_only: tensors and plain containers only, so the file cannot run code.
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"{path}: holds Python objects other than tensors and plain containers, which are not "
-            f"loaded for safety ({_first_line(err)})"
-        ) from None
-    except Exception as err:
-        raise UserError(f"{path}: not a readable torch file ({_first_line(err)})") from None
-    return _torch_to_numpy(data, torch)
-
-
-def _torch_to_numpy(obj, torch):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().float().numpy()  # .float(): float16/bfloat16 widen exactly
-    if isinstance(obj, dict):
-        return {k: _torch_to_numpy(v, torch) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_torch_to_numpy(v, torch) for v in obj]
-    return obj
+    # weights_only: tensors and plain containers only, so the file cannot run code.
+    return files.read_torch(path, advice="export or download it again")
 
 
 def _read_npy(path, allow_pickle):
@@ -195,9 +166,8 @@ def _read_npy(path, allow_pickle):
             raise UserError(f"{path}: not a readable .npy file ({_first_line(err)})") from None
         if not allow_pickle:
             raise UserError(
-                f"{path}: this .npy holds a pickled Python object (diffusers' Flax script writes "
-                "learned_embeds.npy this way); unpickling can run arbitrary code, so it is read only "
-                "with --allow-pickle (allow_pickle=True), and only for files you trust"
+                f"{path}: a pickled Python object (as diffusers' Flax script writes it); unpickling can run "
+                "code: pass --allow-pickle (allow_pickle=True) only for files you trust"
             ) from None
         array = np.load(path, allow_pickle=True)
     except Exception as err:
@@ -276,9 +246,7 @@ def _keys(data, limit=5):
     return ", ".join(keys) + (", ..." if len(data) > limit else "")
 
 
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+_first_line = files.first_line
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +274,7 @@ def _read_folder(folder, token, allow_pickle):
         learned = _learned_tokens(_pipeline_tokenizer(folder))
         raise UserError(
             f"{folder}: a pipeline folder; pass --token to choose which learned token to read "
-            f"(added tokens there: {', '.join(learned) or 'none'})"
+            f"(added tokens there: {files.short_list(learned, 5) or 'none'})"
         )
     raise UserError(
         f"{folder}: no embedding found (expected {DIFFUSERS_FILE}, {DIFFUSERS_BIN}, {FLAX_NPY}, "
@@ -337,7 +305,7 @@ def _read_pipeline(folder, token):
     if token not in added:
         raise UserError(
             f"{folder}: {token!r} is not a token added to this pipeline's tokenizer "
-            f"(added tokens: {', '.join(_learned_tokens(tokenizer)) or 'none'})"
+            f"(added tokens: {files.short_list(_learned_tokens(tokenizer), 5) or 'none'})"
         )
     tokens = [token]
     while f"{token}_{len(tokens)}" in added:
@@ -350,18 +318,18 @@ def _read_pipeline(folder, token):
 
 
 def _pipeline_token_table(folder):
+    from .models import token_table
+
     msgpack = os.path.join(folder, "flax_model.msgpack")
     if os.path.isfile(msgpack):
-        from flax import serialization
-
-        from .models import token_table
-
-        with open(msgpack, "rb") as f:
-            return np.asarray(token_table(serialization.msgpack_restore(f.read())))
+        tree = files.read_msgpack(msgpack)
+        tree = tree.get("clip", tree) if "text_model" not in tree else tree
+        try:
+            return np.asarray(token_table(tree))
+        except (KeyError, TypeError):
+            raise files.DamagedFile(msgpack, "holds no CLIP token embedding (text_model.embeddings.token_embedding)") from None
     st = os.path.join(folder, "model.safetensors")
     if os.path.isfile(st):
-        from safetensors import safe_open
-
-        with safe_open(st, framework="numpy") as f:
-            return f.get_tensor("text_model.embeddings.token_embedding.weight")
+        key = "text_model.embeddings.token_embedding.weight"
+        return files.read_safetensors(st, keys=[key])[key]
     raise UserError(f"{folder}: no text encoder weights (flax_model.msgpack or model.safetensors)")

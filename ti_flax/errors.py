@@ -13,15 +13,29 @@ class UserError(Exception):
 def run_cli(action):
     """Run a command's `action()` and return its exit status.
 
-    A UserError becomes one line on stderr (`error: ...`) and its exit code (2); Ctrl-C outside
-    training (which handles it itself) exits 130 without a traceback.
+    A UserError becomes one line on stderr (`error: ...`, at most ~300 characters: longer
+    messages are cut with a count) and its exit code (2); Ctrl-C outside training (which
+    handles it itself) exits 130 without a traceback. Warnings print as one line each
+    (`warning: ...`).
     """
+    import warnings
+
+    from .files import one_line
+
+    def format_warning(message, *_, **__):
+        return f"warning: {one_line(message)}\n"
+
+    # formatwarning, not showwarning: a caller recording warnings (pytest.warns) still sees them.
+    previous = warnings.formatwarning
+    warnings.formatwarning = format_warning
     try:
         action()
     except UserError as err:
-        print(f"{err.label}: {err}", file=sys.stderr)
+        print(one_line(f"{err.label}: {err}"), file=sys.stderr, flush=True)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
     return 0

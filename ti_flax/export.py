@@ -19,6 +19,7 @@ Example:
 """
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -27,6 +28,7 @@ import tempfile
 
 import numpy as np
 
+from . import files
 from .embeddings import DIFFUSERS_BIN, DIFFUSERS_FILE, KOHYA_KEY, A1111_LAYOUT, read_embedding
 from .errors import UserError, run_cli
 
@@ -41,19 +43,28 @@ A1111_STRING_TO_TOKEN = {"*": 265}
 
 
 def atomic_write(path, write):
-    """Call `write(tmp_path)`, then rename tmp_path to `path`; clean up on failure."""
+    """Write `path` under a temporary name in its folder, then rename it into place.
+
+    `write` is the file's bytes, or a function called with the temporary path. An OS error
+    (disk full, quota, read-only, permission) is a `files.WriteFailed` naming `path`, its folder
+    and the free space; the temporary file is removed, and an existing `path` is untouched.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with files.writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            if isinstance(write, (bytes, bytearray)):
+                files.write_bytes(tmp, write)
+            else:
+                write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
     return path
 
 
@@ -76,21 +87,19 @@ def save_diffusers(path, token, rows):
     """`{token: float32 [N, D]}` safetensors with metadata format=pt: what
     `StableDiffusionPipeline.load_textual_inversion` reads (N > 1 loads as tok, tok_1, ...)."""
     rows = check_rows(rows)
-    return atomic_write(path, lambda tmp: _write_safetensors(tmp, {token: rows}))
+    return atomic_write(path, files.safetensors_bytes({token: rows}, {"format": "pt"}))
 
 
 def save_diffusers_bin(path, token, rows):
     """The same dict `torch.save`d to a .bin, as diffusers' PyTorch script writes it."""
     torch = _require_torch("writing learned_embeds.bin", "or drop --no_safe_serialization")
     rows = check_rows(rows)
-    return atomic_write(path, lambda tmp: torch.save({token: torch.from_numpy(rows.copy())}, tmp))
+    return atomic_write(path, files.torch_bytes({token: torch.from_numpy(rows.copy())}))
 
 
 def load_diffusers(path):
     """(token, float32 rows [N, D]) from a diffusers-layout safetensors file."""
-    from safetensors.numpy import load_file
-
-    tensors = load_file(path)
+    tensors = files.read_safetensors(path)
     if len(tensors) != 1:
         raise UserError(f"{path}: expected one token in a diffusers embedding file, found {sorted(tensors)}")
     (token, rows), = tensors.items()
@@ -107,9 +116,7 @@ def _require_torch(what, alternative=""):
 
 
 def _write_safetensors(path, tensors, metadata=None):
-    from safetensors.numpy import save_file
-
-    save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
+    files.write_bytes(path, files.safetensors_bytes(tensors, {"format": "pt", **(metadata or {})}))
 
 
 def _write_torch(path, data):
@@ -120,7 +127,7 @@ def _write_torch(path, data):
             return torch.from_numpy(obj.copy())
         return {k: to_torch(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
 
-    torch.save(to_torch(data), path)
+    files.write_bytes(path, files.torch_bytes(to_torch(data)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,9 +235,10 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
     staged = []
     try:
         for path in paths:
-            tmp = _staging_name(path)
-            staged.append(tmp)
-            _write(tmp, layout, emb.rows, token, name, emb.step)
+            with files.writing(path):  # disk full, read-only...: one line naming `path`
+                tmp = _staging_name(path)
+                staged.append(tmp)
+                _write(tmp, layout, emb.rows, token, name, emb.step)
             _read_back(tmp, path, emb.rows, _expected_token(layout, token, name))
         results = []
         if verify is not None:
@@ -240,12 +248,18 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
             # be an ordinary word already in the vocabulary).
             checks = [(tmp, token or verify_lib.VERIFY_TOKEN, layout != "diffusers") for tmp in staged]
             results = verify_lib.verify_files(verify, emb.rows, checks)
+        renamed = []
         for tmp, path in zip(staged, paths):
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
+            try:
+                with files.writing(path):
+                    os.chmod(tmp, 0o666 & ~_umask())
+                    os.replace(tmp, path)
+            except files.WriteFailed as err:
+                raise err.with_saved(renamed) from None
+            renamed.append(path)
     finally:
         for tmp in staged:
-            if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
                 os.remove(tmp)
     label = {"diffusers": f", token {token}", "a1111": f", name {name}", "kohya": ""}[layout]
     for path in paths:

@@ -130,7 +130,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ...                  ["out/learned_embeds.safetensors"], num_images=2, output_dir="images")  # doctest: +SKIP
         ['images/000.png', 'images/001.png']
     """
-    from . import export, models
+    from . import export, files, models
     from .sampler import Sampler, encode_prompt
 
     # Checks that need no model come first, so a typo fails fast.
@@ -165,18 +165,24 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         f"CFG scale: {guidance_scale}, Seed: {seed}, Size: {sampler.width}x{sampler.height}, "
         f"Model: {pretrained_model_name_or_path}, Embeddings: {', '.join(n[0] for n in concepts) or 'none'}"
     )
-    return [
-        export.atomic_write(os.path.join(output_dir, f"{i:03d}.png"), _png_writer(image, f"{parameters}, Image: {i}"))
-        for i, image in enumerate(images)
-    ]
+    written = []
+    for i, image in enumerate(images):
+        try:
+            written.append(export.atomic_write(
+                os.path.join(output_dir, f"{i:03d}.png"), _png_writer(image, f"{parameters}, Image: {i}")))
+        except files.WriteFailed as err:  # the images already written stay, and are named
+            raise err.with_saved(written) from None
+    return written
 
 
 def _png_writer(image, parameters):
     from PIL import Image, PngImagePlugin
 
+    from . import files
+
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)  # where A1111 and others look for generation settings
-    return lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    return files.png_bytes(Image.fromarray(image), pnginfo=info)
 
 
 def build_parser():

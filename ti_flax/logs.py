@@ -2,6 +2,9 @@
 
 import json
 import os
+import warnings
+
+from . import files
 
 METRICS_FILE = os.path.join("logs", "metrics.jsonl")
 
@@ -25,19 +28,27 @@ class MetricsLogger:
         self.file = None
         if not enabled:
             return
-        path = os.path.join(output_dir, METRICS_FILE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        with files.writing(self.path):  # read-only or full before training: one line, exit 2
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")
         if report_to == "tensorboard":
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, logging_dir))
+            with files.writing(os.path.join(output_dir, logging_dir)):
+                self.writer = SummaryWriter(os.path.join(output_dir, logging_dir))
 
     def log(self, step, scalars):
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps({"step": step, **scalars}) + "\n")
+                self.file.flush()
+            except OSError as err:  # a full disk loses log lines, never the run: warn once, stop logging
+                warnings.warn(f"{files.WriteFailed(self.path, err)}; metrics are no longer logged there, training continues",
+                              stacklevel=2)
+                self._close_file()
         if self.writer is not None:
             for name, value in scalars.items():
                 if isinstance(value, (int, float)):
@@ -51,8 +62,15 @@ class MetricsLogger:
         if self.enabled and self.writer is not None:
             self.writer.add_image(name, image, step, dataformats="HWC")
 
+    def _close_file(self):
+        file, self.file = self.file, None
+        try:
+            file.close()
+        except OSError:
+            pass  # the buffered lines could not be written either; warned already
+
     def close(self):
         if self.file is not None:
-            self.file.close()
+            self._close_file()
         if self.writer is not None:
             self.writer.close()

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import export
+from .files import png_bytes
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -49,7 +50,7 @@ def write_model_card(config, tokens, history, files, validation_grid=None):
     out = config.output_dir
     losses = [r["loss"] for r in history]
     curve = os.path.join(out, LOSS_CURVE)
-    export.atomic_write(curve, lambda tmp: Image.fromarray(loss_curve(losses)).save(tmp, format="PNG"))
+    export.atomic_write(curve, png_bytes(Image.fromarray(loss_curve(losses))))
     token = tokens[0]
     name = token.strip("<>") or "embedding"
     step = history[-1]["step"] if history else 0
@@ -116,8 +117,4 @@ def write_model_card(config, tokens, history, files, validation_grid=None):
         "```",
         "",
     ]
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines))
-
-    return export.atomic_write(os.path.join(out, "README.md"), write)
+    return export.atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, embeddings, model_card
+from . import distributed, embeddings, files, model_card
 from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError, run_cli
@@ -149,7 +150,8 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     state, start_step = initial_state(run)
     writer = jax.process_index() == 0
     if writer:
-        os.makedirs(config.output_dir, exist_ok=True)
+        with files.writing(config.output_dir):  # a read-only or full disk: one line, nothing trained
+            os.makedirs(config.output_dir, exist_ok=True)
         print_banner(run)
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
@@ -157,11 +159,11 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
             rows, history, grid = train_loop(run, logger, callbacks, writer, state, start_step, stop)
     finally:
         logger.close()
-    files = save_outputs(run, rows, history, grid) if writer else {}
+    outputs = save_outputs(run, rows, history, grid) if writer else {}
     if writer:
-        print_summary(run, files, history)
+        print_summary(run, outputs, history)
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(config.output_dir, files, run.tokens, rows, final_loss, history)
+    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history)
 
 
 def initial_state(run):
@@ -256,9 +258,14 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
 
     def validate(done_step):
         nonlocal last_grid
-        paths, last_grid, images = validator(parallel.unreplicate(state.rows), done_step)
-        logger.log_image(done_step, "validation", grid_image(images))
-        model_card.write_model_card(config, run.tokens, history, {}, last_grid)
+        try:
+            paths, grid_path, images = validator(parallel.unreplicate(state.rows), done_step)
+            last_grid = grid_path
+            logger.log_image(done_step, "validation", grid_image(images))
+            model_card.write_model_card(config, run.tokens, history, {}, last_grid)
+        except files.WriteFailed as err:
+            save_failed(done_step, "the validation images", err)
+            return
         for callback in callbacks:
             callback({"kind": "validation", "step": done_step, "images": paths, "grid": last_grid})
 
@@ -285,11 +292,19 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
                 stopping = record(*pending) or stopping  # a NaN step raises here, before anything is saved
                 pending = None
                 if save_rows:
-                    save_intermediate(run, parallel.unreplicate(state.rows), done)
+                    try:
+                        save_intermediate(run, parallel.unreplicate(state.rows), done)
+                    except files.WriteFailed as err:  # training goes on; the final save may still fit
+                        save_failed(done, f"learned_embeds-steps-{done}.safetensors", err)
                 if validating:
                     validate(done)
                 if save_state or stopping:
-                    path = save_checkpoint(run, state) if writer else None
+                    try:
+                        path = save_checkpoint(run, state) if writer else None
+                    except files.WriteFailed as err:
+                        if stopping:  # the checkpoint a stop promises is this run's final save
+                            raise
+                        save_failed(done, f"checkpoint-{done}", err)
                 if stopping:
                     raise Preempted(
                         f"stopped by signal at step {done}; checkpoint saved in {path}. Continue with the same "
@@ -301,6 +316,11 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     finally:
         bar.close()
     return parallel.unreplicate(state.rows), history, last_grid
+
+
+def save_failed(step, what, err):
+    """One warning line for a failed intermediate save; training continues."""
+    warnings.warn(f"step {step}: {what} not saved, training continues: {err}", stacklevel=2)
 
 
 def save_checkpoint(run, state):
@@ -316,19 +336,32 @@ def save_intermediate(run, rows, step):
 
 
 def save_outputs(run, rows, history, grid=None):
-    """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run."""
+    """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run.
+
+    A failed write is `files.WriteFailed` naming, besides the file, what was already saved
+    (files of this call, the newest checkpoint): those stay intact.
+    """
     config = run.config
-    files = {"diffusers": export.save_diffusers(os.path.join(config.output_dir, export.DIFFUSERS_FILE), run.tokens[0], rows)}
-    if config.no_safe_serialization:
-        files["diffusers_bin"] = export.save_diffusers_bin(
-            os.path.join(config.output_dir, export.DIFFUSERS_BIN), run.tokens[0], rows
-        )
-    if config.save_as_full_pipeline:
-        files["pipeline"] = save_pipeline(run, rows)
-    files["model_card"] = model_card.write_model_card(config, run.tokens, history, files, grid)
+    written = {}
+    try:
+        written["diffusers"] = export.save_diffusers(
+            os.path.join(config.output_dir, export.DIFFUSERS_FILE), run.tokens[0], rows)
+        if config.no_safe_serialization:
+            written["diffusers_bin"] = export.save_diffusers_bin(
+                os.path.join(config.output_dir, export.DIFFUSERS_BIN), run.tokens[0], rows
+            )
+        if config.save_as_full_pipeline:
+            written["pipeline"] = save_pipeline(run, rows)
+        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid)
+    except files.WriteFailed as err:
+        saved = list(written.values())
+        checkpoints = ckpt.list_checkpoints(config.output_dir)
+        if checkpoints:
+            saved.append(checkpoints[-1][1])
+        raise err.with_saved(saved) from None
     if config.push_to_hub:
-        files["hub"] = push_to_hub(config)
-    return files
+        written["hub"] = push_to_hub(config)
+    return written
 
 
 def save_pipeline(run, rows):
@@ -337,13 +370,21 @@ def save_pipeline(run, rows):
     import tempfile
 
     out = run.config.output_dir
-    tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=out)
+    tmp = None
     try:
-        models.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
-        for name in os.listdir(tmp):
-            _swap_in(os.path.join(tmp, name), os.path.join(out, name), os.path.join(tmp, ".old-" + name))
+        with files.writing(out, what="the full pipeline into"):
+            tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=out)
+            models.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
+            for name in os.listdir(tmp):
+                _swap_in(os.path.join(tmp, name), os.path.join(out, name), os.path.join(tmp, ".old-" + name))
+    except files.WriteFailed as err:
+        # Name the pipeline file under its final name, not the hidden temporary folder.
+        if tmp and err.path.startswith(tmp):
+            raise files.WriteFailed(out + err.path[len(tmp):], err.err) from None
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

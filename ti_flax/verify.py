@@ -11,7 +11,6 @@ the trainer reuse `load_torch_pipeline` and `torch_hidden_states`.
 
 import copy
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -47,8 +46,11 @@ def check_width(model_dir, rows):
     config = os.path.join(model_dir, "text_encoder", "config.json")
     if not os.path.isfile(config):
         raise UserError(f"--verify {model_dir}: not a Stable Diffusion model folder (no text_encoder/config.json)")
-    with open(config) as f:
-        width = json.load(f)["hidden_size"]
+    from . import files
+
+    width = files.read_json(config, "a CLIP text model config (JSON)").get("hidden_size")
+    if not isinstance(width, int):
+        raise files.DamagedFile(config, "has no integer hidden_size; not a CLIP text model config")
     if rows.shape[-1] != width:
         raise UserError(
             f"--verify {model_dir}: embedding width is {rows.shape[-1]} but this model's text encoder "

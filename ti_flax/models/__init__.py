@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import files
 from ..errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
@@ -152,36 +153,64 @@ def _float32_numpy(params, shapes, folder):
     missing = sorted(".".join(k) for k in set(want) - set(flat))
     if missing:
         raise UserError(f"{folder}: checkpoint lacks {len(missing)} weights of this model, e.g. {missing[0]}")
+    wrong = sorted(".".join(k) for k in want if np.shape(flat[k]) != tuple(want[k].shape))
+    if wrong:
+        k = tuple(wrong[0].split("."))
+        raise UserError(
+            f"{folder}: weight {wrong[0]} has shape {tuple(np.shape(flat[k]))}, but config.json needs "
+            f"{tuple(want[k].shape)} ({len(wrong)} wrong in all); the weights and config.json do not belong together"
+        )
     return unflatten_dict({k: np.asarray(flat[k], dtype=np.float32) for k in want})
 
 
-def _read_safetensors(path):
-    from safetensors.numpy import load_file
+def _read_config(folder, name="config.json"):
+    return files.read_json(os.path.join(folder, name), "a JSON config file")
 
-    try:
-        return load_file(path)
-    except Exception as err:
-        raise UserError(f"{path}: could not read safetensors weights ({err})") from None
+
+def _converted(path, convert):
+    """`convert()` (a PyTorch -> Flax weight conversion) with a failure named after `path`."""
+    with files.reading(path, "weights that fit this folder's config.json",
+                       "the weights and config.json must come from the same model; download them again"):
+        return convert()
 
 
 def _load_diffusers_params(cls, folder):
     """(module, float32 numpy params) of a diffusers Flax model from msgpack, safetensors or .bin."""
-    model = cls.from_config(cls.load_config(folder))
-    shapes = _ShapesOnly(model, model.init_weights)
-    if os.path.exists(os.path.join(folder, "diffusion_flax_model.msgpack")):
-        _, params = cls.from_pretrained(folder, _do_init=False)
-    elif os.path.exists(os.path.join(folder, "diffusion_pytorch_model.safetensors")):
-        state = _read_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-        params = convert_pytorch_state_dict_to_flax({k: _AsNumpy(v) for k, v in state.items()}, shapes)
-    elif os.path.exists(os.path.join(folder, "diffusion_pytorch_model.bin")):
+    config_path = os.path.join(folder, "config.json")
+    config = _read_config(folder)
+    with files.reading(config_path, f"a {cls.__name__.replace('Flax', '')} config"):
+        model = cls.from_config(config)
+        shapes = _ShapesOnly(model, model.init_weights)
+    msgpack = os.path.join(folder, "diffusion_flax_model.msgpack")
+    safetensors = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    bin_file = os.path.join(folder, "diffusion_pytorch_model.bin")
+    if os.path.exists(msgpack):
+        params = files.read_msgpack(msgpack)
+        source = msgpack
+    elif os.path.exists(safetensors):
+        state = files.read_safetensors(safetensors)
+        params = _converted(safetensors, lambda: convert_pytorch_state_dict_to_flax(
+            {k: _AsNumpy(v) for k, v in state.items()}, shapes))
+        source = safetensors
+    elif os.path.exists(bin_file):
         _require_torch(folder)
-        _, params = cls.from_pretrained(folder, from_pt=True)
+        state = _state_dict(files.read_torch(bin_file), bin_file)
+        params = _converted(bin_file, lambda: convert_pytorch_state_dict_to_flax(
+            {k: _AsNumpy(v) for k, v in state.items()}, shapes))
+        source = bin_file
     else:
         raise UserError(
             f"{folder}: no weights found (expected diffusion_flax_model.msgpack, "
             "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"
         )
-    return model, _float32_numpy(params, shapes.shapes, folder)
+    return model, _float32_numpy(params, shapes.shapes, source)
+
+
+def _state_dict(data, path):
+    """A PyTorch state dict {name: array} read from `path`, or DamagedFile."""
+    if not isinstance(data, dict) or not all(isinstance(v, np.ndarray) for v in data.values()):
+        raise files.DamagedFile(path, "not a PyTorch state dict of tensors")
+    return data
 
 
 def _require_torch(folder):
@@ -194,20 +223,32 @@ def _require_torch(folder):
 def _load_text_params(folder):
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax as convert_text
 
-    config = CLIPTextConfig.from_pretrained(folder)
-    model = FlaxCLIPTextModel(config, _do_init=False)
-    shapes = _ShapesOnly(model, lambda rng: model.init_weights(rng, model.input_shape), model.base_model_prefix)
-    files = set(os.listdir(folder))
-    if "flax_model.msgpack" in files:
-        _, params = FlaxCLIPTextModel.from_pretrained(folder, _do_init=False)
-    elif "model.safetensors" in files:
-        params = convert_text(_read_safetensors(os.path.join(folder, "model.safetensors")), shapes)
-    elif "pytorch_model.bin" in files:
+    config_path = os.path.join(folder, "config.json")
+    data = _read_config(folder)
+    if data.get("model_type") == "clip" and isinstance(data.get("text_config"), dict):
+        data = data["text_config"]  # a whole CLIPModel's config: its text part
+    with files.reading(config_path, "a CLIP text model config"):
+        config = CLIPTextConfig.from_dict(data)
+        model = FlaxCLIPTextModel(config, _do_init=False)
+        shapes = _ShapesOnly(model, lambda rng: model.init_weights(rng, model.input_shape), model.base_model_prefix)
+    names = set(files.list_folder(folder))
+    if "flax_model.msgpack" in names:
+        source = os.path.join(folder, "flax_model.msgpack")
+        params = files.read_msgpack(source)
+        if "text_model" not in params and isinstance(params.get(model.base_model_prefix), dict):
+            params = params[model.base_model_prefix]
+    elif "model.safetensors" in names:
+        source = os.path.join(folder, "model.safetensors")
+        state = files.read_safetensors(source)
+        params = _converted(source, lambda: convert_text(state, shapes))
+    elif "pytorch_model.bin" in names:
         _require_torch(folder)
-        params = FlaxCLIPTextModel.from_pretrained(folder, from_pt=True).params
+        source = os.path.join(folder, "pytorch_model.bin")
+        state = _state_dict(files.read_torch(source), source)
+        params = _converted(source, lambda: convert_text(state, shapes))
     else:
         raise UserError(f"{folder}: no text encoder weights (flax_model.msgpack, model.safetensors or pytorch_model.bin)")
-    return config, _float32_numpy(params, shapes.shapes, folder)
+    return config, _float32_numpy(params, shapes.shapes, source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,8 +311,10 @@ def load_model(name_or_path, revision=None, tokenizer_name=None):
     text_config, text_params = _load_text_params(os.path.join(model_dir, "text_encoder"))
     unet, unet_params = _load_diffusers_params(FlaxUNet2DConditionModel, os.path.join(model_dir, "unet"))
     vae, vae_params = _load_diffusers_params(FlaxAutoencoderKL, os.path.join(model_dir, "vae"))
-    scheduler_config = FlaxDDPMScheduler.load_config(os.path.join(model_dir, "scheduler"))
-    alphas_cumprod = noise_schedule(scheduler_config)
+    scheduler_file = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    scheduler_config = files.read_json(scheduler_file, "a JSON config file")
+    with files.reading(scheduler_file, "a noise scheduler config"):
+        alphas_cumprod = noise_schedule(scheduler_config)
     if text_config.vocab_size != len(tokenizer):
         raise UserError(
             f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the text encoder has "
@@ -331,11 +374,25 @@ def abstract_params(spec):
     }
 
 
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
 def load_tokenizer(folder):
-    try:
+    """A CLIP tokenizer from `folder`; DamagedFile naming the file when one of them is damaged."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: no such tokenizer folder")
+    vocab_file = os.path.join(folder, "vocab.json")
+    vocab = files.read_json(vocab_file, "a CLIP vocabulary (JSON)")
+    bad = [k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if not vocab or bad:
+        raise files.DamagedFile(vocab_file, "not a CLIP vocabulary (expected {token: id} with integer ids)")
+    files.read_text(os.path.join(folder, "merges.txt"), "a BPE merges text file")
+    for name in TOKENIZER_CONFIGS:
+        if os.path.exists(os.path.join(folder, name)):
+            files.read_json(os.path.join(folder, name), "a JSON tokenizer config")
+    with files.reading(folder, "a CLIP tokenizer folder (vocab.json, merges.txt)"):
         return CLIPTokenizer.from_pretrained(folder)
-    except Exception as err:
-        raise UserError(f"{folder}: could not load a CLIP tokenizer ({err})") from None
 
 
 def noise_schedule(scheduler_config):

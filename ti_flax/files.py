@@ -1,0 +1,333 @@
+"""Every file ti_flax reads or writes goes through here, so a fault is one line, not a traceback.
+
+Reading: `read_json`, `read_safetensors`, `read_msgpack`, `read_torch`, `read_text` and the
+`reading` context (for a library call that reads a file itself) turn a damaged, truncated or
+unexpected file into a `DamagedFile` error naming the file and what is wrong:
+
+    unet/diffusion_pytorch_model.safetensors: truncated or not a safetensors file (...); download it again
+
+Writing: `write_bytes` is the one function that puts bytes on disk; `writing` (and
+`export.atomic_write`, which uses it) turns ENOSPC, EDQUOT, EROFS, EACCES and other OS
+errors into a `WriteFailed` naming the file, its folder and the folder's free space.
+
+Long values in messages are shortened with a count: `short_list`, `short_text`, `one_line`.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+
+from .errors import UserError
+
+MAX_LINE = 300  # the longest error line printed; longer ones are cut with a count
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+
+
+def first_line(err):
+    """`TypeName: first line of the message` of an exception, at most ~120 characters."""
+    text = str(err).strip().splitlines()
+    return short_text(f"{type(err).__name__}: {text[0]}" if text else type(err).__name__, 90)
+
+
+def short_text(text, limit=80):
+    """`text` whole if it fits in `limit` characters, else its start and how much was cut."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    keep = max(limit - len(f"... ({len(text)} more characters)"), 10)
+    return f"{text[:keep]}... ({len(text) - keep} more characters)"
+
+
+def short_list(items, limit=3, sep=", "):
+    """"a, b, c and 74 more" for a long list; the whole list when it has at most `limit` items."""
+    items = [str(x) for x in items]
+    if len(items) <= limit:
+        return sep.join(items)
+    return f"{sep.join(items[:limit])} and {len(items) - limit} more"
+
+
+def one_line(message, limit=MAX_LINE):
+    """A message as one line of at most about `limit` characters (whitespace collapsed)."""
+    return short_text(message, limit)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class DamagedFile(UserError):
+    """A file exists but cannot be read as what it should be (truncated, corrupt, wrong kind)."""
+
+    def __init__(self, path, problem, advice="download it again"):
+        self.path, self.problem = os.fspath(path), problem
+        super().__init__(f"{self.path}: {problem}" + (f"; {advice}" if advice else ""))
+
+
+@contextlib.contextmanager
+def reading(path, what, advice="download it again"):
+    """Turn any failure inside the block into DamagedFile: "PATH: truncated or not WHAT (...)".
+
+    For library calls that read a file themselves (a tokenizer's from_pretrained, a config
+    class). A UserError raised inside passes through unchanged; so do KeyboardInterrupt and
+    MemoryError. A missing or unreadable (permission) file gets its own wording.
+    """
+    try:
+        yield
+    except (UserError, MemoryError):
+        raise
+    except FileNotFoundError as err:
+        raise DamagedFile(err.filename or path, "missing", "the folder is incomplete; download it again") from None
+    except PermissionError as err:
+        raise DamagedFile(err.filename or path, "permission denied", "make it readable") from None
+    except IsADirectoryError as err:
+        raise DamagedFile(err.filename or path, "is a folder, not a file", None) from None
+    except Exception as err:  # noqa: BLE001 - every library error means the same thing here
+        raise DamagedFile(path, f"truncated or not {what} ({first_line(err)})", advice) from None
+
+
+def _exists(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DamagedFile(path, "missing", "the folder is incomplete; download it again")
+    if os.path.isdir(path):
+        raise DamagedFile(path, "is a folder, not a file", None)
+    return path
+
+
+def read_bytes(path, advice="download it again"):
+    with reading(path, "a readable file", advice):
+        with open(_exists(path), "rb") as f:
+            return f.read()
+
+
+def read_text(path, what="a UTF-8 text file", advice="download it again"):
+    data = read_bytes(path, advice)
+    with reading(path, what, advice):
+        return data.decode("utf-8")
+
+
+def read_json(path, what="a JSON file", kind=dict, advice="download it again"):
+    """The parsed JSON of `path`; DamagedFile if it is not JSON or not a `kind` (dict by default)."""
+    text = read_text(path, what, advice)
+    with reading(path, what, advice):
+        data = json.loads(text)
+    if kind is not None and not isinstance(data, kind):
+        raise DamagedFile(path, f"not {what} (holds a JSON {type(data).__name__}, expected an object)", advice)
+    return data
+
+
+def read_safetensors(path, keys=None, metadata=False, advice="download it again"):
+    """{name: numpy array} of a safetensors file (only `keys`, if given); with metadata=True,
+    (tensors, metadata dict). DamagedFile if the file is truncated or not safetensors."""
+    from safetensors import safe_open
+
+    with reading(path, "a safetensors file", advice):
+        with safe_open(_exists(path), framework="numpy") as f:
+            names = list(f.keys()) if keys is None else list(keys)
+            missing = [k for k in names if k not in set(f.keys())]
+            if missing:
+                raise DamagedFile(path, f"has no tensor {short_list(missing)}", None)
+            tensors = {k: f.get_tensor(k) for k in names}
+            meta = f.metadata() or {}
+    return (tensors, meta) if metadata else tensors
+
+
+def read_msgpack(path):
+    """The nested dict of a Flax msgpack file (`flax.serialization.msgpack_restore`)."""
+    from flax import serialization
+
+    data = read_bytes(path)
+    with reading(path, "a Flax msgpack file"):  # msgpack: "Unpack failed: incomplete input"
+        tree = serialization.msgpack_restore(data)
+    if not isinstance(tree, dict):
+        raise DamagedFile(path, f"not Flax weights (holds a {type(tree).__name__}, expected a dict)")
+    return tree
+
+
+def read_torch(path, advice="download it again"):
+    """`torch.load(path, weights_only=True)` with tensors turned into float32 numpy arrays
+    (or their own dtype for integer tensors). Pickled Python objects beyond tensors and plain
+    containers are refused, so the file cannot run code."""
+    import pickle
+
+    try:
+        import torch
+    except ImportError:
+        raise UserError(f"{path}: reading a PyTorch file needs torch (`pip install torch`)") from None
+    _exists(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise DamagedFile(
+                path, "holds Python objects other than tensors and plain containers, which are not loaded for safety", None
+            ) from None
+        raise DamagedFile(path, f"truncated or not a PyTorch file ({first_line(err)})", advice) from None
+    except (UserError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - zip errors, EOF, unpickling errors all mean a bad file
+        raise DamagedFile(path, f"truncated or not a PyTorch file ({first_line(err)})", advice) from None
+
+    def to_numpy(obj):
+        if isinstance(obj, torch.Tensor):
+            obj = obj.detach().cpu()
+            return obj.float().numpy() if obj.is_floating_point() else obj.numpy()
+        if isinstance(obj, dict):
+            return {k: to_numpy(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [to_numpy(v) for v in obj]
+        return obj
+
+    return to_numpy(data)
+
+
+def list_folder(path, what="folder"):
+    """`os.listdir(path)`, with an unreadable folder as one line."""
+    try:
+        return os.listdir(path)
+    except PermissionError:
+        raise UserError(f"{path}: cannot read this {what} (permission denied)") from None
+    except NotADirectoryError:
+        raise UserError(f"{path}: not a folder") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read this {what} ({err.strerror or first_line(err)})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+_WRITE_REASONS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for the file system",
+}
+
+
+def free_space(folder):
+    """Free bytes on the file system holding `folder` (or its nearest existing parent); None if unknown."""
+    folder = os.path.abspath(folder)
+    while folder and not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def human_bytes(n):
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class WriteFailed(UserError):
+    """An output could not be written (disk full, quota, read-only, permission...).
+
+    The message names the file, its folder and the folder's free space, and, via `saved`,
+    the files that were completed before (which stay intact).
+    """
+
+    def __init__(self, path, err, saved=(), what=None):
+        self.path, self.err, self.saved = os.fspath(path), err, [os.fspath(p) for p in saved]
+        self.what = what  # e.g. "the full pipeline into": "cannot write the full pipeline into out"
+        super().__init__(self.message())
+
+    @property
+    def errno(self):
+        return getattr(self.err, "errno", None)
+
+    def message(self):
+        path = os.path.abspath(self.path)
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        reason = _WRITE_REASONS.get(self.errno) or getattr(self.err, "strerror", None) or first_line(self.err)
+        if self.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            advice = "choose a writable --output_dir"
+        else:
+            advice = "free some space or choose another --output_dir"
+        what = f"{self.what} {self.path}" if self.what else self.path
+        # The folder is in the path already: name it by its last part (and the saved files
+        # relative to it), so the line stays short.
+        where = os.path.basename(folder) + os.sep if folder != os.sep else folder
+        text = f"cannot write {what}: {reason} ({human_bytes(free_space(folder))} free in {where}); {advice}"
+        if self.saved:
+            text += f"; already saved: {short_list(_relative(p, folder) for p in self.saved)}"
+        return text
+
+    def with_saved(self, saved):
+        """The same failure, naming the files already completed."""
+        return WriteFailed(self.path, self.err, [*self.saved, *[p for p in saved if p not in self.saved]], self.what)
+
+
+@contextlib.contextmanager
+def writing(path, what=None):
+    """Turn an OSError inside the block into WriteFailed naming `path` (or the file the OS named)."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except OSError as err:
+        if isinstance(err.filename, str) and not _is_temporary(err.filename):
+            raise WriteFailed(err.filename, err) from None
+        raise WriteFailed(path, err, what=what) from None
+
+
+def _relative(path, folder):
+    path = os.path.abspath(path)
+    inside = path.startswith(os.path.join(folder, "")) and path != folder
+    return os.path.relpath(path, folder) if inside else path
+
+
+def _is_temporary(path):
+    return os.path.basename(path).startswith(".")
+
+
+def write_bytes(path, data):
+    """Write `data` to `path` and flush it to disk: the lowest-level write of every output."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def safetensors_bytes(tensors, metadata=None):
+    from safetensors.numpy import save
+
+    return save(tensors, metadata=metadata)
+
+
+def png_bytes(image, **save_args):
+    """PNG bytes of a PIL image."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save_args)
+    return buffer.getvalue()
+
+
+def torch_bytes(obj):
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
