@@ -55,44 +55,21 @@ LAYOUTS = {
         layers=4,
         resolution=256,
     ),
-    # The golden layouts (tests/golden.py): SD 1.x and SD 2.x block structure at 64 px, so the
-    # first UNet level has 32 x 32 = 1024 tokens and --attention chunked really splits them.
-    # Their weights are drawn with numpy from each weight's name (reinit_weights), not by the
-    # libraries' initialisers, so the golden values survive a torch or diffusers upgrade.
-    "golden-sd1": dict(
-        unet=dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=2,
-            attention_head_dim=8,
-            sample_size=32,
-        ),
-        vae=dict(block_out_channels=(32, 64)),
-        hidden=32,
-        layers=2,
-        resolution=64,
-        numpy_weights=True,
-    ),
-    # SD 2.x: linear attention projections, a head count per block, OpenCLIP's gelu.
-    "golden-sd2": dict(
-        unet=dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=2,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            sample_size=32,
-        ),
-        vae=dict(block_out_channels=(32, 64)),
-        hidden=32,
-        layers=2,
-        resolution=64,
-        hidden_act="gelu",
-        numpy_weights=True,
-    ),
 }
+
+# The golden layouts (tests/golden.py): the tiny SD 1.x block structure at 64 px, so the first
+# UNet level has 32 x 32 = 1024 tokens and --attention chunked really splits them, and its SD 2.x
+# variant (linear attention projections, a head count per block, OpenCLIP's gelu). Their weights
+# are drawn with numpy from each weight's name (reinit_weights), not by the libraries'
+# initialisers, so the golden values survive a torch or diffusers upgrade.
+LAYOUTS["golden-sd1"] = dict(
+    LAYOUTS["tiny"], unet=dict(LAYOUTS["tiny"]["unet"], sample_size=32), resolution=64, numpy_weights=True
+)
+LAYOUTS["golden-sd2"] = dict(
+    LAYOUTS["golden-sd1"],
+    unet=dict(LAYOUTS["golden-sd1"]["unet"], attention_head_dim=(2, 4), use_linear_projection=True),
+    hidden_act="gelu",
+)
 
 
 def find_bpe_file():

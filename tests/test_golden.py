@@ -114,7 +114,10 @@ def test_owned_noise_schedule_is_the_trainers(family):
     _, model_dir, _, _ = family
     with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
         config = json.load(f)
-    np.testing.assert_array_equal(schedulers.alphas_cumprod(config), models.load_model(model_dir).alphas_cumprod)
+    # The owned schedule is bit-equal to PyTorch's DDPMScheduler (test_port_schedulers.py); the
+    # trainer's (diffusers' Flax cumprod) differs from both in the last bits only.
+    np.testing.assert_allclose(schedulers.alphas_cumprod(config), models.load_model(model_dir).alphas_cumprod,
+                               rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("attention", ["dense", "chunked"])
