@@ -50,14 +50,15 @@ def clip_tokenizer(_session_clip_tokenizer):
     return copy.deepcopy(_session_clip_tokenizer)
 
 
-# A test that needs a model folder loads a model and almost always compiles a step: it is an
-# end-to-end test, marked `slow` here so `pytest -m "not slow"` is the quick inner loop.
+# A test that needs a model folder loads a model and almost always compiles a step, and a model
+# port's parity test (tests/test_port_*.py) compiles whole models: both are marked `slow` here,
+# so `pytest -m "not slow"` is the quick inner loop.
 MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run"}
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name.startswith("test_port_"):
             item.add_marker(pytest.mark.slow)
 
 
