@@ -107,7 +107,8 @@ def abstract_cost(variant, batch, resolution, compile_it=True):
         frozen = {"unet": params["unet"], "vae": params["vae"], "alphas_cumprod": alphas}
         args = (state, table, frozen, {"pixel_values": S((batch, 3, resolution, resolution), jnp.float32), **ids})
     else:
-        attention = models.resolve_attention(variant.attention, backend="tpu")
+        # The TPU program without the Pallas kernel (it lowers only on a TPU): auto is dense there.
+        attention = "dense" if variant.attention == "auto" else variant.attention
         spec = dataclasses.replace(spec, dtype=config.compute_dtype, remat=variant.remat, attention=attention)
         dtype = jnp.dtype(spec.dtype)
         frozen = jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params)

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from ti_flax import models, step as step_lib
+from ti_flax.models import clip
 from ti_flax.parallel import AXIS
 
 
@@ -88,23 +89,20 @@ def reference_step(state, original_table, frozen, batch, *, spec, opt_spec, new_
       spec: the model's spec grown by `grown_spec` (static).
       new_ids: the placeholder token ids (static, as the script closes over them).
     """
-    text_module, _, vae = models._modules(spec)
-    dropout_rng, sample_rng, new_rng = jax.random.split(state.rng, 3)
+    dropout_rng, sample_rng, new_rng = jax.random.split(state.rng, 3)  # CLIP's dropout is 0: unused
     tx = reference_tx(state.params, opt_spec)
 
     def compute_loss(params):
-        posterior = vae.apply({"params": frozen["vae"]}, batch["pixel_values"], deterministic=True, method=vae.encode)
-        latents = jnp.transpose(posterior.latent_dist.sample(sample_rng), (0, 3, 1, 2)) * spec.scaling_factor
+        mean, logvar = models.vae_moments(spec, frozen["vae"], jnp.transpose(batch["pixel_values"], (0, 2, 3, 1)))
+        sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(sample_rng, mean.shape, mean.dtype)
+        latents = jnp.transpose(sample, (0, 3, 1, 2)).astype(jnp.float32) * spec.scaling_factor
         noise_rng, timestep_rng = jax.random.split(sample_rng)
         noise = jax.random.normal(noise_rng, latents.shape)
         timesteps = jax.random.randint(timestep_rng, (latents.shape[0],), 0, spec.num_train_timesteps)
         alphas = frozen["alphas_cumprod"]
         noisy = step_lib.noisy_latents(alphas, latents, noise, timesteps)
-        ids = batch["input_ids"]
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-        hidden = text_module.apply(
-            {"params": params}, ids, jnp.ones_like(ids), positions, deterministic=False, rngs={"dropout": dropout_rng}
-        )[0]
+        text_config = models.configs(spec).text  # the grown vocabulary: a plain lookup in the grown table
+        hidden = clip.encode(params, text_config, batch["input_ids"], dtype=jnp.dtype(spec.dtype)).last_hidden_state
         pred = models.predict_noise(spec, frozen["unet"], noisy, timesteps, hidden)
         target = noise if spec.prediction_type == "epsilon" else step_lib.velocity(alphas, latents, noise, timesteps)
         return jnp.mean(jnp.square(target - pred.astype(jnp.float32)))

@@ -132,7 +132,7 @@ class Runner:
         else:
             spec = dataclasses.replace(
                 run.model.spec, dtype=config.replace(mixed_precision=variant.mixed_precision).compute_dtype,
-                remat=variant.remat, attention=models.resolve_attention(variant.attention),
+                remat=variant.remat, attention=variant.attention,
             )
             frozen = parallel.replicate({**models.cast_params(run.model.params, spec.dtype),
                                          "alphas_cumprod": run.model.alphas_cumprod}, run.devices)

@@ -233,7 +233,7 @@ def test_pipeline_folder_reads_rows_of_token(tmp_path, tiny_model_dir, capsys):
     code, _, err = run_cli([pipeline, "-o", tmp_path / "out"], capsys)
     assert code == 2 and "--token" in err and TOKEN in err  # lists the learned tokens
     emb = read_embedding(pipeline, token=TOKEN)
-    assert emb.format == "flax-pipeline" and np.array_equal(emb.rows, rows)
+    assert emb.format == "pipeline" and np.array_equal(emb.rows, rows)
     with pytest.raises(UserError, match="not a token added"):
         read_embedding(pipeline, token="<dog>")
     [out] = export.export_embedding(pipeline, tmp_path / "out", format="a1111", token=TOKEN)

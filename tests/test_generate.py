@@ -284,9 +284,7 @@ def test_images_do_not_depend_on_the_device_count(model):
 @pytest.mark.parametrize("name, torch_name, options, torch_options", [
     ("pndm", "PNDMScheduler", {}, {}),
     ("ddim", "DDIMScheduler", {}, {}),
-    # diffusers' Flax DPM-Solver ends at timestep 0, as PyTorch's final_sigmas_type="sigma_min"
-    # does; PyTorch's default ends at sigma 0.
-    ("dpm", "DPMSolverMultistepScheduler", {}, {"final_sigmas_type": "sigma_min"}),
+    ("dpm", "DPMSolverMultistepScheduler", {}, {}),
     # linspace spacing gives fractional timesteps (the model's config says "leading").
     ("euler", "EulerDiscreteScheduler", {"timestep_spacing": "linspace"}, {}),
 ])
@@ -327,6 +325,9 @@ def test_sampler_images_match_diffusers_pytorch(model, torch_pipe):
 
 
 def test_unsupported_scheduler_config_is_rejected():
-    with pytest.raises(UserError, match="timestep_spacing 'trailing'"):
-        models.flax_scheduler("euler", {"num_train_timesteps": 1000, "timestep_spacing": "trailing"})
-    assert models.flax_scheduler("dpm", {"timestep_spacing": "trailing"}) is not None
+    with pytest.raises(UserError, match="use_karras_sigmas=true is not supported by the euler sampler"):
+        sampler._plan("euler", '{"use_karras_sigmas": true}', 10)
+    # Every spacing diffusers' PyTorch schedulers know runs with every sampler.
+    for name in sampler.SCHEDULERS:
+        config = '{"skip_prk_steps": true, "timestep_spacing": "trailing"}'
+        assert sampler._plan(name, config, 10).num_steps >= 10

@@ -39,6 +39,8 @@ def test_value_matches_golden(family, name):
 
 def test_model_fingerprint_is_unchanged(family):
     # Checkpoints name their base model by this hash: a changed hash refuses every old resume.
+    # (Version 2, ti_flax's own configs; recorded when the port landed. Version-1 checkpoints
+    # resume unchecked: see the test below.)
     _, _, want, got = family
     assert str(got["fingerprint"]) == str(want["fingerprint"])
 
@@ -48,7 +50,8 @@ def test_checkpoint_from_before_the_port_resumes_to_the_golden_rows(family, tmp_
     out = tmp_path / "out"
     shutil.copytree(os.path.join(golden.GOLDEN_DIR, name, f"checkpoint-{golden.CHECKPOINT_STEP}"),
                     out / f"checkpoint-{golden.CHECKPOINT_STEP}")
-    result = golden.train_rows(model_dir, str(out), resume=True)
+    with pytest.warns(UserWarning, match="written by an older ti_flax, whose model fingerprint"):
+        result = golden.train_rows(model_dir, str(out), resume=True)
     assert [r["step"] for r in result.history] == list(range(golden.CHECKPOINT_STEP + 1, golden.STEPS + 1))
     problem = golden.compare("rows_after_4", result.rows, want["rows_after_4"])
     assert problem is None, problem
@@ -78,56 +81,3 @@ def test_chunked_attention_really_chunks_at_64px(family):
 
     assert "scan[" in primitives("chunked") and "length=4" in primitives("chunked")
     assert "scan[" not in primitives("dense")
-
-
-# The owned model code (ti_flax/models/clip.py, vae.py, schedulers.py), read straight from the
-# model folder, against the same golden values: the port's pieces before they are wired in.
-
-
-def test_owned_text_encoder_reproduces_golden(family):
-    from ti_flax.models import clip
-
-    _, model_dir, want, _ = family
-    config, params = clip.load_params(os.path.join(model_dir, "text_encoder"))
-    out = clip.encode(params, config, want["input_ids"], want["rows"], base_vocab_size=config.vocab_size)
-    problem = golden.compare("text_hidden", out.last_hidden_state, want["text_hidden"])
-    assert problem is None, problem
-
-
-def test_owned_vae_reproduces_golden(family):
-    from ti_flax.models import vae
-
-    _, model_dir, want, got = family
-    config, params = vae.load_params(os.path.join(model_dir, "vae"))
-    pixels = got["pixel_values"].astype(np.float32) / 127.5 - 1.0
-    mean, logvar = vae.encode(params, config, pixels)
-    for name, value in (("vae_mean", mean), ("vae_logvar", logvar)):
-        problem = golden.compare(name, np.transpose(np.asarray(value), (0, 3, 1, 2)), want[name])
-        assert problem is None, problem
-
-
-def test_owned_noise_schedule_is_the_trainers(family):
-    import json
-
-    from ti_flax.models import schedulers
-
-    _, model_dir, _, _ = family
-    with open(os.path.join(model_dir, "scheduler", "scheduler_config.json")) as f:
-        config = json.load(f)
-    # The owned schedule is bit-equal to PyTorch's DDPMScheduler (test_port_schedulers.py); the
-    # trainer's (diffusers' Flax cumprod) differs from both in the last bits only.
-    np.testing.assert_allclose(schedulers.alphas_cumprod(config), models.load_model(model_dir).alphas_cumprod,
-                               rtol=2e-6, atol=0)
-
-
-@pytest.mark.parametrize("attention", ["dense", "chunked"])
-def test_owned_unet_reproduces_golden(family, attention):
-    from ti_flax.models import unet
-
-    _, model_dir, want, got = family
-    config, params = unet.load_params(os.path.join(model_dir, "unet"))
-    sample = np.transpose(got["noisy"], (0, 2, 3, 1))
-    out = jax.jit(lambda p, x, t, h: unet.apply(p, config, x, t, h, attention=attention))(
-        params, sample, want["timesteps"], want["text_hidden"])
-    problem = golden.compare(f"unet_{attention}", np.transpose(np.asarray(out), (0, 3, 1, 2)), want[f"unet_{attention}"])
-    assert problem is None, problem

@@ -295,7 +295,7 @@ def test_load_params_checks_weights(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(config.to_dict()))
-    with pytest.raises(UserError, match=r"empty.*model\.safetensors or pytorch_model\.bin"):
+    with pytest.raises(UserError, match=r"empty.*model\.safetensors, pytorch_model\.bin"):
         clip.load_params(str(empty))
     with pytest.raises(UserError, match="config.json"):
         clip.load_params(str(tmp_path / "nowhere"))

@@ -103,7 +103,7 @@ def test_rows_moved_from_initializer(four_device_run, tiny_model_dir):
 def test_full_pipeline_keeps_every_frozen_weight_bitwise(four_device_run, tiny_model_dir):
     config, result, _ = four_device_run
     base = models.load_model(tiny_model_dir)
-    saved = models.load_model(config.output_dir)  # Flax msgpack path of the loader
+    saved = models.load_model(config.output_dir)  # the PyTorch-layout folder, read back
     vocab = base.spec.base_vocab_size
     table = models.token_table(saved.params["text_encoder"])
     assert table.shape == (vocab + 2, 32)
@@ -267,6 +267,34 @@ def test_interop_with_pytorch_diffusers(four_device_run, tiny_model_dir, tmp_pat
             torch_hidden = pipe.text_encoder(ids)[0].numpy()
         flax_hidden = models.encode_text(base.spec, base.params["text_encoder"], jnp.asarray(ids.numpy()), rows)
         assert np.abs(np.asarray(flax_hidden) - torch_hidden).max() < 1e-4
+
+
+def test_full_pipeline_loads_in_pytorch_diffusers(four_device_run):
+    """--save_as_full_pipeline writes what StableDiffusionPipeline.from_pretrained reads: the new
+    tokens are in its tokenizer, their rows in its text encoder, and the UNet is the same model."""
+    torch = pytest.importorskip("torch")
+    from diffusers import StableDiffusionPipeline
+
+    config, result, _ = four_device_run
+    for name in ("model.safetensors", "config.json"):
+        assert os.path.isfile(os.path.join(config.output_dir, "text_encoder", name))
+    pipe = StableDiffusionPipeline.from_pretrained(config.output_dir, safety_checker=None, requires_safety_checker=False)
+    saved = models.load_model(config.output_dir)
+    vocab = saved.spec.base_vocab_size - 2
+    assert pipe.tokenizer.convert_tokens_to_ids(result.tokens) == [vocab, vocab + 1]
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().numpy()
+    np.testing.assert_array_equal(table[vocab:], result.rows)
+    ids = pipe.tokenizer("a photo of " + " ".join(result.tokens), padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch_hidden = pipe.text_encoder(ids)[0].numpy()
+        latents = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32))
+        torch_eps = pipe.unet(latents, 10, torch.from_numpy(torch_hidden)).sample.numpy()
+    no_rows = np.zeros((0, saved.spec.hidden_size), np.float32)
+    hidden = models.encode_text(saved.spec, saved.params["text_encoder"], jnp.asarray(ids.numpy()), no_rows)
+    assert np.abs(np.asarray(hidden) - torch_hidden).max() < 1e-4
+    eps = models.predict_noise(saved.spec, saved.params["unet"], latents.numpy(), np.array([10]), torch_hidden)
+    assert np.abs(np.asarray(eps) - torch_eps).max() < 1e-4
 
 
 def test_trains_on_user_style_images(tiny_model_dir, user_images_dir, tmp_path):

@@ -23,6 +23,9 @@ from . import export, files
 from .errors import UserError
 
 FORMAT_VERSION = 1
+# Version 1 hashed diffusers' and transformers' config objects (before ti_flax owned its models);
+# version 2 hashes ti_flax's own configs. A version-1 checkpoint still resumes, unchecked.
+FINGERPRINT_VERSION = 2
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -199,6 +202,7 @@ def run_meta(config, tokens, token_ids, fingerprint, global_batch, num_images):
         "token_ids": list(token_ids),
         "model": config.pretrained_model_name_or_path,
         "model_fingerprint": fingerprint,
+        "fingerprint_version": FINGERPRINT_VERSION,
         "global_batch_size": global_batch,
         "num_images": num_images,
         "config": json.loads(config.to_json()),
@@ -208,7 +212,13 @@ def run_meta(config, tokens, token_ids, fingerprint, global_batch, num_images):
 def check_compatible(saved, current, path):
     """UserError listing every setting that differs between a checkpoint and this run."""
     diffs = []
-    if saved.get("model_fingerprint") != current["model_fingerprint"]:
+    if saved.get("fingerprint_version", 1) != current["fingerprint_version"]:
+        warnings.warn(
+            f"{path} was written by an older ti_flax, whose model fingerprint this version cannot "
+            f"recompute; resuming without checking that {current['model']} is the model it was trained on",
+            stacklevel=2,
+        )
+    elif saved.get("model_fingerprint") != current["model_fingerprint"]:
         diffs.append(f"base model ({saved.get('model')} vs {current['model']})")
     for key in ("tokens", "global_batch_size", "num_images"):
         if saved.get(key) != current[key]:

@@ -4,7 +4,7 @@ import argparse
 import dataclasses
 import os
 
-from .config import INTERPOLATIONS, LR_SCHEDULERS, TrainConfig
+from .config import ATTENTION, INTERPOLATIONS, LR_SCHEDULERS, TrainConfig
 from .errors import UserError
 
 
@@ -57,9 +57,9 @@ def build_parser():
                    help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")
     _bool_flag(g, "cache_latents", "VAE-encode each image and its flip once before training (the VAE leaves the step)")
     _bool_flag(g, "gradient_checkpointing", "recompute the UNet's block activations in the backward pass: less memory, more compute")
-    g.add_argument("--attention", choices=["auto", "dense", "chunked"], default=d.attention,
-                   help="UNet attention: dense (best on TPU/GPU), chunked (query chunks: faster on CPU, less memory); "
-                   "auto: chunked on CPU only")
+    g.add_argument("--attention", choices=ATTENTION, default=d.attention,
+                   help="UNet attention: dense (one score matrix), chunked (query chunks: faster on CPU, less memory), "
+                   "cudnn (fused, NVIDIA GPU, bf16), flash (Pallas kernel, TPU); auto: the fastest one each call can run")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--save_steps", type=int, default=d.save_steps,

@@ -6,6 +6,7 @@ import math
 from typing import Optional
 
 from .errors import UserError
+from .models.attention import IMPLEMENTATIONS as ATTENTION
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest")
@@ -64,7 +65,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "bf16": frozen weights and activations in bfloat16
     cache_latents: bool = False  # VAE-encode each (image, flip) view once, up front
     gradient_checkpointing: bool = False  # rematerialise the UNet's blocks in the backward pass
-    attention: str = "auto"  # the UNet's attention: dense, chunked, or auto (chunked on CPU only)
+    attention: str = "auto"  # the UNet's attention: one of ATTENTION; auto picks per call site
     # Outputs
     output_dir: str = "text-inversion-model"
     save_steps: int = 500
@@ -116,8 +117,8 @@ class TrainConfig:
         checks = [
             (self.mixed_precision in MIXED_PRECISION,
              f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
-            (self.attention in ("auto", "dense", "chunked"),
-             f"--attention must be auto, dense or chunked, got {self.attention!r}"),
+            (self.attention in ATTENTION,
+             f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"),
             (self.gradient_accumulation_steps >= 1,
              f"--gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}"),
             (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),

@@ -44,7 +44,7 @@ class Embedding:
             `read_embedding`, or None when neither says (kohya files, bare tensors).
         rows: float32 [num_vectors, width], finite.
         format: the layout it was read from: "diffusers", "a1111", "kohya", "flax-npy",
-            "flax-pipeline", "npy" (a bare numeric array) or "tensor" (a bare torch tensor).
+            "pipeline", "npy" (a bare numeric array) or "tensor" (a bare torch tensor).
         step: training step, when the file or folder name says.
         path: the file (or pipeline folder) the rows came from.
     """
@@ -314,22 +314,20 @@ def _read_pipeline(folder, token):
     table = _pipeline_token_table(os.path.join(folder, "text_encoder"))
     if max(ids) >= table.shape[0]:
         raise UserError(f"{folder}: tokenizer has id {max(ids)} but the text encoder has only {table.shape[0]} rows")
-    return Embedding(token, _as_rows(folder, table[ids]), "flax-pipeline", None, folder)
+    return Embedding(token, _as_rows(folder, table[ids]), "pipeline", None, folder)
 
 
 def _pipeline_token_table(folder):
-    from .models import token_table
-
-    msgpack = os.path.join(folder, "flax_model.msgpack")
-    if os.path.isfile(msgpack):
-        tree = files.read_msgpack(msgpack)
-        tree = tree.get("clip", tree) if "text_model" not in tree else tree
-        try:
-            return np.asarray(token_table(tree))
-        except (KeyError, TypeError):
-            raise files.DamagedFile(msgpack, "holds no CLIP token embedding (text_model.embeddings.token_embedding)") from None
     st = os.path.join(folder, "model.safetensors")
     if os.path.isfile(st):
         key = "text_model.embeddings.token_embedding.weight"
         return files.read_safetensors(st, keys=[key])[key]
-    raise UserError(f"{folder}: no text encoder weights (flax_model.msgpack or model.safetensors)")
+    msgpack = os.path.join(folder, "flax_model.msgpack")  # an old Flax pipeline
+    if os.path.isfile(msgpack):
+        tree = files.read_msgpack(msgpack)
+        tree = tree.get("clip", tree) if "text_model" not in tree else tree
+        try:
+            return np.asarray(tree["text_model"]["embeddings"]["token_embedding"]["embedding"])
+        except (KeyError, TypeError):
+            raise files.DamagedFile(msgpack, "holds no CLIP token embedding (text_model.embeddings.token_embedding)") from None
+    raise UserError(f"{folder}: no text encoder weights (model.safetensors or flax_model.msgpack)")

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import UserError, run_cli
 
-SCHEDULER_CHOICES = ("pndm", "ddim", "dpm", "euler")  # == sampler.SCHEDULERS (kept here for a fast --help)
+SCHEDULER_CHOICES = ("pndm", "ddim", "euler", "dpm")  # == sampler.SCHEDULERS (kept here for a fast --help)
 MAX_SEED = 2**32 - 1
 
 

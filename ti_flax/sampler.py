@@ -22,8 +22,9 @@ import numpy as np
 
 from . import models, parallel
 from .errors import UserError
+from .models import schedulers
 
-SCHEDULERS = tuple(models.SAMPLING_SCHEDULERS)
+SCHEDULERS = schedulers.SAMPLERS
 
 # Learned rows are padded to a multiple of this many, so embeddings of different lengths
 # (1 to 8 vectors, or several embeddings together) share one compiled program.
@@ -38,7 +39,7 @@ class SamplerSettings:
     """What the compiled program depends on besides argument shapes (hashable, for caching)."""
 
     spec: models.ModelSpec
-    scheduler: str  # a key of models.SAMPLING_SCHEDULERS
+    scheduler: str  # one of SCHEDULERS
     scheduler_config: str  # the model's scheduler config as sorted JSON
     num_inference_steps: int
     height: int
@@ -46,8 +47,9 @@ class SamplerSettings:
 
 
 @functools.lru_cache(maxsize=None)
-def _scheduler(name, scheduler_config_json):
-    return models.flax_scheduler(name, json.loads(scheduler_config_json))
+def _plan(name, scheduler_config_json, num_inference_steps):
+    """The sampler's static plan (timesteps and coefficients); UserError if it cannot run."""
+    return schedulers.plan(name, json.loads(scheduler_config_json), num_inference_steps)
 
 
 def check_size(spec, height, width):
@@ -116,29 +118,25 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
       float32 [B, C, h, w] latents, as diffusers' pipelines return with output_type="latent".
     """
     spec = settings.spec
-    scheduler = _scheduler(settings.scheduler, settings.scheduler_config)
+    plan = _plan(settings.scheduler, settings.scheduler_config, settings.num_inference_steps)
     batch = prompt_ids.shape[0]
     # Negative and positive prompts go through each model in one batch: [uncond, cond].
     context = models.encode_text(spec, frozen["text_encoder"], jnp.concatenate([negative_ids, prompt_ids]), rows)
-    # The scheduler state depends only on the static config: building it here costs nothing
-    # at run time, and its few small tables are constants of the program.
-    state = scheduler.set_timesteps(scheduler.create_state(), settings.num_inference_steps, noise.shape)
-    latents = noise * state.init_noise_sigma
+    latents = noise * schedulers.init_noise_sigma(plan)
+    # The plan's few small tables are constants of the program.
+    timesteps_table = jnp.asarray(plan.timesteps, jnp.float32)
 
     def step(i, carry):
         latents, state = carry
-        t = state.timesteps[i]
-        # Euler looks its step up by exact (fractional) timestep; the others index tables with it.
-        t_sched = t if settings.scheduler == "euler" else t.astype(jnp.int32)
-        x = scheduler.scale_model_input(state, jnp.concatenate([latents, latents]), t_sched)
-        timesteps = jnp.broadcast_to(t.astype(jnp.float32), (2 * batch,))
+        x = schedulers.scale_model_input(plan, jnp.concatenate([latents, latents]), i)
+        timesteps = jnp.broadcast_to(timesteps_table[i], (2 * batch,))
         pred = models.predict_noise(spec, frozen["unet"], x.astype(context.dtype), timesteps, context)
         uncond, cond = jnp.split(pred.astype(jnp.float32), 2)
         guided = uncond + guidance_scale * (cond - uncond)
-        return scheduler.step(state, guided, t_sched, latents, return_dict=False)
+        return schedulers.step(plan, state, guided, i, latents)
 
-    # PNDM takes one more step than num_inference_steps (its warm-up): loop over its timesteps.
-    latents, _ = jax.lax.fori_loop(0, state.timesteps.shape[0], step, (latents, state))
+    # PNDM calls the model num_inference_steps + 1 times (its warm-up), as diffusers' PyTorch pipeline.
+    latents, _ = jax.lax.fori_loop(0, plan.num_steps, step, (latents, schedulers.init_state(plan, latents)))
     return latents
 
 
@@ -206,7 +204,7 @@ class Sampler:
         if not 1 <= num_inference_steps <= spec.num_train_timesteps:
             raise UserError(f"--steps {num_inference_steps}: must be between 1 and {spec.num_train_timesteps}")
         config_json = json.dumps(dict(scheduler_config), sort_keys=True, default=str)
-        _scheduler(scheduler, config_json)  # raises UserError for an unknown or unusable scheduler
+        _plan(scheduler, config_json, int(num_inference_steps))  # UserError for an unknown or unusable scheduler
         self.settings = SamplerSettings(spec, scheduler, config_json, int(num_inference_steps), self.height, self.width)
         self.num_images = int(num_images or len(self.devices))
         if self.num_images < 1:

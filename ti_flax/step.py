@@ -65,7 +65,7 @@ def example_draws(key, example_ids, latent_shape, num_train_timesteps):
 def encode_pixels(spec, vae_params, pixel_values):
     """VAE posterior (mean, log-variance), float32 NCHW, of uint8 NHWC images."""
     pixels = pixel_values.astype(jnp.float32) / 127.5 - 1.0
-    mean, logvar = models.vae_moments(spec, vae_params, jnp.transpose(pixels, (0, 3, 1, 2)))
+    mean, logvar = models.vae_moments(spec, vae_params, pixels)
     return tuple(jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)) for x in (mean, logvar))
 
 

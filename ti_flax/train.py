@@ -79,6 +79,7 @@ def prepare(config, devices=None):
     config.validate()
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
     check_resolution(config.resolution, model.spec)
+    _attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
     tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
     if config.initial_embeddings:
         start = embeddings.read_embedding(config.initial_embeddings)
@@ -203,8 +204,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
 
     config, devices = run.config, run.devices
     spec = dataclasses.replace(
-        run.model.spec, dtype=config.compute_dtype, remat=config.gradient_checkpointing,
-        attention=models.resolve_attention(config.attention),
+        run.model.spec, dtype=config.compute_dtype, remat=config.gradient_checkpointing, attention=config.attention,
     )
     # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
     frozen_params = models.cast_params(run.model.params, spec.dtype)
@@ -418,6 +418,13 @@ def push_to_hub(config):
     return repo_id
 
 
+def _attention_summary(config, spec):
+    """--attention as the banner shows it: "dense", or "auto (chunked for self-attention)"."""
+    spec = dataclasses.replace(spec, dtype=config.compute_dtype)
+    chosen = models.resolve_attention(config.attention, spec, config.resolution)
+    return chosen if chosen == config.attention else f"{config.attention} ({chosen} for self-attention)"
+
+
 def print_banner(run):
     config, spec = run.config, run.model.spec
     n_rows = len(run.tokens)
@@ -433,7 +440,7 @@ def print_banner(run):
         f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-        f"attention {models.resolve_attention(config.attention)}\n"
+        f"attention {_attention_summary(config, spec)}\n"
         f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
         f"  output     {config.output_dir}",
         flush=True,

@@ -64,8 +64,6 @@ def load_torch_pipeline(model_dir):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
 
-    from . import models  # noqa: F401  (installs the filter for diffusers' deprecation noise)
-
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # "accelerate not found" and similar load-time advice
     dlogging.disable_progress_bar()

@@ -14,16 +14,12 @@ above `base_vocab_size` from a separate `rows` array, so a gradient is taken w.r
 """
 
 import dataclasses
-import json
-import os
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..errors import UserError
-from .weights import check_params, unflatten
 
 # config.json "architectures" entry that means the model carries `text_projection`.
 _PROJECTION_ARCHITECTURE = "CLIPTextModelWithProjection"
@@ -261,56 +257,8 @@ def encode(params, config, input_ids, rows=None, *, base_vocab_size=None, dtype=
     return TextOutputs(last, penultimate, pooled, text_embeds)
 
 
-def _read_bin(path):
-    """A PyTorch `.bin` state dict as numpy arrays (needs torch)."""
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"{path}: PyTorch .bin weights need `pip install torch` to be read") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: could not read PyTorch weights ({err})") from None
-    # numpy has no bfloat16: widen those to float32 (the caller casts anyway).
-    return {
-        k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-        for k, v in state.items()
-        if isinstance(v, torch.Tensor)
-    }
-
-
 def load_params(folder):
-    """(CLIPTextConfig, params) from a transformers text-encoder folder.
+    """(config, float32 params) of a transformers text-encoder folder; see loading.load_component."""
+    from .loading import load_component
 
-    Reads `config.json` and `model.safetensors` (or `pytorch_model.bin`, which needs torch).
-    Arrays keep the file's dtype (the caller casts). An old file's `position_ids` buffer is dropped.
-    Weights that do not fit the config raise a UserError naming the first offending weight.
-    """
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{folder}: no config.json; expected a transformers text encoder folder")
-    try:
-        with open(config_path) as f:
-            config = CLIPTextConfig.from_dict(json.load(f))
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{config_path}: could not read the text encoder config ({err})") from None
-
-    safetensors_path = os.path.join(folder, "model.safetensors")
-    bin_path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(safetensors_path):
-        from safetensors.numpy import load_file
-
-        try:
-            state = load_file(safetensors_path)
-        except Exception as err:
-            raise UserError(f"{safetensors_path}: could not read safetensors weights ({err})") from None
-        source = safetensors_path
-    elif os.path.isfile(bin_path):
-        state, source = _read_bin(bin_path), bin_path
-    else:
-        raise UserError(f"{folder}: no text encoder weights (expected model.safetensors or pytorch_model.bin)")
-
-    # A non-persistent buffer that older transformers versions saved; not a weight.
-    state.pop("text_model.embeddings.position_ids", None)
-    check_params(param_shapes(config), state, source)
-    return config, unflatten(state)
+    return load_component(folder, "text_encoder")

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,6 @@ import numpy as np
 
 from ..errors import UserError
 from . import attention as attn_lib
-from .weights import check_params, unflatten
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -538,55 +536,7 @@ def apply(
 
 
 def load_params(folder):
-    """(UNetConfig, float32 numpy params) from a diffusers unet folder (config.json + weights).
+    """(config, float32 params) of a diffusers unet folder; see loading.load_component."""
+    from .loading import load_component
 
-    Reads diffusion_pytorch_model.safetensors (or its sharded index) without torch, and
-    diffusion_pytorch_model.bin only if torch is installed. Weights are checked against the
-    config's shapes before anything is built.
-    """
-    config_path = os.path.join(folder, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = UNetConfig.from_dict(json.load(f))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{config_path}: could not read the UNet config ({err})") from None
-    state, source = _read_state_dict(folder)
-    check_params(param_shapes(config), state, source)
-    return config, unflatten({k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
-
-
-def _read_state_dict(folder):
-    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    index = single + ".index.json"
-    binary = os.path.join(folder, "diffusion_pytorch_model.bin")
-    if os.path.exists(single):
-        return _load_safetensors(single), single
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(_load_safetensors(os.path.join(folder, shard)))
-        return state, index
-    if os.path.exists(binary):
-        try:
-            import torch
-        except ImportError:
-            raise UserError(
-                f"{binary}: only PyTorch .bin weights found; reading them needs `pip install torch`"
-            ) from None
-        state = torch.load(binary, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}, binary
-    raise UserError(
-        f"{folder}: no UNet weights (expected diffusion_pytorch_model.safetensors, "
-        "diffusion_pytorch_model.safetensors.index.json or diffusion_pytorch_model.bin)"
-    )
-
-
-def _load_safetensors(path):
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(path)
-    except Exception as err:
-        raise UserError(f"{path}: could not read safetensors weights ({err})") from None
+    return load_component(folder, "unet")

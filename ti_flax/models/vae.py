@@ -15,14 +15,12 @@ Parameters are the PyTorch state dict as a nested dict (see weights.py), in PyTo
 """
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 
 from ..errors import UserError
-from .weights import check_params, unflatten
+from .weights import flatten
 
 GROUP_NORM_EPS = 1e-6  # every norm of the diffusers VAE (resnets, attention, conv_norm_out)
 _ACTIVATIONS = {
@@ -126,16 +124,6 @@ def _mid_shapes(config, channels):
     return mid
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = tuple(value)
-    return out
-
-
 def param_shapes(config):
     """{"encoder.conv_in.weight": shape, ...}: AutoencoderKL's state-dict names and shapes."""
     ch, latent, layers = config.block_out_channels, config.latent_channels, config.layers_per_block
@@ -166,7 +154,7 @@ def param_shapes(config):
         tree["quant_conv"] = _conv(2 * latent, 2 * latent, 1)
     if config.use_post_quant_conv:
         tree["post_quant_conv"] = _conv(latent, latent, 1)
-    return _flat(tree)
+    return flatten(tree)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,25 +300,7 @@ def convert_old_attention_names(state_dict):
 
 
 def load_params(folder):
-    """(VAEConfig, params) from a diffusers vae folder: config.json + diffusion_pytorch_model.safetensors.
+    """(config, float32 params) of a diffusers vae folder; see loading.load_component."""
+    from .loading import load_component
 
-    Raises UserError when the folder, config or weights do not fit.
-    """
-    from safetensors.numpy import load_file
-
-    config_path = os.path.join(folder, "config.json")
-    weights_path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    if not os.path.isfile(config_path):
-        raise UserError(f"{folder}: no config.json; pass a diffusers VAE folder (a model's vae/)")
-    with open(config_path, encoding="utf-8") as f:
-        raw = json.load(f)
-    class_name = raw.get("_class_name", "AutoencoderKL")
-    if class_name not in ("AutoencoderKL", "FlaxAutoencoderKL"):
-        raise UserError(f"{config_path}: a {class_name}, not an AutoencoderKL; only the KL VAE is supported")
-    config = VAEConfig.from_dict(raw)
-    if not os.path.isfile(weights_path):
-        raise UserError(f"{folder}: no diffusion_pytorch_model.safetensors; save the VAE with diffusers' "
-                        "save_pretrained(safe_serialization=True)")
-    state_dict = convert_old_attention_names(load_file(weights_path))
-    check_params(param_shapes(config), state_dict, weights_path)
-    return config, unflatten(state_dict)
+    return load_component(folder, "vae")
