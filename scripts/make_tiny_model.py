@@ -71,6 +71,28 @@ LAYOUTS["golden-sd2"] = dict(
     hidden_act="gelu",
 )
 
+# The smallest model with every kind of weight an SD 1.x pipeline has (cross-attention and plain
+# blocks, 1x1-conv projections, resnets with and without conv_shortcut, down- and upsamplers,
+# a VAE mid-block attention), for the committed Flax fixture (scripts/make_flax_fixture.py):
+# 4 / 8 channels with 4 norm groups, and a 514-token CLIP tokenizer (bytes and specials, no merges).
+LAYOUTS["flax-fixture"] = dict(
+    unet=dict(
+        block_out_channels=(4, 8),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        sample_size=8,
+    ),
+    vae=dict(block_out_channels=(4, 8), norm_num_groups=4),
+    hidden=8,
+    layers=2,
+    resolution=16,
+    num_merges=0,
+    numpy_weights=True,
+)
+
 
 def find_bpe_file():
     """Path of open_clip's `bpe_simple_vocab_16e6.txt.gz`, without importing open_clip (and torch)."""
@@ -83,17 +105,20 @@ def find_bpe_file():
     return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
 
 
-def write_clip_tokenizer(bpe_path, out_dir):
-    """Write vocab.json/merges.txt of the standard CLIP tokenizer and return a CLIPTokenizer."""
+def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES):
+    """Write vocab.json/merges.txt of the standard CLIP tokenizer and return a CLIPTokenizer.
+
+    With fewer `num_merges`, the tokenizer keeps only the first merges (vocabulary
+    512 + num_merges + 2): the same token ids for bytes, the specials last."""
     from transformers import CLIPTokenizer
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
+        merges = f.read().split("\n")[1 : num_merges + 1]
     base = list(bytes_to_unicode().values())
     vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    assert len(vocab) == 512 + num_merges + 2, len(vocab)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
@@ -117,9 +142,11 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
 
     spec = LAYOUTS[layout]
     hidden = spec["hidden"]
+    num_merges = spec.get("num_merges", NUM_MERGES)
+    vocab_size = 512 + num_merges + 2  # == CLIP_VOCAB_SIZE for the full tokenizer
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, cross_attention_dim=hidden, norm_num_groups=32, **spec["unet"]
+        in_channels=4, out_channels=4, cross_attention_dim=hidden, **{"norm_num_groups": 32, **spec["unet"]}
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -132,7 +159,7 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
+            vocab_size=vocab_size,
             hidden_size=hidden,
             intermediate_size=2 * hidden + 5,
             num_hidden_layers=spec["layers"],
@@ -140,9 +167,9 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
             max_position_embeddings=77,
             projection_dim=hidden,
             hidden_act=spec.get("hidden_act", "quick_gelu"),
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
         )
     )
     # SD 1.x's scheduler config; v_prediction gives an SD 2.x-768-style model.
@@ -157,7 +184,7 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
         prediction_type=prediction_type,
     )
     with tempfile.TemporaryDirectory() as tok_dir:
-        tokenizer = write_clip_tokenizer(bpe_path or find_bpe_file(), tok_dir)
+        tokenizer = write_clip_tokenizer(bpe_path or find_bpe_file(), tok_dir, num_merges)
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
