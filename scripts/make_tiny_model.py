@@ -111,7 +111,6 @@ def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES):
     With fewer `num_merges`, the tokenizer keeps only the first merges (vocabulary
     512 + num_merges + 2): the same token ids for bytes, the specials last."""
     from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1 : num_merges + 1]
@@ -124,12 +123,18 @@ def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES):
         json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(
-        os.path.join(out_dir, "vocab.json"),
-        os.path.join(out_dir, "merges.txt"),
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
+    # from_pretrained reads vocab.json + merges.txt the same way in transformers 4.x and 5.x.
+    return CLIPTokenizer.from_pretrained(out_dir, pad_token="<|endoftext|>", model_max_length=77)
+
+
+def bytes_to_unicode():
+    """{byte: printable character}, the byte-level alphabet of the CLIP (and GPT-2) BPE.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map in
+    order to the characters from U+0100 on, so every byte has a visible, non-space symbol."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, bpe_path=None):
