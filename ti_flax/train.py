@@ -19,7 +19,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, embeddings, files, model_card
+from . import compile_cache, distributed, embeddings, files, model_card
 from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError, run_cli
@@ -145,6 +145,7 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
         ('out/learned_embeds.safetensors', 0.1234)
     """
     config.validate()
+    compile_cache.configure(enabled=not config.no_compilation_cache)
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, config.distributed_timeout)
     run = prepare(config, devices)
     state, start_step = initial_state(run)
