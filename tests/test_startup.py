@@ -1,10 +1,13 @@
-"""A run's start: the persistent compilation cache."""
+"""A run's start: the persistent compilation cache, the step compiled ahead, and what the summary
+says it cost (load and compile seconds, peak device memory where the backend reports it)."""
+
+import os
 
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from ti_flax import TrainConfig, UserError, cli, compile_cache, train
+from ti_flax import TrainConfig, UserError, cli, compile_cache, logs, step as step_lib, train
 
 CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
                  *compile_cache.THRESHOLDS)
@@ -75,3 +78,30 @@ def test_no_compilation_cache_flag_turns_it_off(fresh_env, monkeypatch):
     with pytest.raises(UserError):
         train(config)
     assert not jax.config.jax_enable_compilation_cache and not fresh_env.exists()
+
+
+def test_peak_bytes_and_startup_line():
+    gib = 2**30
+    assert logs.peak_bytes([None, {"bytes_in_use": 1}, {"peak_bytes_in_use": 3 * gib}, {"peak_bytes_in_use": gib}]) == 3 * gib
+    assert logs.peak_bytes([None, {}]) is None
+    timings = {"load_model_s": 3.14, "compile_step_s": 12.37, "peak_device_bytes": None}
+    assert logs.startup_text(timings) == "loaded model in 3.1 s; compiled step in 12.4 s"
+    assert logs.startup_text({**timings, "peak_device_bytes": int(7.25 * gib)}).endswith("; peak device memory 7.25 GiB")
+    assert logs.startup_text({**timings, "compile_step_s": None}) == "loaded model in 3.1 s"
+    assert logs.peak_device_bytes(jax.local_devices(backend="cpu")[:2]) is None  # CPU reports no memory stats
+
+
+def test_run_compiles_once_into_the_cache_and_reports_startup(fresh_env, tiny_model_dir, sample_images_dir, tmp_path,
+                                                               capsys):
+    step_lib.pmapped_train_step.cache_clear()  # so this run compiles its step, into the new folder
+    before = step_lib.TRACE_COUNT["train_step"]
+    config = TrainConfig.tiny(tiny_model_dir, sample_images_dir, str(tmp_path / "o"), max_train_steps=3)
+    result = train(config, devices=jax.local_devices()[:2])
+    assert step_lib.TRACE_COUNT["train_step"] - before == 1  # compiled ahead, then 3 steps, one trace
+    assert os.listdir(fresh_env), "no compiled program was written to the cache"
+    out = capsys.readouterr().out
+    summary = out[out.index("done: step 3"):]
+    assert "loaded model in " in summary and "compiled step in " in summary
+    assert "peak device memory" not in summary  # CPU does not report it
+    assert result.timings["peak_device_bytes"] is None
+    assert result.timings["load_model_s"] > 0 and result.timings["compile_step_s"] > 0
