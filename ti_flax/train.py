@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import jax
@@ -220,8 +221,9 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     )
     # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
     frozen_params = {**models.cast_params(run.model.params, spec.dtype), "alphas_cumprod": run.model.alphas_cumprod}
-    # Compiled ahead, from shapes, so the time is known and the first step runs the finished program.
-    p_step, compile_seconds = compile_step(run, spec, state, frozen_params, start_step)
+    # The step compiles from shapes in the background while the weights are copied to the
+    # devices and the latents are cached; the first step then runs the finished program.
+    compiling = compile_in_background(run, spec, state, frozen_params, start_step)
     frozen = parallel.replicate(frozen_params, devices)
     del frozen_params
     # Built before --cache_latents takes the VAE out of the step's weights: sampling decodes.
@@ -233,6 +235,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
         data = latents.cached_data(spec, frozen.pop("vae"), run.data, devices)
     state = parallel.replicate(state, devices)
     keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
+    p_step, compile_seconds = compiling.result()
     schedule = run.opt_spec.schedule()
     batches = parallel.prefetch_to_devices(
         data.batches(start_step * accum, jax.process_index(), jax.process_count(), len(devices)), devices
@@ -351,16 +354,28 @@ def step_shapes(run, spec, state, frozen_params, start_step):
     return parallel.shapes(state, devices), frozen, parallel.shapes(batch), key
 
 
-def compile_step(run, spec, state, frozen_params, start_step):
-    """(the compiled train step, seconds it took), from the shapes of its arguments.
+def compile_in_background(run, spec, state, frozen_params, start_step):
+    """Start compiling the train step on a thread; returns a future of (step, seconds).
 
-    In a multi-process run the step compiles on its first call instead (see
-    step.compile_train_step): the seconds are then None.
+    Its `result()` re-raises whatever the compile raised. In a multi-process run the step
+    compiles on its first call instead (see step.compile_train_step): (step, None) at once.
     """
     args = step_shapes(run, spec, state, frozen_params, start_step)
-    start = time.perf_counter()
-    fn = step_lib.compile_train_step(spec, run.opt_spec, run.devices, *args)
-    return fn, (time.perf_counter() - start if jax.process_count() == 1 else None)
+    if jax.process_count() > 1:
+        done = Future()
+        done.set_result((step_lib.compile_train_step(spec, run.opt_spec, run.devices, *args), None))
+        return done
+
+    def compile_step():
+        start = time.perf_counter()
+        fn = step_lib.compile_train_step(spec, run.opt_spec, run.devices, *args)
+        return fn, time.perf_counter() - start
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")
+    try:
+        return pool.submit(compile_step)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends when the compile does
 
 
 def save_failed(step, what, err):
