@@ -82,11 +82,13 @@ def test_no_compilation_cache_flag_turns_it_off(fresh_env, monkeypatch):
 
 def test_peak_bytes_and_startup_line():
     gib = 2**30
-    assert logs.peak_bytes([None, {"bytes_in_use": 1}, {"peak_bytes_in_use": 3 * gib}, {"peak_bytes_in_use": gib}]) == 3 * gib
+    stats = [None, {"bytes_in_use": 1}, {"peak_bytes_in_use": 3 * gib}, {"peak_bytes_in_use": gib}]
+    assert logs.peak_bytes(stats) == 3 * gib
     assert logs.peak_bytes([None, {}]) is None
     timings = {"load_model_s": 3.14, "compile_step_s": 12.37, "peak_device_bytes": None}
     assert logs.startup_text(timings) == "loaded model in 3.1 s; compiled step in 12.4 s"
-    assert logs.startup_text({**timings, "peak_device_bytes": int(7.25 * gib)}).endswith("; peak device memory 7.25 GiB")
+    with_memory = logs.startup_text({**timings, "peak_device_bytes": int(7.25 * gib)})
+    assert with_memory.endswith("; peak device memory 7.25 GiB")
     assert logs.startup_text({**timings, "compile_step_s": None}) == "loaded model in 3.1 s"
     assert logs.peak_device_bytes(jax.local_devices(backend="cpu")[:2]) is None  # CPU reports no memory stats
 
