@@ -60,6 +60,8 @@ def build_parser():
     g.add_argument("--attention", choices=ATTENTION, default=d.attention,
                    help="UNet attention: dense (one score matrix), chunked (query chunks: faster on CPU, less memory), "
                    "cudnn (fused, NVIDIA GPU, bf16), flash (Pallas kernel, TPU); auto: the fastest one each call can run")
+    _bool_flag(g, "no_compilation_cache", "do not keep compiled programs on disk for the next run (default: in "
+               "$XDG_CACHE_HOME/ti_flax/jax_cache, ~/.cache/ti_flax/jax_cache, or $JAX_COMPILATION_CACHE_DIR if set)")
     g = p.add_argument_group("outputs")
     g.add_argument("--output_dir", default=d.output_dir)
     g.add_argument("--save_steps", type=int, default=d.save_steps,

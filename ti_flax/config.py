@@ -66,6 +66,7 @@ class TrainConfig:
     cache_latents: bool = False  # VAE-encode each (image, flip) view once, up front
     gradient_checkpointing: bool = False  # rematerialise the UNet's blocks in the backward pass
     attention: str = "auto"  # the UNet's attention: one of ATTENTION; auto picks per call site
+    no_compilation_cache: bool = False  # True: no persistent compilation cache (see compile_cache.py)
     # Outputs
     output_dir: str = "text-inversion-model"
     save_steps: int = 500

@@ -105,7 +105,7 @@ def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
 
 def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
              guidance_scale=7.5, seed=0, height=None, width=None, scheduler="pndm", output_dir="generated",
-             allow_pickle=False, devices=None):
+             allow_pickle=False, devices=None, compilation_cache=True):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
@@ -119,6 +119,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
       output_dir: where 000.png, 001.png, ... are written.
       allow_pickle: allow reading a pickled `.npy` (trusted files only).
       devices: the local devices to split images over (default: all).
+      compilation_cache: keep compiled programs on disk for the next call (see
+        ti_flax.compile_cache); False is `--no_compilation_cache`.
     Returns:
       The paths of the images written, in order.
     Raises:
@@ -130,7 +132,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ...                  ["out/learned_embeds.safetensors"], num_images=2, output_dir="images")  # doctest: +SKIP
         ['images/000.png', 'images/001.png']
     """
-    from . import export, files, models
+    from . import compile_cache, export, files, models
     from .sampler import Sampler, encode_prompt
 
     # Checks that need no model come first, so a typo fails fast.
@@ -149,6 +151,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULER_CHOICES)}")
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
+    compile_cache.configure(enabled=compilation_cache)
     model = models.load_model(pretrained_model_name_or_path)
     concepts, rows = load_concepts(model.tokenizer, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
@@ -204,6 +207,9 @@ def build_parser():
     parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
     parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
                         help="allow reading a pickled .npy embedding (it can run code: trusted files only)")
+    parser.add_argument("--no_compilation_cache", action="store_true",
+                        help="do not keep compiled programs on disk for the next run (default: in "
+                        "$XDG_CACHE_HOME/ti_flax/jax_cache, or $JAX_COMPILATION_CACHE_DIR if set)")
     return parser
 
 
@@ -216,7 +222,7 @@ def main(argv=None):
         code = run_cli(lambda: paths.extend(generate(
             args.pretrained_model_name_or_path, args.prompt, args.embeddings, args.negative_prompt,
             args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
-            args.scheduler, args.output_dir, args.allow_pickle,
+            args.scheduler, args.output_dir, args.allow_pickle, compilation_cache=not args.no_compilation_cache,
         )))
     for path in paths:
         print(path)

@@ -93,6 +93,24 @@ class CachedLatentData(data_lib.TrainData):
         }
 
 
+def cached_batch_shapes(spec, vae_params, batch):
+    """What a CachedLatentData batch will look like, from a pixel batch, with nothing encoded.
+
+    Args:
+      spec: models.ModelSpec. vae_params: the VAE's params or their jax.ShapeDtypeStruct tree
+        (no device axis). batch: a local pixel batch's arrays or shapes, [devices, B, ...].
+    Returns:
+      The batch's jax.ShapeDtypeStruct tree with "latent_mean" and "latent_logvar" (float32
+      [devices, B, C, h, w]) in place of "pixel_values".
+    """
+    pixels = batch["pixel_values"]
+    one_device = jax.ShapeDtypeStruct(tuple(pixels.shape[1:]), pixels.dtype)
+    mean, _ = jax.eval_shape(functools.partial(step_lib.encode_pixels, spec), vae_params, one_device)
+    moments = jax.ShapeDtypeStruct(tuple(pixels.shape[:1]) + tuple(mean.shape), np.float32)
+    rest = {k: v for k, v in batch.items() if k != "pixel_values"}
+    return {**parallel.shapes(rest), "latent_mean": moments, "latent_logvar": moments}
+
+
 def cached_data(spec, vae_params, data, devices):
     """`data` with every image encoded once: a CachedLatentData for the train loop."""
     mean, logvar = encode_views(spec, vae_params, data.images, devices)

@@ -59,6 +59,13 @@ def replicate(tree, devices):
     return jax.tree_util.tree_map(put, tree)
 
 
+def shapes(tree, devices=None):
+    """Each leaf as a jax.ShapeDtypeStruct (nothing copied); with `devices`, as `replicate`
+    would lay it out, with a leading device axis."""
+    lead = (len(devices),) if devices is not None else ()
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(lead + tuple(np.shape(x)), x.dtype), tree)
+
+
 def unreplicate(tree):
     """The first device's copy of each leaf, on the host as numpy."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(tree))

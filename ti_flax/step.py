@@ -153,3 +153,33 @@ def pmapped_train_step(spec, opt_spec, devices):
     """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
     fn = functools.partial(_counted_train_step, spec=spec, opt_spec=opt_spec)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))
+
+
+def compile_train_step(spec, opt_spec, devices, state, frozen, batch, key):
+    """The pmapped train step compiled ahead of its first call, for arguments shaped like these.
+
+    Args:
+      spec, opt_spec, devices: as for `pmapped_train_step`.
+      state, frozen, batch, key: the step's arguments, each leaf with its leading device axis:
+        arrays, or jax.ShapeDtypeStruct where the arrays are not on the devices yet.
+    Returns:
+      A callable `(state, frozen, batch, key) -> (state, metrics)` that never traces again: an
+      argument of another shape or dtype is a TypeError, not a silent recompile. Cached by the
+      pmapped step and the arguments' shapes, so a second run with the same settings reuses it.
+      In a multi-process run, the pmapped step itself, which compiles on its first call.
+    """
+    if jax.process_count() > 1:
+        # There the pmap spans every process's devices: its ahead-of-time program takes global
+        # arrays, not the host-local ones the loop passes (jax's pmap.lower says as much).
+        return pmapped_train_step(spec, opt_spec, devices)
+    leaves, treedef = jax.tree_util.tree_flatten((state, frozen, batch, key))
+    shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
+    return _compiled(pmapped_train_step(spec, opt_spec, devices), treedef, shapes)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(fn, treedef, shapes):
+    # Keyed by the pmapped function itself: after `pmapped_train_step.cache_clear()` a run
+    # traces and compiles afresh (the persistent cache may still skip the compile).
+    args = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(*s) for s in shapes])
+    return fn.lower(*args).compile()

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import distributed, embeddings, files, model_card
+from . import compile_cache, distributed, embeddings, files, logs, model_card
 from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError, run_cli
@@ -45,6 +46,9 @@ class TrainResult:
       rows: float32 [num_vectors, hidden], the learned embedding.
       final_loss: loss of the last step.
       history: one dict per step (step, loss, lr, grad_norm, row_norms).
+      timings: {"load_model_s", "compile_step_s": seconds (None if a multi-process run, which
+        compiles on its first step, took none), "peak_device_bytes": int, or None where the
+        backend does not report it (CPU)}.
     """
 
     output_dir: str
@@ -53,6 +57,7 @@ class TrainResult:
     rows: np.ndarray
     final_loss: float
     history: list
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -69,6 +74,7 @@ class Run:
     total_steps: int
     devices: tuple
     meta: dict  # what checkpoints record about this run
+    load_seconds: float = 0.0  # reading and converting the model's weights
 
 
 def prepare(config, devices=None):
@@ -77,7 +83,9 @@ def prepare(config, devices=None):
     `devices` are the local devices to train on (default: all of them).
     """
     config.validate()
+    start = time.perf_counter()
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+    load_seconds = time.perf_counter() - start
     check_resolution(config.resolution, model.spec)
     _attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
     tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
@@ -104,7 +112,7 @@ def prepare(config, devices=None):
         check_hub_token(config)
     fingerprint = ckpt.model_fingerprint(model.spec, models.token_table(model.params["text_encoder"]))
     meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images))
-    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds)
 
 
 def check_resolution(resolution, spec):
@@ -146,6 +154,7 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
         ('out/learned_embeds.safetensors', 0.1234)
     """
     config.validate()
+    compile_cache.configure(enabled=not config.no_compilation_cache)
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, config.distributed_timeout)
     run = prepare(config, devices)
     state, start_step = initial_state(run)
@@ -157,14 +166,16 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
         with StopOnSignal() as stop:
-            rows, history, grid = train_loop(run, logger, callbacks, writer, state, start_step, stop)
+            rows, history, grid, compile_seconds = train_loop(run, logger, callbacks, writer, state, start_step, stop)
     finally:
         logger.close()
+    timings = {"load_model_s": run.load_seconds, "compile_step_s": compile_seconds,
+               "peak_device_bytes": logs.peak_device_bytes(run.devices)}
     outputs = save_outputs(run, rows, history, grid) if writer else {}
     if writer:
-        print_summary(run, outputs, history)
+        print_summary(run, outputs, history, timings)
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history)
+    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings)
 
 
 def initial_state(run):
@@ -196,9 +207,11 @@ def initial_state(run):
 
 
 def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
-    """Step from `start_step` to `run.total_steps`; return the final rows and per-step records.
+    """Step from `start_step` to `run.total_steps`.
 
     Checkpoints every --checkpointing_steps, and on a stop signal (then raises Preempted).
+    Returns:
+      (final rows, per-step records, last validation grid or None, seconds compiling the step).
     """
     from tqdm.auto import tqdm
 
@@ -207,8 +220,11 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
         run.model.spec, dtype=config.compute_dtype, remat=config.gradient_checkpointing, attention=config.attention,
     )
     # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
-    frozen_params = models.cast_params(run.model.params, spec.dtype)
-    frozen = parallel.replicate({**frozen_params, "alphas_cumprod": run.model.alphas_cumprod}, devices)
+    frozen_params = {**models.cast_params(run.model.params, spec.dtype), "alphas_cumprod": run.model.alphas_cumprod}
+    # The step compiles from shapes in the background while the weights are copied to the
+    # devices and the latents are cached; the first step then runs the finished program.
+    compiling = compile_in_background(run, spec, state, frozen_params, start_step)
+    frozen = parallel.replicate(frozen_params, devices)
     del frozen_params
     # Built before --cache_latents takes the VAE out of the step's weights: sampling decodes.
     validator = Validator(config, spec, run.model, run.tokens, dict(frozen), devices) if (
@@ -219,7 +235,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
         data = latents.cached_data(spec, frozen.pop("vae"), run.data, devices)
     state = parallel.replicate(state, devices)
     keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
-    p_step = step_lib.pmapped_train_step(spec, run.opt_spec, devices)
+    p_step, compile_seconds = compiling.result()
     schedule = run.opt_spec.schedule()
     batches = parallel.prefetch_to_devices(
         data.batches(start_step * accum, jax.process_index(), jax.process_count(), len(devices)), devices
@@ -274,7 +290,10 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
         for step in range(start_step, run.total_steps):
             metrics = []
             for _ in range(accum):  # micro-batches of one optimizer update
-                state, micro = p_step(state, frozen, next(batches), keys)
+                batch, start = next(batches), time.perf_counter()
+                state, micro = p_step(state, frozen, batch, keys)
+                if compile_seconds is None:  # compiled by this first call (multi-process); it runs asynchronously
+                    compile_seconds = time.perf_counter() - start
                 metrics.append(micro)
             # Every process votes on stopping after each step; all read the votes at the same
             # steps, so a signal on any host makes every host checkpoint the same step.
@@ -315,7 +334,48 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
             record(*pending)
     finally:
         bar.close()
-    return parallel.unreplicate(state.rows), history, last_grid
+    return parallel.unreplicate(state.rows), history, last_grid, compile_seconds
+
+
+def step_shapes(run, spec, state, frozen_params, start_step):
+    """The train step's arguments (state, frozen, batch, key) as jax.ShapeDtypeStruct trees laid
+    out as the loop will pass them, from host trees: nothing needs to be on the devices.
+
+    `frozen_params` is the host tree the loop replicates (cast, with "alphas_cumprod").
+    """
+    devices = run.devices
+    frozen = parallel.shapes(frozen_params, devices)
+    batch = run.data.local_batch(start_step * run.config.gradient_accumulation_steps, jax.process_index(),
+                                 jax.process_count(), len(devices))
+    if run.config.cache_latents:
+        frozen.pop("vae")
+        batch = latents.cached_batch_shapes(spec, parallel.shapes(frozen_params["vae"]), batch)
+    key = parallel.shapes(jax.random.PRNGKey(run.config.seed), devices)
+    return parallel.shapes(state, devices), frozen, parallel.shapes(batch), key
+
+
+def compile_in_background(run, spec, state, frozen_params, start_step):
+    """Start compiling the train step on a thread; returns a future of (step, seconds).
+
+    Its `result()` re-raises whatever the compile raised. In a multi-process run the step
+    compiles on its first call instead (see step.compile_train_step): (step, None) at once.
+    """
+    args = step_shapes(run, spec, state, frozen_params, start_step)
+    if jax.process_count() > 1:
+        done = Future()
+        done.set_result((step_lib.compile_train_step(spec, run.opt_spec, run.devices, *args), None))
+        return done
+
+    def compile_step():
+        start = time.perf_counter()
+        fn = step_lib.compile_train_step(spec, run.opt_spec, run.devices, *args)
+        return fn, time.perf_counter() - start
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")
+    try:
+        return pool.submit(compile_step)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends when the compile does
 
 
 def save_failed(step, what, err):
@@ -431,7 +491,8 @@ def print_banner(run):
     print(
         f"ti_flax: textual inversion of {' '.join(run.tokens)} (ids {run.token_ids[0]}..{run.token_ids[-1]}) "
         f"from {config.initial_embeddings or repr(config.initializer_token)}\n"
-        f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size})\n"
+        f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size}), "
+        f"loaded in {run.load_seconds:.1f} s\n"
         f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
         f"{jax.process_count()} process(es), {jax.default_backend()})\n"
         f"  batch      {config.train_batch_size} per device x {len(run.devices) * jax.process_count()} devices = "
@@ -447,9 +508,10 @@ def print_banner(run):
     )
 
 
-def print_summary(run, files, history):
+def print_summary(run, files, history, timings):
     loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
     print(f"done: step {run.total_steps} ({len(history)} steps in this run), final loss {loss}", flush=True)
+    print(f"  {'startup':13s} {logs.startup_text(timings)}", flush=True)
     for kind, path in files.items():
         print(f"  {kind:13s} {path}", flush=True)
 
