@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ..errors import UserError
+from . import layers
 
 # config.json "architectures" entry that means the model carries `text_projection`.
 _PROJECTION_ARCHITECTURE = "CLIPTextModelWithProjection"
@@ -162,24 +163,6 @@ def embed_tokens(params, config, input_ids, rows=None, base_vocab_size=None, dty
     return jnp.where(is_new[..., None], learned, frozen)
 
 
-def _linear(x, layer, dtype):
-    """x @ weight.T + bias, contracting over PyTorch's [out, in] weight directly."""
-    y = jnp.einsum("...i,oi->...o", x, layer["weight"].astype(dtype))
-    if "bias" in layer:
-        y = y + layer["bias"].astype(dtype)
-    return y
-
-
-def _layer_norm(x, norm, eps):
-    """LayerNorm with float32 statistics (bf16 safety); the result is cast back to x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * norm["weight"].astype(jnp.float32) + norm["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
 def _self_attention(x, attn, config, dtype):
     """Causal multi-head self-attention over [B, L, D]; scores and softmax in float32."""
     b, length, d = x.shape
@@ -187,7 +170,7 @@ def _self_attention(x, attn, config, dtype):
     head_dim = d // heads
 
     def split(name):
-        return _linear(x, attn[name], dtype).reshape(b, length, heads, head_dim)
+        return layers.linear(attn[name], x).reshape(b, length, heads, head_dim)
 
     q, k, v = split("q_proj"), split("k_proj"), split("v_proj")
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -198,15 +181,15 @@ def _self_attention(x, attn, config, dtype):
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, d)
-    return _linear(out, attn["out_proj"], dtype)
+    return layers.linear(attn["out_proj"], out)
 
 
 def _encoder_layer(x, layer, config, dtype):
     """One pre-LN block: x + attn(LN1(x)), then + fc2(act(fc1(LN2(x))))."""
     eps = config.layer_norm_eps
-    x = x + _self_attention(_layer_norm(x, layer["layer_norm1"], eps), layer["self_attn"], config, dtype)
-    h = _linear(_layer_norm(x, layer["layer_norm2"], eps), layer["mlp"]["fc1"], dtype)
-    h = _linear(_ACTIVATIONS[config.hidden_act](h), layer["mlp"]["fc2"], dtype)
+    x = x + _self_attention(layers.layer_norm(layer["layer_norm1"], x, eps), layer["self_attn"], config, dtype)
+    h = layers.linear(layer["mlp"]["fc1"], layers.layer_norm(layer["layer_norm2"], x, eps))
+    h = layers.linear(layer["mlp"]["fc2"], _ACTIVATIONS[config.hidden_act](h))
     return x + h
 
 
@@ -242,18 +225,18 @@ def encode(params, config, input_ids, rows=None, *, base_vocab_size=None, dtype=
     positions = tm["embeddings"]["position_embedding"]["weight"][:length].astype(dtype)
     hidden = embed_tokens(params, config, input_ids, rows, base_vocab_size, dtype) + positions
 
-    layers = tm["encoder"]["layers"]
+    encoder_layers = tm["encoder"]["layers"]
     penultimate = hidden  # transformers' hidden_states[-2]: the input of the last layer
     for i in range(config.num_hidden_layers):
         if i == config.num_hidden_layers - 1:
             penultimate = hidden
-        hidden = _encoder_layer(hidden, layers[str(i)], config, dtype)
+        hidden = _encoder_layer(hidden, encoder_layers[str(i)], config, dtype)
 
-    last = _layer_norm(hidden, tm["final_layer_norm"], config.layer_norm_eps)
+    last = layers.layer_norm(tm["final_layer_norm"], hidden, config.layer_norm_eps)
     pooled = jnp.take_along_axis(last, eos_positions(config, input_ids)[:, None, None], axis=1)[:, 0]
     text_embeds = None
     if config.with_projection:
-        text_embeds = _linear(pooled, params["text_projection"], dtype)
+        text_embeds = layers.linear(params["text_projection"], pooled)
     return TextOutputs(last, penultimate, pooled, text_embeds)
 
 

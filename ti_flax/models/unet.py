@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import attention as attn_lib
+from . import layers
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -306,37 +307,6 @@ def param_shapes(config):
 # Layers. x is NHWC (or [B, L, C]) in the compute dtype; weights are cast to it.
 
 
-def _linear(p, x):
-    y = jnp.einsum("...i,oi->...o", x, p["weight"].astype(x.dtype))
-    return y + p["bias"].astype(x.dtype) if "bias" in p else y
-
-
-def _conv(p, x, stride=1, padding=None):
-    w = p["weight"].astype(x.dtype)
-    pad = (w.shape[-1] - 1) // 2 if padding is None else padding
-    pad = [(pad, pad)] * 2 if isinstance(pad, int) else pad
-    y = jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "OIHW", "NHWC"))
-    return y + p["bias"].astype(x.dtype)
-
-
-def _group_norm(p, x, groups, eps):
-    """GroupNorm over NHWC; statistics in float32."""
-    b, h, w, c = x.shape
-    xf = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
-    mean = xf.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.square(xf - mean).mean(axis=(1, 2, 4), keepdims=True)
-    xf = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(b, h, w, c)
-    return (xf * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-
-
-def _layer_norm(p, x, eps=1e-5):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    xf = (xf - mean) * jax.lax.rsqrt(var + eps)
-    return (xf * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-
-
 def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=10000):
     """diffusers' sinusoidal embedding: [N] -> [N, dim] float32 (cos first when flipped)."""
     half = dim // 2
@@ -352,17 +322,17 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=1
 
 def _resnet(p, x, temb, config, scale=1.0):
     g, eps = config.norm_num_groups, config.norm_eps
-    h = _conv(p["conv1"], jax.nn.silu(_group_norm(p["norm1"], x, g, eps)))
-    h = h + _linear(p["time_emb_proj"], jax.nn.silu(temb))[:, None, None, :]
-    h = _conv(p["conv2"], jax.nn.silu(_group_norm(p["norm2"], h, g, eps)))  # dropout: identity
+    h = layers.conv2d(p["conv1"], jax.nn.silu(layers.group_norm(p["norm1"], x, g, eps)))
+    h = h + layers.linear(p["time_emb_proj"], jax.nn.silu(temb))[:, None, None, :]
+    h = layers.conv2d(p["conv2"], jax.nn.silu(layers.group_norm(p["norm2"], h, g, eps)))  # dropout: identity
     if "conv_shortcut" in p:
-        x = _conv(p["conv_shortcut"], x)
+        x = layers.conv2d(p["conv_shortcut"], x)
     return (x + h) / scale if scale != 1 else x + h
 
 
 def _attention(p, x, context, heads, implementation):
     """diffusers' Attention (to_q/k/v without bias, to_out.0 with): [B, L, C] -> [B, L, C]."""
-    q, k, v = _linear(p["to_q"], x), _linear(p["to_k"], context), _linear(p["to_v"], context)
+    q, k, v = layers.linear(p["to_q"], x), layers.linear(p["to_k"], context), layers.linear(p["to_v"], context)
     b, lq, c = q.shape
     lk, d = k.shape[1], c // heads
     impl = attn_lib.resolve(
@@ -371,15 +341,15 @@ def _attention(p, x, context, heads, implementation):
     out = attn_lib.attention(
         q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d), v.reshape(b, lk, heads, d), implementation=impl
     )
-    return _linear(p["to_out"]["0"], out.reshape(b, lq, c))
+    return layers.linear(p["to_out"]["0"], out.reshape(b, lq, c))
 
 
 def _basic_transformer_block(p, x, context, heads, implementation):
-    h = _layer_norm(p["norm1"], x)
+    h = layers.layer_norm(p["norm1"], x)
     x = x + _attention(p["attn1"], h, h, heads, implementation)
-    x = x + _attention(p["attn2"], _layer_norm(p["norm2"], x), context, heads, implementation)
-    value, gate = jnp.split(_linear(p["ff"]["net"]["0"]["proj"], _layer_norm(p["norm3"], x)), 2, axis=-1)
-    return x + _linear(p["ff"]["net"]["2"], value * jax.nn.gelu(gate, approximate=False))  # GEGLU, exact GELU
+    x = x + _attention(p["attn2"], layers.layer_norm(p["norm2"], x), context, heads, implementation)
+    value, gate = jnp.split(layers.linear(p["ff"]["net"]["0"]["proj"], layers.layer_norm(p["norm3"], x)), 2, axis=-1)
+    return x + layers.linear(p["ff"]["net"]["2"], value * jax.nn.gelu(gate, approximate=False))  # GEGLU, exact GELU
 
 
 def _transformer(p, x, context, config, level, implementation):
@@ -388,24 +358,24 @@ def _transformer(p, x, context, config, level, implementation):
     `level`: the down level whose head count and depth it has (the mid block is level -1)."""
     heads, num_layers = config.heads[level], config.transformer_layers[level]
     b, h, w, c = x.shape
-    y = _group_norm(p["norm"], x, config.norm_num_groups, 1e-6)
+    y = layers.group_norm(p["norm"], x, config.norm_num_groups, 1e-6)
     if config.use_linear_projection:
-        y = _linear(p["proj_in"], y.reshape(b, h * w, c))
+        y = layers.linear(p["proj_in"], y.reshape(b, h * w, c))
     else:
-        y = _conv(p["proj_in"], y).reshape(b, h * w, c)
+        y = layers.conv2d(p["proj_in"], y).reshape(b, h * w, c)
     for j in range(num_layers):
         y = _basic_transformer_block(p["transformer_blocks"][str(j)], y, context, heads, implementation)
     if config.use_linear_projection:
-        y = _linear(p["proj_out"], y).reshape(b, h, w, c)
+        y = layers.linear(p["proj_out"], y).reshape(b, h, w, c)
     else:
-        y = _conv(p["proj_out"], y.reshape(b, h, w, c))
+        y = layers.conv2d(p["proj_out"], y.reshape(b, h, w, c))
     return y + x
 
 
 def _downsample(p, x, padding):
     if padding == 0:  # diffusers pads right and bottom by one, then convolves unpadded
-        return _conv(p, x, stride=2, padding=[(0, 1), (0, 1)])
-    return _conv(p, x, stride=2, padding=padding)
+        return layers.conv2d(p, x, stride=2, padding=[(0, 1), (0, 1)])
+    return layers.conv2d(p, x, stride=2, padding=padding)
 
 
 def _upsample(p, x, size):
@@ -417,7 +387,7 @@ def _upsample(p, x, size):
         rows = np.minimum(np.floor(np.arange(size[0]) * (h / size[0])).astype(np.int32), h - 1)
         cols = np.minimum(np.floor(np.arange(size[1]) * (w / size[1])).astype(np.int32), w - 1)
         x = x[:, rows][:, :, cols]
-    return _conv(p["conv"], x)
+    return layers.conv2d(p["conv"], x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,7 +469,7 @@ def apply(
     ch = config.block_out_channels
     t_emb = timestep_embedding(t, ch[0], config.flip_sin_to_cos, config.freq_shift).astype(dtype)
     te = params["time_embedding"]
-    temb = _linear(te["linear_2"], jax.nn.silu(_linear(te["linear_1"], t_emb)))
+    temb = layers.linear(te["linear_2"], jax.nn.silu(layers.linear(te["linear_1"], t_emb)))
     if config.addition_embed_type == "text_time":
         if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
             raise UserError("this SDXL UNet needs added_cond={'text_embeds': [B, E], 'time_ids': [B, 6]}")
@@ -509,13 +479,13 @@ def apply(
         ).reshape(batch, -1)
         add = jnp.concatenate([jnp.asarray(added_cond["text_embeds"]).astype(dtype), time_embeds.astype(dtype)], -1)
         a = params["add_embedding"]
-        temb = temb + _linear(a["linear_2"], jax.nn.silu(_linear(a["linear_1"], add)))
+        temb = temb + layers.linear(a["linear_2"], jax.nn.silu(layers.linear(a["linear_1"], add)))
 
     def block(fn, **static):
         fn = functools.partial(fn, config=config, implementation=attention, **static)
         return jax.checkpoint(fn) if remat else fn
 
-    x = _conv(params["conv_in"], x)
+    x = layers.conv2d(params["conv_in"], x)
     skips = [x]
     for i in range(config.num_blocks):
         x, new = block(_down_block, i=i)(params["down_blocks"][str(i)], x, temb, context)
@@ -527,8 +497,8 @@ def apply(
         # Upsample to the next skip's size: x2, except where an odd side was rounded down.
         size = tuple(skips[-1].shape[1:3]) if i < config.num_blocks - 1 else None
         x = block(_up_block, i=i, upsample_size=size)(params["up_blocks"][str(i)], x, temb, context, tuple(mine))
-    x = jax.nn.silu(_group_norm(params["conv_norm_out"], x, config.norm_num_groups, config.norm_eps))
-    return _conv(params["conv_out"], x)
+    x = jax.nn.silu(layers.group_norm(params["conv_norm_out"], x, config.norm_num_groups, config.norm_eps))
+    return layers.conv2d(params["conv_out"], x)
 
 
 # --------------------------------------------------------------------------------------------

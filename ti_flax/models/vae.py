@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from ..errors import UserError
+from . import attention as attn_lib
+from . import layers
 from .weights import flatten
 
 GROUP_NORM_EPS = 1e-6  # every norm of the diffusers VAE (resnets, attention, conv_norm_out)
@@ -126,11 +128,11 @@ def _mid_shapes(config, channels):
 
 def param_shapes(config):
     """{"encoder.conv_in.weight": shape, ...}: AutoencoderKL's state-dict names and shapes."""
-    ch, latent, layers = config.block_out_channels, config.latent_channels, config.layers_per_block
+    ch, latent, per_block = config.block_out_channels, config.latent_channels, config.layers_per_block
     encoder = {"conv_in": _conv(ch[0], config.in_channels, 3), "down_blocks": {}}
     for i, cout in enumerate(ch):
         cin = ch[max(i - 1, 0)]
-        block = {"resnets": {str(j): _resnet_shapes(cin if j == 0 else cout, cout) for j in range(layers)}}
+        block = {"resnets": {str(j): _resnet_shapes(cin if j == 0 else cout, cout) for j in range(per_block)}}
         if i < len(ch) - 1:
             block["downsamplers"] = {"0": {"conv": _conv(cout, cout, 3)}}
         encoder["down_blocks"][str(i)] = block
@@ -142,7 +144,7 @@ def param_shapes(config):
     decoder = {"conv_in": _conv(rev[0], latent, 3), "mid_block": _mid_shapes(config, rev[0]), "up_blocks": {}}
     for i, cout in enumerate(rev):
         cin = rev[max(i - 1, 0)]
-        block = {"resnets": {str(j): _resnet_shapes(cin if j == 0 else cout, cout) for j in range(layers + 1)}}
+        block = {"resnets": {str(j): _resnet_shapes(cin if j == 0 else cout, cout) for j in range(per_block + 1)}}
         if i < len(rev) - 1:
             block["upsamplers"] = {"0": {"conv": _conv(cout, cout, 3)}}
         decoder["up_blocks"][str(i)] = block
@@ -161,37 +163,17 @@ def param_shapes(config):
 # Layers (NHWC activations, PyTorch-layout weights)
 
 
-def conv2d(p, x, *, stride=1, padding=None):
-    """nn.Conv2d over NHWC x with an OIHW weight; padding defaults to 'same' for odd kernels."""
-    w = p["weight"].astype(x.dtype)
-    k = w.shape[-1]
-    pad = ((k // 2, k // 2),) * 2 if padding is None else padding
-    y = jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "OIHW", "NHWC"))
-    return y + p["bias"].astype(x.dtype)
-
-
-def group_norm(p, x, groups):
-    """nn.GroupNorm(groups, C, eps=1e-6) over the channels (last axis) of x [B, ..., C];
-    statistics and affine in float32, result in x's dtype."""
-    shape = x.shape
-    xf = x.astype(jnp.float32).reshape(shape[0], -1, groups, shape[-1] // groups)
-    mean = xf.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
-    y = ((xf - mean) * jax.lax.rsqrt(var + GROUP_NORM_EPS)).reshape(shape)
-    return (y * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
-
-
-def linear(p, x):
-    return jnp.einsum("...i,oi->...o", x, p["weight"].astype(x.dtype)) + p["bias"].astype(x.dtype)
+def _group_norm(p, x, groups):
+    return layers.group_norm(p, x, groups, GROUP_NORM_EPS)
 
 
 def resnet(p, x, config):
     """ResnetBlock2D without a time embedding: x + conv2(act(norm2(conv1(act(norm1(x))))))."""
     act, groups = _ACTIVATIONS[config.act_fn], config.norm_num_groups
-    h = conv2d(p["conv1"], act(group_norm(p["norm1"], x, groups)))
-    h = conv2d(p["conv2"], act(group_norm(p["norm2"], h, groups)))  # dropout is 0 / eval
+    h = layers.conv2d(p["conv1"], act(_group_norm(p["norm1"], x, groups)))
+    h = layers.conv2d(p["conv2"], act(_group_norm(p["norm2"], h, groups)))  # dropout is 0 / eval
     if "conv_shortcut" in p:
-        x = conv2d(p["conv_shortcut"], x)
+        x = layers.conv2d(p["conv_shortcut"], x)
     return x + h
 
 
@@ -199,11 +181,14 @@ def attention(p, x, config):
     """The mid block's single-head self-attention over all H*W positions, with a residual
     (diffusers' Attention with group_norm, heads = channels // attention_head_dim = 1)."""
     b, h, w, c = x.shape
-    tokens = group_norm(p["group_norm"], x, config.norm_num_groups).reshape(b, h * w, c)
-    q, k, v = (linear(p[name], tokens) for name in ("to_q", "to_k", "to_v"))
-    scores = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c**-0.5)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    out = linear(p["to_out"]["0"], jnp.einsum("bij,bjc->bic", probs, v))
+    tokens = _group_norm(p["group_norm"], x, config.norm_num_groups).reshape(b, h * w, c)
+    q, k, v = (layers.linear(p[name], tokens).reshape(b, h * w, 1, c) for name in ("to_q", "to_k", "to_v"))
+    # One head of all C channels (512 in SD): "auto" chunks the 4096-token (512 px) attention on
+    # CPU; the fused kernels are not tried with heads that wide.
+    impl = attn_lib.resolve("auto", backend=jax.default_backend(), dtype=q.dtype, q_len=h * w, kv_len=h * w,
+                            head_dim=c)
+    impl = impl if impl in ("dense", "chunked") else "dense"
+    out = layers.linear(p["to_out"]["0"], attn_lib.attention(q, k, v, implementation=impl).reshape(b, h * w, c))
     return x + out.reshape(b, h, w, c)
 
 
@@ -217,13 +202,13 @@ def mid_block(p, x, config):
 def downsample(p, x):
     # Downsample2D(padding=0): pad bottom and right by one (F.pad (0, 1, 0, 1)), then a 3x3 stride-2
     # conv without padding.
-    return conv2d(p["conv"], x, stride=2, padding=((0, 1), (0, 1)))
+    return layers.conv2d(p["conv"], x, stride=2, padding=((0, 1), (0, 1)))
 
 
 def upsample(p, x):
     # Upsample2D: nearest-neighbour x2 (F.interpolate mode="nearest"), then a 3x3 conv.
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv2d(p["conv"], x)
+    return layers.conv2d(p["conv"], x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +229,7 @@ def encode(params, config, pixels, *, dtype=jnp.float32):
     """
     act = _ACTIVATIONS[config.act_fn]
     p = params["encoder"]
-    x = conv2d(p["conv_in"], pixels.astype(dtype))
+    x = layers.conv2d(p["conv_in"], pixels.astype(dtype))
     for i in range(len(config.block_out_channels)):
         block = p["down_blocks"][str(i)]
         for j in range(config.layers_per_block):
@@ -252,9 +237,9 @@ def encode(params, config, pixels, *, dtype=jnp.float32):
         if "downsamplers" in block:
             x = downsample(block["downsamplers"]["0"], x)
     x = mid_block(p["mid_block"], x, config)
-    x = conv2d(p["conv_out"], act(group_norm(p["conv_norm_out"], x, config.norm_num_groups)))
+    x = layers.conv2d(p["conv_out"], act(_group_norm(p["conv_norm_out"], x, config.norm_num_groups)))
     if config.use_quant_conv:
-        x = conv2d(params["quant_conv"], x)
+        x = layers.conv2d(params["quant_conv"], x)
     mean, logvar = jnp.split(x, 2, axis=-1)
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
@@ -265,9 +250,9 @@ def decode(params, config, latents, *, dtype=jnp.float32):
     act = _ACTIVATIONS[config.act_fn]
     x = latents.astype(dtype)
     if config.use_post_quant_conv:
-        x = conv2d(params["post_quant_conv"], x)
+        x = layers.conv2d(params["post_quant_conv"], x)
     p = params["decoder"]
-    x = conv2d(p["conv_in"], x)
+    x = layers.conv2d(p["conv_in"], x)
     x = mid_block(p["mid_block"], x, config)
     for i in range(len(config.block_out_channels)):
         block = p["up_blocks"][str(i)]
@@ -275,7 +260,7 @@ def decode(params, config, latents, *, dtype=jnp.float32):
             x = resnet(block["resnets"][str(j)], x, config)
         if "upsamplers" in block:
             x = upsample(block["upsamplers"]["0"], x)
-    return conv2d(p["conv_out"], act(group_norm(p["conv_norm_out"], x, config.norm_num_groups)))
+    return layers.conv2d(p["conv_out"], act(_group_norm(p["conv_norm_out"], x, config.norm_num_groups)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""The PyTorch layers the model ports share, as pure functions over PyTorch-shaped weights.
+
+Activations are NHWC (images) or [..., features]; a Linear weight is [out, in], a Conv2d weight
+[out, in, kh, kw]. Weights are cast to the activations' dtype at use, and the normalisations keep
+their statistics and affine in float32 (bf16 safety), returning the input's dtype.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def linear(p, x):
+    """nn.Linear: x @ weight.T (+ bias), contracting over the [out, in] weight directly."""
+    y = jnp.einsum("...i,oi->...o", x, p["weight"].astype(x.dtype))
+    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+def conv2d(p, x, stride=1, padding=None):
+    """nn.Conv2d over NHWC x; `padding` an int or [(lo, hi), (lo, hi)], default 'same' for odd kernels."""
+    w = p["weight"].astype(x.dtype)
+    pad = (w.shape[-1] - 1) // 2 if padding is None else padding
+    pad = [(pad, pad)] * 2 if isinstance(pad, int) else pad
+    y = jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    return y + p["bias"].astype(x.dtype)
+
+
+def _affine(p, normalised, dtype):
+    return (normalised * p["weight"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(dtype)
+
+
+def group_norm(p, x, groups, eps):
+    """nn.GroupNorm over the channels (last axis) of x [B, ..., C]."""
+    shape = x.shape
+    xf = x.astype(jnp.float32).reshape(shape[0], -1, groups, shape[-1] // groups)
+    mean = xf.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+    return _affine(p, ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(shape), x.dtype)
+
+
+def layer_norm(p, x, eps=1e-5):
+    """nn.LayerNorm over the last axis."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return _affine(p, (xf - mean) * jax.lax.rsqrt(var + eps), x.dtype)
