@@ -142,8 +142,16 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
     import tempfile
 
     import torch
+    from transformers.utils import logging as transformers_logging
+
+    # transformers 5 advises on torchvision and draws progress bars on every save and load.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    diffusers_logging.disable_progress_bar()
 
     spec = LAYOUTS[layout]
     hidden = spec["hidden"]

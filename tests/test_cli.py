@@ -65,6 +65,8 @@ def run_error(capsys, args, out):
         ({"--local_rank": "0"}, "--local_rank"),
         ({"--num_vectors": "0"}, "--num_vectors"),
         ({"--train_data_dir": "/no/such/images"}, "does not exist"),
+        ({"--attention": "cudnn"}, "--attention cudnn needs an NVIDIA GPU and bf16/fp16; this run is cpu float32"),
+        ({"--attention": "flash"}, "--attention flash needs a TPU"),
     ],
 )
 def test_user_errors(changes, expected, tiny_model_dir, sample_images_dir, tmp_path, capsys, monkeypatch):

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from ti_flax.errors import UserError  # noqa: E402
 from ti_flax.models import clip  # noqa: E402
+from ti_flax.models.loading import text_model_names  # noqa: E402
 from ti_flax.models.weights import flatten, unflatten  # noqa: E402
 
 VOCAB = 49408
@@ -58,7 +59,9 @@ def family(name):
     cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
     model = cls(tconfig).eval()
     config = clip.CLIPTextConfig.from_dict({**tconfig.to_dict(), "architectures": [cls.__name__]})
-    params = unflatten({k: v.detach().numpy() for k, v in model.state_dict().items() if k.endswith(("weight", "bias"))})
+    # transformers 5 names CLIPTextModel's weights without the text_model. prefix; the loader adds it.
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items() if k.endswith(("weight", "bias"))}
+    params = unflatten(text_model_names(state))
     return model, config, params, pad
 
 
@@ -80,7 +83,7 @@ def torch_outputs(model, ids):
     """{last, penultimate, pooled, text_embeds} of the torch model as numpy arrays."""
     ids_t = torch.tensor(ids)
     out = model(ids_t, output_hidden_states=True)
-    text_model = model.text_model
+    text_model = getattr(model, "text_model", model)  # transformers 5's CLIPTextModel has no wrapper
     result = {
         "last_hidden_state": out.last_hidden_state,
         "penultimate": out.hidden_states[-2],
@@ -219,7 +222,7 @@ def test_param_shapes_match_state_dict(name):
     model, config, _, _ = family(name)
     # position_ids is a non-persistent buffer in current transformers; drop it if an old one has it.
     torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-    assert clip.param_shapes(config) == torch_shapes
+    assert clip.param_shapes(config) == text_model_names(torch_shapes)
 
 
 def test_config_round_trip_and_errors():

@@ -64,16 +64,22 @@ def load_torch_pipeline(model_dir):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
 
-    verbosity = dlogging.get_verbosity()
+    from transformers.utils import logging as tlogging
+
+    verbosity, t_verbosity = dlogging.get_verbosity(), tlogging.get_verbosity()
     dlogging.set_verbosity_error()  # "accelerate not found" and similar load-time advice
+    tlogging.set_verbosity_error()  # transformers 5: "requires torchvision", ...
     dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()  # transformers 5: "Loading weights" bars
     try:
         return StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
     except Exception as err:
         raise UserError(f"--verify {model_dir}: PyTorch diffusers could not load it ({type(err).__name__}: {err})") from None
     finally:
         dlogging.set_verbosity(verbosity)
+        tlogging.set_verbosity(t_verbosity)
         dlogging.enable_progress_bar()
+        tlogging.enable_progress_bar()
 
 
 def prompt_ids(pipe, tokenizer, prompt):

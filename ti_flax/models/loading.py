@@ -77,14 +77,14 @@ def load_component(folder, kind):
     config = read_config(folder, kind)
     state, source = read_state_dict(folder, kind)
     if kind == "text_encoder":
-        state = _text_model_names(state)
+        state = text_model_names(state)
     elif kind == "vae":
         state = vae.convert_old_attention_names(state)
     check_params(_SHAPES[kind](config), state, source)
     return config, unflatten({k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
 
 
-def _text_model_names(state):
+def text_model_names(state):
     """transformers 5 saves CLIPTextModel without the `text_model.` prefix (4.x, the Hub's SD
     models and CLIPTextModelWithProjection keep it): add it, and drop the `position_ids` buffer
     older versions saved."""
