@@ -232,6 +232,14 @@ def _weight_values(name, shape, seed):
     return noise / np.float32(np.sqrt(fan_in))
 
 
+def _canonical(component, name):
+    """The weight's name as transformers 4.x saved it: 5.x drops CLIPTextModel's `text_model.`
+    prefix, and the values are drawn from the name, so the same model must get the same name."""
+    if component.startswith("text_encoder") and name.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
+        return "text_model." + name
+    return name
+
+
 def reinit_weights(model_dir, seed):
     """Overwrite every float weight of a saved pipeline folder with `_weight_values`."""
     from safetensors.numpy import load_file, save_file
@@ -247,7 +255,7 @@ def reinit_weights(model_dir, seed):
             state = load_file(path)
             for name in state:
                 if state[name].dtype.kind == "f":
-                    state[name] = _weight_values(f"{component}.{name}", state[name].shape, seed)
+                    state[name] = _weight_values(f"{component}.{_canonical(component, name)}", state[name].shape, seed)
             save_file(state, path, metadata={"format": "pt"})
 
 

@@ -290,7 +290,7 @@ def test_full_pipeline_loads_in_pytorch_diffusers(four_device_run):
         torch_hidden = pipe.text_encoder(ids)[0].numpy()
         latents = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32))
         torch_eps = pipe.unet(latents, 10, torch.from_numpy(torch_hidden)).sample.numpy()
-    no_rows = np.zeros((0, saved.spec.hidden_size), np.float32)
+    no_rows = np.zeros((1, saved.spec.hidden_size), np.float32)  # read by no id: the table holds the tokens
     hidden = models.encode_text(saved.spec, saved.params["text_encoder"], jnp.asarray(ids.numpy()), no_rows)
     assert np.abs(np.asarray(hidden) - torch_hidden).max() < 1e-4
     eps = models.predict_noise(saved.spec, saved.params["unet"], latents.numpy(), np.array([10]), torch_hidden)
