@@ -71,6 +71,26 @@ LAYOUTS["golden-sd2"] = dict(
     hidden_act="gelu",
 )
 
+# Tiny models with every value an original single file cannot record set as the family's diffusers
+# configs set it (tests/test_single_file.py): 64-wide text-encoder heads, SD 1.x's 8 UNet heads,
+# SD 2.x's 64-wide UNet heads, OpenCLIP's gelu and "!" padding, eos_token_id 2, the projection_dim,
+# 512 px sample sizes; so one loaded from a single file is its diffusers folder, configs included.
+LAYOUTS["single-sd1"] = dict(
+    LAYOUTS["tiny"],
+    unet=dict(LAYOUTS["tiny"]["unet"], sample_size=64),
+    vae=dict(LAYOUTS["tiny"]["vae"], sample_size=128),  # pixels: 64 latents x 2 (two VAE levels)
+    hidden=64,
+    text=dict(num_attention_heads=1, eos_token_id=2, projection_dim=768),
+)
+LAYOUTS["single-sd2"] = dict(
+    LAYOUTS["single-sd1"],
+    unet=dict(LAYOUTS["single-sd1"]["unet"], block_out_channels=(64, 128), attention_head_dim=(1, 2),
+              use_linear_projection=True),
+    hidden_act="gelu",
+    text=dict(LAYOUTS["single-sd1"]["text"], projection_dim=512),
+    pad_token="!",
+)
+
 # The smallest model with every kind of weight an SD 1.x pipeline has (cross-attention and plain
 # blocks, 1x1-conv projections, resnets with and without conv_shortcut, down- and upsamplers,
 # a VAE mid-block attention), for the committed Flax fixture (scripts/make_flax_fixture.py):
@@ -105,7 +125,7 @@ def find_bpe_file():
     return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
 
 
-def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES):
+def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|>"):
     """Write vocab.json/merges.txt of the standard CLIP tokenizer and return a CLIPTokenizer.
 
     With fewer `num_merges`, the tokenizer keeps only the first merges (vocabulary
@@ -124,7 +144,7 @@ def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES):
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     # from_pretrained reads vocab.json + merges.txt the same way in transformers 4.x and 5.x.
-    return CLIPTokenizer.from_pretrained(out_dir, pad_token="<|endoftext|>", model_max_length=77)
+    return CLIPTokenizer.from_pretrained(out_dir, pad_token=pad_token, model_max_length=77)
 
 
 def bytes_to_unicode():
@@ -167,22 +187,24 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
         latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
         up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
-        sample_size=spec["resolution"],
-        **spec["vae"],
+        **{"sample_size": spec["resolution"], **spec["vae"]},
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden + 5,
-            num_hidden_layers=spec["layers"],
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            hidden_act=spec.get("hidden_act", "quick_gelu"),
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
+            **{
+                "vocab_size": vocab_size,
+                "hidden_size": hidden,
+                "intermediate_size": 2 * hidden + 5,
+                "num_hidden_layers": spec["layers"],
+                "num_attention_heads": 4,
+                "max_position_embeddings": 77,
+                "projection_dim": hidden,
+                "hidden_act": spec.get("hidden_act", "quick_gelu"),
+                "bos_token_id": vocab_size - 2,
+                "eos_token_id": vocab_size - 1,
+                "pad_token_id": vocab_size - 1,
+                **spec.get("text", {}),
+            }
         )
     )
     # SD 1.x's scheduler config; v_prediction gives an SD 2.x-768-style model.
@@ -197,7 +219,8 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
         prediction_type=prediction_type,
     )
     with tempfile.TemporaryDirectory() as tok_dir:
-        tokenizer = write_clip_tokenizer(bpe_path or find_bpe_file(), tok_dir, num_merges)
+        tokenizer = write_clip_tokenizer(bpe_path or find_bpe_file(), tok_dir, num_merges,
+                                         spec.get("pad_token", "<|endoftext|>"))
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
