@@ -33,8 +33,8 @@ SAMPLE_IMAGES = os.path.join(ROOT, "scripts", "sample_images")
 
 
 def build_clip_tokenizer(directory):
-    """The real 49408-token CLIP tokenizer, built offline from open_clip's merges file."""
-    return make_tiny_model.write_clip_tokenizer(make_tiny_model.find_bpe_file(), str(directory))
+    """The real 49408-token CLIP tokenizer, built offline from the merges file ti_flax bundles."""
+    return make_tiny_model.write_clip_tokenizer(str(directory))
 
 
 @pytest.fixture(scope="session")
