@@ -506,10 +506,8 @@ def read_single_file(path, prediction_type="epsilon", allow_pickle=False):
 
 def _tokenizer(family):
     """The CLIP tokenizer the family's diffusers folders ship (single files carry none)."""
-    try:
-        from ..clip_vocab import PAD_TOKENS, build_tokenizer
-    except ImportError:  # until ti_flax/clip_vocab.py (the `vocab` branch) is merged
-        from ._clip_vocab_standin import PAD_TOKENS, build_tokenizer
+    from ..clip_vocab import PAD_TOKENS, build_tokenizer
+
     return build_tokenizer(pad_token=PAD_TOKENS[family.name])
 
 
