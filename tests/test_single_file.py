@@ -263,6 +263,20 @@ def test_ema_only_file_loads_the_ema_weights_and_both_takes_the_model(sd1_folder
         _assert_same_weights(models.load_model(path).params["unet"], want, f"ema={ema}")
 
 
+def test_half_precision_files_load_as_float32(sd1_folder, tmp_path):
+    """Most shared checkpoints are float16 (some bfloat16): read and widened to float32."""
+    import ml_dtypes
+
+    state = to_original(sd1_folder, "sd1")
+    want = models.load_model(sd1_folder).params
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        half = {k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in state.items()}
+        model = models.load_model(save_original(half, str(tmp_path / f"{np.dtype(dtype).name}.safetensors")))
+        for part in ("unet", "text_encoder"):
+            rounded = {k: np.asarray(v).astype(dtype).astype(np.float32) for k, v in flatten(want[part]).items()}
+            _assert_same_weights(model.params[part], rounded, f"{part} {np.dtype(dtype).name}")
+
+
 def test_ckpt_needs_allow_pickle(sd1_folder, tmp_path):
     import torch
 
@@ -285,6 +299,33 @@ def test_prediction_type_overrides_the_folder_and_sets_the_file(sd1_folder, sing
     assert model.spec.prediction_type == model.scheduler_config["prediction_type"] == "v_prediction"
     assert not warned  # the user said what the model is
     assert json.loads(model.spec.unet_config)["sample_size"] == (96 if family == "sd2" else 64)
+
+
+@pytest.mark.parametrize("single_file_model", ["sd2"], indirect=True)
+def test_a_single_file_saves_as_a_diffusers_folder(single_file_model, tmp_path):
+    """--save_as_full_pipeline from a single file: a folder that loads as the same model."""
+    _, _, path = single_file_model
+    model, _ = _load(path, prediction_type="v_prediction")
+    models.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.hidden_size), np.float32), str(tmp_path))
+    again = models.load_model(str(tmp_path))
+    assert again.spec == model.spec and again.tokenizer.pad_token == "!"
+    assert again.scheduler_config["prediction_type"] == "v_prediction"
+    for part in ("text_encoder", "unet", "vae"):
+        _assert_same_weights(again.params[part], model.params[part], part)
+
+
+def test_prediction_type_and_allow_pickle_flags():
+    from ti_flax.cli import parse_config
+
+    base = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d", "--placeholder_token", "<x>",
+            "--initializer_token", "toy"]
+    config = parse_config(base)
+    assert (config.prediction_type, config.allow_pickle) == (None, False)
+    config = parse_config(base + ["--prediction_type", "v_prediction", "--allow-pickle"])
+    assert (config.prediction_type, config.allow_pickle) == ("v_prediction", True)
+    assert TrainConfig.from_json(config.to_json()) == config
+    with pytest.raises(UserError, match="--prediction_type must be one of epsilon, v_prediction"):
+        config.replace(prediction_type="sample").validate()
 
 
 # --------------------------------------------------------------------------------------------
