@@ -89,8 +89,9 @@ def vae_key(name, levels):
 
 
 def open_clip_keys(text, extra_layer, rng):
-    """transformers CLIPTextModel weights -> OpenCLIP's (fused in_proj, ln_1, c_fc, ...), plus the
-    last resblock SD 2.x does not use and the projection/logit scale an OpenCLIP text tower has."""
+    """transformers CLIPTextModel weights -> OpenCLIP's (fused in_proj, ln_1, c_fc, ...); with
+    `extra_layer`, the whole tower as original checkpoints hold it: a last resblock SD 2.x does not
+    use, the projection and the logit scale (without: as diffusers' conversion back writes it)."""
     prefix, out = "cond_stage_model.model.", {}
     tm = "text_model."
     out[prefix + "token_embedding.weight"] = text[tm + "embeddings.token_embedding.weight"]
@@ -111,16 +112,19 @@ def open_clip_keys(text, extra_layer, rng):
             out[f"{dst}ln_2.{leaf}"] = shift + text[f"{src}layer_norm2.{leaf}"]
             out[f"{dst}mlp.c_fc.{leaf}"] = shift + text[f"{src}mlp.fc1.{leaf}"]
             out[f"{dst}mlp.c_proj.{leaf}"] = shift + text[f"{src}mlp.fc2.{leaf}"]
-    out[prefix + "text_projection"] = rng.standard_normal((hidden, hidden)).astype(np.float32)
-    out[prefix + "logit_scale"] = np.array(4.6, np.float32)
+    if extra_layer:  # the whole tower, as open_clip saves it
+        out[prefix + "text_projection"] = rng.standard_normal((hidden, hidden)).astype(np.float32)
+        out[prefix + "logit_scale"] = np.array(4.6, np.float32)
     return out
 
 
-def to_original(model_dir, family, ema=None, seed=0):
+def to_original(model_dir, family, ema=None, seed=0, whole_text_tower=True):
     """{original key: array} of a diffusers folder, as A1111 / ComfyUI save it.
 
     ema: None (no EMA copy), "only" (the UNet only as model_ema.*), "both" (model_ema.* holds
     other values: the loader must take model.diffusion_model.*).
+    whole_text_tower: SD 2.x's OpenCLIP tower with its unused last block and projection, as in the
+    original checkpoints (False: only the blocks SD uses, as a file converted from diffusers has).
     """
     model = models.load_model(model_dir)
     params = {part: flatten(tree) for part, tree in model.params.items()}
@@ -146,7 +150,7 @@ def to_original(model_dir, family, ema=None, seed=0):
             out["cond_stage_model.transformer." + name] = value
         out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     else:
-        out.update(open_clip_keys(params["text_encoder"], extra_layer=True, rng=rng))
+        out.update(open_clip_keys(params["text_encoder"], extra_layer=whole_text_tower, rng=rng))
     # The DDPM buffers every original checkpoint carries.
     out["alphas_cumprod"] = np.asarray(model.alphas_cumprod, np.float32)
     out["betas"] = np.linspace(0.00085, 0.012, 1000, dtype=np.float32)
@@ -299,6 +303,17 @@ def test_prediction_type_overrides_the_folder_and_sets_the_file(sd1_folder, sing
     assert model.spec.prediction_type == model.scheduler_config["prediction_type"] == "v_prediction"
     assert not warned  # the user said what the model is
     assert json.loads(model.spec.unet_config)["sample_size"] == (96 if family == "sd2" else 64)
+
+
+@pytest.mark.parametrize("single_file_model", ["sd2"], indirect=True)
+def test_sd2_file_converted_from_diffusers_keeps_every_text_block(single_file_model, tmp_path):
+    """A file written back from diffusers holds only the OpenCLIP blocks SD 2.x uses (no last
+    block, no text_projection): all of them are the text encoder."""
+    _, folder, _ = single_file_model
+    path = save_original(to_original(folder, "sd2", whole_text_tower=False), str(tmp_path / "back.safetensors"))
+    got, want = _load(path)[0], models.load_model(folder)
+    assert got.spec == want.spec
+    _assert_same_weights(got.params["text_encoder"], want.params["text_encoder"], "text_encoder")
 
 
 @pytest.mark.parametrize("single_file_model", ["sd2"], indirect=True)

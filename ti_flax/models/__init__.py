@@ -164,6 +164,8 @@ def is_single_file(name_or_path):
     from .single_file import SUFFIXES
 
     name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        return False
     return os.path.isfile(name_or_path) or name_or_path.lower().endswith(SUFFIXES)
 
 

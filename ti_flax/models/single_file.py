@@ -57,7 +57,7 @@ class Family:
     unet_head_dim: int = 0  # ... or heads of this width (SD 2.x: 64)
     hidden_act: str = "quick_gelu"
     projection_dim: int = 768  # in the text config only; SD's text encoders have no projection
-    dropped_text_layers: int = 0  # SD 2.x conditions on OpenCLIP's penultimate layer
+    dropped_text_layers: int = 0  # SD 2.x: a whole OpenCLIP tower's last block (see text_config)
 
 
 SD1 = Family("sd1", "SD 1.x", "CLIP ViT-L (cond_stage_model.transformer.*)", "1x1-conv attention projections",
@@ -306,7 +306,12 @@ def text_config(ckpt, family):
         fc1 = p + "encoder.layers.0.mlp.fc1.weight"
     else:
         table, positions = OPEN_CLIP + "token_embedding.weight", OPEN_CLIP + "positional_embedding"
-        layers = ckpt.count(OPEN_CLIP + "transformer.resblocks.{}.ln_1.weight") - family.dropped_text_layers
+        # SD 2.x conditions on OpenCLIP's penultimate layer: a whole OpenCLIP text tower (as the
+        # original checkpoints hold it, text_projection included) has one block more than SD uses;
+        # a file converted back from diffusers holds only the blocks SD uses, and no projection.
+        whole_tower = ckpt.has(OPEN_CLIP + "text_projection")
+        blocks = ckpt.count(OPEN_CLIP + "transformer.resblocks.{}.ln_1.weight")
+        layers = blocks - (family.dropped_text_layers if whole_tower else 0)
         fc1 = OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"
     for name in (table, positions, fc1):
         if not ckpt.has(name):
