@@ -360,6 +360,13 @@ BAD_FILES = {
               "model.diffusion_model.input_blocks.0.0.weight": _tensor(8, 4, 3, 3)},
              "SDXL single files are not supported yet"),
     "embedding": ({"emb_params": _tensor(2, 768)}, "a textual-inversion embedding"),
+    "inpainting": ({"model.diffusion_model.input_blocks.0.0.weight": _tensor(64, 9, 3, 3),
+                    "model.diffusion_model.input_blocks.1.0.in_layers.0.weight": _tensor(64),
+                    "model.diffusion_model.input_blocks.1.0.out_layers.3.weight": _tensor(64, 64, 3, 3),
+                    "model.diffusion_model.input_blocks.1.1.proj_in.weight": _tensor(64, 64, 1, 1),
+                    "first_stage_model.encoder.conv_in.weight": _tensor(8, 3, 3, 3),
+                    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": _tensor(10, 64)},
+                   "takes 9 input channels (an inpainting"),
     "other": ({"weight": _tensor(3)}, "not a Stable Diffusion checkpoint"),
 }
 
