@@ -15,8 +15,8 @@ same values). The Flax weights are made by diffusers' and transformers' own conv
 (`from_pretrained(..., from_pt=True)`), so tests/test_flax_layout.py checks ti_flax's inverse
 against the libraries, not against itself.
 
-Needs diffusers 0.39 (the last with Flax classes), transformers < 5, torch, flax, and
-open_clip_torch (for the BPE file). Rerunning it rewrites both folders.
+Needs diffusers 0.39 (the last with Flax classes), transformers < 5, torch and flax (the CLIP
+vocabulary comes with ti_flax). Rerunning it rewrites both folders.
 
 Usage:
     python scripts/make_flax_fixture.py [OUTPUT_FIXTURES_DIR]   (default tests/fixtures)

@@ -3,11 +3,12 @@
 The folder has the layout of a real Hub checkpoint (model_index.json, unet/, vae/,
 text_encoder/, tokenizer/, scheduler/, PyTorch safetensors weights), so ti_flax loads it
 through the same code path as runwayml/stable-diffusion-v1-5. The tokenizer is the real
-49408-token CLIP tokenizer, rebuilt from open_clip's BPE merges file (MIT licensed), so
-placeholder tokens, initializer tokens and token ids behave exactly as on a real model.
+49408-token CLIP tokenizer, rebuilt from OpenAI CLIP's BPE merges file that ti_flax bundles
+(ti_flax/clip_vocab.py, MIT licensed), so placeholder tokens, initializer tokens and token ids
+behave exactly as on a real model.
 
-Needs torch (building uses diffusers' PyTorch classes) and the `open_clip_torch` package
-installed without dependencies (`pip install --no-deps open_clip_torch`) for its merges file.
+Needs torch and diffusers (building uses diffusers' PyTorch classes) and ti_flax (installed, or
+this checkout's).
 
 Usage:
     python scripts/make_tiny_model.py OUTPUT_DIR [--layout tiny|sd1-small]
@@ -15,14 +16,15 @@ Usage:
 """
 
 import argparse
-import gzip
-import importlib.util
-import json
 import os
 import sys
 
-CLIP_VOCAB_SIZE = 49408
-NUM_MERGES = 49152 - 256 - 2
+# This checkout's ti_flax (the vocabulary the script was written against), installed or not.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(ROOT, "ti_flax", "clip_vocab.py")) and ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from ti_flax.clip_vocab import NUM_MERGES, write_tokenizer_files  # noqa: E402
 
 # Block layouts. "tiny" is the 2-block model the tests use; "sd1-small" has SD 1.x's
 # 4 down / 4 up blocks with cross-attention at small widths (for benchmarks).
@@ -71,6 +73,26 @@ LAYOUTS["golden-sd2"] = dict(
     hidden_act="gelu",
 )
 
+# Tiny models with every value an original single file cannot record set as the family's diffusers
+# configs set it (tests/test_single_file.py): 64-wide text-encoder heads, SD 1.x's 8 UNet heads,
+# SD 2.x's 64-wide UNet heads, OpenCLIP's gelu and "!" padding, eos_token_id 2, the projection_dim,
+# 512 px sample sizes; so one loaded from a single file is its diffusers folder, configs included.
+LAYOUTS["single-sd1"] = dict(
+    LAYOUTS["tiny"],
+    unet=dict(LAYOUTS["tiny"]["unet"], sample_size=64),
+    vae=dict(LAYOUTS["tiny"]["vae"], sample_size=128),  # pixels: 64 latents x 2 (two VAE levels)
+    hidden=64,
+    text=dict(num_attention_heads=1, eos_token_id=2, projection_dim=768),
+)
+LAYOUTS["single-sd2"] = dict(
+    LAYOUTS["single-sd1"],
+    unet=dict(LAYOUTS["single-sd1"]["unet"], block_out_channels=(64, 128), attention_head_dim=(1, 2),
+              use_linear_projection=True),
+    hidden_act="gelu",
+    text=dict(LAYOUTS["single-sd1"]["text"], projection_dim=512),
+    pad_token="!",
+)
+
 # The smallest model with every kind of weight an SD 1.x pipeline has (cross-attention and plain
 # blocks, 1x1-conv projections, resnets with and without conv_shortcut, down- and upsamplers,
 # a VAE mid-block attention), for the committed Flax fixture (scripts/make_flax_fixture.py):
@@ -94,50 +116,19 @@ LAYOUTS["flax-fixture"] = dict(
 )
 
 
-def find_bpe_file():
-    """Path of open_clip's `bpe_simple_vocab_16e6.txt.gz`, without importing open_clip (and torch)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "error: open_clip is not installed; run `pip install --no-deps open_clip_torch` "
-            "(only its BPE merges file is used) or pass --bpe PATH"
-        )
-    return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
-
-
-def write_clip_tokenizer(bpe_path, out_dir, num_merges=NUM_MERGES):
-    """Write vocab.json/merges.txt of the standard CLIP tokenizer and return a CLIPTokenizer.
+def write_clip_tokenizer(out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|>"):
+    """Write the CLIP tokenizer files (ti_flax.clip_vocab.write_tokenizer_files) to `out_dir` and
+    return a CLIPTokenizer loaded from them.
 
     With fewer `num_merges`, the tokenizer keeps only the first merges (vocabulary
     512 + num_merges + 2): the same token ids for bytes, the specials last."""
     from transformers import CLIPTokenizer
 
-    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : num_merges + 1]
-    base = list(bytes_to_unicode().values())
-    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 512 + num_merges + 2, len(vocab)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    # from_pretrained reads vocab.json + merges.txt the same way in transformers 4.x and 5.x.
-    return CLIPTokenizer.from_pretrained(out_dir, pad_token="<|endoftext|>", model_max_length=77)
+    write_tokenizer_files(out_dir, num_merges, pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(out_dir)
 
 
-def bytes_to_unicode():
-    """{byte: printable character}, the byte-level alphabet of the CLIP (and GPT-2) BPE.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...) map in
-    order to the characters from U+0100 on, so every byte has a visible, non-space symbol."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
-def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, bpe_path=None):
+def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
     """Write a random-init Stable Diffusion folder to `out_dir` and return its path."""
     import tempfile
 
@@ -156,7 +147,7 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
     spec = LAYOUTS[layout]
     hidden = spec["hidden"]
     num_merges = spec.get("num_merges", NUM_MERGES)
-    vocab_size = 512 + num_merges + 2  # == CLIP_VOCAB_SIZE for the full tokenizer
+    vocab_size = 512 + num_merges + 2  # 49408 (clip_vocab.VOCAB_SIZE) for the full tokenizer
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         in_channels=4, out_channels=4, cross_attention_dim=hidden, **{"norm_num_groups": 32, **spec["unet"]}
@@ -167,22 +158,24 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
         latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
         up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
-        sample_size=spec["resolution"],
-        **spec["vae"],
+        **{"sample_size": spec["resolution"], **spec["vae"]},
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden + 5,
-            num_hidden_layers=spec["layers"],
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=hidden,
-            hidden_act=spec.get("hidden_act", "quick_gelu"),
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
+            **{
+                "vocab_size": vocab_size,
+                "hidden_size": hidden,
+                "intermediate_size": 2 * hidden + 5,
+                "num_hidden_layers": spec["layers"],
+                "num_attention_heads": 4,
+                "max_position_embeddings": 77,
+                "projection_dim": hidden,
+                "hidden_act": spec.get("hidden_act", "quick_gelu"),
+                "bos_token_id": vocab_size - 2,
+                "eos_token_id": vocab_size - 1,
+                "pad_token_id": vocab_size - 1,
+                **spec.get("text", {}),
+            }
         )
     )
     # SD 1.x's scheduler config; v_prediction gives an SD 2.x-768-style model.
@@ -197,7 +190,7 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, 
         prediction_type=prediction_type,
     )
     with tempfile.TemporaryDirectory() as tok_dir:
-        tokenizer = write_clip_tokenizer(bpe_path or find_bpe_file(), tok_dir, num_merges)
+        tokenizer = write_clip_tokenizer(tok_dir, num_merges, spec.get("pad_token", "<|endoftext|>"))
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -265,9 +258,8 @@ def main(argv=None):
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="tiny")
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bpe", default=None, help="path to bpe_simple_vocab_16e6.txt.gz")
     args = parser.parse_args(argv)
-    build_tiny_model(args.output_dir, args.layout, args.prediction_type, args.seed, args.bpe)
+    build_tiny_model(args.output_dir, args.layout, args.prediction_type, args.seed)
     print(f"tiny Stable Diffusion model ({args.layout}, {args.prediction_type}) written to {args.output_dir}")
 
 

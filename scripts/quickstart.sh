@@ -10,8 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
-# Only open_clip's BPE merges file is used (to build the real CLIP tokenizer offline);
-# --no-deps keeps its torchvision/timm dependencies out.
-.venv/bin/python -m pip install -q --no-deps "open_clip_torch>=2.20"
 export HF_HUB_OFFLINE=1
 .venv/bin/python scripts/demo.py "$@"

@@ -33,8 +33,8 @@ SAMPLE_IMAGES = os.path.join(ROOT, "scripts", "sample_images")
 
 
 def build_clip_tokenizer(directory):
-    """The real 49408-token CLIP tokenizer, built offline from open_clip's merges file."""
-    return make_tiny_model.write_clip_tokenizer(make_tiny_model.find_bpe_file(), str(directory))
+    """The real 49408-token CLIP tokenizer, built offline from the merges file ti_flax bundles."""
+    return make_tiny_model.write_clip_tokenizer(str(directory))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def clip_tokenizer(_session_clip_tokenizer):
 # A test that needs a model folder loads a model and almost always compiles a step, and a model
 # port's parity test (tests/test_port_*.py) compiles whole models: both are marked `slow` here,
 # so `pytest -m "not slow"` is the quick inner loop.
-MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run"}
+MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run", "single_file_model", "sd1_folder"}
 
 
 def pytest_collection_modifyitems(items):

@@ -179,7 +179,7 @@ def test_tokenize_needs_a_max_length(tmp_path):
     from transformers import CLIPTokenizer
 
     build_clip_tokenizer(tmp_path)
-    # No tokenizer_config.json: model_max_length = 1e30.
+    # Built from vocab.json and merges.txt alone (tokenizer_config.json unread): model_max_length = 1e30.
     unset = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     with pytest.raises(UserError, match="model_max_length"):
         data.tokenize_templates(unset, data.STYLE_TEMPLATES, "<s>")

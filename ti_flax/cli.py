@@ -4,7 +4,7 @@ import argparse
 import dataclasses
 import os
 
-from .config import ATTENTION, INTERPOLATIONS, LR_SCHEDULERS, TrainConfig
+from .config import ATTENTION, INTERPOLATIONS, LR_SCHEDULERS, PREDICTION_TYPES, TrainConfig
 from .errors import UserError
 
 
@@ -20,9 +20,17 @@ def build_parser():
         "for a concept from a few images.",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True, help="local model folder or Hub id")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="local model folder, Hub id, or one original SD 1.x/2.x checkpoint file "
+                   "(A1111/ComfyUI .safetensors)")
     g.add_argument("--revision", help="Hub revision (branch, tag or commit) of the model")
     g.add_argument("--tokenizer_name", help="tokenizer folder or Hub id, if not the model's own")
+    g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=d.prediction_type,
+                   help="the model's training target, instead of its scheduler config's (a single file: epsilon "
+                   "unless given; pass v_prediction for SD 2.x 768-v files)")
+    g.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
+                   help="allow unpickling a .ckpt model or a .npy --initial_embeddings: it can run code, so only "
+                   "for files you trust")
     g = p.add_argument_group("concept and data")
     g.add_argument("--train_data_dir", required=True, help="folder with the 3-10 training images")
     g.add_argument("--placeholder_token", required=True, help="the new token, e.g. <cat-toy>")

@@ -7,6 +7,7 @@ from typing import Optional
 
 from .errors import UserError
 from .models.attention import IMPLEMENTATIONS as ATTENTION
+from .models.schedulers import PREDICTION_TYPES
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
 INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest")
@@ -34,6 +35,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str = ""
     revision: Optional[str] = None
     tokenizer_name: Optional[str] = None
+    prediction_type: Optional[str] = None  # None: the model's scheduler config (a single file: epsilon)
+    allow_pickle: bool = False  # unpickle a .ckpt model or a .npy --initial_embeddings (can run code)
     # Concept and data
     train_data_dir: str = ""
     placeholder_token: str = ""
@@ -118,6 +121,8 @@ class TrainConfig:
         checks = [
             (self.mixed_precision in MIXED_PRECISION,
              f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
+            (self.prediction_type in (None, *PREDICTION_TYPES),
+             f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"),
             (self.attention in ATTENTION,
              f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"),
             (self.gradient_accumulation_steps >= 1,

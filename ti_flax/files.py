@@ -137,6 +137,21 @@ def read_safetensors(path, keys=None, metadata=False, advice="download it again"
     return (tensors, meta) if metadata else tensors
 
 
+def safetensors_shapes(path, advice="download it again"):
+    """{name: (shape, dtype name)} of a safetensors file, from its header alone (no tensor is read).
+
+    DamagedFile if the file is truncated or not safetensors."""
+    from safetensors import safe_open
+
+    with reading(path, "a safetensors file", advice):
+        with safe_open(_exists(path), framework="numpy") as f:
+            out = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                out[name] = (tuple(piece.get_shape()), str(piece.get_dtype()))
+            return out
+
+
 def read_msgpack(path):
     """The nested dict of a Flax msgpack file (`flax.serialization.msgpack_restore`)."""
     from flax import serialization
@@ -149,10 +164,11 @@ def read_msgpack(path):
     return tree
 
 
-def read_torch(path, advice="download it again"):
+def read_torch(path, advice="download it again", allow_pickle=False):
     """`torch.load(path, weights_only=True)` with tensors turned into float32 numpy arrays
     (or their own dtype for integer tensors). Pickled Python objects beyond tensors and plain
-    containers are refused, so the file cannot run code."""
+    containers are refused, so the file cannot run code; `allow_pickle=True` unpickles them
+    (`weights_only=False`: the file can run code, so only for files the user trusts)."""
     import pickle
 
     try:
@@ -161,7 +177,7 @@ def read_torch(path, advice="download it again"):
         raise UserError(f"{path}: reading a PyTorch file needs torch (`pip install torch`)") from None
     _exists(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise DamagedFile(

@@ -105,11 +105,12 @@ def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
 
 def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
              guidance_scale=7.5, seed=0, height=None, width=None, scheduler="pndm", output_dir="generated",
-             allow_pickle=False, devices=None, compilation_cache=True):
+             allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
-      pretrained_model_name_or_path: a Stable Diffusion folder or Hub id.
+      pretrained_model_name_or_path: a Stable Diffusion folder, Hub id, or one original SD 1.x/2.x
+        checkpoint file (`.safetensors`; `.ckpt` with allow_pickle).
       prompt, negative_prompt: the texts; either may use the embeddings' tokens.
       embeddings: paths, "FILE:TOKEN" strings or (path, token) pairs (see the module docstring).
       num_images, steps, guidance_scale, seed: sampling settings; the same seed and settings give
@@ -117,10 +118,12 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
       height, width: pixels, multiples of 8; default: the model's native size.
       scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler".
       output_dir: where 000.png, 001.png, ... are written.
-      allow_pickle: allow reading a pickled `.npy` (trusted files only).
+      allow_pickle: allow reading a pickled `.npy` embedding or `.ckpt` model (trusted files only).
       devices: the local devices to split images over (default: all).
       compilation_cache: keep compiled programs on disk for the next call (see
         ti_flax.compile_cache); False is `--no_compilation_cache`.
+      prediction_type: "epsilon" or "v_prediction" instead of the model's scheduler config (a
+        single file: epsilon unless given; v_prediction for SD 2.x 768-v files).
     Returns:
       The paths of the images written, in order.
     Raises:
@@ -152,7 +155,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
-    model = models.load_model(pretrained_model_name_or_path)
+    model = models.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle)
     concepts, rows = load_concepts(model.tokenizer, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
@@ -192,7 +195,11 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="ti-flax-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="Stable Diffusion folder or Hub id")
+    parser.add_argument("--pretrained_model_name_or_path", required=True,
+                        help="Stable Diffusion folder, Hub id, or one original SD 1.x/2.x .safetensors file")
+    parser.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+                        help="the model's target instead of its scheduler config's "
+                        "(single files: epsilon unless given)")
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
                         help="embedding files or folders; FILE:TOKEN names the token used in prompts")
     parser.add_argument("--prompt", required=True)
@@ -206,7 +213,8 @@ def build_parser():
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="pndm")
     parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
     parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
-                        help="allow reading a pickled .npy embedding (it can run code: trusted files only)")
+                        help="allow reading a pickled .npy embedding or .ckpt model "
+                        "(it can run code: trusted files only)")
     parser.add_argument("--no_compilation_cache", action="store_true",
                         help="do not keep compiled programs on disk for the next run (default: in "
                         "$XDG_CACHE_HOME/ti_flax/jax_cache, or $JAX_COMPILATION_CACHE_DIR if set)")
@@ -223,6 +231,7 @@ def main(argv=None):
             args.pretrained_model_name_or_path, args.prompt, args.embeddings, args.negative_prompt,
             args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
             args.scheduler, args.output_dir, args.allow_pickle, compilation_cache=not args.no_compilation_cache,
+            prediction_type=args.prediction_type,
         )))
     for path in paths:
         print(path)

@@ -84,13 +84,14 @@ def prepare(config, devices=None):
     """
     config.validate()
     start = time.perf_counter()
-    model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+    model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
+                              config.prediction_type, config.allow_pickle)
     load_seconds = time.perf_counter() - start
     check_resolution(config.resolution, model.spec)
     _attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
     tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
     if config.initial_embeddings:
-        start = embeddings.read_embedding(config.initial_embeddings)
+        start = embeddings.read_embedding(config.initial_embeddings, allow_pickle=config.allow_pickle)
         init_rows = embeddings.check_embedding_fits(start, config.num_vectors, model.spec.hidden_size)
     else:
         init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)

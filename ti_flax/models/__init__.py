@@ -3,7 +3,8 @@
 ti_flax owns its model code: `clip` (the CLIP text encoders), `unet`, `vae`, `attention` and
 `schedulers` are pure functions over parameter trees named like the PyTorch state dicts
 (`weights`). This module is the seam the rest of ti_flax uses: `load_model` reads a diffusers
-model folder (local, or a Hub snapshot) into a `LoadedModel`, and `encode_text`,
+model folder (local, or a Hub snapshot) or one original-layout checkpoint file (`single_file`)
+into a `LoadedModel`, and `encode_text`,
 `predict_noise`, `vae_moments` and `decode_latents` run its parts for a static `ModelSpec`.
 No diffusers or transformers model class is used; the tokenizer is transformers' CLIPTokenizer.
 """
@@ -41,7 +42,7 @@ _FOREIGN_PIPELINES = {
     "Hunyuan": "a Hunyuan model",
     "AuraFlow": "an AuraFlow model",
 }
-SUPPORTED = "Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder)"
+SUPPORTED = "Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or one original .safetensors file)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +159,34 @@ class LoadedModel:
     scheduler_config: dict
 
 
-def load_model(name_or_path, revision=None, tokenizer_name=None):
-    """Load tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion model."""
+def is_single_file(name_or_path):
+    """True for a path that names one checkpoint file (`.safetensors`, `.ckpt`, ...), not a folder or Hub id."""
+    from .single_file import SUFFIXES
+
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        return False
+    return os.path.isfile(name_or_path) or name_or_path.lower().endswith(SUFFIXES)
+
+
+def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False):
+    """Load tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion model.
+
+    Args:
+      name_or_path: a diffusers folder, a Hub id, or one original-layout checkpoint file
+        (A1111 / ComfyUI `.safetensors`; `.ckpt` with `allow_pickle`), see single_file.py.
+      revision: the Hub revision. tokenizer_name: a tokenizer folder or Hub id instead of the model's.
+      prediction_type: "epsilon" or "v_prediction" instead of what the scheduler config says (a
+        single file has none: epsilon unless given).
+      allow_pickle: let a single `.ckpt` file be unpickled (it can run code: trusted files only).
+    """
+    if prediction_type is not None and prediction_type not in schedulers.PREDICTION_TYPES:
+        choices = ", ".join(schedulers.PREDICTION_TYPES)
+        raise UserError(f"--prediction_type {prediction_type!r}: choose one of {choices}")
+    if is_single_file(name_or_path):
+        from . import single_file
+
+        return single_file.load(os.fspath(name_or_path), revision, tokenizer_name, prediction_type, allow_pickle)
     model_dir = resolve_model_dir(name_or_path, revision)
     tokenizer_dir = resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
     check_model_dir(model_dir, tokenizer_dir)
@@ -168,9 +195,12 @@ def load_model(name_or_path, revision=None, tokenizer_name=None):
     scheduler_config = files.read_json(scheduler_file, "a JSON config file")
     with files.reading(scheduler_file, "a noise scheduler config"):
         alphas_cumprod = noise_schedule(scheduler_config)
+    if prediction_type is not None:  # --prediction_type overrides the scheduler config, sampling included
+        scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
     prediction_type = scheduler_config.get("prediction_type") or "epsilon"
     if prediction_type not in schedulers.PREDICTION_TYPES:
-        raise UserError(f"{model_dir}: scheduler prediction_type {prediction_type!r} is not supported")
+        raise UserError(f"{model_dir}: scheduler prediction_type {prediction_type!r} is not supported; "
+                        "pass --prediction_type epsilon or v_prediction")
     text_config = loading.read_config(os.path.join(model_dir, "text_encoder"), "text_encoder")
     if text_config.vocab_size != len(tokenizer):
         raise UserError(
