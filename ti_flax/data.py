@@ -236,7 +236,7 @@ class TrainData:
         captions: Optional[Sequence[Optional[np.ndarray]]] = None,
     ):
         """Args: images uint8 [N, H, W, 3]; template_ids int32 [T, L]; captions: None, or per
-        image int32 [L] caption ids (see tokenize_captions) or None to use the templates."""
+        image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         if template_ids.ndim != 2 or len(template_ids) == 0:
