@@ -276,13 +276,12 @@ def test_resume_with_captions_is_bitwise_identical(tiny_model_dir, sample_images
     assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
     # Other captions would make another run: each refused by name, before anything is written.
     edited = write_folder(tmp_path / "edited", sample_images_dir, {**CAPTIONS, "toy_2": "a dark photo of <cat-toy>"})
+    # (--caption_extension switched off: test_checkpoints_from_before_captions_still_resume.)
     refused = [({"train_data_dir": edited}, "caption files' contents"),
-               ({"caption_prefix_token": True}, "--caption_prefix_token"),
-               ({"caption_extension": None}, "--caption_extension")]
+               ({"caption_prefix_token": True}, "--caption_prefix_token")]
     for i, (changes, named) in enumerate(refused):
         fresh = tmp_path / f"refused-{i}"
         shutil.copytree(out / "checkpoint-2", fresh / "checkpoint-2")
-        with pytest.raises(UserError, match=named), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # without --caption_extension, "skipping toy_0.txt, toy_2.txt"
+        with pytest.raises(UserError, match=named):
             train(resumed.replace(output_dir=str(fresh), **changes), devices=ONE_DEVICE)
         assert os.listdir(fresh) == ["checkpoint-2"]
