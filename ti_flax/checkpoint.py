@@ -9,6 +9,7 @@ killed process never leaves a `checkpoint-N` that `latest` would pick. The froze
 never part of it: a checkpoint is a few kilobytes.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from . import export, files
+from .config import TrainConfig
 from .errors import UserError
 
 FORMAT_VERSION = 1
@@ -40,6 +42,8 @@ MUST_MATCH = (
     "center_crop",
     "interpolation",
     "learnable_property",
+    "caption_extension",  # which images have captions, so which prompts they are shown with
+    "caption_prefix_token",
     "repeats",
     "flip_p",
     "seed",
@@ -195,8 +199,23 @@ def load_checkpoint(path, template):
     return jax.tree_util.tree_unflatten(treedef, restored), meta
 
 
-def run_meta(config, tokens, token_ids, fingerprint, global_batch, num_images):
-    """What a checkpoint records about its run, for the compatibility check on resume."""
+def captions_fingerprint(captions):
+    """A short hash of each image's caption ids (None for a run without captions): a resume
+    with edited caption files would show other prompts than the uninterrupted run."""
+    if captions is None:
+        return None
+    digest = hashlib.sha256()
+    for i, ids in enumerate(captions):
+        if ids is not None:
+            digest.update(np.int64(i).tobytes() + np.ascontiguousarray(ids, np.int32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_meta(config, tokens, token_ids, fingerprint, global_batch, num_images, captions=None):
+    """What a checkpoint records about its run, for the compatibility check on resume.
+
+    `captions`: per image, its caption ids or None (TrainData.captions), or None without captions.
+    """
     return {
         "tokens": list(tokens),
         "token_ids": list(token_ids),
@@ -205,6 +224,7 @@ def run_meta(config, tokens, token_ids, fingerprint, global_batch, num_images):
         "fingerprint_version": FINGERPRINT_VERSION,
         "global_batch_size": global_batch,
         "num_images": num_images,
+        "captions": captions_fingerprint(captions),
         "config": json.loads(config.to_json()),
     }
 
@@ -223,8 +243,13 @@ def check_compatible(saved, current, path):
     for key in ("tokens", "global_batch_size", "num_images"):
         if saved.get(key) != current[key]:
             diffs.append(f"{key} ({saved.get(key)} vs {current[key]})")
+    # Checkpoints from before captions have no "captions" (None: none were used).
+    if saved.get("captions") != current.get("captions") and None not in (saved.get("captions"), current.get("captions")):
+        diffs.append("the caption files' contents (edited since the checkpoint)")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in MUST_MATCH:
-        a, b = saved.get("config", {}).get(key), current["config"][key]
+        # A setting newer than the checkpoint was then at its default.
+        a, b = saved.get("config", {}).get(key, defaults[key]), current["config"][key]
         if a != b:
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:

@@ -39,6 +39,11 @@ def build_parser():
     g.add_argument("--initial_embeddings", help="start from this embedding file (diffusers, A1111 or kohya layout) "
                    "instead of the initializer token's row; its vector count must equal --num_vectors")
     g.add_argument("--learnable_property", choices=["object", "style"], default=d.learnable_property)
+    g.add_argument("--caption_extension", default=d.caption_extension,
+                   help="e.g. .txt: an image's prompt is in the file of its name with this extension, written with "
+                   "the placeholder (\"a photo of <cat-toy> on a table\"); images without one use the templates (default: off)")
+    _bool_flag(g, "caption_prefix_token", "put the placeholder in front of a caption that lacks it "
+               "(\"<cat-toy>, a photo of ...\"); without this such a caption is an error")
     g.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")
     g.add_argument("--resolution", type=int, default=d.resolution)
     _bool_flag(g, "center_crop", "crop the central square before resizing (default: squash to a square)")

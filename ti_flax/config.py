@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 from typing import Optional
 
 from .errors import UserError
@@ -44,6 +45,8 @@ class TrainConfig:
     num_vectors: int = 1
     initial_embeddings: Optional[str] = None  # start from an existing embedding file instead
     learnable_property: str = "object"
+    caption_extension: Optional[str] = None  # ".txt": an image's prompt is in its caption file beside it
+    caption_prefix_token: bool = False  # a caption without the placeholder gets it in front
     repeats: int = 100
     resolution: int = 512
     center_crop: bool = False
@@ -112,6 +115,16 @@ class TrainConfig:
             raise UserError(
                 "pass exactly one of --initializer_token (a word whose row starts the training) and "
                 "--initial_embeddings (an embedding file to continue from)"
+            )
+        if self.caption_prefix_token and not self.caption_extension:
+            raise UserError(
+                "--caption_prefix_token needs --caption_extension (e.g. .txt): it changes caption files, and without "
+                "--caption_extension none are read"
+            )
+        if self.caption_extension is not None and not re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", self.caption_extension):
+            raise UserError(
+                f"--caption_extension must be a file extension starting with a dot, like .txt or .caption, "
+                f"got {self.caption_extension!r}"
             )
         if self.mixed_precision == "fp16":
             raise UserError(

@@ -3,12 +3,15 @@
 The images of a folder are decoded, cropped and resized once into a uint8 array. The content of
 global step `s` is a pure function of `(seed, s)`: each epoch draws its shuffle, flips and
 templates from `np.random.default_rng([seed, epoch])`, so resuming needs only the step number.
+An image with a caption file (`--caption_extension`) is shown with its caption instead of the
+template drawn for it; the draws are the same with or without captions.
 """
 
 import itertools
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -128,7 +131,7 @@ def _load_one(path: str, resolution: int, center_crop: bool, resample) -> np.nda
 
 
 def load_images(
-    data_dir: str, resolution: int, center_crop: bool, interpolation: str
+    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
 ) -> tuple[np.ndarray, list[str]]:
     """Decodes every image in a folder (not recursive), in name order.
 
@@ -138,6 +141,8 @@ def load_images(
       resolution: side of the square output.
       center_crop: crop the central square before resizing; otherwise squash to a square.
       interpolation: "nearest", "bilinear", "bicubic" or "lanczos".
+      caption_extension: e.g. ".txt": the caption file of each image is skipped without a
+        warning (a caption file with no image of its name is still listed).
 
     Returns:
       images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order.
@@ -153,6 +158,9 @@ def load_images(
         is_file = os.path.isfile(os.path.join(data_dir, name))
         ok = is_file and name.lower().endswith(IMAGE_EXTENSIONS)
         (names if ok else skipped).append(name)
+    if caption_extension:
+        captions = {os.path.splitext(name)[0] + caption_extension for name in names}
+        skipped = [name for name in skipped if name not in captions]
     if skipped:
         warnings.warn(
             f"skipping {len(skipped)} non-image entries in {data_dir}: {files.short_list(skipped, 5)}",
@@ -167,6 +175,14 @@ def load_images(
     return np.stack(images), names
 
 
+def max_prompt_length(tokenizer) -> int:
+    """The text encoder's context in tokens, BOS and EOS included (77 for CLIP)."""
+    max_len = tokenizer.model_max_length
+    if not 0 < max_len <= 4096:  # a tokenizer folder without tokenizer_config.json says 1e30
+        raise UserError(f"tokenizer.model_max_length is {max_len}; its config file is missing")
+    return max_len
+
+
 def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: str) -> np.ndarray:
     """Fills each template with the placeholder text and tokenizes it.
 
@@ -177,11 +193,12 @@ def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: st
 
     Returns:
       int32 [len(templates), tokenizer.model_max_length] token ids, padded.
+    Raises:
+      UserError naming the longest template, its length and the limit when any template does not
+      fit: every template is checked here, at start-up, never cut.
     """
     texts = [t.format(placeholder_text) for t in templates]
-    max_len = tokenizer.model_max_length
-    if not 0 < max_len <= 4096:  # a tokenizer folder without tokenizer_config.json says 1e30
-        raise UserError(f"tokenizer.model_max_length is {max_len}; its config file is missing")
+    max_len = max_prompt_length(tokenizer)
     # Truncation would silently cut placeholder vectors out of the prompt: refuse instead.
     lengths = [len(ids) for ids in tokenizer(texts).input_ids]
     if max(lengths) > max_len:
@@ -193,9 +210,8 @@ def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: st
             f"prompt {longest.format(shown)!r} ({len(words)} placeholder tokens) is {max(lengths)} tokens, "
             f"more than the text encoder's {max_len}; use fewer vectors per token (--num_vectors)"
         )
-    ids = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
-    ).input_ids
+    # Every text fits (checked above), so padding is all this call does to the ids.
+    ids = tokenizer(texts, padding="max_length", max_length=max_len, return_tensors="np").input_ids
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -204,7 +220,9 @@ class TrainData:
 
     An epoch is `num_images * repeats` example slots (slot k shows image k % num_images), shuffled,
     each with its own flip and template, cut into `steps_per_epoch` global batches; the remainder
-    is dropped, as with a DataLoader's drop_last=True.
+    is dropped, as with a DataLoader's drop_last=True. An image with a caption is shown with its
+    caption's ids in place of the template drawn for the slot, so the draws (and the batches of
+    images without captions) are the same with or without captions.
     """
 
     def __init__(
@@ -215,11 +233,18 @@ class TrainData:
         flip_p: float,
         seed: int,
         global_batch_size: int,
+        captions: Optional[Sequence[Optional[np.ndarray]]] = None,
     ):
+        """Args: images uint8 [N, H, W, 3]; template_ids int32 [T, L]; captions: None, or per
+        image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         if template_ids.ndim != 2 or len(template_ids) == 0:
             raise ValueError(f"template_ids must be [T, L] with T > 0, got {template_ids.shape}")
+        if captions is not None and len(captions) != len(images):
+            raise ValueError(f"captions must have one entry per image ({len(images)}), got {len(captions)}")
+        if captions is not None and any(c is not None and np.shape(c) != template_ids.shape[1:] for c in captions):
+            raise ValueError(f"each caption must be [{template_ids.shape[1]}] ids like a template")
         if repeats < 1 or global_batch_size < 1:
             raise UserError(f"repeats ({repeats}) and batch ({global_batch_size}) must be >= 1")
         if not 0.0 <= flip_p <= 1.0:
@@ -228,6 +253,11 @@ class TrainData:
             raise UserError(f"seed must be >= 0, got {seed}")
         self.images = images
         self.template_ids = np.asarray(template_ids, dtype=np.int32)
+        self.captions = None if captions is None else tuple(captions)
+        if captions is not None:  # per image: whether it has a caption, and its ids (zeros if not)
+            blank = np.zeros(template_ids.shape[1:], np.int32)
+            self._captioned = np.array([c is not None for c in captions], dtype=bool)
+            self._caption_ids = np.stack([blank if c is None else np.asarray(c, np.int32) for c in captions])
         self.repeats, self.flip_p, self.seed = int(repeats), float(flip_p), int(seed)
         self.global_batch_size = int(global_batch_size)
         self.epoch_size = len(images) * self.repeats
@@ -252,21 +282,33 @@ class TrainData:
             self._epoch = epoch
         return self._plan
 
-    def _rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of global batch `step`."""
+    @property
+    def num_captioned(self) -> int:
+        """How many images have a caption (the others are shown with the templates)."""
+        return 0 if self.captions is None else int(self._captioned.sum())
+
+    def examples(self, step: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [lo, hi) of global batch `step`: (image index, flip, prompt ids int32 [n, L],
+        example id); the prompt is the image's caption where it has one, else its slot's template."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, pos = divmod(step, self.steps_per_epoch)
         image_idx, flips, template_idx = self.epoch_plan(epoch)
         sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
-        pixels = self.images[image_idx[sel]]  # fancy indexing copies, so flipping is safe
-        flip = flips[sel]
+        images = image_idx[sel]
+        prompt_ids = self.template_ids[template_idx[sel]]  # fancy indexing copies
+        if self.captions is not None:
+            captioned = self._captioned[images]
+            prompt_ids[captioned] = self._caption_ids[images[captioned]]
+        example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
+        return images, flips[sel], prompt_ids, example_ids
+
+    def _rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of global batch `step`."""
+        images, flip, prompt_ids, example_ids = self.examples(step, lo, hi)
+        pixels = self.images[images]  # fancy indexing copies, so flipping is safe
         pixels[flip] = pixels[flip][:, :, ::-1]
-        return {
-            "pixel_values": pixels,
-            "input_ids": self.template_ids[template_idx[sel]],
-            "example_ids": np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size,
-        }
+        return {"pixel_values": pixels, "input_ids": prompt_ids, "example_ids": example_ids}
 
     def global_batch(self, step: int) -> dict[str, np.ndarray]:
         """Returns the whole global batch of `step`.

@@ -67,29 +67,26 @@ def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATC
 class CachedLatentData(data_lib.TrainData):
     """TrainData whose batches carry each example's cached latent moments instead of its pixels.
 
-    Same epochs, shuffles, flips, templates and example ids as the TrainData it wraps (the
+    Same epochs, shuffles, flips, prompts and example ids as the TrainData it wraps (the
     example at a position shows view [image, flip] of the cache); batches hold "latent_mean" and
     "latent_logvar" (float32 [..., C, h, w]), "input_ids" and "example_ids".
     """
 
     def __init__(self, data, mean, logvar):
-        super().__init__(data.images, data.template_ids, data.repeats, data.flip_p, data.seed, data.global_batch_size)
+        super().__init__(data.images, data.template_ids, data.repeats, data.flip_p, data.seed, data.global_batch_size,
+                         data.captions)
         if mean.shape[:2] != (len(data.images), 2) or logvar.shape != mean.shape:
             raise ValueError(f"cache must be [{len(data.images)}, 2, C, h, w], got {mean.shape} and {logvar.shape}")
         self.latent_mean, self.latent_logvar = mean, logvar
 
     def _rows(self, step, lo, hi):
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        image_idx, flips, template_idx = self.epoch_plan(epoch)
-        sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
-        view = (image_idx[sel], flips[sel].astype(np.int64))
+        images, flip, prompt_ids, example_ids = self.examples(step, lo, hi)
+        view = (images, flip.astype(np.int64))
         return {
             "latent_mean": self.latent_mean[view],
             "latent_logvar": self.latent_logvar[view],
-            "input_ids": self.template_ids[template_idx[sel]],
-            "example_ids": np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size,
+            "input_ids": prompt_ids,
+            "example_ids": example_ids,
         }
 
 

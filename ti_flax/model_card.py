@@ -73,6 +73,9 @@ def write_model_card(config, tokens, history, files, validation_grid=None):
         f"| num_vectors | {len(tokens)} |",
         f"| initialized from | {config.initial_embeddings or repr(config.initializer_token)} |",
         f"| learnable property | {config.learnable_property} |",
+        *([f"| captions | `{config.caption_extension}` files beside the images"
+           f"{' (the token put in front where missing)' if config.caption_prefix_token else ''} |"]
+          if config.caption_extension else []),
         f"| steps | {step} |",
         f"| learning rate | {config.learning_rate:g} ({config.lr_scheduler}{', scaled' if config.scale_lr else ''}) |",
         f"| batch | {config.train_batch_size} per device |",

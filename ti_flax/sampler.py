@@ -23,6 +23,7 @@ import numpy as np
 from . import models, parallel
 from .errors import UserError
 from .models import schedulers
+from .tokens import expand_placeholders
 
 SCHEDULERS = schedulers.SAMPLERS
 
@@ -80,18 +81,8 @@ def encode_prompt(tokenizer, prompt, concepts=()):
     Returns:
       int32 [model_max_length]: BOS, the prompt's ids (cut to fit, with a warning), EOS, padding.
     """
-    groups = {}
-    for tokens in concepts:
-        ids = tokenizer.convert_tokens_to_ids(list(tokens))
-        groups[ids[0]] = ids
-    text_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    expanded = []
-    for i, token_id in enumerate(text_ids):
-        group = groups.get(token_id)
-        if group and text_ids[i : i + len(group)] != group:
-            expanded.extend(group)
-        else:
-            expanded.append(token_id)
+    groups = [tokenizer.convert_tokens_to_ids(list(tokens)) for tokens in concepts]
+    expanded = expand_placeholders(tokenizer(prompt, add_special_tokens=False).input_ids, groups)
     length = tokenizer.model_max_length
     if len(expanded) > length - 2:
         warnings.warn(f"prompt {prompt!r} is {len(expanded)} tokens long; only the first {length - 2} are used")

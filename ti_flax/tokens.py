@@ -26,6 +26,28 @@ def placeholder_text(tokens):
     return " ".join(tokens)
 
 
+def expand_placeholders(ids, groups):
+    """Token ids with each concept's first token expanded to all of its tokens.
+
+    Args:
+      ids: token ids of a text, without BOS/EOS.
+      groups: one id list per concept, e.g. [[id("<cat>"), id("<cat>_1"), id("<cat>_2")]].
+    Returns:
+      The ids with every lone first id replaced by its whole group, as diffusers'
+      `maybe_convert_prompt` expands "<cat>" into "<cat> <cat>_1 <cat>_2" (and as the training
+      templates are filled); a group already spelled out in full is kept as it is.
+    """
+    by_first = {group[0]: list(group) for group in groups}
+    out = []
+    for i, token_id in enumerate(ids):
+        group = by_first.get(token_id)
+        if group and list(ids[i : i + len(group)]) != group:
+            out.extend(group)
+        else:
+            out.append(token_id)
+    return out
+
+
 def add_placeholder_tokens(tokenizer, tokens):
     """Add `tokens` to `tokenizer` (in place) and return their ids, which follow the base vocab.
 

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from . import captions as captions_lib
 from . import checkpoint as ckpt
 from . import data as data_lib
 from . import compile_cache, distributed, embeddings, files, logs, model_card
@@ -97,14 +98,25 @@ def prepare(config, devices=None):
         init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
         init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
     token_ids = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
-    images, _ = data_lib.load_images(config.train_data_dir, config.resolution, config.center_crop, config.interpolation)
+    images, names = data_lib.load_images(
+        config.train_data_dir, config.resolution, config.center_crop, config.interpolation, config.caption_extension
+    )
+    # Every prompt is tokenized and checked here: one that does not fit is an error, never cut.
     template_ids = data_lib.tokenize_templates(
         model.tokenizer, data_lib.templates_for(config.learnable_property), tokens_lib.placeholder_text(tokens)
     )
+    caption_ids = None
+    if config.caption_extension:
+        caption_ids = captions_lib.tokenize_captions(
+            model.tokenizer, captions_lib.read_captions(config.train_data_dir, names, config.caption_extension),
+            tokens, config.caption_prefix_token,
+        )
+    if config.validation_prompt:
+        captions_lib.encode_prompt(model.tokenizer, config.validation_prompt, tokens, "--validation_prompt")
     devices = tuple(devices or jax.local_devices())
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
-    data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch)
+    data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch, caption_ids)
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
     epochs_batches = config.num_train_epochs * data.steps_per_epoch
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
@@ -112,7 +124,7 @@ def prepare(config, devices=None):
     if config.push_to_hub:
         check_hub_token(config)
     fingerprint = ckpt.model_fingerprint(model.spec, models.token_table(model.params["text_encoder"]))
-    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images))
+    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images), caption_ids)
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds)
 
 
@@ -503,10 +515,20 @@ def print_banner(run):
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {_attention_summary(config, spec)}\n"
+        f"{_captions_line(run)}"
         f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
         f"  output     {config.output_dir}",
         flush=True,
     )
+
+
+def _captions_line(run):
+    """The banner's captions line ("" without --caption_extension)."""
+    if not run.config.caption_extension:
+        return ""
+    n, k = len(run.data.images), run.data.num_captioned
+    rest = f"; {n - k} on the {run.config.learnable_property} templates" if k < n else ""
+    return f"  captions   {k} of {n} images ({run.config.caption_extension} files){rest}\n"
 
 
 def print_summary(run, files, history, timings):
