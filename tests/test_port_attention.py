@@ -123,11 +123,11 @@ BF16, F32 = jnp.bfloat16, jnp.float32
         ("auto", "tpu", BF16, 4032, 4032, 64, "dense"),  # not a multiple of the kernel's block
         ("auto", "cpu", F32, 1024, 1024, 8, "chunked"),
         ("auto", "cpu", BF16, 4096, 4096, 64, "chunked"),
-        ("auto", "cpu", F32, 1024, 77, 8, "dense"),  # 77-token cross-attention never chunks
+        ("auto", "cpu", F32, 1024, 77, 8, "chunked"),  # cross-attention chunks its queries too
         ("auto", "cpu", F32, 256, 256, 8, "dense"),
         ("dense", "gpu", BF16, 4096, 4096, 64, "dense"),
         ("chunked", "gpu", BF16, 4096, 4096, 64, "chunked"),
-        ("chunked", "cpu", F32, 4096, 77, 64, "dense"),
+        ("chunked", "cpu", F32, 4096, 77, 64, "chunked"),
         ("chunked", "cpu", F32, 64, 64, 64, "dense"),
         ("cudnn", "gpu", BF16, 4096, 77, 64, "cudnn"),
         ("flash", "tpu", BF16, 4096, 4096, 64, "flash"),
