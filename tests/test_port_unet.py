@@ -224,8 +224,8 @@ def test_a_perturbed_cross_attention_weight_moves_the_output(sd1):
     assert _max_diff(out, sd1.reference) > 100 * TOL
 
 
-def test_chunking_happens_at_self_attention_only(sd1):
-    """At 1024 tokens each self-attention chunks (a scan); the 77-token cross-attentions never do."""
+def test_chunking_happens_where_there_are_more_queries_than_a_chunk(sd1):
+    """At 1024 tokens each self- and cross-attention chunks its queries (a scan); at 256 none does."""
 
     def count(jaxpr, primitive):
         n = 0
@@ -243,8 +243,9 @@ def test_chunking_happens_at_self_attention_only(sd1):
             lambda p, x, t, e: unet.apply(p, sd1.config, x, t, e, attention=attention, remat=remat)
         )(sd1.params, sd1.sample, sd1.timesteps, sd1.text).jaxpr
 
-    # down block 0 has 2 transformers and up block 1 has 3, all at 32x32; the rest run at 16x16.
-    assert count(jaxpr("chunked"), "scan") == 5
+    # down block 0 has 2 transformers and up block 1 has 3, all at 32x32 (a self- and a
+    # cross-attention each); the rest run at 16x16.
+    assert count(jaxpr("chunked"), "scan") == 2 * 5
     assert count(jaxpr("dense"), "scan") == 0
     # remat: one checkpoint per down, mid and up block at the top level ("remat2" in jax 0.10).
     remat_names = ("checkpoint", "remat", "remat2")
