@@ -219,10 +219,6 @@ def test_package_attribute_is_the_function(tiny_model_dir):
         ti_flax.generate(tiny_model_dir, "a cat", num_images=0)
 
 
-def test_scheduler_choices_match_the_sampler():
-    assert gen.SCHEDULER_CHOICES == sampler.SCHEDULERS
-
-
 # ---- prompts ------------------------------------------------------------------------------
 
 

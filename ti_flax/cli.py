@@ -4,7 +4,9 @@ import argparse
 import dataclasses
 import os
 
-from .config import ATTENTION, INTERPOLATIONS, LR_SCHEDULERS, PREDICTION_TYPES, TrainConfig
+from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION, PREDICTION_TYPES,
+                      REPORT_TO)
+from .config import TrainConfig
 from .errors import UserError
 
 
@@ -38,7 +40,7 @@ def build_parser():
     g.add_argument("--num_vectors", type=int, default=d.num_vectors, help="vectors per concept (tokens tok, tok_1, ...)")
     g.add_argument("--initial_embeddings", help="start from this embedding file (diffusers, A1111 or kohya layout) "
                    "instead of the initializer token's row; its vector count must equal --num_vectors")
-    g.add_argument("--learnable_property", choices=["object", "style"], default=d.learnable_property)
+    g.add_argument("--learnable_property", choices=LEARNABLE_PROPERTIES, default=d.learnable_property)
     g.add_argument("--caption_extension", default=d.caption_extension,
                    help="e.g. .txt: an image's prompt is in the file of its name with this extension, written with "
                    "the placeholder (\"a photo of <cat-toy> on a table\"); images without one use the templates (default: off)")
@@ -47,7 +49,7 @@ def build_parser():
     g.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")
     g.add_argument("--resolution", type=int, default=d.resolution)
     _bool_flag(g, "center_crop", "crop the central square before resizing (default: squash to a square)")
-    g.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation)
+    g.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default=d.interpolation)
     g.add_argument("--flip_p", type=float, default=d.flip_p, help="probability of a horizontal flip")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -66,7 +68,7 @@ def build_parser():
     g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps,
                    help="micro-batches per optimizer update; --max_train_steps and --checkpointing_steps count updates")
     g = p.add_argument_group("speed and memory")
-    g.add_argument("--mixed_precision", default=d.mixed_precision, metavar="{no,bf16}",
+    g.add_argument("--mixed_precision", default=d.mixed_precision, metavar="{" + ",".join(MIXED_PRECISION) + "}",
                    help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")
     _bool_flag(g, "cache_latents", "VAE-encode each image and its flip once before training (the VAE leaves the step)")
     _bool_flag(g, "gradient_checkpointing", "recompute the UNet's block activations in the backward pass: less memory, more compute")
@@ -96,7 +98,7 @@ def build_parser():
     g.add_argument("--validation_seed", type=int, default=d.validation_seed, help="default: --seed")
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", default=d.logging_dir, help="TensorBoard folder, relative to --output_dir")
-    g.add_argument("--report_to", choices=["auto", "tensorboard", "none"], default=d.report_to)
+    g.add_argument("--report_to", choices=REPORT_TO, default=d.report_to)
     _bool_flag(g, "push_to_hub", "upload the output folder to the Hugging Face Hub at the end")
     g.add_argument("--hub_model_id", help="Hub repository for --push_to_hub (default: the output folder's name)")
     g.add_argument("--hub_token", help="Hub token for --push_to_hub")

@@ -7,12 +7,8 @@ import re
 from typing import Optional
 
 from .errors import UserError
-from .models.attention import IMPLEMENTATIONS as ATTENTION
-from .models.schedulers import PREDICTION_TYPES
-
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
-INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest")
-MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> frozen models' dtype
+from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION,
+                      PREDICTION_TYPES, REPORT_TO, one_of)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,22 +128,17 @@ class TrainConfig:
                 "without loss scaling; use --mixed_precision bf16"
             )
         checks = [
-            (self.mixed_precision in MIXED_PRECISION,
-             f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"),
-            (self.prediction_type in (None, *PREDICTION_TYPES),
-             f"--prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"),
-            (self.attention in ATTENTION,
-             f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}"),
+            one_of("--mixed_precision", self.mixed_precision, tuple(MIXED_PRECISION)),
+            one_of("--prediction_type", self.prediction_type, PREDICTION_TYPES, allow_none=True),
+            one_of("--attention", self.attention, ATTENTION),
             (self.gradient_accumulation_steps >= 1,
              f"--gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}"),
             (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),
-            (self.learnable_property in ("object", "style"),
-             f"--learnable_property must be 'object' or 'style', got {self.learnable_property!r}"),
+            one_of("--learnable_property", self.learnable_property, LEARNABLE_PROPERTIES),
             (self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}"),
             (self.resolution > 0 and self.resolution % 8 == 0,
              f"--resolution must be a positive multiple of 8, got {self.resolution}"),
-            (self.interpolation in INTERPOLATIONS,
-             f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}"),
+            one_of("--interpolation", self.interpolation, tuple(INTERPOLATIONS)),
             (0.0 <= self.flip_p <= 1.0, f"--flip_p must be between 0 and 1, got {self.flip_p}"),
             (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
             (self.train_batch_size >= 1, f"--train_batch_size must be at least 1, got {self.train_batch_size}"),
@@ -156,8 +147,7 @@ class TrainConfig:
              f"--max_train_steps must be at least 1, got {self.max_train_steps}"),
             (self.learning_rate > 0 and math.isfinite(self.learning_rate),
              f"--learning_rate must be a positive number, got {self.learning_rate}"),
-            (self.lr_scheduler in LR_SCHEDULERS,
-             f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"),
+            one_of("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
             (self.lr_warmup_steps >= 0, f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}"),
             (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, "--adam_beta1/--adam_beta2 must be in [0, 1)"),
             (self.adam_weight_decay >= 0, f"--adam_weight_decay must be >= 0, got {self.adam_weight_decay}"),
@@ -178,8 +168,7 @@ class TrainConfig:
             (self.validation_seed is None or 0 <= self.validation_seed < 2**32,
              f"--validation_seed must be in [0, 2**32), got {self.validation_seed}"),
             (self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}"),
-            (self.report_to in ("auto", "tensorboard", "none"),
-             f"--report_to must be tensorboard or none, got {self.report_to!r}"),
+            one_of("--report_to", self.report_to, REPORT_TO),
         ]
         for ok, message in checks:
             if not ok:

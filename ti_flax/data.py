@@ -16,17 +16,12 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from ti_flax import files
+from ti_flax import choices, files
 from ti_flax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+INTERPOLATIONS = {name: getattr(Image.Resampling, member) for name, member in choices.INTERPOLATIONS.items()}
 
 # The small ImageNet templates of the textual-inversion paper, as in the diffusers examples.
 OBJECT_TEMPLATES = (

@@ -28,9 +28,9 @@ import warnings
 
 import numpy as np
 
+from .choices import PREDICTION_TYPES, SAMPLERS
 from .errors import UserError, run_cli
 
-SCHEDULER_CHOICES = ("pndm", "ddim", "euler", "dpm")  # == sampler.SCHEDULERS (kept here for a fast --help)
 MAX_SEED = 2**32 - 1
 
 
@@ -150,8 +150,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         raise UserError(f"--seed {seed}: must be between 0 and {MAX_SEED}")
     if not np.isfinite(guidance_scale):
         raise UserError(f"--guidance_scale {guidance_scale}: must be a finite number")
-    if scheduler not in SCHEDULER_CHOICES:
-        raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SCHEDULER_CHOICES)}")
+    if scheduler not in SAMPLERS:
+        raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SAMPLERS)}")
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
@@ -197,7 +197,7 @@ def build_parser():
     )
     parser.add_argument("--pretrained_model_name_or_path", required=True,
                         help="Stable Diffusion folder, Hub id, or one original SD 1.x/2.x .safetensors file")
-    parser.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+    parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
                         help="the model's target instead of its scheduler config's "
                         "(single files: epsilon unless given)")
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
@@ -210,7 +210,7 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="pndm")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default="pndm")
     parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
     parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
                         help="allow reading a pickled .npy embedding or .ckpt model "

@@ -24,9 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ..choices import ATTENTION as IMPLEMENTATIONS
 from ..errors import UserError
-
-IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "flash")
 DEFAULT_CHUNK = 256
 FLASH_BLOCK = 128  # the Pallas TPU kernel's block along both sequence axes
 _NVIDIA_BACKENDS = ("gpu", "cuda")  # jax.default_backend() says "gpu" for CUDA; ROCm has no cuDNN

@@ -30,10 +30,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from ..choices import PREDICTION_TYPES, SAMPLERS  # noqa: F401 (PREDICTION_TYPES is part of this module's API)
 from ..errors import UserError
-
-SAMPLERS = ("pndm", "ddim", "euler", "dpm")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Constructor defaults of diffusers' PyTorch classes (for keys a config.json leaves out).
 _COMMON = dict(

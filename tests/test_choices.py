@@ -1,0 +1,68 @@
+"""Each closed list of flag values has one source (ti_flax/choices.py): the command lines offer
+exactly its values with the documented default, validation rejects anything else in one line,
+the code that acts on a value knows every one of them, and the README's table is printed from it."""
+
+import dataclasses
+import os
+
+import pytest
+
+from ti_flax import choices, cli, data, export, generate, sampler
+from ti_flax.config import TrainConfig
+from ti_flax.errors import UserError
+from ti_flax.models import attention, schedulers
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+PARSERS = {"": cli.build_parser, "(ti_flax.generate)": generate.build_parser, "(ti_flax.export)": export.build_parser}
+
+
+def _action(parser, flag):
+    (action,) = [a for a in parser._actions if flag in a.option_strings]
+    return action
+
+
+@pytest.mark.parametrize("choice", choices.TABLE, ids=lambda c: c.flags)
+def test_command_lines_offer_the_listed_values(choice):
+    flag, _, command = choice.flags.partition(" ")
+    action = _action(PARSERS[command](), flag)
+    if action.choices is None:  # checked later, with its own message (--mixed_precision fp16, --format)
+        listed = "{" + ",".join(choice.values) + "}"
+        assert action.metavar == listed or ", ".join(choice.values) in action.help
+    else:
+        assert tuple(action.choices) == tuple(choice.values)
+    if action.default is not None:
+        assert action.default == choice.default
+
+
+@pytest.mark.parametrize("choice", [c for c in choices.TABLE if not c.flags.count(" ")], ids=lambda c: c.flags)
+def test_train_config_defaults_and_validation_follow_the_list(choice):
+    field = choice.flags[2:]
+    default = getattr(TrainConfig(), field)
+    assert default in choice.values + (None,)
+    assert default is None or default == choice.default
+    base = dict(pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>",
+                initializer_token="toy", output_dir="out", report_to="none")
+    for value in choice.values:
+        if field == "report_to" and value == "tensorboard":
+            continue  # needs tensorboardX, checked separately
+        TrainConfig(**{**base, field: value}).validate()
+    with pytest.raises(UserError, match=f"^{choice.flags} must be one of {', '.join(choice.values)}, got 'nope'$"):
+        TrainConfig(**{**base, field: "nope"}).validate()
+
+
+def test_the_code_acting_on_a_value_knows_every_value():
+    assert tuple(data.INTERPOLATIONS) == tuple(choices.INTERPOLATIONS)
+    assert attention.IMPLEMENTATIONS == choices.ATTENTION
+    assert sampler.SCHEDULERS == schedulers.SAMPLERS == choices.SAMPLERS
+    assert schedulers.PREDICTION_TYPES == choices.PREDICTION_TYPES
+    for name in choices.LR_SCHEDULERS:  # every schedule builds
+        from ti_flax.optim import OptimizerSpec
+
+        config = dataclasses.replace(TrainConfig(), lr_scheduler=name, lr_warmup_steps=2)
+        assert callable(OptimizerSpec.from_config(config, 1, 10).schedule())
+
+
+def test_readme_table_is_the_one_choices_prints():
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    assert choices.markdown_table() in readme, "README's Choices table is stale: paste `python -m ti_flax.choices`"

@@ -1,0 +1,61 @@
+"""Every closed list of values a flag takes, defined once.
+
+argparse's `choices`, `TrainConfig.validate()`, the modules that act on a value and the README's
+"Choices" table all read these lists, so a new value is added in one place. This module imports
+nothing heavy, so `--help` stays fast. `python -m ti_flax.choices` prints the README table; a
+test keeps the two equal.
+"""
+
+import sys
+from typing import NamedTuple
+
+ATTENTION = ("auto", "dense", "chunked", "cudnn", "flash")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+LEARNABLE_PROPERTIES = ("object", "style")
+# Resize filters, as the names of PIL's Image.Resampling members.
+INTERPOLATIONS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS", "nearest": "NEAREST"}
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
+MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> the frozen models' dtype
+REPORT_TO = ("auto", "tensorboard", "none")
+SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
+EXPORT_FORMATS = ("diffusers", "a1111", "kohya", "comfyui")  # comfyui reads kohya's layout
+
+
+class Choice(NamedTuple):
+    flags: str  # the flag, with the command that takes it where not `ti_flax.train`
+    values: tuple
+    default: str
+
+
+# The README's table, in the order it lists them.
+TABLE = (
+    Choice("--learnable_property", tuple(LEARNABLE_PROPERTIES), "object"),
+    Choice("--prediction_type", PREDICTION_TYPES, "the model's scheduler config"),
+    Choice("--interpolation", tuple(INTERPOLATIONS), "bicubic"),
+    Choice("--lr_scheduler", LR_SCHEDULERS, "constant"),
+    Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
+    Choice("--attention", ATTENTION, "auto"),
+    Choice("--report_to", REPORT_TO, "auto"),
+    Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm"),
+    Choice("--format (ti_flax.export)", EXPORT_FORMATS, "diffusers"),
+)
+
+
+def one_of(flag, value, values, allow_none=False):
+    """(ok, message) for `TrainConfig.validate()`'s checks: is `value` one of `values`?"""
+    ok = value in values or (allow_none and value is None)
+    return ok, f"{flag} must be one of {', '.join(values)}, got {value!r}"
+
+
+def markdown_table():
+    """The README's "Choices" table, from TABLE."""
+    lines = ["| flag | values | default |", "| --- | --- | --- |"]
+    for choice in TABLE:
+        flag, _, command = choice.flags.partition(" ")
+        values = ", ".join(f"`{v}`" for v in choice.values)
+        lines.append(f"| `{flag}`{' ' + command if command else ''} | {values} | {choice.default} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())
