@@ -115,6 +115,34 @@ LAYOUTS["flax-fixture"] = dict(
     numpy_weights=True,
 )
 
+# SDXL's layout at tiny widths: CLIP-L-like and OpenCLIP-bigG-like text encoders (the second with
+# a text projection, OpenCLIP's gelu and "!" padding), their penultimate states concatenated as
+# the UNet's 32 + 48 = 80-wide context, a text_time UNet whose added embedding takes the pooled
+# projection (16) and six 8-wide time-id embeddings, and the VAE's SDXL scaling factor.
+# `python scripts/make_tiny_model.py DIR --layout tiny-sdxl` writes a StableDiffusionXLPipeline folder.
+LAYOUTS["tiny-sdxl"] = dict(
+    unet=dict(
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+        sample_size=16,
+    ),
+    vae=dict(block_out_channels=(32, 64), scaling_factor=0.13025, force_upcast=True),
+    hidden=32,
+    layers=2,
+    resolution=32,
+    text=dict(eos_token_id=2),  # what SDXL base's configs ship: the pooled state is at the highest id
+    text_2=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=16, hidden_act="gelu"),
+    sdxl=True,
+)
+
 
 def write_clip_tokenizer(out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|>"):
     """Write the CLIP tokenizer files (ti_flax.clip_vocab.write_tokenizer_files) to `out_dir` and
@@ -148,9 +176,10 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
     hidden = spec["hidden"]
     num_merges = spec.get("num_merges", NUM_MERGES)
     vocab_size = 512 + num_merges + 2  # 49408 (clip_vocab.VOCAB_SIZE) for the full tokenizer
+    context = hidden + spec["text_2"]["hidden_size"] if spec.get("sdxl") else hidden
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, cross_attention_dim=hidden, **{"norm_num_groups": 32, **spec["unet"]}
+        in_channels=4, out_channels=4, cross_attention_dim=context, **{"norm_num_groups": 32, **spec["unet"]}
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -160,24 +189,26 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
         up_block_types=("UpDecoderBlock2D",) * len(spec["vae"]["block_out_channels"]),
         **{"sample_size": spec["resolution"], **spec["vae"]},
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **{
-                "vocab_size": vocab_size,
-                "hidden_size": hidden,
-                "intermediate_size": 2 * hidden + 5,
-                "num_hidden_layers": spec["layers"],
-                "num_attention_heads": 4,
-                "max_position_embeddings": 77,
-                "projection_dim": hidden,
-                "hidden_act": spec.get("hidden_act", "quick_gelu"),
-                "bos_token_id": vocab_size - 2,
-                "eos_token_id": vocab_size - 1,
-                "pad_token_id": vocab_size - 1,
-                **spec.get("text", {}),
-            }
-        )
-    )
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden + 5,
+        "num_hidden_layers": spec["layers"],
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": hidden,
+        "hidden_act": spec.get("hidden_act", "quick_gelu"),
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+        **spec.get("text", {}),
+    }
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    if spec.get("sdxl"):
+        _build_sdxl(out_dir, spec, prediction_type, vae, text_encoder, unet, {**text_config, **spec["text_2"]}, num_merges)
+        if spec.get("numpy_weights"):
+            reinit_weights(out_dir, seed)
+        return out_dir
     # SD 1.x's scheduler config; v_prediction gives an SD 2.x-768-style model.
     scheduler = PNDMScheduler(
         beta_start=0.00085,
@@ -205,6 +236,38 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
     if spec.get("numpy_weights"):
         reinit_weights(out_dir, seed)
     return out_dir
+
+
+def _build_sdxl(out_dir, spec, prediction_type, vae, text_encoder, unet, text_2_config, num_merges):
+    """Save an SDXL pipeline folder: the second encoder with projection and "!" padding, SDXL's
+    Euler scheduler config."""
+    import tempfile
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2_config))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type=prediction_type,
+    )
+    with tempfile.TemporaryDirectory() as tok_dir, tempfile.TemporaryDirectory() as tok_2_dir:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=write_clip_tokenizer(tok_dir, num_merges),
+            tokenizer_2=write_clip_tokenizer(tok_2_dir, num_merges, pad_token="!"),
+            unet=unet,
+            scheduler=scheduler,
+        )
+        pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
 def _weight_values(name, shape, seed):
