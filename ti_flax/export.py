@@ -24,7 +24,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 
 import numpy as np
 
@@ -42,38 +41,6 @@ A1111_STRING_TO_TOKEN = {"*": 265}
 # Writing one file (used by the trainer)
 
 
-def atomic_write(path, write):
-    """Write `path` under a temporary name in its folder, then rename it into place.
-
-    `write` is the file's bytes, or a function called with the temporary path. An OS error
-    (disk full, quota, read-only, permission) is a `files.WriteFailed` naming `path`, its folder
-    and the free space; the temporary file is removed, and an existing `path` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    with files.writing(path):
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            if isinstance(write, (bytes, bytearray)):
-                files.write_bytes(tmp, write)
-            else:
-                write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-    return path
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def check_rows(rows):
     rows = np.asarray(rows, dtype=np.float32)
     if rows.ndim != 2:
@@ -87,14 +54,14 @@ def save_diffusers(path, token, rows):
     """`{token: float32 [N, D]}` safetensors with metadata format=pt: what
     `StableDiffusionPipeline.load_textual_inversion` reads (N > 1 loads as tok, tok_1, ...)."""
     rows = check_rows(rows)
-    return atomic_write(path, files.safetensors_bytes({token: rows}, {"format": "pt"}))
+    return files.atomic_write(path, files.safetensors_bytes({token: rows}, {"format": "pt"}))
 
 
 def save_diffusers_bin(path, token, rows):
     """The same dict `torch.save`d to a .bin, as diffusers' PyTorch script writes it."""
     torch = _require_torch("writing learned_embeds.bin", "or drop --no_safe_serialization")
     rows = check_rows(rows)
-    return atomic_write(path, files.torch_bytes({token: torch.from_numpy(rows.copy())}))
+    return files.atomic_write(path, files.torch_bytes({token: torch.from_numpy(rows.copy())}))
 
 
 def load_diffusers(path):
@@ -252,7 +219,7 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
         for tmp, path in zip(staged, paths):
             try:
                 with files.writing(path):
-                    os.chmod(tmp, 0o666 & ~_umask())
+                    files.give_default_permissions(tmp)
                     os.replace(tmp, path)
             except files.WriteFailed as err:
                 raise err.with_saved(renamed) from None

@@ -135,7 +135,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ...                  ["out/learned_embeds.safetensors"], num_images=2, output_dir="images")  # doctest: +SKIP
         ['images/000.png', 'images/001.png']
     """
-    from . import compile_cache, export, files, models
+    from . import compile_cache, files, models
     from .sampler import Sampler, encode_prompt
 
     # Checks that need no model come first, so a typo fails fast.
@@ -174,7 +174,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     written = []
     for i, image in enumerate(images):
         try:
-            written.append(export.atomic_write(
+            written.append(files.atomic_write(
                 os.path.join(output_dir, f"{i:03d}.png"), _png_writer(image, f"{parameters}, Image: {i}")))
         except files.WriteFailed as err:  # the images already written stay, and are named
             raise err.with_saved(written) from None
