@@ -9,7 +9,7 @@ or from Python:
     >>> from ti_flax.generate import generate
     >>> paths = generate("MODEL_DIR", "a photo of <cat-toy>", ["out/learned_embeds.safetensors"])  # doctest: +SKIP
 
-Embeddings are read by ti_flax.embeddings.read_embedding: diffusers files, A1111 `.pt` /
+Embeddings are read by ti_flax.formats.read_embedding: diffusers files, A1111 `.pt` /
 `.safetensors`, kohya files, `.npy`, output or checkpoint-N folders. The word that stands
 for an embedding in a prompt is, in this order: TOKEN when it is given as `FILE:TOKEN`, the
 token the file names (the diffusers key, the A1111 `name`), or the file name without its
@@ -64,7 +64,7 @@ def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
       ValueError: the tokenizer already holds added tokens.
     """
     from . import tokens as tokens_lib
-    from .embeddings import check_embedding_fits, read_embedding
+    from .formats import check_embedding_fits, read_embedding
 
     if len(tokenizer) != spec.base_vocab_size:
         raise ValueError("load_concepts needs the model's own tokenizer, with no tokens added yet")
