@@ -93,6 +93,7 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
 
 def _write_checked(paths, layout, emb, token, name, verify, log):
     """Stage every file, read each back, verify, then rename all into place (or none)."""
+    said = formats.get(layout).token_from  # what a file in this layout calls the embedding, if anything
     staged = []
     try:
         for path in paths:
@@ -107,8 +108,7 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
 
             # diffusers-layout files carry their token; the others need token= (A1111's name may
             # be an ordinary word already in the vocabulary).
-            pass_token = formats.get(layout).token_from != "token"
-            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, pass_token) for tmp in staged]
+            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, said != "token") for tmp in staged]
             results = verify_lib.verify_files(verify, emb.rows, checks)
         renamed = []
         for tmp, path in zip(staged, paths):
@@ -123,7 +123,6 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
         for tmp in staged:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-    said = formats.get(layout).token_from  # what the file calls the embedding, if anything
     label = f", {said} {token if said == 'token' else name}" if said else ""
     for path in paths:
         log(f"wrote {path}: {layout} layout, {emb.num_vectors} x {emb.width}{label} (from {emb.format} {emb.path})")
