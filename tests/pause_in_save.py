@@ -6,11 +6,11 @@ by patching from outside; ti_flax itself has no test hook."""
 import sys
 import time
 
-from ti_flax import export, train
+from ti_flax import formats, train
 
 
 def main(step, args):
-    real_save = export.save_diffusers
+    real_save = formats.save_diffusers
 
     def save_then_pause(path, *rest, **kwargs):
         out = real_save(path, *rest, **kwargs)
@@ -19,7 +19,7 @@ def main(step, args):
             time.sleep(600)
         return out
 
-    export.save_diffusers = save_then_pause
+    formats.save_diffusers = save_then_pause
     return train.main(args)
 
 

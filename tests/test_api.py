@@ -15,7 +15,7 @@ from PIL import Image
 
 import ti_flax
 from ti_flax import UserError
-from ti_flax.embeddings import read_embedding
+from ti_flax.formats import read_embedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ti_flax import export, verify
-from ti_flax.embeddings import check_embedding_fits, read_embedding
+from ti_flax import export, formats, verify
+from ti_flax.formats import check_embedding_fits, read_embedding
 from ti_flax.errors import UserError
 
 WIDTH = 32  # the tiny model's text-encoder width
@@ -37,7 +37,7 @@ def make_rows(n, width=WIDTH, seed=0):
 
 
 def diffusers_source(tmp_path, rows, token=TOKEN):
-    return export.save_diffusers(str(tmp_path / "src" / "learned_embeds.safetensors"), token, rows)
+    return formats.save_diffusers(str(tmp_path / "src" / "learned_embeds.safetensors"), token, rows)
 
 
 def run_cli(argv, capsys):
@@ -73,7 +73,7 @@ def test_round_trip_through_every_layout_is_bitwise(tmp_path, fmt, filename, num
 def test_a1111_pt_holds_what_a1111_loader_reads(tmp_path):
     rows = make_rows(2)
     src = str(tmp_path / "run" / "checkpoint-40")
-    export.save_diffusers(os.path.join(src, "learned_embeds.safetensors"), TOKEN, rows)
+    formats.save_diffusers(os.path.join(src, "learned_embeds.safetensors"), TOKEN, rows)
     [out] = export.export_embedding(src, tmp_path / "embeddings", format="a1111")
     assert out == str(tmp_path / "embeddings" / "cat-toy.pt")  # default name: token without <>
     data = torch.load(out, weights_only=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import ti_flax
-from ti_flax import TrainConfig, UserError, checkpoint, data, export, files, models
+from ti_flax import TrainConfig, UserError, checkpoint, data, files, formats, models
 from ti_flax.errors import run_cli
 from ti_flax.train import main
 
@@ -138,7 +138,7 @@ def test_garbage_tokenizer_file(name, content, tiny_model_dir, sample_images_dir
 
 def test_damaged_initial_embeddings(tiny_model_dir, sample_images_dir, tmp_path):
     path = tmp_path / "start.safetensors"
-    export.save_diffusers(str(path), "<x>", np.ones((1, 32), np.float32))
+    formats.save_diffusers(str(path), "<x>", np.ones((1, 32), np.float32))
     truncate(path, 0.7)
     out = tmp_path / "out"
     config = tiny(tiny_model_dir, sample_images_dir, out, initializer_token="", initial_embeddings=str(path),
@@ -155,7 +155,7 @@ def test_damaged_embedding_for_the_exporter(name, tmp_path):
 
         torch.save({"string_to_param": {"*": torch.ones(2, 32)}, "name": "cat-toy"}, str(source))
     else:
-        export.save_diffusers(str(source), "<cat-toy>", np.ones((2, 32), np.float32))
+        formats.save_diffusers(str(source), "<cat-toy>", np.ones((2, 32), np.float32))
     truncate(source, 0.6)
     out = tmp_path / "exported"
     raises_one_line(lambda: ti_flax.export(str(source), str(out), format="comfyui"), str(source), "truncated or not a")
@@ -251,7 +251,7 @@ def test_enospc_in_the_final_save_names_what_was_saved(tiny_model_dir, sample_im
     assert isinstance(refused, list) and len(refused) == 1, message
     assert not (out / "README.md").exists() and leftovers(out) == []
     # What was saved before the failure is complete and reads back.
-    assert export.load_diffusers(str(out / "learned_embeds.safetensors"))[0] == "<cat-toy>"
+    assert formats.load_diffusers(str(out / "learned_embeds.safetensors"))[0] == "<cat-toy>"
     checkpoint.verify_checkpoint(str(out / "checkpoint-2"))
 
 
@@ -270,14 +270,14 @@ def test_enospc_in_the_full_pipeline_keeps_the_embedding(tiny_model_dir, sample_
                     "no space left", "already saved: ", "learned_embeds.safetensors")
     assert not (out / "model_index.json").exists() and not (out / "unet").exists()
     assert leftovers(out) == []
-    assert export.load_diffusers(str(out / "learned_embeds.safetensors"))[0] == "<cat-toy>"
+    assert formats.load_diffusers(str(out / "learned_embeds.safetensors"))[0] == "<cat-toy>"
 
 
 @pytest.mark.parametrize("code, reason", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
                                           (errno.EDQUOT, "quota")])
 def test_atomic_write_failure_keeps_the_old_file(code, reason, tmp_path, monkeypatch):
     path = tmp_path / "learned_embeds.safetensors"
-    export.save_diffusers(str(path), "<old>", np.ones((1, 4), np.float32))
+    formats.save_diffusers(str(path), "<old>", np.ones((1, 4), np.float32))
     before = path.read_bytes()
 
     def refuse(p, content):
@@ -285,15 +285,15 @@ def test_atomic_write_failure_keeps_the_old_file(code, reason, tmp_path, monkeyp
 
     monkeypatch.setattr(files, "write_bytes", refuse)
     with pytest.raises(files.WriteFailed):  # a UserError: one line, exit status 2 from the CLI
-        export.save_diffusers(str(path), "<new>", np.zeros((1, 4), np.float32))
-    raises_one_line(lambda: export.save_diffusers(str(path), "<new>", np.zeros((1, 4), np.float32)),
+        formats.save_diffusers(str(path), "<new>", np.zeros((1, 4), np.float32))
+    raises_one_line(lambda: formats.save_diffusers(str(path), "<new>", np.zeros((1, 4), np.float32)),
                     f"cannot write {path}", reason, f"free in {tmp_path.name}/")
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 
 
 def test_exporter_out_of_space(tmp_path, monkeypatch):
     source = tmp_path / "in.safetensors"
-    export.save_diffusers(str(source), "<cat-toy>", np.ones((2, 32), np.float32))
+    formats.save_diffusers(str(source), "<cat-toy>", np.ones((2, 32), np.float32))
     enospc_for(monkeypatch, lambda path: path.endswith(".pt"))
     out = tmp_path / "exported"
     raises_one_line(lambda: ti_flax.export(str(source), str(out), format="a1111"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ti_flax.embeddings import read_embedding
+from ti_flax.formats import read_embedding
 
 pytestmark = pytest.mark.slow  # runs the whole notebook
 

@@ -243,14 +243,14 @@ def test_interop_with_pytorch_diffusers(four_device_run, tiny_model_dir, tmp_pat
     torch = pytest.importorskip("torch")
     from diffusers import StableDiffusionPipeline
 
-    from ti_flax import export
+    from ti_flax import formats
 
     config, result, _ = four_device_run
     base = models.load_model(tiny_model_dir)
     rng = np.random.default_rng(0)
     cases = {2: os.path.join(config.output_dir, "learned_embeds.safetensors")}
     for n in (1, 3):
-        cases[n] = export.save_diffusers(str(tmp_path / f"e{n}.safetensors"), "<cat-toy>", rng.normal(size=(n, 32)))
+        cases[n] = formats.save_diffusers(str(tmp_path / f"e{n}.safetensors"), "<cat-toy>", rng.normal(size=(n, 32)))
     for n, path in cases.items():
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
         pipe.load_textual_inversion(path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, export, files, models, train as train_mod
+from ti_flax import TrainConfig, checkpoint, export, files, formats, models, train as train_mod
 from ti_flax.step import init_state
 from ti_flax.optim import OptimizerSpec
 
@@ -27,7 +27,7 @@ def hidden_files(folder):
 def test_embedding_write_crash_keeps_the_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / "learned_embeds.safetensors")
     old = np.arange(6, dtype=np.float32).reshape(2, 3)
-    export.save_diffusers(path, "<cat-toy>", old)
+    formats.save_diffusers(path, "<cat-toy>", old)
     real = files.write_bytes
 
     def write_half_then_crash(target, data, *args, **kwargs):
@@ -36,7 +36,7 @@ def test_embedding_write_crash_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files, "write_bytes", write_half_then_crash)
     with pytest.raises(Crash):
-        export.save_diffusers(path, "<cat-toy>", old + 1)
+        formats.save_diffusers(path, "<cat-toy>", old + 1)
     np.testing.assert_array_equal(load_file(path)["<cat-toy>"], old)
     assert hidden_files(tmp_path) == []
 
@@ -50,7 +50,7 @@ def test_checkpoint_crash_leaves_no_folder_and_keeps_the_last(tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise Crash()
 
-    monkeypatch.setattr(export, "save_diffusers", crash)  # after the state file, before meta.json
+    monkeypatch.setattr(formats, "save_diffusers", crash)  # after the state file, before meta.json
     with pytest.raises(Crash):
         checkpoint.save_checkpoint(str(tmp_path), state._replace(step=np.int32(2), rows=state.rows * 2), meta)
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [1]
@@ -60,9 +60,9 @@ def test_checkpoint_crash_leaves_no_folder_and_keeps_the_last(tmp_path, monkeypa
 
 
 def test_export_crash_renames_none_of_the_files(tmp_path, monkeypatch):
-    src = export.save_diffusers(str(tmp_path / "src.safetensors"), "<cat-toy>", np.ones((2, 8), np.float32))
+    src = formats.save_diffusers(str(tmp_path / "src.safetensors"), "<cat-toy>", np.ones((2, 8), np.float32))
     out = tmp_path / "out"
-    real = export._read_back
+    real = formats.check_written
     calls = []
 
     def crash_on_second(*args, **kwargs):
@@ -71,7 +71,7 @@ def test_export_crash_renames_none_of_the_files(tmp_path, monkeypatch):
             raise Crash()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(export, "_read_back", crash_on_second)
+    monkeypatch.setattr(formats, "check_written", crash_on_second)
     with pytest.raises(Crash):  # .safetensors staged and checked, the .bin fails its check
         export.export_embedding(src, str(out), format="diffusers", token="<cat-toy>", bin=True)
     assert len(calls) == 2

@@ -20,7 +20,7 @@ import warnings
 import jax
 import numpy as np
 
-from . import export, files
+from . import files, formats
 from .config import TrainConfig
 from .errors import UserError
 
@@ -115,8 +115,8 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
             try:
                 with files.writing(os.path.join(final, STATE_FILE)):
                     files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
-                with files.writing(os.path.join(final, export.DIFFUSERS_FILE)):
-                    export.save_diffusers(os.path.join(tmp, export.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
+                with files.writing(os.path.join(final, formats.DIFFUSERS_FILE)):
+                    formats.save_diffusers(os.path.join(tmp, formats.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
                 with files.writing(os.path.join(final, META_FILE)):
                     files.write_text(
                         os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)

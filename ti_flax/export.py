@@ -1,16 +1,13 @@
 """Learned rows -> embedding files that other Stable Diffusion tools load.
 
-Two uses:
-
-* the trainer calls `save_diffusers` / `save_diffusers_bin` for its own outputs;
-* `export_embedding` (and `python -m ti_flax.export`, console script `ti-flax-export`)
-  converts any embedding `ti_flax.embeddings.read_embedding` understands into the layout of
-  diffusers, A1111 or kohya / ComfyUI, reads every file back before reporting success, and
-  with `verify=MODEL_DIR` checks it in PyTorch diffusers against the Flax text encoder.
+`export_embedding` (and `python -m ti_flax.export`, console script `ti-flax-export`) converts
+any embedding `ti_flax.formats.read_embedding` understands into the layout of diffusers, A1111
+or kohya / ComfyUI (the layouts themselves live in `ti_flax.formats`), reads every file back
+before reporting success, and with `verify=MODEL_DIR` checks it in PyTorch diffusers against
+the Flax text encoder.
 
 Every file is written to a temporary name in the destination folder and renamed into place
-only when complete (and, for an export, checked), so a crash never leaves a half-written
-embedding behind.
+only when complete and checked, so a crash never leaves a half-written embedding behind.
 
 Example:
     ti-flax-export out/checkpoint-500 --format a1111 --output embeddings/
@@ -24,149 +21,13 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 
-import numpy as np
-
-from . import files
-from .embeddings import DIFFUSERS_BIN, DIFFUSERS_FILE, KOHYA_KEY, A1111_LAYOUT, read_embedding
+from . import files, formats
 from .errors import UserError, run_cli
+from .formats import DIFFUSERS_BIN, DIFFUSERS_FILE, read_embedding
 
-FORMATS = ("diffusers", "a1111", "kohya", "comfyui")  # comfyui reads kohya's layout
-_EXTENSIONS = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt", ".safetensors"), "kohya": (".safetensors", ".pt")}
-# A1111 writes this fixed id for its placeholder "*" (modules/textual_inversion/textual_inversion.py).
-A1111_STRING_TO_TOKEN = {"*": 265}
-
-
-# --------------------------------------------------------------------------------------------
-# Writing one file (used by the trainer)
-
-
-def atomic_write(path, write):
-    """Write `path` under a temporary name in its folder, then rename it into place.
-
-    `write` is the file's bytes, or a function called with the temporary path. An OS error
-    (disk full, quota, read-only, permission) is a `files.WriteFailed` naming `path`, its folder
-    and the free space; the temporary file is removed, and an existing `path` is untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    with files.writing(path):
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            if isinstance(write, (bytes, bytearray)):
-                files.write_bytes(tmp, write)
-            else:
-                write(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-    return path
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def check_rows(rows):
-    rows = np.asarray(rows, dtype=np.float32)
-    if rows.ndim != 2:
-        raise UserError(f"embedding must be [num_vectors, hidden], got shape {rows.shape}")
-    if not np.all(np.isfinite(rows)):
-        raise UserError("embedding holds NaN or Inf values; refusing to write it")
-    return rows
-
-
-def save_diffusers(path, token, rows):
-    """`{token: float32 [N, D]}` safetensors with metadata format=pt: what
-    `StableDiffusionPipeline.load_textual_inversion` reads (N > 1 loads as tok, tok_1, ...)."""
-    rows = check_rows(rows)
-    return atomic_write(path, files.safetensors_bytes({token: rows}, {"format": "pt"}))
-
-
-def save_diffusers_bin(path, token, rows):
-    """The same dict `torch.save`d to a .bin, as diffusers' PyTorch script writes it."""
-    torch = _require_torch("writing learned_embeds.bin", "or drop --no_safe_serialization")
-    rows = check_rows(rows)
-    return atomic_write(path, files.torch_bytes({token: torch.from_numpy(rows.copy())}))
-
-
-def load_diffusers(path):
-    """(token, float32 rows [N, D]) from a diffusers-layout safetensors file."""
-    tensors = files.read_safetensors(path)
-    if len(tensors) != 1:
-        raise UserError(f"{path}: expected one token in a diffusers embedding file, found {sorted(tensors)}")
-    (token, rows), = tensors.items()
-    rows = np.asarray(rows, dtype=np.float32)
-    return token, rows.reshape(1, -1) if rows.ndim == 1 else rows
-
-
-def _require_torch(what, alternative=""):
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"{what} needs torch: `pip install torch`{', ' + alternative if alternative else ''}") from None
-    return torch
-
-
-def _write_safetensors(path, tensors, metadata=None):
-    files.write_bytes(path, files.safetensors_bytes(tensors, {"format": "pt", **(metadata or {})}))
-
-
-def _write_torch(path, data):
-    torch = _require_torch(f"writing {os.path.basename(path)}")
-
-    def to_torch(obj):
-        if isinstance(obj, np.ndarray):
-            return torch.from_numpy(obj.copy())
-        return {k: to_torch(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
-
-    files.write_bytes(path, files.torch_bytes(to_torch(data)))
-
-
-# --------------------------------------------------------------------------------------------
-# Layouts
-
-
-def _write(path, layout, rows, token, name, step):
-    """Write `rows` in `layout` to `path`: safetensors or torch.save, by the extension."""
-    metadata = None
-    if layout == "diffusers":
-        content = {token: rows}
-    elif layout == "kohya":
-        content = {KOHYA_KEY: rows}
-    elif path.endswith(".safetensors"):
-        # safetensors holds only a flat name -> tensor map, so A1111's dict cannot go in as it
-        # is: one tensor keyed by the name (A1111 and ComfyUI read any single-tensor file, and
-        # diffusers takes the key as the token), the other fields as metadata strings.
-        content = {name: rows}
-        metadata = {"layout": A1111_LAYOUT, "name": name, "string_to_token": '{"*": 265}'}
-        if step is not None:
-            metadata["step"] = str(step)
-    else:
-        # A1111's own Embedding.save(): torch.save of exactly these six entries.
-        content = {
-            "string_to_token": dict(A1111_STRING_TO_TOKEN),
-            "string_to_param": {"*": rows},
-            "name": name,
-            "step": step,
-            "sd_checkpoint": None,
-            "sd_checkpoint_name": None,
-        }
-    if path.endswith(".safetensors"):
-        _write_safetensors(path, content, metadata)
-    else:
-        _write_torch(path, content)
-
-
-def _expected_token(layout, token, name):
-    return {"diffusers": token, "a1111": name, "kohya": None}[layout]
+# The layouts ti_flax writes, then other tools' names for them (comfyui reads kohya's layout).
+FORMATS = (*formats.names(writable=True), *formats.ALIASES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +39,7 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
     """Convert an embedding in any layout into the layout another tool loads.
 
     Args:
-        source: anything `ti_flax.embeddings.read_embedding` reads: an output or checkpoint-N
+        source: anything `ti_flax.formats.read_embedding` reads: an output or checkpoint-N
             folder, a pipeline folder (with `token`), a `learned_embeds.npy` (with
             `allow_pickle`), or a diffusers, A1111 or kohya file.
         output: the file to write, or a folder (then `learned_embeds.safetensors` for
@@ -232,27 +93,28 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
 
 def _write_checked(paths, layout, emb, token, name, verify, log):
     """Stage every file, read each back, verify, then rename all into place (or none)."""
+    said = formats.get(layout).token_from  # what a file in this layout calls the embedding, if anything
     staged = []
     try:
         for path in paths:
             with files.writing(path):  # disk full, read-only...: one line naming `path`
                 tmp = _staging_name(path)
                 staged.append(tmp)
-                _write(tmp, layout, emb.rows, token, name, emb.step)
-            _read_back(tmp, path, emb.rows, _expected_token(layout, token, name))
+                formats.write(tmp, layout, emb, name)
+            formats.check_written(tmp, path, emb.rows, formats.get(layout).token_on_reload(token, name))
         results = []
         if verify is not None:
             from . import verify as verify_lib
 
             # diffusers-layout files carry their token; the others need token= (A1111's name may
             # be an ordinary word already in the vocabulary).
-            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, layout != "diffusers") for tmp in staged]
+            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, said != "token") for tmp in staged]
             results = verify_lib.verify_files(verify, emb.rows, checks)
         renamed = []
         for tmp, path in zip(staged, paths):
             try:
                 with files.writing(path):
-                    os.chmod(tmp, 0o666 & ~_umask())
+                    files.give_default_permissions(tmp)
                     os.replace(tmp, path)
             except files.WriteFailed as err:
                 raise err.with_saved(renamed) from None
@@ -261,7 +123,7 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
         for tmp in staged:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-    label = {"diffusers": f", token {token}", "a1111": f", name {name}", "kohya": ""}[layout]
+    label = f", {said} {token if said == 'token' else name}" if said else ""
     for path in paths:
         log(f"wrote {path}: {layout} layout, {emb.num_vectors} x {emb.width}{label} (from {emb.format} {emb.path})")
     for path, result in zip(paths, results):
@@ -278,16 +140,10 @@ def _staging_name(path):
     return os.path.join(folder, f".{stem}.{secrets.token_hex(4)}.tmp{ext}")
 
 
-def _read_back(tmp, path, rows, token):
-    back = read_embedding(tmp)
-    if back.rows.shape != rows.shape or not np.array_equal(back.rows, rows) or back.token != token:
-        raise UserError(f"{path}: reading the written file back gave different rows or token; nothing was written")
-
-
 def _layout_name(format):
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown; choose one of {', '.join(FORMATS)}")
-    return "kohya" if format == "comfyui" else format
+    return formats.ALIASES.get(format, format)
 
 
 def _check_token(token):
@@ -306,6 +162,7 @@ def _default_name(token, output):
 def _output_paths(output, layout, name, bin):
     output = os.fspath(output)
     ext = os.path.splitext(output)[1].lower()
+    extensions = formats.get(layout).extensions
     if os.path.isdir(output) or not ext:
         if layout == "diffusers":
             base = os.path.join(output, DIFFUSERS_FILE)
@@ -314,9 +171,9 @@ def _output_paths(output, layout, name, bin):
         elif not re.fullmatch(r"[\w.\- ]+", name):
             raise UserError(f"--name {name!r}: use letters, digits, '.', '-', '_' or spaces for a file name")
         else:
-            base = os.path.join(output, name + _EXTENSIONS[layout][0])
-    elif ext not in _EXTENSIONS[layout]:
-        raise UserError(f"--output {output}: a {layout} file ends in {' or '.join(_EXTENSIONS[layout])}, not {ext}")
+            base = os.path.join(output, name + extensions[0])
+    elif ext not in extensions:
+        raise UserError(f"--output {output}: a {layout} file ends in {' or '.join(extensions)}, not {ext}")
     else:
         base = output
     if not bin or base.endswith(".bin"):

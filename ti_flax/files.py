@@ -6,9 +6,10 @@ unexpected file into a `DamagedFile` error naming the file and what is wrong:
 
     unet/diffusion_pytorch_model.safetensors: truncated or not a safetensors file (...); download it again
 
-Writing: `write_bytes` is the one function that puts bytes on disk; `writing` (and
-`export.atomic_write`, which uses it) turns ENOSPC, EDQUOT, EROFS, EACCES and other OS
-errors into a `WriteFailed` naming the file, its folder and the folder's free space.
+Writing: `write_bytes` is the one function that puts bytes on disk; `atomic_write` puts a
+whole file in place by renaming, so a crash never leaves half of it under its name; `writing`
+(which `atomic_write` uses) turns ENOSPC, EDQUOT, EROFS, EACCES and other OS errors into a
+`WriteFailed` naming the file, its folder and the folder's free space.
 
 Long values in messages are shortened with a count: `short_list`, `short_text`, `one_line`.
 """
@@ -18,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 
 from .errors import UserError
 
@@ -322,6 +324,47 @@ def write_bytes(path, data):
 
 def write_text(path, text):
     write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write(path, write):
+    """Write `path` under a temporary name in its folder, then rename it into place.
+
+    `write` is the file's bytes, or a function called with the temporary path. An OS error
+    (disk full, quota, read-only, permission) is a `WriteFailed` naming `path`, its folder
+    and the free space; the temporary file is removed, and an existing `path` is untouched.
+    Returns `path`.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            if isinstance(write, (bytes, bytearray)):
+                write_bytes(tmp, write)
+            else:
+                write(tmp)
+            give_default_permissions(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+    return path
+
+
+def give_default_permissions(path):
+    """chmod `path` to what a plain `open` would have made (0666 less the umask).
+
+    mkstemp creates files 0600; a file renamed into place from one should look like any other.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def safetensors_bytes(tensors, metadata=None):

@@ -9,7 +9,7 @@ or from Python:
     >>> from ti_flax.generate import generate
     >>> paths = generate("MODEL_DIR", "a photo of <cat-toy>", ["out/learned_embeds.safetensors"])  # doctest: +SKIP
 
-Embeddings are read by ti_flax.embeddings.read_embedding: diffusers files, A1111 `.pt` /
+Embeddings are read by ti_flax.formats.read_embedding: diffusers files, A1111 `.pt` /
 `.safetensors`, kohya files, `.npy`, output or checkpoint-N folders. The word that stands
 for an embedding in a prompt is, in this order: TOKEN when it is given as `FILE:TOKEN`, the
 token the file names (the diffusers key, the A1111 `name`), or the file name without its
@@ -64,7 +64,7 @@ def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
       ValueError: the tokenizer already holds added tokens.
     """
     from . import tokens as tokens_lib
-    from .embeddings import check_embedding_fits, read_embedding
+    from .formats import check_embedding_fits, read_embedding
 
     if len(tokenizer) != spec.base_vocab_size:
         raise ValueError("load_concepts needs the model's own tokenizer, with no tokens added yet")
@@ -135,7 +135,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ...                  ["out/learned_embeds.safetensors"], num_images=2, output_dir="images")  # doctest: +SKIP
         ['images/000.png', 'images/001.png']
     """
-    from . import compile_cache, export, files, models
+    from . import compile_cache, files, models
     from .sampler import Sampler, encode_prompt
 
     # Checks that need no model come first, so a typo fails fast.
@@ -174,7 +174,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     written = []
     for i, image in enumerate(images):
         try:
-            written.append(export.atomic_write(
+            written.append(files.atomic_write(
                 os.path.join(output_dir, f"{i:03d}.png"), _png_writer(image, f"{parameters}, Image: {i}")))
         except files.WriteFailed as err:  # the images already written stay, and are named
             raise err.with_saved(written) from None

@@ -5,8 +5,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import export
-from .files import png_bytes
+from .files import atomic_write, png_bytes
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -50,7 +49,7 @@ def write_model_card(config, tokens, history, files, validation_grid=None):
     out = config.output_dir
     losses = [r["loss"] for r in history]
     curve = os.path.join(out, LOSS_CURVE)
-    export.atomic_write(curve, png_bytes(Image.fromarray(loss_curve(losses))))
+    atomic_write(curve, png_bytes(Image.fromarray(loss_curve(losses))))
     token = tokens[0]
     name = token.strip("<>") or "embedding"
     step = history[-1]["step"] if history else 0
@@ -120,4 +119,4 @@ def write_model_card(config, tokens, history, files, validation_grid=None):
         "```",
         "",
     ]
-    return export.atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))
+    return atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))

@@ -21,8 +21,8 @@ import numpy as np
 from . import captions as captions_lib
 from . import checkpoint as ckpt
 from . import data as data_lib
-from . import compile_cache, distributed, embeddings, files, logs, model_card
-from . import export, latents, models, parallel, step as step_lib, tokens as tokens_lib
+from . import compile_cache, distributed, files, formats, logs, model_card
+from . import latents, models, parallel, step as step_lib, tokens as tokens_lib
 from .config import TrainConfig
 from .errors import UserError, run_cli
 from .logs import MetricsLogger
@@ -92,8 +92,8 @@ def prepare(config, devices=None):
     _attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
     tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
     if config.initial_embeddings:
-        start = embeddings.read_embedding(config.initial_embeddings, allow_pickle=config.allow_pickle)
-        init_rows = embeddings.check_embedding_fits(start, config.num_vectors, model.spec.hidden_size)
+        start = formats.read_embedding(config.initial_embeddings, allow_pickle=config.allow_pickle)
+        init_rows = formats.check_embedding_fits(start, config.num_vectors, model.spec.hidden_size)
     else:
         init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
         init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
@@ -405,7 +405,7 @@ def save_checkpoint(run, state):
 
 def save_intermediate(run, rows, step):
     path = os.path.join(run.config.output_dir, f"learned_embeds-steps-{step}.safetensors")
-    export.save_diffusers(path, run.tokens[0], rows)
+    formats.save_diffusers(path, run.tokens[0], rows)
 
 
 def save_outputs(run, rows, history, grid=None):
@@ -417,11 +417,11 @@ def save_outputs(run, rows, history, grid=None):
     config = run.config
     written = {}
     try:
-        written["diffusers"] = export.save_diffusers(
-            os.path.join(config.output_dir, export.DIFFUSERS_FILE), run.tokens[0], rows)
+        written["diffusers"] = formats.save_diffusers(
+            os.path.join(config.output_dir, formats.DIFFUSERS_FILE), run.tokens[0], rows)
         if config.no_safe_serialization:
-            written["diffusers_bin"] = export.save_diffusers_bin(
-                os.path.join(config.output_dir, export.DIFFUSERS_BIN), run.tokens[0], rows
+            written["diffusers_bin"] = formats.save_diffusers_bin(
+                os.path.join(config.output_dir, formats.DIFFUSERS_BIN), run.tokens[0], rows
             )
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)

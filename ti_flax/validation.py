@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from . import export, files
+from . import files
 from .sampler import Sampler, encode_prompt
 
 FOLDER = "validation"
@@ -31,7 +31,7 @@ def grid(images):
 
 
 def save_png(path, array):
-    return export.atomic_write(path, files.png_bytes(Image.fromarray(array)))
+    return files.atomic_write(path, files.png_bytes(Image.fromarray(array)))
 
 
 class Validator:
