@@ -21,7 +21,7 @@ def _action(parser, flag):
     return action
 
 
-@pytest.mark.parametrize("choice", choices.TABLE, ids=lambda c: c.flags)
+@pytest.mark.parametrize("choice", choices.table(), ids=lambda c: c.flags)
 def test_command_lines_offer_the_listed_values(choice):
     flag, _, command = choice.flags.partition(" ")
     action = _action(PARSERS[command](), flag)
@@ -65,4 +65,4 @@ def test_the_code_acting_on_a_value_knows_every_value():
 def test_readme_table_is_the_one_choices_prints():
     with open(README, encoding="utf-8") as f:
         readme = f.read()
-    assert choices.markdown_table() in readme, "README's Choices table is stale: paste `python -m ti_flax.choices`"
+    assert choices.markdown_table() in readme, "README's Choices table is stale: paste ti_flax.choices.markdown_table()"

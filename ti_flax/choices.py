@@ -2,11 +2,10 @@
 
 argparse's `choices`, `TrainConfig.validate()`, the modules that act on a value and the README's
 "Choices" table all read these lists, so a new value is added in one place. This module imports
-nothing heavy, so `--help` stays fast. `python -m ti_flax.choices` prints the README table; a
-test keeps the two equal.
+nothing heavy, so `--help` stays fast. `markdown_table()` is the README table; a test keeps the
+two equal.
 """
 
-import sys
 from typing import NamedTuple
 
 ATTENTION = ("auto", "dense", "chunked", "cudnn", "flash")
@@ -18,7 +17,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polyno
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> the frozen models' dtype
 REPORT_TO = ("auto", "tensorboard", "none")
 SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
-EXPORT_FORMATS = ("diffusers", "a1111", "kohya", "comfyui")  # comfyui reads kohya's layout
 
 
 class Choice(NamedTuple):
@@ -37,8 +35,20 @@ TABLE = (
     Choice("--attention", ATTENTION, "auto"),
     Choice("--report_to", REPORT_TO, "auto"),
     Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm"),
-    Choice("--format (ti_flax.export)", EXPORT_FORMATS, "diffusers"),
 )
+
+
+def export_formats():
+    """ti_flax.export's --format values: the writable layouts registered in ti_flax.formats, then
+    other tools' names for them (the registry is their one source; imported here only when asked)."""
+    from . import formats
+
+    return (*formats.names(writable=True), *formats.ALIASES)
+
+
+def table():
+    """Every row of the README's table: TABLE, then the exporter's formats."""
+    return (*TABLE, Choice("--format (ti_flax.export)", export_formats(), "diffusers"))
 
 
 def one_of(flag, value, values, allow_none=False):
@@ -48,14 +58,11 @@ def one_of(flag, value, values, allow_none=False):
 
 
 def markdown_table():
-    """The README's "Choices" table, from TABLE."""
+    """The README's "Choices" table, from `table()`."""
     lines = ["| flag | values | default |", "| --- | --- | --- |"]
-    for choice in TABLE:
+    for choice in table():
         flag, _, command = choice.flags.partition(" ")
         values = ", ".join(f"`{v}`" for v in choice.values)
         lines.append(f"| `{flag}`{' ' + command if command else ''} | {values} | {choice.default} |")
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    sys.stdout.write(markdown_table())

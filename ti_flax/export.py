@@ -22,12 +22,12 @@ import re
 import secrets
 import sys
 
-from . import files, formats
+from . import choices, files, formats
 from .errors import UserError, run_cli
 from .formats import DIFFUSERS_BIN, DIFFUSERS_FILE, read_embedding
 
 # The layouts ti_flax writes, then other tools' names for them (comfyui reads kohya's layout).
-FORMATS = (*formats.names(writable=True), *formats.ALIASES)
+FORMATS = choices.export_formats()
 
 
 # --------------------------------------------------------------------------------------------
