@@ -5,7 +5,6 @@ SD 1.5 configs below): no weights are allocated and nothing is downloaded. Also 
 memory a step keeps for its backward pass, counted from JAX's residuals.
 """
 
-import dataclasses
 import time
 
 # runwayml/stable-diffusion-v1-5: text_encoder/, unet/ and vae/ config.json (CLIP ViT-L/14 text tower).
@@ -35,13 +34,14 @@ def memory_dict(compiled):
     return {k: int(getattr(stats, k)) for k in keys if stats is not None and hasattr(stats, k)}
 
 
-def activation_bytes(spec, params, batch, latent):
+def activation_bytes(spec, compute, params, batch, latent):
     """Bytes the forward pass keeps for the backward pass of our loss (JAX's residuals of the
     gradient with respect to the rows; weights and inputs not counted). Backend-independent:
     this is what --gradient_checkpointing and --attention chunked shrink.
 
     Args:
-      spec: the variant's ModelSpec. params: {"text_encoder", "unet"} arrays or ShapeDtypeStructs.
+      spec: the model's ModelSpec. compute: the variant's models.Compute.
+      params: {"text_encoder", "unet"} arrays or ShapeDtypeStructs.
       batch, latent: per-device batch and latent side.
     """
     import jax
@@ -50,13 +50,14 @@ def activation_bytes(spec, params, batch, latent):
     from ti_flax import step as step_lib
 
     S = jax.ShapeDtypeStruct
-    dtype = jnp.dtype(spec.dtype)
-    frozen = {k: jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params[k]) for k in ("text_encoder", "unet")}
+    dtype = jnp.dtype(compute.dtype)
+    cast = {k: jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params[k]) for k in ("text_encoder", "unet")}
+    frozen = step_lib.Frozen(cast["text_encoder"], cast["unet"], None, None)
     moments = S((batch, 4, latent, latent), jnp.float32)
     args = (S((1, spec.hidden_size), jnp.float32), frozen, S((batch, 77), jnp.int32), moments, S((batch,), jnp.int32), moments)
 
     def vjp_closure(rows, frozen, ids, noisy, t, target):
-        return jax.vjp(lambda r: step_lib.diffusion_loss(r, spec, frozen, ids, noisy, t, target), rows)[1]
+        return jax.vjp(lambda r: step_lib.diffusion_loss(r, spec, compute, frozen, ids, noisy, t, target), rows)[1]
 
     jaxpr = jax.make_jaxpr(vjp_closure)(*args).jaxpr
     inputs = set(jaxpr.invars)
@@ -109,24 +110,25 @@ def abstract_cost(variant, batch, resolution, compile_it=True):
     else:
         # The TPU program without the Pallas kernel (it lowers only on a TPU): auto is dense there.
         attention = "dense" if variant.attention == "auto" else variant.attention
-        spec = dataclasses.replace(spec, dtype=config.compute_dtype, remat=variant.remat, attention=attention)
-        dtype = jnp.dtype(spec.dtype)
-        frozen = jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params)
-        frozen["alphas_cumprod"] = alphas
+        compute = models.Compute.from_config(config.replace(gradient_checkpointing=variant.remat, attention=attention))
+        dtype = jnp.dtype(compute.dtype)
+        cast = jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params)
+        frozen = step_lib.Frozen(cast["text_encoder"], cast["unet"], cast["vae"], alphas)
+        example_ids = S((batch,), jnp.int32)
         if variant.cache_latents:
-            del frozen["vae"]
+            frozen = frozen._replace(vae=None)
             moments = S((batch, 4, latent, latent), jnp.float32)
-            data = {"latent_mean": moments, "latent_logvar": moments}
+            data = step_lib.LatentBatch(moments, moments, ids["input_ids"], example_ids)
         else:
-            data = {"pixel_values": S((batch, resolution, resolution, 3), jnp.uint8)}
+            data = step_lib.PixelBatch(S((batch, resolution, resolution, 3), jnp.uint8), ids["input_ids"], example_ids)
         state = jax.eval_shape(lambda: step_lib.init_state(jnp.zeros((1, hidden)), opt_spec))
-        fn = step_lib.pmapped_train_step(spec, opt_spec, tuple(jax.local_devices()[:1]))
-        args = (state, frozen, {**data, **ids, "example_ids": S((batch,), jnp.int32)}, key)
+        fn = step_lib.pmapped_train_step(spec, compute, opt_spec, tuple(jax.local_devices()[:1]))
+        args = (state, frozen, data, key)
     start = time.perf_counter()
     lowered = fn.lower(*(lead(a) for a in args))
     out = {"variant": variant.name, "batch": batch, "resolution": resolution}
     if not variant.reference:
-        out["activation_residual_bytes"] = activation_bytes(spec, params, batch, latent)
+        out["activation_residual_bytes"] = activation_bytes(spec, compute, params, batch, latent)
     if compile_it:
         compiled = lowered.compile()
         out.update(cost_dict(compiled.cost_analysis()), xla_memory=memory_dict(compiled), analysis="compiled")

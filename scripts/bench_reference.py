@@ -67,6 +67,10 @@ def reference_params(text_params, init_rows):
     return models.with_token_table(text_params, merged_table(models.token_table(text_params), init_rows))
 
 
+# The script runs its models in float32 with XLA's dense attention (auto picks it on TPU/GPU).
+COMPUTE = models.Compute()
+
+
 def grown_spec(spec, num_vectors):
     """The spec with the text encoder's vocabulary grown by the new tokens, as the script resizes it."""
     text = json.loads(spec.text_config)
@@ -93,7 +97,7 @@ def reference_step(state, original_table, frozen, batch, *, spec, opt_spec, new_
     tx = reference_tx(state.params, opt_spec)
 
     def compute_loss(params):
-        mean, logvar = models.vae_moments(spec, frozen["vae"], jnp.transpose(batch["pixel_values"], (0, 2, 3, 1)))
+        mean, logvar = models.vae_moments(spec, COMPUTE, frozen["vae"], jnp.transpose(batch["pixel_values"], (0, 2, 3, 1)))
         sample = mean + jnp.exp(0.5 * logvar) * jax.random.normal(sample_rng, mean.shape, mean.dtype)
         latents = jnp.transpose(sample, (0, 3, 1, 2)).astype(jnp.float32) * spec.scaling_factor
         noise_rng, timestep_rng = jax.random.split(sample_rng)
@@ -102,8 +106,8 @@ def reference_step(state, original_table, frozen, batch, *, spec, opt_spec, new_
         alphas = frozen["alphas_cumprod"]
         noisy = step_lib.noisy_latents(alphas, latents, noise, timesteps)
         text_config = models.configs(spec).text  # the grown vocabulary: a plain lookup in the grown table
-        hidden = clip.encode(params, text_config, batch["input_ids"], dtype=jnp.dtype(spec.dtype)).last_hidden_state
-        pred = models.predict_noise(spec, frozen["unet"], noisy, timesteps, hidden)
+        hidden = clip.encode(params, text_config, batch["input_ids"], dtype=jnp.dtype(COMPUTE.dtype)).last_hidden_state
+        pred = models.predict_noise(spec, COMPUTE, frozen["unet"], noisy, timesteps, hidden)
         target = noise if spec.prediction_type == "epsilon" else step_lib.velocity(alphas, latents, noise, timesteps)
         return jnp.mean(jnp.square(target - pred.astype(jnp.float32)))
 
@@ -127,5 +131,5 @@ def pmapped_reference_step(spec, opt_spec, new_ids, devices):
 def reference_batches(data, num_devices):
     """The script's host batches: float32 NCHW pixels in [-1, 1] and token ids, per device."""
     for batch in data.batches(0, 0, 1, num_devices):
-        pixels = batch["pixel_values"].astype(np.float32) / 127.5 - 1.0
-        yield {"pixel_values": np.ascontiguousarray(np.moveaxis(pixels, -1, -3)), "input_ids": batch["input_ids"]}
+        pixels = batch.pixel_values.astype(np.float32) / 127.5 - 1.0
+        yield {"pixel_values": np.ascontiguousarray(np.moveaxis(pixels, -1, -3)), "input_ids": batch.input_ids}

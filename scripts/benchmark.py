@@ -26,6 +26,7 @@ bench_cost.py.
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import resource
@@ -112,14 +113,10 @@ class Runner:
     def __init__(self, variant, run):
         import jax
 
-        from ti_flax import latents, models, parallel, step as step_lib
-        from ti_flax.optim import OptimizerSpec
+        from ti_flax import engine as engine_lib, models, parallel
 
         self.variant, self.devices, self.cache_s = variant, run.devices, 0.0
-        n = len(run.devices)
-        config = run.config.replace(gradient_accumulation_steps=variant.accumulation)
-        opt_spec = OptimizerSpec.from_config(config, n, run.total_steps)
-        keys = parallel.replicate(jax.random.PRNGKey(0), run.devices)
+        run = variant_run(variant, run)
         if variant.reference:
             import bench_reference as ref
 
@@ -128,44 +125,45 @@ class Runner:
             table = parallel.replicate(models.token_table(params), run.devices)
             frozen = parallel.replicate({**{k: run.model.params[k] for k in ("unet", "vae")},
                                          "alphas_cumprod": run.model.alphas_cumprod}, run.devices)
-            self.state = parallel.replicate(jax.device_get(ref.init_state(params, opt_spec)), run.devices)
-            fn = ref.pmapped_reference_step(spec, opt_spec, tuple(run.token_ids), run.devices)
-            batches = ref.reference_batches(run.data, n)
+            self.state = parallel.replicate(jax.device_get(ref.init_state(params, run.opt_spec)), run.devices)
+            fn = ref.pmapped_reference_step(spec, run.opt_spec, tuple(run.token_ids), run.devices)
+            batches = parallel.prefetch_to_devices(ref.reference_batches(run.data, len(run.devices)), run.devices)
+            first = next(batches)
+            start = time.perf_counter()
+            self.compiled = fn.lower(self.state, table, frozen, first).compile()
+            self.compile_s = time.perf_counter() - start
+            self.batches = itertools.chain([first], batches)
             self.args = lambda batch: (table, frozen, batch)
-            self.spec = None
+            self.engine = None
             self.rows = lambda: parallel.unreplicate(models.token_table(self.state.params))[run.token_ids]
         else:
-            spec = dataclasses.replace(
-                run.model.spec, dtype=config.replace(mixed_precision=variant.mixed_precision).compute_dtype,
-                remat=variant.remat, attention=variant.attention,
-            )
-            frozen = parallel.replicate({**models.cast_params(run.model.params, spec.dtype),
-                                         "alphas_cumprod": run.model.alphas_cumprod}, run.devices)
-            data = run.data
-            if variant.cache_latents:
-                start = time.perf_counter()
-                data = latents.cached_data(spec, frozen.pop("vae"), data, run.devices)
-                self.cache_s = time.perf_counter() - start
-            self.state = parallel.replicate(step_lib.init_state(run.init_rows, opt_spec), run.devices)
-            fn = step_lib.pmapped_train_step(spec, opt_spec, run.devices)
-            batches = data.batches(0, 0, 1, n)
-            self.args = lambda batch: (frozen, batch, keys)
-            self.rows = lambda: parallel.unreplicate(self.state.rows)
-            self.spec = spec
-        self.batches = parallel.prefetch_to_devices(batches, run.devices)
-        self.first = next(self.batches)
-        start = time.perf_counter()
-        self.compiled = fn.lower(self.state, *self.args(self.first)).compile()
-        self.compile_s = time.perf_counter() - start
+            self.engine = engine_lib.build(run)
+            self.compiled, self.compile_s, self.cache_s = (self.engine.step_fn, self.engine.compile_seconds,
+                                                           self.engine.cache_seconds)
+            self.rows = self.engine.rows
         self.examples_per_update = run.data.global_batch_size * variant.accumulation
 
     def update(self):
         import jax
 
-        for _ in range(self.variant.accumulation):
-            batch, self.first = (self.first, None) if self.first is not None else (next(self.batches), None)
-            self.state, metrics = self.compiled(self.state, *self.args(batch))
+        if self.engine is not None:
+            metrics = self.engine.update()
+            jax.block_until_ready((self.engine.state, metrics))
+            return
+        self.state, metrics = self.compiled(self.state, *self.args(next(self.batches)))
         jax.block_until_ready((self.state, metrics))
+
+
+def variant_run(variant, run):
+    """`run` with the variant's settings (precision, attention, remat, cache, accumulation)."""
+    from ti_flax.optim import OptimizerSpec
+
+    config = run.config.replace(
+        gradient_accumulation_steps=variant.accumulation, mixed_precision=variant.mixed_precision,
+        gradient_checkpointing=variant.remat, attention=variant.attention, cache_latents=variant.cache_latents,
+    )
+    opt_spec = OptimizerSpec.from_config(config, len(run.devices), run.total_steps)
+    return dataclasses.replace(run, config=config, opt_spec=opt_spec)
 
 
 def prepare_run(model_dir, data_dir, batch, num_devices):
@@ -200,9 +198,9 @@ def probe(args):
         runner.update()
     stats = run.devices[0].memory_stats() or {}
     residuals = None
-    if runner.spec is not None:
-        latent = run.config.resolution // runner.spec.vae_scale_factor
-        residuals = activation_bytes(runner.spec, run.model.params, args.batch, latent)
+    if runner.engine is not None:
+        latent = run.config.resolution // run.model.spec.vae_scale_factor
+        residuals = activation_bytes(run.model.spec, runner.engine.compute, run.model.params, args.batch, latent)
     print("PROBE " + json.dumps({
         "activation_residual_bytes": residuals,
         "compile_s": runner.compile_s,
@@ -231,12 +229,14 @@ def fixed_eval_loss(model, rows, data, steps=4):
 
     from ti_flax import step as step_lib
 
-    spec, frozen = model.spec, {**model.params, "alphas_cumprod": model.alphas_cumprod}
+    from ti_flax import models
+
+    spec, compute, frozen = model.spec, models.Compute(), step_lib.Frozen.from_model(model)
 
     @jax.jit
     def loss(rows, batch, key):
-        noisy, t, target = step_lib.diffusion_inputs(spec, frozen, batch, key)
-        return step_lib.diffusion_loss(rows, spec, frozen, batch["input_ids"], noisy, t, target)
+        noisy, t, target = step_lib.diffusion_inputs(spec, compute, frozen, batch, key)
+        return step_lib.diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, t, target)
 
     key = jax.random.PRNGKey(2024)
     return float(np.mean([loss(rows, data.global_batch(s), jax.random.fold_in(key, s)) for s in range(steps)]))

@@ -11,7 +11,6 @@ Record (only when the trainer's numbers are meant to change, never to make a tes
     .venv/bin/python tests/golden.py --record
 """
 
-import dataclasses
 import os
 import shutil
 import sys
@@ -68,31 +67,32 @@ def forward_values(model_dir):
 
     devices = jax.local_devices()[:1]
     run = prepare(run_config(model_dir, "unused"), devices=devices)
-    spec, params = run.model.spec, run.model.params
-    frozen = {**params, "alphas_cumprod": run.model.alphas_cumprod}
+    spec, params, compute = run.model.spec, run.model.params, models.Compute()
+    frozen = step_lib.Frozen.from_model(run.model)
     batch = run.data.global_batch(0)
     key = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # the trainer's key of step 0, seed 0
     # Rows that differ from each other and from the initializer, so each one's gradient shows.
     rows = run.init_rows + 0.1 * np.random.default_rng(0).standard_normal(run.init_rows.shape).astype(np.float32)
 
-    mean, logvar = jax.jit(lambda p, x: step_lib.encode_pixels(spec, p, x))(params["vae"], batch["pixel_values"])
+    mean, logvar = jax.jit(lambda p, x: step_lib.encode_pixels(spec, compute, p, x))(params["vae"], batch.pixel_values)
     latent_noise, noise, timesteps = step_lib.example_draws(
-        key, batch["example_ids"], mean.shape[1:], spec.num_train_timesteps
+        key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps
     )
-    hidden = jax.jit(lambda p, ids, r: models.encode_text(spec, p, ids, r))(params["text_encoder"], batch["input_ids"], rows)
-    noisy, t, target = jax.jit(lambda f, b, k: step_lib.diffusion_inputs(spec, f, b, k))(frozen, batch, key)
+    hidden = jax.jit(lambda p, ids, r: models.encode_text(spec, compute, p, ids, r))(
+        params["text_encoder"], batch.input_ids, rows)
+    noisy, t, target = jax.jit(lambda f, b, k: step_lib.diffusion_inputs(spec, compute, f, b, k))(frozen, batch, key)
 
     def unet(attention):
-        s = dataclasses.replace(spec, attention=attention)
-        return jax.jit(lambda p, x, t, h: models.predict_noise(s, p, x, t, h))(params["unet"], noisy, t, hidden)
+        c = models.Compute(attention=attention)
+        return jax.jit(lambda p, x, t, h: models.predict_noise(spec, c, p, x, t, h))(params["unet"], noisy, t, hidden)
 
     loss, grad = jax.jit(jax.value_and_grad(
-        lambda r, f, ids, x, t, y: step_lib.diffusion_loss(r, spec, f, ids, x, t, y)
-    ))(rows, frozen, batch["input_ids"], noisy, t, target)
+        lambda r, f, ids, x, t, y: step_lib.diffusion_loss(r, spec, compute, f, ids, x, t, y)
+    ))(rows, frozen, batch.input_ids, noisy, t, target)
     values = {
         "rows": rows,
-        "input_ids": batch["input_ids"],
-        "pixel_values": batch["pixel_values"],
+        "input_ids": batch.input_ids,
+        "pixel_values": batch.pixel_values,
         "noisy": noisy,
         "latent_noise": latent_noise,
         "noise": noise,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from test_cli import run_error
 
-from ti_flax import TrainConfig, UserError, captions, checkpoint, data, latents, train
+from ti_flax import TrainConfig, UserError, captions, checkpoint, data, train
 from ti_flax.train import prepare
 
 TOKENS = ["<cat-toy>", "<cat-toy>_1"]
@@ -144,10 +144,10 @@ def test_captions_replace_the_template_of_captioned_images_only():
     assert with_caps.num_captioned == 2 and without.num_captioned == 0
     for step in range(2 * with_caps.steps_per_epoch):
         a, b = with_caps.global_batch(step), without.global_batch(step)
-        np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])  # the same draws
-        np.testing.assert_array_equal(a["example_ids"], b["example_ids"])
-        image = a["pixel_values"][:, 0, 0, 0] // 10
-        for i, ids, template in zip(image, a["input_ids"], b["input_ids"]):
+        np.testing.assert_array_equal(a.pixel_values, b.pixel_values)  # the same draws
+        np.testing.assert_array_equal(a.example_ids, b.example_ids)
+        image = a.pixel_values[:, 0, 0, 0] // 10
+        for i, ids, template in zip(image, a.input_ids, b.input_ids):
             want = {1: [101, 1], 3: [103, 3]}.get(int(i), template)
             np.testing.assert_array_equal(ids, want)
 
@@ -156,23 +156,23 @@ def test_captioned_batches_are_a_function_of_seed_and_step():
     it = small_data(seed=5).batches(0)
     uninterrupted = [next(it) for _ in range(13)]
     for step in (0, 6, 12):  # a fresh object, nothing carried over but the step
-        for key, value in small_data(seed=5).local_batch(step, 0, 1, 1).items():
-            np.testing.assert_array_equal(value, uninterrupted[step][key])
+        for value, want in zip(small_data(seed=5).local_batch(step, 0, 1, 1), uninterrupted[step]):
+            np.testing.assert_array_equal(value, want)
     other = small_data(seed=6)
-    assert any(not np.array_equal(other.global_batch(s)["input_ids"], uninterrupted[s]["input_ids"][0]) for s in range(13))
+    assert any(not np.array_equal(other.global_batch(s).input_ids, uninterrupted[s].input_ids[0]) for s in range(13))
     # Several hosts: the shares of a global batch concatenate to it.
     d = small_data(g=4)
     for step in (0, 3, 7):
-        shares = [d.local_batch(step, p, 2, 2)["input_ids"].reshape(-1, 2) for p in range(2)]
-        np.testing.assert_array_equal(np.concatenate(shares), d.global_batch(step)["input_ids"])
+        shares = [d.local_batch(step, p, 2, 2).input_ids.reshape(-1, 2) for p in range(2)]
+        np.testing.assert_array_equal(np.concatenate(shares), d.global_batch(step).input_ids)
 
 
 def test_cached_latents_keep_the_captions():
     d = small_data()
     moments = np.zeros((5, 2, 4, 1, 1), np.float32)
-    cached = latents.CachedLatentData(d, moments, moments)
+    cached = data.LatentViews(moments, moments)
     for step in range(d.steps_per_epoch):
-        np.testing.assert_array_equal(cached.global_batch(step)["input_ids"], d.global_batch(step)["input_ids"])
+        np.testing.assert_array_equal(d.global_batch(step, cached).input_ids, d.global_batch(step).input_ids)
 
 
 # ---- flags and checkpoints ------------------------------------------------------------------
@@ -228,8 +228,8 @@ def test_prompt_ids_reaching_the_step(tiny_model_dir, sample_images_dir, tmp_pat
     seen = set()
     for _ in range(run.data.steps_per_epoch):
         batch = next(batches)
-        image = which_image(run.data.images, batch["pixel_values"][0, 0])
-        ids = batch["input_ids"][0, 0]
+        image = which_image(run.data.images, batch.pixel_values[0, 0])
+        ids = batch.input_ids[0, 0]
         assert ids.dtype == np.int32
         if image in want:
             np.testing.assert_array_equal(ids, want[image])
@@ -264,7 +264,7 @@ def test_resume_with_captions_is_bitwise_identical(tiny_model_dir, sample_images
     folder = write_folder(tmp_path / "images", sample_images_dir, CAPTIONS)
     whole = tiny(tiny_model_dir, folder, tmp_path / "whole", max_train_steps=4, checkpointing_steps=2)
     run = prepare(whole, devices=ONE_DEVICE)
-    shown = [which_image(run.data.images, run.data.global_batch(s)["pixel_values"][0]) for s in range(4)]
+    shown = [which_image(run.data.images, run.data.global_batch(s).pixel_values[0]) for s in range(4)]
     assert {0, 2} & set(shown[2:]), shown  # the resumed steps do show a captioned image
     train(whole, devices=ONE_DEVICE)
     out = tmp_path / "resumed"

@@ -31,6 +31,7 @@ def image_index(d, pixels):
 
 
 def assert_batches_equal(a, b):
+    a, b = (x if isinstance(x, dict) else x._asdict() for x in (a, b))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -44,7 +45,7 @@ def test_same_seed_same_batches_different_seed_different():
     for s in range(12):
         assert_batches_equal(a.global_batch(s), b.global_batch(s))
     differs = [
-        not np.array_equal(a.global_batch(s)["pixel_values"], c.global_batch(s)["pixel_values"])
+        not np.array_equal(a.global_batch(s).pixel_values, c.global_batch(s).pixel_values)
         for s in range(12)
     ]
     assert any(differs)
@@ -64,9 +65,9 @@ def test_resume_equals_uninterrupted():
 def test_global_batch_shapes_and_example_ids():
     d = make_train_data(g=3, res=4, t=4)
     b = d.global_batch(2)
-    assert b["pixel_values"].shape == (3, 4, 4, 3) and b["pixel_values"].dtype == np.uint8
-    assert b["input_ids"].shape == (3, 2) and b["input_ids"].dtype == np.int32
-    np.testing.assert_array_equal(b["example_ids"], [6, 7, 8])
+    assert b.pixel_values.shape == (3, 4, 4, 3) and b.pixel_values.dtype == np.uint8
+    assert b.input_ids.shape == (3, 2) and b.input_ids.dtype == np.int32
+    np.testing.assert_array_equal(b.example_ids, [6, 7, 8])
     assert d.steps_per_epoch == (5 * 3) // 3
 
 
@@ -77,12 +78,12 @@ def test_local_shares_concatenate_to_global(procs, devs):
         shares = [d.local_batch(s, p, procs, devs) for p in range(procs)]
         per_dev = 8 // (procs * devs)
         for share in shares:
-            assert share["pixel_values"].shape == (devs, per_dev, 4, 4, 3)
-            assert share["pixel_values"].dtype == np.uint8
-            assert share["input_ids"].shape == (devs, per_dev, 2)
-            assert share["input_ids"].dtype == np.int32
-            assert share["example_ids"].shape == (devs, per_dev)
-        flat = [{k: v.reshape(-1, *v.shape[2:]) for k, v in x.items()} for x in shares]
+            assert share.pixel_values.shape == (devs, per_dev, 4, 4, 3)
+            assert share.pixel_values.dtype == np.uint8
+            assert share.input_ids.shape == (devs, per_dev, 2)
+            assert share.input_ids.dtype == np.int32
+            assert share.example_ids.shape == (devs, per_dev)
+        flat = [{k: v.reshape(-1, *v.shape[2:]) for k, v in x._asdict().items()} for x in shares]
         whole = {k: np.concatenate([x[k] for x in flat]) for k in flat[0]}
         assert_batches_equal(whole, d.global_batch(s))
 
@@ -101,7 +102,7 @@ def test_every_slot_visited_once_per_epoch():
     d = make_train_data(n=5, repeats=3, g=5)  # 15 slots, 3 steps, nothing dropped
     for epoch in range(3):
         steps = range(epoch * d.steps_per_epoch, (epoch + 1) * d.steps_per_epoch)
-        idx = np.concatenate([image_index(d, d.global_batch(s)["pixel_values"]) for s in steps])
+        idx = np.concatenate([image_index(d, d.global_batch(s).pixel_values) for s in steps])
         np.testing.assert_array_equal(np.bincount(idx, minlength=5), [3] * 5)
 
 
@@ -113,7 +114,7 @@ def test_epochs_are_reshuffled():
 
 def test_templates_are_drawn_from_all():
     d = make_train_data(n=5, repeats=20, g=5, t=4)
-    ids = np.concatenate([d.global_batch(s)["input_ids"][:, 0] for s in range(20)])
+    ids = np.concatenate([d.global_batch(s).input_ids[:, 0] for s in range(20)])
     assert set(ids.tolist()) == {0, 2, 4, 6}
 
 
@@ -124,7 +125,7 @@ def test_flip_probability_extremes(flip_p, flipped):
         b = d.global_batch(s)
         image_idx, _, _ = d.epoch_plan(s // d.steps_per_epoch)
         pos = (s % d.steps_per_epoch) * d.global_batch_size
-        for row, i in zip(b["pixel_values"], image_idx[pos : pos + d.global_batch_size]):
+        for row, i in zip(b.pixel_values, image_idx[pos : pos + d.global_batch_size]):
             expected = d.images[i][:, ::-1] if flipped else d.images[i]
             np.testing.assert_array_equal(row, expected)
 

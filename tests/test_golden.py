@@ -67,16 +67,15 @@ def test_golden_rows_are_not_the_starting_rows(family):
 def test_chunked_attention_really_chunks_at_64px(family):
     # 64 px -> 32 x 32 latents -> 1024 tokens in the first level: chunked attention maps over
     # 4 chunks of 256 queries (a scan in the program), dense has no loop at all.
-    import dataclasses
-
     _, model_dir, want, _ = family
     model = models.load_model(model_dir)
     noisy = np.zeros((1, 4, 32, 32), np.float32)
     hidden = np.zeros((1, 77, model.spec.hidden_size), np.float32)
 
     def primitives(attention):
-        spec = dataclasses.replace(model.spec, attention=attention)
-        jaxpr = jax.make_jaxpr(lambda p: models.predict_noise(spec, p, noisy, np.array([1]), hidden))(model.params["unet"])
+        compute = models.Compute(attention=attention)
+        jaxpr = jax.make_jaxpr(lambda p: models.predict_noise(model.spec, compute, p, noisy, np.array([1]), hidden))(
+            model.params["unet"])
         return str(jaxpr)
 
     assert "scan[" in primitives("chunked") and "length=4" in primitives("chunked")

@@ -40,8 +40,6 @@ def torch_loss_and_grad(model_dir, input_ids, rows, noisy, timesteps, target):
 def test_loss_and_row_gradient_match_pytorch_autograd(golden_run):
     # Both sides in float64, so the comparison measures the math, not float32 rounding. (This
     # test found diffusers' Flax GEGLU using the tanh GELU: 1.26e-4 relative, in fp32 and fp64.)
-    import dataclasses
-
     import jax
 
     from ti_flax import models, step as step_lib
@@ -57,10 +55,10 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_run):
         alphas[f64["timesteps"]])[:, None, None, None]
     ref_loss, ref_grad = torch_loss_and_grad(model_dir, f64["input_ids"], f64["rows"], noisy, f64["timesteps"], f64["target"])
     with jax.enable_x64(True):
-        spec = dataclasses.replace(run.model.spec, dtype="float64")
-        frozen = {**models.cast_params(run.model.params, "float64"), "alphas_cumprod": alphas}
+        spec, compute = run.model.spec, models.Compute(dtype="float64")
+        frozen = step_lib.Frozen.from_model(run.model, "float64")
         loss, grad = jax.value_and_grad(step_lib.diffusion_loss)(
-            f64["rows"], spec, frozen, f64["input_ids"], noisy, f64["timesteps"], f64["target"]
+            f64["rows"], spec, compute, frozen, f64["input_ids"], noisy, f64["timesteps"], f64["target"]
         )
         assert grad.dtype == np.float64
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss), (float(loss), ref_loss)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, checkpoint, latents, models, parallel, step as step_lib, train
+from ti_flax import TrainConfig, checkpoint, data, latents, models, parallel, step as step_lib, train
 from ti_flax.errors import UserError
 from ti_flax.optim import OptimizerSpec
 from ti_flax.train import main, prepare
@@ -53,26 +53,27 @@ def accumulated_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
 def test_cached_moments_and_draws_equal_a_fresh_encode(tiny_model_dir, sample_images_dir):
     config = config_for(tiny_model_dir, sample_images_dir, "unused", train_batch_size=4)
     run = prepare(config, devices=ONE_DEVICE)
-    spec, params = run.model.spec, run.model.params
+    spec, params, compute = run.model.spec, run.model.params, models.Compute()
     vae = parallel.replicate(params["vae"], ONE_DEVICE)
-    mean, logvar = latents.encode_views(spec, vae, run.data.images, ONE_DEVICE)
-    fresh = jax.jit(lambda p, x: step_lib.encode_pixels(spec, p, x))
+    mean, logvar = latents.encode_views(spec, compute, vae, run.data.images, ONE_DEVICE)
+    fresh = jax.jit(lambda p, x: step_lib.encode_pixels(spec, compute, p, x))
     for flip in (0, 1):
         views = run.data.images[:, :, ::-1] if flip else run.data.images
         want_mean, want_logvar = fresh(params["vae"], views)
         np.testing.assert_allclose(mean[:, flip], want_mean, atol=1e-5)
         np.testing.assert_allclose(logvar[:, flip], want_logvar, atol=1e-5)
     # The same positions of the run give the same noisy latents, timesteps and targets.
-    cached = latents.CachedLatentData(run.data, mean, logvar)
-    frozen = {**params, "alphas_cumprod": run.model.alphas_cumprod}
-    inputs = jax.jit(lambda batch, key: step_lib.diffusion_inputs(spec, frozen, batch, key))
+    cached = data.LatentViews(mean, logvar)
+    frozen = step_lib.Frozen.from_model(run.model)
+    inputs = jax.jit(lambda batch, key: step_lib.diffusion_inputs(spec, compute, frozen, batch, key))
     key = jax.random.PRNGKey(7)
     for step in (0, 5):
-        a, b = inputs(run.data.global_batch(step), key), inputs(cached.global_batch(step), key)
+        a, b = inputs(run.data.global_batch(step), key), inputs(run.data.global_batch(step, cached), key)
         np.testing.assert_array_equal(a[1], b[1])
         for x, y in ((a[0], b[0]), (a[2], b[2])):
             np.testing.assert_allclose(x, y, atol=1e-5)
-        np.testing.assert_array_equal(cached.global_batch(step)["input_ids"], run.data.global_batch(step)["input_ids"])
+        np.testing.assert_array_equal(run.data.global_batch(step, cached).input_ids,
+                                      run.data.global_batch(step).input_ids)
 
 
 def test_accumulation_and_cache_equal_one_big_batch(pixel_run, accumulated_run):

@@ -162,13 +162,13 @@ def test_optimizer_state_is_only_the_rows():
 def fixed_eval_loss(model, rows, data, steps=4):
     """Loss over a fixed set of (image, noise, timestep) draws: the same for any rows."""
     key = jax.random.PRNGKey(1234)
-    spec = model.spec
-    frozen = {**model.params, "alphas_cumprod": model.alphas_cumprod}
+    spec, compute = model.spec, models.Compute()
+    frozen = step_lib.Frozen.from_model(model)
 
     @jax.jit
     def loss(rows, batch, key):
-        noisy, t, target = step_lib.diffusion_inputs(spec, frozen, batch, key)
-        return step_lib.diffusion_loss(rows, spec, frozen, batch["input_ids"], noisy, t, target)
+        noisy, t, target = step_lib.diffusion_inputs(spec, compute, frozen, batch, key)
+        return step_lib.diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, t, target)
 
     return float(np.mean([loss(rows, data.global_batch(s), jax.random.fold_in(key, s)) for s in range(steps)]))
 
@@ -201,16 +201,17 @@ def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
     np.testing.assert_allclose(ours_noisy, scheduler.add_noise(tx, tn, tt).numpy(), atol=1e-5)
     np.testing.assert_allclose(ours_v, scheduler.get_velocity(tx, tn, tt).numpy(), atol=1e-5)
     # And the step uses that target for a v-prediction model.
-    batch = {
-        "pixel_values": np.zeros((2, 32, 32, 3), np.uint8),
-        "input_ids": np.zeros((2, 77), np.int32),
-        "example_ids": np.arange(2),
-    }
-    frozen = {**model.params, "alphas_cumprod": model.alphas_cumprod}
+    batch = step_lib.PixelBatch(
+        pixel_values=np.zeros((2, 32, 32, 3), np.uint8),
+        input_ids=np.zeros((2, 77), np.int32),
+        example_ids=np.arange(2),
+    )
+    frozen = step_lib.Frozen.from_model(model)
     key = jax.random.PRNGKey(0)
-    noisy, t, target = step_lib.diffusion_inputs(model.spec, frozen, batch, key)
+    compute = models.Compute()
+    noisy, t, target = step_lib.diffusion_inputs(model.spec, compute, frozen, batch, key)
     # The exact target: v of the scaled latent sample and the example's own noise and timestep.
-    mean, logvar = step_lib.encode_pixels(model.spec, model.params["vae"], batch["pixel_values"])
+    mean, logvar = step_lib.encode_pixels(model.spec, compute, model.params["vae"], batch.pixel_values)
     latent_eps, eps, draws_t = step_lib.example_draws(key, jnp.arange(2), noisy.shape[1:], 1000)
     latents = (mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * latent_eps) * model.spec.scaling_factor
     np.testing.assert_array_equal(t, draws_t)
@@ -265,7 +266,8 @@ def test_interop_with_pytorch_diffusers(four_device_run, tiny_model_dir, tmp_pat
         ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
         with torch.no_grad():
             torch_hidden = pipe.text_encoder(ids)[0].numpy()
-        flax_hidden = models.encode_text(base.spec, base.params["text_encoder"], jnp.asarray(ids.numpy()), rows)
+        flax_hidden = models.encode_text(base.spec, models.Compute(), base.params["text_encoder"],
+                                         jnp.asarray(ids.numpy()), rows)
         assert np.abs(np.asarray(flax_hidden) - torch_hidden).max() < 1e-4
 
 
@@ -291,9 +293,11 @@ def test_full_pipeline_loads_in_pytorch_diffusers(four_device_run):
         latents = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32))
         torch_eps = pipe.unet(latents, 10, torch.from_numpy(torch_hidden)).sample.numpy()
     no_rows = np.zeros((1, saved.spec.hidden_size), np.float32)  # read by no id: the table holds the tokens
-    hidden = models.encode_text(saved.spec, saved.params["text_encoder"], jnp.asarray(ids.numpy()), no_rows)
+    hidden = models.encode_text(saved.spec, models.Compute(), saved.params["text_encoder"], jnp.asarray(ids.numpy()),
+                                no_rows)
     assert np.abs(np.asarray(hidden) - torch_hidden).max() < 1e-4
-    eps = models.predict_noise(saved.spec, saved.params["unet"], latents.numpy(), np.array([10]), torch_hidden)
+    eps = models.predict_noise(saved.spec, models.Compute(), saved.params["unet"], latents.numpy(), np.array([10]),
+                               torch_hidden)
     assert np.abs(np.asarray(eps) - torch_eps).max() < 1e-4
 
 

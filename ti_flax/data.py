@@ -5,13 +5,17 @@ global step `s` is a pure function of `(seed, s)`: each epoch draws its shuffle,
 templates from `np.random.default_rng([seed, epoch])`, so resuming needs only the step number.
 An image with a caption file (`--caption_extension`) is shown with its caption instead of the
 template drawn for it; the draws are the same with or without captions.
+
+A step's examples are a selection (image index, flip, prompt ids, example id); a view source
+turns a selection into a batch: `PixelViews` into a `PixelBatch` of flipped images, and
+`LatentViews` (--cache_latents, see latents.py) into a `LatentBatch` of cached VAE moments.
 """
 
 import itertools
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -210,6 +214,53 @@ def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: st
     return np.asarray(ids, dtype=np.int32)
 
 
+class PixelBatch(NamedTuple):
+    """Examples as images: pixel_values uint8 [..., H, W, 3], input_ids int32 [..., L],
+    example_ids int64 [...] (each example's index in the run, for its own noise)."""
+
+    pixel_values: np.ndarray
+    input_ids: np.ndarray
+    example_ids: np.ndarray
+
+
+class LatentBatch(NamedTuple):
+    """Examples as cached VAE posteriors: latent_mean and latent_logvar float32 [..., C, h, w],
+    input_ids and example_ids as in PixelBatch."""
+
+    latent_mean: np.ndarray
+    latent_logvar: np.ndarray
+    input_ids: np.ndarray
+    example_ids: np.ndarray
+
+
+class PixelViews:
+    """Selections -> PixelBatch: each example's image, flipped where its selection says so."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __call__(self, images, flip, prompt_ids, example_ids) -> PixelBatch:
+        pixels = self.images[images]  # fancy indexing copies, so flipping is safe
+        pixels[flip] = pixels[flip][:, :, ::-1]
+        return PixelBatch(pixels, prompt_ids, example_ids)
+
+
+class LatentViews:
+    """Selections -> LatentBatch: the cached moments of view [image, flip] of each example.
+
+    Args: mean, logvar: float32 [num_images, 2, C, h, w]; index [i, 1] is image i flipped.
+    """
+
+    def __init__(self, mean: np.ndarray, logvar: np.ndarray):
+        if mean.ndim != 5 or mean.shape[1] != 2 or logvar.shape != mean.shape:
+            raise ValueError(f"cache must be [N, 2, C, h, w], got {mean.shape} and {logvar.shape}")
+        self.mean, self.logvar = mean, logvar
+
+    def __call__(self, images, flip, prompt_ids, example_ids) -> LatentBatch:
+        view = (images, flip.astype(np.int64))
+        return LatentBatch(self.mean[view], self.logvar[view], prompt_ids, example_ids)
+
+
 class TrainData:
     """Seeded batches of (image, flip, template) drawn per epoch; step s depends on (seed, s) only.
 
@@ -218,6 +269,9 @@ class TrainData:
     is dropped, as with a DataLoader's drop_last=True. An image with a caption is shown with its
     caption's ids in place of the template drawn for the slot, so the draws (and the batches of
     images without captions) are the same with or without captions.
+
+    Batches are PixelBatch by default; pass `views=LatentViews(...)` to the batch methods for
+    LatentBatch of the same examples.
     """
 
     def __init__(
@@ -298,31 +352,29 @@ class TrainData:
         example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
         return images, flips[sel], prompt_ids, example_ids
 
-    def _rows(self, step: int, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of global batch `step`."""
-        images, flip, prompt_ids, example_ids = self.examples(step, lo, hi)
-        pixels = self.images[images]  # fancy indexing copies, so flipping is safe
-        pixels[flip] = pixels[flip][:, :, ::-1]
-        return {"pixel_values": pixels, "input_ids": prompt_ids, "example_ids": example_ids}
+    def _rows(self, step: int, lo: int, hi: int, views=None):
+        """Rows [lo, hi) of global batch `step`, as `views` (default PixelViews) shows them."""
+        views = views or PixelViews(self.images)
+        return views(*self.examples(step, lo, hi))
 
-    def global_batch(self, step: int) -> dict[str, np.ndarray]:
+    def global_batch(self, step: int, views=None):
         """Returns the whole global batch of `step`.
 
         Returns:
-          pixel_values uint8 [G, H, W, 3], input_ids int32 [G, L], example_ids int64 [G] (the index
-          of each example in the run, step * G + j, for per-example noise).
+          PixelBatch: pixel_values uint8 [G, H, W, 3], input_ids int32 [G, L], example_ids int64
+          [G] (the index of each example in the run, step * G + j, for per-example noise); or
+          what `views` makes of the same examples (LatentViews: a LatentBatch).
         """
-        return self._rows(step, 0, self.global_batch_size)
+        return self._rows(step, 0, self.global_batch_size, views)
 
-    def local_batch(
-        self, step: int, process_index: int, process_count: int, local_device_count: int
-    ) -> dict[str, np.ndarray]:
+    def local_batch(self, step: int, process_index: int, process_count: int, local_device_count: int, views=None):
         """Returns this process's contiguous share of global batch `step`, split per device.
 
         Args:
           step: global step.
           process_index, process_count: this host and the number of hosts.
           local_device_count: devices on this host.
+          views: PixelViews (the default) or LatentViews.
 
         Returns:
           The global_batch arrays, rows [p*G/P, (p+1)*G/P), reshaped to [local_device_count,
@@ -337,11 +389,11 @@ class TrainData:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         share = g // process_count
-        rows = self._rows(step, process_index * share, (process_index + 1) * share)
-        return {k: v.reshape(local_device_count, -1, *v.shape[1:]) for k, v in rows.items()}
+        rows = self._rows(step, process_index * share, (process_index + 1) * share, views)
+        return type(rows)(*(v.reshape(local_device_count, -1, *v.shape[1:]) for v in rows))
 
     def batches(self, start_step: int, process_index: int = 0, process_count: int = 1,
-                local_device_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                local_device_count: int = 1, views=None) -> Iterator:
         """Yields local batches for start_step, start_step + 1, ... forever."""
         for step in itertools.count(start_step):
-            yield self.local_batch(step, process_index, process_count, local_device_count)
+            yield self.local_batch(step, process_index, process_count, local_device_count, views)

@@ -22,10 +22,10 @@ ENCODE_BATCH_PER_DEVICE = 8
 
 
 @functools.lru_cache(maxsize=8)
-def _pmapped_encode(spec, devices):
+def _pmapped_encode(spec, compute, devices):
     # Like the train step, the pmap spans every process's devices in a multi-process run: each
     # process encodes the same views in the same calls, so they stay in step.
-    return jax.pmap(functools.partial(step_lib.encode_pixels, spec), devices=parallel.pmap_devices(devices))
+    return jax.pmap(functools.partial(step_lib.encode_pixels, spec, compute), devices=parallel.pmap_devices(devices))
 
 
 def _local_rows(x):
@@ -34,11 +34,11 @@ def _local_rows(x):
     return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
+def encode_views(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
     """VAE posterior of every image, unflipped and flipped, in batches sharded over `devices`.
 
     Args:
-      spec: models.ModelSpec (its dtype is the VAE's compute dtype).
+      spec: models.ModelSpec. compute: models.Compute (its dtype is the VAE's compute dtype).
       vae_params: VAE params replicated on `devices` (as parallel.replicate lays them out).
       images: uint8 [N, H, W, 3], the decoded training images.
       devices: the local devices to encode on.
@@ -50,7 +50,7 @@ def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATC
     n, num_devices = len(views), len(devices)
     per_device = max(1, min(batch_per_device, math.ceil(n / num_devices)))
     chunk = per_device * num_devices
-    encode = _pmapped_encode(spec, tuple(devices))
+    encode = _pmapped_encode(spec, compute, tuple(devices))
     means, logvars = [], []
     for start in range(0, n, chunk):
         part = views[start : start + chunk]
@@ -64,51 +64,28 @@ def encode_views(spec, vae_params, images, devices, batch_per_device=ENCODE_BATC
     return np.concatenate(means).reshape(shape), np.concatenate(logvars).reshape(shape)
 
 
-class CachedLatentData(data_lib.TrainData):
-    """TrainData whose batches carry each example's cached latent moments instead of its pixels.
+def latent_views(spec, compute, vae_params, images, devices):
+    """The --cache_latents view source: every image encoded once, unflipped and flipped.
 
-    Same epochs, shuffles, flips, prompts and example ids as the TrainData it wraps (the
-    example at a position shows view [image, flip] of the cache); batches hold "latent_mean" and
-    "latent_logvar" (float32 [..., C, h, w]), "input_ids" and "example_ids".
+    Args: as for `encode_views`. Returns: data.LatentViews, for TrainData's batch methods.
     """
-
-    def __init__(self, data, mean, logvar):
-        super().__init__(data.images, data.template_ids, data.repeats, data.flip_p, data.seed, data.global_batch_size,
-                         data.captions)
-        if mean.shape[:2] != (len(data.images), 2) or logvar.shape != mean.shape:
-            raise ValueError(f"cache must be [{len(data.images)}, 2, C, h, w], got {mean.shape} and {logvar.shape}")
-        self.latent_mean, self.latent_logvar = mean, logvar
-
-    def _rows(self, step, lo, hi):
-        images, flip, prompt_ids, example_ids = self.examples(step, lo, hi)
-        view = (images, flip.astype(np.int64))
-        return {
-            "latent_mean": self.latent_mean[view],
-            "latent_logvar": self.latent_logvar[view],
-            "input_ids": prompt_ids,
-            "example_ids": example_ids,
-        }
+    return data_lib.LatentViews(*encode_views(spec, compute, vae_params, images, devices))
 
 
-def cached_batch_shapes(spec, vae_params, batch):
-    """What a CachedLatentData batch will look like, from a pixel batch, with nothing encoded.
+def latent_batch_shapes(spec, compute, vae_params, batch):
+    """What a LatentBatch of the same examples as a PixelBatch looks like, with nothing encoded.
 
     Args:
-      spec: models.ModelSpec. vae_params: the VAE's params or their jax.ShapeDtypeStruct tree
-        (no device axis). batch: a local pixel batch's arrays or shapes, [devices, B, ...].
+      spec, compute: as for `encode_views`. vae_params: the VAE's params or their
+        jax.ShapeDtypeStruct tree (no device axis). batch: a local PixelBatch's arrays or shapes,
+        [devices, B, ...].
     Returns:
-      The batch's jax.ShapeDtypeStruct tree with "latent_mean" and "latent_logvar" (float32
-      [devices, B, C, h, w]) in place of "pixel_values".
+      A LatentBatch of jax.ShapeDtypeStruct: latent_mean and latent_logvar float32
+      [devices, B, C, h, w], input_ids and example_ids as in `batch`.
     """
-    pixels = batch["pixel_values"]
+    pixels = batch.pixel_values
     one_device = jax.ShapeDtypeStruct(tuple(pixels.shape[1:]), pixels.dtype)
-    mean, _ = jax.eval_shape(functools.partial(step_lib.encode_pixels, spec), vae_params, one_device)
+    mean, _ = jax.eval_shape(functools.partial(step_lib.encode_pixels, spec, compute), vae_params, one_device)
     moments = jax.ShapeDtypeStruct(tuple(pixels.shape[:1]) + tuple(mean.shape), np.float32)
-    rest = {k: v for k, v in batch.items() if k != "pixel_values"}
-    return {**parallel.shapes(rest), "latent_mean": moments, "latent_logvar": moments}
-
-
-def cached_data(spec, vae_params, data, devices):
-    """`data` with every image encoded once: a CachedLatentData for the train loop."""
-    mean, logvar = encode_views(spec, vae_params, data.images, devices)
-    return CachedLatentData(data, mean, logvar)
+    ids, example_ids = parallel.shapes((batch.input_ids, batch.example_ids))
+    return data_lib.LatentBatch(moments, moments, ids, example_ids)

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import models, parallel
 from .errors import UserError
+from .step import Frozen
 from .models import schedulers
 from .tokens import expand_placeholders
 
@@ -40,6 +41,7 @@ class SamplerSettings:
     """What the compiled program depends on besides argument shapes (hashable, for caching)."""
 
     spec: models.ModelSpec
+    compute: models.Compute
     scheduler: str  # one of SCHEDULERS
     scheduler_config: str  # the model's scheduler config as sorted JSON
     num_inference_steps: int
@@ -60,13 +62,6 @@ def check_size(spec, height, width):
     multiple = spec.pixel_multiple
     if height % multiple or width % multiple:
         raise UserError(f"--height/--width {height}x{width}: this model needs multiples of {multiple}")
-
-
-def default_size(spec):
-    """(height, width) the model was trained at: UNet sample_size x VAE scale factor."""
-    size = json.loads(spec.unet_config)["sample_size"]
-    size = size if isinstance(size, (list, tuple)) else (size, size)
-    return int(size[0]) * spec.vae_scale_factor, int(size[1]) * spec.vae_scale_factor
 
 
 def encode_prompt(tokenizer, prompt, concepts=()):
@@ -99,7 +94,7 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
     """The scheduler's loop from starting noise to final latents, with classifier-free guidance.
 
     Args:
-      frozen: {"text_encoder", "unet", ...: params}.
+      frozen: step.Frozen (text_encoder and unet are read).
       rows: float32 [R, hidden] learned rows; token id base_vocab_size + i reads rows[i].
       prompt_ids, negative_ids: int32 [B, L] token ids of the prompts and negative prompts.
       noise: float32 [B, C, h, w] standard normal starting latents (scaled here by the
@@ -108,11 +103,11 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
     Returns:
       float32 [B, C, h, w] latents, as diffusers' pipelines return with output_type="latent".
     """
-    spec = settings.spec
+    spec, compute = settings.spec, settings.compute
     plan = _plan(settings.scheduler, settings.scheduler_config, settings.num_inference_steps)
     batch = prompt_ids.shape[0]
     # Negative and positive prompts go through each model in one batch: [uncond, cond].
-    context = models.encode_text(spec, frozen["text_encoder"], jnp.concatenate([negative_ids, prompt_ids]), rows)
+    context = models.encode_text(spec, compute, frozen.text_encoder, jnp.concatenate([negative_ids, prompt_ids]), rows)
     latents = noise * schedulers.init_noise_sigma(plan)
     # The plan's few small tables are constants of the program.
     timesteps_table = jnp.asarray(plan.timesteps, jnp.float32)
@@ -121,7 +116,7 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
         latents, state = carry
         x = schedulers.scale_model_input(plan, jnp.concatenate([latents, latents]), i)
         timesteps = jnp.broadcast_to(timesteps_table[i], (2 * batch,))
-        pred = models.predict_noise(spec, frozen["unet"], x.astype(context.dtype), timesteps, context)
+        pred = models.predict_noise(spec, compute, frozen.unet, x.astype(context.dtype), timesteps, context)
         uncond, cond = jnp.split(pred.astype(jnp.float32), 2)
         guided = uncond + guidance_scale * (cond - uncond)
         return schedulers.step(plan, state, guided, i, latents)
@@ -135,7 +130,7 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
     """Images for one device's share of the prompts (pure; compile it with pmap).
 
     Args:
-      frozen: {"text_encoder", "unet", "vae": params}; other keys are ignored.
+      frozen: step.Frozen (its alphas_cumprod is not read).
       rows: float32 [R, hidden] learned rows; token id base_vocab_size + i reads rows[i].
       prompt_ids, negative_ids: int32 [B, L] token ids of the prompts and negative prompts.
       image_ids: int32 [B] each image's index in the whole batch; its noise is keyed by it,
@@ -146,10 +141,10 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
       uint8 [B, height, width, 3].
     """
     TRACE_COUNT["sample"] += 1
-    spec = settings.spec
+    spec, compute = settings.spec, settings.compute
     noise = image_noise(key, image_ids, latent_shape(settings))
     latents = denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings=settings)
-    pixels = models.decode_latents(spec, frozen["vae"], latents.astype(spec.dtype)).astype(jnp.float32)
+    pixels = models.decode_latents(spec, compute, frozen.vae, latents.astype(compute.dtype)).astype(jnp.float32)
     pixels = jnp.round(jnp.clip(pixels / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return jnp.transpose(pixels, (0, 2, 3, 1))
 
@@ -157,7 +152,7 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
 def latent_shape(settings):
     """[C, h, w] of one image's latents."""
     scale = settings.spec.vae_scale_factor
-    channels = json.loads(settings.spec.unet_config)["in_channels"]
+    channels = models.configs(settings.spec).unet.in_channels
     return (channels, settings.height // scale, settings.width // scale)
 
 
@@ -176,27 +171,29 @@ class Sampler:
 
     Args:
       spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} host params, or (with
-        params_replicated=True) a tree already replicated by parallel.replicate on `devices`,
-        such as the train loop's frozen tree, so the weights are not held twice.
+        params_replicated=True) a step.Frozen already replicated by parallel.replicate on
+        `devices`, such as the train engine's, so the weights are not held twice.
       scheduler_config: the model's scheduler config (LoadedModel.scheduler_config).
       num_images: images per call (padded up to a multiple of the device count; extras dropped).
       num_inference_steps, guidance_scale, height, width, scheduler: sampling settings; height and
         width default to the model's native size.
       devices: the local devices to split images over (default: all local devices).
+      compute: models.Compute (default: float32, auto attention).
     """
 
     def __init__(self, spec, params, scheduler_config, *, num_images=None, num_inference_steps=25,
                  guidance_scale=7.5, height=None, width=None, scheduler="pndm", devices=None,
-                 params_replicated=False):
+                 params_replicated=False, compute=None):
         self.devices = tuple(devices or jax.local_devices())
-        default_h, default_w = default_size(spec)
+        default_h, default_w = models.default_size(spec)
         self.height, self.width = height or default_h, width or default_w
         check_size(spec, self.height, self.width)
         if not 1 <= num_inference_steps <= spec.num_train_timesteps:
             raise UserError(f"--steps {num_inference_steps}: must be between 1 and {spec.num_train_timesteps}")
         config_json = json.dumps(dict(scheduler_config), sort_keys=True, default=str)
         _plan(scheduler, config_json, int(num_inference_steps))  # UserError for an unknown or unusable scheduler
-        self.settings = SamplerSettings(spec, scheduler, config_json, int(num_inference_steps), self.height, self.width)
+        self.settings = SamplerSettings(spec, compute or models.Compute(), scheduler, config_json,
+                                        int(num_inference_steps), self.height, self.width)
         self.num_images = int(num_images or len(self.devices))
         if self.num_images < 1:
             raise UserError(f"--num_images {num_images}: must be at least 1")
@@ -206,7 +203,8 @@ class Sampler:
         if params_replicated:
             self.frozen = params
         else:
-            self.frozen = parallel.replicate({k: params[k] for k in ("text_encoder", "unet", "vae")}, self.devices)
+            self.frozen = parallel.replicate(Frozen(params["text_encoder"], params["unet"], params["vae"], None),
+                                             self.devices)
         self._fn = pmapped_sample_step(self.settings, self.devices)
 
     @classmethod

@@ -2,8 +2,10 @@
 
 `train_step(state, frozen, batch, base_key)` differentiates the diffusion loss with respect to
 the learned rows only. The frozen text encoder, UNet and VAE weights come in as a separate,
-non-donated argument; nothing is closed over, so a 49408 x 768 table never becomes a constant
-of the compiled program.
+non-donated `Frozen` argument; nothing is closed over, so a 49408 x 768 table never becomes a
+constant of the compiled program. A batch is a `PixelBatch` (images, encoded by the VAE in the
+step) or a `LatentBatch` (the VAE posterior cached up front): the kind is the batch's type, part
+of the pytree structure, so it is settled when the step is traced.
 """
 
 import functools
@@ -15,7 +17,29 @@ import numpy as np
 import optax
 
 from . import models
+from .data import LatentBatch, PixelBatch
 from .parallel import AXIS, pmap_devices
+
+
+class Frozen(NamedTuple):
+    """The weights the step reads and never changes (a pytree; never donated).
+
+    Attributes:
+      text_encoder, unet: params trees, float leaves in the run's compute dtype.
+      vae: params tree, or None when batches carry cached latents (the step never encodes).
+      alphas_cumprod: float32 [num_train_timesteps], the training noise schedule.
+    """
+
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    alphas_cumprod: Any
+
+    @classmethod
+    def from_model(cls, model, dtype="float32"):
+        """Host weights of a models.LoadedModel, float leaves cast to `dtype` (the schedule stays float32)."""
+        params = models.cast_params(model.params, dtype)
+        return cls(params["text_encoder"], params["unet"], params["vae"], model.alphas_cumprod)
 
 
 class TrainState(NamedTuple):
@@ -62,40 +86,48 @@ def example_draws(key, example_ids, latent_shape, num_train_timesteps):
     return jax.vmap(one)(example_ids)
 
 
-def encode_pixels(spec, vae_params, pixel_values):
+def encode_pixels(spec, compute, vae_params, pixel_values):
     """VAE posterior (mean, log-variance), float32 NCHW, of uint8 NHWC images."""
     pixels = pixel_values.astype(jnp.float32) / 127.5 - 1.0
-    mean, logvar = models.vae_moments(spec, vae_params, pixels)
+    mean, logvar = models.vae_moments(spec, compute, vae_params, pixels)
     return tuple(jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2)) for x in (mean, logvar))
 
 
-def diffusion_inputs(spec, frozen, batch, key):
-    """(noisy latents, timesteps, target) for a batch of uint8 NHWC images or of cached moments.
+def posterior(spec, compute, frozen, batch):
+    """(mean, log-variance), float32 NCHW, of a batch's latents: encoded now, or read from the cache."""
+    if isinstance(batch, LatentBatch):
+        return batch.latent_mean, batch.latent_logvar
+    if isinstance(batch, PixelBatch):
+        return encode_pixels(spec, compute, frozen.vae, batch.pixel_values)
+    raise TypeError(f"batch must be a PixelBatch or a LatentBatch, not {type(batch).__name__}")
 
-    A batch with "latent_mean" and "latent_logvar" (from --cache_latents) skips the VAE; the
-    latent sample still draws its noise from the example's own key, so both kinds of batch give
-    the same draws.
+
+def diffusion_inputs(spec, compute, frozen, batch, key):
+    """(noisy latents, timesteps, target) for a PixelBatch or a LatentBatch.
+
+    A LatentBatch (from --cache_latents) skips the VAE; the latent sample still draws its noise
+    from the example's own key, so both kinds of batch give the same draws.
     """
-    if "latent_mean" in batch:
-        mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-    else:
-        mean, logvar = encode_pixels(spec, frozen["vae"], batch["pixel_values"])
-    latent_eps, noise, timesteps = example_draws(key, batch["example_ids"], mean.shape[1:], spec.num_train_timesteps)
+    mean, logvar = posterior(spec, compute, frozen, batch)
+    latent_eps, noise, timesteps = example_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps)
     latents = (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps) * spec.scaling_factor
-    alphas = frozen["alphas_cumprod"]
+    alphas = frozen.alphas_cumprod
     noisy = noisy_latents(alphas, latents, noise, timesteps)
     target = noise if spec.prediction_type == "epsilon" else velocity(alphas, latents, noise, timesteps)
     return noisy, timesteps, target
 
 
-def diffusion_loss(rows, spec, frozen, input_ids, noisy, timesteps, target):
-    """Mean squared error of the UNet's prediction, conditioned on text with the learned rows."""
-    hidden = models.encode_text(spec, frozen["text_encoder"], input_ids, rows)
-    pred = models.predict_noise(spec, frozen["unet"], noisy.astype(hidden.dtype), timesteps, hidden)
+def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target):
+    """Mean squared error of the UNet's prediction, conditioned on text with the learned rows.
+
+    `frozen` needs `text_encoder` and `unet` (a Frozen, or anything with those attributes).
+    """
+    hidden = models.encode_text(spec, compute, frozen.text_encoder, input_ids, rows)
+    pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
-def train_step(state, frozen, batch, base_key, *, spec, opt_spec, axis_name=AXIS):
+def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, axis_name=AXIS):
     """One optimizer step (or, with gradient accumulation, one micro-step) on one device's share.
 
     Args:
@@ -103,19 +135,19 @@ def train_step(state, frozen, batch, base_key, *, spec, opt_spec, axis_name=AXIS
         `opt_spec.accumulation_steps` K > 1 it advances on every K-th call only, so the K
         micro-batches of an update share the step's key and differ by example id, exactly as
         one batch K times larger would.
-      frozen: {"text_encoder", "unet", "vae": params, "alphas_cumprod": [T]}; never donated.
-        Float leaves in `spec.dtype`; "vae" may be absent when batches carry cached latents.
-      batch: {"pixel_values": uint8 [B, H, W, 3] or "latent_mean", "latent_logvar": float32
-        [B, C, h, w], "input_ids": int32 [B, L], "example_ids": int [B]}.
+      frozen: Frozen; never donated. Float leaves in `compute.dtype`; its vae may be None when
+        batches are LatentBatch.
+      batch: PixelBatch (uint8 [B, H, W, 3] images) or LatentBatch (float32 [B, C, h, w] cached
+        moments), with input_ids int32 [B, L] and example_ids int [B].
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
-      spec: models.ModelSpec (static). opt_spec: optim.OptimizerSpec (static).
+      spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (all static).
     Returns:
       (new TrainState, metrics dict of scalars averaged over devices).
     """
     key = jax.random.fold_in(base_key, state.step)
-    noisy, timesteps, target = diffusion_inputs(spec, frozen, batch, key)
+    noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key)
     loss, grads = jax.value_and_grad(diffusion_loss)(
-        state.rows, spec, frozen, batch["input_ids"], noisy, timesteps, target
+        state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target
     )
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
     updates, opt_state = opt_spec.build().update(grads, state.opt_state, state.rows)
@@ -149,17 +181,17 @@ def _counted_train_step(*args, **kwargs):
 
 
 @functools.lru_cache(maxsize=16)
-def pmapped_train_step(spec, opt_spec, devices):
+def pmapped_train_step(spec, compute, opt_spec, devices):
     """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
-    fn = functools.partial(_counted_train_step, spec=spec, opt_spec=opt_spec)
+    fn = functools.partial(_counted_train_step, spec=spec, compute=compute, opt_spec=opt_spec)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))
 
 
-def compile_train_step(spec, opt_spec, devices, state, frozen, batch, key):
+def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, key):
     """The pmapped train step compiled ahead of its first call, for arguments shaped like these.
 
     Args:
-      spec, opt_spec, devices: as for `pmapped_train_step`.
+      spec, compute, opt_spec, devices: as for `pmapped_train_step`.
       state, frozen, batch, key: the step's arguments, each leaf with its leading device axis:
         arrays, or jax.ShapeDtypeStruct where the arrays are not on the devices yet.
     Returns:
@@ -171,10 +203,10 @@ def compile_train_step(spec, opt_spec, devices, state, frozen, batch, key):
     if jax.process_count() > 1:
         # There the pmap spans every process's devices: its ahead-of-time program takes global
         # arrays, not the host-local ones the loop passes (jax's pmap.lower says as much).
-        return pmapped_train_step(spec, opt_spec, devices)
+        return pmapped_train_step(spec, compute, opt_spec, devices)
     leaves, treedef = jax.tree_util.tree_flatten((state, frozen, batch, key))
     shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
-    return _compiled(pmapped_train_step(spec, opt_spec, devices), treedef, shapes)
+    return _compiled(pmapped_train_step(spec, compute, opt_spec, devices), treedef, shapes)
 
 
 @functools.lru_cache(maxsize=16)

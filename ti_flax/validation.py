@@ -37,7 +37,8 @@ def save_png(path, array):
 class Validator:
     """Renders `config.validation_prompt` with the current rows into output_dir/validation/."""
 
-    def __init__(self, config, spec, model, tokens, frozen, devices):
+    def __init__(self, config, spec, compute, model, tokens, frozen, devices):
+        """`frozen`: the engine's replicated step.Frozen (with its VAE); `compute`: models.Compute."""
         if config.placeholder_token not in config.validation_prompt:
             warnings.warn(
                 f"--validation_prompt {config.validation_prompt!r} does not contain {config.placeholder_token}: "
@@ -55,6 +56,7 @@ class Validator:
             guidance_scale=config.validation_guidance_scale,
             devices=devices,
             params_replicated=True,
+            compute=compute,
         )
         self.prompt_ids = encode_prompt(model.tokenizer, config.validation_prompt, [tokens])
         self.negative_ids = encode_prompt(model.tokenizer, "")

@@ -139,7 +139,8 @@ def verify_files(model_dir, rows, checks, tolerance=TOLERANCE):
         if not _contains(input_ids[0].tolist(), ids):
             raise UserError(f"--verify: the prompt {PROMPT.format(token)!r} did not tokenize to the ids {ids}")
         torch_hidden = torch_hidden_states(text_encoder, input_ids)
-        flax_hidden = np.asarray(models.encode_text(flax.spec, flax.params["text_encoder"], input_ids.astype(np.int32), rows))
+        flax_hidden = np.asarray(models.encode_text(flax.spec, models.Compute(), flax.params["text_encoder"],
+                                                    input_ids.astype(np.int32), rows))
         diff = float(np.max(np.abs(torch_hidden - flax_hidden)))
         if not diff <= tolerance:  # `not <=` also catches NaN
             raise UserError(

@@ -5,15 +5,13 @@ ti_flax owns its model code: `clip` (the CLIP text encoders), `unet`, `vae`, `at
 (`weights`). This module is the seam the rest of ti_flax uses: `load_model` reads a diffusers
 model folder (local, or a Hub snapshot) or one original-layout checkpoint file (`single_file`)
 into a `LoadedModel`, and `encode_text`,
-`predict_noise`, `vae_moments` and `decode_latents` run its parts for a static `ModelSpec`.
+`predict_noise`, `vae_moments` and `decode_latents` run its parts for a static `ModelSpec` (what
+the model is) and `Compute` (how this run computes with it), both from `spec.py`.
 No diffusers or transformers model class is used; the tokenizer is transformers' CLIPTokenizer.
 """
 
 import dataclasses
-import functools
-import json
 import os
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,9 @@ from .. import files
 from ..errors import UserError
 from . import attention as attention_lib
 from . import clip, loading, schedulers, unet, vae
+from .spec import (  # noqa: F401  (the models API)
+    Compute, Configs, ModelSpec, configs, default_resolution, default_size, spec_from, spec_from_configs,
+)
 from .weights import unflatten
 
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
@@ -94,57 +95,7 @@ def check_model_dir(model_dir, tokenizer_dir=None):
 
 
 # --------------------------------------------------------------------------------------------
-# The frozen model, as static definitions plus a pytree of weights
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything static about a model: hashable, so a compiled step can be cached by it.
-
-    The configs are the owned configs' `to_dict()` as sorted JSON (see `configs(spec)` for the
-    objects), so a spec, and the checkpoint fingerprint made from it, depends on no library.
-    """
-
-    text_config: str
-    unet_config: str
-    vae_config: str
-    prediction_type: str
-    scaling_factor: float
-    num_train_timesteps: int
-    base_vocab_size: int
-    dtype: str = "float32"  # compute dtype of the frozen modules ("bfloat16" for --mixed_precision bf16)
-    remat: bool = False  # rematerialise the UNet's blocks in the backward pass (--gradient_checkpointing)
-    attention: str = "auto"  # an attention.IMPLEMENTATIONS name, resolved per call site by shape
-
-    @property
-    def hidden_size(self):
-        return configs(self).text.hidden_size
-
-    @property
-    def vae_scale_factor(self):
-        return configs(self).vae.scale_factor
-
-    @property
-    def pixel_multiple(self):
-        """Image sides must be multiples of this, so every downsampling of the latents (VAE
-        factor, then each UNet down block) divides evenly and the UNet's skips line up."""
-        return self.vae_scale_factor * 2 ** (configs(self).unet.num_blocks - 1)
-
-
-class Configs(NamedTuple):
-    text: clip.CLIPTextConfig
-    unet: unet.UNetConfig
-    vae: vae.VAEConfig
-
-
-@functools.lru_cache(maxsize=None)
-def configs(spec):
-    """The owned config objects of a spec (static, hashable: usable as jit static arguments)."""
-    return Configs(
-        clip.CLIPTextConfig.from_dict(json.loads(spec.text_config)),
-        unet.UNetConfig.from_dict(json.loads(spec.unet_config)),
-        vae.VAEConfig.from_dict(json.loads(spec.vae_config)),
-    )
+# The frozen model: a static spec (spec.py) plus a pytree of weights
 
 
 @dataclasses.dataclass
@@ -210,32 +161,9 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     params, found = {}, {}
     for kind in ("text_encoder", "unet", "vae"):
         found[kind], params[kind] = loading.load_component(os.path.join(model_dir, kind), kind)
-    spec = spec_from_configs(found["text_encoder"].to_dict(), found["unet"].to_dict(), found["vae"].to_dict(),
-                             prediction_type, int(scheduler_config.get("num_train_timesteps") or 1000))
+    spec = spec_from(found["text_encoder"], found["unet"], found["vae"], prediction_type,
+                     int(scheduler_config.get("num_train_timesteps") or 1000))
     return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config))
-
-
-def _config_json(config):
-    return json.dumps(config.to_dict(), sort_keys=True)
-
-
-def spec_from_configs(text_config, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000):
-    """A ModelSpec from config dicts (a model's config.json contents), with no weights anywhere.
-
-    For measuring a model's step (shapes, FLOPs, memory) without downloading it.
-    """
-    text = clip.CLIPTextConfig.from_dict(dict(text_config))
-    unet_config = unet.UNetConfig.from_dict(dict(unet_config))
-    vae_config = vae.VAEConfig.from_dict(dict(vae_config))
-    return ModelSpec(
-        text_config=_config_json(text),
-        unet_config=_config_json(unet_config),
-        vae_config=_config_json(vae_config),
-        prediction_type=prediction_type,
-        scaling_factor=float(vae_config.scaling_factor),
-        num_train_timesteps=int(num_train_timesteps),
-        base_vocab_size=int(text.vocab_size),
-    )
 
 
 def abstract_params(spec):
@@ -321,14 +249,15 @@ def with_token_table(text_params, table):
 
 
 # --------------------------------------------------------------------------------------------
-# Running the parts (pure; inside jit/pmap, with the spec static)
+# Running the parts (pure; inside jit/pmap, with the spec and the compute setting static)
 
 
-def resolve_attention(name, spec=None, resolution=None, backend=None):
+def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="float32"):
     """What --attention `name` runs for the model's largest self-attention, e.g. "chunked".
 
     For the banner, and to refuse at start-up an explicit choice that cannot run here (UserError).
-    Without a spec, the answer for a 64x64-latent SD 1.x self-attention in float32.
+    Without a spec, the answer for a 64x64-latent SD 1.x self-attention in float32; with one, for
+    its native size (or `resolution`) in compute `dtype`.
     """
     backend = backend or jax.default_backend()
     if spec is None:
@@ -338,18 +267,11 @@ def resolve_attention(name, spec=None, resolution=None, backend=None):
     tokens = side * side
     heads = c.unet.heads[0]
     head_dim = c.unet.block_out_channels[0] // heads
-    return attention_lib.resolve(name, backend=backend, dtype=jnp.dtype(spec.dtype), q_len=tokens, kv_len=tokens,
+    return attention_lib.resolve(name, backend=backend, dtype=jnp.dtype(dtype), q_len=tokens, kv_len=tokens,
                                  head_dim=head_dim)
 
 
-def default_resolution(spec):
-    """The square image side the model was trained at: UNet sample_size x VAE scale factor."""
-    size = configs(spec).unet.sample_size
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    return int(size or 64) * spec.vae_scale_factor
-
-
-def encode_text(spec, text_params, input_ids, rows):
+def encode_text(spec, compute, text_params, input_ids, rows):
     """CLIP last hidden state [B, L, D] for ids that may include the learned tokens.
 
     Ids below `spec.base_vocab_size` read the frozen table; ids at or above it read
@@ -357,27 +279,27 @@ def encode_text(spec, text_params, input_ids, rows):
     the caller can take is the one with respect to `rows` ([num_vectors, D]).
     """
     out = clip.encode(text_params, configs(spec).text, input_ids, rows, base_vocab_size=spec.base_vocab_size,
-                      dtype=jnp.dtype(spec.dtype))
+                      dtype=jnp.dtype(compute.dtype))
     return out.last_hidden_state
 
 
-def predict_noise(spec, unet_params, latents, timesteps, encoder_hidden_states):
+def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden_states):
     """UNet output for NCHW latents (epsilon or v, per the model's prediction_type), NCHW."""
     sample = jnp.transpose(latents, (0, 2, 3, 1))
     out = unet.apply(unet_params, configs(spec).unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
-                     attention=spec.attention, remat=spec.remat, dtype=jnp.dtype(spec.dtype))
+                     attention=compute.attention, remat=compute.remat, dtype=jnp.dtype(compute.dtype))
     return jnp.transpose(out, (0, 3, 1, 2))
 
 
-def vae_moments(spec, vae_params, pixels):
+def vae_moments(spec, compute, vae_params, pixels):
     """Mean and log-variance (NHWC) of the VAE posterior for NHWC pixels in [-1, 1]."""
-    return vae.encode(vae_params, configs(spec).vae, pixels, dtype=jnp.dtype(spec.dtype))
+    return vae.encode(vae_params, configs(spec).vae, pixels, dtype=jnp.dtype(compute.dtype))
 
 
-def decode_latents(spec, vae_params, latents_nchw):
+def decode_latents(spec, compute, vae_params, latents_nchw):
     """Pixels in about [-1, 1], NCHW, from NCHW latents scaled the way the UNet sees them."""
     latents = jnp.transpose(latents_nchw, (0, 2, 3, 1)) / spec.scaling_factor
-    pixels = vae.decode(vae_params, configs(spec).vae, latents, dtype=jnp.dtype(spec.dtype))
+    pixels = vae.decode(vae_params, configs(spec).vae, latents, dtype=jnp.dtype(compute.dtype))
     return jnp.transpose(pixels, (0, 3, 1, 2))
 
 

@@ -1,0 +1,190 @@
+"""What the train loop does besides stepping: log a step, save rows, validate, checkpoint, stop.
+
+Each periodic action answers `due(done, stopping)` for the optimizer update `done` just
+dispatched (and whether the run is stopping there) and does its work when called as
+`action(done, stopping)`. The loop in train.py decides when metrics are read; the actions only
+act, so each can be tested alone with a fake engine.
+"""
+
+import os
+import time
+import warnings
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import files, formats, model_card, parallel, step as step_lib
+from .errors import UserError
+from .preempt import Preempted
+from .validation import grid as grid_image
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradients became NaN or Inf."""
+
+
+def save_failed(step, what, err):
+    """One warning line for a failed intermediate save; training continues."""
+    warnings.warn(f"step {step}: {what} not saved, training continues: {err}", stacklevel=2)
+
+
+class LogStep:
+    """Reads a finished update's metrics: stops a NaN/Inf run, else records the step everywhere.
+
+    Args:
+      schedule: the learning-rate schedule (optim.OptimizerSpec.schedule()).
+      logger: logs.MetricsLogger. callbacks: functions called with each step record.
+      bar: a tqdm progress bar (or anything with set_postfix, update and close).
+    Attributes:
+      history: one dict per logged step (kind, step, loss, lr, grad_norm, row_norms, steps_per_sec).
+    """
+
+    def __init__(self, schedule, logger, callbacks, bar):
+        self.schedule, self.logger, self.callbacks, self.bar = schedule, logger, callbacks, bar
+        self.history = []
+        self.t_last = time.perf_counter()
+
+    def __call__(self, done_step, metrics):
+        """Log update `done_step` from its micro-steps' replicated metrics; TrainingDiverged on NaN/Inf."""
+        metrics = step_lib.mean_metrics(parallel.unreplicate(metrics))
+        if not bool(metrics["finite"]):
+            raise TrainingDiverged(
+                f"step {done_step}: loss or gradients became NaN/Inf (loss={float(metrics['loss'])}); "
+                "no embedding was written for it. Lower --learning_rate or set --max_grad_norm"
+            )
+        now = time.perf_counter()
+        rec = {
+            "kind": "step",
+            "step": done_step,
+            "loss": float(metrics["loss"]),
+            "lr": float(self.schedule(done_step - 1)),
+            "grad_norm": float(metrics["grad_norm"]),
+            "row_norms": [float(x) for x in metrics["row_norms"]],
+            "steps_per_sec": 1.0 / max(now - self.t_last, 1e-9),
+        }
+        self.t_last = now
+        self.history.append(rec)
+        self.logger.log(done_step, {k: v for k, v in rec.items() if k not in ("step", "kind")})
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+        self.bar.update(1)
+        for callback in self.callbacks:
+            callback(rec)
+        return rec
+
+
+class StopVote:
+    """Every process votes after each update on whether to stop (a signal on any host stops all).
+
+    `stop` is a preempt.StopOnSignal (or None: never stop); `devices` the local devices.
+    """
+
+    def __init__(self, stop, devices):
+        self.stop, self.devices = stop, devices
+
+    @property
+    def signal(self):
+        return self.stop.requested if self.stop is not None else 0
+
+    def cast(self):
+        """This process's vote; read it later with `result` (it may be a device array)."""
+        return parallel.stop_vote(self.signal, self.devices)
+
+    @staticmethod
+    def result(vote):
+        return parallel.vote_result(vote)
+
+    def preempted(self, done, path):
+        """The Preempted error a stop at update `done`, checkpointed in `path`, ends with."""
+        return Preempted(
+            f"stopped by signal at step {done}; checkpoint saved in {path}. Continue with the same "
+            f"command plus --resume_from_checkpoint latest",
+            self.signal or 15,
+        )
+
+
+class SaveRows:
+    """--save_steps: learned_embeds-steps-N.safetensors every `every` updates (0: never).
+
+    A failed write warns and training continues; the final save may still fit.
+    """
+
+    def __init__(self, run, engine, every):
+        self.run, self.engine, self.every = run, engine, every
+
+    def due(self, done, stopping=False):
+        return bool(self.every) and done % self.every == 0
+
+    def __call__(self, done, stopping=False):
+        try:
+            save_intermediate(self.run, self.engine.rows(), done)
+        except files.WriteFailed as err:
+            save_failed(done, f"learned_embeds-steps-{done}.safetensors", err)
+
+
+class Validate:
+    """--validation_prompt: images every --validation_steps updates and after the last one.
+
+    Args:
+      validator: validation.Validator. logger: logs.MetricsLogger (gets the grid).
+      history: LogStep.history (for the model card). callbacks: get a "validation" record.
+    Attributes:
+      last_grid: the newest grid image's path, or None.
+    """
+
+    def __init__(self, run, engine, validator, logger, history, callbacks):
+        self.run, self.engine, self.validator, self.logger = run, engine, validator, logger
+        self.history, self.callbacks = history, callbacks
+        self.last_grid = None
+
+    def due(self, done, stopping=False):
+        return done % self.run.config.validation_steps == 0 or done == self.run.total_steps
+
+    def __call__(self, done, stopping=False):
+        config = self.run.config
+        try:
+            paths, grid_path, images = self.validator(self.engine.rows(), done)
+            self.last_grid = grid_path
+            self.logger.log_image(done, "validation", grid_image(images))
+            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid)
+        except files.WriteFailed as err:
+            save_failed(done, "the validation images", err)
+            return
+        for callback in self.callbacks:
+            callback({"kind": "validation", "step": done, "images": paths, "grid": self.last_grid})
+
+
+class Checkpoint:
+    """--checkpointing_steps (0: never), and the checkpoint a stop promises.
+
+    Process 0 writes; every process takes part. A failed periodic checkpoint warns and training
+    continues; a failed stop checkpoint raises, since it is the run's final save.
+    Attributes: path: the last checkpoint written, or None.
+    """
+
+    def __init__(self, run, engine, every, writer):
+        self.run, self.engine, self.every, self.writer = run, engine, every, writer
+        self.path = None
+
+    def due(self, done, stopping=False):
+        return stopping or (bool(self.every) and done % self.every == 0)
+
+    def __call__(self, done, stopping=False):
+        try:
+            self.path = save_checkpoint(self.run, self.engine.state) if self.writer else None
+        except files.WriteFailed as err:
+            if stopping:
+                raise
+            save_failed(done, f"checkpoint-{done}", err)
+
+
+def save_checkpoint(run, state):
+    """Write replicated `state` as a checkpoint of `run`; TrainingDiverged if its rows are not finite."""
+    host_state = parallel.unreplicate(state)
+    if not np.all(np.isfinite(host_state.rows)):
+        raise TrainingDiverged(f"step {int(host_state.step)}: learned rows are NaN/Inf; no checkpoint written")
+    return ckpt.save_checkpoint(run.config.output_dir, host_state, run.meta, run.config.checkpoints_total_limit)
+
+
+def save_intermediate(run, rows, step):
+    path = os.path.join(run.config.output_dir, f"learned_embeds-steps-{step}.safetensors")
+    formats.save_diffusers(path, run.tokens[0], rows)

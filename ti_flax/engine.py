@@ -1,0 +1,140 @@
+"""The training engine: a prepared run's step, weights, state and batches on the devices.
+
+`build(run)` puts the frozen weights on the local devices (cast once to the compute dtype),
+caches the latents if asked, compiles the train step ahead of its first call and starts feeding
+batches. `Engine.update()` then runs one optimizer update. Training (train.py), the benchmark
+(scripts/benchmark.py) and the tests all drive the step through it.
+
+    >>> engine = build(prepare(config))  # doctest: +SKIP
+    >>> metrics = engine.update()  # doctest: +SKIP
+"""
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+
+from . import latents, parallel, step as step_lib
+
+
+class Engine:
+    """One run's train step, ready to go. Build it with `build`.
+
+    Attributes:
+      run: the run.Run it was built for. compute: its models.Compute.
+      frozen: the step's replicated step.Frozen (vae None with --cache_latents).
+      weights: the replicated step.Frozen with its VAE, for sampling; None when --cache_latents
+        dropped the VAE and `build` was not asked to keep it.
+      state: the replicated step.TrainState, advanced by `update`.
+      step_fn: the compiled step, `(state, frozen, batch, keys) -> (state, metrics)`.
+      compile_seconds: seconds compiling the step (a multi-process run compiles it on the
+        first `update`, and it is None until then). cache_seconds: seconds encoding latents.
+    """
+
+    def __init__(self, run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds,
+                 cache_seconds=0.0):
+        self.run, self.compute, self.frozen, self.weights = run, compute, frozen, weights
+        self.state, self.keys, self.step_fn, self.batches = state, keys, step_fn, batches
+        self.compile_seconds, self.cache_seconds = compile_seconds, cache_seconds
+        self.accumulation = run.config.gradient_accumulation_steps
+
+    def update(self):
+        """Dispatch one optimizer update (its `gradient_accumulation_steps` micro-steps).
+
+        Returns the micro-steps' metrics, replicated device arrays, without waiting for them:
+        read them with `parallel.unreplicate` and `step.mean_metrics`.
+        """
+        metrics = []
+        for _ in range(self.accumulation):
+            batch, start = next(self.batches), time.perf_counter()
+            self.state, micro = self.step_fn(self.state, self.frozen, batch, self.keys)
+            if self.compile_seconds is None:  # compiled by this first call (multi-process); it runs asynchronously
+                self.compile_seconds = time.perf_counter() - start
+            metrics.append(micro)
+        return metrics
+
+    def rows(self):
+        """The learned rows now, float32 numpy [num_vectors, hidden] (waits for the last update)."""
+        return parallel.unreplicate(self.state.rows)
+
+
+def build(run, state=None, start_step=0, *, keep_vae=False):
+    """Set up `run` on its devices and compile its step.
+
+    Args:
+      run: a run.Run (see run.prepare).
+      state: the host step.TrainState to start from (default: fresh from run.init_rows).
+      start_step: the optimizer update it is at (the data continue from there).
+      keep_vae: with --cache_latents, keep the VAE on the devices anyway (`Engine.weights`), for
+        sampling validation images.
+    Returns:
+      An Engine.
+    """
+    config, devices, compute = run.config, run.devices, run.compute
+    if state is None:
+        state = step_lib.init_state(run.init_rows, run.opt_spec)
+    # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
+    host_frozen = step_lib.Frozen.from_model(run.model, compute.dtype)
+    # The step compiles from shapes in the background while the weights are copied to the
+    # devices and the latents are cached; the first step then runs the finished program.
+    compiling = compile_in_background(run, state, host_frozen, start_step)
+    frozen = weights = parallel.replicate(host_frozen, devices)
+    del host_frozen
+    views, cache_seconds = None, 0.0
+    if config.cache_latents:  # encode every view now; the step then never sees the VAE
+        start = time.perf_counter()
+        views = latents.latent_views(run.model.spec, compute, frozen.vae, run.data.images, devices)
+        cache_seconds = time.perf_counter() - start
+        frozen = frozen._replace(vae=None)
+        weights = weights if keep_vae else None
+    state = parallel.replicate(state, devices)
+    keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
+    step_fn, compile_seconds = compiling.result()
+    batches = parallel.prefetch_to_devices(
+        run.data.batches(start_step * config.gradient_accumulation_steps, jax.process_index(), jax.process_count(),
+                         len(devices), views),
+        devices,
+    )
+    return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds)
+
+
+def step_shapes(run, state, host_frozen, start_step):
+    """The train step's arguments (state, frozen, batch, key) as jax.ShapeDtypeStruct trees laid
+    out as the engine will pass them, from host trees: nothing needs to be on the devices.
+
+    `host_frozen` is the host step.Frozen the engine replicates (cast, with its VAE).
+    """
+    config, devices = run.config, run.devices
+    frozen = parallel.shapes(host_frozen, devices)
+    batch = run.data.local_batch(start_step * config.gradient_accumulation_steps, jax.process_index(),
+                                 jax.process_count(), len(devices))
+    if config.cache_latents:
+        frozen = frozen._replace(vae=None)
+        batch = latents.latent_batch_shapes(run.model.spec, run.compute, parallel.shapes(host_frozen.vae), batch)
+    key = parallel.shapes(jax.random.PRNGKey(config.seed), devices)
+    return parallel.shapes(state, devices), frozen, parallel.shapes(batch), key
+
+
+def compile_in_background(run, state, host_frozen, start_step):
+    """Start compiling the train step on a thread; returns a future of (step, seconds).
+
+    Its `result()` re-raises whatever the compile raised. In a multi-process run the step
+    compiles on its first call instead (see step.compile_train_step): (step, None) at once.
+    """
+    args = step_shapes(run, state, host_frozen, start_step)
+    statics = (run.model.spec, run.compute, run.opt_spec, run.devices)
+    if jax.process_count() > 1:
+        done = Future()
+        done.set_result((step_lib.compile_train_step(*statics, *args), None))
+        return done
+
+    def compile_step():
+        start = time.perf_counter()
+        fn = step_lib.compile_train_step(*statics, *args)
+        return fn, time.perf_counter() - start
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")
+    try:
+        return pool.submit(compile_step)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends when the compile does

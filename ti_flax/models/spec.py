@@ -1,0 +1,119 @@
+"""What a model is (`ModelSpec`) and how a run computes with it (`Compute`), kept apart.
+
+Both are frozen and hashable, so a compiled program can be cached by them and take them as
+static arguments. A spec comes from the model's configs alone; a Compute from a run's flags
+(`Compute.from_config`). The checkpoint fingerprint hashes the spec only, so a run may change
+its dtype, attention or remat and still resume.
+"""
+
+import dataclasses
+import functools
+import json
+from typing import NamedTuple
+
+from . import clip, unet, vae
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything static about a model's architecture and training objective.
+
+    The configs are the owned configs' `to_dict()` as sorted JSON (see `configs(spec)` for the
+    objects), so a spec, and the checkpoint fingerprint made from it, depends on no library.
+    """
+
+    text_config: str
+    unet_config: str
+    vae_config: str
+    prediction_type: str
+    scaling_factor: float
+    num_train_timesteps: int
+    base_vocab_size: int
+
+    @property
+    def hidden_size(self):
+        return configs(self).text.hidden_size
+
+    @property
+    def vae_scale_factor(self):
+        return configs(self).vae.scale_factor
+
+    @property
+    def pixel_multiple(self):
+        """Image sides must be multiples of this, so every downsampling of the latents (VAE
+        factor, then each UNet down block) divides evenly and the UNet's skips line up."""
+        return self.vae_scale_factor * 2 ** (configs(self).unet.num_blocks - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How the frozen modules run: nothing here changes what the model is.
+
+    Attributes:
+      dtype: compute dtype of the frozen modules ("bfloat16" for --mixed_precision bf16).
+      attention: an attention.IMPLEMENTATIONS name, resolved per call site by shape.
+      remat: rematerialise the UNet's blocks in the backward pass (--gradient_checkpointing).
+    """
+
+    dtype: str = "float32"
+    attention: str = "auto"
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, config):
+        """The run setting of a TrainConfig (its --mixed_precision, --attention, --gradient_checkpointing)."""
+        return cls(dtype=config.compute_dtype, attention=config.attention, remat=bool(config.gradient_checkpointing))
+
+
+class Configs(NamedTuple):
+    text: clip.CLIPTextConfig
+    unet: unet.UNetConfig
+    vae: vae.VAEConfig
+
+
+@functools.lru_cache(maxsize=None)
+def configs(spec):
+    """The owned config objects of a spec (static, hashable: usable as jit static arguments)."""
+    return Configs(
+        clip.CLIPTextConfig.from_dict(json.loads(spec.text_config)),
+        unet.UNetConfig.from_dict(json.loads(spec.unet_config)),
+        vae.VAEConfig.from_dict(json.loads(spec.vae_config)),
+    )
+
+
+def _config_json(config):
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000):
+    """A ModelSpec from the owned config objects (clip.CLIPTextConfig, unet.UNetConfig, vae.VAEConfig)."""
+    return ModelSpec(
+        text_config=_config_json(text),
+        unet_config=_config_json(unet_config),
+        vae_config=_config_json(vae_config),
+        prediction_type=prediction_type,
+        scaling_factor=float(vae_config.scaling_factor),
+        num_train_timesteps=int(num_train_timesteps),
+        base_vocab_size=int(text.vocab_size),
+    )
+
+
+def spec_from_configs(text_config, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000):
+    """A ModelSpec from config dicts (a model's config.json contents), with no weights anywhere.
+
+    For measuring a model's step (shapes, FLOPs, memory) without downloading it.
+    """
+    return spec_from(clip.CLIPTextConfig.from_dict(dict(text_config)), unet.UNetConfig.from_dict(dict(unet_config)),
+                     vae.VAEConfig.from_dict(dict(vae_config)), prediction_type, num_train_timesteps)
+
+
+def default_size(spec):
+    """(height, width) the model was trained at: UNet sample_size x VAE scale factor."""
+    size = configs(spec).unet.sample_size
+    size = size if isinstance(size, (list, tuple)) else (size, size)
+    return tuple(int(side or 64) * spec.vae_scale_factor for side in size[:2])
+
+
+def default_resolution(spec):
+    """The square image side the model was trained at: UNet sample_size x VAE scale factor."""
+    return default_size(spec)[0]

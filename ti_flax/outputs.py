@@ -1,0 +1,89 @@
+"""What a finished run writes: the final embedding, the model card, the full pipeline, the Hub upload."""
+
+import os
+
+from . import checkpoint as ckpt
+from . import files, formats, model_card, models
+
+
+def save_outputs(run, rows, history, grid=None):
+    """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run.
+
+    A failed write is `files.WriteFailed` naming, besides the file, what was already saved
+    (files of this call, the newest checkpoint): those stay intact.
+    """
+    config = run.config
+    written = {}
+    try:
+        written["diffusers"] = formats.save_diffusers(
+            os.path.join(config.output_dir, formats.DIFFUSERS_FILE), run.tokens[0], rows)
+        if config.no_safe_serialization:
+            written["diffusers_bin"] = formats.save_diffusers_bin(
+                os.path.join(config.output_dir, formats.DIFFUSERS_BIN), run.tokens[0], rows
+            )
+        if config.save_as_full_pipeline:
+            written["pipeline"] = save_pipeline(run, rows)
+        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid)
+    except files.WriteFailed as err:
+        saved = list(written.values())
+        checkpoints = ckpt.list_checkpoints(config.output_dir)
+        if checkpoints:
+            saved.append(checkpoints[-1][1])
+        raise err.with_saved(saved) from None
+    if config.push_to_hub:
+        written["hub"] = push_to_hub(config)
+    return written
+
+
+def save_pipeline(run, rows):
+    """Save the full Flax pipeline into output_dir, via a temporary folder renamed into place."""
+    import shutil
+    import tempfile
+
+    out = run.config.output_dir
+    tmp = None
+    try:
+        with files.writing(out, what="the full pipeline into"):
+            tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=out)
+            models.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
+            for name in os.listdir(tmp):
+                _swap_in(os.path.join(tmp, name), os.path.join(out, name), os.path.join(tmp, ".old-" + name))
+    except files.WriteFailed as err:
+        # Name the pipeline file under its final name, not the hidden temporary folder.
+        if tmp and err.path.startswith(tmp):
+            raise files.WriteFailed(out + err.path[len(tmp):], err.err) from None
+        raise
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _swap_in(new, target, aside):
+    """Move `new` to `target`. A folder already at `target` is moved to `aside` first and put
+    back if the move fails, so `target` is always whole: the old one or the new one."""
+    if not os.path.isdir(target):
+        os.replace(new, target)  # a file (or nothing) at target: one atomic rename
+        return
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+
+
+def push_to_hub(config):
+    from huggingface_hub import create_repo, upload_folder
+
+    token = config.hub_token or (True if config.use_auth_token else None)
+    repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=config.output_dir,
+        token=token,
+        commit_message="Upload textual inversion embedding trained with ti_flax",
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"],
+    )
+    return repo_id

@@ -1,0 +1,175 @@
+"""A run, prepared: the model, data, tokens and optimizer checked and loaded before anything is
+written, the state to start from, and the lines that describe the run on the terminal."""
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from . import captions as captions_lib
+from . import checkpoint as ckpt
+from . import data as data_lib
+from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib
+from .config import TrainConfig
+from .errors import UserError
+from .optim import OptimizerSpec
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs, prepared and checked before anything is written."""
+
+    config: TrainConfig
+    model: models.LoadedModel
+    tokens: list
+    token_ids: list
+    init_rows: np.ndarray
+    data: data_lib.TrainData
+    opt_spec: OptimizerSpec
+    total_steps: int
+    devices: tuple
+    meta: dict  # what checkpoints record about this run
+    load_seconds: float = 0.0  # reading and converting the model's weights
+
+    @property
+    def compute(self):
+        """How this run computes with the model (models.Compute, from its flags)."""
+        return models.Compute.from_config(self.config)
+
+
+def prepare(config, devices=None):
+    """Load the model and data and check the run can go ahead. Raises UserError; writes nothing.
+
+    `devices` are the local devices to train on (default: all of them).
+    """
+    config.validate()
+    start = time.perf_counter()
+    model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
+                              config.prediction_type, config.allow_pickle)
+    load_seconds = time.perf_counter() - start
+    check_resolution(config.resolution, model.spec)
+    attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
+    tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
+    if config.initial_embeddings:
+        start = formats.read_embedding(config.initial_embeddings, allow_pickle=config.allow_pickle)
+        init_rows = formats.check_embedding_fits(start, config.num_vectors, model.spec.hidden_size)
+    else:
+        init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
+        init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
+    token_ids = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
+    images, names = data_lib.load_images(
+        config.train_data_dir, config.resolution, config.center_crop, config.interpolation, config.caption_extension
+    )
+    # Every prompt is tokenized and checked here: one that does not fit is an error, never cut.
+    template_ids = data_lib.tokenize_templates(
+        model.tokenizer, data_lib.templates_for(config.learnable_property), tokens_lib.placeholder_text(tokens)
+    )
+    caption_ids = None
+    if config.caption_extension:
+        caption_ids = captions_lib.tokenize_captions(
+            model.tokenizer, captions_lib.read_captions(config.train_data_dir, names, config.caption_extension),
+            tokens, config.caption_prefix_token,
+        )
+    if config.validation_prompt:
+        captions_lib.encode_prompt(model.tokenizer, config.validation_prompt, tokens, "--validation_prompt")
+    devices = tuple(devices or jax.local_devices())
+    num_devices = len(devices) * jax.process_count()
+    global_batch = config.train_batch_size * num_devices
+    data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch, caption_ids)
+    # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
+    epochs_batches = config.num_train_epochs * data.steps_per_epoch
+    total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
+    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
+    if config.push_to_hub:
+        check_hub_token(config)
+    fingerprint = ckpt.model_fingerprint(model.spec, models.token_table(model.params["text_encoder"]))
+    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images), caption_ids)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds)
+
+
+def check_resolution(resolution, spec):
+    if resolution % spec.pixel_multiple:
+        raise UserError(f"--resolution {resolution}: this model needs a multiple of {spec.pixel_multiple}")
+
+
+def check_hub_token(config):
+    from huggingface_hub import get_token
+
+    if not (config.hub_token or get_token()):
+        raise UserError("--push_to_hub needs a token: pass --hub_token or run `huggingface-cli login` first")
+
+
+def initial_state(run):
+    """(host TrainState, first step): fresh, or restored from --resume_from_checkpoint.
+
+    Process 0 reads the checkpoint (other hosts need not see its disk) and every process
+    receives the same state through a broadcast. Raises UserError before anything is written.
+    """
+    fresh = step_lib.init_state(run.init_rows, run.opt_spec)
+    state, error = fresh, None
+    if jax.process_index() == 0:
+        try:
+            path = ckpt.resolve_resume(run.config)
+            if path:
+                ckpt.check_compatible(ckpt.read_meta(path), run.meta, path)
+                state, meta = ckpt.load_checkpoint(path, fresh)
+                print(f"resuming from {path} (step {meta['step']})", flush=True)
+        except UserError as err:
+            error = err
+    if jax.process_count() > 1:
+        ok = distributed.broadcast_from_first(np.int32(error is None))
+        if error is None and not ok:
+            raise UserError("process 0 could not resume from its checkpoint; see its output")
+        if error is None:
+            state = distributed.broadcast_from_first(jax.tree_util.tree_map(np.asarray, state))
+    if error is not None:
+        raise error
+    return state, int(state.step)
+
+
+def attention_summary(config, spec):
+    """--attention as the banner shows it: "dense", or "auto (chunked for self-attention)"."""
+    chosen = models.resolve_attention(config.attention, spec, config.resolution, dtype=config.compute_dtype)
+    return chosen if chosen == config.attention else f"{config.attention} ({chosen} for self-attention)"
+
+
+def print_banner(run):
+    config, spec = run.config, run.model.spec
+    n_rows = len(run.tokens)
+    print(
+        f"ti_flax: textual inversion of {' '.join(run.tokens)} (ids {run.token_ids[0]}..{run.token_ids[-1]}) "
+        f"from {config.initial_embeddings or repr(config.initializer_token)}\n"
+        f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size}), "
+        f"loaded in {run.load_seconds:.1f} s\n"
+        f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
+        f"{jax.process_count()} process(es), {jax.default_backend()})\n"
+        f"  batch      {config.train_batch_size} per device x {len(run.devices) * jax.process_count()} devices = "
+        f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
+        f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
+        f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
+        f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+        f"attention {attention_summary(config, spec)}\n"
+        f"{_captions_line(run)}"
+        f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
+        f"  output     {config.output_dir}",
+        flush=True,
+    )
+
+
+def _captions_line(run):
+    """The banner's captions line ("" without --caption_extension)."""
+    if not run.config.caption_extension:
+        return ""
+    n, k = len(run.data.images), run.data.num_captioned
+    rest = f"; {n - k} on the {run.config.learnable_property} templates" if k < n else ""
+    return f"  captions   {k} of {n} images ({run.config.caption_extension} files){rest}\n"
+
+
+def print_summary(run, files, history, timings):
+    loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
+    print(f"done: step {run.total_steps} ({len(history)} steps in this run), final loss {loss}", flush=True)
+    print(f"  {'startup':13s} {logs.startup_text(timings)}", flush=True)
+    for kind, path in files.items():
+        print(f"  {kind:13s} {path}", flush=True)
