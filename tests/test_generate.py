@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from ti_flax import generate as gen
-from ti_flax import models, sampler
+from ti_flax import models, sampler, step
 from ti_flax.errors import UserError
 
 HIDDEN = 32  # the tiny model's text width
@@ -297,7 +297,8 @@ def test_schedulers_match_diffusers_pytorch(model, torch_pipe, name, torch_name,
     settings = sampler.Sampler(model.spec, model.params, config, num_inference_steps=STEPS, scheduler=name).settings
     noise = np.random.default_rng(5).normal(size=(2, 4, 16, 16)).astype(np.float32)
     denoise = jax.jit(functools.partial(sampler.denoise, settings=settings))
-    latents = denoise(model.params, np.zeros((1, HIDDEN), np.float32), ids, neg, noise, np.float32(3.0))
+    frozen = step.Frozen.from_model(model, "float32")
+    latents = denoise(frozen, np.zeros((1, HIDDEN), np.float32), ids, neg, noise, np.float32(3.0))
     ref = torch_pipe(prompt, num_inference_steps=STEPS, guidance_scale=3.0, latents=torch.from_numpy(noise),
                      num_images_per_prompt=2, height=32, width=32, output_type="latent").images
     np.testing.assert_allclose(np.asarray(latents), ref.numpy(), rtol=1e-3, atol=1e-3)

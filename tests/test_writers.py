@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, export, files, formats, models, train as train_mod
+from ti_flax import TrainConfig, checkpoint, export, files, formats, models, outputs, train as train_mod
 from ti_flax.step import init_state
 from ti_flax.optim import OptimizerSpec
 
@@ -85,7 +85,7 @@ def test_pipeline_swap_crash_keeps_every_component_whole(tiny_model_dir, sample_
     run = train_mod.prepare(config, devices=jax.local_devices()[:1])
     os.makedirs(config.output_dir)
     rows = np.asarray(run.init_rows)
-    train_mod.save_pipeline(run, rows)
+    outputs.save_pipeline(run, rows)
     components = sorted(n for n in os.listdir(config.output_dir) if os.path.isdir(os.path.join(config.output_dir, n)))
     assert {"unet", "vae", "text_encoder", "tokenizer"} <= set(components)
     real_replace = os.replace
@@ -100,7 +100,7 @@ def test_pipeline_swap_crash_keeps_every_component_whole(tiny_model_dir, sample_
 
     monkeypatch.setattr(os, "replace", crash_on_third_component)
     with pytest.raises(Crash):
-        train_mod.save_pipeline(run, rows + 1)
+        outputs.save_pipeline(run, rows + 1)
     monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(n for n in os.listdir(config.output_dir) if os.path.isdir(os.path.join(config.output_dir, n))) == components
     assert hidden_files(config.output_dir) == []
