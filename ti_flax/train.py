@@ -78,8 +78,11 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
         ('out/learned_embeds.safetensors', 0.1234)
     """
     config.validate()
-    compile_cache.configure(enabled=not config.no_compilation_cache)
     distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, config.distributed_timeout)
+    # JAX writes its cache from process 0 only: in a multi-process run process 0 would load its
+    # programs while the others compile theirs, so the first step comes no sooner, and on CPU the
+    # wait at the first collective can outlast Gloo's fixed 30 s rendezvous.
+    compile_cache.configure(enabled=not config.no_compilation_cache and jax.process_count() == 1)
     run = prepare(config, devices)
     state, start_step = initial_state(run)
     writer = jax.process_index() == 0
