@@ -69,8 +69,8 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_model):
     with jax.enable_x64(True):
         spec = dataclasses.replace(run.model.spec, dtype="float64")
         frozen = {**models.cast_params(run.model.params, "float64"), "alphas_cumprod": alphas}
-        # Jitted, as the trainer runs it: one float64 program compiles in ~10 s, where running
-        # the same gradient op by op compiles every operation on its own (~3x slower on 2 cores).
+        # Jitted, as the trainer runs it: one float64 program compiles in ~20 s, where running
+        # the same gradient op by op compiles every operation on its own (3-4x slower on 2 cores).
         loss, grad = jax.jit(jax.value_and_grad(
             lambda r, f, ids, x, t, y: step_lib.diffusion_loss(r, spec, f, ids, x, t, y)
         ))(f64["rows"], frozen, f64["input_ids"], noisy, f64["timesteps"], f64["target"])
