@@ -56,10 +56,23 @@ def clip_tokenizer(_session_clip_tokenizer):
 MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run", "single_file_model", "sd1_folder"}
 
 
+# The files with the most seconds of work under `-n 2 --dist loadfile`, longest first (measured:
+# each 1.5-4 minutes). xdist hands out whole files in collection order (pyproject.toml turns off
+# its default of most-tests-first, which sent these few-test files out last): dealt out first, the
+# short files that follow fill in around them and both workers finish close together, instead of
+# one worker starting a 3-minute file while the other runs out of work.
+LONGEST_FILES = [
+    "test_checkpoint.py", "test_multihost.py", "test_speed.py", "test_golden.py", "test_train.py",
+    "test_faults.py", "test_notebook.py", "test_gradients.py", "test_validation.py", "test_api.py",
+]
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name.startswith("test_port_"):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
 
 
 @pytest.fixture(scope="session")

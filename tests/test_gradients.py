@@ -2,7 +2,9 @@
 
 The same weights (the golden SD 1.x and SD 2.x layouts), the same token ids and rows, and the
 same explicit noisy latents, timesteps and target: diffusers' PyTorch UNet on transformers'
-PyTorch CLIP text encoder, differentiated by torch, is the reference.
+PyTorch CLIP text encoder, differentiated by torch, is the reference. The inputs are the golden
+run's recorded ones (tests/golden/<family>.npz; tests/test_golden.py checks the trainer still
+computes them), so this file needs only the model folders, not the golden forward pass.
 """
 
 import os
@@ -13,6 +15,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 torch = pytest.importorskip("torch")
+
+import golden  # noqa: E402
 
 
 def torch_loss_and_grad(model_dir, input_ids, rows, noisy, timesteps, target):
@@ -37,7 +41,15 @@ def torch_loss_and_grad(model_dir, input_ids, rows, noisy, timesteps, target):
     return loss.item(), grown.weight.grad[vocab:].numpy()
 
 
-def test_loss_and_row_gradient_match_pytorch_autograd(golden_run):
+@pytest.fixture(scope="module", params=sorted(golden.FAMILIES))
+def golden_model(request, tmp_path_factory):
+    """(model folder, recorded golden values) of one golden layout."""
+    name = request.param
+    model_dir = golden.build_model(name, str(tmp_path_factory.mktemp(f"grad-{name}")))
+    return model_dir, dict(np.load(golden.golden_path(name)))
+
+
+def test_loss_and_row_gradient_match_pytorch_autograd(golden_model):
     # Both sides in float64, so the comparison measures the math, not float32 rounding. (This
     # test found diffusers' Flax GEGLU using the tanh GELU: 1.26e-4 relative, in fp32 and fp64.)
     import jax
@@ -45,11 +57,9 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_run):
     from ti_flax import models, step as step_lib
     from ti_flax.train import prepare
 
-    import golden
-
-    _, model_dir, _, ours = golden_run
+    model_dir, recorded = golden_model
     run = prepare(golden.run_config(model_dir, "unused"), devices=jax.local_devices()[:1])
-    f64 = {k: np.asarray(v, np.float64) if v.dtype.kind == "f" else v for k, v in ours.items() if k != "fingerprint"}
+    f64 = {k: np.asarray(v, np.float64) if v.dtype.kind == "f" else v for k, v in recorded.items() if k != "fingerprint"}
     alphas = np.asarray(run.model.alphas_cumprod, np.float64)
     noisy = f64["noise"] * np.sqrt(1 - alphas[f64["timesteps"]])[:, None, None, None] + _latents(f64, run) * np.sqrt(
         alphas[f64["timesteps"]])[:, None, None, None]
@@ -57,9 +67,11 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_run):
     with jax.enable_x64(True):
         spec, compute = run.model.spec, models.Compute(dtype="float64")
         frozen = step_lib.Frozen.from_model(run.model, "float64")
-        loss, grad = jax.value_and_grad(step_lib.diffusion_loss)(
-            f64["rows"], spec, compute, frozen, f64["input_ids"], noisy, f64["timesteps"], f64["target"]
-        )
+        # Jitted, as the trainer runs it: one float64 program compiles in ~20 s, where running
+        # the same gradient op by op compiles every operation on its own (3-4x slower on 2 cores).
+        loss, grad = jax.jit(jax.value_and_grad(
+            lambda r, f, ids, x, t, y: step_lib.diffusion_loss(r, spec, compute, f, ids, x, t, y)
+        ))(f64["rows"], frozen, f64["input_ids"], noisy, f64["timesteps"], f64["target"])
         assert grad.dtype == np.float64
     assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss), (float(loss), ref_loss)
     rel = np.linalg.norm(np.asarray(grad) - ref_grad) / np.linalg.norm(ref_grad)

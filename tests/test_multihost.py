@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ti_flax import TrainConfig, checkpoint, train
-from ti_flax.embeddings import read_embedding
+from ti_flax.formats import read_embedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
