@@ -120,24 +120,19 @@ LAYOUTS["flax-fixture"] = dict(
 # the UNet's 32 + 48 = 80-wide context, a text_time UNet whose added embedding takes the pooled
 # projection (16) and six 8-wide time-id embeddings, and the VAE's SDXL scaling factor.
 # `python scripts/make_tiny_model.py DIR --layout tiny-sdxl` writes a StableDiffusionXLPipeline folder.
+SDXL_UNET = dict(  # what SDXL's UNet adds to an SD 2.x-style one: plain blocks first, text_time
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+)
 LAYOUTS["tiny-sdxl"] = dict(
-    unet=dict(
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=2,
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 6 * 8,
-        sample_size=16,
-    ),
-    vae=dict(block_out_channels=(32, 64), scaling_factor=0.13025, force_upcast=True),
-    hidden=32,
-    layers=2,
-    resolution=32,
+    LAYOUTS["tiny"],
+    unet=dict(LAYOUTS["tiny"]["unet"], **SDXL_UNET, projection_class_embeddings_input_dim=16 + 6 * 8),
+    vae=dict(LAYOUTS["tiny"]["vae"], scaling_factor=0.13025, force_upcast=True),
     text=dict(eos_token_id=2),  # what SDXL base's configs ship: the pooled state is at the highest id
     text_2=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, projection_dim=16, hidden_act="gelu"),
     sdxl=True,

@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import make_tiny_model  # noqa: E402
 from ti_flax.errors import UserError  # noqa: E402
 from ti_flax.models import attention as attention_lib  # noqa: E402
 from ti_flax.models import unet  # noqa: E402
@@ -60,17 +61,11 @@ FAMILIES = {
     ),
     "sdxl": dict(
         config=dict(
+            make_tiny_model.SDXL_UNET,
             block_out_channels=(32, 64),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             layers_per_block=1,
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2),
-            use_linear_projection=True,
             cross_attention_dim=64,
             norm_num_groups=32,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=TEXT_EMBEDS + 6 * 8,
             sample_size=16,
         ),
