@@ -86,7 +86,7 @@ def test_pixel_and_latent_batches_show_the_same_examples():
         assert isinstance(pixels, data.PixelBatch) and isinstance(cached, data.LatentBatch)
         np.testing.assert_array_equal(pixels.input_ids, cached.input_ids)
         np.testing.assert_array_equal(pixels.example_ids, cached.example_ids)
-        images, flips, _, _ = d.examples(step, 0, d.global_batch_size)
+        images, flips, *_ = d.examples(step, 0, d.global_batch_size)
         np.testing.assert_array_equal(cached.latent_mean, mean[images, flips.astype(int)])
     local = d.local_batch(1, 0, 1, 2, views)
     assert isinstance(local, data.LatentBatch) and local.latent_mean.shape == (2, 2, 4, 2, 2)

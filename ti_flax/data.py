@@ -216,21 +216,24 @@ def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: st
 
 class PixelBatch(NamedTuple):
     """Examples as images: pixel_values uint8 [..., H, W, 3], input_ids int32 [..., L],
-    example_ids int64 [...] (each example's index in the run, for its own noise)."""
+    example_ids int64 [...] (each example's index in the run, for its own noise), concept_ids
+    int32 [...] (each example's concept: all 0 in a run of one concept)."""
 
     pixel_values: np.ndarray
     input_ids: np.ndarray
     example_ids: np.ndarray
+    concept_ids: Optional[np.ndarray] = None
 
 
 class LatentBatch(NamedTuple):
     """Examples as cached VAE posteriors: latent_mean and latent_logvar float32 [..., C, h, w],
-    input_ids and example_ids as in PixelBatch."""
+    input_ids, example_ids and concept_ids as in PixelBatch."""
 
     latent_mean: np.ndarray
     latent_logvar: np.ndarray
     input_ids: np.ndarray
     example_ids: np.ndarray
+    concept_ids: Optional[np.ndarray] = None
 
 
 class PixelViews:
@@ -239,10 +242,10 @@ class PixelViews:
     def __init__(self, images: np.ndarray):
         self.images = images
 
-    def __call__(self, images, flip, prompt_ids, example_ids) -> PixelBatch:
+    def __call__(self, images, flip, prompt_ids, example_ids, concept_ids=None) -> PixelBatch:
         pixels = self.images[images]  # fancy indexing copies, so flipping is safe
         pixels[flip] = pixels[flip][:, :, ::-1]
-        return PixelBatch(pixels, prompt_ids, example_ids)
+        return PixelBatch(pixels, prompt_ids, example_ids, concept_ids)
 
 
 class LatentViews:
@@ -256,12 +259,67 @@ class LatentViews:
             raise ValueError(f"cache must be [N, 2, C, h, w], got {mean.shape} and {logvar.shape}")
         self.mean, self.logvar = mean, logvar
 
-    def __call__(self, images, flip, prompt_ids, example_ids) -> LatentBatch:
+    def __call__(self, images, flip, prompt_ids, example_ids, concept_ids=None) -> LatentBatch:
         view = (images, flip.astype(np.int64))
-        return LatentBatch(self.mean[view], self.logvar[view], prompt_ids, example_ids)
+        return LatentBatch(self.mean[view], self.logvar[view], prompt_ids, example_ids, concept_ids)
 
 
-class TrainData:
+class BatchSource:
+    """The batch methods shared by TrainData and concept_data.ConceptMix.
+
+    A subclass sets `images` (uint8 [N, H, W, 3]: every example's image is one of these) and
+    `global_batch_size`, and defines `examples(step, lo, hi)`: the selection (image index, flip,
+    prompt ids, example id, concept id) of rows [lo, hi) of global batch `step`.
+    """
+
+    def _rows(self, step: int, lo: int, hi: int, views=None):
+        """Rows [lo, hi) of global batch `step`, as `views` (default PixelViews) shows them."""
+        views = views or PixelViews(self.images)
+        return views(*self.examples(step, lo, hi))
+
+    def global_batch(self, step: int, views=None):
+        """Returns the whole global batch of `step`.
+
+        Returns:
+          PixelBatch: pixel_values uint8 [G, H, W, 3], input_ids int32 [G, L], example_ids int64
+          [G] (the index of each example in the run, step * G + j, for per-example noise); or
+          what `views` makes of the same examples (LatentViews: a LatentBatch).
+        """
+        return self._rows(step, 0, self.global_batch_size, views)
+
+    def local_batch(self, step: int, process_index: int, process_count: int, local_device_count: int, views=None):
+        """Returns this process's contiguous share of global batch `step`, split per device.
+
+        Args:
+          step: global step.
+          process_index, process_count: this host and the number of hosts.
+          local_device_count: devices on this host.
+          views: PixelViews (the default) or LatentViews.
+
+        Returns:
+          The global_batch arrays, rows [p*G/P, (p+1)*G/P), reshaped to [local_device_count,
+          G / (process_count * local_device_count), ...].
+        """
+        g = self.global_batch_size
+        if g % (process_count * local_device_count):
+            raise ValueError(
+                f"global batch {g} is not divisible by {process_count} processes x "
+                f"{local_device_count} devices"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        share = g // process_count
+        rows = self._rows(step, process_index * share, (process_index + 1) * share, views)
+        return type(rows)(*(v.reshape(local_device_count, -1, *v.shape[1:]) for v in rows))
+
+    def batches(self, start_step: int, process_index: int = 0, process_count: int = 1,
+                local_device_count: int = 1, views=None) -> Iterator:
+        """Yields local batches for start_step, start_step + 1, ... forever."""
+        for step in itertools.count(start_step):
+            yield self.local_batch(step, process_index, process_count, local_device_count, views)
+
+
+class TrainData(BatchSource):
     """Seeded batches of (image, flip, template) drawn per epoch; step s depends on (seed, s) only.
 
     An epoch is `num_images * repeats` example slots (slot k shows image k % num_images), shuffled,
@@ -336,64 +394,24 @@ class TrainData:
         """How many images have a caption (the others are shown with the templates)."""
         return 0 if self.captions is None else int(self._captioned.sum())
 
-    def examples(self, step: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def prompt_ids(self, images: np.ndarray, templates: np.ndarray) -> np.ndarray:
+        """int32 [n, L]: each image's caption ids where it has a caption, else its template's."""
+        prompt_ids = self.template_ids[templates]  # fancy indexing copies
+        if self.captions is not None:
+            captioned = self._captioned[images]
+            prompt_ids[captioned] = self._caption_ids[images[captioned]]
+        return prompt_ids
+
+    def examples(self, step: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
         """Rows [lo, hi) of global batch `step`: (image index, flip, prompt ids int32 [n, L],
-        example id); the prompt is the image's caption where it has one, else its slot's template."""
+        example id, concept id (0)); the prompt is the image's caption where it has one, else
+        its slot's template."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, pos = divmod(step, self.steps_per_epoch)
         image_idx, flips, template_idx = self.epoch_plan(epoch)
         sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
         images = image_idx[sel]
-        prompt_ids = self.template_ids[template_idx[sel]]  # fancy indexing copies
-        if self.captions is not None:
-            captioned = self._captioned[images]
-            prompt_ids[captioned] = self._caption_ids[images[captioned]]
+        prompt_ids = self.prompt_ids(images, template_idx[sel])
         example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
-        return images, flips[sel], prompt_ids, example_ids
-
-    def _rows(self, step: int, lo: int, hi: int, views=None):
-        """Rows [lo, hi) of global batch `step`, as `views` (default PixelViews) shows them."""
-        views = views or PixelViews(self.images)
-        return views(*self.examples(step, lo, hi))
-
-    def global_batch(self, step: int, views=None):
-        """Returns the whole global batch of `step`.
-
-        Returns:
-          PixelBatch: pixel_values uint8 [G, H, W, 3], input_ids int32 [G, L], example_ids int64
-          [G] (the index of each example in the run, step * G + j, for per-example noise); or
-          what `views` makes of the same examples (LatentViews: a LatentBatch).
-        """
-        return self._rows(step, 0, self.global_batch_size, views)
-
-    def local_batch(self, step: int, process_index: int, process_count: int, local_device_count: int, views=None):
-        """Returns this process's contiguous share of global batch `step`, split per device.
-
-        Args:
-          step: global step.
-          process_index, process_count: this host and the number of hosts.
-          local_device_count: devices on this host.
-          views: PixelViews (the default) or LatentViews.
-
-        Returns:
-          The global_batch arrays, rows [p*G/P, (p+1)*G/P), reshaped to [local_device_count,
-          G / (process_count * local_device_count), ...].
-        """
-        g = self.global_batch_size
-        if g % (process_count * local_device_count):
-            raise ValueError(
-                f"global batch {g} is not divisible by {process_count} processes x "
-                f"{local_device_count} devices"
-            )
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        share = g // process_count
-        rows = self._rows(step, process_index * share, (process_index + 1) * share, views)
-        return type(rows)(*(v.reshape(local_device_count, -1, *v.shape[1:]) for v in rows))
-
-    def batches(self, start_step: int, process_index: int = 0, process_count: int = 1,
-                local_device_count: int = 1, views=None) -> Iterator:
-        """Yields local batches for start_step, start_step + 1, ... forever."""
-        for step in itertools.count(start_step):
-            yield self.local_batch(step, process_index, process_count, local_device_count, views)
+        return images, flips[sel], prompt_ids, example_ids, np.zeros(hi - lo, np.int32)

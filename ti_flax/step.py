@@ -117,17 +117,26 @@ def diffusion_inputs(spec, compute, frozen, batch, key):
     return noisy, timesteps, target
 
 
-def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target):
+def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target, per_example=False):
     """Mean squared error of the UNet's prediction, conditioned on text with the learned rows.
 
     `frozen` needs `text_encoder` and `unet` (a Frozen, or anything with those attributes).
+    With `per_example`, returns (loss, float32 [B] each example's own mean) for jax's has_aux.
     """
     hidden = models.encode_text(spec, compute, frozen.text_encoder, input_ids, rows)
     pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden)
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+    error = jnp.square(pred.astype(jnp.float32) - target)
+    loss = jnp.mean(error)
+    return (loss, jnp.mean(error, axis=tuple(range(1, error.ndim)))) if per_example else loss
 
 
-def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, axis_name=AXIS):
+def concept_sums(example_losses, concept_ids, num_concepts, axis_name):
+    """(loss sum, example count), float32 [num_concepts] each, over every device's examples."""
+    onehot = jax.nn.one_hot(concept_ids, num_concepts, dtype=jnp.float32)
+    return jax.lax.psum((example_losses @ onehot, onehot.sum(0)), axis_name)
+
+
+def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_concepts=1, axis_name=AXIS):
     """One optimizer step (or, with gradient accumulation, one micro-step) on one device's share.
 
     Args:
@@ -138,17 +147,25 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, axis_
       frozen: Frozen; never donated. Float leaves in `compute.dtype`; its vae may be None when
         batches are LatentBatch.
       batch: PixelBatch (uint8 [B, H, W, 3] images) or LatentBatch (float32 [B, C, h, w] cached
-        moments), with input_ids int32 [B, L] and example_ids int [B].
+        moments), with input_ids int32 [B, L], example_ids int [B] and concept_ids int32 [B]
+        (read only when num_concepts > 1).
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
-      spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (all static).
+      spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec,
+        num_concepts: the run's concepts (all static).
     Returns:
-      (new TrainState, metrics dict of scalars averaged over devices).
+      (new TrainState, metrics dict of scalars averaged over devices; with several concepts, also
+      "concept_loss_sum" and "concept_count", float32 [num_concepts], summed over devices).
     """
     key = jax.random.fold_in(base_key, state.step)
     noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key)
-    loss, grads = jax.value_and_grad(diffusion_loss)(
-        state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target
-    )
+    args = (state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
+    extra = {}
+    if num_concepts == 1:  # the loss alone, as the step has always computed it
+        loss, grads = jax.value_and_grad(diffusion_loss)(*args)
+    else:
+        (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(*args, per_example=True)
+        sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
+        extra = {"concept_loss_sum": sums, "concept_count": counts}
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
     updates, opt_state = opt_spec.build().update(grads, state.opt_state, state.rows)
     rows = optax.apply_updates(state.rows, updates)
@@ -157,6 +174,7 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, axis_
         "grad_norm": optax.tree.norm(grads),
         "row_norms": jnp.linalg.norm(rows, axis=-1),
         "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads)),
+        **extra,
     }
     step = state.step + jnp.asarray(opt_spec.updated(opt_state), jnp.int32)
     return TrainState(step, rows, opt_state), metrics
@@ -164,11 +182,14 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, axis_
 
 def mean_metrics(micro_metrics):
     """One record from the host metrics of an update's micro-steps: loss and gradient norm
-    averaged, `finite` only if every micro-step was, row norms after the last."""
+    averaged, `finite` only if every micro-step was, row norms after the last; per-concept loss
+    sums and counts added up."""
     loss = np.mean([m["loss"] for m in micro_metrics], dtype=np.float32)
     grad_norm = np.mean([m["grad_norm"] for m in micro_metrics], dtype=np.float32)
     finite = all(bool(m["finite"]) for m in micro_metrics)
-    return {**micro_metrics[-1], "loss": loss, "grad_norm": grad_norm, "finite": finite}
+    summed = {k: np.sum([m[k] for m in micro_metrics], axis=0) for k in ("concept_loss_sum", "concept_count")
+              if k in micro_metrics[-1]}
+    return {**micro_metrics[-1], "loss": loss, "grad_norm": grad_norm, "finite": finite, **summed}
 
 
 # Traces of train_step, counted so tests can assert a run compiles it once.
@@ -181,17 +202,18 @@ def _counted_train_step(*args, **kwargs):
 
 
 @functools.lru_cache(maxsize=16)
-def pmapped_train_step(spec, compute, opt_spec, devices):
+def pmapped_train_step(spec, compute, opt_spec, devices, num_concepts=1):
     """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
-    fn = functools.partial(_counted_train_step, spec=spec, compute=compute, opt_spec=opt_spec)
+    fn = functools.partial(_counted_train_step, spec=spec, compute=compute, opt_spec=opt_spec,
+                           num_concepts=num_concepts)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))
 
 
-def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, key):
+def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, key, num_concepts=1):
     """The pmapped train step compiled ahead of its first call, for arguments shaped like these.
 
     Args:
-      spec, compute, opt_spec, devices: as for `pmapped_train_step`.
+      spec, compute, opt_spec, devices, num_concepts: as for `pmapped_train_step`.
       state, frozen, batch, key: the step's arguments, each leaf with its leading device axis:
         arrays, or jax.ShapeDtypeStruct where the arrays are not on the devices yet.
     Returns:
@@ -203,10 +225,10 @@ def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, k
     if jax.process_count() > 1:
         # There the pmap spans every process's devices: its ahead-of-time program takes global
         # arrays, not the host-local ones the loop passes (jax's pmap.lower says as much).
-        return pmapped_train_step(spec, compute, opt_spec, devices)
+        return pmapped_train_step(spec, compute, opt_spec, devices, num_concepts)
     leaves, treedef = jax.tree_util.tree_flatten((state, frozen, batch, key))
     shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
-    return _compiled(pmapped_train_step(spec, compute, opt_spec, devices), treedef, shapes)
+    return _compiled(pmapped_train_step(spec, compute, opt_spec, devices, num_concepts), treedef, shapes)
 
 
 @functools.lru_cache(maxsize=16)
