@@ -198,7 +198,7 @@ class FakeRun:
         from ti_flax import TrainConfig
 
         self.config = TrainConfig(output_dir=str(output_dir), validation_steps=validation_steps)
-        self.tokens, self.total_steps, self.meta = ["<t>"], total_steps, {}
+        self.tokens, self.total_steps, self.meta, self.learned = ["<t>"], total_steps, {}, ()
 
 
 def write_failed(*args, **kwargs):
@@ -257,7 +257,7 @@ def test_validate_saves_images_logs_the_grid_and_tells_the_callbacks(monkeypatch
     monkeypatch.setattr(actions.model_card, "write_model_card", lambda *args: cards.append(args))
 
     def validator(rows, step):
-        return [f"img-{step}.png"], f"grid-{step}.png", np.zeros((2, 8, 8, 3), np.uint8)
+        return [("", [f"img-{step}.png"], f"grid-{step}.png", np.zeros((2, 8, 8, 3), np.uint8))]
 
     logger = Logger()
     validate = Validate(FakeRun(tmp_path, total_steps=10, validation_steps=4), FakeEngine([]), validator, logger,
@@ -275,3 +275,29 @@ def test_validate_saves_images_logs_the_grid_and_tells_the_callbacks(monkeypatch
     with pytest.warns(UserWarning, match="step 8: the validation images not saved"):
         validate(8)
     assert validate.last_grid == "grid-4.png" and len(seen) == 1
+
+
+def test_validate_with_several_concepts_logs_and_reports_each(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(actions.model_card, "write_model_card", lambda *args: None)
+
+    def validator(rows, step):
+        return [(name, [f"{name}/img-{step}.png"], f"{name}/grid-{step}.png", np.zeros((1, 8, 8, 3), np.uint8))
+                for name in ("<a>", "<b>")]
+
+    logger = Logger()
+    validate = Validate(FakeRun(tmp_path), FakeEngine([]), validator, logger, [], [seen.append])
+    validate(4)
+    assert [name for _, name, _ in logger.images] == ["validation/<a>", "validation/<b>"]
+    assert [(r["concept"], r["grid"]) for r in seen] == [("<a>", "<a>/grid-4.png"), ("<b>", "<b>/grid-4.png")]
+
+
+def test_log_step_records_each_concepts_loss():
+    log = LogStep(lambda step: 0.1, Logger(), [], Bar(), concepts=("<a>", "<b>", "<c>"))
+    micro = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0), "row_norms": np.ones(2), "finite": True}
+    # Two micro-steps: the sums and counts add up; <c> had no example in this update.
+    metrics = [{**micro, "concept_loss_sum": np.array([0.5, 3.0, 0.0]), "concept_count": np.array([1.0, 2.0, 0.0])},
+               {**micro, "concept_loss_sum": np.array([1.0, 0.0, 0.0]), "concept_count": np.array([1.0, 0.0, 0.0])}]
+    rec = log(1, [{k: np.asarray(v)[None] for k, v in m.items()} for m in metrics])
+    assert rec["loss/<a>"] == pytest.approx(0.75) and rec["loss/<b>"] == pytest.approx(1.5)
+    assert "loss/<c>" not in rec

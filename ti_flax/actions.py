@@ -35,12 +35,16 @@ class LogStep:
       schedule: the learning-rate schedule (optim.OptimizerSpec.schedule()).
       logger: logs.MetricsLogger. callbacks: functions called with each step record.
       bar: a tqdm progress bar (or anything with set_postfix, update and close).
+      concepts: in a run of several concepts, each one's name (its first token).
     Attributes:
-      history: one dict per logged step (kind, step, loss, lr, grad_norm, row_norms, steps_per_sec).
+      history: one dict per logged step (kind, step, loss, lr, grad_norm, row_norms, steps_per_sec;
+        with several concepts also "loss/<token>": the mean loss of that concept's examples of
+        the update, for each concept that had any).
     """
 
-    def __init__(self, schedule, logger, callbacks, bar):
+    def __init__(self, schedule, logger, callbacks, bar, concepts=()):
         self.schedule, self.logger, self.callbacks, self.bar = schedule, logger, callbacks, bar
+        self.concepts = tuple(concepts)  # with several concepts, their names: a loss each is logged
         self.history = []
         self.t_last = time.perf_counter()
 
@@ -61,6 +65,7 @@ class LogStep:
             "grad_norm": float(metrics["grad_norm"]),
             "row_norms": [float(x) for x in metrics["row_norms"]],
             "steps_per_sec": 1.0 / max(now - self.t_last, 1e-9),
+            **concept_losses(self.concepts, metrics),
         }
         self.t_last = now
         self.history.append(rec)
@@ -70,6 +75,14 @@ class LogStep:
         for callback in self.callbacks:
             callback(rec)
         return rec
+
+
+def concept_losses(names, metrics):
+    """{"loss/<name>": mean loss of the concept's examples} for concepts with examples in the update."""
+    if not names or "concept_loss_sum" not in metrics:
+        return {}
+    sums, counts = metrics["concept_loss_sum"], metrics["concept_count"]
+    return {f"loss/{name}": float(sums[i] / counts[i]) for i, name in enumerate(names) if counts[i] > 0}
 
 
 class StopVote:
@@ -103,7 +116,8 @@ class StopVote:
 
 
 class SaveRows:
-    """--save_steps: learned_embeds-steps-N.safetensors every `every` updates (0: never).
+    """--save_steps: learned_embeds-steps-N.safetensors (each concept's, in its folder) every
+    `every` updates (0: never).
 
     A failed write warns and training continues; the final save may still fit.
     """
@@ -140,17 +154,22 @@ class Validate:
         return done % self.run.config.validation_steps == 0 or done == self.run.total_steps
 
     def __call__(self, done, stopping=False):
+        """Render the validation images (each concept's, with --concepts); a "validation" record
+        per prompt goes to the callbacks."""
         config = self.run.config
         try:
-            paths, grid_path, images = self.validator(self.engine.rows(), done)
-            self.last_grid = grid_path
-            self.logger.log_image(done, "validation", grid_image(images))
-            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid)
+            results = self.validator(self.engine.rows(), done)
+            for name, _, grid_path, images in results:
+                self.logger.log_image(done, f"validation/{name}" if name else "validation", grid_image(images))
+            self.last_grid = results[0][2]
+            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid, self.run.learned)
         except files.WriteFailed as err:
             save_failed(done, "the validation images", err)
             return
-        for callback in self.callbacks:
-            callback({"kind": "validation", "step": done, "images": paths, "grid": self.last_grid})
+        for name, paths, grid_path, _ in results:
+            record = {"kind": "validation", "step": done, "images": paths, "grid": grid_path}
+            for callback in self.callbacks:
+                callback({**record, "concept": name} if name else record)
 
 
 class Checkpoint:
@@ -186,5 +205,6 @@ def save_checkpoint(run, state):
 
 
 def save_intermediate(run, rows, step):
-    path = os.path.join(run.config.output_dir, f"learned_embeds-steps-{step}.safetensors")
-    formats.save_diffusers(path, run.tokens[0], rows)
+    for learned in run.learned:
+        path = os.path.join(learned.out_dir, f"learned_embeds-steps-{step}.safetensors")
+        formats.save_diffusers(path, learned.tokens[0], rows[learned.rows])

@@ -50,6 +50,8 @@ MUST_MATCH = (
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
 )
 
+PER_CONCEPT = ("placeholder_token", "num_vectors", "learnable_property", "caption_extension", "repeats")
+
 
 def checkpoint_dir(output_dir, step):
     return os.path.join(output_dir, f"checkpoint-{step}")
@@ -243,17 +245,31 @@ def check_compatible(saved, current, path):
     for key in ("tokens", "global_batch_size", "num_images"):
         if saved.get(key) != current[key]:
             diffs.append(f"{key} ({saved.get(key)} vs {current[key]})")
+    diffs += concept_diffs(saved.get("concepts"), current.get("concepts"))
     # Checkpoints from before captions have no "captions" (None: none were used).
     if saved.get("captions") != current.get("captions") and None not in (saved.get("captions"), current.get("captions")):
         diffs.append("the caption files' contents (edited since the checkpoint)")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for key in MUST_MATCH:
+    # With --concepts these are each concept's own, compared above; the flags are only defaults.
+    per_concept = PER_CONCEPT if current.get("concepts") is not None else ()
+    for key in (k for k in MUST_MATCH if k not in per_concept):
         # A setting newer than the checkpoint was then at its default.
         a, b = saved.get("config", {}).get(key, defaults[key]), current["config"][key]
         if a != b:
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:
         raise UserError(f"cannot resume from {path}: it belongs to a different run: " + files.short_list(diffs, 4, "; ") + " (checkpoint vs now)")
+
+
+def concept_diffs(saved, current):
+    """The per-concept settings (--concepts) that differ, e.g. "<dog> repeats (100 vs 50)"."""
+    if saved == current:
+        return []
+    if saved is None or current is None or len(saved) != len(current):
+        count = lambda c: "no --concepts" if c is None else f"{len(c)} concepts"  # noqa: E731
+        return [f"concepts ({count(saved)} vs {count(current)})"]
+    return [f"{b['placeholder_token']} {key} ({a.get(key)} vs {b[key]})"
+            for a, b in zip(saved, current) for key in b if a.get(key) != b[key]]
 
 
 def resolve_resume(config):

@@ -38,32 +38,111 @@ def loss_curve(losses, width=640, height=320, margin=40):
     return np.asarray(image)
 
 
-def write_model_card(config, tokens, history, files, validation_grid=None):
+def write_model_card(config, tokens, history, files, validation_grid=None, learned=()):
     """Write output_dir/README.md (and the loss curve PNG); returns the card's path.
 
     Args:
-      config: the run's TrainConfig. tokens: the placeholder tokens.
+      config: the run's TrainConfig. tokens: the placeholder tokens (every concept's).
       history: per-step records (step, loss). files: {kind: path} written so far.
       validation_grid: path of the newest validation grid, if any.
+      learned: with --concepts, the run's run.Learned, one per concept: the card lists each.
     """
+    if config.concepts is not None:
+        return _write(config, _concepts_card(config, history, files, validation_grid, learned), history)
+    return _write(config, _single_card(config, tokens, history, files, validation_grid), history)
+
+
+def _write(config, lines, history):
     out = config.output_dir
-    losses = [r["loss"] for r in history]
-    curve = os.path.join(out, LOSS_CURVE)
-    atomic_write(curve, png_bytes(Image.fromarray(loss_curve(losses))))
-    token = tokens[0]
-    name = token.strip("<>") or "embedding"
-    step = history[-1]["step"] if history else 0
-    final = f"{losses[-1]:.4f}" if losses else "n/a"
-    rel = lambda path: os.path.relpath(path, out)  # noqa: E731
-    lines = [
+    atomic_write(os.path.join(out, LOSS_CURVE), png_bytes(Image.fromarray(loss_curve([r["loss"] for r in history]))))
+    return atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))
+
+
+def _header(config, title):
+    return [
         "---",
         "library_name: diffusers",
         f"base_model: {config.pretrained_model_name_or_path}",
         "tags: [stable-diffusion, textual-inversion, ti_flax, jax, flax]",
         "---",
         "",
-        f"# Textual inversion: {token}",
+        f"# Textual inversion: {title}",
         "",
+    ]
+
+
+def _concepts_card(config, history, files, validation_grid, learned):
+    """The card's lines for a --concepts run: a table of concepts, then how to load each."""
+    out, model = config.output_dir, config.pretrained_model_name_or_path
+    losses = [r["loss"] for r in history]
+    step = history[-1]["step"] if history else 0
+    final = lambda key: f"{history[-1][key]:.4f}" if history and key in history[-1] else "n/a"  # noqa: E731
+    rel = lambda path: os.path.relpath(path, out)  # noqa: E731
+    lines = _header(config, ", ".join(c.tokens[0] for c in learned)) + [
+        f"{len(learned)} textual-inversion embeddings for `{model}`, trained together with ti_flax (JAX/Flax).",
+        "",
+        "| concept | vectors | initialized from | property | images | weight | last loss | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| `{c.tokens[0]}` | {len(c.tokens)} | {c.concept.initial_embeddings or repr(c.concept.initializer_token)} "
+          f"| {c.concept.learnable_property} | `{c.concept.train_data_dir}` | {c.concept.weight:g} "
+          f"| {final('loss/' + c.tokens[0])} | `{rel(os.path.join(c.out_dir, 'learned_embeds.safetensors'))}` |"
+          for c in learned],
+        "",
+        f"Steps {step}, learning rate {config.learning_rate:g} ({config.lr_scheduler}), batch "
+        f"{config.train_batch_size} per device, resolution {config.resolution}, final loss "
+        f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
+        "",
+        f"![loss curve]({LOSS_CURVE})",
+        "",
+    ]
+    if validation_grid:
+        lines += [f"Validation images at step {step} for *{config.validation_prompt}*:", "",
+                  f"![validation]({rel(validation_grid)})", ""]
+    lines += [
+        "## Files",
+        "",
+        *[f"- `{rel(path)}` ({kind})" for kind, path in files.items() if str(path).startswith(out) and os.path.isfile(path)],
+        "",
+        "## Use them",
+        "",
+        "PyTorch diffusers (each concept's folder holds its own embedding):",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{model}")',
+        *[f'pipe.load_textual_inversion("{rel(c.out_dir)}/learned_embeds.safetensors")' for c in learned],
+        f'image = pipe("a photo of {learned[0].tokens[0]}").images[0]',
+        "```",
+        "",
+        "AUTOMATIC1111 / Forge and ComfyUI: convert each concept's folder once, for example",
+        "",
+        "```bash",
+        *[f"python -m ti_flax.export {c.out_dir} --format a1111 --output {c.tokens[0].strip('<>') or 'embedding'}.pt"
+          for c in learned],
+        "```",
+        "",
+        "JAX/Flax:",
+        "",
+        "```bash",
+        f"python -m ti_flax.generate --pretrained_model_name_or_path {model} \\",
+        "  --embeddings " + " ".join(os.path.join(c.out_dir, "learned_embeds.safetensors") for c in learned)
+        + f' --prompt "a photo of {learned[0].tokens[0]}"',
+        "```",
+        "",
+    ]
+    return lines
+
+
+def _single_card(config, tokens, history, files, validation_grid):
+    """The card's lines for a run of one concept."""
+    out = config.output_dir
+    losses = [r["loss"] for r in history]
+    token = tokens[0]
+    name = token.strip("<>") or "embedding"
+    step = history[-1]["step"] if history else 0
+    final = f"{losses[-1]:.4f}" if losses else "n/a"
+    rel = lambda path: os.path.relpath(path, out)  # noqa: E731
+    lines = _header(config, token) + [
         f"A textual-inversion embedding for `{config.pretrained_model_name_or_path}`, trained with ti_flax (JAX/Flax).",
         "",
         "| setting | value |",
@@ -119,4 +198,4 @@ def write_model_card(config, tokens, history, files, validation_grid=None):
         "```",
         "",
     ]
-    return atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))
+    return lines

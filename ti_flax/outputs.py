@@ -15,15 +15,17 @@ def save_outputs(run, rows, history, grid=None):
     config = run.config
     written = {}
     try:
-        written["diffusers"] = formats.save_diffusers(
-            os.path.join(config.output_dir, formats.DIFFUSERS_FILE), run.tokens[0], rows)
-        if config.no_safe_serialization:
-            written["diffusers_bin"] = formats.save_diffusers_bin(
-                os.path.join(config.output_dir, formats.DIFFUSERS_BIN), run.tokens[0], rows
-            )
+        for learned in run.learned:  # each concept's file in its folder (a single concept: output_dir)
+            suffix = "" if config.concepts is None else f" {learned.tokens[0]}"
+            written["diffusers" + suffix] = formats.save_diffusers(
+                os.path.join(learned.out_dir, formats.DIFFUSERS_FILE), learned.tokens[0], rows[learned.rows])
+            if config.no_safe_serialization:
+                written["diffusers_bin" + suffix] = formats.save_diffusers_bin(
+                    os.path.join(learned.out_dir, formats.DIFFUSERS_BIN), learned.tokens[0], rows[learned.rows]
+                )
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
-        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid)
+        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid, run.learned)
     except files.WriteFailed as err:
         saved = list(written.values())
         checkpoints = ckpt.list_checkpoints(config.output_dir)

@@ -7,13 +7,34 @@ import time
 import jax
 import numpy as np
 
+import os
+
 from . import captions as captions_lib
 from . import checkpoint as ckpt
+from . import concepts as concepts_lib
 from . import data as data_lib
 from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib
+from .concept_data import ConceptMix
 from .config import TrainConfig
 from .errors import UserError
 from .optim import OptimizerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """One concept of a run: its tokens, its rows of the learned leaf, where its files go.
+
+    Attributes:
+      concept: the concepts.Concept. tokens: its placeholder tokens (tok, tok_1, ...).
+      rows: slice of the run's learned rows that are this concept's.
+      out_dir: the folder its embedding files go to: --output_dir for a single-concept run,
+        --output_dir/<token> for each concept of a --concepts run.
+    """
+
+    concept: concepts_lib.Concept
+    tokens: tuple
+    rows: slice
+    out_dir: str
 
 
 @dataclasses.dataclass
@@ -22,20 +43,25 @@ class Run:
 
     config: TrainConfig
     model: models.LoadedModel
-    tokens: list
+    tokens: list  # every concept's tokens, in row order
     token_ids: list
     init_rows: np.ndarray
-    data: data_lib.TrainData
+    data: data_lib.BatchSource  # data.TrainData, or a concept_data.ConceptMix for several concepts
     opt_spec: OptimizerSpec
     total_steps: int
     devices: tuple
     meta: dict  # what checkpoints record about this run
     load_seconds: float = 0.0  # reading and converting the model's weights
+    learned: tuple = ()  # one Learned per concept
 
     @property
     def compute(self):
         """How this run computes with the model (models.Compute, from its flags)."""
         return models.Compute.from_config(self.config)
+
+    @property
+    def num_concepts(self):
+        return max(1, len(self.learned))
 
 
 def prepare(config, devices=None):
@@ -50,42 +76,95 @@ def prepare(config, devices=None):
     load_seconds = time.perf_counter() - start
     check_resolution(config.resolution, model.spec)
     attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
-    tokens = tokens_lib.placeholder_tokens(config.placeholder_token, config.num_vectors)
-    if config.initial_embeddings:
-        start = formats.read_embedding(config.initial_embeddings, allow_pickle=config.allow_pickle)
-        init_rows = formats.check_embedding_fits(start, config.num_vectors, model.spec.hidden_size)
-    else:
-        init_id = tokens_lib.initializer_id(model.tokenizer, config.initializer_token)
-        init_rows = tokens_lib.initial_rows(models.token_table(model.params["text_encoder"]), init_id, len(tokens))
-    token_ids = tokens_lib.add_placeholder_tokens(model.tokenizer, tokens)
-    images, names = data_lib.load_images(
-        config.train_data_dir, config.resolution, config.center_crop, config.interpolation, config.caption_extension
-    )
-    # Every prompt is tokenized and checked here: one that does not fit is an error, never cut.
-    template_ids = data_lib.tokenize_templates(
-        model.tokenizer, data_lib.templates_for(config.learnable_property), tokens_lib.placeholder_text(tokens)
-    )
-    caption_ids = None
-    if config.caption_extension:
-        caption_ids = captions_lib.tokenize_captions(
-            model.tokenizer, captions_lib.read_captions(config.train_data_dir, names, config.caption_extension),
-            tokens, config.caption_prefix_token,
-        )
+    concepts = concepts_lib.from_config(config)
+    table = models.token_table(model.params["text_encoder"])
+    # Every initial row is read from the table before any placeholder is added to the tokenizer.
+    init_rows = np.concatenate([initial_rows(config, concept, model, table) for concept in concepts])
+    learned, tokens, token_ids = [], [], []
+    for concept in concepts:
+        names = tokens_lib.placeholder_tokens(concept.placeholder_token, concept.num_vectors)
+        token_ids += tokens_lib.add_placeholder_tokens(model.tokenizer, names)
+        out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
+        learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
+        tokens += names
     if config.validation_prompt:
-        captions_lib.encode_prompt(model.tokenizer, config.validation_prompt, tokens, "--validation_prompt")
+        if config.concepts is not None and "{}" not in config.validation_prompt:
+            raise UserError(
+                f"--validation_prompt {config.validation_prompt!r}: with --concepts it needs {{}} where each "
+                "concept's token goes, like 'a photo of {} on a beach'"
+            )
+        for concept in learned:
+            captions_lib.encode_prompt(model.tokenizer, validation_prompt(config, concept), list(concept.tokens),
+                                       "--validation_prompt")
     devices = tuple(devices or jax.local_devices())
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
-    data = data_lib.TrainData(images, template_ids, config.repeats, config.flip_p, config.seed, global_batch, caption_ids)
+    parts = [concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1)
+             for concept in learned]
+    if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
+        data = parts[0]
+    else:
+        data = ConceptMix(parts, [c.weight for c in concepts], [c.placeholder_token for c in concepts],
+                          config.seed, global_batch)
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
     epochs_batches = config.num_train_epochs * data.steps_per_epoch
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
     if config.push_to_hub:
         check_hub_token(config)
-    fingerprint = ckpt.model_fingerprint(model.spec, models.token_table(model.params["text_encoder"]))
-    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(images), caption_ids)
-    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds)
+    fingerprint = ckpt.model_fingerprint(model.spec, table)
+    captions = [c for part in parts for c in (part.captions or [None] * len(part.images))]
+    captions = captions if any(part.captions is not None for part in parts) else None
+    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(data.images), captions)
+    if config.concepts is not None:  # what each concept must keep on resume
+        meta["concepts"] = [concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
+               tuple(learned))
+
+
+def concept_meta(concept, num_images):
+    """What a checkpoint records of one concept: the settings that must match on resume."""
+    keys = ("placeholder_token", "num_vectors", "learnable_property", "caption_extension", "repeats", "weight")
+    return {**{k: getattr(concept, k) for k in keys}, "num_images": num_images}
+
+
+def initial_rows(config, concept, model, table):
+    """float32 [num_vectors, hidden]: a concept's starting rows, from its initializer token's row
+    or its --initial_embeddings file."""
+    if concept.initial_embeddings:
+        start = formats.read_embedding(concept.initial_embeddings, allow_pickle=config.allow_pickle)
+        return formats.check_embedding_fits(start, concept.num_vectors, model.spec.hidden_size)
+    init_id = tokens_lib.initializer_id(model.tokenizer, concept.initializer_token)
+    return tokens_lib.initial_rows(table, init_id, concept.num_vectors)
+
+
+def concept_data_part(config, tokenizer, learned, global_batch):
+    """A concept's data.TrainData: its images decoded, every prompt tokenized and checked (one
+    that does not fit is an error, never cut)."""
+    concept = learned.concept
+    images, names = data_lib.load_images(
+        concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension
+    )
+    template_ids = data_lib.tokenize_templates(
+        tokenizer, data_lib.templates_for(concept.learnable_property), tokens_lib.placeholder_text(learned.tokens)
+    )
+    caption_ids = None
+    if concept.caption_extension:
+        caption_ids = captions_lib.tokenize_captions(
+            tokenizer, captions_lib.read_captions(concept.train_data_dir, names, concept.caption_extension),
+            list(learned.tokens), config.caption_prefix_token,
+        )
+    return data_lib.TrainData(images, template_ids, concept.repeats, config.flip_p, config.seed, global_batch,
+                              caption_ids)
+
+
+def validation_prompt(config, learned):
+    """--validation_prompt for one concept: as given in a single-concept run; with --concepts,
+    its "{}" filled with the concept's token."""
+    if config.concepts is None:
+        return config.validation_prompt
+    return config.validation_prompt.replace("{}", learned.tokens[0])
+
 
 
 def check_resolution(resolution, spec):

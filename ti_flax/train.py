@@ -118,11 +118,13 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     validating = writer and bool(config.validation_prompt)
     engine = engine_lib.build(run, state, start_step, keep_vae=validating)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
-    log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar)
+    names = [c.tokens[0] for c in run.learned] if run.num_concepts > 1 else ()
+    log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar, names)
     checkpoint = Checkpoint(run, engine, config.checkpointing_steps, writer)
     validate = None
     if validating:  # samples with the engine's weights: no second copy on the devices
-        validator = Validator(config, run.model.spec, engine.compute, run.model, run.tokens, engine.weights, run.devices)
+        validator = Validator(config, run.model.spec, engine.compute, run.model, run.tokens, engine.weights, run.devices,
+                              run.learned)
         validate = Validate(run, engine, validator, logger, log.history, callbacks)
     # In this order at a step where several are due: rows, images, then the checkpoint.
     actions = [SaveRows(run, engine, config.save_steps if writer else 0), validate, checkpoint]

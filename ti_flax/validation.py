@@ -35,17 +35,19 @@ def save_png(path, array):
 
 
 class Validator:
-    """Renders `config.validation_prompt` with the current rows into output_dir/validation/."""
+    """Renders the validation prompt with the current rows into output_dir/validation/; with
+    --concepts, the prompt once per concept ("{}" filled with its token) into
+    output_dir/<token>/validation/."""
 
-    def __init__(self, config, spec, compute, model, tokens, frozen, devices):
-        """`frozen`: the engine's replicated step.Frozen (with its VAE); `compute`: models.Compute."""
-        if config.placeholder_token not in config.validation_prompt:
+    def __init__(self, config, spec, compute, model, tokens, frozen, devices, learned=()):
+        """`frozen`: the engine's replicated step.Frozen (with its VAE); `compute`: models.Compute;
+        `tokens`: every placeholder token; `learned`: the run's run.Learned (with --concepts)."""
+        if config.concepts is None and config.placeholder_token not in config.validation_prompt:
             warnings.warn(
                 f"--validation_prompt {config.validation_prompt!r} does not contain {config.placeholder_token}: "
                 "its images cannot show the concept being learned",
                 stacklevel=2,
             )
-        self.folder = os.path.join(config.output_dir, FOLDER)
         self.seed = config.seed if config.validation_seed is None else config.validation_seed
         self.sampler = Sampler(
             spec,
@@ -58,12 +60,24 @@ class Validator:
             params_replicated=True,
             compute=compute,
         )
-        self.prompt_ids = encode_prompt(model.tokenizer, config.validation_prompt, [tokens])
+        groups = [list(c.tokens) for c in learned] or [list(tokens)]
+        if config.concepts is None:
+            self.jobs = [("", os.path.join(config.output_dir, FOLDER), config.validation_prompt)]
+        else:
+            self.jobs = [(c.tokens[0], os.path.join(c.out_dir, FOLDER), config.validation_prompt.replace("{}", c.tokens[0]))
+                         for c in learned]
+        self.jobs = [(name, folder, encode_prompt(model.tokenizer, prompt, groups)) for name, folder, prompt in self.jobs]
         self.negative_ids = encode_prompt(model.tokenizer, "")
 
     def __call__(self, rows, step):
-        """Sample with `rows` and save the images and their grid; returns (image paths, grid path, images)."""
-        images = self.sampler.sample(rows, self.prompt_ids, self.negative_ids, seed=self.seed)
-        paths = [save_png(os.path.join(self.folder, f"step-{step:06d}-{i}.png"), im) for i, im in enumerate(images)]
-        grid_path = save_png(os.path.join(self.folder, f"step-{step:06d}.png"), grid(images))
-        return paths, grid_path, images
+        """Sample with `rows` and save the images and their grid, for each prompt.
+
+        Returns: [(concept name, or "" in a single-concept run; image paths; grid path; images)].
+        """
+        results = []
+        for name, folder, prompt_ids in self.jobs:
+            images = self.sampler.sample(rows, prompt_ids, self.negative_ids, seed=self.seed)
+            paths = [save_png(os.path.join(folder, f"step-{step:06d}-{i}.png"), im) for i, im in enumerate(images)]
+            grid_path = save_png(os.path.join(folder, f"step-{step:06d}.png"), grid(images))
+            results.append((name, paths, grid_path, images))
+        return results
