@@ -11,6 +11,15 @@ from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDU
                       PREDICTION_TYPES, REPORT_TO, one_of)
 
 
+def is_file_extension(text):
+    """Whether `text` is a file extension like ".txt" or ".tar.gz": the caption files' suffix.
+
+    One check for --caption_extension and each concept's caption_extension: a dot, then parts
+    without whitespace, slashes or empty pieces, so it only ever names a file beside an image.
+    """
+    return re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", text) is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A textual-inversion run. Field names and meanings follow diffusers' training scripts.
@@ -117,7 +126,7 @@ class TrainConfig:
                 "--caption_prefix_token needs --caption_extension (e.g. .txt): it changes caption files, and without "
                 "--caption_extension none are read"
             )
-        if self.caption_extension is not None and not re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", self.caption_extension):
+        if self.caption_extension is not None and not is_file_extension(self.caption_extension):
             raise UserError(
                 f"--caption_extension must be a file extension starting with a dot, like .txt or .caption, "
                 f"got {self.caption_extension!r}"
