@@ -34,8 +34,11 @@ def build_parser():
                    help="allow unpickling a .ckpt model or a .npy --initial_embeddings: it can run code, so only "
                    "for files you trust")
     g = p.add_argument_group("concept and data")
-    g.add_argument("--train_data_dir", required=True, help="folder with the 3-10 training images")
-    g.add_argument("--placeholder_token", required=True, help="the new token, e.g. <cat-toy>")
+    # Not argparse-required: --concepts replaces both; TrainConfig.validate says which is missing.
+    g.add_argument("--train_data_dir", default=d.train_data_dir, help="folder with the 3-10 training images (required "
+                   "without --concepts)")
+    g.add_argument("--placeholder_token", default=d.placeholder_token, help="the new token, e.g. <cat-toy> (required "
+                   "without --concepts)")
     g.add_argument("--initializer_token", default="", help="one existing token whose row starts the training")
     g.add_argument("--num_vectors", type=int, default=d.num_vectors, help="vectors per concept (tokens tok, tok_1, ...)")
     g.add_argument("--initial_embeddings", help="start from this embedding file (diffusers, A1111 or kohya layout) "
@@ -44,6 +47,14 @@ def build_parser():
     g.add_argument("--caption_extension", default=d.caption_extension,
                    help="e.g. .txt: an image's prompt is in the file of its name with this extension, written with "
                    "the placeholder (\"a photo of <cat-toy> on a table\"); images without one use the templates (default: off)")
+    g.add_argument("--concepts", metavar="FILE", default=d.concepts,
+                   help="train several concepts at once: a .json or .toml file listing them ([[concepts]] tables, or "
+                   "a JSON list or {\"concepts\": [...]}), each with the keys placeholder_token, train_data_dir, and "
+                   "initializer_token or initial_embeddings; optional num_vectors, learnable_property, "
+                   "caption_extension, repeats (default: those flags) and weight (its share of each batch, default 1). "
+                   "Relative paths are relative to the file's folder. Replaces --placeholder_token, --train_data_dir, "
+                   "--initializer_token and --initial_embeddings; each concept's embedding goes in "
+                   "OUTPUT_DIR/<token>/")
     _bool_flag(g, "caption_prefix_token", "put the placeholder in front of a caption that lacks it "
                "(\"<cat-toy>, a photo of ...\"); without this such a caption is an error")
     g.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")

@@ -4,11 +4,23 @@ import dataclasses
 import json
 import math
 import re
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import UserError
 from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION,
                       PREDICTION_TYPES, REPORT_TO, one_of)
+
+# The fields that --concepts sets per concept: with a concepts file they must be left empty.
+PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "initial_embeddings")
+
+
+def is_file_extension(text):
+    """Whether `text` is a file extension like ".txt" or ".tar.gz": the caption files' suffix.
+
+    One check for --caption_extension and each concept's caption_extension: a dot, then parts
+    without whitespace, slashes or empty pieces, so it only ever names a file beside an image.
+    """
+    return re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", text) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +47,9 @@ class TrainConfig:
     prediction_type: Optional[str] = None  # None: the model's scheduler config (a single file: epsilon)
     allow_pickle: bool = False  # unpickle a .ckpt model or a .npy --initial_embeddings (can run code)
     # Concept and data
+    # Several concepts at once: the path of a .json/.toml file, or a list of dicts with the keys of
+    # concepts.Concept (see concepts.py); None: the one concept of the flags below.
+    concepts: Optional[Any] = None
     train_data_dir: str = ""
     placeholder_token: str = ""
     initializer_token: str = ""
@@ -104,20 +119,27 @@ class TrainConfig:
         Raises:
             UserError: naming the first bad flag, e.g. "--learning_rate must be a positive number".
         """
-        for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token"):
-            if not getattr(self, name):
-                raise UserError(f"--{name} is required")
-        if bool(self.initializer_token) == bool(self.initial_embeddings):
-            raise UserError(
-                "pass exactly one of --initializer_token (a word whose row starts the training) and "
-                "--initial_embeddings (an embedding file to continue from)"
-            )
-        if self.caption_prefix_token and not self.caption_extension:
-            raise UserError(
-                "--caption_prefix_token needs --caption_extension (e.g. .txt): it changes caption files, and without "
-                "--caption_extension none are read"
-            )
-        if self.caption_extension is not None and not re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", self.caption_extension):
+        if self.concepts is None:
+            for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token"):
+                if not getattr(self, name):
+                    raise UserError(f"--{name} is required")
+            if bool(self.initializer_token) == bool(self.initial_embeddings):
+                raise UserError(
+                    "pass exactly one of --initializer_token (a word whose row starts the training) and "
+                    "--initial_embeddings (an embedding file to continue from)"
+                )
+            if self.caption_prefix_token and not self.caption_extension:
+                raise UserError(
+                    "--caption_prefix_token needs --caption_extension (e.g. .txt): it changes caption files, and "
+                    "without --caption_extension none are read"
+                )
+        else:
+            if not self.pretrained_model_name_or_path:
+                raise UserError("--pretrained_model_name_or_path is required")
+            for name in PER_CONCEPT:
+                if getattr(self, name):
+                    raise UserError(f"--{name} is set per concept in --concepts FILE; remove it")
+        if self.caption_extension is not None and not is_file_extension(self.caption_extension):
             raise UserError(
                 f"--caption_extension must be a file extension starting with a dot, like .txt or .caption, "
                 f"got {self.caption_extension!r}"
@@ -173,12 +195,25 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.concepts is not None:
+            self._validate_concepts()
         if self.report_to == "tensorboard":
             from .logs import tensorboard_available
 
             if not tensorboard_available():
                 raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
         return self
+
+    def _validate_concepts(self):
+        """Read and check --concepts (after the flags, which give its entries' defaults)."""
+        from . import concepts as concepts_lib
+
+        listed = concepts_lib.from_config(self)
+        if self.caption_prefix_token and not any(c.caption_extension for c in listed):
+            raise UserError(
+                "--caption_prefix_token needs a caption_extension (e.g. .txt), as --caption_extension or on a concept "
+                "in --concepts: it changes caption files, and without one none are read"
+            )
 
     @property
     def compute_dtype(self):
