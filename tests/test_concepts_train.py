@@ -193,3 +193,22 @@ def test_checkpoint_meta_lists_the_concepts(two_concepts):
     meta = checkpoint.read_meta(os.path.join(config.output_dir, "checkpoint-4"))
     assert [(c["placeholder_token"], c["num_vectors"], c["weight"], c["num_images"]) for c in meta["concepts"]] == [
         ("<cat-toy>", 2, 1.0, 4), ("<odd-style>", 1, 2.0, 3)]
+
+
+def test_bf16_cached_latents_and_accumulation_with_several_concepts(tiny_model_dir, sample_images_dir,
+                                                                      user_images_dir, tmp_path, capsys):
+    path = write_concepts(str(tmp_path), sample_images_dir, user_images_dir)
+    config = concepts_config(tiny_model_dir, path, tmp_path / "o", max_train_steps=2, checkpointing_steps=0,
+                             mixed_precision="bf16", cache_latents=True, gradient_accumulation_steps=2)
+    result = train(config, devices=jax.local_devices()[:2])
+    banner = capsys.readouterr().out
+    assert "textual inversion of 2 concepts" in banner
+    assert "concept    <odd-style>: 1 vector(s) from 'painting', 3 images (style), weight 2" in banner
+    assert [r["step"] for r in result.history] == [1, 2]
+    # 2 micro-batches of 2 examples per update: 4 examples, drawn 1:2 over an epoch, so an
+    # update has examples of both concepts or of one; every loss is finite.
+    seen = {k for r in result.history for k in r if k.startswith("loss/")}
+    assert seen and seen <= {"loss/<cat-toy>", "loss/<odd-style>"}
+    assert all(np.isfinite(r[k]) for r in result.history for k in r if k.startswith("loss"))
+    for token in ("<cat-toy>", "<odd-style>"):
+        assert os.path.isfile(tmp_path / "o" / token / "learned_embeds.safetensors")

@@ -217,8 +217,7 @@ def print_banner(run):
     config, spec = run.config, run.model.spec
     n_rows = len(run.tokens)
     print(
-        f"ti_flax: textual inversion of {' '.join(run.tokens)} (ids {run.token_ids[0]}..{run.token_ids[-1]}) "
-        f"from {config.initial_embeddings or repr(config.initializer_token)}\n"
+        f"{_what_line(run)}"
         f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size}), "
         f"loaded in {run.load_seconds:.1f} s\n"
         f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
@@ -235,6 +234,23 @@ def print_banner(run):
         f"  output     {config.output_dir}",
         flush=True,
     )
+
+
+def _what_line(run):
+    """The banner's first line(s): the tokens and where they start; a line per concept with --concepts."""
+    config, ids = run.config, f"ids {run.token_ids[0]}..{run.token_ids[-1]}"
+    if config.concepts is None:
+        return (f"ti_flax: textual inversion of {' '.join(run.tokens)} ({ids}) "
+                f"from {config.initial_embeddings or repr(config.initializer_token)}\n")
+    parts = getattr(run.data, "parts", (run.data,))
+    lines = [f"ti_flax: textual inversion of {len(run.learned)} concepts ({ids})"]
+    for learned, part in zip(run.learned, parts):
+        c = learned.concept
+        captions = f", {part.num_captioned} captioned" if c.caption_extension else ""
+        lines.append(f"  concept    {c.placeholder_token}: {c.num_vectors} vector(s) from "
+                     f"{c.initial_embeddings or repr(c.initializer_token)}, {len(part.images)} images{captions} "
+                     f"({c.learnable_property}), weight {c.weight:g}")
+    return "\n".join(lines) + "\n"
 
 
 def _captions_line(run):
