@@ -30,13 +30,12 @@ def embedding_bytes(output_dir):
 
 @pytest.mark.parametrize("num_devices", [1, 4])
 def test_resume_is_bitwise_identical(num_devices, tiny_model_dir, sample_images_dir, tmp_path):
+    # The uninterrupted run's own checkpoint-3, alone in a new folder, resumes to its final rows.
     devices = jax.local_devices()[:num_devices]
     whole = config_for(tiny_model_dir, sample_images_dir, tmp_path / "whole", max_train_steps=6)
     train(whole, devices=devices)
-    half = config_for(tiny_model_dir, sample_images_dir, tmp_path / "half", max_train_steps=3)
-    train(half, devices=devices)
-    assert [s for s, _ in checkpoint.list_checkpoints(half.output_dir)] == [3]
-    resumed = half.replace(max_train_steps=6, resume_from_checkpoint="latest")
+    assert [s for s, _ in checkpoint.list_checkpoints(whole.output_dir)] == [3, 6]
+    resumed = whole.replace(output_dir=copy_checkpoint(whole, 3, tmp_path / "half"), resume_from_checkpoint="latest")
     result = train(resumed, devices=devices)
     assert [r["step"] for r in result.history] == [4, 5, 6]
     assert embedding_bytes(resumed.output_dir) == embedding_bytes(whole.output_dir)

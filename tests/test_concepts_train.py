@@ -195,11 +195,11 @@ def test_checkpoint_meta_lists_the_concepts(two_concepts):
         ("<cat-toy>", 2, 1.0, 4), ("<odd-style>", 1, 2.0, 3)]
 
 
-def test_bf16_cached_latents_and_accumulation_with_several_concepts(tiny_model_dir, sample_images_dir,
+def test_cached_latents_and_accumulation_with_several_concepts(tiny_model_dir, sample_images_dir,
                                                                       user_images_dir, tmp_path, capsys):
     path = write_concepts(str(tmp_path), sample_images_dir, user_images_dir)
     config = concepts_config(tiny_model_dir, path, tmp_path / "o", max_train_steps=2, checkpointing_steps=0,
-                             mixed_precision="bf16", cache_latents=True, gradient_accumulation_steps=2)
+                             cache_latents=True, gradient_accumulation_steps=2)
     result = train(config, devices=jax.local_devices()[:2])
     banner = capsys.readouterr().out
     assert "textual inversion of 2 concepts" in banner

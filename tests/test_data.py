@@ -1,8 +1,5 @@
 """Tests for ti_flax.data: image decoding, templates, and the seeded batch iterator."""
 
-import gzip
-import json
-import os
 import warnings
 
 import numpy as np

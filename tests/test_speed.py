@@ -1,9 +1,9 @@
 """Speed and memory options: bf16, cached latents, gradient accumulation, remat; one trace each."""
 
 import os
+import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,11 +107,12 @@ def test_remat_and_accumulation_give_the_same_raw_gradient(pixel_run, accumulate
 
 def test_accumulation_resume_is_bitwise_identical(accumulated_run, tmp_path):
     config, whole = accumulated_run
-    half = config.replace(output_dir=str(tmp_path / "half"), max_train_steps=2, checkpointing_steps=2)
-    train(half, devices=ONE_DEVICE)
-    # Checkpoints are named by optimizer update and hold the data position of 2 x 2 batches.
-    assert [s for s, _ in checkpoint.list_checkpoints(half.output_dir)] == [2]
-    resumed = train(half.replace(max_train_steps=4, resume_from_checkpoint="latest"), devices=ONE_DEVICE)
+    # Checkpoints are named by optimizer update and hold the data position of 2 x 2 batches:
+    # the uninterrupted run's checkpoint-2, alone in a new folder, resumes to its final rows.
+    assert [s for s, _ in checkpoint.list_checkpoints(config.output_dir)] == [1, 2, 3, 4]
+    shutil.copytree(os.path.join(config.output_dir, "checkpoint-2"), tmp_path / "half" / "checkpoint-2")
+    half = config.replace(output_dir=str(tmp_path / "half"), checkpointing_steps=2)
+    resumed = train(half.replace(resume_from_checkpoint="latest"), devices=ONE_DEVICE)
     assert [r["step"] for r in resumed.history] == [3, 4]
     assert embedding_bytes(half.output_dir) == embedding_bytes(config.output_dir)
     with pytest.raises(UserError, match="gradient_accumulation_steps"):
