@@ -180,9 +180,9 @@ def test_one_concept_in_a_file_is_the_single_concept_run(tiny_model_dir, sample_
         assert a.read() == b.read()
 
 
-def test_validation_prompt_needs_a_slot_for_the_token(two_concepts, tmp_path):
-    config, _, _, _ = two_concepts
-    bad = config.replace(output_dir=str(tmp_path / "o"), validation_prompt="a photo of <cat-toy>")
+def test_validation_prompt_needs_a_slot_for_the_token(tiny_model_dir, sample_images_dir, user_images_dir, tmp_path):
+    path = write_concepts(str(tmp_path), sample_images_dir, user_images_dir)
+    bad = concepts_config(tiny_model_dir, path, tmp_path / "o", validation_prompt="a photo of <cat-toy>")
     with pytest.raises(UserError, match=r"--validation_prompt .* needs \{\}"):
         train(bad)
     assert not os.path.exists(tmp_path / "o")
@@ -212,3 +212,10 @@ def test_cached_latents_and_accumulation_with_several_concepts(tiny_model_dir, s
     assert all(np.isfinite(r[k]) for r in result.history for k in r if k.startswith("loss"))
     for token in ("<cat-toy>", "<odd-style>"):
         assert os.path.isfile(tmp_path / "o" / token / "learned_embeds.safetensors")
+
+
+def test_a_concepts_error_names_the_concept(tiny_model_dir, sample_images_dir, user_images_dir, tmp_path):
+    path = write_concepts(str(tmp_path), sample_images_dir, user_images_dir, TOML.replace('"painting"', '"two words"'))
+    with pytest.raises(UserError, match=r"^concept <odd-style>: --initializer_token 'two words' must be a single token"):
+        train(concepts_config(tiny_model_dir, path, tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o")

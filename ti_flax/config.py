@@ -214,6 +214,11 @@ class TrainConfig:
                 "--caption_prefix_token needs a caption_extension (e.g. .txt), as --caption_extension or on a concept "
                 "in --concepts: it changes caption files, and without one none are read"
             )
+        if self.validation_prompt and "{}" not in self.validation_prompt:
+            raise UserError(
+                f"--validation_prompt {self.validation_prompt!r}: with --concepts it needs {{}} where each "
+                "concept's token goes, like 'a photo of {} on a beach'"
+            )
 
     @property
     def compute_dtype(self):

@@ -1,6 +1,7 @@
 """A run, prepared: the model, data, tokens and optimizer checked and loaded before anything is
 written, the state to start from, and the lines that describe the run on the terminal."""
 
+import contextlib
 import dataclasses
 import time
 
@@ -79,28 +80,30 @@ def prepare(config, devices=None):
     concepts = concepts_lib.from_config(config)
     table = models.token_table(model.params["text_encoder"])
     # Every initial row is read from the table before any placeholder is added to the tokenizer.
-    init_rows = np.concatenate([initial_rows(config, concept, model, table) for concept in concepts])
+    init_rows = []
+    for concept in concepts:
+        with naming(config, concept):
+            init_rows.append(initial_rows(config, concept, model, table))
+    init_rows = np.concatenate(init_rows)
     learned, tokens, token_ids = [], [], []
     for concept in concepts:
         names = tokens_lib.placeholder_tokens(concept.placeholder_token, concept.num_vectors)
-        token_ids += tokens_lib.add_placeholder_tokens(model.tokenizer, names)
+        with naming(config, concept):
+            token_ids += tokens_lib.add_placeholder_tokens(model.tokenizer, names)
         out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
         learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
         tokens += names
-    if config.validation_prompt:
-        if config.concepts is not None and "{}" not in config.validation_prompt:
-            raise UserError(
-                f"--validation_prompt {config.validation_prompt!r}: with --concepts it needs {{}} where each "
-                "concept's token goes, like 'a photo of {} on a beach'"
-            )
+    if config.validation_prompt:  # ("{}" in it with --concepts: config.validate checked)
         for concept in learned:
             captions_lib.encode_prompt(model.tokenizer, validation_prompt(config, concept), list(concept.tokens),
                                        "--validation_prompt")
     devices = tuple(devices or jax.local_devices())
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
-    parts = [concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1)
-             for concept in learned]
+    parts = []
+    for concept in learned:
+        with naming(config, concept.concept):
+            parts.append(concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1))
     if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
         data = parts[0]
     else:
@@ -120,6 +123,17 @@ def prepare(config, devices=None):
         meta["concepts"] = [concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
                tuple(learned))
+
+
+@contextlib.contextmanager
+def naming(config, concept):
+    """With --concepts, a UserError raised inside names the concept it is about."""
+    try:
+        yield
+    except UserError as err:
+        if config.concepts is None:
+            raise
+        raise UserError(f"concept {concept.placeholder_token}: {err}") from None
 
 
 def concept_meta(concept, num_images):
