@@ -115,6 +115,10 @@ def test_both_concepts_learn_and_the_frozen_weights_stay(two_concepts, tiny_mode
     for part in ("unet", "vae"):
         for x, y in zip(jax.tree_util.tree_leaves(base.params[part]), jax.tree_util.tree_leaves(saved.params[part])):
             np.testing.assert_array_equal(x, y)
+    for token, rows in (("<cat-toy>", result.rows[:2]), ("<odd-style>", result.rows[2:])):  # each in its folder
+        np.testing.assert_array_equal(
+            embedding(os.path.join(config.output_dir, "checkpoint-4", token, "learned_embeds.safetensors"))[1], rows)
+    assert not os.path.exists(os.path.join(config.output_dir, "checkpoint-4", "learned_embeds.safetensors"))
     state = load_file(os.path.join(config.output_dir, "checkpoint-4", "state.safetensors"))
     assert sum(v.size for v in state.values() if v.size > 1) == 3 * 3 * 32  # rows and Adam's two moments
 

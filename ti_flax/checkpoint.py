@@ -97,6 +97,20 @@ def _flat(tree):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def embedding_files(meta, rows):
+    """[(file name in the checkpoint, token, rows)]: learned_embeds.safetensors for one concept;
+    with --concepts, <token>/learned_embeds.safetensors for each (as the run's own outputs)."""
+    if meta.get("concepts") is None:
+        return [(formats.DIFFUSERS_FILE, meta["tokens"][0], rows)]
+    out, start = [], 0
+    for concept in meta["concepts"]:
+        stop = start + concept["num_vectors"]
+        token = concept["placeholder_token"]
+        out.append((os.path.join(token, formats.DIFFUSERS_FILE), token, rows[start:stop]))
+        start = stop
+    return out
+
+
 def save_checkpoint(output_dir, state, meta, total_limit=None):
     """Write `state` (a host-side TrainState) and `meta` as checkpoint-{step}; return its path.
 
@@ -117,8 +131,9 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
             try:
                 with files.writing(os.path.join(final, STATE_FILE)):
                     files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
-                with files.writing(os.path.join(final, formats.DIFFUSERS_FILE)):
-                    formats.save_diffusers(os.path.join(tmp, formats.DIFFUSERS_FILE), meta["tokens"][0], state.rows)
+                for name, token, rows in embedding_files(meta, state.rows):
+                    with files.writing(os.path.join(final, name)):
+                        formats.save_diffusers(os.path.join(tmp, name), token, rows)
                 with files.writing(os.path.join(final, META_FILE)):
                     files.write_text(
                         os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)
@@ -169,9 +184,10 @@ def verify_checkpoint(path):
 
 
 def _fsync_tree(folder):
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            os.fsync(f.fileno())
+    for parent, _, names in os.walk(folder):  # a --concepts checkpoint has a folder per concept
+        for name in names:
+            with open(os.path.join(parent, name), "rb") as f:
+                os.fsync(f.fileno())
 
 
 def read_meta(path):
