@@ -426,3 +426,22 @@ def test_check_embedding_fits_counts_text_encoders(tmp_path):
     sd1 = formats.read_embedding(formats.save_diffusers(str(tmp_path / "sd1.safetensors"), TOKEN, make_rows()))
     one_line_error(lambda: formats.check_embedding_fits(sd1, None, (WIDTH, WIDTH_2)), sd1.path,
                    "is an SD 1.x / 2.x embedding (one text encoder); this model has 2")
+
+
+def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
+    """ti_flax.generate's --embeddings and training's --initial_embeddings: one line, nothing changed."""
+    from types import SimpleNamespace
+
+    from ti_flax import generate, run
+
+    class Tokenizer(dict):  # what load_concepts asks before an embedding is checked; a real one loads slowly
+        get_vocab = dict.copy
+
+    path = formats.save_sdxl(str(tmp_path / "sdxl.safetensors"), make_rows(2), make_rows(2, width=WIDTH_2))
+    tokenizer, spec = Tokenizer(), SimpleNamespace(base_vocab_size=0, hidden_size=WIDTH)
+    one_line_error(lambda: generate.load_concepts(tokenizer, spec, [path]), path,
+                   f"--embeddings {path}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder")
+    assert tokenizer == {}
+    concept = SimpleNamespace(initial_embeddings=path, num_vectors=2)
+    one_line_error(lambda: run.initial_rows(SimpleNamespace(allow_pickle=False), concept, SimpleNamespace(spec=spec), None),
+                   path, f"--initial_embeddings {path}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder")
