@@ -259,7 +259,7 @@ SDXL_BAD = [
      ("clip_l and clip_g only", "'emb_params'")),
     ("nan.safetensors", sdxl_file(make_rows(), nan_rows()), {}, ("(clip_g)", "1 NaN or Inf")),
     ("ints.safetensors", sdxl_file(make_rows(), np.ones((3, WIDTH_2), np.int32)), {}, ("dtype int32",)),
-    ("sdxl.pt", torch_file(lambda t: {"clip_l": t.ones(2, WIDTH), "clip_g": t.ones(3, WIDTH_2)}), {}, ("has 3",)),
+    ("counts.pt", torch_file(lambda t: {"clip_l": t.ones(2, WIDTH), "clip_g": t.ones(3, WIDTH_2)}), {}, ("has 3",)),
     # A folder with learned_embeds.safetensors and learned_embeds_2.safetensors: diffusers' SDXL pair.
     ("pair-counts", pair(make_rows(2), make_rows(3, width=WIDTH_2)), {},
      ("learned_embeds.safetensors: learned_embeds.safetensors has 2 vectors but learned_embeds_2.safetensors has 3",)),
