@@ -17,6 +17,7 @@ from ti_flax.formats import check_embedding_fits, read_embedding
 from ti_flax.errors import UserError
 
 WIDTH = 32  # the tiny model's text-encoder width
+WIDTH_2 = 48  # the tiny SDXL model's second text encoder (clip_g)
 TOKEN = "<cat-toy>"
 
 # (format, file name) for every file layout the exporter writes.
@@ -113,6 +114,70 @@ def test_bin_flag_writes_both_files(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["learned_embeds.safetensors", "learned_embeds.bin"]
     data = torch.load(paths[1], weights_only=True)
     assert list(data) == [TOKEN] and np.array_equal(data[TOKEN].numpy(), rows)
+
+
+# ---- SDXL: the clip_l / clip_g file <-> diffusers' pair of files -------------------------------
+
+
+def sdxl_pair_source(tmp_path, n=3):
+    rows, rows_2 = make_rows(n), make_rows(n, WIDTH_2, seed=1)
+    formats.save_diffusers_sdxl(str(tmp_path / "sdxl-out" / "learned_embeds.safetensors"), TOKEN, rows, rows_2)
+    return tmp_path / "sdxl-out", rows, rows_2
+
+
+def sdxl_parts_equal(emb, rows, rows_2):
+    return (emb.is_sdxl and emb.rows.tobytes() == rows.tobytes()
+            and emb.more["text_encoder_2"].tobytes() == rows_2.tobytes())
+
+
+@pytest.mark.parametrize("num_vectors", [1, 3])
+def test_sdxl_pair_to_single_file_and_back_is_bitwise(tmp_path, capsys, num_vectors):
+    folder, rows, rows_2 = sdxl_pair_source(tmp_path, num_vectors)
+    single = tmp_path / "embeddings" / "cat-toy.safetensors"
+    code, stdout, err = run_cli([folder, "--format", "sdxl", "--output", single], capsys)
+    assert code == 0, err
+    assert f"sdxl layout, {num_vectors} x {WIDTH} + {WIDTH_2}" in stdout
+    with safe_open(str(single), "numpy") as f:  # what A1111 / ComfyUI look up
+        assert sorted(f.keys()) == ["clip_g", "clip_l"] and f.get_tensor("clip_g").dtype == np.float32
+    assert sdxl_parts_equal(read_embedding(single), rows, rows_2)
+
+    # ...and back: the single file names no token, so --token names it in both files.
+    back = tmp_path / "back"
+    code, stdout, err = run_cli([single, "--format", "diffusers-sdxl", "--token", TOKEN, "--output", back], capsys)
+    assert code == 0, err
+    assert listing(back) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors"]  # nothing else left
+    assert stdout.count("wrote ") == 2 and f"{num_vectors} x {WIDTH_2}, token {TOKEN}" in stdout
+    for name, want in (("learned_embeds.safetensors", rows), ("learned_embeds_2.safetensors", rows_2)):
+        with safe_open(str(back / name), "numpy") as f:  # diffusers' own layout, one text encoder per file
+            assert list(f.keys()) == [TOKEN] and f.metadata() == {"format": "pt"}
+            assert f.get_tensor(TOKEN).tobytes() == want.tobytes()
+    again = read_embedding(back)
+    assert again.format == "diffusers-sdxl" and again.token == TOKEN and sdxl_parts_equal(again, rows, rows_2)
+
+
+def test_sdxl_exports_name_their_files(tmp_path):
+    folder, rows, rows_2 = sdxl_pair_source(tmp_path)
+    # A folder output: NAME.safetensors from the token for the single file, NAME.pt as torch.
+    assert export.export_embedding(folder, tmp_path / "out", format="sdxl") == [str(tmp_path / "out" / "cat-toy.safetensors")]
+    [pt] = export.export_embedding(folder / "learned_embeds_2.safetensors", tmp_path / "x.pt", format="sdxl")
+    assert sdxl_parts_equal(read_embedding(pt), rows, rows_2)  # the second file reads as the pair too
+    # The pair at a checkpoint's name: learned_embeds-steps-S pairs with learned_embeds_2-steps-S.
+    first = tmp_path / "steps" / "learned_embeds-steps-40.safetensors"
+    paths = export.export_embedding(folder, first, format="diffusers-sdxl")
+    assert paths == [str(first), str(tmp_path / "steps" / "learned_embeds_2-steps-40.safetensors")]
+    assert read_embedding(first).step == 40 and sdxl_parts_equal(read_embedding(first), rows, rows_2)
+
+
+def test_sdxl_pair_output_refuses_either_existing_file(tmp_path, capsys):
+    folder, rows, _ = sdxl_pair_source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "learned_embeds_2.safetensors").write_bytes(b"old")
+    code, _, err = run_cli([folder, "--format", "diffusers-sdxl", "-o", out], capsys)
+    assert code == 2 and "learned_embeds_2.safetensors: already exists" in err and "--overwrite" in err
+    assert listing(out) == ["learned_embeds_2.safetensors"]
+    assert export.export_embedding(folder, out, format="diffusers-sdxl", overwrite=True)
+    assert read_embedding(out).rows.tobytes() == rows.tobytes()
 
 
 # ---- diffusers' own loader accepts what we write ----------------------------------------------
@@ -270,6 +335,10 @@ def bad_sources(tmp_path):
     torch.save({"name": "x", "vectors": [1, 2]}, d / "nolayout.pt")
     torch.save({"string_to_param": {"*": torch.zeros(1, WIDTH), "+": torch.zeros(1, WIDTH)}}, d / "twoparams.pt")
     torch.save({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, d / "sdxl.pt")
+    formats.save_diffusers_sdxl(str(d / "pair" / "learned_embeds.safetensors"), TOKEN, make_rows(2), make_rows(2, WIDTH_2))
+    formats.save_sdxl(str(d / "sdxl.safetensors"), make_rows(2), make_rows(2, WIDTH_2))
+    save_file({"clip_l": make_rows(2)}, str(d / "only-l.safetensors"))
+    save_file({"clip_l": make_rows(1), "clip_g": make_rows(2, WIDTH_2)}, str(d / "counts.safetensors"))
     torch.save({TOKEN: torch.nn.Linear(2, 2)}, d / "module.pt")  # a pickled object: not weights-only
     save_file({TOKEN: np.zeros((2, 3, 4), np.float32)}, str(d / "3d.safetensors"))
     (d / "notes.txt").write_text("hi")
@@ -283,7 +352,29 @@ BAD_INPUT = {
     "NaN": (lambda d, good, out: [d / "nan.safetensors", "-o", out], "NaN"),
     "no layout": (lambda d, good, out: [d / "nolayout.pt", "-o", out], "no embedding layout"),
     "two A1111 terms": (lambda d, good, out: [d / "twoparams.pt", "-o", out], "exactly one tensor in string_to_param"),
-    "SDXL": (lambda d, good, out: [d / "sdxl.pt", "-o", out], "SDXL"),
+    "SDXL": (lambda d, good, out: [d / "sdxl.pt", "-o", out], "sdxl.pt: is an SDXL embedding (clip_l/clip_g"),
+    "SDXL to a1111": (lambda d, good, out: [d / "sdxl.safetensors", "-o", out, "--format", "a1111"],
+                      "--format a1111 holds one text encoder's rows (SD 1.x / 2.x): choose one of the SDXL layouts: "
+                      "sdxl, diffusers-sdxl"),
+    "SDXL pair to comfyui": (lambda d, good, out: [d / "pair", "-o", out, "--format", "comfyui"],
+                             "pair/learned_embeds.safetensors: is an SDXL embedding"),
+    "SD 1.x to sdxl": (lambda d, good, out: [good, "-o", out, "--format", "sdxl"],
+                       "is an SD 1.x / 2.x embedding (one text encoder, 1 x 32); --format sdxl needs rows for SDXL's two "
+                       "text encoders (clip_l and clip_g): choose one of diffusers, a1111, kohya"),
+    "SD 1.x to diffusers-sdxl": (lambda d, good, out: [good, "-o", out, "--format", "diffusers-sdxl"],
+                                 "--format diffusers-sdxl needs rows for SDXL's two text encoders"),
+    "SDXL --verify": (lambda d, good, out: [d / "pair", "-o", out, "--format", "sdxl", "--verify", d],
+                      "not available for SDXL embeddings yet"),
+    "pair to a file name": (lambda d, good, out: [d / "pair", "-o", out / "cat.safetensors", "--format", "diffusers-sdxl"],
+                            "diffusers' SDXL pair is two files"),
+    "SDXL file to pair without token": (lambda d, good, out: [d / "sdxl.safetensors", "-o", out, "--format", "diffusers-sdxl"],
+                                        "sdxl.safetensors: the sdxl file does not name its token; pass --token"),
+    "--bin with diffusers-sdxl": (lambda d, good, out: [d / "pair", "-o", out, "--bin", "--format", "diffusers-sdxl"],
+                                  "--bin"),
+    "SDXL file with clip_l only": (lambda d, good, out: [d / "only-l.safetensors", "-o", out, "--format", "sdxl"],
+                                   "this file only clip_l"),
+    "SDXL vector counts": (lambda d, good, out: [d / "counts.safetensors", "-o", out, "--format", "diffusers-sdxl"],
+                           "clip_l has 1 vectors but clip_g has 2"),
     "pickled object": (lambda d, good, out: [d / "module.pt", "-o", out], "not loaded for safety"),
     "3-D tensor": (lambda d, good, out: [d / "3d.safetensors", "-o", out], "shape [2, 3, 4]"),
     "not an embedding": (lambda d, good, out: [d / "notes.txt", "-o", out], "unknown embedding file type"),

@@ -6,6 +6,10 @@ or kohya / ComfyUI (the layouts themselves live in `ti_flax.formats`), reads eve
 before reporting success, and with `verify=MODEL_DIR` checks it in PyTorch diffusers against
 the Flax text encoder.
 
+SDXL embeddings (rows for two text encoders) convert between SDXL's two layouts only: `sdxl`,
+the one `{"clip_l", "clip_g"}` file A1111 / Forge, ComfyUI and kohya read, and
+`diffusers-sdxl`, diffusers' two files learned_embeds.safetensors + learned_embeds_2.safetensors.
+
 Every file is written to a temporary name in the destination folder and renamed into place
 only when complete and checked, so a crash never leaves a half-written embedding behind.
 
@@ -13,6 +17,8 @@ Example:
     ti-flax-export out/checkpoint-500 --format a1111 --output embeddings/
     ti-flax-export sd-flax-out --token '<cat-toy>' --output cat-toy.safetensors --format kohya
     ti-flax-export sd-flax-out/learned_embeds.npy --allow-pickle --output out/ --verify MODEL_DIR
+    ti-flax-export sdxl-out/ --format sdxl --output embeddings/cat-toy.safetensors
+    ti-flax-export embeddings/cat-toy.safetensors --format diffusers-sdxl --token '<cat-toy>' --output sdxl-out/
 """
 
 import argparse
@@ -24,7 +30,7 @@ import sys
 
 from . import choices, files, formats
 from .errors import UserError, run_cli
-from .formats import DIFFUSERS_BIN, DIFFUSERS_FILE, read_embedding
+from .formats import DIFFUSERS_BIN, read_embedding
 
 # The layouts ti_flax writes, then other tools' names for them (comfyui reads kohya's layout).
 FORMATS = choices.export_formats()
@@ -41,10 +47,13 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
     Args:
         source: anything `ti_flax.formats.read_embedding` reads: an output or checkpoint-N
             folder, a pipeline folder (with `token`), a `learned_embeds.npy` (with
-            `allow_pickle`), or a diffusers, A1111 or kohya file.
+            `allow_pickle`), a diffusers, A1111 or kohya file, or an SDXL embedding (a
+            clip_l / clip_g file, or diffusers' pair of files or their folder).
         output: the file to write, or a folder (then `learned_embeds.safetensors` for
-            diffusers, `NAME.pt` for a1111, `NAME.safetensors` for kohya / comfyui).
-        format: "diffusers", "a1111", "kohya" or "comfyui" (kohya's layout).
+            diffusers, `NAME.pt` for a1111, `NAME.safetensors` for kohya / comfyui / sdxl,
+            and learned_embeds.safetensors + learned_embeds_2.safetensors for diffusers-sdxl).
+        format: "diffusers", "a1111", "kohya" or "comfyui" (kohya's layout) for SD 1.x / 2.x
+            embeddings; "sdxl" or "diffusers-sdxl" (two files) for SDXL embeddings.
         token: the token (picks the rows of a pipeline folder; renames the token otherwise).
         name: the A1111 embedding name and default file name (default: token without <>).
         allow_pickle: allow reading a pickled `.npy`; unpickling can run code, trusted files only.
@@ -55,10 +64,11 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
         log: called with one line per file written and per verification, e.g. `print`.
 
     Returns:
-        The list of paths written.
+        The list of paths written (two for diffusers-sdxl, and for diffusers with `bin`).
 
     Raises:
-        UserError: on any bad input; nothing is written then.
+        UserError: on any bad input, an SDXL embedding for an SD 1.x / 2.x format or the
+            reverse, or `verify` with an SDXL embedding; nothing is written then.
 
     Example:
         >>> import ti_flax
@@ -73,12 +83,17 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
     if token is not None:
         _check_token(token)
     emb = read_embedding(source, token=token, allow_pickle=allow_pickle)
+    target = formats.get(layout)
+    formats.check_fits(target, emb, f"--format {format}")
     token = emb.token
-    if layout == "diffusers" and token is None:
+    if target.token_from == "token" and token is None:
         raise UserError(f"{emb.path}: the {emb.format} file does not name its token; pass --token, e.g. --token '<my-concept>'")
+    if verify is not None and emb.is_sdxl:
+        raise UserError(f"--verify {verify}: not available for SDXL embeddings yet ({emb.path}); export without --verify")
     name = name or _default_name(token, output)
-    paths = _output_paths(output, layout, name, bin)
-    for path in paths:
+    # Each file to write and the embedding it holds (diffusers' SDXL pair: one text encoder each).
+    pieces = [piece for path in _output_paths(output, layout, name, bin) for piece in target.pieces(path, emb)]
+    for path, _ in pieces:
         if os.path.isdir(path):
             raise UserError(f"{path}: is a folder; pass a file name or its parent folder as --output")
         if os.path.exists(path) and not overwrite:
@@ -88,20 +103,24 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
 
         verify_lib.require_torch()
         verify_lib.check_width(verify, emb.rows)
-    return _write_checked(paths, layout, emb, token, name, verify, log or (lambda line: None))
+    return _write_checked(pieces, layout, emb, token, name, verify, log or (lambda line: None))
 
 
-def _write_checked(paths, layout, emb, token, name, verify, log):
-    """Stage every file, read each back, verify, then rename all into place (or none)."""
-    said = formats.get(layout).token_from  # what a file in this layout calls the embedding, if anything
+def _write_checked(pieces, layout, emb, token, name, verify, log):
+    """Stage every file, read each back, verify, then rename all into place (or none).
+
+    `pieces`: [(path, the embedding that file holds)]."""
+    target = formats.get(layout)
+    said = target.token_from  # what a file in this layout calls the embedding, if anything
+    paths = [path for path, _ in pieces]
     staged = []
     try:
-        for path in paths:
+        for path, piece in pieces:
             with files.writing(path):  # disk full, read-only...: one line naming `path`
                 tmp = _staging_name(path)
                 staged.append(tmp)
-                formats.write(tmp, layout, emb, name)
-            formats.check_written(tmp, path, emb.rows, formats.get(layout).token_on_reload(token, name))
+                target.write_file(tmp, piece, name)
+            formats.check_written(tmp, path, piece, target.token_on_reload(token, name))
         results = []
         if verify is not None:
             from . import verify as verify_lib
@@ -124,8 +143,8 @@ def _write_checked(paths, layout, emb, token, name, verify, log):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
     label = f", {said} {token if said == 'token' else name}" if said else ""
-    for path in paths:
-        log(f"wrote {path}: {layout} layout, {emb.num_vectors} x {emb.width}{label} (from {emb.format} {emb.path})")
+    for path, piece in pieces:
+        log(f"wrote {path}: {layout} layout, {piece.shape_text()}{label} (from {emb.format} {emb.path})")
     for path, result in zip(paths, results):
         log(f"verified {path} in diffusers (PyTorch) as {result.token} (ids {list(result.token_ids)}): "
             f"max abs difference to Flax {result.max_abs_diff:.2e}")
@@ -162,10 +181,11 @@ def _default_name(token, output):
 def _output_paths(output, layout, name, bin):
     output = os.fspath(output)
     ext = os.path.splitext(output)[1].lower()
-    extensions = formats.get(layout).extensions
+    target = formats.get(layout)
+    extensions = target.extensions
     if os.path.isdir(output) or not ext:
-        if layout == "diffusers":
-            base = os.path.join(output, DIFFUSERS_FILE)
+        if target.folder_file:
+            base = os.path.join(output, target.folder_file)
         elif name is None:
             raise UserError(f"--output {output}: a folder, and the embedding has no name to call the file by; pass --name or --token")
         elif not re.fullmatch(r"[\w.\- ]+", name):
@@ -188,12 +208,14 @@ def _output_paths(output, layout, name, bin):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="ti-flax-export",
-        description="Convert a textual-inversion embedding to the layout diffusers, A1111 or kohya / ComfyUI load.",
+        description="Convert a textual-inversion embedding to the layout diffusers, A1111 or kohya / ComfyUI load "
+        "(SDXL embeddings: between the clip_l / clip_g file and diffusers' pair of files).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Example:", 1)[1],
     )
     parser.add_argument("source", help="output or checkpoint-N folder, pipeline folder (with --token), "
-                        "learned_embeds.npy (with --allow-pickle), or a diffusers / A1111 / kohya file")
+                        "learned_embeds.npy (with --allow-pickle), a diffusers / A1111 / kohya file, or an SDXL "
+                        "clip_l / clip_g file or diffusers' SDXL pair (its folder)")
     parser.add_argument("--output", "-o", required=True, help="file to write, or a folder for the default file name")
     parser.add_argument("--format", default="diffusers", help=f"one of {', '.join(FORMATS)} (default diffusers)")
     parser.add_argument("--token", default=None, help="the learned token: picks it in a pipeline folder, renames it otherwise")

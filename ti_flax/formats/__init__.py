@@ -5,6 +5,8 @@
 | diffusers `{token: [N, D]}` | `diffusers.py` | `.safetensors`, `.bin` | the key |
 | A1111 `{"string_to_param": {"*": [N, D]}, "name", "step", ...}` | `a1111.py` | `.pt`, `.safetensors` | `name` |
 | kohya / ComfyUI `{"emb_params": [N, D]}` | `kohya.py` | `.safetensors`, `.pt` | (none) |
+| SDXL `{"clip_l": [N, D1], "clip_g": [N, D2]}` (kohya, A1111, ComfyUI) | `sdxl.py` | `.safetensors`, `.pt` | (none) |
+| diffusers' SDXL pair `learned_embeds.safetensors` + `learned_embeds_2.safetensors` | `sdxl.py` | two files | the key |
 | diffusers' Flax script: pickled `{token: row}` | `npy.py` | (read only) `.npy` | the key |
 | a bare numeric array | `npy.py` | (read only) `.npy` | (none) |
 | a saved pipeline: rows of `token, token_1, ...` | `pipeline.py` | (read only) folder | `token=` |
@@ -14,6 +16,9 @@ Each layout registers a `Layout` by name (`get`, `names`, `ALIASES`): its file t
 writer. `read_embedding` takes any file or folder: the container is chosen by the extension
 (safetensors, torch, npy), the layout by what the file holds. `write` puts an embedding in a
 layout, and `check_written` reads a written file back and compares (the exporter does both).
+
+SDXL embeddings hold rows for two text encoders (`Embedding.more["text_encoder_2"]`); only the
+SDXL layouts take them, and the SD 1.x / 2.x layouts refuse them (`check_fits`).
 
 Only numpy and safetensors are needed, except for torch files (torch) and pipeline folders
 (the tokenizer, through ti_flax.models).
@@ -28,15 +33,18 @@ import numpy as np
 from .. import files
 from ..errors import UserError
 # Each module registers its layout on import; this order is the registry's (and the exporter's).
-from . import diffusers, a1111, kohya, npy, pipeline  # noqa: I001
-from .base import ALIASES, Embedding, Layout, describe, get, keys, names, register, rows_read
+from . import diffusers, a1111, kohya, sdxl, npy, pipeline  # noqa: I001
+from .base import (
+    ALIASES, TEXT_ENCODER, TEXT_ENCODER_2, Embedding, Layout, check_fits, describe, get, keys, names, register, rows_read,
+)
 from .diffusers import DIFFUSERS_BIN, DIFFUSERS_FILE, load_diffusers, save_diffusers, save_diffusers_bin
 from .npy import FLAX_NPY
+from .sdxl import PAIR_FILE_2, save_diffusers_sdxl, save_sdxl
 
 __all__ = [
-    "ALIASES", "DIFFUSERS_BIN", "DIFFUSERS_FILE", "Embedding", "FLAX_NPY", "Layout", "check_embedding_fits",
-    "check_written", "get", "load_diffusers", "names", "read_embedding", "register", "save_diffusers",
-    "save_diffusers_bin", "write",
+    "ALIASES", "DIFFUSERS_BIN", "DIFFUSERS_FILE", "Embedding", "FLAX_NPY", "Layout", "PAIR_FILE_2", "TEXT_ENCODER",
+    "TEXT_ENCODER_2", "check_embedding_fits", "check_fits", "check_written", "get", "load_diffusers", "names",
+    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_sdxl", "write",
 ]
 
 TORCH_EXTENSIONS = (".pt", ".bin", ".pth")
@@ -48,18 +56,22 @@ def read_embedding(path, token=None, allow_pickle=False):
 
     Args:
         path: a .safetensors / .pt / .bin / .npy file, an output or checkpoint-N folder
-            (holding learned_embeds.safetensors), or a saved pipeline folder.
+            (holding learned_embeds.safetensors), or a saved pipeline folder. A folder holding
+            diffusers' SDXL pair (learned_embeds.safetensors and learned_embeds_2.safetensors),
+            or either file of the pair with the other beside it, reads as one SDXL embedding.
         token: for a pipeline folder, the learned token to read (its rows are those of
             `token, token_1, ...`); for a file, replaces the token the file names.
         allow_pickle: permit unpickling a `.npy` that holds a Python object (the diffusers Flax
             script's `learned_embeds.npy`). Unpickling can run code: only for trusted files.
 
     Returns:
-        An `Embedding`.
+        An `Embedding`; for an SDXL embedding, `rows` holds the first text encoder's (clip_l)
+        rows and `more["text_encoder_2"]` the second's (clip_g).
 
     Raises:
         UserError: missing file, unknown extension, unrecognised or ambiguous layout, a shape
-            other than [N, D] or [D], non-finite values, or a pickle without allow_pickle.
+            other than [N, D] or [D], non-finite values, a pickle without allow_pickle, or an
+            SDXL file with one text encoder's rows only or different numbers of vectors.
 
     Example:
         >>> from ti_flax.formats import read_embedding
@@ -80,49 +92,73 @@ def read_embedding(path, token=None, allow_pickle=False):
 
 
 def check_embedding_fits(rows, num_vectors, width, what="--initial_embeddings"):
-    """Check that embedding rows fit a run: `num_vectors` rows of the text encoder's width.
+    """Check that embedding rows fit a run: `num_vectors` rows of each text encoder's width.
 
     Args:
         rows: an `Embedding` or an array [N, D].
         num_vectors: the number of vectors the run trains, or None to accept any.
-        width: the text encoder's hidden size.
-        what: how to name the embedding in the error (a flag or a path).
+        width: the text encoder's hidden size; for a model with two text encoders (SDXL), the
+            tuple of both widths.
+        what: how to name the embedding in the error (a flag; the file's path is added when
+            `what` does not hold it).
 
     Returns:
-        The rows as float32 [N, D].
+        The rows as float32 [N, D]; with a tuple `width`, a tuple of [N, D_i], one per encoder.
 
     Raises:
-        UserError: when the width or the number of vectors differs.
+        UserError: when the number of text encoders, a width or the number of vectors differs.
     """
-    rows = rows.rows if isinstance(rows, Embedding) else np.asarray(rows, dtype=np.float32)
-    n, d = rows.shape
-    if d != width:
-        raise UserError(
-            f"{what}: embedding width is {d} but the text encoder's width is {width}; "
-            "the embedding was made for a different model"
-        )
+    emb = rows if isinstance(rows, Embedding) else Embedding(None, np.asarray(rows, dtype=np.float32), "npy")
+    widths = tuple(width) if isinstance(width, (tuple, list)) else (width,)
+    if emb.path and emb.path not in what:
+        what = f"{what} {emb.path}"
+    if len(emb.parts) != len(widths):
+        if emb.is_sdxl:
+            raise UserError(f"{what}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder: "
+                            "pass an embedding made for SD 1.x / 2.x")
+        raise UserError(f"{what}: is an SD 1.x / 2.x embedding (one text encoder); this model has {len(widths)} "
+                        "(SDXL): pass an SDXL embedding (clip_l/clip_g)")
+    for (name, part), want in zip(emb.parts.items(), widths):
+        if part.shape[1] != want:
+            encoder = "the text encoder's" if len(widths) == 1 else f"{name}'s"
+            raise UserError(
+                f"{what}: embedding width is {part.shape[1]} but {encoder} width is {want}; "
+                "the embedding was made for a different model"
+            )
+    n = emb.num_vectors
     if num_vectors is not None and n != num_vectors:
         raise UserError(f"{what}: embedding has {n} vectors but --num_vectors is {num_vectors}; pass --num_vectors {n}")
-    return rows
+    parts = tuple(emb.parts.values())
+    return parts if isinstance(width, (tuple, list)) else parts[0]
 
 
 def write(path, layout, embedding, name=None):
     """Write `embedding` to `path` in the registered `layout` (a name or an alias).
 
     Args:
-        path: the file; its extension picks safetensors or torch.save. Not atomic: write to a
-            temporary name and rename (or use `files.atomic_write` with the layout's `encode`).
-        layout: e.g. "diffusers", "a1111", "kohya" or "comfyui".
+        path: the file; its extension picks safetensors or torch.save. For diffusers' SDXL pair
+            ("diffusers-sdxl"), the first file (learned_embeds.safetensors): its partner
+            learned_embeds_2.safetensors is written beside it. Not atomic: write to a temporary
+            name and rename (or use `files.atomic_write` with the layout's `encode`).
+        layout: e.g. "diffusers", "a1111", "kohya", "comfyui", "sdxl" or "diffusers-sdxl".
         embedding: an `Embedding`; its token is the diffusers key.
         name: the A1111 name.
+
+    Raises:
+        UserError: an SDXL embedding for a one-encoder layout, or the reverse (`check_fits`).
     """
     get(layout).write(path, embedding, name)
 
 
-def check_written(written, path, rows, token):
-    """Read the file `written` back; UserError naming `path` unless it holds `rows` and `token`."""
+def check_written(written, path, expected, token):
+    """Read the file `written` back; UserError naming `path` unless it holds `expected` (an
+    `Embedding`, every text encoder's rows compared, or an array of rows) and `token`."""
     back = read_embedding(written)
-    if back.rows.shape != rows.shape or not np.array_equal(back.rows, rows) or back.token != token:
+    want = expected.parts if isinstance(expected, Embedding) else {TEXT_ENCODER: np.asarray(expected)}
+    same = back.parts.keys() == want.keys() and all(
+        back.parts[k].shape == want[k].shape and np.array_equal(back.parts[k], want[k]) for k in want
+    )
+    if not same or back.token != token:
         raise UserError(f"{path}: reading the written file back gave different rows or token; nothing was written")
 
 
@@ -131,6 +167,14 @@ def check_written(written, path, rows, token):
 
 
 def _read_file(path, allow_pickle):
+    # Either file of diffusers' SDXL pair, with the other beside it, reads as the pair.
+    pair = sdxl.pair_paths(path)
+    if pair is None or not all(os.path.isfile(p) for p in pair):
+        return _read_one_file(path, allow_pickle)
+    return sdxl.join_pair(*(_read_one_file(p, allow_pickle) for p in pair))
+
+
+def _read_one_file(path, allow_pickle):
     ext = os.path.splitext(path)[1].lower()
     step = _step_from_name(path)
     if ext == ".safetensors":
@@ -148,7 +192,11 @@ def _read_file(path, allow_pickle):
             fmt = npy.FLAX.name
     else:
         raise UserError(f"{path}: unknown embedding file type {ext or '(no extension)'}; expected .safetensors, .pt, .bin or .npy")
-    return Embedding(token, rows_read(path, rows), fmt, file_step if file_step is not None else step, path)
+    step = file_step if file_step is not None else step
+    if isinstance(rows, dict):  # one file holding several text encoders' rows (SDXL), each read already
+        first, *more = rows
+        return Embedding(token, rows[first], fmt, step, path, more={k: rows[k] for k in more})
+    return Embedding(token, rows_read(path, rows), fmt, step, path)
 
 
 def _step_from_name(path):
@@ -161,10 +209,11 @@ def _step_from_name(path):
 
 def _recognise(path, data, metadata):
     """(token, rows, step, layout name) of what a file held: a dict in some layout, or a tensor.
+    `rows` is an array, or {text encoder: float32 rows} for an SDXL file.
 
     The order of the checks decides between layouts that could claim the same file: A1111's
-    nested dict first, then the one-tensor layouts (kohya's key, our tagged A1111 safetensors,
-    and diffusers for any other key).
+    nested dict first, then SDXL's clip_l / clip_g, then the one-tensor layouts (kohya's key, our
+    tagged A1111 safetensors, and diffusers for any other key).
     """
     if isinstance(data, np.ndarray):
         return None, data, None, TENSOR.name
@@ -172,8 +221,8 @@ def _recognise(path, data, metadata):
         raise UserError(f"{path}: no embedding layout recognised (found {describe(data)})")
     if a1111.is_pickled_layout(data):
         return (*a1111.read_pickled(path, data), a1111.LAYOUT.name)
-    if "clip_l" in data or "clip_g" in data:
-        raise UserError(f"{path}: an SDXL embedding (clip_l / clip_g); ti_flax reads SD 1.x / 2.x embeddings with one tensor")
+    if sdxl.is_layout(data):
+        return (*sdxl.read(path, data), sdxl.LAYOUT.name)
     if not any(isinstance(v, np.ndarray) for v in data.values()):
         raise UserError(f"{path}: no embedding layout recognised (no tensor among {describe(data)})")
     if len(data) != 1:

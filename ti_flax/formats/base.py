@@ -3,7 +3,9 @@ and the checks of rows on their way in and out.
 
 A layout registers itself by name when its module is imported (see `formats/__init__.py`);
 `get(name)` and `names()` look them up. An embedding holds one array of rows per text encoder:
-`rows` for the first, `more` for any further one (empty for SD 1.x / 2.x).
+`rows` for the first, `more` for any further one (empty for SD 1.x / 2.x; SDXL's second
+encoder's rows under `text_encoder_2`). A layout holds the rows of a fixed number of text
+encoders (`Layout.text_encoders`), and `check_fits` refuses an embedding with another number.
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ from .. import files
 from ..errors import UserError
 
 TEXT_ENCODER = "text_encoder"  # the name of `rows` among `Embedding.parts`, as in a pipeline folder
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (OpenCLIP bigG), as in a pipeline folder
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -26,12 +29,15 @@ class Embedding:
         token: the token the file names (diffusers key, A1111 `name`), the `token=` passed to
             `read_embedding`, or None when neither says (kohya files, bare tensors).
         rows: float32 [num_vectors, width], finite: the rows for the (first) text encoder.
-        format: the registered layout it was read from: "diffusers", "a1111", "kohya",
-            "flax-npy", "pipeline", "npy" (a bare numeric array) or "tensor" (a bare torch tensor).
+        format: the registered layout it was read from: "diffusers", "a1111", "kohya", "sdxl",
+            "diffusers-sdxl", "flax-npy", "pipeline", "npy" (a bare numeric array) or "tensor"
+            (a bare torch tensor).
         step: training step, when the file or folder name says.
-        path: the file (or pipeline folder) the rows came from.
+        path: the file (or pipeline folder) the rows came from; for diffusers' SDXL pair, its
+            first file (`learned_embeds.safetensors`).
         more: rows for further text encoders, keyed by their folder name in a pipeline
-            (`text_encoder_2`); empty for models with one text encoder.
+            (`text_encoder_2`), with the same number of vectors as `rows`; empty for models
+            with one text encoder.
     """
 
     token: str | None
@@ -54,6 +60,15 @@ class Embedding:
     def width(self):
         return self.rows.shape[1]
 
+    @property
+    def is_sdxl(self):
+        """Whether it holds rows for SDXL's two text encoders (clip_l and clip_g)."""
+        return TEXT_ENCODER_2 in self.more
+
+    def shape_text(self):
+        """"3 x 768" (one text encoder) or "3 x 768 + 1280" (SDXL): for messages."""
+        return f"{self.num_vectors} x " + " + ".join(str(rows.shape[1]) for rows in self.parts.values())
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -69,6 +84,12 @@ class Layout:
             when ti_flax only reads it.
         token_from: where a reader finds the token in a written file: "token" (the embedding's
             token), "name" (the A1111 name) or None (the file does not say).
+        text_encoders: how many text encoders' rows it holds: 1 (SD 1.x / 2.x) or 2 (SDXL).
+        folder_file: the file name the exporter gives it in a folder, when the layout has a
+            fixed one (diffusers' learned_embeds.safetensors); None for NAME + extension.
+        split: for a layout written as several files, `split(path, embedding)` ->
+            [(file path, the one-file `Embedding` it holds)], `path` the first; each is written
+            with `encode`. None for a layout written as one file.
     """
 
     name: str
@@ -76,16 +97,31 @@ class Layout:
     extensions: tuple = ()
     encode: Callable | None = None
     token_from: str | None = None
+    text_encoders: int = 1
+    folder_file: str | None = None
+    split: Callable | None = None
 
     @property
     def writable(self):
         return self.encode is not None
 
+    def pieces(self, path, embedding):
+        """[(file path, the `Embedding` it holds)]: `[(path, embedding)]` unless the layout is
+        written as several files."""
+        return self.split(path, embedding) if self.split else [(path, embedding)]
+
     def write(self, path, embedding, name=None):
-        """Write `embedding` in this layout to `path` (safetensors or torch by its extension).
+        """Write `embedding` in this layout to `path` (safetensors or torch by its extension),
+        and to the other files of a layout written as several (see `pieces`).
 
         Not atomic: callers write to a temporary name (or use `files.atomic_write`) and rename.
         """
+        check_fits(self, embedding)
+        for piece_path, piece in self.pieces(path, embedding):
+            self.write_file(piece_path, piece, name)
+
+    def write_file(self, path, embedding, name=None):
+        """Write one file of this layout: `embedding` as `pieces` gives it. Not atomic."""
         files.write_bytes(path, self.encode(embedding, name, path))
 
     def token_on_reload(self, token, name):
@@ -112,9 +148,35 @@ def get(name):
     return _REGISTRY[ALIASES.get(name, name)]
 
 
-def names(writable=None):
-    """Registered layout names in registration order; `writable=True` keeps those ti_flax writes."""
-    return tuple(n for n, layout in _REGISTRY.items() if writable is None or layout.writable == writable)
+def names(writable=None, text_encoders=None):
+    """Registered layout names in registration order; `writable=True` keeps those ti_flax writes,
+    `text_encoders=2` those that hold SDXL's two text encoders."""
+    return tuple(
+        n for n, layout in _REGISTRY.items()
+        if (writable is None or layout.writable == writable)
+        and (text_encoders is None or layout.text_encoders == text_encoders)
+    )
+
+
+def check_fits(layout, embedding, what=None):
+    """UserError naming the embedding's file unless `layout` holds as many text encoders' rows as
+    `embedding` has: SDXL's two in an SDXL layout, one elsewhere. `what` names the layout in the
+    message (default "layout NAME"; the exporter passes "--format NAME")."""
+    have = len(embedding.parts)
+    if have == layout.text_encoders:
+        return
+    what = what or f"layout {layout.name}"
+    where = f"{embedding.path}: " if embedding.path else ""
+    fit = ", ".join(names(writable=True, text_encoders=have)) or "none"
+    if embedding.is_sdxl:
+        raise UserError(
+            f"{where}is an SDXL embedding (clip_l/clip_g, {embedding.shape_text()}); {what} holds one text "
+            f"encoder's rows (SD 1.x / 2.x): choose one of the SDXL layouts: {fit}"
+        )
+    raise UserError(
+        f"{where}is an SD 1.x / 2.x embedding (one text encoder, {embedding.shape_text()}); {what} needs rows for "
+        f"SDXL's two text encoders (clip_l and clip_g): choose one of {fit}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def encode(embedding, name, path):
 
 LAYOUT = register(Layout(
     "diffusers", "{token: [N, D]} (diffusers' load_textual_inversion)",
-    extensions=(".safetensors", ".bin"), encode=encode, token_from="token",
+    extensions=(".safetensors", ".bin"), encode=encode, token_from="token", folder_file=DIFFUSERS_FILE,
 ))
 
 
