@@ -126,7 +126,7 @@ def test_both_concepts_learn_and_the_frozen_weights_stay(two_concepts, tiny_mode
     assert not os.path.exists(os.path.join(config.output_dir, "checkpoint-4", "learned_embeds.safetensors"))
     state = load_file(os.path.join(config.output_dir, "checkpoint-4", "state.safetensors"))
     # Rows, Adam's two moments and the accumulated gradient: every array is the rows' shape.
-    assert {v.shape for v in state.values() if v.size > 1} == {(3, 32)} and len(state) <= 8
+    assert {v.shape for v in state.values() if v.size > 1} == {(3, 32)}
 
 
 def test_both_files_load_together_in_pytorch_diffusers(two_concepts, tiny_model_dir):
