@@ -4,9 +4,9 @@ A run trains one concept from the single-concept flags (`--placeholder_token`,
 `--train_data_dir`, ...), or several listed in a `--concepts` file, TOML:
 
     [[concepts]]
-    placeholder_token = "<cat-toy>"
-    train_data_dir = "cat_toy"
-    initializer_token = "toy"
+    placeholder_token = "<my-dog>"
+    train_data_dir = "dog_photos"
+    initializer_token = "dog"
 
     [[concepts]]
     placeholder_token = "<wc>"
