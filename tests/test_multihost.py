@@ -41,9 +41,7 @@ def worker_args(model_dir, data_dir, out, port, process_id, num_processes=2, tim
 
 def worker_env(devices):
     env = dict(os.environ)
-    # conftest's flags with this worker's device count in place of the 4 the tests see.
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 
