@@ -3,12 +3,11 @@ written, the state to start from, and the lines that describe the run on the ter
 
 import contextlib
 import dataclasses
+import os
 import time
 
 import jax
 import numpy as np
-
-import os
 
 from . import captions as captions_lib
 from . import checkpoint as ckpt
@@ -180,7 +179,6 @@ def validation_prompt(config, learned):
     return config.validation_prompt.replace("{}", learned.tokens[0])
 
 
-
 def check_resolution(resolution, spec):
     if resolution % spec.pixel_multiple:
         raise UserError(f"--resolution {resolution}: this model needs a multiple of {spec.pixel_multiple}")
@@ -257,7 +255,8 @@ def _what_line(run):
         return (f"ti_flax: textual inversion of {' '.join(run.tokens)} ({ids}) "
                 f"from {config.initial_embeddings or repr(config.initializer_token)}\n")
     parts = getattr(run.data, "parts", (run.data,))
-    lines = [f"ti_flax: textual inversion of {len(run.learned)} concepts ({ids})"]
+    n = len(run.learned)
+    lines = [f"ti_flax: textual inversion of {n} concept{'s' if n > 1 else ''} ({ids})"]
     for learned, part in zip(run.learned, parts):
         c = learned.concept
         captions = f", {part.num_captioned} captioned" if c.caption_extension else ""
