@@ -50,7 +50,10 @@ MUST_MATCH = (
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
 )
 
-PER_CONCEPT = ("placeholder_token", "num_vectors", "learnable_property", "caption_extension", "repeats")
+# With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only
+# defaults then), and the concept's weight: a checkpoint records these per concept.
+CONCEPT_MUST_MATCH = ("placeholder_token", "num_vectors", "learnable_property", "caption_extension", "repeats")
+CONCEPT_META = (*CONCEPT_MUST_MATCH, "weight")
 
 
 def checkpoint_dir(output_dir, step):
@@ -267,7 +270,7 @@ def check_compatible(saved, current, path):
         diffs.append("the caption files' contents (edited since the checkpoint)")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     # With --concepts these are each concept's own, compared above; the flags are only defaults.
-    per_concept = PER_CONCEPT if current.get("concepts") is not None else ()
+    per_concept = CONCEPT_MUST_MATCH if current.get("concepts") is not None else ()
     for key in (k for k in MUST_MATCH if k not in per_concept):
         # A setting newer than the checkpoint was then at its default.
         a, b = saved.get("config", {}).get(key, defaults[key]), current["config"][key]
@@ -275,6 +278,11 @@ def check_compatible(saved, current, path):
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:
         raise UserError(f"cannot resume from {path}: it belongs to a different run: " + files.short_list(diffs, 4, "; ") + " (checkpoint vs now)")
+
+
+def concept_meta(concept, num_images):
+    """What a checkpoint records of one concepts.Concept: the settings that must match on resume."""
+    return {**{k: getattr(concept, k) for k in CONCEPT_META}, "num_images": num_images}
 
 
 def concept_diffs(saved, current):

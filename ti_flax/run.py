@@ -13,7 +13,7 @@ from . import captions as captions_lib
 from . import checkpoint as ckpt
 from . import concepts as concepts_lib
 from . import data as data_lib
-from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib
+from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib, validation
 from .concept_data import ConceptMix
 from .config import TrainConfig
 from .errors import UserError
@@ -86,7 +86,7 @@ def prepare(config, devices=None):
     init_rows = np.concatenate(init_rows)
     learned, tokens, token_ids = [], [], []
     for concept in concepts:
-        names = tokens_lib.placeholder_tokens(concept.placeholder_token, concept.num_vectors)
+        names = concept.tokens
         with naming(config, concept):
             token_ids += tokens_lib.add_placeholder_tokens(model.tokenizer, names)
         out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
@@ -94,7 +94,7 @@ def prepare(config, devices=None):
         tokens += names
     if config.validation_prompt:  # ("{}" in it with --concepts: config.validate checked)
         for concept in learned:
-            captions_lib.encode_prompt(model.tokenizer, validation_prompt(config, concept), list(concept.tokens),
+            captions_lib.encode_prompt(model.tokenizer, validation.prompt_for(config, concept), list(concept.tokens),
                                        "--validation_prompt")
     devices = tuple(devices or jax.local_devices())
     num_devices = len(devices) * jax.process_count()
@@ -119,7 +119,7 @@ def prepare(config, devices=None):
     captions = captions if any(part.captions is not None for part in parts) else None
     meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(data.images), captions)
     if config.concepts is not None:  # what each concept must keep on resume
-        meta["concepts"] = [concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
+        meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
                tuple(learned))
 
@@ -133,12 +133,6 @@ def naming(config, concept):
         if config.concepts is None:
             raise
         raise UserError(f"concept {concept.placeholder_token}: {err}") from None
-
-
-def concept_meta(concept, num_images):
-    """What a checkpoint records of one concept: the settings that must match on resume."""
-    keys = ("placeholder_token", "num_vectors", "learnable_property", "caption_extension", "repeats", "weight")
-    return {**{k: getattr(concept, k) for k in keys}, "num_images": num_images}
 
 
 def initial_rows(config, concept, model, table):
@@ -169,14 +163,6 @@ def concept_data_part(config, tokenizer, learned, global_batch):
         )
     return data_lib.TrainData(images, template_ids, concept.repeats, config.flip_p, config.seed, global_batch,
                               caption_ids)
-
-
-def validation_prompt(config, learned):
-    """--validation_prompt for one concept: as given in a single-concept run; with --concepts,
-    its "{}" filled with the concept's token."""
-    if config.concepts is None:
-        return config.validation_prompt
-    return config.validation_prompt.replace("{}", learned.tokens[0])
 
 
 def check_resolution(resolution, spec):

@@ -123,8 +123,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
     checkpoint = Checkpoint(run, engine, config.checkpointing_steps, writer)
     validate = None
     if validating:  # samples with the engine's weights: no second copy on the devices
-        validator = Validator(config, run.model.spec, engine.compute, run.model, run.tokens, engine.weights, run.devices,
-                              run.learned)
+        validator = Validator(config, run.model.spec, engine.compute, run.model, run.learned, engine.weights, run.devices)
         validate = Validate(run, engine, validator, logger, log.history, callbacks)
     # In this order at a step where several are due: rows, images, then the checkpoint.
     actions = [SaveRows(run, engine, config.save_steps if writer else 0), validate, checkpoint]

@@ -34,14 +34,22 @@ def save_png(path, array):
     return files.atomic_write(path, files.png_bytes(Image.fromarray(array)))
 
 
+def prompt_for(config, learned):
+    """--validation_prompt for one concept (a run.Learned): as given in a single-concept run;
+    with --concepts, its "{}" filled with the concept's token."""
+    if config.concepts is None:
+        return config.validation_prompt
+    return config.validation_prompt.replace("{}", learned.tokens[0])
+
+
 class Validator:
     """Renders the validation prompt with the current rows into output_dir/validation/; with
     --concepts, the prompt once per concept ("{}" filled with its token) into
     output_dir/<token>/validation/."""
 
-    def __init__(self, config, spec, compute, model, tokens, frozen, devices, learned=()):
+    def __init__(self, config, spec, compute, model, learned, frozen, devices):
         """`frozen`: the engine's replicated step.Frozen (with its VAE); `compute`: models.Compute;
-        `tokens`: every placeholder token; `learned`: the run's run.Learned (with --concepts)."""
+        `learned`: the run's run.Learned, one per concept."""
         if config.concepts is None and config.placeholder_token not in config.validation_prompt:
             warnings.warn(
                 f"--validation_prompt {config.validation_prompt!r} does not contain {config.placeholder_token}: "
@@ -60,13 +68,13 @@ class Validator:
             params_replicated=True,
             compute=compute,
         )
-        groups = [list(c.tokens) for c in learned] or [list(tokens)]
-        if config.concepts is None:
-            self.jobs = [("", os.path.join(config.output_dir, FOLDER), config.validation_prompt)]
-        else:
-            self.jobs = [(c.tokens[0], os.path.join(c.out_dir, FOLDER), config.validation_prompt.replace("{}", c.tokens[0]))
-                         for c in learned]
-        self.jobs = [(name, folder, encode_prompt(model.tokenizer, prompt, groups)) for name, folder, prompt in self.jobs]
+        groups = [list(c.tokens) for c in learned]
+        # (name, folder, prompt ids) per prompt: the name is "" in a single-concept run.
+        self.jobs = [
+            (c.tokens[0] if config.concepts is not None else "", os.path.join(c.out_dir, FOLDER),
+             encode_prompt(model.tokenizer, prompt_for(config, c), groups))
+            for c in learned
+        ]
         self.negative_ids = encode_prompt(model.tokenizer, "")
 
     def __call__(self, rows, step):
