@@ -58,7 +58,7 @@ class ConceptMix(BatchSource):
         self.seed, self.global_batch_size = int(seed), int(global_batch_size)
         self.images = np.concatenate([p.images for p in parts])
         self.offsets = np.cumsum([0] + [len(p.images) for p in parts])[:-1]
-        self.template_ids = parts[0].template_ids  # every concept's prompts have this length
+        self.prompt_length = parts[0].template_ids.shape[1]  # the same tokenizer: every concept's
         slots = sum(p.epoch_size for p in parts)
         self.steps_per_epoch = slots // self.global_batch_size
         if self.steps_per_epoch == 0:
@@ -112,7 +112,7 @@ class ConceptMix(BatchSource):
         concept, image, flip, template = self.epoch_plan(epoch)
         sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
         concept, image, template = concept[sel], image[sel], template[sel]
-        prompt_ids = np.zeros((hi - lo, self.template_ids.shape[1]), np.int32)
+        prompt_ids = np.zeros((hi - lo, self.prompt_length), np.int32)
         for c in np.unique(concept):
             at = concept == c
             prompt_ids[at] = self.parts[c].prompt_ids(image[at], template[at])
