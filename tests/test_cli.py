@@ -161,7 +161,7 @@ def test_placeholder_that_is_already_a_word(tiny_model_dir, sample_images_dir, t
 # its dataset's interpolation and flip probability, for the flags the README lists as "the same".
 REFERENCE_DEFAULTS = {
     "learnable_property": "object", "repeats": 100, "output_dir": "text-inversion-model", "seed": 42,
-    "resolution": 512, "center_crop": False, "train_batch_size": 16, "num_train_epochs": 100,
+    "center_crop": False, "train_batch_size": 16, "num_train_epochs": 100,
     "max_train_steps": 5000, "learning_rate": 1e-4, "lr_warmup_steps": 500, "lr_scheduler": "constant",
     "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-08,
     "push_to_hub": False, "use_auth_token": False, "hub_token": None, "hub_model_id": None,
@@ -171,6 +171,7 @@ REFERENCE_DEFAULTS = {
 
 def test_same_defaults_as_the_reference_script():
     from ti_flax import TrainConfig
+    from ti_flax.config import DEFAULT_RESOLUTION
 
     required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--placeholder_token", "<t>",
                 "--initializer_token", "toy"]
@@ -180,3 +181,5 @@ def test_same_defaults_as_the_reference_script():
         assert getattr(config, name) == value, name
         assert getattr(parsed, name) == value, name
     assert config.scale_lr is False  # the one deliberate change: opt-in (README, "Fixed")
+    # --resolution unset is the reference's 512 for SD 1.x / 2.x (an SDXL model's own 1024).
+    assert config.resolution is None and parsed.resolution is None and DEFAULT_RESOLUTION == 512

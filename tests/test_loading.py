@@ -28,7 +28,7 @@ def test_old_flax_pipeline_loads_as_its_pytorch_folder():
 
 
 @pytest.mark.parametrize("class_name, what", [
-    ("StableDiffusionXLPipeline", "an SDXL model"),
+    ("StableDiffusionXLInpaintPipeline", "an SDXL inpainting model"),
     ("StableDiffusion3Pipeline", "a Stable Diffusion 3 model"),
     ("FluxPipeline", "a Flux model"),
     ("StableDiffusionControlNetPipeline", "a ControlNet"),

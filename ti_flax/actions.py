@@ -6,7 +6,6 @@ dispatched (and whether the run is stopping there) and does its work when called
 act, so each can be tested alone with a fake engine.
 """
 
-import os
 import time
 import warnings
 
@@ -206,5 +205,5 @@ def save_checkpoint(run, state):
 
 def save_intermediate(run, rows, step):
     for learned in run.learned:
-        path = os.path.join(learned.out_dir, f"learned_embeds-steps-{step}.safetensors")
-        formats.save_diffusers(path, learned.tokens[0], rows[learned.rows])
+        formats.save_trained(learned.out_dir, learned.tokens[0], rows[learned.rows], run.model.spec.text_widths,
+                             step=step)

@@ -89,8 +89,8 @@ def latest_checkpoint(output_dir):
 def model_fingerprint(spec, table):
     """A short hash of the model's configs and token table: the same base model, wherever it lives."""
     digest = hashlib.sha256()
-    for text in (spec.text_config, spec.unet_config, spec.vae_config, spec.prediction_type):
-        digest.update(text.encode())
+    for text in (spec.text_config, spec.unet_config, spec.vae_config, spec.prediction_type, spec.text_config_2):
+        digest.update(text.encode())  # (an empty text_config_2, SD 1.x / 2.x, adds nothing)
     digest.update(np.ascontiguousarray(np.asarray(table)[:: max(1, len(table) // 64)], np.float32).tobytes())
     return digest.hexdigest()[:16]
 
@@ -102,7 +102,8 @@ def _flat(tree):
 
 def embedding_files(meta, rows):
     """[(file name in the checkpoint, token, rows)]: learned_embeds.safetensors for one concept;
-    with --concepts, <token>/learned_embeds.safetensors for each (as the run's own outputs)."""
+    with --concepts, <token>/learned_embeds.safetensors for each (as the run's own outputs). For
+    SDXL (meta "text_widths") the file is the first of diffusers' pair, written with its partner."""
     if meta.get("concepts") is None:
         return [(formats.DIFFUSERS_FILE, meta["tokens"][0], rows)]
     out, start = [], 0
@@ -134,9 +135,10 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
             try:
                 with files.writing(os.path.join(final, STATE_FILE)):
                     files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
+                widths = meta.get("text_widths") or [np.shape(state.rows)[-1]]
                 for name, token, rows in embedding_files(meta, state.rows):
                     with files.writing(os.path.join(final, name)):
-                        formats.save_diffusers(os.path.join(tmp, name), token, rows)
+                        formats.save_trained(os.path.dirname(os.path.join(tmp, name)), token, rows, widths)
                 with files.writing(os.path.join(final, META_FILE)):
                     files.write_text(
                         os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)

@@ -23,6 +23,10 @@ def is_file_extension(text):
     return re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", text) is not None
 
 
+# --resolution without a value: the diffusers scripts' 512 for SD 1.x / 2.x; an SDXL model's own size.
+DEFAULT_RESOLUTION = 512
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A textual-inversion run. Field names and meanings follow diffusers' training scripts.
@@ -59,7 +63,7 @@ class TrainConfig:
     caption_extension: Optional[str] = None  # ".txt": an image's prompt is in its caption file beside it
     caption_prefix_token: bool = False  # a caption without the placeholder gets it in front
     repeats: int = 100
-    resolution: int = 512
+    resolution: Optional[int] = None  # None: DEFAULT_RESOLUTION, or the native size (1024) of an SDXL model
     center_crop: bool = False
     interpolation: str = "bicubic"
     flip_p: float = 0.5
@@ -158,7 +162,7 @@ class TrainConfig:
             (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),
             one_of("--learnable_property", self.learnable_property, LEARNABLE_PROPERTIES),
             (self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}"),
-            (self.resolution > 0 and self.resolution % 8 == 0,
+            (self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
              f"--resolution must be a positive multiple of 8, got {self.resolution}"),
             one_of("--interpolation", self.interpolation, tuple(INTERPOLATIONS)),
             (0.0 <= self.flip_p <= 1.0, f"--flip_p must be between 0 and 1, got {self.flip_p}"),

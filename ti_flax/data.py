@@ -119,19 +119,38 @@ def read_image(path: str) -> Image.Image:
         ) from None
 
 
-def _load_one(path: str, resolution: int, center_crop: bool, resample) -> np.ndarray:
+def _load_one(path: str, resolution: int, center_crop: bool, resample) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [resolution, resolution, 3] image, float32 [6] SDXL time ids of how it was made)."""
     img = read_image(path)
+    w, h = img.size
+    crop = (0, 0)
     if center_crop:
-        w, h = img.size
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         img = img.crop((left, top, left + side, top + side))
-    return np.asarray(img.resize((resolution, resolution), resample=resample), dtype=np.uint8)
+        # SDXL counts the crop in the image scaled so its short side is the target's.
+        crop = (round(top * resolution / side), round(left * resolution / side))
+    pixels = np.asarray(img.resize((resolution, resolution), resample=resample), dtype=np.uint8)
+    return pixels, size_and_crop_ids((h, w), crop, (resolution, resolution))
+
+
+def size_and_crop_ids(original_size, crop_top_left, target_size) -> np.ndarray:
+    """SDXL's size and crop conditioning of an image, float32 [6]: (original height, width, crop
+    top, crop left, target height, width), as diffusers' SDXL pipelines and scripts build it."""
+    return np.asarray((*original_size, *crop_top_left, *target_size), np.float32)
 
 
 def load_images(
     data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
 ) -> tuple[np.ndarray, list[str]]:
+    """(images, names) of a folder: `load_image_set` without the time ids."""
+    images, names, _ = load_image_set(data_dir, resolution, center_crop, interpolation, caption_extension)
+    return images, names
+
+
+def load_image_set(
+    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Decodes every image in a folder (not recursive), in name order.
 
     Args:
@@ -144,7 +163,9 @@ def load_images(
         warning (a caption file with no image of its name is still listed).
 
     Returns:
-      images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order.
+      images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order;
+      time_ids: float32 [num_images, 6], SDXL's conditioning on each image's original size and
+      crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied.
     """
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*INTERPOLATIONS]}")
@@ -167,11 +188,12 @@ def load_images(
         )
     if not names:
         raise UserError(f"no images in {data_dir} (looked for {' '.join(IMAGE_EXTENSIONS)})")
-    images = []
+    images, time_ids = [], []
     for name in names:
-        path = os.path.join(data_dir, name)
-        images.append(_load_one(path, resolution, center_crop, INTERPOLATIONS[interpolation]))
-    return np.stack(images), names
+        pixels, ids = _load_one(os.path.join(data_dir, name), resolution, center_crop, INTERPOLATIONS[interpolation])
+        images.append(pixels)
+        time_ids.append(ids)
+    return np.stack(images), names, np.stack(time_ids)
 
 
 def max_prompt_length(tokenizer) -> int:
@@ -217,23 +239,26 @@ def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: st
 class PixelBatch(NamedTuple):
     """Examples as images: pixel_values uint8 [..., H, W, 3], input_ids int32 [..., L],
     example_ids int64 [...] (each example's index in the run, for its own noise), concept_ids
-    int32 [...] (each example's concept: all 0 in a run of one concept)."""
+    int32 [...] (each example's concept: all 0 in a run of one concept), time_ids float32
+    [..., 6] (SDXL's size and crop conditioning of each example's image; None for other models)."""
 
     pixel_values: np.ndarray
     input_ids: np.ndarray
     example_ids: np.ndarray
     concept_ids: Optional[np.ndarray] = None
+    time_ids: Optional[np.ndarray] = None
 
 
 class LatentBatch(NamedTuple):
     """Examples as cached VAE posteriors: latent_mean and latent_logvar float32 [..., C, h, w],
-    input_ids, example_ids and concept_ids as in PixelBatch."""
+    input_ids, example_ids, concept_ids and time_ids as in PixelBatch."""
 
     latent_mean: np.ndarray
     latent_logvar: np.ndarray
     input_ids: np.ndarray
     example_ids: np.ndarray
     concept_ids: Optional[np.ndarray] = None
+    time_ids: Optional[np.ndarray] = None
 
 
 class PixelViews:
@@ -269,13 +294,20 @@ class BatchSource:
 
     A subclass sets `images` (uint8 [N, H, W, 3]: every example's image is one of these) and
     `global_batch_size`, and defines `examples(step, lo, hi)`: the selection (image index, flip,
-    prompt ids, example id, concept id) of rows [lo, hi) of global batch `step`.
+    prompt ids, example id, concept id) of rows [lo, hi) of global batch `step`. With `time_ids`
+    (float32 [N, 6], for SDXL) set, each batch carries its images' time ids.
     """
+
+    time_ids: Optional[np.ndarray] = None
 
     def _rows(self, step: int, lo: int, hi: int, views=None):
         """Rows [lo, hi) of global batch `step`, as `views` (default PixelViews) shows them."""
         views = views or PixelViews(self.images)
-        return views(*self.examples(step, lo, hi))
+        selection = self.examples(step, lo, hi)
+        batch = views(*selection)
+        if self.time_ids is not None:
+            batch = batch._replace(time_ids=self.time_ids[selection[0]])
+        return batch
 
     def global_batch(self, step: int, views=None):
         """Returns the whole global batch of `step`.
@@ -310,7 +342,7 @@ class BatchSource:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         share = g // process_count
         rows = self._rows(step, process_index * share, (process_index + 1) * share, views)
-        return type(rows)(*(v.reshape(local_device_count, -1, *v.shape[1:]) for v in rows))
+        return type(rows)(*(None if v is None else v.reshape(local_device_count, -1, *v.shape[1:]) for v in rows))
 
     def batches(self, start_step: int, process_index: int = 0, process_count: int = 1,
                 local_device_count: int = 1, views=None) -> Iterator:
@@ -341,9 +373,11 @@ class TrainData(BatchSource):
         seed: int,
         global_batch_size: int,
         captions: Optional[Sequence[Optional[np.ndarray]]] = None,
+        time_ids: Optional[np.ndarray] = None,
     ):
         """Args: images uint8 [N, H, W, 3]; template_ids int32 [T, L]; captions: None, or per
-        image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates."""
+        image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates;
+        time_ids: None, or float32 [N, 6] per image (SDXL: load_image_set's)."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         if template_ids.ndim != 2 or len(template_ids) == 0:
@@ -358,7 +392,10 @@ class TrainData(BatchSource):
             raise UserError(f"flip_p must be in [0, 1], got {flip_p}")
         if seed < 0:
             raise UserError(f"seed must be >= 0, got {seed}")
+        if time_ids is not None and np.shape(time_ids) != (len(images), 6):
+            raise ValueError(f"time_ids must be [{len(images)}, 6], got {np.shape(time_ids)}")
         self.images = images
+        self.time_ids = None if time_ids is None else np.asarray(time_ids, np.float32)
         self.template_ids = np.asarray(template_ids, dtype=np.int32)
         self.captions = None if captions is None else tuple(captions)
         if captions is not None:  # per image: whether it has a caption, and its ids (zeros if not)

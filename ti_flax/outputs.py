@@ -15,14 +15,12 @@ def save_outputs(run, rows, history, grid=None):
     config = run.config
     written = {}
     try:
-        for learned in run.learned:  # each concept's file in its folder (a single concept: output_dir)
+        widths = run.model.spec.text_widths
+        for learned in run.learned:  # each concept's files in its folder (a single concept: output_dir)
             suffix = "" if config.concepts is None else f" {learned.tokens[0]}"
-            written["diffusers" + suffix] = formats.save_diffusers(
-                os.path.join(learned.out_dir, formats.DIFFUSERS_FILE), learned.tokens[0], rows[learned.rows])
-            if config.no_safe_serialization:
-                written["diffusers_bin" + suffix] = formats.save_diffusers_bin(
-                    os.path.join(learned.out_dir, formats.DIFFUSERS_BIN), learned.tokens[0], rows[learned.rows]
-                )
+            saved = formats.save_trained(learned.out_dir, learned.tokens[0], rows[learned.rows], widths,
+                                         bin=config.no_safe_serialization)
+            written.update({kind + suffix: path for kind, path in saved.items()})
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
         written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid, run.learned)

@@ -15,7 +15,7 @@ from . import concepts as concepts_lib
 from . import data as data_lib
 from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib, validation
 from .concept_data import ConceptMix
-from .config import TrainConfig
+from .config import DEFAULT_RESOLUTION, TrainConfig
 from .errors import UserError
 from .optim import OptimizerSpec
 
@@ -74,21 +74,25 @@ def prepare(config, devices=None):
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
                               config.prediction_type, config.allow_pickle)
     load_seconds = time.perf_counter() - start
+    if model.spec.is_sdxl:
+        check_sdxl_flags(config)
+    if config.resolution is None:
+        config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
     attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
     concepts = concepts_lib.from_config(config)
-    table = models.token_table(model.params["text_encoder"])
-    # Every initial row is read from the table before any placeholder is added to the tokenizer.
+    tables = models.token_tables(model.params)
+    # Every initial row is read from the tables before any placeholder is added to a tokenizer.
     init_rows = []
     for concept in concepts:
         with naming(config, concept):
-            init_rows.append(initial_rows(config, concept, model, table))
+            init_rows.append(initial_rows(config, concept, model, tables))
     init_rows = np.concatenate(init_rows)
     learned, tokens, token_ids = [], [], []
     for concept in concepts:
         names = concept.tokens
         with naming(config, concept):
-            token_ids += tokens_lib.add_placeholder_tokens(model.tokenizer, names)
+            token_ids += add_tokens(model, names)
         out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
         learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
         tokens += names
@@ -102,7 +106,8 @@ def prepare(config, devices=None):
     parts = []
     for concept in learned:
         with naming(config, concept.concept):
-            parts.append(concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1))
+            parts.append(concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
+                                           model.spec.is_sdxl))
     if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
         data = parts[0]
     else:
@@ -114,10 +119,12 @@ def prepare(config, devices=None):
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
     if config.push_to_hub:
         check_hub_token(config)
-    fingerprint = ckpt.model_fingerprint(model.spec, table)
+    fingerprint = ckpt.model_fingerprint(model.spec, tables[0])
     captions = [c for part in parts for c in (part.captions or [None] * len(part.images))]
     captions = captions if any(part.captions is not None for part in parts) else None
     meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(data.images), captions)
+    if model.spec.is_sdxl:  # how a checkpoint splits the rows into the two encoders' files
+        meta["text_widths"] = list(model.spec.text_widths)
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
@@ -135,21 +142,33 @@ def naming(config, concept):
         raise UserError(f"concept {concept.placeholder_token}: {err}") from None
 
 
-def initial_rows(config, concept, model, table):
-    """float32 [num_vectors, hidden]: a concept's starting rows, from its initializer token's row
-    or its --initial_embeddings file."""
+def initial_rows(config, concept, model, tables):
+    """float32 [num_vectors, row_width]: a concept's starting rows, from its initializer token's
+    row in each text encoder's table (`tables`), or its --initial_embeddings file. For SDXL a
+    row is the CLIP-L row and the bigG row side by side (models.split_rows)."""
     if concept.initial_embeddings:
         start = formats.read_embedding(concept.initial_embeddings, allow_pickle=config.allow_pickle)
-        return formats.check_embedding_fits(start, concept.num_vectors, model.spec.hidden_size)
-    init_id = tokens_lib.initializer_id(model.tokenizer, concept.initializer_token)
-    return tokens_lib.initial_rows(table, init_id, concept.num_vectors)
+        fits = formats.check_embedding_fits(start, concept.num_vectors, model.spec.embedding_width)
+        return np.concatenate(fits, axis=1) if model.spec.is_sdxl else fits
+    init_ids = [tokens_lib.initializer_id(tokenizer, concept.initializer_token) for tokenizer in model.tokenizers]
+    return np.concatenate([tokens_lib.initial_rows(table, init_id, concept.num_vectors)
+                           for table, init_id in zip(tables, init_ids)], axis=1)
 
 
-def concept_data_part(config, tokenizer, learned, global_batch):
+def add_tokens(model, names):
+    """Add a concept's token names to every tokenizer of the model; their ids (the same in each)."""
+    ids = [tokens_lib.add_placeholder_tokens(tokenizer, names) for tokenizer in model.tokenizers]
+    if any(other != ids[0] for other in ids[1:]):
+        raise UserError(f"--placeholder_token: the tokenizers gave {names[0]} different ids ({ids}); "
+                        "SDXL's two tokenizers must share the vocabulary")
+    return ids[0]
+
+
+def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
     """A concept's data.TrainData: its images decoded, every prompt tokenized and checked (one
-    that does not fit is an error, never cut)."""
+    that does not fit is an error, never cut); with `sdxl`, each image's time ids kept."""
     concept = learned.concept
-    images, names = data_lib.load_images(
+    images, names, time_ids = data_lib.load_image_set(
         concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension
     )
     template_ids = data_lib.tokenize_templates(
@@ -162,7 +181,21 @@ def concept_data_part(config, tokenizer, learned, global_batch):
             list(learned.tokens), config.caption_prefix_token,
         )
     return data_lib.TrainData(images, template_ids, concept.repeats, config.flip_p, config.seed, global_batch,
-                              caption_ids)
+                              caption_ids, time_ids if sdxl else None)
+
+
+def default_resolution(spec):
+    """--resolution left unset: 512 for SD 1.x / 2.x (as diffusers' scripts), the native size for SDXL (1024)."""
+    return models.default_resolution(spec) if spec.is_sdxl else DEFAULT_RESOLUTION
+
+
+def check_sdxl_flags(config):
+    """UserError for a flag that does not work with an SDXL model yet."""
+    for flag, value in (("--validation_prompt", config.validation_prompt),
+                        ("--save_as_full_pipeline", config.save_as_full_pipeline)):
+        if value:
+            raise UserError(f"{flag}: not available for SDXL models yet; drop it (the embedding files load in "
+                            "diffusers, A1111 / Forge, ComfyUI and kohya)")
 
 
 def check_resolution(resolution, spec):
@@ -216,7 +249,7 @@ def print_banner(run):
     n_rows = len(run.tokens)
     print(
         f"{_what_line(run)}"
-        f"  model      {config.pretrained_model_name_or_path} ({spec.prediction_type}, hidden {spec.hidden_size}), "
+        f"  model      {config.pretrained_model_name_or_path} ({_model_kind(spec)}), "
         f"loaded in {run.load_seconds:.1f} s\n"
         f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
         f"{jax.process_count()} process(es), {jax.default_backend()})\n"
@@ -228,10 +261,16 @@ def print_banner(run):
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {attention_summary(config, spec)}\n"
         f"{_captions_line(run)}"
-        f"  trainable  {n_rows * spec.hidden_size} parameters ({n_rows} x {spec.hidden_size})\n"
+        f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
         f"  output     {config.output_dir}",
         flush=True,
     )
+
+
+def _model_kind(spec):
+    """The banner's description of the model, e.g. "epsilon, hidden 768" or "SDXL, epsilon, hidden 768 + 1280"."""
+    widths = " + ".join(map(str, spec.text_widths))
+    return f"{'SDXL, ' if spec.is_sdxl else ''}{spec.prediction_type}, hidden {widths}"
 
 
 def _what_line(run):

@@ -28,18 +28,26 @@ class Frozen(NamedTuple):
       text_encoder, unet: params trees, float leaves in the run's compute dtype.
       vae: params tree, or None when batches carry cached latents (the step never encodes).
       alphas_cumprod: float32 [num_train_timesteps], the training noise schedule.
+      text_encoder_2: SDXL's second text encoder's params tree; None for one text encoder.
     """
 
     text_encoder: Any
     unet: Any
     vae: Any
     alphas_cumprod: Any
+    text_encoder_2: Any = None
 
     @classmethod
     def from_model(cls, model, dtype="float32"):
         """Host weights of a models.LoadedModel, float leaves cast to `dtype` (the schedule stays float32)."""
         params = models.cast_params(model.params, dtype)
-        return cls(params["text_encoder"], params["unet"], params["vae"], model.alphas_cumprod)
+        return cls(params["text_encoder"], params["unet"], params["vae"], model.alphas_cumprod,
+                   params.get("text_encoder_2"))
+
+    @property
+    def text_params(self):
+        """What models.condition takes: the text encoder's params, or SDXL's pair."""
+        return self.text_encoder if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
 
 
 class TrainState(NamedTuple):
@@ -117,14 +125,18 @@ def diffusion_inputs(spec, compute, frozen, batch, key):
     return noisy, timesteps, target
 
 
-def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target, per_example=False):
+def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target, per_example=False,
+                   time_ids=None):
     """Mean squared error of the UNet's prediction, conditioned on text with the learned rows.
 
-    `frozen` needs `text_encoder` and `unet` (a Frozen, or anything with those attributes).
-    With `per_example`, returns (loss, float32 [B] each example's own mean) for jax's has_aux.
+    `frozen` is a Frozen (its text encoder(s) and UNet are read). With `per_example`, returns
+    (loss, float32 [B] each example's own mean) for jax's has_aux. `time_ids` float32 [B, 6] is
+    SDXL's size and crop conditioning of each example (models.time_ids); None for SD 1.x / 2.x.
     """
-    hidden = models.encode_text(spec, compute, frozen.text_encoder, input_ids, rows)
-    pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden)
+    cond = models.condition(spec, compute, frozen.text_params, input_ids, rows)
+    hidden = cond.context
+    added = None if cond.text_embeds is None else {"text_embeds": cond.text_embeds, "time_ids": time_ids}
+    pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden, added)
     error = jnp.square(pred.astype(jnp.float32) - target)
     loss = jnp.mean(error)
     return (loss, jnp.mean(error, axis=tuple(range(1, error.ndim)))) if per_example else loss
@@ -147,8 +159,8 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
       frozen: Frozen; never donated. Float leaves in `compute.dtype`; its vae may be None when
         batches are LatentBatch.
       batch: PixelBatch (uint8 [B, H, W, 3] images) or LatentBatch (float32 [B, C, h, w] cached
-        moments), with input_ids int32 [B, L], example_ids int [B] and concept_ids int32 [B]
-        (read only when num_concepts > 1).
+        moments), with input_ids int32 [B, L], example_ids int [B], concept_ids int32 [B]
+        (read only when num_concepts > 1) and, for SDXL, time_ids float32 [B, 6].
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec,
         num_concepts: the run's concepts (all static).
@@ -159,11 +171,12 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
     key = jax.random.fold_in(base_key, state.step)
     noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key)
     args = (state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
-    extra = {}
+    extra, time_ids = {}, {"time_ids": batch.time_ids} if spec.is_sdxl else {}
     if num_concepts == 1:  # the loss alone, as the step has always computed it
-        loss, grads = jax.value_and_grad(diffusion_loss)(*args)
+        loss, grads = jax.value_and_grad(diffusion_loss)(*args, **time_ids)
     else:
-        (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(*args, per_example=True)
+        (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
+            *args, per_example=True, **time_ids)
         sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
         extra = {"concept_loss_sum": sums, "concept_count": counts}
     loss, grads = jax.lax.pmean((loss, grads), axis_name)

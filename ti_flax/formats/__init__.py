@@ -44,7 +44,8 @@ from .sdxl import PAIR_FILE_2, save_diffusers_sdxl, save_sdxl
 __all__ = [
     "ALIASES", "DIFFUSERS_BIN", "DIFFUSERS_FILE", "Embedding", "FLAX_NPY", "Layout", "PAIR_FILE_2", "TEXT_ENCODER",
     "TEXT_ENCODER_2", "check_embedding_fits", "check_fits", "check_written", "get", "load_diffusers", "names",
-    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_sdxl", "write",
+    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_sdxl",
+    "save_trained", "sdxl_file_name", "write",
 ]
 
 TORCH_EXTENSIONS = (".pt", ".bin", ".pth")
@@ -89,6 +90,45 @@ def read_embedding(path, token=None, allow_pickle=False):
     if token is not None and emb.token != token:
         emb = dataclasses.replace(emb, token=token)
     return emb
+
+
+def sdxl_file_name(token):
+    """The `{clip_l, clip_g}` file a run writes for `token`: A1111 and ComfyUI call an embedding by
+    its file name, so the token without <> ("<cat-toy>" -> "cat-toy.safetensors")."""
+    name = re.sub(r"[^\w.\-]", "_", token.strip("<>")).strip(".") or "embedding"
+    return name + ".safetensors"
+
+
+def save_trained(folder, token, rows, widths, step=None, bin=False):
+    """Write a run's embedding of `token` into `folder`, in the layouts other tools load.
+
+    Args:
+      rows: float32 [N, sum(widths)]: for SDXL each row is the CLIP-L row and the bigG row side by side.
+      widths: the model's text encoder widths (models.ModelSpec.text_widths).
+      step: for an intermediate file, its step (`learned_embeds-steps-S.safetensors`).
+      bin: also the PyTorch `.bin` twin of each diffusers file (--no_safe_serialization).
+    Returns:
+      {kind: path}: "diffusers" (and "diffusers_bin"); for SDXL also "diffusers_2" (diffusers'
+      pair, learned_embeds_2) and "sdxl" (`{clip_l, clip_g}`, named by `sdxl_file_name`; not for
+      intermediate files).
+    """
+    suffix = "" if step is None else f"-steps-{step}"
+    first = os.path.join(folder, f"learned_embeds{suffix}.safetensors")
+    rows = np.asarray(rows, np.float32)
+    written = {}
+    if len(widths) == 1:
+        written["diffusers"] = save_diffusers(first, token, rows)
+        if bin:
+            written["diffusers_bin"] = save_diffusers_bin(os.path.splitext(first)[0] + ".bin", token, rows)
+        return written
+    parts = rows[:, : widths[0]], rows[:, widths[0]:]
+    written["diffusers"], written["diffusers_2"] = save_diffusers_sdxl(first, token, *parts)
+    if bin:
+        written["diffusers_bin"], written["diffusers_2_bin"] = save_diffusers_sdxl(
+            os.path.splitext(first)[0] + ".bin", token, *parts)
+    if step is None:
+        written["sdxl"] = save_sdxl(os.path.join(folder, sdxl_file_name(token)), *parts)
+    return written
 
 
 def check_embedding_fits(rows, num_vectors, width, what="--initial_embeddings"):

@@ -163,15 +163,18 @@ def save_diffusers_sdxl(path, token, rows, rows_2):
     with `{token: rows}` for the first text encoder and its partner
     (`learned_embeds_2[-steps-S].safetensors`) with `{token: rows_2}` for the second.
 
-    Each file is written atomically (the pair as a whole is not: a crash between the two leaves
-    the first alone, which then reads as an SD 1.x / 2.x file). Returns both paths.
+    Each file is written atomically, the second first: a crash between the two leaves the
+    second alone, never a new first file that would read as an SD 1.x / 2.x embedding. Returns
+    both paths.
 
     Raises UserError for a path with another name, rows of another shape, NaN / Inf values or
     different numbers of vectors; `files.WriteFailed` when the disk refuses.
     """
     emb = _embedding_to_write(token, rows, rows_2, path)
     pieces = split(os.fspath(path), emb)
-    return tuple(files.atomic_write(p, diffusers.encode(piece, None, p)) for p, piece in pieces)
+    for p, piece in reversed(pieces):
+        files.atomic_write(p, diffusers.encode(piece, None, p))
+    return tuple(p for p, _ in pieces)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ No diffusers or transformers model class is used; the tokenizer is transformers'
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,12 @@ from .spec import (  # noqa: F401  (the models API)
 from .weights import unflatten
 
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder adds
 
 # model_index.json pipeline classes that are not Stable Diffusion 1.x/2.x, and what they are.
 _FOREIGN_PIPELINES = {
-    "StableDiffusionXL": "an SDXL model (not supported yet)",
+    "StableDiffusionXLInpaint": "an SDXL inpainting model",
+    "StableDiffusionXLInstructPix2Pix": "an SDXL InstructPix2Pix model",
     "StableDiffusion3": "a Stable Diffusion 3 model",
     "Flux": "a Flux model",
     "ControlNet": "a ControlNet",
@@ -43,7 +46,8 @@ _FOREIGN_PIPELINES = {
     "Hunyuan": "a Hunyuan model",
     "AuraFlow": "an AuraFlow model",
 }
-SUPPORTED = "Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or one original .safetensors file)"
+SUPPORTED = ("Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or one original .safetensors file) "
+             "and SDXL (a StableDiffusionXLPipeline folder)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,6 +96,24 @@ def check_model_dir(model_dir, tokenizer_dir=None):
             f"{model_dir}: not a Stable Diffusion model folder (missing {', '.join(missing)}/); "
             "expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
+    if is_sdxl_dir(model_dir):
+        missing = [c for c in SDXL_COMPONENTS if not os.path.isdir(os.path.join(model_dir, c))]
+        if missing:
+            raise UserError(f"{model_dir}: an SDXL model folder without {', '.join(missing)}/; "
+                            "an SDXL folder has text_encoder_2/ and tokenizer_2/ beside text_encoder/ and tokenizer/")
+        if tokenizer_dir is not None:
+            raise UserError("--tokenizer_name: not supported for SDXL models, which carry two tokenizers; "
+                            "drop the flag to use the model's own")
+
+
+def is_sdxl_dir(model_dir):
+    """Whether a diffusers folder is an SDXL model: its index says so, or it has a second text encoder."""
+    index = os.path.join(model_dir, "model_index.json")
+    if os.path.isfile(index):
+        name = str(files.read_json(index, "a JSON pipeline index").get("_class_name", ""))
+        if name.startswith("StableDiffusionXL"):
+            return True
+    return os.path.isdir(os.path.join(model_dir, "text_encoder_2"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,14 +122,20 @@ def check_model_dir(model_dir, tokenizer_dir=None):
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A loaded Stable Diffusion model: static spec, host-side weights, tokenizer, noise table."""
+    """A loaded Stable Diffusion model: static spec, host-side weights, tokenizer(s), noise table."""
 
     spec: ModelSpec
-    params: dict  # {"text_encoder": ..., "unet": ..., "vae": ...}, float32 numpy trees
+    params: dict  # {"text_encoder": ..., "unet": ..., "vae": ...} (+ "text_encoder_2" for SDXL), float32 numpy
     tokenizer: object  # transformers.CLIPTokenizer
     alphas_cumprod: np.ndarray  # [num_train_timesteps] float32
     model_dir: str
     scheduler_config: dict
+    tokenizer_2: object = None  # SDXL's second tokenizer ("!" padding), else None
+
+    @property
+    def tokenizers(self):
+        """Every tokenizer of the model: a placeholder token goes into each."""
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
 
 def is_single_file(name_or_path):
@@ -158,21 +186,66 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
             f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the text encoder has "
             f"{text_config.vocab_size} rows; use the tokenizer that belongs to this model"
         )
+    sdxl = is_sdxl_dir(model_dir)
+    tokenizer_2 = load_second_tokenizer(model_dir, tokenizer) if sdxl else None
     params, found = {}, {}
-    for kind in ("text_encoder", "unet", "vae"):
-        found[kind], params[kind] = loading.load_component(os.path.join(model_dir, kind), kind)
+    for kind in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if sdxl else ()):
+        loaded_as = "text_encoder" if kind == "text_encoder_2" else kind
+        found[kind], params[kind] = loading.load_component(os.path.join(model_dir, kind), loaded_as)
+    sdxl_args = {}
+    if sdxl:
+        check_sdxl_parts(model_dir, found["text_encoder"], found["text_encoder_2"], found["unet"], tokenizer_2)
+        sdxl_args = dict(text_2=found["text_encoder_2"], eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id_2=tokenizer_2.pad_token_id)
     spec = spec_from(found["text_encoder"], found["unet"], found["vae"], prediction_type,
-                     int(scheduler_config.get("num_train_timesteps") or 1000))
-    return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config))
+                     int(scheduler_config.get("num_train_timesteps") or 1000), **sdxl_args)
+    return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config), tokenizer_2)
+
+
+def load_second_tokenizer(model_dir, tokenizer):
+    """SDXL's tokenizer_2, checked to be the first tokenizer's vocabulary with its own padding.
+
+    The second text encoder's ids are then the first's with the padding after the end-of-text
+    token replaced (`second_encoder_ids`), so one tokenization serves both encoders.
+    """
+    folder = os.path.join(model_dir, "tokenizer_2")
+    tokenizer_2 = load_tokenizer(folder)
+    if tokenizer_2.get_vocab() != tokenizer.get_vocab() or tokenizer_2.model_max_length != tokenizer.model_max_length:
+        raise UserError(f"{folder}: not the same vocabulary and length as tokenizer/; ti_flax trains SDXL models "
+                        "whose two tokenizers differ in padding only, as SDXL base's do")
+    if tokenizer_2.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise UserError(f"{model_dir}: tokenizer/ needs an end-of-text token and tokenizer_2/ a padding token")
+    return tokenizer_2
+
+
+def check_sdxl_parts(model_dir, text, text_2, unet_config, tokenizer_2):
+    """UserError unless the parts fit together as SDXL's do."""
+    if not text_2.with_projection:
+        raise UserError(f"{model_dir}/text_encoder_2: SDXL's second text encoder needs its text_projection "
+                        "(CLIPTextModelWithProjection)")
+    if unet_config.addition_embed_type != "text_time":
+        raise UserError(f"{model_dir}/unet: an SDXL UNet has addition_embed_type 'text_time', this one "
+                        f"{unet_config.addition_embed_type!r}")
+    if text_2.vocab_size != len(tokenizer_2):
+        raise UserError(f"{model_dir}: tokenizer_2 has {len(tokenizer_2)} tokens but text_encoder_2 has "
+                        f"{text_2.vocab_size} rows; use the tokenizer that belongs to this model")
+    want = unet_config.projection_class_embeddings_input_dim
+    got = text_2.projection_dim + 6 * unet_config.addition_time_embed_dim
+    if text.hidden_size + text_2.hidden_size not in unet_config.cross_dims or want != got:
+        raise UserError(f"{model_dir}: the text encoders ({text.hidden_size} + {text_2.hidden_size} wide, "
+                        f"projection {text_2.projection_dim}) do not fit the UNet's conditioning")
 
 
 def abstract_params(spec):
-    """{"text_encoder", "unet", "vae"}: float32 jax.ShapeDtypeStruct trees from the configs alone,
+    """{"text_encoder", "unet", "vae"} (+ "text_encoder_2" for SDXL): float32 jax.ShapeDtypeStruct trees from the configs alone,
     so nothing is allocated."""
     c = configs(spec)
     out = {}
-    for kind, config in (("text_encoder", c.text), ("unet", c.unet), ("vae", c.vae)):
-        shapes = loading.shapes(config, kind)
+    parts = (("text_encoder", c.text), ("unet", c.unet), ("vae", c.vae))
+    if c.text_2 is not None:
+        parts += (("text_encoder_2", c.text_2),)
+    for kind, config in parts:
+        shapes = loading.shapes(config, "text_encoder" if kind == "text_encoder_2" else kind)
         out[kind] = unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})
     return out
 
@@ -241,6 +314,12 @@ def token_table(text_params):
     return clip.token_table(text_params)
 
 
+def token_tables(params):
+    """Each text encoder's token table: (table,) or, for SDXL, (CLIP-L's, bigG's)."""
+    names = ("text_encoder", "text_encoder_2") if "text_encoder_2" in params else ("text_encoder",)
+    return tuple(token_table(params[name]) for name in names)
+
+
 def with_token_table(text_params, table):
     """A copy of the text-encoder params with the token table replaced (the rest shared)."""
     out = jax.tree_util.tree_map(lambda x: x, text_params)  # new containers, same leaves
@@ -272,7 +351,7 @@ def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="flo
 
 
 def encode_text(spec, compute, text_params, input_ids, rows):
-    """CLIP last hidden state [B, L, D] for ids that may include the learned tokens.
+    """CLIP last hidden state [B, L, D] for ids that may include the learned tokens (one text encoder).
 
     Ids below `spec.base_vocab_size` read the frozen table; ids at or above it read
     `rows[id - base_vocab_size]`. The table is never copied or grown, so the only gradient
@@ -283,11 +362,66 @@ def encode_text(spec, compute, text_params, input_ids, rows):
     return out.last_hidden_state
 
 
-def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden_states):
-    """UNet output for NCHW latents (epsilon or v, per the model's prediction_type), NCHW."""
+class Condition(NamedTuple):
+    """What the UNet is conditioned on for a prompt.
+
+    Attributes:
+      context: [B, L, C] the cross-attention states: the text encoder's last hidden state, or for
+        SDXL both encoders' penultimate states side by side (C = 768 + 1280).
+      text_embeds: SDXL's pooled, projected output of the second encoder [B, E]; None otherwise.
+    """
+
+    context: jax.Array
+    text_embeds: object = None
+
+
+def split_rows(spec, rows):
+    """Each text encoder's part of learned rows [N, row_width]: (rows,) or, for SDXL, (rows[:, :D1], rows[:, D1:]).
+
+    An SDXL vector is one row holding its CLIP-L row and its bigG row side by side, so the
+    learned rows stay one leaf; AdamW and global-norm clipping treat it exactly as two leaves.
+    """
+    if not spec.is_sdxl:
+        return (rows,)
+    first = spec.text_widths[0]
+    return rows[..., :first], rows[..., first:]
+
+
+def second_encoder_ids(spec, input_ids):
+    """SDXL's second tokenizer's ids from the first's: the padding after the first end-of-text
+    token becomes the second tokenizer's padding id (the two differ only there)."""
+    positions = jnp.arange(input_ids.shape[-1])
+    first_eos = jnp.argmax(input_ids == spec.eos_token_id, axis=-1)[..., None]
+    return jnp.where(positions > first_eos, jnp.asarray(spec.pad_token_id_2, input_ids.dtype), input_ids)
+
+
+def condition(spec, compute, text_params, input_ids, rows):
+    """The UNet's text conditioning (a `Condition`) for the first tokenizer's ids [B, L].
+
+    Args:
+      text_params: the text encoder's params; for SDXL a pair (text_encoder, text_encoder_2).
+      rows: learned rows [N, spec.row_width]; id `base_vocab_size + i` reads rows[i] in each encoder.
+    """
+    if not spec.is_sdxl:
+        return Condition(encode_text(spec, compute, text_params, input_ids, rows))
+    c, dtype = configs(spec), jnp.dtype(compute.dtype)
+    rows_1, rows_2 = split_rows(spec, rows)
+    params_1, params_2 = text_params
+    first = clip.encode(params_1, c.text, input_ids, rows_1, base_vocab_size=spec.base_vocab_size, dtype=dtype)
+    second = clip.encode(params_2, c.text_2, second_encoder_ids(spec, input_ids), rows_2,
+                         base_vocab_size=spec.base_vocab_size, dtype=dtype)
+    return Condition(jnp.concatenate([first.penultimate, second.penultimate], axis=-1), second.text_embeds)
+
+
+def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden_states, added_cond=None):
+    """UNet output for NCHW latents (epsilon or v, per the model's prediction_type), NCHW.
+
+    `added_cond` is SDXL's {"text_embeds": [B, E], "time_ids": [B, 6]} (None otherwise).
+    """
     sample = jnp.transpose(latents, (0, 2, 3, 1))
     out = unet.apply(unet_params, configs(spec).unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
-                     attention=compute.attention, remat=compute.remat, dtype=jnp.dtype(compute.dtype))
+                     added_cond=added_cond, attention=compute.attention, remat=compute.remat,
+                     dtype=jnp.dtype(compute.dtype))
     return jnp.transpose(out, (0, 3, 1, 2))
 
 

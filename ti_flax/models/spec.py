@@ -29,10 +29,38 @@ class ModelSpec:
     scaling_factor: float
     num_train_timesteps: int
     base_vocab_size: int
+    # SDXL only: the second text encoder's config, and the two token ids that turn the first
+    # tokenizer's ids into the second's (they share the vocabulary and differ in padding only).
+    text_config_2: str = ""
+    eos_token_id: int = -1
+    pad_token_id_2: int = -1
+
+    @property
+    def is_sdxl(self):
+        """Two text encoders (SDXL): the learned rows hold a row for each, side by side."""
+        return bool(self.text_config_2)
 
     @property
     def hidden_size(self):
+        """The (first) text encoder's width."""
         return configs(self).text.hidden_size
+
+    @property
+    def text_widths(self):
+        """Each text encoder's width: (768,) for SD 1.x, (768, 1280) for SDXL."""
+        c = configs(self)
+        return (c.text.hidden_size,) + ((c.text_2.hidden_size,) if c.text_2 else ())
+
+    @property
+    def row_width(self):
+        """Width of a learned row: the text encoders' widths side by side (768 + 1280 for SDXL)."""
+        return sum(self.text_widths)
+
+    @property
+    def embedding_width(self):
+        """What formats.check_embedding_fits takes: the width, or both widths for SDXL."""
+        widths = self.text_widths
+        return widths if self.is_sdxl else widths[0]
 
     @property
     def vae_scale_factor(self):
@@ -69,6 +97,7 @@ class Configs(NamedTuple):
     text: clip.CLIPTextConfig
     unet: unet.UNetConfig
     vae: vae.VAEConfig
+    text_2: object = None  # clip.CLIPTextConfig of SDXL's second text encoder, else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,6 +107,7 @@ def configs(spec):
         clip.CLIPTextConfig.from_dict(json.loads(spec.text_config)),
         unet.UNetConfig.from_dict(json.loads(spec.unet_config)),
         vae.VAEConfig.from_dict(json.loads(spec.vae_config)),
+        clip.CLIPTextConfig.from_dict(json.loads(spec.text_config_2)) if spec.text_config_2 else None,
     )
 
 
@@ -85,8 +115,17 @@ def _config_json(config):
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
-def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000):
-    """A ModelSpec from the owned config objects (clip.CLIPTextConfig, unet.UNetConfig, vae.VAEConfig)."""
+def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000, text_2=None,
+              eos_token_id=-1, pad_token_id_2=-1):
+    """A ModelSpec from the owned config objects (clip.CLIPTextConfig, unet.UNetConfig, vae.VAEConfig).
+
+    For SDXL, `text_2` is the second text encoder's config, `eos_token_id` the first tokenizer's
+    end-of-text id and `pad_token_id_2` the second tokenizer's padding id.
+    """
+    sdxl = {}
+    if text_2 is not None:
+        sdxl = dict(text_config_2=_config_json(text_2), eos_token_id=int(eos_token_id),
+                    pad_token_id_2=int(pad_token_id_2))
     return ModelSpec(
         text_config=_config_json(text),
         unet_config=_config_json(unet_config),
@@ -95,6 +134,7 @@ def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_trai
         scaling_factor=float(vae_config.scaling_factor),
         num_train_timesteps=int(num_train_timesteps),
         base_vocab_size=int(text.vocab_size),
+        **sdxl,
     )
 
 
