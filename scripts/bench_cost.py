@@ -1,8 +1,8 @@
-"""Work per step of an SD 1.5-shaped model from XLA's cost analysis, for scripts/benchmark.py.
+"""Work per step of an SD 1.5- or SDXL-shaped model from XLA's cost analysis, for scripts/benchmark.py.
 
 The step is lowered with abstract shapes (jax.eval_shape of the models' initialisers, the real
-SD 1.5 configs below): no weights are allocated and nothing is downloaded. Also the activation
-memory a step keeps for its backward pass, counted from JAX's residuals.
+SD 1.5 and SDXL 1.0 base configs below): no weights are allocated and nothing is downloaded.
+Also the activation memory a step keeps for its backward pass, counted from JAX's residuals.
 """
 
 import time
@@ -24,7 +24,44 @@ SD15_VAE = dict(
     in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
     up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215,
 )
+# stabilityai/stable-diffusion-xl-base-1.0: text_encoder/ (CLIP ViT-L, as SD 1.5's), text_encoder_2/
+# (OpenCLIP bigG with its projection), unet/ and vae/ config.json.
+SDXL_TEXT = dict(SD15_TEXT)
+SDXL_TEXT_2 = dict(
+    SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280, architectures=["CLIPTextModelWithProjection"],
+)
+SDXL_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280], center_input_sample=False, cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-5,
+    norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=[1, 2, 10], up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 TPU_BF16_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12}
+
+
+def model_spec(model):
+    """The abstract ModelSpec of "sd15" or "sdxl"."""
+    from ti_flax import models
+
+    if model == "sdxl":
+        return models.spec_from_configs(SDXL_TEXT, SDXL_UNET, SDXL_VAE, text_config_2=SDXL_TEXT_2)
+    return models.spec_from_configs(SD15_TEXT, SD15_UNET, SD15_VAE)
+
+
+def abstract_frozen(spec, params, dtype, alphas=None, vae=True):
+    """step.Frozen of ShapeDtypeStructs in `dtype` (the second text encoder for SDXL)."""
+    import jax
+
+    from ti_flax import step as step_lib
+
+    cast = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
+    return step_lib.Frozen(cast["text_encoder"], cast["unet"], cast["vae"] if vae else None, alphas,
+                           cast.get("text_encoder_2"))
 
 
 def memory_dict(compiled):
@@ -50,14 +87,15 @@ def activation_bytes(spec, compute, params, batch, latent):
     from ti_flax import step as step_lib
 
     S = jax.ShapeDtypeStruct
-    dtype = jnp.dtype(compute.dtype)
-    cast = {k: jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params[k]) for k in ("text_encoder", "unet")}
-    frozen = step_lib.Frozen(cast["text_encoder"], cast["unet"], None, None)
+    frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), vae=False)
     moments = S((batch, 4, latent, latent), jnp.float32)
-    args = (S((1, spec.hidden_size), jnp.float32), frozen, S((batch, 77), jnp.int32), moments, S((batch,), jnp.int32), moments)
+    time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
+    args = (S((1, spec.row_width), jnp.float32), frozen, S((batch, 77), jnp.int32), moments, S((batch,), jnp.int32),
+            moments, time_ids)
 
-    def vjp_closure(rows, frozen, ids, noisy, t, target):
-        return jax.vjp(lambda r: step_lib.diffusion_loss(r, spec, compute, frozen, ids, noisy, t, target), rows)[1]
+    def vjp_closure(rows, frozen, ids, noisy, t, target, time_ids):
+        return jax.vjp(lambda r: step_lib.diffusion_loss(r, spec, compute, frozen, ids, noisy, t, target,
+                                                         time_ids=time_ids), rows)[1]
 
     jaxpr = jax.make_jaxpr(vjp_closure)(*args).jaxpr
     inputs = set(jaxpr.invars)
@@ -71,12 +109,13 @@ def cost_dict(cost):
     return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
 
 
-def abstract_cost(variant, batch, resolution, compile_it=True):
+def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
     """FLOPs, bytes accessed, XLA memory and activation memory of one device's step.
 
     Args:
       variant: benchmark.Variant. batch: per-device batch. resolution: image side in pixels.
       compile_it: analyse the compiled (fused) program; False: the unoptimised HLO (fast).
+      model: "sd15" or "sdxl" (SDXL 1.0 base shapes; not with the reference variant).
     Returns:
       a dict of the figures, with the FLOP-bound seconds per step on each TPU chip.
     """
@@ -89,11 +128,11 @@ def abstract_cost(variant, batch, resolution, compile_it=True):
 
     S = jax.ShapeDtypeStruct
     lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
-    spec = models.spec_from_configs(SD15_TEXT, SD15_UNET, SD15_VAE)
+    spec = model_spec(model)
     params = models.abstract_params(spec)
     config = TrainConfig(mixed_precision=variant.mixed_precision, gradient_accumulation_steps=variant.accumulation)
     opt_spec = OptimizerSpec.from_config(config, 1, 1000)
-    hidden, latent = spec.hidden_size, resolution // spec.vae_scale_factor
+    hidden, latent = spec.row_width, resolution // spec.vae_scale_factor
     ids = {"input_ids": S((batch, 77), jnp.int32)}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     alphas = S((spec.num_train_timesteps,), jnp.float32)
@@ -111,22 +150,21 @@ def abstract_cost(variant, batch, resolution, compile_it=True):
         # The TPU program without the Pallas kernel (it lowers only on a TPU): auto is dense there.
         attention = "dense" if variant.attention == "auto" else variant.attention
         compute = models.Compute.from_config(config.replace(gradient_checkpointing=variant.remat, attention=attention))
-        dtype = jnp.dtype(compute.dtype)
-        cast = jax.tree_util.tree_map(lambda x: S(x.shape, dtype), params)
-        frozen = step_lib.Frozen(cast["text_encoder"], cast["unet"], cast["vae"], alphas)
+        frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), alphas, vae=not variant.cache_latents)
         example_ids = S((batch,), jnp.int32)
+        time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
         if variant.cache_latents:
-            frozen = frozen._replace(vae=None)
             moments = S((batch, 4, latent, latent), jnp.float32)
-            data = step_lib.LatentBatch(moments, moments, ids["input_ids"], example_ids)
+            data = step_lib.LatentBatch(moments, moments, ids["input_ids"], example_ids, time_ids=time_ids)
         else:
-            data = step_lib.PixelBatch(S((batch, resolution, resolution, 3), jnp.uint8), ids["input_ids"], example_ids)
+            data = step_lib.PixelBatch(S((batch, resolution, resolution, 3), jnp.uint8), ids["input_ids"], example_ids,
+                                       time_ids=time_ids)
         state = jax.eval_shape(lambda: step_lib.init_state(jnp.zeros((1, hidden)), opt_spec))
         fn = step_lib.pmapped_train_step(spec, compute, opt_spec, tuple(jax.local_devices()[:1]))
         args = (state, frozen, data, key)
     start = time.perf_counter()
     lowered = fn.lower(*(lead(a) for a in args))
-    out = {"variant": variant.name, "batch": batch, "resolution": resolution}
+    out = {"variant": variant.name, "batch": batch, "resolution": resolution, "model": model}
     if not variant.reference:
         out["activation_residual_bytes"] = activation_bytes(spec, compute, params, batch, latent)
     if compile_it:

@@ -69,6 +69,9 @@ VARIANTS = {
         Variant("ours+cache+bf16", mixed_precision="bf16", cache_latents=True),
         Variant("ours-dense+bf16", attention="dense", mixed_precision="bf16"),
         Variant("ours+chunked+bf16", attention="chunked", mixed_precision="bf16"),
+        Variant("ours+remat+cache+bf16", remat=True, cache_latents=True, mixed_precision="bf16"),
+        Variant("ours+chunked+remat+cache+bf16", attention="chunked", remat=True, cache_latents=True,
+                mixed_precision="bf16"),
     )
 }
 WALLCLOCK_VARIANTS = "baseline,ours,ours+cache,ours-dense,ours+bf16,ours-dense+remat"
@@ -82,6 +85,9 @@ COST_VARIANTS = {
     # XLA can lower on a CPU (cudnn and flash need their GPU/TPU backends).
     4: ("ours-dense+bf16", "ours+chunked+bf16"),
 }
+# SDXL 1.0 base at 1024 px, batch 1, bf16: down to the smallest-memory setting (gradient
+# checkpointing, cached latents, chunked attention).
+SDXL_COST_VARIANTS = ("ours+bf16", "ours+cache+bf16", "ours+remat+cache+bf16", "ours+chunked+remat+cache+bf16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,6 +336,21 @@ def cost(args):
     return results
 
 
+def sdxl_cost(args):
+    """SDXL_COST_VARIANTS at 1024 px, batch 1."""
+    import jax
+
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    results = []
+    for name in SDXL_COST_VARIANTS:
+        results.append(abstract_cost(VARIANTS[name], 1, 1024, compile_it=not args.lowered_only, model="sdxl"))
+        r = results[-1]
+        temp = r.get("xla_memory", {}).get("temp_size_in_bytes")
+        print(f"  SDXL 1024px batch 1 {name}: {r['flops'] / 1e12:.3f} TFLOP, XLA temp {_gib(temp)} GiB, "
+              f"act {_gib(r.get('activation_residual_bytes'))} GiB ({r['lower_compile_s']:.0f} s)", flush=True)
+    return results
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -349,7 +370,7 @@ NOTES = """Notes:
   GB moved is XLA:CPU's post-fusion count; TPU fusion differs, so compare ratios, not absolutes."""
 
 
-def report(wall, costs):
+def report(wall, costs, sdxl_costs=()):
     lines = []
     if wall:
         lines.append("\nWall clock (median s per update; peak host RSS, XLA temp and act from a process per variant)")
@@ -370,9 +391,20 @@ def report(wall, costs):
                 f"{r['xla_memory'].get('temp_size_in_bytes', 0) / 2**20:12.1f} "
                 f"{_gib(r.get('activation_residual_bytes'), 2**20):>8s}"
             )
+    for title, rows in (("SD 1.5 shapes at 512 px", costs), ("SDXL 1.0 base shapes at 1024 px", sdxl_costs)):
+        if rows:
+            lines.extend(cost_table(title, rows))
+    if wall or costs or sdxl_costs:
+        lines.append(NOTES)
+    return "\n".join(lines)
+
+
+def cost_table(title, costs):
+    """The lines of one cost table (variants vs the baseline of the same batch, where there is one)."""
+    lines = []
     if costs:
         kind = "unoptimised HLO" if costs[0].get("analysis") == "lowered" else "compiled step"
-        lines.append(f"\nSD 1.5 shapes at 512 px, one device's step (XLA cost analysis of the {kind}); "
+        lines.append(f"\n{title}, one device's step (XLA cost analysis of the {kind}); "
                      "TPU bound = FLOPs / bf16 peak")
         lines.append(f"{'variant':17s} {'batch':>5s} {'TFLOP':>8s} {'vs base':>7s} {'GB moved':>9s} {'vs base':>7s} "
                      f"{'temp GiB':>8s} {'act GiB':>7s} {'v4 ms':>7s} {'v5e ms':>7s} {'v5p ms':>7s}")
@@ -390,9 +422,7 @@ def report(wall, costs):
                 f"{_gib(r.get('activation_residual_bytes')):>7s} {1e3 * tpu['v4']:7.1f} {1e3 * tpu['v5e']:7.1f} "
                 f"{1e3 * tpu['v5p']:7.1f}"
             )
-    if wall or costs:
-        lines.append(NOTES)
-    return "\n".join(lines)
+    return lines
 
 
 def parse_args(argv=None):
@@ -410,6 +440,8 @@ def parse_args(argv=None):
     p.add_argument("--lowered-only", action="store_true", help="cost of the unoptimised HLO (fast, no compile)")
     p.add_argument("--skip-wallclock", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--sdxl-cost", action="store_true",
+                   help="also the SDXL 1.0 base figures at 1024 px, batch 1 (compiles SDXL's step: minutes, ~10 GB RAM)")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--jax-cache", help=argparse.SUPPRESS)
@@ -450,13 +482,17 @@ def main(argv=None):
     if not args.skip_cost:
         print("\n== work per step: SD 1.5 shapes at 512 px ==", flush=True)
         costs = cost(args)
-    text = report(wall, costs)
+    sdxl_costs = []
+    if args.sdxl_cost:
+        print("\n== work per step: SDXL 1.0 base shapes at 1024 px ==", flush=True)
+        sdxl_costs = sdxl_cost(args)
+    text = report(wall, costs, sdxl_costs)
     print(text)
     model = "sd1-small layout (make_tiny_model.py), built for this run" if built else args.model
     meta = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()], "jax": jax.__version__,
             "model": model, "argv": sys.argv[1:]}
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "wallclock": wall, "cost": costs, "table": text}, f, indent=2)
+        json.dump({"meta": meta, "wallclock": wall, "cost": costs, "sdxl_cost": sdxl_costs, "table": text}, f, indent=2)
     print(f"\nwrote {args.out}")
     return 0
 

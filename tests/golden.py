@@ -74,21 +74,21 @@ def forward_values(model_dir):
     # Rows that differ from each other and from the initializer, so each one's gradient shows.
     rows = run.init_rows + 0.1 * np.random.default_rng(0).standard_normal(run.init_rows.shape).astype(np.float32)
 
-    mean, logvar = jax.jit(lambda p, x: step_lib.encode_pixels(spec, compute, p, x))(params["vae"], batch.pixel_values)
+    def everything(params, frozen, batch, rows, key):
+        # One program for every value: one compile, and XLA shares the parts they have in common.
+        mean, logvar = step_lib.encode_pixels(spec, compute, params["vae"], batch.pixel_values)
+        hidden = models.encode_text(spec, compute, params["text_encoder"], batch.input_ids, rows)
+        noisy, t, target = step_lib.diffusion_inputs(spec, compute, frozen, batch, key)
+        unets = {attention: models.predict_noise(spec, models.Compute(attention=attention), params["unet"], noisy, t,
+                                                 hidden) for attention in ("dense", "chunked")}
+        loss, grad = jax.value_and_grad(
+            lambda r: step_lib.diffusion_loss(r, spec, compute, frozen, batch.input_ids, noisy, t, target))(rows)
+        return mean, logvar, hidden, noisy, t, target, unets, loss, grad
+
+    mean, logvar, hidden, noisy, t, target, unets, loss, grad = jax.jit(everything)(params, frozen, batch, rows, key)
     latent_noise, noise, timesteps = step_lib.example_draws(
         key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps
     )
-    hidden = jax.jit(lambda p, ids, r: models.encode_text(spec, compute, p, ids, r))(
-        params["text_encoder"], batch.input_ids, rows)
-    noisy, t, target = jax.jit(lambda f, b, k: step_lib.diffusion_inputs(spec, compute, f, b, k))(frozen, batch, key)
-
-    def unet(attention):
-        c = models.Compute(attention=attention)
-        return jax.jit(lambda p, x, t, h: models.predict_noise(spec, c, p, x, t, h))(params["unet"], noisy, t, hidden)
-
-    loss, grad = jax.jit(jax.value_and_grad(
-        lambda r, f, ids, x, t, y: step_lib.diffusion_loss(r, spec, compute, f, ids, x, t, y)
-    ))(rows, frozen, batch.input_ids, noisy, t, target)
     values = {
         "rows": rows,
         "input_ids": batch.input_ids,
@@ -101,8 +101,8 @@ def forward_values(model_dir):
         "vae_logvar": logvar,
         "text_hidden": hidden,
         "target": target,
-        "unet_dense": unet("dense"),
-        "unet_chunked": unet("chunked"),
+        "unet_dense": unets["dense"],
+        "unet_chunked": unets["chunked"],
         "loss": loss,
         "grad_rows": grad,
     }

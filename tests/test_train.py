@@ -1,5 +1,6 @@
 """End-to-end training on the tiny model: outputs, frozen weights, devices, learning, interop."""
 
+import functools
 import json
 import os
 
@@ -162,15 +163,18 @@ def test_optimizer_state_is_only_the_rows():
 def fixed_eval_loss(model, rows, data, steps=4):
     """Loss over a fixed set of (image, noise, timestep) draws: the same for any rows."""
     key = jax.random.PRNGKey(1234)
-    spec, compute = model.spec, models.Compute()
     frozen = step_lib.Frozen.from_model(model)
+    return float(np.mean([_eval_loss(model.spec, rows, frozen, data.global_batch(s), jax.random.fold_in(key, s))
+                          for s in range(steps)]))
 
-    @jax.jit
-    def loss(rows, batch, key):
-        noisy, t, target = step_lib.diffusion_inputs(spec, compute, frozen, batch, key)
-        return step_lib.diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, t, target)
 
-    return float(np.mean([loss(rows, data.global_batch(s), jax.random.fold_in(key, s)) for s in range(steps)]))
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_loss(spec, rows, frozen, batch, key):
+    # The weights are arguments, not constants: one compile serves every rows and every call.
+    compute = models.Compute()
+    noisy, t, target = step_lib.diffusion_inputs(spec, compute, frozen, batch, key)
+    return step_lib.diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, t, target,
+                                   time_ids=batch.time_ids)
 
 
 def test_learning_is_real(one_device_run, tiny_model_dir, sample_images_dir, tmp_path):

@@ -138,13 +138,19 @@ def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_trai
     )
 
 
-def spec_from_configs(text_config, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000):
+def spec_from_configs(text_config, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000,
+                      text_config_2=None):
     """A ModelSpec from config dicts (a model's config.json contents), with no weights anywhere.
 
-    For measuring a model's step (shapes, FLOPs, memory) without downloading it.
+    For measuring a model's step (shapes, FLOPs, memory) without downloading it. With
+    `text_config_2` (SDXL's second text encoder) the ids are the CLIP tokenizer's: end-of-text
+    49407, and SDXL's tokenizer_2 pads with "!" (id 0).
     """
+    sdxl = {}
+    if text_config_2 is not None:
+        sdxl = dict(text_2=clip.CLIPTextConfig.from_dict(dict(text_config_2)), eos_token_id=49407, pad_token_id_2=0)
     return spec_from(clip.CLIPTextConfig.from_dict(dict(text_config)), unet.UNetConfig.from_dict(dict(unet_config)),
-                     vae.VAEConfig.from_dict(dict(vae_config)), prediction_type, num_train_timesteps)
+                     vae.VAEConfig.from_dict(dict(vae_config)), prediction_type, num_train_timesteps, **sdxl)
 
 
 def default_size(spec):
