@@ -4,8 +4,12 @@ import os
 import sys
 import tempfile
 
-# Must happen before jax is imported anywhere: tests see 4 CPU devices.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# Must happen before jax is imported anywhere: tests see 4 CPU devices. The suite's time is mostly
+# XLA compiling tiny models' programs; LLVM's level-1 pipeline compiles them ~20% faster and runs
+# them as fast (level 0 compiles faster still but runs the steps ~35% slower). XLA's own graph
+# passes do not depend on it; tests/test_golden.py holds the values. Subprocesses inherit the flags.
+TEST_XLA_FLAGS = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache for this session: training subprocesses reuse the programs

@@ -41,7 +41,7 @@ def worker_args(model_dir, data_dir, out, port, process_id, num_processes=2, tim
 
 def worker_env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
     return env
 
 
