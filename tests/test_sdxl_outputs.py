@@ -6,10 +6,11 @@ tokenizers and text encoders hold the learned tokens, ti_flax loads it again).""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
-from ti_flax import export, formats, models, verify
+from ti_flax import TrainConfig, export, formats, models, outputs, run as run_mod, verify
 from ti_flax.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -101,3 +102,61 @@ def test_verify_refuses_a_model_of_the_other_family_in_one_line(tmp_path, tiny_s
         code, _, err = run_cli(argv + ["-o", tmp_path / "out"], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ---- --save_as_full_pipeline ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory):
+    """A prepared 2-vector SDXL run with --save_as_full_pipeline, its outputs saved for known rows
+    (no training: the outputs are what is checked)."""
+    out = tmp_path_factory.mktemp("sdxl-run")
+    config = TrainConfig.tiny(tiny_sdxl_model_dir, sample_images_dir, str(out), num_vectors=2,
+                              save_as_full_pipeline=True)
+    run = run_mod.prepare(config, devices=jax.local_devices()[:1])
+    rows = make_rows(2, sum(WIDTHS), 3)
+    written = outputs.save_outputs(run, rows, [{"step": 1, "loss": 0.5}])
+    return run, rows, written
+
+
+def test_full_pipeline_loads_in_pytorch_sdxl_with_the_tokens_in_both_encoders(saved_run, tiny_sdxl_model_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    run, rows, written = saved_run
+    out = run.config.output_dir
+    assert written["pipeline"] == out
+    with open(os.path.join(out, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir)
+    vocab = len(base.tokenizer)
+    parts = (rows[:, :WIDTHS[0]], rows[:, WIDTHS[0]:])
+    for suffix, part in zip(("", "_2"), parts):
+        tokenizer, text_encoder = getattr(pipe, "tokenizer" + suffix), getattr(pipe, "text_encoder" + suffix)
+        assert tokenizer.convert_tokens_to_ids(run.tokens) == [vocab, vocab + 1]
+        table = text_encoder.get_input_embeddings().weight.detach().numpy()
+        assert table.shape == (vocab + 2, part.shape[1])
+        np.testing.assert_array_equal(table[vocab:], part)
+    assert pipe.tokenizer_2.pad_token == "!"  # SDXL's second tokenizer keeps its own padding
+    # Every frozen weight and config as in the model trained on.
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        saved, source = getattr(pipe, name).state_dict(), getattr(base, name).state_dict()
+        assert saved.keys() == source.keys(), name
+        for key, value in source.items():
+            if "token_embedding" not in key:
+                assert np.array_equal(saved[key].numpy(), value.numpy()), f"{name}: {key}"
+    public = lambda config: {k: v for k, v in dict(config).items() if not k.startswith("_")}  # noqa: E731
+    for name in ("unet", "vae", "scheduler"):
+        assert public(getattr(pipe, name).config) == public(getattr(base, name).config), name
+
+
+def test_full_pipeline_loads_in_ti_flax_again(saved_run):
+    run, rows, _ = saved_run
+    saved = models.load_model(run.config.output_dir)
+    vocab = run.model.spec.base_vocab_size
+    assert saved.spec.is_sdxl and saved.spec.base_vocab_size == vocab + 2
+    for tokenizer in saved.tokenizers:
+        assert tokenizer.convert_tokens_to_ids(run.tokens) == [vocab, vocab + 1]
+    for table, part in zip(models.token_tables(saved.params), models.split_rows(saved.spec, rows)):
+        np.testing.assert_array_equal(table[vocab:], part)
