@@ -160,3 +160,14 @@ def test_full_pipeline_loads_in_ti_flax_again(saved_run):
         assert tokenizer.convert_tokens_to_ids(run.tokens) == [vocab, vocab + 1]
     for table, part in zip(models.token_tables(saved.params), models.split_rows(saved.spec, rows)):
         np.testing.assert_array_equal(table[vocab:], part)
+
+
+def test_sdxl_run_writes_both_layouts_and_a_card_that_names_them(saved_run):
+    run, _, written = saved_run
+    out = run.config.output_dir
+    for kind, name in (("diffusers", "learned_embeds.safetensors"), ("diffusers_2", "learned_embeds_2.safetensors"),
+                       ("sdxl", "cat-toy.safetensors")):
+        assert written[kind] == os.path.join(out, name)
+    card = open(written["model_card"]).read()
+    assert 'pipe.load_textual_inversion("learned_embeds_2.safetensors", text_encoder=pipe.text_encoder_2, ' in card
+    assert "`embedding:cat-toy`" in card

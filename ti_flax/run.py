@@ -60,6 +60,11 @@ class Run:
         return models.Compute.from_config(self.config)
 
     @property
+    def is_sdxl(self):
+        """The model is SDXL (two text encoders): what its outputs and model card hold differs."""
+        return self.model.spec.is_sdxl
+
+    @property
     def num_concepts(self):
         return max(1, len(self.learned))
 
