@@ -57,7 +57,8 @@ def clip_tokenizer(_session_clip_tokenizer):
 # A test that needs a model folder loads a model and almost always compiles a step, and a model
 # port's parity test (tests/test_port_*.py) compiles whole models: both are marked `slow` here,
 # so `pytest -m "not slow"` is the quick inner loop.
-MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run", "single_file_model", "sd1_folder"}
+MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir", "golden_run", "single_file_model",
+                  "sd1_folder"}
 
 
 # The files with the most seconds of work under `-n 2 --dist loadfile`, longest first (measured:
@@ -91,6 +92,13 @@ def tiny_vpred_model_dir(tmp_path_factory):
     return make_tiny_model.build_tiny_model(
         str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction", seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    """A random-init StableDiffusionXLPipeline folder (scripts/make_tiny_model.py --layout tiny-sdxl):
+    text encoders 32 and 48 wide (projection 16), "!" padding in tokenizer_2."""
+    return make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny-sdxl")), layout="tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

@@ -199,6 +199,7 @@ class FakeRun:
 
         self.config = TrainConfig(output_dir=str(output_dir), validation_steps=validation_steps)
         self.tokens, self.total_steps, self.meta, self.learned = ["<t>"], total_steps, {}, ()
+        self.is_sdxl = False
 
 
 def write_failed(*args, **kwargs):

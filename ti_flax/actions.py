@@ -161,7 +161,8 @@ class Validate:
             for name, _, grid_path, images in results:
                 self.logger.log_image(done, f"validation/{name}" if name else "validation", grid_image(images))
             self.last_grid = results[0][2]
-            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid, self.run.learned)
+            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid, self.run.learned,
+                                        self.run.is_sdxl)
         except files.WriteFailed as err:
             save_failed(done, "the validation images", err)
             return

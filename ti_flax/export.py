@@ -4,7 +4,7 @@
 any embedding `ti_flax.formats.read_embedding` understands into the layout of diffusers, A1111
 or kohya / ComfyUI (the layouts themselves live in `ti_flax.formats`), reads every file back
 before reporting success, and with `verify=MODEL_DIR` checks it in PyTorch diffusers against
-the Flax text encoder.
+the Flax text encoder(s).
 
 SDXL embeddings (rows for two text encoders) convert between SDXL's two layouts only: `sdxl`,
 the one `{"clip_l", "clip_g"}` file A1111 / Forge, ComfyUI and kohya read, and
@@ -30,7 +30,7 @@ import sys
 
 from . import choices, files, formats
 from .errors import UserError, run_cli
-from .formats import DIFFUSERS_BIN, read_embedding
+from .formats import DIFFUSERS_BIN, TEXT_ENCODER_2, read_embedding
 
 # The layouts ti_flax writes, then other tools' names for them (comfyui reads kohya's layout).
 FORMATS = choices.export_formats()
@@ -60,7 +60,9 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
         overwrite: replace existing output files instead of refusing.
         bin: with format "diffusers", also write `learned_embeds.bin` (needs torch).
         verify: a Stable Diffusion model folder: load each written file with diffusers'
-            PyTorch `load_textual_inversion` and compare text-encoder outputs with Flax.
+            PyTorch `load_textual_inversion` and compare text-encoder outputs with Flax (an
+            SDXL embedding: into both text encoders of a `StableDiffusionXLPipeline`, comparing
+            its `encode_prompt` outputs).
         log: called with one line per file written and per verification, e.g. `print`.
 
     Returns:
@@ -68,7 +70,8 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
 
     Raises:
         UserError: on any bad input, an SDXL embedding for an SD 1.x / 2.x format or the
-            reverse, or `verify` with an SDXL embedding; nothing is written then.
+            reverse, or a `verify` model of another kind or width than the embedding, or a
+            failed verification; nothing is written then.
 
     Example:
         >>> import ti_flax
@@ -88,8 +91,6 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
     token = emb.token
     if target.token_from == "token" and token is None:
         raise UserError(f"{emb.path}: the {emb.format} file does not name its token; pass --token, e.g. --token '<my-concept>'")
-    if verify is not None and emb.is_sdxl:
-        raise UserError(f"--verify {verify}: not available for SDXL embeddings yet ({emb.path}); export without --verify")
     name = name or _default_name(token, output)
     # Each file to write and the embedding it holds (diffusers' SDXL pair: one text encoder each).
     pieces = [piece for path in _output_paths(output, layout, name, bin) for piece in target.pieces(path, emb)]
@@ -102,7 +103,7 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
         from . import verify as verify_lib
 
         verify_lib.require_torch()
-        verify_lib.check_width(verify, emb.rows)
+        verify_lib.check_width(verify, emb.rows, emb.more.get(TEXT_ENCODER_2))
     return _write_checked(pieces, layout, emb, token, name, verify, log or (lambda line: None))
 
 
@@ -127,8 +128,12 @@ def _write_checked(pieces, layout, emb, token, name, verify, log):
 
             # diffusers-layout files carry their token; the others need token= (A1111's name may
             # be an ordinary word already in the vocabulary).
-            checks = [(tmp, token or verify_lib.VERIFY_TOKEN, said != "token") for tmp in staged]
-            results = verify_lib.verify_files(verify, emb.rows, checks)
+            verify_token, pass_token = token or verify_lib.VERIFY_TOKEN, said != "token"
+            if emb.is_sdxl:  # one embedding in all the staged files (diffusers' pair, or the one clip_l/clip_g file)
+                results = verify_lib.verify_sdxl_files(verify, emb.rows, emb.more[TEXT_ENCODER_2],
+                                                       [(tuple(staged), verify_token, pass_token)])
+            else:
+                results = verify_lib.verify_files(verify, emb.rows, [(tmp, verify_token, pass_token) for tmp in staged])
         renamed = []
         for tmp, path in zip(staged, paths):
             try:
@@ -145,8 +150,9 @@ def _write_checked(pieces, layout, emb, token, name, verify, log):
     label = f", {said} {token if said == 'token' else name}" if said else ""
     for path, piece in pieces:
         log(f"wrote {path}: {layout} layout, {piece.shape_text()}{label} (from {emb.format} {emb.path})")
-    for path, result in zip(paths, results):
-        log(f"verified {path} in diffusers (PyTorch) as {result.token} (ids {list(result.token_ids)}): "
+    verified = [" + ".join(paths)] if emb.is_sdxl else paths  # what each result is about
+    for what, result in zip(verified, results):
+        log(f"verified {what} in diffusers (PyTorch) as {result.token} (ids {list(result.token_ids)}): "
             f"max abs difference to Flax {result.max_abs_diff:.2e}")
     return list(paths)
 

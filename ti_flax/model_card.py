@@ -1,11 +1,13 @@
 """The run's README.md: what was trained, how it went, and how to use the result elsewhere."""
 
 import os
+import shlex
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .files import atomic_write, png_bytes
+from .formats import sdxl_file_name
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -38,7 +40,7 @@ def loss_curve(losses, width=640, height=320, margin=40):
     return np.asarray(image)
 
 
-def write_model_card(config, tokens, history, files, validation_grid=None, learned=()):
+def write_model_card(config, tokens, history, files, validation_grid=None, learned=(), sdxl=False):
     """Write output_dir/README.md (and the loss curve PNG); returns the card's path.
 
     Args:
@@ -46,10 +48,12 @@ def write_model_card(config, tokens, history, files, validation_grid=None, learn
       history: per-step records (step, loss). files: {kind: path} written so far.
       validation_grid: path of the newest validation grid, if any.
       learned: with --concepts, the run's run.Learned, one per concept: the card lists each.
+      sdxl: the model is SDXL: the card says how each tool loads SDXL's files (diffusers' pair,
+        one file per text encoder, and the {clip_l, clip_g} file named by formats.sdxl_file_name).
     """
     if config.concepts is not None:
-        return _write(config, _concepts_card(config, history, files, validation_grid, learned), history)
-    return _write(config, _single_card(config, tokens, history, files, validation_grid), history)
+        return _write(config, _concepts_card(config, history, files, validation_grid, learned, sdxl), history)
+    return _write(config, _single_card(config, tokens, history, files, validation_grid, sdxl), history)
 
 
 def _write(config, lines, history):
@@ -71,7 +75,7 @@ def _header(config, title):
     ]
 
 
-def _concepts_card(config, history, files, validation_grid, learned):
+def _concepts_card(config, history, files, validation_grid, learned, sdxl=False):
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
     out, model = config.output_dir, config.pretrained_model_name_or_path
     losses = [r["loss"] for r in history]
@@ -85,7 +89,7 @@ def _concepts_card(config, history, files, validation_grid, learned):
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[f"| `{c.tokens[0]}` | {len(c.tokens)} | {c.concept.initial_embeddings or repr(c.concept.initializer_token)} "
           f"| {c.concept.learnable_property} | `{c.concept.train_data_dir}` | {c.concept.weight:g} "
-          f"| {final('loss/' + c.tokens[0])} | `{rel(os.path.join(c.out_dir, 'learned_embeds.safetensors'))}` |"
+          f"| {final('loss/' + c.tokens[0])} | `{rel(os.path.join(c.out_dir, _main_file(c.tokens[0], sdxl)))}` |"
           for c in learned],
         "",
         f"Steps {step}, learning rate {config.learning_rate:g} ({config.lr_scheduler}), batch "
@@ -103,6 +107,10 @@ def _concepts_card(config, history, files, validation_grid, learned):
         "",
         *[f"- `{rel(path)}` ({kind})" for kind, path in files.items() if str(path).startswith(out) and os.path.isfile(path)],
         "",
+    ]
+    if sdxl:
+        return lines + ["## Use them", "", *_sdxl_use(model, [(c.tokens[0], rel(c.out_dir)) for c in learned])]
+    lines += [
         "## Use them",
         "",
         "PyTorch diffusers (each concept's folder holds its own embedding):",
@@ -133,7 +141,7 @@ def _concepts_card(config, history, files, validation_grid, learned):
     return lines
 
 
-def _single_card(config, tokens, history, files, validation_grid):
+def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
     """The card's lines for a run of one concept."""
     out = config.output_dir
     losses = [r["loss"] for r in history]
@@ -170,6 +178,10 @@ def _single_card(config, tokens, history, files, validation_grid):
         "",
         *[f"- `{rel(path)}` ({kind})" for kind, path in files.items() if str(path).startswith(out) and os.path.isfile(path)],
         "",
+    ]
+    if sdxl:
+        return lines + ["## Use it", "", *_sdxl_use(config.pretrained_model_name_or_path, [(token, "")])]
+    lines += [
         "## Use it",
         "",
         "PyTorch diffusers:",
@@ -196,6 +208,57 @@ def _single_card(config, tokens, history, files, validation_grid):
         f'python -m ti_flax.generate --pretrained_model_name_or_path {config.pretrained_model_name_or_path} \\',
         f'  --embeddings {os.path.join(out, "learned_embeds.safetensors")} --prompt "a photo of {token}"',
         "```",
+        "",
+    ]
+    return lines
+
+
+def _main_file(token, sdxl):
+    """The file a concept's row in the card's table names: diffusers' file, or for SDXL the
+    {clip_l, clip_g} file (diffusers' pair is two files)."""
+    return sdxl_file_name(token) if sdxl else "learned_embeds.safetensors"
+
+
+def _sdxl_use(model, embeddings):
+    """The card's lines on loading SDXL embeddings in each tool.
+
+    `embeddings`: (token, folder relative to the card, "" for the card's own) per embedding.
+    diffusers loads its pair with two `load_textual_inversion` calls, one per text encoder;
+    A1111 / Forge, ComfyUI and kohya read the one {clip_l, clip_g} file and call the embedding
+    by its file name."""
+    where = lambda folder, name: f"{folder}/{name}" if folder else name  # noqa: E731
+    sdxl_files = [(token, where(folder, sdxl_file_name(token)), os.path.splitext(sdxl_file_name(token))[0])
+             for token, folder in embeddings]
+    names = ", ".join(f"`{name}`" for _, _, name in sdxl_files)
+    several = len(sdxl_files) > 1
+    lines = [
+        f"PyTorch diffusers: two `load_textual_inversion` calls{' per concept' if several else ''}, "
+        "`learned_embeds.safetensors` into the first text encoder and `learned_embeds_2.safetensors` into the second:",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionXLPipeline",
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{model}")',
+    ]
+    for _, folder in embeddings:
+        lines += [
+            f'pipe.load_textual_inversion("{where(folder, "learned_embeds.safetensors")}", '
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+            f'pipe.load_textual_inversion("{where(folder, "learned_embeds_2.safetensors")}", '
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+        ]
+    lines += [
+        f'image = pipe("a photo of {embeddings[0][0]}").images[0]',
+        "```",
+        "",
+        f"AUTOMATIC1111 / Forge: copy {', '.join(f'`{path}`' for _, path, _ in sdxl_files)} (SDXL's "
+        f"`{{clip_l, clip_g}}` layout) into `embeddings/` and write the file name without extension ({names}) "
+        "in the prompt.",
+        "",
+        f"ComfyUI: copy the same file{'s' if several else ''} into `models/embeddings/` and write "
+        f"{', '.join(f'`embedding:{name}`' for _, _, name in sdxl_files)} in the prompt.",
+        "",
+        f"kohya sd-scripts: `sdxl_gen_img.py --textual_inversion_embeddings "
+        f"{' '.join(shlex.quote(path) for _, path, _ in sdxl_files)}`, with {names} in the prompt.",
         "",
     ]
     return lines

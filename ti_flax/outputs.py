@@ -23,7 +23,8 @@ def save_outputs(run, rows, history, grid=None):
             written.update({kind + suffix: path for kind, path in saved.items()})
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
-        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid, run.learned)
+        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid, run.learned,
+                                                               run.is_sdxl)
     except files.WriteFailed as err:
         saved = list(written.values())
         checkpoints = ckpt.list_checkpoints(config.output_dir)

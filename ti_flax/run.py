@@ -60,6 +60,11 @@ class Run:
         return models.Compute.from_config(self.config)
 
     @property
+    def is_sdxl(self):
+        """The model is SDXL (two text encoders): what its outputs and model card hold differs."""
+        return self.model.spec.is_sdxl
+
+    @property
     def num_concepts(self):
         return max(1, len(self.learned))
 
@@ -191,8 +196,7 @@ def default_resolution(spec):
 
 def check_sdxl_flags(config):
     """UserError for a flag that does not work with an SDXL model yet."""
-    for flag, value in (("--validation_prompt", config.validation_prompt),
-                        ("--save_as_full_pipeline", config.save_as_full_pipeline)):
+    for flag, value in (("--validation_prompt", config.validation_prompt),):
         if value:
             raise UserError(f"{flag}: not available for SDXL models yet; drop it (the embedding files load in "
                             "diffusers, A1111 / Forge, ComfyUI and kohya)")

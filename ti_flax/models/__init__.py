@@ -441,8 +441,9 @@ def decode_latents(spec, compute, vae_params, latents_nchw):
 # Saving a whole pipeline
 
 
-def save_pipeline(model, tokenizer, rows, out_dir):
-    """Save a PyTorch-layout diffusers folder whose tokenizer and text encoder hold the new tokens."""
+def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
+    """Save a PyTorch-layout diffusers folder whose tokenizer(s) and text encoder(s) hold the new
+    tokens (SDXL: both, with each encoder's part of the rows); see pipeline.save_pipeline."""
     from .pipeline import save_pipeline as save
 
-    return save(model, tokenizer, rows, out_dir)
+    return save(model, tokenizer, rows, out_dir, tokenizer_2)

@@ -1,8 +1,9 @@
 """Writing a whole model as a diffusers PyTorch-layout folder (`--save_as_full_pipeline`).
 
-The folder is what `StableDiffusionPipeline.from_pretrained` reads (safetensors weights, config
-files, the tokenizer holding the learned tokens, model_index.json), and what `load_model` reads
-back. Every weight file goes through `files.write_bytes`, so a full disk is one line.
+The folder is what `StableDiffusionPipeline.from_pretrained` (for SDXL,
+`StableDiffusionXLPipeline.from_pretrained`) reads (safetensors weights, config files, the
+tokenizer(s) holding the learned tokens, model_index.json), and what `load_model` reads back.
+Every weight file goes through `files.write_bytes`, so a full disk is one line.
 """
 
 import json
@@ -11,7 +12,7 @@ import os
 import numpy as np
 
 from .. import files
-from . import configs, token_table, with_token_table
+from . import configs, split_rows, token_table, with_token_table
 from .weights import flatten
 
 # diffusers reads `_diffusers_version` only to warn about configs from much older releases.
@@ -35,27 +36,40 @@ def _scheduler_config(config):
     return config
 
 
-def save_pipeline(model, tokenizer, rows, out_dir):
-    """Write `model` with `rows` appended to its token table into `out_dir` (which must exist).
+def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
+    """Write `model` with `rows` appended to its token table(s) into `out_dir` (which must exist).
+
+    For SDXL, the folder is a `StableDiffusionXLPipeline`'s: each text encoder's table gets its
+    part of the rows (`split_rows`: the CLIP-L part in text_encoder, the bigG part in
+    text_encoder_2) and tokenizer_2 is saved beside tokenizer, both holding the new tokens.
 
     Args:
       model: a LoadedModel. tokenizer: its tokenizer, already holding the new tokens (one per row,
-        in row order). rows: float32 [N, hidden] learned rows. out_dir: an existing folder.
+        in row order). rows: float32 [N, row_width] learned rows. out_dir: an existing folder.
+      tokenizer_2: SDXL's second tokenizer holding the same new tokens with the same ids
+        (default: `model.tokenizer_2`, which `run.prepare` gave them); unused otherwise.
     Returns:
       out_dir.
     """
     from ..tokens import merged_table
 
-    c = configs(model.spec)
-    table = merged_table(token_table(model.params["text_encoder"]), rows)
-    text_config = dict(c.text.to_dict(), vocab_size=int(table.shape[0]), torch_dtype="float32")
-    parts = {
-        "text_encoder": (text_config, with_token_table(model.params["text_encoder"], table), "model.safetensors"),
+    spec, c = model.spec, configs(model.spec)
+    encoders = [("text_encoder", c.text, tokenizer)]
+    if spec.is_sdxl:
+        encoders.append(("text_encoder_2", c.text_2, tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2))
+    parts = {}
+    for (name, text, tok), part_rows in zip(encoders, split_rows(spec, rows)):
+        table = merged_table(token_table(model.params[name]), part_rows)
+        if len(tok) != table.shape[0]:  # a tokenizer without the tokens would save a folder that cannot load
+            raise ValueError(f"{name}: {table.shape[0]} rows but its tokenizer has {len(tok)} tokens")
+        text_config = dict(text.to_dict(), vocab_size=int(table.shape[0]), torch_dtype="float32")
+        parts[name] = (text_config, with_token_table(model.params[name], table), "model.safetensors")
+    parts.update({
         "unet": (dict(c.unet.to_dict(), _class_name="UNet2DConditionModel", _diffusers_version=_DIFFUSERS_VERSION),
                  model.params["unet"], "diffusion_pytorch_model.safetensors"),
         "vae": (dict(c.vae.to_dict(), _class_name="AutoencoderKL", _diffusers_version=_DIFFUSERS_VERSION),
                 model.params["vae"], "diffusion_pytorch_model.safetensors"),
-    }
+    })
     for name, (config, params, weights_file) in parts.items():
         folder = os.path.join(out_dir, name)
         os.makedirs(folder, exist_ok=True)
@@ -64,17 +78,35 @@ def save_pipeline(model, tokenizer, rows, out_dir):
     scheduler = _scheduler_config(model.scheduler_config)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler)
-    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    _write_json(os.path.join(out_dir, "model_index.json"), {
-        "_class_name": "StableDiffusionPipeline",
+    for (name, _, tok) in encoders:
+        tok.save_pretrained(os.path.join(out_dir, name.replace("text_encoder", "tokenizer")))
+    _write_json(os.path.join(out_dir, "model_index.json"), _model_index(model, scheduler["_class_name"]))
+    return out_dir
+
+
+def _model_index(model, scheduler_class):
+    """model_index.json: StableDiffusionPipeline's, or StableDiffusionXLPipeline's for SDXL."""
+    index = {
         "_diffusers_version": _DIFFUSERS_VERSION,
         "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-    })
-    return out_dir
+    }
+    if not model.spec.is_sdxl:
+        return dict(index, _class_name="StableDiffusionPipeline", requires_safety_checker=False,
+                    safety_checker=[None, None])
+    return dict(
+        index, _class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
+        # SDXL base zeroes the negative conditioning of an empty prompt; keep the model's choice.
+        force_zeros_for_empty_prompt=_source_index(model).get("force_zeros_for_empty_prompt", True),
+    )
+
+
+def _source_index(model):
+    """The loaded folder's model_index.json, or {} (a single-file model has none)."""
+    path = os.path.join(model.model_dir or "", "model_index.json")
+    return files.read_json(path, "a JSON pipeline index") if os.path.isfile(path) else {}
