@@ -342,7 +342,7 @@ def sdxl_cost(args):
 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
     results = []
-    for name in SDXL_COST_VARIANTS:
+    for name in args.sdxl_variants.split(","):
         results.append(abstract_cost(VARIANTS[name], 1, 1024, compile_it=not args.lowered_only, model="sdxl"))
         r = results[-1]
         temp = r.get("xla_memory", {}).get("temp_size_in_bytes")
@@ -442,6 +442,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--sdxl-cost", action="store_true",
                    help="also the SDXL 1.0 base figures at 1024 px, batch 1 (compiles SDXL's step: minutes, ~10 GB RAM)")
+    p.add_argument("--sdxl-variants", default=",".join(SDXL_COST_VARIANTS), help="comma-separated, for --sdxl-cost")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--jax-cache", help=argparse.SUPPRESS)
