@@ -191,8 +191,7 @@ def default_resolution(spec):
 
 def check_sdxl_flags(config):
     """UserError for a flag that does not work with an SDXL model yet."""
-    for flag, value in (("--validation_prompt", config.validation_prompt),
-                        ("--save_as_full_pipeline", config.save_as_full_pipeline)):
+    for flag, value in (("--save_as_full_pipeline", config.save_as_full_pipeline),):
         if value:
             raise UserError(f"{flag}: not available for SDXL models yet; drop it (the embedding files load in "
                             "diffusers, A1111 / Forge, ComfyUI and kohya)")
