@@ -176,12 +176,14 @@ def test_sdxl_embedding_as_a_negative_embedding(model, sdxl_dir, trained, tmp_pa
     formats.save_trained(str(tmp_path / "bad"), "<bad>", bad_rows, WIDTHS)
     formats.save_trained(str(tmp_path / "worse"), "<worse>", bad_rows * 3.0, WIDTHS)
     args = [result.files["diffusers"], str(tmp_path / "bad")]  # a file of the pair; a folder holding one
+    before = sampler.TRACE_COUNT["sample"]
     images = generate(sdxl_dir, tmp_path / "out", args, negative_prompt="<bad>, blurry")
     sample = sampler_for(model, args + [str(tmp_path / "worse")])
     np.testing.assert_array_equal(images, sample(PROMPT, "<bad>, blurry"))
     # The negative embedding reaches the UNet: other rows in its place, or none, give other images.
     assert np.abs(sample(PROMPT, "<worse>, blurry").astype(int) - images).max() > 0
     assert np.abs(sample(PROMPT, "blurry").astype(int) - images).max() > 0
+    assert sampler.TRACE_COUNT["sample"] == before  # new negative prompts and rows: nothing recompiled
 
 
 def test_sd1_embedding_for_the_sdxl_model_is_one_line(sdxl_dir, tmp_path, capsys):
