@@ -226,9 +226,8 @@ class Sampler:
 
     Args:
       spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} (+ "text_encoder_2" for
-        SDXL) host params, or (with
-        params_replicated=True) a step.Frozen already replicated by parallel.replicate on
-        `devices`, such as the train engine's, so the weights are not held twice.
+        SDXL) host params, or (with params_replicated=True) a step.Frozen already replicated by
+        parallel.replicate on `devices`, such as the train engine's, so the weights are not held twice.
       scheduler_config: the model's scheduler config (LoadedModel.scheduler_config).
       num_images: images per call (padded up to a multiple of the device count; extras dropped).
       num_inference_steps, guidance_scale, height, width, scheduler: sampling settings; height and
