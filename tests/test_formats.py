@@ -446,3 +446,13 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
     concept = SimpleNamespace(initial_embeddings=path, num_vectors=2)
     one_line_error(lambda: run.initial_rows(SimpleNamespace(allow_pickle=False), concept, SimpleNamespace(spec=spec), None),
                    path, f"--initial_embeddings {path}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder")
+
+
+def test_a_trained_sdxl_row_reads_back_from_every_file(tmp_path):
+    """save_trained splits [N, D1 + D2] rows into strided halves; each file holds them exactly."""
+    rows = make_rows(3, width=WIDTH + WIDTH_2)
+    written = formats.save_trained(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2))
+    for path in (written["diffusers"], written["sdxl"]):
+        emb = formats.read_embedding(path, token=None if path == written["diffusers"] else TOKEN)
+        got = np.concatenate(formats.check_embedding_fits(emb, 3, (WIDTH, WIDTH_2)), axis=1)
+        np.testing.assert_array_equal(got, rows)

@@ -368,9 +368,13 @@ def _umask():
 
 
 def safetensors_bytes(tensors, metadata=None):
+    """safetensors bytes of {name: numpy array}, each written in C order."""
+    import numpy as np
     from safetensors.numpy import save
 
-    return save(tensors, metadata=metadata)
+    # safetensors.numpy.save writes an array's memory as it lies: a strided view (an SDXL row's
+    # CLIP-L half, rows[:, :768]) would come out as the wrong numbers.
+    return save({name: np.ascontiguousarray(array) for name, array in tensors.items()}, metadata=metadata)
 
 
 def png_bytes(image, **save_args):

@@ -17,6 +17,12 @@ extension (as A1111 does). An embedding of N vectors becomes the tokens tok, tok
 tok_{N-1}; writing tok in --prompt or --negative_prompt stands for all of them, as in
 diffusers. Several embeddings can be used at once, in either prompt.
 
+An SDXL model folder takes SDXL embeddings: diffusers' pair learned_embeds.safetensors +
+learned_embeds_2.safetensors (either file, or the folder holding both), or one
+`{"clip_l", "clip_g"}` file (A1111 / ComfyUI / kohya), named by its file name as A1111 does.
+An empty --negative_prompt is all zeros for SDXL, and --scheduler defaults to the model's own
+(euler for SDXL base), as in diffusers' StableDiffusionXLPipeline.
+
 Images are written to OUTPUT_DIR/000.png, 001.png, ... (a rerun overwrites them), each
 written atomically and carrying its settings in a PNG "parameters" text chunk.
 """
@@ -47,27 +53,34 @@ def parse_embedding_arg(arg):
     return arg, None
 
 
-def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
-    """Read embeddings and add their tokens to `tokenizer` (in place), after the base vocabulary.
+def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
+    """Read embeddings and add their tokens to the model's tokenizer(s) (in place), after the base vocabulary.
 
     Args:
-      tokenizer: the model's CLIP tokenizer. spec: models.ModelSpec.
+      tokenizers: the model's CLIP tokenizer, or all of them (LoadedModel.tokenizers: SDXL's
+        two, which get the same ids). spec: models.ModelSpec.
       embedding_args: paths, "FILE:TOKEN" strings or (path, token) pairs.
       allow_pickle: let read_embedding unpickle a `.npy` (trusted files only).
     Returns:
       (concepts, rows): concepts is a list of token lists, one per embedding
-      ([tok, tok_1, ...]); rows is float32 [total vectors, hidden] in the same order, so the
-      token with id base_vocab_size + i reads rows[i].
+      ([tok, tok_1, ...]); rows is float32 [total vectors, spec.row_width] in the same order, so
+      the token with id base_vocab_size + i reads rows[i] (for SDXL, the clip_l row and the
+      clip_g row side by side).
     Raises:
-      UserError: unreadable file, width that does not fit the model, token already in the
-        vocabulary or used twice, token that is not one word.
-      ValueError: the tokenizer already holds added tokens.
+      UserError: unreadable file, width that does not fit the model (an SD 1.x / 2.x embedding
+        for an SDXL model or the reverse), token already in the vocabulary or used twice, token
+        that is not one word.
+      ValueError: a tokenizer already holds added tokens.
     """
     from . import tokens as tokens_lib
     from .formats import check_embedding_fits, read_embedding
 
-    if len(tokenizer) != spec.base_vocab_size:
-        raise ValueError("load_concepts needs the model's own tokenizer, with no tokens added yet")
+    tokenizers = tuple(tokenizers) if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
+    if len(tokenizers) != (2 if spec.is_sdxl else 1):
+        raise ValueError(f"load_concepts needs every tokenizer of the model (model.tokenizers), got {len(tokenizers)}")
+    if any(len(tokenizer) != spec.base_vocab_size for tokenizer in tokenizers):
+        raise ValueError("load_concepts needs the model's own tokenizers, with no tokens added yet")
+    tokenizer = tokenizers[0]  # SDXL's two share the vocabulary (models.load_model checks)
     # Read and check every file before the tokenizer changes, so an error leaves it untouched.
     concepts, rows, owners = [], [], {}
     vocab = tokenizer.get_vocab()
@@ -75,7 +88,9 @@ def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
         path, token = parse_embedding_arg(arg)
         emb = read_embedding(path, token=token, allow_pickle=allow_pickle)
         token = emb.token or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        emb_rows = check_embedding_fits(emb, None, spec.hidden_size, what=f"--embeddings {path}")
+        emb_rows = check_embedding_fits(emb, None, spec.embedding_width, what=f"--embeddings {path}")
+        if spec.is_sdxl:  # (clip_l rows, clip_g rows) -> one row per vector, side by side
+            emb_rows = np.concatenate(emb_rows, axis=1)
         if not token or any(ch.isspace() for ch in token):
             raise UserError(f"--embeddings {path}: token {token!r} is not one word; name it with {path}:<token>")
         names = tokens_lib.placeholder_tokens(token, emb_rows.shape[0])
@@ -95,28 +110,32 @@ def load_concepts(tokenizer, spec, embedding_args, allow_pickle=False):
         rows.append(emb_rows)
     for names in concepts:
         try:
-            # Ids follow the base vocabulary in order, so token id base + i reads rows[i].
-            tokens_lib.add_placeholder_tokens(tokenizer, names)
+            # Ids follow the base vocabulary in order, so token id base + i reads rows[i]: the same
+            # ids in each tokenizer, as they started from the same vocabulary.
+            for each in tokenizers:
+                tokens_lib.add_placeholder_tokens(each, names)
         except UserError as err:
             raise UserError(f"--embeddings {owners[names[0]]}: {err}") from None
-    rows = np.concatenate(rows) if rows else np.zeros((0, spec.hidden_size), np.float32)
+    rows = np.concatenate(rows) if rows else np.zeros((0, spec.row_width), np.float32)
     return concepts, rows
 
 
 def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
-             guidance_scale=7.5, seed=0, height=None, width=None, scheduler="pndm", output_dir="generated",
+             guidance_scale=7.5, seed=0, height=None, width=None, scheduler=None, output_dir="generated",
              allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
-      pretrained_model_name_or_path: a Stable Diffusion folder, Hub id, or one original SD 1.x/2.x
-        checkpoint file (`.safetensors`; `.ckpt` with allow_pickle).
+      pretrained_model_name_or_path: a Stable Diffusion 1.x / 2.x or SDXL folder, Hub id, or one
+        original SD 1.x/2.x checkpoint file (`.safetensors`; `.ckpt` with allow_pickle).
       prompt, negative_prompt: the texts; either may use the embeddings' tokens.
-      embeddings: paths, "FILE:TOKEN" strings or (path, token) pairs (see the module docstring).
+      embeddings: paths, "FILE:TOKEN" strings or (path, token) pairs (see the module docstring);
+        SDXL embeddings for an SDXL model.
       num_images, steps, guidance_scale, seed: sampling settings; the same seed and settings give
         the same images whatever the number of devices.
       height, width: pixels, multiples of 8; default: the model's native size.
-      scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler".
+      scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler"; None: "pndm" for
+        SD 1.x / 2.x, the model folder's own scheduler for SDXL (see sampler.default_scheduler).
       output_dir: where 000.png, 001.png, ... are written.
       allow_pickle: allow reading a pickled `.npy` embedding or `.ckpt` model (trusted files only).
       devices: the local devices to split images over (default: all).
@@ -150,13 +169,13 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         raise UserError(f"--seed {seed}: must be between 0 and {MAX_SEED}")
     if not np.isfinite(guidance_scale):
         raise UserError(f"--guidance_scale {guidance_scale}: must be a finite number")
-    if scheduler not in SAMPLERS:
+    if scheduler is not None and scheduler not in SAMPLERS:
         raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SAMPLERS)}")
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
     model = models.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle)
-    concepts, rows = load_concepts(model.tokenizer, model.spec, embeddings, allow_pickle)
+    concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
     prompt_ids = encode_prompt(model.tokenizer, prompt, concepts)
@@ -167,7 +186,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
             warnings.warn(f"embedding token {names[0]} appears in neither --prompt nor --negative_prompt", stacklevel=2)
     images = sampler.sample(rows, prompt_ids, negative_ids, seed)
     parameters = (
-        f"{prompt}\nNegative prompt: {negative_prompt}\nSteps: {steps}, Sampler: {scheduler}, "
+        f"{prompt}\nNegative prompt: {negative_prompt}\nSteps: {steps}, Sampler: {sampler.settings.scheduler}, "
         f"CFG scale: {guidance_scale}, Seed: {seed}, Size: {sampler.width}x{sampler.height}, "
         f"Model: {pretrained_model_name_or_path}, Embeddings: {', '.join(n[0] for n in concepts) or 'none'}"
     )
@@ -196,7 +215,8 @@ def build_parser():
         prog="ti-flax-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="Stable Diffusion folder, Hub id, or one original SD 1.x/2.x .safetensors file")
+                        help="Stable Diffusion 1.x/2.x or SDXL folder, Hub id, or one original SD 1.x/2.x "
+                        ".safetensors file")
     parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
                         help="the model's target instead of its scheduler config's "
                         "(single files: epsilon unless given)")
@@ -210,7 +230,8 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="pndm")
+    parser.add_argument("--scheduler", choices=SAMPLERS, default=None,
+                        help="default: pndm; for SDXL the model's own scheduler (euler for SDXL base)")
     parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
     parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
                         help="allow reading a pickled .npy embedding or .ckpt model "

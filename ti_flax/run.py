@@ -79,8 +79,6 @@ def prepare(config, devices=None):
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
                               config.prediction_type, config.allow_pickle)
     load_seconds = time.perf_counter() - start
-    if model.spec.is_sdxl:
-        check_sdxl_flags(config)
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
@@ -192,14 +190,6 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
 def default_resolution(spec):
     """--resolution left unset: 512 for SD 1.x / 2.x (as diffusers' scripts), the native size for SDXL (1024)."""
     return models.default_resolution(spec) if spec.is_sdxl else DEFAULT_RESOLUTION
-
-
-def check_sdxl_flags(config):
-    """UserError for a flag that does not work with an SDXL model yet."""
-    for flag, value in (("--validation_prompt", config.validation_prompt),):
-        if value:
-            raise UserError(f"{flag}: not available for SDXL models yet; drop it (the embedding files load in "
-                            "diffusers, A1111 / Forge, ComfyUI and kohya)")
 
 
 def check_resolution(resolution, spec):

@@ -6,6 +6,10 @@ encoder, UNet and VAE weights are replicated on the local devices once and passe
 arguments, and the learned rows, prompts, seed and guidance scale are arguments too, so
 sampling with new rows (a validation during training) never recompiles anything.
 
+For SDXL the program conditions on both text encoders and adds SDXL's pooled text embedding and
+size/crop ids, as diffusers' StableDiffusionXLPipeline does by default; an empty negative prompt
+is all zeros there (its `force_zeros_for_empty_prompt`), and here too.
+
     >>> sampler = Sampler.from_model(model, num_images=4, num_inference_steps=25)  # doctest: +SKIP
     >>> ids = encode_prompt(model.tokenizer, "a photo of <cat-toy>", [["<cat-toy>"]])  # doctest: +SKIP
     >>> images = sampler.sample(rows, ids, encode_prompt(model.tokenizer, ""), seed=0)  # doctest: +SKIP
@@ -14,19 +18,23 @@ sampling with new rows (a validation during training) never recompiles anything.
 import dataclasses
 import functools
 import json
+import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import models, parallel
+from . import data, files, models, parallel
 from .errors import UserError
 from .step import Frozen
 from .models import schedulers
 from .tokens import expand_placeholders
 
 SCHEDULERS = schedulers.SAMPLERS
+# diffusers' scheduler classes and the sampler here that runs each.
+SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                    "DPMSolverMultistepScheduler": "dpm"}
 
 # Learned rows are padded to a multiple of this many, so embeddings of different lengths
 # (1 to 8 vectors, or several embeddings together) share one compiled program.
@@ -47,12 +55,24 @@ class SamplerSettings:
     num_inference_steps: int
     height: int
     width: int
+    # SDXL: an empty negative prompt conditions on zeros, not on the encoded empty text
+    # (diffusers' force_zeros_for_empty_prompt). Always False for SD 1.x / 2.x.
+    zero_empty_negative: bool = False
 
 
 @functools.lru_cache(maxsize=None)
 def _plan(name, scheduler_config_json, num_inference_steps):
     """The sampler's static plan (timesteps and coefficients); UserError if it cannot run."""
     return schedulers.plan(name, json.loads(scheduler_config_json), num_inference_steps)
+
+
+def default_scheduler(spec, scheduler_config):
+    """The sampler used when none is chosen: "pndm" for SD 1.x / 2.x; for SDXL the model folder's
+    own scheduler, which diffusers' StableDiffusionXLPipeline (and its textual-inversion script's
+    validation) samples with: euler for SDXL base, and euler when the folder's is none of SCHEDULERS."""
+    if not spec.is_sdxl:
+        return "pndm"
+    return SAMPLER_OF_CLASS.get(str(dict(scheduler_config).get("_class_name")), "euler")
 
 
 def check_size(spec, height, width):
@@ -85,6 +105,18 @@ def encode_prompt(tokenizer, prompt, concepts=()):
     return np.asarray(body + [tokenizer.pad_token_id] * (length - len(body)), dtype=np.int32)
 
 
+def zeros_for_empty_negative(model):
+    """Whether an empty negative prompt is all zeros for a models.LoadedModel: an SDXL folder's
+    model_index.json `force_zeros_for_empty_prompt` (True when unset, as diffusers' default);
+    False for SD 1.x / 2.x, whose pipelines encode the empty text."""
+    if not model.spec.is_sdxl:
+        return False
+    index = os.path.join(model.model_dir, "model_index.json")
+    if not os.path.isfile(index):
+        return True
+    return bool(files.read_json(index, "a JSON pipeline index").get("force_zeros_for_empty_prompt", True))
+
+
 def image_noise(key, image_ids, shape):
     """Initial latents [B, *shape]: image i's noise comes from fold_in(key, i) alone."""
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(jnp.asarray(image_ids))
@@ -94,8 +126,9 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
     """The scheduler's loop from starting noise to final latents, with classifier-free guidance.
 
     Args:
-      frozen: step.Frozen (text_encoder and unet are read).
-      rows: float32 [R, hidden] learned rows; token id base_vocab_size + i reads rows[i].
+      frozen: step.Frozen (text_encoder(s) and unet are read).
+      rows: float32 [R, spec.row_width] learned rows; token id base_vocab_size + i reads rows[i]
+        (for SDXL in both encoders: each row is the CLIP-L row and the bigG row side by side).
       prompt_ids, negative_ids: int32 [B, L] token ids of the prompts and negative prompts.
       noise: float32 [B, C, h, w] standard normal starting latents (scaled here by the
         scheduler's init_noise_sigma, as diffusers' pipelines scale given latents).
@@ -107,7 +140,10 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
     plan = _plan(settings.scheduler, settings.scheduler_config, settings.num_inference_steps)
     batch = prompt_ids.shape[0]
     # Negative and positive prompts go through each model in one batch: [uncond, cond].
-    context = models.encode_text(spec, compute, frozen.text_encoder, jnp.concatenate([negative_ids, prompt_ids]), rows)
+    cond = models.condition(spec, compute, frozen.text_params, jnp.concatenate([negative_ids, prompt_ids]), rows)
+    context, added = cond.context, None
+    if spec.is_sdxl:
+        context, added = sdxl_conditioning(settings, cond, negative_ids)
     latents = noise * schedulers.init_noise_sigma(plan)
     # The plan's few small tables are constants of the program.
     timesteps_table = jnp.asarray(plan.timesteps, jnp.float32)
@@ -116,7 +152,7 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
         latents, state = carry
         x = schedulers.scale_model_input(plan, jnp.concatenate([latents, latents]), i)
         timesteps = jnp.broadcast_to(timesteps_table[i], (2 * batch,))
-        pred = models.predict_noise(spec, compute, frozen.unet, x.astype(context.dtype), timesteps, context)
+        pred = models.predict_noise(spec, compute, frozen.unet, x.astype(context.dtype), timesteps, context, added)
         uncond, cond = jnp.split(pred.astype(jnp.float32), 2)
         guided = uncond + guidance_scale * (cond - uncond)
         return schedulers.step(plan, state, guided, i, latents)
@@ -126,12 +162,31 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
     return latents
 
 
+def sdxl_conditioning(settings, cond, negative_ids):
+    """SDXL's (context, added_cond) for the [negative, positive] batch of a models.Condition.
+
+    An empty negative prompt (its ids are BOS, EOS: the text tokenizes to nothing) conditions on
+    zero context and zero pooled embedding when settings.zero_empty_negative; every image gets
+    the time ids (height, width, 0, 0, height, width): diffusers' defaults original_size =
+    target_size = (height, width), crop (0, 0).
+    """
+    spec, batch = settings.spec, negative_ids.shape[0]
+    context, pooled = cond.context, cond.text_embeds
+    if settings.zero_empty_negative:
+        keep = jnp.concatenate([negative_ids[:, 1] != spec.eos_token_id, jnp.ones((batch,), bool)])
+        context = jnp.where(keep[:, None, None], context, jnp.zeros((), context.dtype))
+        pooled = jnp.where(keep[:, None], pooled, jnp.zeros((), pooled.dtype))
+    size = (settings.height, settings.width)
+    time_ids = jnp.broadcast_to(jnp.asarray(data.size_and_crop_ids(size, (0, 0), size)), (2 * batch, 6))
+    return context, {"text_embeds": pooled, "time_ids": time_ids}
+
+
 def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance_scale, *, settings):
     """Images for one device's share of the prompts (pure; compile it with pmap).
 
     Args:
       frozen: step.Frozen (its alphas_cumprod is not read).
-      rows: float32 [R, hidden] learned rows; token id base_vocab_size + i reads rows[i].
+      rows: float32 [R, spec.row_width] learned rows; token id base_vocab_size + i reads rows[i].
       prompt_ids, negative_ids: int32 [B, L] token ids of the prompts and negative prompts.
       image_ids: int32 [B] each image's index in the whole batch; its noise is keyed by it,
         so an image does not depend on the number of devices.
@@ -170,30 +225,35 @@ class Sampler:
     """Stable Diffusion text-to-image for fixed settings, compiled on first use and reused.
 
     Args:
-      spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} host params, or (with
-        params_replicated=True) a step.Frozen already replicated by parallel.replicate on
-        `devices`, such as the train engine's, so the weights are not held twice.
+      spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} (+ "text_encoder_2" for
+        SDXL) host params, or (with params_replicated=True) a step.Frozen already replicated by
+        parallel.replicate on `devices`, such as the train engine's, so the weights are not held twice.
       scheduler_config: the model's scheduler config (LoadedModel.scheduler_config).
       num_images: images per call (padded up to a multiple of the device count; extras dropped).
       num_inference_steps, guidance_scale, height, width, scheduler: sampling settings; height and
-        width default to the model's native size.
+        width default to the model's native size, scheduler to default_scheduler's choice.
       devices: the local devices to split images over (default: all local devices).
       compute: models.Compute (default: float32, auto attention).
+      zero_empty_negative: SDXL only: an empty negative prompt conditions on zeros (see
+        zeros_for_empty_negative; from_model reads it from the model folder). Default: True for
+        SDXL, as diffusers' SDXL pipelines; always False for SD 1.x / 2.x.
     """
 
     def __init__(self, spec, params, scheduler_config, *, num_images=None, num_inference_steps=25,
-                 guidance_scale=7.5, height=None, width=None, scheduler="pndm", devices=None,
-                 params_replicated=False, compute=None):
+                 guidance_scale=7.5, height=None, width=None, scheduler=None, devices=None,
+                 params_replicated=False, compute=None, zero_empty_negative=None):
         self.devices = tuple(devices or jax.local_devices())
         default_h, default_w = models.default_size(spec)
         self.height, self.width = height or default_h, width or default_w
         check_size(spec, self.height, self.width)
         if not 1 <= num_inference_steps <= spec.num_train_timesteps:
             raise UserError(f"--steps {num_inference_steps}: must be between 1 and {spec.num_train_timesteps}")
+        scheduler = scheduler or default_scheduler(spec, scheduler_config)
         config_json = json.dumps(dict(scheduler_config), sort_keys=True, default=str)
         _plan(scheduler, config_json, int(num_inference_steps))  # UserError for an unknown or unusable scheduler
+        zero_empty_negative = spec.is_sdxl and (True if zero_empty_negative is None else bool(zero_empty_negative))
         self.settings = SamplerSettings(spec, compute or models.Compute(), scheduler, config_json,
-                                        int(num_inference_steps), self.height, self.width)
+                                        int(num_inference_steps), self.height, self.width, zero_empty_negative)
         self.num_images = int(num_images or len(self.devices))
         if self.num_images < 1:
             raise UserError(f"--num_images {num_images}: must be at least 1")
@@ -201,15 +261,18 @@ class Sampler:
         n = len(self.devices)
         self.per_device = -(-self.num_images // n)
         if params_replicated:
-            self.frozen = params
+            # The noise schedule is not read: without it the engine's weights and a model's own
+            # make the same program, so generating after a validation compiles nothing new.
+            self.frozen = params._replace(alphas_cumprod=None)
         else:
-            self.frozen = parallel.replicate(Frozen(params["text_encoder"], params["unet"], params["vae"], None),
-                                             self.devices)
+            self.frozen = parallel.replicate(Frozen(params["text_encoder"], params["unet"], params["vae"], None,
+                                                    params.get("text_encoder_2")), self.devices)
         self._fn = pmapped_sample_step(self.settings, self.devices)
 
     @classmethod
     def from_model(cls, model, **kwargs):
-        """A Sampler for a models.LoadedModel."""
+        """A Sampler for a models.LoadedModel (an SDXL folder's force_zeros_for_empty_prompt read)."""
+        kwargs.setdefault("zero_empty_negative", zeros_for_empty_negative(model))
         return cls(model.spec, model.params, model.scheduler_config, **kwargs)
 
     def _per_device(self, ids, name):
@@ -226,7 +289,8 @@ class Sampler:
         """Generate `num_images` images.
 
         Args:
-          rows: float32 [N, hidden] learned rows (N may be 0); ids base_vocab_size + i read rows[i].
+          rows: float32 [N, spec.row_width] learned rows (N may be 0); ids base_vocab_size + i read
+            rows[i] (for SDXL the CLIP-L row and the bigG row side by side).
           prompt_ids, negative_ids: int32 [L] (one prompt for all images) or [num_images, L],
             from encode_prompt.
           seed: images depend only on (seed, image index, rows, prompts, settings).
@@ -236,13 +300,13 @@ class Sampler:
         """
         if not 0 <= seed < 2**32:
             raise UserError(f"--seed {seed}: must be between 0 and {2**32 - 1}")
-        hidden = self.settings.spec.hidden_size
+        width = self.settings.spec.row_width
         rows = np.asarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != hidden:
+        if rows.ndim != 2 or rows.shape[1] != width:
             # A replicated [devices, N, D] copy from a pmapped state must be unreplicated first.
-            raise ValueError(f"rows: expected [num_rows, {hidden}], got shape {rows.shape}")
+            raise ValueError(f"rows: expected [num_rows, {width}], got shape {rows.shape}")
         bucket = max(ROW_BUCKET, -(-rows.shape[0] // ROW_BUCKET) * ROW_BUCKET)
-        rows = np.concatenate([rows, np.zeros((bucket - rows.shape[0], hidden), np.float32)])
+        rows = np.concatenate([rows, np.zeros((bucket - rows.shape[0], width), np.float32)])
         prompt_ids = self._per_device(prompt_ids, "prompt_ids")
         negative_ids = self._per_device(negative_ids, "negative_ids")
         image_ids = np.arange(prompt_ids.shape[0] * self.per_device, dtype=np.int32).reshape(prompt_ids.shape[:2])

@@ -2,7 +2,8 @@
 
 The sampler is built once per run on the train loop's replicated frozen weights (no second
 copy) and compiled on first use; the learned rows are an argument, so no validation
-recompiles anything.
+recompiles anything. SDXL models sample through both text encoders, as diffusers'
+StableDiffusionXLPipeline does.
 """
 
 import math
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from . import files
-from .sampler import Sampler, encode_prompt
+from .sampler import Sampler, encode_prompt, zeros_for_empty_negative
 
 FOLDER = "validation"
 
@@ -67,6 +68,7 @@ class Validator:
             devices=devices,
             params_replicated=True,
             compute=compute,
+            zero_empty_negative=zeros_for_empty_negative(model),
         )
         groups = [list(c.tokens) for c in learned]
         # (name, folder, prompt ids) per prompt: the name is "" in a single-concept run.
@@ -75,6 +77,7 @@ class Validator:
              encode_prompt(model.tokenizer, prompt_for(config, c), groups))
             for c in learned
         ]
+        # No negative prompt: for SDXL all zeros, as diffusers' SDXL pipeline called without one.
         self.negative_ids = encode_prompt(model.tokenizer, "")
 
     def __call__(self, rows, step):
