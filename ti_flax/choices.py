@@ -34,7 +34,7 @@ TABLE = (
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
     Choice("--attention", ATTENTION, "auto"),
     Choice("--report_to", REPORT_TO, "auto"),
-    Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm"),
+    Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm; SDXL: the model's own"),
 )
 
 
