@@ -48,14 +48,14 @@ def with_parameters(nb, **values):
     return nb
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory, request):
+def execute(tmp_path_factory, request, **parameters):
+    """(executed notebook, its WORKDIR, seconds) of a TINY run with `parameters` injected."""
     base = tmp_path_factory.mktemp("notebook")
     workdir = base / "work"
     monkeypatch = pytest.MonkeyPatch()
     request.addfinalizer(monkeypatch.undo)
     monkeypatch.setenv("JUPYTER_PATH", kernel_on_this_interpreter(base / "jupyter"))
-    nb = with_parameters(nbformat.read(NOTEBOOK, as_version=4), TINY=True, WORKDIR=str(workdir))
+    nb = with_parameters(nbformat.read(NOTEBOOK, as_version=4), TINY=True, WORKDIR=str(workdir), **parameters)
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT, kernel_name=KERNEL, resources={"metadata": {"path": os.path.join(ROOT, "scripts")}}
     )
@@ -65,6 +65,11 @@ def executed(tmp_path_factory, request):
     finally:
         nbformat.write(nb, str(base / "executed.ipynb"))  # kept for reading a failure
     return nb, workdir, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, request):
+    return execute(tmp_path_factory, request)
 
 
 def outputs(nb, cell_text):
@@ -140,3 +145,22 @@ def test_generate_cell_writes_and_shows_two_images(executed):
     assert Image.open(workdir / "generated" / "000.png").size == (32, 32)
     assert len(png_outputs(outputs(nb, "ti_flax.generate("))) == 1
 
+
+
+def test_sdxl_choice_trains_exports_sdxl_files_and_generates(tmp_path_factory, request):
+    # The settings' SDXL choice (here the tiny SDXL-layout model): the same cells train, validate,
+    # export diffusers' pair and the {clip_l, clip_g} file, and generate.
+    nb, workdir, _ = execute(tmp_path_factory, request, TINY_SDXL=True)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"]
+    rows = read_embedding(str(workdir / "output")).rows  # the run's pair
+    export = workdir / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["learned_embeds.safetensors", "learned_embeds_2.safetensors",
+                                                        "my-concept.safetensors"]
+    for emb in (read_embedding(str(export / "learned_embeds.safetensors")),
+                read_embedding(str(export / "my-concept.safetensors"))):
+        assert emb.is_sdxl and emb.rows.shape == (2, 32)
+        np.testing.assert_array_equal(emb.rows, rows)
+    assert len(png_outputs(outputs(nb, "ti_flax.train(config"))) == 2  # validation strips at steps 3 and 6
+    assert sorted(p.name for p in (workdir / "generated").iterdir()) == ["000.png", "001.png"]
