@@ -368,9 +368,15 @@ def _umask():
 
 
 def safetensors_bytes(tensors, metadata=None):
+    """safetensors bytes of {name: numpy array}, each array in C order.
+
+    safetensors' numpy `save` takes the buffer of an array as it lies in memory: a strided view
+    (an SDXL row's CLIP-L or bigG half, `rows[:, :768]`) would be written as the wrong values.
+    """
+    import numpy as np
     from safetensors.numpy import save
 
-    return save(tensors, metadata=metadata)
+    return save({k: np.asarray(v, order="C") for k, v in tensors.items()}, metadata=metadata)
 
 
 def png_bytes(image, **save_args):
