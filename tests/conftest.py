@@ -53,7 +53,9 @@ def clip_tokenizer(_session_clip_tokenizer):
 # A test that needs a model folder loads a model and almost always compiles a step, and a model
 # port's parity test (tests/test_port_*.py) compiles whole models: both are marked `slow` here,
 # so `pytest -m "not slow"` is the quick inner loop.
-MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run", "single_file_model", "sd1_folder"}
+MODEL_FIXTURES = {
+    "tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir", "golden_run", "single_file_model", "sd1_folder",
+}
 
 
 # The files with the most seconds of work under `-n 2 --dist loadfile`, longest first (measured:
@@ -62,7 +64,7 @@ MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "golden_run", "singl
 # short files that follow fill in around them and both workers finish close together, instead of
 # one worker starting a 3-minute file while the other runs out of work.
 LONGEST_FILES = [
-    "test_checkpoint.py", "test_multihost.py", "test_speed.py", "test_golden.py", "test_train.py",
+    "test_checkpoint.py", "test_sdxl_train.py", "test_multihost.py", "test_speed.py", "test_golden.py", "test_train.py",
     "test_faults.py", "test_notebook.py", "test_gradients.py", "test_validation.py", "test_api.py",
 ]
 
@@ -87,6 +89,13 @@ def tiny_vpred_model_dir(tmp_path_factory):
     return make_tiny_model.build_tiny_model(
         str(tmp_path_factory.mktemp("tiny-sd-v")), prediction_type="v_prediction", seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model_dir(tmp_path_factory):
+    """A random-init StableDiffusionXLPipeline-layout folder: CLIP-L-like encoder 32 wide, bigG-like
+    48 wide with projection 16, "!" padding in tokenizer_2, text_time UNet."""
+    return make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny-sdxl")), layout="tiny-sdxl")
 
 
 @pytest.fixture(scope="session")
