@@ -9,6 +9,7 @@ those three compiled programs (about 25, 25 and 35 s on 2 cores; bf16 compiles s
 loads the model only.
 """
 
+import contextlib
 import copy
 import functools
 import os
@@ -103,6 +104,10 @@ def test_outputs_hold_the_rows_for_both_encoders(sdxl_run):
         assert list(pair_1) == list(pair_2) == ["<cat-toy>"] and sorted(single) == ["clip_g", "clip_l"]
         np.testing.assert_array_equal(single["clip_l"], want[:, :WIDTHS[0]])
         np.testing.assert_array_equal(single["clip_g"], want[:, WIDTHS[0]:])
+    # The model card sends A1111 / ComfyUI users to the clip_l/clip_g file (export's a1111 and
+    # comfyui layouts hold one text encoder; they refuse an SDXL embedding).
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "`cat-toy.safetensors`" in card and "--format a1111" not in card and "--format comfyui" not in card
     init = sdxl_run.engine.run.init_rows  # the initializer's row in each table, moved by training
     assert not np.allclose(first, init[:, :WIDTHS[0]], atol=1e-3)
     assert not np.allclose(second, init[:, WIDTHS[0]:], atol=1e-3)
@@ -291,30 +296,39 @@ def torch_pipe(tiny_sdxl_model_dir):
     return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir)
 
 
-def load_pair(pipe, out):
-    for name, encoder, tokenizer in (("learned_embeds.safetensors", pipe.text_encoder, pipe.tokenizer),
-                                     ("learned_embeds_2.safetensors", pipe.text_encoder_2, pipe.tokenizer_2)):
-        pipe.load_textual_inversion(os.path.join(out, name), text_encoder=encoder, tokenizer=tokenizer)
+def card_code(torch_pipe, out):
+    """The pipeline the run's README.md builds: its PyTorch diffusers code, run in the output folder
+    (all but the line that samples an image). For SDXL it loads diffusers' pair, each file into
+    its own text encoder and tokenizer."""
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "StableDiffusionXLPipeline" in code and "learned_embeds_2.safetensors" in code
+    scope = {}
+    with contextlib.chdir(out):
+        exec("\n".join(line for line in code.splitlines() if not line.startswith("image = ")), scope)
+    return scope["pipe"]
 
 
-def load_single_file(pipe, out):
-    # As diffusers documents for SDXL: the file's clip_g into text_encoder_2, clip_l into text_encoder.
+def single_file(torch_pipe, out):
+    """The {clip_l, clip_g} file loaded as diffusers documents for SDXL: clip_g into text_encoder_2,
+    clip_l into text_encoder."""
     from safetensors.torch import load_file as load_torch
 
+    pipe = copy.deepcopy(torch_pipe)
     state = load_torch(os.path.join(out, "cat-toy.safetensors"))
     pipe.load_textual_inversion(state["clip_g"], token="<cat-toy>", text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
     pipe.load_textual_inversion(state["clip_l"], token="<cat-toy>", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
+    return pipe
 
 
-@pytest.mark.parametrize("load", [load_pair, load_single_file], ids=["diffusers-pair", "clip_l-clip_g-file"])
+@pytest.mark.parametrize("load", [card_code, single_file], ids=["model-card-code-pair", "clip_l-clip_g-file"])
 def test_files_load_in_pytorch_diffusers_and_condition_as_ti_flax_does(load, sdxl_run, torch_pipe):
     import torch
 
     rows, out = sdxl_run.result.rows, sdxl_run.config.output_dir
-    pipe = copy.deepcopy(torch_pipe)
-    load(pipe, out)
+    pipe = load(torch_pipe, out)
     for tokenizer, encoder, part in ((pipe.tokenizer, pipe.text_encoder, rows[:, :WIDTHS[0]]),
                                      (pipe.tokenizer_2, pipe.text_encoder_2, rows[:, WIDTHS[0]:])):
         assert tokenizer.convert_tokens_to_ids(TOKENS) == [BASE_VOCAB, BASE_VOCAB + 1]

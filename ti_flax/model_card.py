@@ -71,9 +71,44 @@ def _header(config, title):
     ]
 
 
+def _is_sdxl(files):
+    """Whether the run wrote SDXL embeddings (diffusers' pair: a learned_embeds_2 file)."""
+    return any(kind.split()[0] == "diffusers_2" for kind in files)
+
+
+def _diffusers_lines(model, folders, sdxl):
+    """PyTorch diffusers code loading the embedding in each of `folders` (relative paths)."""
+    if not sdxl:
+        return ["from diffusers import StableDiffusionPipeline",
+                f'pipe = StableDiffusionPipeline.from_pretrained("{model}")',
+                *[f'pipe.load_textual_inversion("{_join(folder, "learned_embeds.safetensors")}")' for folder in folders]]
+    # SDXL: each file of the pair into its own text encoder and tokenizer.
+    return ["from diffusers import StableDiffusionXLPipeline",
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{model}")',
+            *[line for folder in folders for line in (
+                f'pipe.load_textual_inversion("{_join(folder, "learned_embeds.safetensors")}", '
+                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+                f'pipe.load_textual_inversion("{_join(folder, "learned_embeds_2.safetensors")}", '
+                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)")]]
+
+
+def _join(folder, name):
+    return name if folder in ("", ".") else f"{folder}/{name}"
+
+
+def _sdxl_file_lines(paths):
+    """A1111 / Forge and ComfyUI use for SDXL: the run's {clip_l, clip_g} files as they are."""
+    stem = os.path.splitext(os.path.basename(paths[0]))[0]
+    what = (f"the SDXL file `{paths[0]}` as it is: copy it" if len(paths) == 1 else
+            f"the SDXL files {', '.join(f'`{p}`' for p in paths)} as they are: copy each")
+    return [f"AUTOMATIC1111 / Forge and ComfyUI read {what} into `embeddings/` (A1111 / Forge) or "
+            f"`models/embeddings/` (ComfyUI) and write its name, `{stem}`{' for the first' if len(paths) > 1 else ''}, "
+            f"in the prompt (ComfyUI: `embedding:{stem}`).", ""]
+
+
 def _concepts_card(config, history, files, validation_grid, learned):
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
-    out, model = config.output_dir, config.pretrained_model_name_or_path
+    out, model, sdxl = config.output_dir, config.pretrained_model_name_or_path, _is_sdxl(files)
     losses = [r["loss"] for r in history]
     step = history[-1]["step"] if history else 0
     final = lambda key: f"{history[-1][key]:.4f}" if history and key in history[-1] else "n/a"  # noqa: E731
@@ -108,19 +143,24 @@ def _concepts_card(config, history, files, validation_grid, learned):
         "PyTorch diffusers (each concept's folder holds its own embedding):",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{model}")',
-        *[f'pipe.load_textual_inversion("{rel(c.out_dir)}/learned_embeds.safetensors")' for c in learned],
+        *_diffusers_lines(model, [rel(c.out_dir) for c in learned], sdxl),
         f'image = pipe("a photo of {learned[0].tokens[0]}").images[0]',
         "```",
         "",
-        "AUTOMATIC1111 / Forge and ComfyUI: convert each concept's folder once, for example",
-        "",
-        "```bash",
-        *[f"python -m ti_flax.export {c.out_dir} --format a1111 --output {c.tokens[0].strip('<>') or 'embedding'}.pt"
-          for c in learned],
-        "```",
-        "",
+    ]
+    if sdxl:
+        lines += _sdxl_file_lines([rel(path) for kind, path in files.items() if kind.split()[0] == "sdxl"])
+    else:
+        lines += [
+            "AUTOMATIC1111 / Forge and ComfyUI: convert each concept's folder once, for example",
+            "",
+            "```bash",
+            *[f"python -m ti_flax.export {c.out_dir} --format a1111 --output {c.tokens[0].strip('<>') or 'embedding'}.pt"
+              for c in learned],
+            "```",
+            "",
+        ]
+    lines += [
         "JAX/Flax:",
         "",
         "```bash",
@@ -175,21 +215,26 @@ def _single_card(config, tokens, history, files, validation_grid):
         "PyTorch diffusers:",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{config.pretrained_model_name_or_path}")',
-        'pipe.load_textual_inversion("learned_embeds.safetensors")',
+        *_diffusers_lines(config.pretrained_model_name_or_path, ["."], _is_sdxl(files)),
         f'image = pipe("a photo of {token}").images[0]',
         "```",
         "",
-        "AUTOMATIC1111 / Forge: convert once, copy into `embeddings/`, and write its name in the prompt:",
-        "",
-        "```bash",
-        f"python -m ti_flax.export {out} --format a1111 --output {name}.pt",
-        "```",
-        "",
-        f"ComfyUI: `python -m ti_flax.export {out} --format comfyui --output {name}.safetensors`, copy it into "
-        f"`models/embeddings/`, and write `embedding:{name}` in the prompt.",
-        "",
+    ]
+    if _is_sdxl(files):
+        lines += _sdxl_file_lines([rel(files["sdxl"])])
+    else:
+        lines += [
+            "AUTOMATIC1111 / Forge: convert once, copy into `embeddings/`, and write its name in the prompt:",
+            "",
+            "```bash",
+            f"python -m ti_flax.export {out} --format a1111 --output {name}.pt",
+            "```",
+            "",
+            f"ComfyUI: `python -m ti_flax.export {out} --format comfyui --output {name}.safetensors`, copy it into "
+            f"`models/embeddings/`, and write `embedding:{name}` in the prompt.",
+            "",
+        ]
+    lines += [
         "JAX/Flax:",
         "",
         "```bash",
