@@ -88,6 +88,30 @@ def test_local_shares_concatenate_to_global(procs, devs):
             np.testing.assert_array_equal(whole, getattr(m.global_batch(s), field))
 
 
+@pytest.mark.parametrize("procs, devs", [(1, 1), (2, 2)])
+def test_each_example_carries_its_images_time_ids(procs, devs):
+    # SDXL: each concept's images keep their own size and crop ids in the mix; image i of
+    # concept c (pixel value 100 c + i) has time ids starting with that value.
+    parts = []
+    for c, n in enumerate((3, 5)):
+        part = concept_part(100 * c, n, first_template=100 * c)
+        values = 100 * c + np.arange(n, dtype=np.float32)
+        time_ids = np.stack([values, values + 0.5, values * 2, -values, np.full(n, 16.0), np.full(n, 16.0)], axis=1)
+        parts.append(data.TrainData(part.images, part.template_ids, 2, 0.5, 0, 1, time_ids=time_ids))
+    m = concept_data.ConceptMix(parts, (1.0, 1.0), ["<c0>", "<c1>"], 0, 4)
+    n = len(m.images)
+    mean = np.arange(n * 2, dtype=np.float32).reshape(n, 2, 1, 1, 1)
+    for s in range(8):
+        for p in range(procs):
+            share = m.local_batch(s, p, procs, devs)
+            values = share.pixel_values[..., 0, 0, 0].astype(np.float32)
+            assert share.time_ids.shape == values.shape + (6,)
+            np.testing.assert_array_equal(share.time_ids[..., 0], values)
+            np.testing.assert_array_equal(share.time_ids[..., 3], -values)
+            cached = m.local_batch(s, p, procs, devs, data.LatentViews(mean, -mean))
+            np.testing.assert_array_equal(cached.time_ids, share.time_ids)
+
+
 def test_latent_views_show_the_same_examples():
     m = mix()
     n = len(m.images)

@@ -85,6 +85,27 @@ def test_local_shares_concatenate_to_global(procs, devs):
         assert_batches_equal(whole, d.global_batch(s))
 
 
+@pytest.mark.parametrize("procs,devs", [(1, 1), (1, 4), (2, 2)])
+def test_each_example_carries_its_images_time_ids(procs, devs):
+    # SDXL: every example's size and crop conditioning is that of the image it shows, in each
+    # process's and device's share, for pixel and cached-latent batches alike.
+    base = make_train_data(n=5, repeats=4, g=4)
+    time_ids = np.arange(5 * 6, dtype=np.float32).reshape(5, 6) * 7 + 0.5
+    d = data.TrainData(base.images, base.template_ids, 4, 0.5, 0, 4, time_ids=time_ids)
+    mean = np.arange(5 * 2, dtype=np.float32).reshape(5, 2, 1, 1, 1)  # view [image, flip] holds 2 * image + flip
+    latents = data.LatentViews(mean, -mean)
+    for s in range(6):
+        for p in range(procs):
+            share = d.local_batch(s, p, procs, devs)
+            assert share.time_ids.shape == (devs, 4 // (procs * devs), 6) and share.time_ids.dtype == np.float32
+            shown = image_index(d, share.pixel_values.reshape(-1, 4, 4, 3))
+            np.testing.assert_array_equal(share.time_ids.reshape(-1, 6), time_ids[shown])
+            cached = d.local_batch(s, p, procs, devs, latents)
+            shown = cached.latent_mean.reshape(-1).astype(int) // 2
+            np.testing.assert_array_equal(cached.time_ids.reshape(-1, 6), time_ids[shown])
+    assert base.global_batch(0).time_ids is None  # SD 1.x / 2.x batches carry none
+
+
 def test_local_batch_rejects_indivisible_split():
     d = make_train_data(n=4, repeats=6, g=8)
     with pytest.raises(ValueError):
@@ -250,6 +271,28 @@ def test_center_crop_and_odd_sizes(tmp_path):
     # The central 37x37 square (rows 8..44) is all green; squashing keeps the red bands.
     assert (cropped == [0, 255, 0]).all()
     assert (squashed[0] == [255, 0, 0]).all() and (squashed[-1] == [255, 0, 0]).all()
+
+
+def test_time_ids_are_each_files_size_and_its_crop(tmp_path):
+    # SDXL's (original height, width, crop top, left, target height, width) of each image: the
+    # size of the picture as shown (EXIF orientation applied), and the crop counted in the image
+    # scaled so its short side is the target (16), as SDXL's pipelines and scripts build them.
+    for name, (width, height) in {"a_wide.png": (60, 40), "b_tall.png": (30, 90), "c_square.png": (50, 50),
+                                  "d_odd.png": (37, 53)}.items():
+        Image.new("RGB", (width, height), (200, 30, 30)).save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide x 20 tall, shown 20 wide x 40 tall
+    Image.new("RGB", (40, 20), (0, 0, 255)).save(tmp_path / "e_rotated.jpg", exif=exif)
+    _, names, squashed = data.load_image_set(str(tmp_path), 16, False, "bilinear")
+    _, _, cropped = data.load_image_set(str(tmp_path), 16, True, "bilinear")
+    assert names == ["a_wide.png", "b_tall.png", "c_square.png", "d_odd.png", "e_rotated.jpg"]
+    assert squashed.dtype == cropped.dtype == np.float32
+    sizes = [[40, 60], [90, 30], [50, 50], [53, 37], [40, 20]]
+    np.testing.assert_array_equal(squashed, [[*size, 0, 0, 16, 16] for size in sizes])
+    # Scaled: a 24x16 (crop left (24-16)/2 = 4), b 16x48 (top 16), d 16x22.9 (top 3.46 -> 3), e 16x32 (top 8).
+    crops = [[0, 4], [16, 0], [0, 0], [3, 0], [8, 0]]
+    np.testing.assert_array_equal(cropped, [[*size, *crop, 16, 16] for size, crop in zip(sizes, crops)])
+    np.testing.assert_array_equal(data.size_and_crop_ids((40, 60), (0, 4), (16, 16)), cropped[0])
 
 
 def test_interpolations_use_their_filter(tmp_path):

@@ -392,6 +392,22 @@ def test_sdxl_writers_refuse_bad_rows_and_write_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("step", [None, 40])
+def test_save_trained_writes_each_half_of_an_sdxl_runs_rows(tmp_path, step):
+    # A run's rows are [N, D1 + D2], each row the CLIP-L and the bigG row side by side; every file
+    # must hold every row's own half (each half is a strided view of the rows until written).
+    rows = np.concatenate([make_rows(3), make_rows(3, seed=1, width=WIDTH_2)], axis=1)
+    written = formats.save_trained(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2), step=step, bin=True)
+    kinds = ["diffusers", "diffusers_2", "diffusers_2_bin", "diffusers_bin"]
+    assert sorted(written) == kinds + (["sdxl"] if step is None else [])
+    halves = rows[:, :WIDTH].tobytes(), rows[:, WIDTH:].tobytes()
+    for path in written.values():
+        emb = formats.read_embedding(path)  # either file of the pair reads as the pair
+        assert (emb.rows.tobytes(), emb.more["text_encoder_2"].tobytes()) == halves, path
+    for kind, half in (("diffusers", halves[0]), ("diffusers_2", halves[1])):
+        assert formats.load_diffusers(written[kind])[1].tobytes() == half  # each file on its own
+
+
 @pytest.mark.parametrize("layout", ["diffusers", "a1111", "kohya", "comfyui"])
 def test_sdxl_embedding_is_refused_by_one_encoder_layouts(tmp_path, layout):
     emb = dataclasses.replace(sdxl_embedding(), path=str(tmp_path / "src.safetensors"))

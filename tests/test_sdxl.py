@@ -2,11 +2,13 @@
 encoders on it: both encoders' penultimate states, concatenated, and the second encoder's pooled
 projection are the conditioning PyTorch diffusers' StableDiffusionXLPipeline computes."""
 
+import json
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import make_tiny_model
 from ti_flax import models
 from ti_flax.errors import UserError
 from ti_flax.models import clip
@@ -15,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny-sdxl")), layout="tiny-sdxl")
+def sdxl_dir(tiny_sdxl_model_dir):
+    return tiny_sdxl_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,28 @@ def test_owned_encoders_give_the_pipelines_prompt_embeddings(sdxl_dir, torch_pip
     np.testing.assert_allclose(np.asarray(pooled), want_pooled.numpy(), atol=1e-5)
 
 
-def test_training_an_sdxl_folder_is_refused_in_one_line(sdxl_dir):
-    with pytest.raises(UserError, match=r"an SDXL model .*StableDiffusionXLPipeline.*ti_flax trains Stable Diffusion 1\.x"):
-        models.load_model(sdxl_dir)
+def test_an_sdxl_folder_loads_both_encoders_and_tokenizers(sdxl_dir):
+    model = models.load_model(sdxl_dir)
+    spec = model.spec
+    assert spec.is_sdxl and spec.text_widths == (32, 48) and spec.row_width == 80
+    assert sorted(model.params) == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    assert [t.shape for t in models.token_tables(model.params)] == [(49408, 32), (49408, 48)]
+    assert model.tokenizers == (model.tokenizer, model.tokenizer_2)
+    assert model.tokenizer_2.pad_token == "!" and spec.pad_token_id_2 == model.tokenizer_2.convert_tokens_to_ids("!")
+    assert model.tokenizer.pad_token == "<|endoftext|>" and spec.eos_token_id == model.tokenizer.eos_token_id
+    assert model.tokenizer_2.get_vocab() == model.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("missing", ["tokenizer_2", "text_encoder_2"])
+def test_an_sdxl_folder_without_its_second_part_is_refused_in_one_line(missing, sdxl_dir, tmp_path):
+    # model_index.json says StableDiffusionXLPipeline; every other part is there (linked).
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    for name in os.listdir(sdxl_dir):
+        if name != missing:
+            os.symlink(os.path.join(sdxl_dir, name), folder / name)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    with pytest.raises(UserError) as err:
+        models.load_model(str(folder))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{folder}: an SDXL model folder without {missing}/")

@@ -368,13 +368,15 @@ def _umask():
 
 
 def safetensors_bytes(tensors, metadata=None):
-    """safetensors bytes of {name: numpy array}, each written in C order."""
+    """safetensors bytes of {name: numpy array}, each array in C order.
+
+    safetensors' numpy `save` takes the buffer of an array as it lies in memory: a strided view
+    (an SDXL row's CLIP-L or bigG half, `rows[:, :768]`) would be written as the wrong values.
+    """
     import numpy as np
     from safetensors.numpy import save
 
-    # safetensors.numpy.save writes an array's memory as it lies: a strided view (an SDXL row's
-    # CLIP-L half, rows[:, :768]) would come out as the wrong numbers.
-    return save({name: np.ascontiguousarray(array) for name, array in tensors.items()}, metadata=metadata)
+    return save({k: np.asarray(v, order="C") for k, v in tensors.items()}, metadata=metadata)
 
 
 def png_bytes(image, **save_args):
