@@ -68,7 +68,7 @@ MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir
 # one worker starting a 3-minute file while the other runs out of work.
 LONGEST_FILES = [
     "test_checkpoint.py", "test_sdxl_train.py", "test_multihost.py", "test_speed.py", "test_golden.py", "test_train.py",
-    "test_faults.py", "test_notebook.py", "test_gradients.py", "test_validation.py", "test_api.py",
+    "test_faults.py", "test_notebook.py", "test_gradients.py", "test_sdxl_sampling.py", "test_validation.py", "test_api.py",
 ]
 
 
