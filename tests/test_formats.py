@@ -398,8 +398,10 @@ def test_save_trained_writes_each_half_of_an_sdxl_runs_rows(tmp_path, step):
     # must hold every row's own half (each half is a strided view of the rows until written).
     rows = np.concatenate([make_rows(3), make_rows(3, seed=1, width=WIDTH_2)], axis=1)
     written = formats.save_trained(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2), step=step, bin=True)
-    kinds = ["diffusers", "diffusers_2", "diffusers_2_bin", "diffusers_bin"]
-    assert sorted(written) == kinds + (["sdxl"] if step is None else [])
+    assert sorted(written) == ["diffusers", "diffusers_2", "diffusers_2_bin", "diffusers_bin", "sdxl"]
+    # The {clip_l, clip_g} file is named after the token (A1111 and ComfyUI call it by its name).
+    name = "cat-toy" if step is None else f"cat-toy-steps-{step}"
+    assert os.path.basename(written["sdxl"]) == name + ".safetensors"
     halves = rows[:, :WIDTH].tobytes(), rows[:, WIDTH:].tobytes()
     for path in written.values():
         emb = formats.read_embedding(path)  # either file of the pair reads as the pair

@@ -92,11 +92,12 @@ def read_embedding(path, token=None, allow_pickle=False):
     return emb
 
 
-def sdxl_file_name(token):
+def sdxl_file_name(token, step=None):
     """The `{clip_l, clip_g}` file a run writes for `token`: A1111 and ComfyUI call an embedding by
-    its file name, so the token without <> ("<cat-toy>" -> "cat-toy.safetensors")."""
+    its file name, so the token without <> ("<cat-toy>" -> "cat-toy.safetensors"; at an
+    intermediate `step`, "cat-toy-steps-500.safetensors")."""
     name = re.sub(r"[^\w.\-]", "_", token.strip("<>")).strip(".") or "embedding"
-    return name + ".safetensors"
+    return name + ("" if step is None else f"-steps-{step}") + ".safetensors"
 
 
 def save_trained(folder, token, rows, widths, step=None, bin=False):
@@ -109,8 +110,7 @@ def save_trained(folder, token, rows, widths, step=None, bin=False):
       bin: also the PyTorch `.bin` twin of each diffusers file (--no_safe_serialization).
     Returns:
       {kind: path}: "diffusers" (and "diffusers_bin"); for SDXL also "diffusers_2" (diffusers'
-      pair, learned_embeds_2) and "sdxl" (`{clip_l, clip_g}`, named by `sdxl_file_name`; not for
-      intermediate files).
+      pair, learned_embeds_2) and "sdxl" (`{clip_l, clip_g}`, named by `sdxl_file_name`).
     """
     suffix = "" if step is None else f"-steps-{step}"
     first = os.path.join(folder, f"learned_embeds{suffix}.safetensors")
@@ -126,8 +126,7 @@ def save_trained(folder, token, rows, widths, step=None, bin=False):
     if bin:
         written["diffusers_bin"], written["diffusers_2_bin"] = save_diffusers_sdxl(
             os.path.splitext(first)[0] + ".bin", token, *parts)
-    if step is None:
-        written["sdxl"] = save_sdxl(os.path.join(folder, sdxl_file_name(token)), *parts)
+    written["sdxl"] = save_sdxl(os.path.join(folder, sdxl_file_name(token, step)), *parts)
     return written
 
 
