@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-import make_tiny_model
 from ti_flax import TrainConfig, formats, models, sampler, step, train
 from ti_flax import generate as gen
 from ti_flax import tokens as tokens_lib
@@ -32,15 +31,16 @@ PROMPT = "a photo of <cat-toy>"
 NUM_IMAGES = 2
 
 
-def one_device():
-    """Training, validation and generate all run on one device here: a quarter of the training
-    work of four, no padded images, and one sampling program for all of them."""
-    return jax.local_devices()[:1]
+def devices():
+    """Training, validation and generate all run on the 4 test devices here: the training step is
+    then test_sdxl_train.py's reference step and the sampling program the notebook's SDXL
+    validation, so the session's compilation cache serves them (the same program for all)."""
+    return jax.local_devices()[:4]
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny-sdxl")), layout="tiny-sdxl")
+def sdxl_dir(tiny_sdxl_model_dir):
+    return tiny_sdxl_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def trained(sdxl_dir, sample_images_dir, tmp_path_factory):
                               num_validation_images=NUM_IMAGES)
     events = []
     before = sampler.TRACE_COUNT["sample"]
-    result = train(config, callbacks=[events.append], devices=one_device())
+    result = train(config, callbacks=[events.append], devices=devices())
     traces = sampler.TRACE_COUNT["sample"] - before
     return config, result, [e for e in events if e["kind"] == "validation"], traces
 
@@ -69,7 +69,7 @@ def read_pngs(paths):
 def generate(sdxl_dir, out, embeddings, prompt=PROMPT, negative_prompt=""):
     """generate with the validation's settings (its guidance scale, seed and default scheduler)."""
     paths = gen.generate(sdxl_dir, prompt, embeddings, negative_prompt=negative_prompt, num_images=NUM_IMAGES,
-                         steps=STEPS, guidance_scale=7.5, seed=0, output_dir=str(out), devices=one_device())
+                         steps=STEPS, guidance_scale=7.5, seed=0, output_dir=str(out), devices=devices())
     return read_pngs(paths)
 
 
@@ -78,7 +78,7 @@ def sampler_for(model, embeddings):
     Sampler on the module's model (no model load)."""
     tokenizers = tuple(copy.deepcopy(t) for t in model.tokenizers)
     concepts, rows = gen.load_concepts(tokenizers, model.spec, embeddings)
-    s = sampler.Sampler.from_model(model, num_images=NUM_IMAGES, num_inference_steps=STEPS, devices=one_device())
+    s = sampler.Sampler.from_model(model, num_images=NUM_IMAGES, num_inference_steps=STEPS, devices=devices())
 
     def sample(prompt, negative_prompt):
         ids, neg = (sampler.encode_prompt(tokenizers[0], text, concepts) for text in (prompt, negative_prompt))
@@ -111,7 +111,7 @@ def test_latents_match_diffusers_sdxl_pipeline(model, sdxl_dir):
     neg = np.stack([sampler.encode_prompt(tokenizer, "", [names]), sampler.encode_prompt(tokenizer, negative, [names])])
     # The settings of validation and generate below (euler: the folder's scheduler), so the
     # sampling program compiled here serves them all.
-    s = sampler.Sampler.from_model(model, num_images=NUM_IMAGES, num_inference_steps=STEPS, devices=one_device())
+    s = sampler.Sampler.from_model(model, num_images=NUM_IMAGES, num_inference_steps=STEPS, devices=devices())
     assert s.settings.scheduler == "euler" and s.settings.zero_empty_negative  # the folder's own choices
     key = jax.random.key_data(jax.random.key(5))
     noise = np.array(sampler.image_noise(key, np.arange(NUM_IMAGES), sampler.latent_shape(s.settings)))

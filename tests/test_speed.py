@@ -65,10 +65,11 @@ def test_cached_moments_and_draws_equal_a_fresh_encode(tiny_model_dir, sample_im
     # The same positions of the run give the same noisy latents, timesteps and targets.
     cached = data.LatentViews(mean, logvar)
     frozen = step_lib.Frozen.from_model(run.model)
-    inputs = jax.jit(lambda batch, key: step_lib.diffusion_inputs(spec, compute, frozen, batch, key))
+    # The weights are an argument, not constants of the program (which would compile slowly).
+    inputs = jax.jit(lambda frozen, batch, key: step_lib.diffusion_inputs(spec, compute, frozen, batch, key))
     key = jax.random.PRNGKey(7)
     for step in (0, 5):
-        a, b = inputs(run.data.global_batch(step), key), inputs(run.data.global_batch(step, cached), key)
+        a, b = inputs(frozen, run.data.global_batch(step), key), inputs(frozen, run.data.global_batch(step, cached), key)
         np.testing.assert_array_equal(a[1], b[1])
         for x, y in ((a[0], b[0]), (a[2], b[2])):
             np.testing.assert_allclose(x, y, atol=1e-5)
