@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, export, formats, models, outputs, run as run_mod, verify
+from ti_flax import TrainConfig, formats, models, outputs, run as run_mod, verify
+from test_export import listing, run_cli
 from ti_flax.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -31,16 +32,6 @@ def pair(tmp_path_factory):
     first, _ = formats.save_diffusers_sdxl(str(tmp_path_factory.mktemp("src") / "learned_embeds.safetensors"), TOKEN,
                                            rows, rows_2)
     return first, rows, rows_2
-
-
-def run_cli(argv, capsys):
-    code = export.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def listing(folder):
-    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
 
 
 # ---- --verify ---------------------------------------------------------------------------------

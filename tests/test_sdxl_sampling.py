@@ -39,20 +39,15 @@ def devices():
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tiny_sdxl_model_dir):
-    return tiny_sdxl_model_dir
+def model(tiny_sdxl_model_dir):
+    return models.load_model(tiny_sdxl_model_dir)
 
 
 @pytest.fixture(scope="module")
-def model(sdxl_dir):
-    return models.load_model(sdxl_dir)
-
-
-@pytest.fixture(scope="module")
-def trained(sdxl_dir, sample_images_dir, tmp_path_factory):
+def trained(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory):
     """(config, TrainResult, validation records, sampling traces) of a 2-step SDXL run validated at step 2."""
     out = tmp_path_factory.mktemp("sdxl-run")
-    config = TrainConfig.tiny(sdxl_dir, sample_images_dir, str(out), num_vectors=2, max_train_steps=2,
+    config = TrainConfig.tiny(tiny_sdxl_model_dir, sample_images_dir, str(out), num_vectors=2, max_train_steps=2,
                               validation_prompt=PROMPT, validation_steps=2, validation_num_inference_steps=STEPS,
                               num_validation_images=NUM_IMAGES)
     events = []
@@ -66,9 +61,9 @@ def read_pngs(paths):
     return np.stack([np.asarray(Image.open(p)) for p in paths])
 
 
-def generate(sdxl_dir, out, embeddings, prompt=PROMPT, negative_prompt=""):
+def generate(tiny_sdxl_model_dir, out, embeddings, prompt=PROMPT, negative_prompt=""):
     """generate with the validation's settings (its guidance scale, seed and default scheduler)."""
-    paths = gen.generate(sdxl_dir, prompt, embeddings, negative_prompt=negative_prompt, num_images=NUM_IMAGES,
+    paths = gen.generate(tiny_sdxl_model_dir, prompt, embeddings, negative_prompt=negative_prompt, num_images=NUM_IMAGES,
                          steps=STEPS, guidance_scale=7.5, seed=0, output_dir=str(out), devices=devices())
     return read_pngs(paths)
 
@@ -90,14 +85,14 @@ def sampler_for(model, embeddings):
 # ---- the denoising loop against PyTorch diffusers ----------------------------------------
 
 
-def test_latents_match_diffusers_sdxl_pipeline(model, sdxl_dir):
+def test_latents_match_diffusers_sdxl_pipeline(model, tiny_sdxl_model_dir):
     """A learned token in the prompt and in a negative prompt; an empty negative prompt is zeros
     (force_zeros_for_empty_prompt), a non-empty one is encoded, each image on its own."""
     from diffusers import StableDiffusionXLPipeline
 
     rows = np.random.default_rng(0).normal(size=(2, sum(WIDTHS))).astype(np.float32)
     names = ["<t>", "<t>_1"]
-    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_dir, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     first, second = torch.from_numpy(rows[:, : WIDTHS[0]]), torch.from_numpy(rows[:, WIDTHS[0]:])
     pipe.load_textual_inversion({"<t>": first}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
@@ -158,26 +153,26 @@ def test_sdxl_training_writes_validation_images(trained):
     assert {"diffusers", "diffusers_2", "sdxl"} <= set(result.files)
 
 
-def test_generate_with_sdxl_files_gives_the_validation_images(sdxl_dir, trained, tmp_path):
+def test_generate_with_sdxl_files_gives_the_validation_images(tiny_sdxl_model_dir, trained, tmp_path):
     """diffusers' pair and the {clip_l, clip_g} file load the final rows; generate with the
     validation's settings draws the validation images, with the program the validation compiled."""
     _, result, validations, _ = trained
     before = sampler.TRACE_COUNT["sample"]
-    pair = generate(sdxl_dir, tmp_path / "pair", [result.files["diffusers"]])
-    single = generate(sdxl_dir, tmp_path / "single", [result.files["sdxl"] + ":<cat-toy>"])
+    pair = generate(tiny_sdxl_model_dir, tmp_path / "pair", [result.files["diffusers"]])
+    single = generate(tiny_sdxl_model_dir, tmp_path / "single", [result.files["sdxl"] + ":<cat-toy>"])
     assert sampler.TRACE_COUNT["sample"] == before
     np.testing.assert_array_equal(pair, single)
     np.testing.assert_array_equal(pair, read_pngs(validations[0]["images"]))
 
 
-def test_sdxl_embedding_as_a_negative_embedding(model, sdxl_dir, trained, tmp_path):
+def test_sdxl_embedding_as_a_negative_embedding(model, tiny_sdxl_model_dir, trained, tmp_path):
     result = trained[1]
     bad_rows = np.random.default_rng(1).normal(size=(2, sum(WIDTHS))).astype(np.float32)
     formats.save_trained(str(tmp_path / "bad"), "<bad>", bad_rows, WIDTHS)
     formats.save_trained(str(tmp_path / "worse"), "<worse>", bad_rows * 3.0, WIDTHS)
     args = [result.files["diffusers"], str(tmp_path / "bad")]  # a file of the pair; a folder holding one
     before = sampler.TRACE_COUNT["sample"]
-    images = generate(sdxl_dir, tmp_path / "out", args, negative_prompt="<bad>, blurry")
+    images = generate(tiny_sdxl_model_dir, tmp_path / "out", args, negative_prompt="<bad>, blurry")
     sample = sampler_for(model, args + [str(tmp_path / "worse")])
     np.testing.assert_array_equal(images, sample(PROMPT, "<bad>, blurry"))
     # The negative embedding reaches the UNet: other rows in its place, or none, give other images.
@@ -186,13 +181,13 @@ def test_sdxl_embedding_as_a_negative_embedding(model, sdxl_dir, trained, tmp_pa
     assert sampler.TRACE_COUNT["sample"] == before  # new negative prompts and rows: nothing recompiled
 
 
-def test_sd1_embedding_for_the_sdxl_model_is_one_line(sdxl_dir, tmp_path, capsys):
+def test_sd1_embedding_for_the_sdxl_model_is_one_line(tiny_sdxl_model_dir, tmp_path, capsys):
     from safetensors.numpy import save_file
 
     sd1 = str(tmp_path / "sd1.safetensors")
     save_file({"<old>": np.zeros((1, WIDTHS[0]), np.float32)}, sd1)
     out = tmp_path / "o"
-    argv = ["--pretrained_model_name_or_path", sdxl_dir, "--embeddings", sd1, "--prompt", "<old>",
+    argv = ["--pretrained_model_name_or_path", tiny_sdxl_model_dir, "--embeddings", sd1, "--prompt", "<old>",
             "--output_dir", str(out)]
     assert gen.main(argv) == 2
     assert capsys.readouterr().err == (f"error: --embeddings {sd1}: is an SD 1.x / 2.x embedding (one text "
