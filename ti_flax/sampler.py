@@ -18,17 +18,16 @@ is all zeros there (its `force_zeros_for_empty_prompt`), and here too.
 import dataclasses
 import functools
 import json
-import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import data, files, models, parallel
+from . import data, models, parallel
 from .errors import UserError
 from .step import Frozen
-from .models import schedulers
+from .models import schedulers, zeros_for_empty_negative
 from .tokens import expand_placeholders
 
 SCHEDULERS = schedulers.SAMPLERS
@@ -103,18 +102,6 @@ def encode_prompt(tokenizer, prompt, concepts=()):
         warnings.warn(f"prompt {prompt!r} is {len(expanded)} tokens long; only the first {length - 2} are used")
     body = [tokenizer.bos_token_id] + expanded[: length - 2] + [tokenizer.eos_token_id]
     return np.asarray(body + [tokenizer.pad_token_id] * (length - len(body)), dtype=np.int32)
-
-
-def zeros_for_empty_negative(model):
-    """Whether an empty negative prompt is all zeros for a models.LoadedModel: an SDXL folder's
-    model_index.json `force_zeros_for_empty_prompt` (True when unset, as diffusers' default);
-    False for SD 1.x / 2.x, whose pipelines encode the empty text."""
-    if not model.spec.is_sdxl:
-        return False
-    index = os.path.join(model.model_dir, "model_index.json")
-    if not os.path.isfile(index):
-        return True
-    return bool(files.read_json(index, "a JSON pipeline index").get("force_zeros_for_empty_prompt", True))
 
 
 def image_noise(key, image_ids, shape):

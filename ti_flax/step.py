@@ -131,7 +131,7 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
 
     `frozen` is a Frozen (its text encoder(s) and UNet are read). With `per_example`, returns
     (loss, float32 [B] each example's own mean) for jax's has_aux. `time_ids` float32 [B, 6] is
-    SDXL's size and crop conditioning of each example (models.time_ids); None for SD 1.x / 2.x.
+    SDXL's size and crop conditioning of each example (data.size_and_crop_ids); None for SD 1.x / 2.x.
     """
     cond = models.condition(spec, compute, frozen.text_params, input_ids, rows)
     hidden = cond.context
@@ -171,12 +171,12 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
     key = jax.random.fold_in(base_key, state.step)
     noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key)
     args = (state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
-    extra, time_ids = {}, {"time_ids": batch.time_ids} if spec.is_sdxl else {}
+    extra = {}
     if num_concepts == 1:  # the loss alone, as the step has always computed it
-        loss, grads = jax.value_and_grad(diffusion_loss)(*args, **time_ids)
+        loss, grads = jax.value_and_grad(diffusion_loss)(*args, time_ids=batch.time_ids)
     else:
         (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            *args, per_example=True, **time_ids)
+            *args, per_example=True, time_ids=batch.time_ids)
         sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
         extra = {"concept_loss_sum": sums, "concept_count": counts}
     loss, grads = jax.lax.pmean((loss, grads), axis_name)

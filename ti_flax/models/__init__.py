@@ -80,14 +80,20 @@ def resolve_model_dir(name_or_path, revision=None):
         ) from None
 
 
+def model_index(model_dir):
+    """A diffusers folder's model_index.json as a dict; {} where there is none (a single file)."""
+    path = os.path.join(model_dir or "", "model_index.json")
+    return files.read_json(path, "a JSON pipeline index") if os.path.isfile(path) else {}
+
+
 def check_model_dir(model_dir, tokenizer_dir=None):
-    """Raise UserError for a folder of another model family, or naming every missing component."""
-    index = os.path.join(model_dir, "model_index.json")
-    if os.path.isfile(index):
-        name = str(files.read_json(index, "a JSON pipeline index").get("_class_name", ""))
-        for prefix, what in _FOREIGN_PIPELINES.items():
-            if prefix in name:
-                raise UserError(f"{model_dir}: {what} ({name}); ti_flax trains {SUPPORTED}")
+    """Raise UserError for a folder of another model family, or naming every missing component.
+
+    Returns whether the folder is an SDXL model (`is_sdxl_dir`)."""
+    name = str(model_index(model_dir).get("_class_name", ""))
+    for prefix, what in _FOREIGN_PIPELINES.items():
+        if prefix in name:
+            raise UserError(f"{model_dir}: {what} ({name}); ti_flax trains {SUPPORTED}")
     missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(model_dir, c))]
     if tokenizer_dir is None and not os.path.isdir(os.path.join(model_dir, "tokenizer")):
         missing.append("tokenizer")
@@ -96,7 +102,8 @@ def check_model_dir(model_dir, tokenizer_dir=None):
             f"{model_dir}: not a Stable Diffusion model folder (missing {', '.join(missing)}/); "
             "expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
-    if is_sdxl_dir(model_dir):
+    sdxl = is_sdxl_dir(model_dir, name)
+    if sdxl:
         missing = [c for c in SDXL_COMPONENTS if not os.path.isdir(os.path.join(model_dir, c))]
         if missing:
             raise UserError(f"{model_dir}: an SDXL model folder without {', '.join(missing)}/; "
@@ -104,16 +111,22 @@ def check_model_dir(model_dir, tokenizer_dir=None):
         if tokenizer_dir is not None:
             raise UserError("--tokenizer_name: not supported for SDXL models, which carry two tokenizers; "
                             "drop the flag to use the model's own")
+    return sdxl
 
 
-def is_sdxl_dir(model_dir):
-    """Whether a diffusers folder is an SDXL model: its index says so, or it has a second text encoder."""
-    index = os.path.join(model_dir, "model_index.json")
-    if os.path.isfile(index):
-        name = str(files.read_json(index, "a JSON pipeline index").get("_class_name", ""))
-        if name.startswith("StableDiffusionXL"):
-            return True
-    return os.path.isdir(os.path.join(model_dir, "text_encoder_2"))
+def is_sdxl_dir(model_dir, class_name=None):
+    """Whether a diffusers folder is an SDXL model: its index says so, or it has a second text
+    encoder. `class_name`: its model_index.json `_class_name`, when the caller has read it."""
+    if class_name is None:
+        class_name = str(model_index(model_dir).get("_class_name", ""))
+    return class_name.startswith("StableDiffusionXL") or os.path.isdir(os.path.join(model_dir, "text_encoder_2"))
+
+
+def zeros_for_empty_negative(model):
+    """Whether an empty negative prompt is all zeros for a LoadedModel: an SDXL folder's
+    model_index.json `force_zeros_for_empty_prompt` (True when unset, as diffusers' default);
+    False for SD 1.x / 2.x, whose pipelines encode the empty text."""
+    return model.spec.is_sdxl and bool(model_index(model.model_dir).get("force_zeros_for_empty_prompt", True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +181,7 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
         return single_file.load(os.fspath(name_or_path), revision, tokenizer_name, prediction_type, allow_pickle)
     model_dir = resolve_model_dir(name_or_path, revision)
     tokenizer_dir = resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
-    check_model_dir(model_dir, tokenizer_dir)
+    sdxl = check_model_dir(model_dir, tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir or os.path.join(model_dir, "tokenizer"))
     scheduler_file = os.path.join(model_dir, "scheduler", "scheduler_config.json")
     scheduler_config = files.read_json(scheduler_file, "a JSON config file")
@@ -186,7 +199,6 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
             f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the text encoder has "
             f"{text_config.vocab_size} rows; use the tokenizer that belongs to this model"
         )
-    sdxl = is_sdxl_dir(model_dir)
     tokenizer_2 = load_second_tokenizer(model_dir, tokenizer) if sdxl else None
     params, found = {}, {}
     for kind in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if sdxl else ()):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from .. import files
-from . import configs, split_rows, token_table, with_token_table
+from . import configs, split_rows, token_table, with_token_table, zeros_for_empty_negative
 from .weights import flatten
 
 # diffusers reads `_diffusers_version` only to warn about configs from much older releases.
@@ -102,11 +102,5 @@ def _model_index(model, scheduler_class):
         index, _class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
         text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
         # SDXL base zeroes the negative conditioning of an empty prompt; keep the model's choice.
-        force_zeros_for_empty_prompt=_source_index(model).get("force_zeros_for_empty_prompt", True),
+        force_zeros_for_empty_prompt=zeros_for_empty_negative(model),
     )
-
-
-def _source_index(model):
-    """The loaded folder's model_index.json, or {} (a single-file model has none)."""
-    path = os.path.join(model.model_dir or "", "model_index.json")
-    return files.read_json(path, "a JSON pipeline index") if os.path.isfile(path) else {}
