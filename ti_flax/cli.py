@@ -59,7 +59,7 @@ def build_parser():
                "(\"<cat-toy>, a photo of ...\"); without this such a caption is an error")
     g.add_argument("--repeats", type=int, default=d.repeats, help="times each image appears per epoch")
     g.add_argument("--resolution", type=int, default=d.resolution,
-                   help="image side (default: the model's native size: 512 for SD 1.5, 1024 for SDXL)")
+                   help="image side (default: 512, as diffusers' scripts; 1024, its native size, for an SDXL model)")
     _bool_flag(g, "center_crop", "crop the central square before resizing (default: squash to a square)")
     g.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default=d.interpolation)
     g.add_argument("--flip_p", type=float, default=d.flip_p, help="probability of a horizontal flip")
