@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import COMPILE_FLAGS
 
 from ti_flax import TrainConfig, checkpoint, train
 from ti_flax.formats import read_embedding
@@ -41,7 +42,7 @@ def worker_args(model_dir, data_dir, out, port, process_id, num_processes=2, tim
 
 def worker_env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {COMPILE_FLAGS}"
     return env
 
 
