@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+import shutil
 import sys
 import tempfile
 
@@ -35,7 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache for this session: training subprocesses reuse the programs
 # the in-process runs compiled (the same step compiles in ~8 s on 2 cores).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ti_flax_jax_cache_"))
+# The process that makes the folder removes it at the end (xdist's workers inherit its path).
+SESSION_CACHE_DIR = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    SESSION_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ti_flax_jax_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +96,11 @@ LONGEST_FILES = [
     "test_notebook.py", "test_multihost.py", "test_port_unet.py", "test_faults.py", "test_gradients.py",
     "test_sdxl_sampling.py",
 ]
+
+
+def pytest_unconfigure(config):
+    if SESSION_CACHE_DIR is not None:
+        shutil.rmtree(SESSION_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
