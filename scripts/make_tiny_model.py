@@ -106,15 +106,7 @@ LAYOUTS["single-sd2"] = dict(
 # a VAE mid-block attention), for the committed Flax fixture (scripts/make_flax_fixture.py):
 # 4 / 8 channels with 4 norm groups, and a 514-token CLIP tokenizer (bytes and specials, no merges).
 LAYOUTS["flax-fixture"] = dict(
-    unet=dict(
-        block_out_channels=(4, 8),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=2,
-        attention_head_dim=2,
-        norm_num_groups=4,
-        sample_size=8,
-    ),
+    unet=dict(TINY_UNET, block_out_channels=(4, 8), attention_head_dim=2, norm_num_groups=4, sample_size=8),
     vae=dict(block_out_channels=(4, 8), norm_num_groups=4),
     hidden=8,
     layers=2,
