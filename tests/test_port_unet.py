@@ -31,25 +31,14 @@ TEXT_EMBEDS = 32  # SDXL's pooled text embedding width in the tiny config
 TIME_IDS = (64, 64, 0, 0, 64, 64)
 
 FAMILIES = {
-    # scripts/make_tiny_model.py's "tiny" layout
+    # scripts/make_tiny_model.py's tiny UNet blocks, with two layers per block (the golden layouts')
     "sd1": dict(
-        config=dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=2,
-            attention_head_dim=8,
-            cross_attention_dim=32,
-            norm_num_groups=32,
-            sample_size=32,
-        ),
+        config=dict(make_tiny_model.TINY_UNET, cross_attention_dim=32, norm_num_groups=32, sample_size=32),
         size=32,
     ),
     "sd2": dict(
         config=dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            make_tiny_model.TINY_UNET,
             layers_per_block=1,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
