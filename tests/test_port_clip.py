@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from ti_flax.errors import UserError  # noqa: E402
 from ti_flax.models import clip  # noqa: E402
-from ti_flax.models.loading import text_model_names  # noqa: E402
+from ti_flax.models.component_weights import load_component, text_model_names  # noqa: E402
 from ti_flax.models.weights import flatten, unflatten  # noqa: E402
 
 VOCAB = 49408
@@ -250,7 +250,7 @@ def test_load_params_from_saved_folder(name, tmp_path):
     """A folder written by transformers' save_pretrained loads to the same config and weights."""
     model, config, params, _ = family(name)
     model.save_pretrained(tmp_path, safe_serialization=True)
-    loaded_config, loaded = clip.load_params(str(tmp_path))
+    loaded_config, loaded = load_component(str(tmp_path), "text_encoder")
     assert loaded_config == config
     want, got = flatten(params), flatten(loaded)
     assert set(got) == set(want)
@@ -276,32 +276,32 @@ def test_load_params_checks_weights(tmp_path):
     missing = dict(state)
     del missing["text_model.encoder.layers.1.mlp.fc2.bias"]
     with pytest.raises(UserError, match=r"text_model\.encoder\.layers\.1\.mlp\.fc2\.bias is missing"):
-        clip.load_params(_write_folder(tmp_path / "missing", config, missing))
+        load_component(_write_folder(tmp_path / "missing", config, missing), "text_encoder")
 
     wrong = dict(state)
     wrong["text_model.encoder.layers.2.self_attn.k_proj.weight"] = np.zeros((32, 31), np.float32)
     with pytest.raises(UserError, match=r"text_model\.encoder\.layers\.2\.self_attn\.k_proj\.weight has shape"):
-        clip.load_params(_write_folder(tmp_path / "wrong", config, wrong))
+        load_component(_write_folder(tmp_path / "wrong", config, wrong), "text_encoder")
 
     # A bigG config against CLIP-L-like weights: the projection weight is missing.
     proj_config = clip.CLIPTextConfig.from_dict({**config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
     with pytest.raises(UserError, match="text_projection.weight is missing"):
-        clip.load_params(_write_folder(tmp_path / "proj", proj_config, state))
+        load_component(_write_folder(tmp_path / "proj", proj_config, state), "text_encoder")
 
     # An old file with the position_ids buffer still loads; so does a PyTorch .bin.
     old = dict(state, **{"text_model.embeddings.position_ids": np.arange(77, dtype=np.int64)[None]})
-    _, loaded = clip.load_params(_write_folder(tmp_path / "old", config, old))
+    _, loaded = load_component(_write_folder(tmp_path / "old", config, old), "text_encoder")
     assert "position_ids" not in loaded["text_model"]["embeddings"]
-    _, loaded = clip.load_params(_write_folder(tmp_path / "bin", config, old, fmt="bin"))
+    _, loaded = load_component(_write_folder(tmp_path / "bin", config, old, fmt="bin"), "text_encoder")
     assert set(flatten(loaded)) == set(state)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(config.to_dict()))
     with pytest.raises(UserError, match=r"empty.*model\.safetensors, pytorch_model\.bin"):
-        clip.load_params(str(empty))
+        load_component(str(empty), "text_encoder")
     with pytest.raises(UserError, match="config.json"):
-        clip.load_params(str(tmp_path / "nowhere"))
+        load_component(str(tmp_path / "nowhere"), "text_encoder")
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import make_tiny_model  # noqa: E402
 from ti_flax.errors import UserError  # noqa: E402
 from ti_flax.models import attention as attention_lib  # noqa: E402
 from ti_flax.models import unet  # noqa: E402
+from ti_flax.models.component_weights import load_component  # noqa: E402
 from ti_flax.models.weights import check_params, flatten, unflatten  # noqa: E402
 
 TOL = 1e-4
@@ -366,7 +367,7 @@ def test_load_params(tmp_path):
     torch.manual_seed(1)
     state = {k: v.numpy() for k, v in diffusers.UNet2DConditionModel(**FAMILIES["sd2"]["config"]).state_dict().items()}
     for fmt in ("safetensors", "bin"):
-        config, params = unet.load_params(_write_folder(tmp_path / fmt, model_config, state, fmt))
+        config, params = load_component(_write_folder(tmp_path / fmt, model_config, state, fmt), "unet")
         assert config == unet.UNetConfig.from_dict(model_config)
         flat = flatten(params)
         assert set(flat) == set(state)
@@ -374,13 +375,13 @@ def test_load_params(tmp_path):
 
     wrong = dict(model_config, cross_attention_dim=40)
     with pytest.raises(UserError, match="attn2.to_k.weight has shape"):
-        unet.load_params(_write_folder(tmp_path / "wrong", wrong, state))
+        load_component(_write_folder(tmp_path / "wrong", wrong, state), "unet")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text(json.dumps(model_config))
     with pytest.raises(UserError, match="diffusion_pytorch_model.safetensors"):
-        unet.load_params(str(tmp_path / "empty"))
+        load_component(str(tmp_path / "empty"), "unet")
     with pytest.raises(UserError, match="config.json"):
-        unet.load_params(str(tmp_path / "nowhere"))
+        load_component(str(tmp_path / "nowhere"), "unet")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from ti_flax.errors import UserError  # noqa: E402
 from ti_flax.models import vae  # noqa: E402
+from ti_flax.models.component_weights import load_component  # noqa: E402
 from ti_flax.models.weights import flatten  # noqa: E402
 
 TOL = 1e-4
@@ -78,7 +79,7 @@ def jitted():
 
 def test_param_shapes_match_torch_state_dict(reference):
     model, folder, *_ = reference
-    config, _ = vae.load_params(folder)
+    config, _ = load_component(folder, "vae")
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert vae.param_shapes(config) == want
 
@@ -93,7 +94,7 @@ def test_param_shapes_without_quant_convs_or_mid_attention():
 def test_encode_decode_match_diffusers(reference, jitted):
     _, folder, pixels, latents, mean, logvar, decoded = reference
     encode, decode = jitted
-    config, params = vae.load_params(folder)
+    config, params = load_component(folder, "vae")
     our_mean, our_logvar = encode(params, config, jnp.asarray(nhwc(pixels)))
     assert our_mean.shape == (2, SIZE // 2, SIZE // 2, 4)
     assert np.abs(np.asarray(our_mean) - nhwc(mean)).max() <= TOL
@@ -107,7 +108,7 @@ def test_a_perturbed_weight_breaks_parity(reference, jitted):
     """The parity check can fail: one changed weight in the mid-block attention or an up block is caught."""
     _, folder, pixels, latents, mean, _, decoded = reference
     encode, decode = jitted
-    config, params = vae.load_params(folder)
+    config, params = load_component(folder, "vae")
     bad = jax.tree_util.tree_map(np.array, params)
     bad["encoder"]["mid_block"]["attentions"]["0"]["to_v"]["weight"][0, 0] += 0.5
     bad["decoder"]["up_blocks"]["1"]["resnets"]["0"]["conv1"]["weight"][0, 0, 1, 1] += 0.5
@@ -133,8 +134,8 @@ def test_old_attention_names_load(reference, tmp_path, jitted):
         ref = diffusers.AutoencoderKL.from_pretrained(old_folder).encode(torch.from_numpy(pixels)).latent_dist.mean
     np.testing.assert_allclose(ref.numpy(), mean, atol=1e-6)
     # ... and so do we, to the same tree as the new-format file.
-    config, params = vae.load_params(old_folder)
-    _, new_params = vae.load_params(folder)
+    config, params = load_component(old_folder, "vae")
+    _, new_params = load_component(folder, "vae")
     assert flatten(params).keys() == flatten(new_params).keys()
     our_mean, _ = jitted[0](params, config, jnp.asarray(nhwc(pixels)))
     assert np.abs(np.asarray(our_mean) - nhwc(mean)).max() <= TOL
@@ -149,10 +150,10 @@ def test_weights_of_another_config_are_user_errors(reference, tmp_path):
     (bad / "diffusion_pytorch_model.safetensors").write_bytes(
         open(f"{folder}/diffusion_pytorch_model.safetensors", "rb").read())
     with pytest.raises(UserError, match="shape"):
-        vae.load_params(str(bad))
+        load_component(str(bad), "vae")
     (bad / "config.json").write_text(json.dumps(dict(config, layers_per_block=config["layers_per_block"] + 1)))
     with pytest.raises(UserError, match="missing"):
-        vae.load_params(str(bad))
+        load_component(str(bad), "vae")
 
 
 @pytest.mark.parametrize("change", [
@@ -179,7 +180,7 @@ def test_bfloat16_runs_close(reference, jitted):
     model, folder, pixels, _, mean, _, _ = reference
     if model.config.layers_per_block != 1:
         pytest.skip("checked once (layers_per_block=1): compiling costs ~10 s")
-    config, params = vae.load_params(folder)
+    config, params = load_component(folder, "vae")
     params16 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
     our_mean, _ = jitted[0](params16, config, jnp.asarray(nhwc(pixels)), dtype=jnp.bfloat16)
     assert our_mean.dtype == jnp.bfloat16

@@ -12,6 +12,7 @@ import pytest
 from ti_flax import models
 from ti_flax.errors import UserError
 from ti_flax.models import clip
+from ti_flax.models.component_weights import load_component
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def test_owned_encoders_give_the_pipelines_prompt_embeddings(sdxl_dir, torch_pip
     assert tuple(want.shape) == (1, 77, 32 + 48) and tuple(want_pooled.shape) == (1, 16)
     states, pooled = [], None
     for folder, tokenizer in (("text_encoder", torch_pipe.tokenizer), ("text_encoder_2", torch_pipe.tokenizer_2)):
-        config, params = clip.load_params(f"{sdxl_dir}/{folder}")
+        config, params = load_component(f"{sdxl_dir}/{folder}", "text_encoder")
         ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
         out = clip.encode(params, config, jnp.asarray(ids))
         states.append(out.penultimate)

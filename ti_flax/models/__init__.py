@@ -21,7 +21,7 @@ import numpy as np
 from .. import files
 from ..errors import UserError
 from . import attention as attention_lib
-from . import clip, loading, schedulers, unet, vae
+from . import clip, component_weights, schedulers, unet, vae
 from .spec import (  # noqa: F401  (the models API)
     Compute, Configs, ModelSpec, configs, default_resolution, default_size, spec_from, spec_from_configs,
 )
@@ -193,7 +193,7 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     if prediction_type not in schedulers.PREDICTION_TYPES:
         raise UserError(f"{model_dir}: scheduler prediction_type {prediction_type!r} is not supported; "
                         "pass --prediction_type epsilon or v_prediction")
-    text_config = loading.read_config(os.path.join(model_dir, "text_encoder"), "text_encoder")
+    text_config = component_weights.read_config(os.path.join(model_dir, "text_encoder"), "text_encoder")
     if text_config.vocab_size != len(tokenizer):
         raise UserError(
             f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the text encoder has "
@@ -203,7 +203,7 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     params, found = {}, {}
     for kind in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if sdxl else ()):
         loaded_as = "text_encoder" if kind == "text_encoder_2" else kind
-        found[kind], params[kind] = loading.load_component(os.path.join(model_dir, kind), loaded_as)
+        found[kind], params[kind] = component_weights.load_component(os.path.join(model_dir, kind), loaded_as)
     sdxl_args = {}
     if sdxl:
         check_sdxl_parts(model_dir, found["text_encoder"], found["text_encoder_2"], found["unet"], tokenizer_2)
@@ -257,7 +257,7 @@ def abstract_params(spec):
     if c.text_2 is not None:
         parts += (("text_encoder_2", c.text_2),)
     for kind, config in parts:
-        shapes = loading.shapes(config, "text_encoder" if kind == "text_encoder_2" else kind)
+        shapes = component_weights.shapes(config, "text_encoder" if kind == "text_encoder_2" else kind)
         out[kind] = unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})
     return out
 

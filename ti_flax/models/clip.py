@@ -112,7 +112,8 @@ def param_shapes(config):
     """{"dotted.name": shape} of the transformers state dict, computed from `config` alone.
 
     The `text_model.embeddings.position_ids` buffer is non-persistent in current transformers
-    (not in the state dict, not a weight), so it is not listed; `load_params` drops it from old files.
+    (not in the state dict, not a weight), so it is not listed; `component_weights.load_component`
+    drops it from old files.
     """
     d, f = config.hidden_size, config.intermediate_size
     shapes = {
@@ -238,10 +239,3 @@ def encode(params, config, input_ids, rows=None, *, base_vocab_size=None, dtype=
     if config.with_projection:
         text_embeds = layers.linear(params["text_projection"], pooled)
     return TextOutputs(last, penultimate, pooled, text_embeds)
-
-
-def load_params(folder):
-    """(config, float32 params) of a transformers text-encoder folder; see loading.load_component."""
-    from .loading import load_component
-
-    return load_component(folder, "text_encoder")

@@ -442,7 +442,8 @@ def apply(
     """The UNet's prediction (epsilon or v, per the model) for NHWC latents.
 
     Args:
-      params: the PyTorch-named tree (`load_params`, or `weights.unflatten` of a state dict).
+      params: the PyTorch-named tree (`component_weights.load_component`, or `weights.unflatten`
+        of a state dict).
       config: UNetConfig (static under jit: hashable).
       sample: [B, H, W, in_channels] latents.
       timesteps: [B] (or a scalar), int or float.
@@ -499,14 +500,3 @@ def apply(
         x = block(_up_block, i=i, upsample_size=size)(params["up_blocks"][str(i)], x, temb, context, tuple(mine))
     x = jax.nn.silu(layers.group_norm(params["conv_norm_out"], x, config.norm_num_groups, config.norm_eps))
     return layers.conv2d(params["conv_out"], x)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a diffusers `unet/` folder
-
-
-def load_params(folder):
-    """(config, float32 params) of a diffusers unet folder; see loading.load_component."""
-    from .loading import load_component
-
-    return load_component(folder, "unet")

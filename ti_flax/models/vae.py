@@ -9,7 +9,7 @@ Parameters are the PyTorch state dict as a nested dict (see weights.py), in PyTo
     decoder: post_quant_conv (1x1), conv_in, mid block, up blocks (ResnetBlock2D x (layers_per_block
              + 1), then nearest x2 + conv except in the last block), GroupNorm, SiLU, conv_out
 
-    >>> config, params = load_params("sd-model/vae")           # doctest: +SKIP
+    >>> config, params = component_weights.load_component("sd-model/vae", "vae")  # doctest: +SKIP
     >>> mean, logvar = encode(params, config, pixels)          # pixels NHWC in [-1, 1]
     >>> pixels = decode(params, config, mean)                  # latents unscaled (no scaling_factor)
 """
@@ -282,10 +282,3 @@ def convert_old_attention_names(state_dict):
             name = ".".join(parts[:-2] + [_OLD_ATTENTION_NAMES[parts[-2]], parts[-1]])
         out[name] = value
     return out
-
-
-def load_params(folder):
-    """(config, float32 params) of a diffusers vae folder; see loading.load_component."""
-    from .loading import load_component
-
-    return load_component(folder, "vae")

@@ -5,7 +5,8 @@ float32 parameter tree named like the PyTorch state dict (see weights.py). Weigh
 order, from PyTorch safetensors (one file or a sharded index; read without torch), PyTorch `.bin`
 (needs torch), or the Flax msgpack of an old Flax pipeline (renamed by flax_layout.py). Every file
 goes through `files`, so a damaged one is a one-line DamagedFile naming it, and weights that do not
-fit the config are a UserError naming the first offending weight.
+fit the config are a UserError naming the first offending weight. (A whole model folder, all its
+components together, is `models.load_model`'s.)
 """
 
 import os
@@ -14,7 +15,7 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError
-from . import clip, unet, vae
+from . import clip, flax_layout, unet, vae
 from .weights import check_params, unflatten
 
 # kind -> (safetensors, PyTorch .bin, Flax msgpack) file names.
@@ -65,8 +66,6 @@ def read_state_dict(folder, kind):
             raise files.DamagedFile(path, "not a PyTorch state dict of tensors")
         return data, path
     if msgpack in names:
-        from . import flax_layout
-
         path = os.path.join(folder, msgpack)
         return flax_layout.to_state_dict(files.read_msgpack(path), kind), path
     raise UserError(f"{folder}: no weights found (expected {safetensors}, {binary} or {msgpack})")
