@@ -12,7 +12,9 @@ import os
 import numpy as np
 
 from .. import files
-from . import configs, split_rows, token_table, with_token_table, zeros_for_empty_negative
+from .forward import split_rows, token_table, with_token_table
+from .model_folder import zeros_for_empty_negative
+from .spec import configs
 from .weights import flatten
 
 # diffusers reads `_diffusers_version` only to warn about configs from much older releases.

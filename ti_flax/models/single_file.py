@@ -30,7 +30,11 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError
-from . import clip, unet, vae
+from ..clip_vocab import PAD_TOKENS, build_tokenizer
+from . import clip, schedulers, unet, vae
+from .model_folder import resolve_model_dir
+from .spec import LoadedModel, spec_from_configs
+from .tokenizers import load_tokenizer
 from .weights import unflatten
 
 UNET = "model.diffusion_model."
@@ -511,8 +515,6 @@ def read_single_file(path, prediction_type="epsilon", allow_pickle=False):
 
 def _tokenizer(family):
     """The CLIP tokenizer the family's diffusers folders ship (single files carry none)."""
-    from ..clip_vocab import PAD_TOKENS, build_tokenizer
-
     return build_tokenizer(pad_token=PAD_TOKENS[family.name])
 
 
@@ -528,8 +530,6 @@ def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_p
     Raises:
       UserError (one line) before anything is written, for anything but a complete SD 1.x/2.x file.
     """
-    from . import LoadedModel, load_tokenizer, noise_schedule, resolve_model_dir, spec_from_configs
-
     if not os.path.isfile(path):
         what = "not a file" if os.path.exists(path) else "no such file"
         raise UserError(f"--pretrained_model_name_or_path {path!r}: {what}")
@@ -548,4 +548,4 @@ def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_p
     scheduler_config = dict(SCHEDULER, prediction_type=prediction_type)
     spec = spec_from_configs(configs["text_encoder"], configs["unet"], configs["vae"], prediction_type,
                              scheduler_config["num_train_timesteps"])
-    return LoadedModel(spec, params, tokenizer, noise_schedule(scheduler_config), path, scheduler_config)
+    return LoadedModel(spec, params, tokenizer, schedulers.alphas_cumprod(scheduler_config), path, scheduler_config)

@@ -1,4 +1,5 @@
-"""What a model is (`ModelSpec`) and how a run computes with it (`Compute`), kept apart.
+"""What a model is (`ModelSpec`) and how a run computes with it (`Compute`), kept apart; a
+loaded model (`LoadedModel`) is a spec with its weights, tokenizer(s) and noise table.
 
 Both are frozen and hashable, so a compiled program can be cached by them and take them as
 static arguments. A spec comes from the model's configs alone; a Compute from a run's flags
@@ -10,6 +11,8 @@ import dataclasses
 import functools
 import json
 from typing import NamedTuple
+
+import numpy as np
 
 from . import clip, unet, vae
 
@@ -91,6 +94,24 @@ class Compute:
     def from_config(cls, config):
         """The run setting of a TrainConfig (its --mixed_precision, --attention, --gradient_checkpointing)."""
         return cls(dtype=config.compute_dtype, attention=config.attention, remat=bool(config.gradient_checkpointing))
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded Stable Diffusion model: static spec, host-side weights, tokenizer(s), noise table."""
+
+    spec: ModelSpec
+    params: dict  # {"text_encoder": ..., "unet": ..., "vae": ...} (+ "text_encoder_2" for SDXL), float32 numpy
+    tokenizer: object  # transformers.CLIPTokenizer
+    alphas_cumprod: np.ndarray  # [num_train_timesteps] float32
+    model_dir: str
+    scheduler_config: dict
+    tokenizer_2: object = None  # SDXL's second tokenizer ("!" padding), else None
+
+    @property
+    def tokenizers(self):
+        """Every tokenizer of the model: a placeholder token goes into each."""
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
 
 class Configs(NamedTuple):

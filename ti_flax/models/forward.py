@@ -1,0 +1,156 @@
+"""Running the frozen model's parts: pure functions of a static `ModelSpec` (what the model is),
+a `Compute` (how this run computes with it) and the weights, for use inside jit / pmap.
+
+`condition` encodes a prompt's ids (with the learned rows) into what the UNet is conditioned
+on, `predict_noise` runs the UNet, `vae_moments` / `decode_latents` the VAE. The helpers on the
+parameter trees (`cast_params`, `token_table`, `with_token_table`) work on host arrays.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import attention as attention_lib
+from . import clip, unet, vae
+from .spec import configs, default_resolution
+
+
+def cast_params(params, dtype):
+    """A copy of a host params tree with every float leaf cast to `dtype` (e.g. "bfloat16")."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+
+    return jax.tree_util.tree_map(cast, params)
+
+
+def token_table(text_params):
+    """The text encoder's [vocab, hidden] token-embedding table."""
+    return clip.token_table(text_params)
+
+
+def token_tables(params):
+    """Each text encoder's token table: (table,) or, for SDXL, (CLIP-L's, bigG's)."""
+    names = ("text_encoder", "text_encoder_2") if "text_encoder_2" in params else ("text_encoder",)
+    return tuple(token_table(params[name]) for name in names)
+
+
+def with_token_table(text_params, table):
+    """A copy of the text-encoder params with the token table replaced (the rest shared)."""
+    out = jax.tree_util.tree_map(lambda x: x, text_params)  # new containers, same leaves
+    out["text_model"]["embeddings"]["token_embedding"]["weight"] = table
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Running the parts (pure; inside jit/pmap, with the spec and the compute setting static)
+
+
+def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="float32"):
+    """What --attention `name` runs for the model's largest self-attention, e.g. "chunked".
+
+    For the banner, and to refuse at start-up an explicit choice that cannot run here (UserError).
+    Without a spec, the answer for a 64x64-latent SD 1.x self-attention in float32; with one, for
+    its native size (or `resolution`) in compute `dtype`.
+    """
+    backend = backend or jax.default_backend()
+    if spec is None:
+        return attention_lib.resolve(name, backend=backend, dtype=jnp.float32, q_len=4096, kv_len=4096, head_dim=40)
+    c = configs(spec)
+    side = (resolution or default_resolution(spec)) // spec.vae_scale_factor
+    tokens = side * side
+    heads = c.unet.heads[0]
+    head_dim = c.unet.block_out_channels[0] // heads
+    return attention_lib.resolve(name, backend=backend, dtype=jnp.dtype(dtype), q_len=tokens, kv_len=tokens,
+                                 head_dim=head_dim)
+
+
+def encode_text(spec, compute, text_params, input_ids, rows):
+    """CLIP last hidden state [B, L, D] for ids that may include the learned tokens (one text encoder).
+
+    Ids below `spec.base_vocab_size` read the frozen table; ids at or above it read
+    `rows[id - base_vocab_size]`. The table is never copied or grown, so the only gradient
+    the caller can take is the one with respect to `rows` ([num_vectors, D]).
+    """
+    out = clip.encode(text_params, configs(spec).text, input_ids, rows, base_vocab_size=spec.base_vocab_size,
+                      dtype=jnp.dtype(compute.dtype))
+    return out.last_hidden_state
+
+
+class Condition(NamedTuple):
+    """What the UNet is conditioned on for a prompt.
+
+    Attributes:
+      context: [B, L, C] the cross-attention states: the text encoder's last hidden state, or for
+        SDXL both encoders' penultimate states side by side (C = 768 + 1280).
+      text_embeds: SDXL's pooled, projected output of the second encoder [B, E]; None otherwise.
+    """
+
+    context: jax.Array
+    text_embeds: object = None
+
+
+def split_rows(spec, rows):
+    """Each text encoder's part of learned rows [N, row_width]: (rows,) or, for SDXL, (rows[:, :D1], rows[:, D1:]).
+
+    An SDXL vector is one row holding its CLIP-L row and its bigG row side by side, so the
+    learned rows stay one leaf; AdamW and global-norm clipping treat it exactly as two leaves.
+    """
+    if not spec.is_sdxl:
+        return (rows,)
+    first = spec.text_widths[0]
+    return rows[..., :first], rows[..., first:]
+
+
+def second_encoder_ids(spec, input_ids):
+    """SDXL's second tokenizer's ids from the first's: the padding after the first end-of-text
+    token becomes the second tokenizer's padding id (the two differ only there)."""
+    positions = jnp.arange(input_ids.shape[-1])
+    first_eos = jnp.argmax(input_ids == spec.eos_token_id, axis=-1)[..., None]
+    return jnp.where(positions > first_eos, jnp.asarray(spec.pad_token_id_2, input_ids.dtype), input_ids)
+
+
+def condition(spec, compute, text_params, input_ids, rows):
+    """The UNet's text conditioning (a `Condition`) for the first tokenizer's ids [B, L].
+
+    Args:
+      text_params: the text encoder's params; for SDXL a pair (text_encoder, text_encoder_2).
+      rows: learned rows [N, spec.row_width]; id `base_vocab_size + i` reads rows[i] in each encoder.
+    """
+    if not spec.is_sdxl:
+        return Condition(encode_text(spec, compute, text_params, input_ids, rows))
+    c, dtype = configs(spec), jnp.dtype(compute.dtype)
+    rows_1, rows_2 = split_rows(spec, rows)
+    params_1, params_2 = text_params
+    first = clip.encode(params_1, c.text, input_ids, rows_1, base_vocab_size=spec.base_vocab_size, dtype=dtype)
+    second = clip.encode(params_2, c.text_2, second_encoder_ids(spec, input_ids), rows_2,
+                         base_vocab_size=spec.base_vocab_size, dtype=dtype)
+    return Condition(jnp.concatenate([first.penultimate, second.penultimate], axis=-1), second.text_embeds)
+
+
+def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden_states, added_cond=None):
+    """UNet output for NCHW latents (epsilon or v, per the model's prediction_type), NCHW.
+
+    `added_cond` is SDXL's {"text_embeds": [B, E], "time_ids": [B, 6]} (None otherwise).
+    """
+    sample = jnp.transpose(latents, (0, 2, 3, 1))
+    out = unet.apply(unet_params, configs(spec).unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
+                     added_cond=added_cond, attention=compute.attention, remat=compute.remat,
+                     dtype=jnp.dtype(compute.dtype))
+    return jnp.transpose(out, (0, 3, 1, 2))
+
+
+def vae_moments(spec, compute, vae_params, pixels):
+    """Mean and log-variance (NHWC) of the VAE posterior for NHWC pixels in [-1, 1]."""
+    return vae.encode(vae_params, configs(spec).vae, pixels, dtype=jnp.dtype(compute.dtype))
+
+
+def decode_latents(spec, compute, vae_params, latents_nchw):
+    """Pixels in about [-1, 1], NCHW, from NCHW latents scaled the way the UNet sees them."""
+    latents = jnp.transpose(latents_nchw, (0, 2, 3, 1)) / spec.scaling_factor
+    pixels = vae.decode(vae_params, configs(spec).vae, latents, dtype=jnp.dtype(compute.dtype))
+    return jnp.transpose(pixels, (0, 3, 1, 2))

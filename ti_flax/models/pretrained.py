@@ -1,0 +1,111 @@
+"""Loading a whole pretrained Stable Diffusion model into a `LoadedModel`.
+
+`load_model` reads a diffusers folder (local, or a Hub snapshot; `model_folder.py` finds and
+checks it) component by component (`component_weights.py`), its tokenizer(s) (`tokenizers.py`)
+and its noise schedule, or one original-layout checkpoint file (`single_file.py`).
+`abstract_params` gives the weights' shapes without reading any.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from .. import files
+from ..errors import UserError
+from . import component_weights, schedulers, single_file
+from .model_folder import check_model_dir, resolve_model_dir
+from .spec import LoadedModel, configs, spec_from
+from .tokenizers import load_second_tokenizer, load_tokenizer
+from .weights import unflatten
+
+
+def is_single_file(name_or_path):
+    """True for a path that names one checkpoint file (`.safetensors`, `.ckpt`, ...), not a folder or Hub id."""
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        return False
+    return os.path.isfile(name_or_path) or name_or_path.lower().endswith(single_file.SUFFIXES)
+
+
+def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False):
+    """Load tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion model.
+
+    Args:
+      name_or_path: a diffusers folder, a Hub id, or one original-layout checkpoint file
+        (A1111 / ComfyUI `.safetensors`; `.ckpt` with `allow_pickle`), see single_file.py.
+      revision: the Hub revision. tokenizer_name: a tokenizer folder or Hub id instead of the model's.
+      prediction_type: "epsilon" or "v_prediction" instead of what the scheduler config says (a
+        single file has none: epsilon unless given).
+      allow_pickle: let a single `.ckpt` file be unpickled (it can run code: trusted files only).
+    """
+    if prediction_type is not None and prediction_type not in schedulers.PREDICTION_TYPES:
+        choices = ", ".join(schedulers.PREDICTION_TYPES)
+        raise UserError(f"--prediction_type {prediction_type!r}: choose one of {choices}")
+    if is_single_file(name_or_path):
+        return single_file.load(os.fspath(name_or_path), revision, tokenizer_name, prediction_type, allow_pickle)
+    model_dir = resolve_model_dir(name_or_path, revision)
+    tokenizer_dir = resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
+    sdxl = check_model_dir(model_dir, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or os.path.join(model_dir, "tokenizer"))
+    scheduler_file = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    scheduler_config = files.read_json(scheduler_file, "a JSON config file")
+    with files.reading(scheduler_file, "a noise scheduler config"):
+        alphas_cumprod = schedulers.alphas_cumprod(dict(scheduler_config))
+    if prediction_type is not None:  # --prediction_type overrides the scheduler config, sampling included
+        scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
+    prediction_type = scheduler_config.get("prediction_type") or "epsilon"
+    if prediction_type not in schedulers.PREDICTION_TYPES:
+        raise UserError(f"{model_dir}: scheduler prediction_type {prediction_type!r} is not supported; "
+                        "pass --prediction_type epsilon or v_prediction")
+    text_config = component_weights.read_config(os.path.join(model_dir, "text_encoder"), "text_encoder")
+    if text_config.vocab_size != len(tokenizer):
+        raise UserError(
+            f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the text encoder has "
+            f"{text_config.vocab_size} rows; use the tokenizer that belongs to this model"
+        )
+    tokenizer_2 = load_second_tokenizer(model_dir, tokenizer) if sdxl else None
+    params, found = {}, {}
+    for kind in ("text_encoder", "unet", "vae") + (("text_encoder_2",) if sdxl else ()):
+        loaded_as = "text_encoder" if kind == "text_encoder_2" else kind
+        found[kind], params[kind] = component_weights.load_component(os.path.join(model_dir, kind), loaded_as)
+    sdxl_args = {}
+    if sdxl:
+        check_sdxl_parts(model_dir, found["text_encoder"], found["text_encoder_2"], found["unet"], tokenizer_2)
+        sdxl_args = dict(text_2=found["text_encoder_2"], eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id_2=tokenizer_2.pad_token_id)
+    spec = spec_from(found["text_encoder"], found["unet"], found["vae"], prediction_type,
+                     int(scheduler_config.get("num_train_timesteps") or 1000), **sdxl_args)
+    return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config), tokenizer_2)
+
+
+def check_sdxl_parts(model_dir, text, text_2, unet_config, tokenizer_2):
+    """UserError unless the parts fit together as SDXL's do."""
+    if not text_2.with_projection:
+        raise UserError(f"{model_dir}/text_encoder_2: SDXL's second text encoder needs its text_projection "
+                        "(CLIPTextModelWithProjection)")
+    if unet_config.addition_embed_type != "text_time":
+        raise UserError(f"{model_dir}/unet: an SDXL UNet has addition_embed_type 'text_time', this one "
+                        f"{unet_config.addition_embed_type!r}")
+    if text_2.vocab_size != len(tokenizer_2):
+        raise UserError(f"{model_dir}: tokenizer_2 has {len(tokenizer_2)} tokens but text_encoder_2 has "
+                        f"{text_2.vocab_size} rows; use the tokenizer that belongs to this model")
+    want = unet_config.projection_class_embeddings_input_dim
+    got = text_2.projection_dim + 6 * unet_config.addition_time_embed_dim
+    if text.hidden_size + text_2.hidden_size not in unet_config.cross_dims or want != got:
+        raise UserError(f"{model_dir}: the text encoders ({text.hidden_size} + {text_2.hidden_size} wide, "
+                        f"projection {text_2.projection_dim}) do not fit the UNet's conditioning")
+
+
+def abstract_params(spec):
+    """{"text_encoder", "unet", "vae"} (+ "text_encoder_2" for SDXL): float32 jax.ShapeDtypeStruct trees from the configs alone,
+    so nothing is allocated."""
+    c = configs(spec)
+    out = {}
+    parts = (("text_encoder", c.text), ("unet", c.unet), ("vae", c.vae))
+    if c.text_2 is not None:
+        parts += (("text_encoder_2", c.text_2),)
+    for kind, config in parts:
+        shapes = component_weights.shapes(config, "text_encoder" if kind == "text_encoder_2" else kind)
+        out[kind] = unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})
+    return out
