@@ -16,7 +16,7 @@ import pytest
 
 import make_tiny_model
 
-from ti_flax import TrainConfig, models
+from ti_flax import TrainConfig, formats, models
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
 
@@ -321,7 +321,7 @@ def test_a_single_file_saves_as_a_diffusers_folder(single_file_model, tmp_path):
     """--save_as_full_pipeline from a single file: a folder that loads as the same model."""
     _, _, path = single_file_model
     model, _ = _load(path, prediction_type="v_prediction")
-    models.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.hidden_size), np.float32), str(tmp_path))
+    formats.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.hidden_size), np.float32), str(tmp_path))
     again = models.load_model(str(tmp_path))
     assert again.spec == model.spec and again.tokenizer.pad_token == "!"
     assert again.scheduler_config["prediction_type"] == "v_prediction"

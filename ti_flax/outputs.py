@@ -3,7 +3,7 @@
 import os
 
 from . import checkpoint as ckpt
-from . import files, formats, model_card, models
+from . import files, formats, model_card
 
 
 def save_outputs(run, rows, history, grid=None):
@@ -46,7 +46,7 @@ def save_pipeline(run, rows):
     try:
         with files.writing(out, what="the full pipeline into"):
             tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=out)
-            models.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
+            formats.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
             for name in os.listdir(tmp):
                 _swap_in(os.path.join(tmp, name), os.path.join(out, name), os.path.join(tmp, ".old-" + name))
     except files.WriteFailed as err:

@@ -9,7 +9,7 @@
 | diffusers' SDXL pair `learned_embeds.safetensors` + `learned_embeds_2.safetensors` | `sdxl.py` | two files | the key |
 | diffusers' Flax script: pickled `{token: row}` | `npy.py` | (read only) `.npy` | the key |
 | a bare numeric array | `npy.py` | (read only) `.npy` | (none) |
-| a saved pipeline: rows of `token, token_1, ...` | `pipeline.py` | (read only) folder | `token=` |
+| a saved pipeline: rows of `token, token_1, ...` | `pipeline.py` | a whole folder, by `save_pipeline` (not `write`) | `token=` |
 | a bare torch tensor | here | (read only) `.pt`, `.bin` | (none) |
 
 Each layout registers a `Layout` by name (`get`, `names`, `ALIASES`): its file types and its
@@ -21,7 +21,7 @@ SDXL embeddings hold rows for two text encoders (`Embedding.more["text_encoder_2
 SDXL layouts take them, and the SD 1.x / 2.x layouts refuse them (`check_fits`).
 
 Only numpy and safetensors are needed, except for torch files (torch) and pipeline folders
-(the tokenizer, through ti_flax.models).
+(the tokenizer and the model, through ti_flax.models).
 """
 
 import dataclasses
@@ -39,13 +39,14 @@ from .base import (
 )
 from .diffusers import DIFFUSERS_BIN, DIFFUSERS_FILE, load_diffusers, save_diffusers, save_diffusers_bin
 from .npy import FLAX_NPY
+from .pipeline import save_pipeline
 from .sdxl import PAIR_FILE_2, save_diffusers_sdxl, save_sdxl
 
 __all__ = [
     "ALIASES", "DIFFUSERS_BIN", "DIFFUSERS_FILE", "Embedding", "FLAX_NPY", "Layout", "PAIR_FILE_2", "TEXT_ENCODER",
     "TEXT_ENCODER_2", "check_embedding_fits", "check_fits", "check_written", "get", "load_diffusers", "names",
-    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_sdxl",
-    "save_trained", "sdxl_file_name", "write",
+    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_pipeline",
+    "save_sdxl", "save_trained", "sdxl_file_name", "write",
 ]
 
 TORCH_EXTENSIONS = (".pt", ".bin", ".pth")

@@ -1,10 +1,17 @@
-"""Saved pipeline folders (text_encoder/ and tokenizer/): the learned rows are those of the
-tokens `token, token_1, ...` added to the tokenizer, read from the text encoder's table.
+"""Saved pipeline folders: a whole model as a diffusers PyTorch-layout folder, with the learned
+tokens in its tokenizer(s) and their rows in its text encoder(s).
 
-Read side only: `ti_flax.models.pipeline` writes full pipelines. The tokenizer is loaded through
-ti_flax.models, imported only when a pipeline is read.
+`save_pipeline` writes one (`--save_as_full_pipeline`): what `StableDiffusionPipeline.from_pretrained`
+(for SDXL, `StableDiffusionXLPipeline.from_pretrained`) reads (safetensors weights, config files, the
+tokenizer(s) holding the learned tokens, model_index.json), and what `models.load_model` reads back.
+Every weight file goes through `files.write_bytes`, so a full disk is one line.
+
+`read` takes the rows of the tokens `token, token_1, ...` back out of a folder's text_encoder/ and
+tokenizer/. ti_flax.models (and with it jax) is imported only when a pipeline is written or read,
+so reading and exporting embedding files stays light; models never imports formats.
 """
 
+import json
 import os
 import re
 
@@ -12,6 +19,7 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError
+from ..tokens import merged_table
 from .base import Embedding, Layout, register, rows_read
 
 
@@ -50,9 +58,9 @@ def learned_tokens(folder):
 
 
 def _tokenizer(folder):
-    from ..models import load_tokenizer
+    from .. import models  # jax: only when a pipeline is read (see the module docstring)
 
-    return load_tokenizer(os.path.join(folder, "tokenizer"))
+    return models.load_tokenizer(os.path.join(folder, "tokenizer"))
 
 
 def _added_ids(tokenizer):
@@ -82,3 +90,100 @@ def _token_table(folder):
 
 
 LAYOUT = register(Layout("pipeline", "a saved pipeline folder: the rows of token, token_1, ... in its text encoder"))
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a whole pipeline
+
+# diffusers reads `_diffusers_version` only to warn about configs from much older releases.
+_DIFFUSERS_VERSION = "0.30.0"
+
+
+def _write_json(path, data):
+    files.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_weights(path, state_dict):
+    tensors = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in state_dict.items()}
+    files.write_bytes(path, files.safetensors_bytes(tensors, metadata={"format": "pt"}))
+
+
+def _scheduler_config(config):
+    config = dict(config)
+    name = str(config.get("_class_name", "PNDMScheduler"))
+    config["_class_name"] = name[4:] if name.startswith("Flax") else name
+    config.setdefault("_diffusers_version", _DIFFUSERS_VERSION)
+    return config
+
+
+def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
+    """Write `model` with `rows` appended to its token table(s) into `out_dir` (which must exist).
+
+    For SDXL, the folder is a `StableDiffusionXLPipeline`'s: each text encoder's table gets its
+    part of the rows (`split_rows`: the CLIP-L part in text_encoder, the bigG part in
+    text_encoder_2) and tokenizer_2 is saved beside tokenizer, both holding the new tokens.
+
+    Args:
+      model: a LoadedModel. tokenizer: its tokenizer, already holding the new tokens (one per row,
+        in row order). rows: float32 [N, row_width] learned rows. out_dir: an existing folder.
+      tokenizer_2: SDXL's second tokenizer holding the same new tokens with the same ids
+        (default: `model.tokenizer_2`, which `run.prepare` gave them); unused otherwise.
+    Returns:
+      out_dir.
+    """
+    from .. import models  # jax: only when a pipeline is written (see the module docstring)
+    from ..models.weights import flatten
+
+    spec, c = model.spec, models.configs(model.spec)
+    encoders = [("text_encoder", c.text, tokenizer)]
+    if spec.is_sdxl:
+        encoders.append(("text_encoder_2", c.text_2, tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2))
+    parts = {}
+    for (name, text, tok), part_rows in zip(encoders, models.split_rows(spec, rows)):
+        table = merged_table(models.token_table(model.params[name]), part_rows)
+        if len(tok) != table.shape[0]:  # a tokenizer without the tokens would save a folder that cannot load
+            raise ValueError(f"{name}: {table.shape[0]} rows but its tokenizer has {len(tok)} tokens")
+        text_config = dict(text.to_dict(), vocab_size=int(table.shape[0]), torch_dtype="float32")
+        parts[name] = (text_config, models.with_token_table(model.params[name], table), "model.safetensors")
+    parts.update({
+        "unet": (dict(c.unet.to_dict(), _class_name="UNet2DConditionModel", _diffusers_version=_DIFFUSERS_VERSION),
+                 model.params["unet"], "diffusion_pytorch_model.safetensors"),
+        "vae": (dict(c.vae.to_dict(), _class_name="AutoencoderKL", _diffusers_version=_DIFFUSERS_VERSION),
+                model.params["vae"], "diffusion_pytorch_model.safetensors"),
+    })
+    for name, (config, params, weights_file) in parts.items():
+        folder = os.path.join(out_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        _write_json(os.path.join(folder, "config.json"), config)
+        _write_weights(os.path.join(folder, weights_file), flatten(params))
+    scheduler = _scheduler_config(model.scheduler_config)
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler)
+    for (name, _, tok) in encoders:
+        tok.save_pretrained(os.path.join(out_dir, name.replace("text_encoder", "tokenizer")))
+    index = _model_index(model, scheduler["_class_name"], models.zeros_for_empty_negative(model))
+    _write_json(os.path.join(out_dir, "model_index.json"), index)
+    return out_dir
+
+
+def _model_index(model, scheduler_class, zeros_for_empty_prompt):
+    """model_index.json: StableDiffusionPipeline's, or StableDiffusionXLPipeline's for SDXL (with
+    its `force_zeros_for_empty_prompt`)."""
+    index = {
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if not model.spec.is_sdxl:
+        return dict(index, _class_name="StableDiffusionPipeline", requires_safety_checker=False,
+                    safety_checker=[None, None])
+    return dict(
+        index, _class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
+        # SDXL base zeroes the negative conditioning of an empty prompt; keep the model's choice.
+        force_zeros_for_empty_prompt=zeros_for_empty_prompt,
+    )
