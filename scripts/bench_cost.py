@@ -149,7 +149,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
     else:
         # The TPU program without the Pallas kernel (it lowers only on a TPU): auto is dense there.
         attention = "dense" if variant.attention == "auto" else variant.attention
-        compute = models.Compute.from_config(config.replace(gradient_checkpointing=variant.remat, attention=attention))
+        compute = models.Compute(dtype=config.compute_dtype, attention=attention, remat=bool(variant.remat))
         frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), alphas, vae=not variant.cache_latents)
         example_ids = S((batch,), jnp.int32)
         time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None

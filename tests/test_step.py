@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ti_flax import TrainConfig, checkpoint, data, latents, models, sampler, step as step_lib
+from ti_flax import run as run_lib
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "flax-pipeline")
 
@@ -39,10 +40,10 @@ def test_model_spec_is_the_model_and_compute_is_the_run():
     spec_fields = {f.name for f in dataclasses.fields(models.ModelSpec)}
     assert not spec_fields & {"dtype", "attention", "remat"}
     config = TrainConfig(mixed_precision="bf16", attention="chunked", gradient_checkpointing=True)
-    compute = models.Compute.from_config(config)
+    compute = run_lib.model_compute(config)
     assert compute == models.Compute(dtype="bfloat16", attention="chunked", remat=True)
-    assert hash(compute) == hash(models.Compute.from_config(config))  # static: usable as a cache key
-    assert models.Compute.from_config(TrainConfig()) == models.Compute()
+    assert hash(compute) == hash(run_lib.model_compute(config))  # static: usable as a cache key
+    assert run_lib.model_compute(TrainConfig()) == models.Compute()
     with pytest.raises(dataclasses.FrozenInstanceError):
         compute.dtype = "float32"
 

@@ -57,7 +57,7 @@ class Run:
     @property
     def compute(self):
         """How this run computes with the model (models.Compute, from its flags)."""
-        return models.Compute.from_config(self.config)
+        return model_compute(self.config)
 
     @property
     def is_sdxl(self):
@@ -132,6 +132,12 @@ def prepare(config, devices=None):
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
                tuple(learned))
+
+
+def model_compute(config):
+    """The models.Compute of a TrainConfig: its --mixed_precision, --attention and --gradient_checkpointing."""
+    return models.Compute(dtype=config.compute_dtype, attention=config.attention,
+                          remat=bool(config.gradient_checkpointing))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@ loaded model (`LoadedModel`) is a spec with its weights, tokenizer(s) and noise 
 
 Both are frozen and hashable, so a compiled program can be cached by them and take them as
 static arguments. A spec comes from the model's configs alone; a Compute from a run's flags
-(`Compute.from_config`). The checkpoint fingerprint hashes the spec only, so a run may change
+(`run.model_compute`: models never read the run's config). The checkpoint fingerprint hashes the spec only, so a run may change
 its dtype, attention or remat and still resume.
 """
 
@@ -89,11 +89,6 @@ class Compute:
     dtype: str = "float32"
     attention: str = "auto"
     remat: bool = False
-
-    @classmethod
-    def from_config(cls, config):
-        """The run setting of a TrainConfig (its --mixed_precision, --attention, --gradient_checkpointing)."""
-        return cls(dtype=config.compute_dtype, attention=config.attention, remat=bool(config.gradient_checkpointing))
 
 
 @dataclasses.dataclass
