@@ -18,7 +18,6 @@ re-opens and resizes each image with PIL every step).
 
 import dataclasses
 import functools
-import json
 from typing import Any, NamedTuple
 
 import jax
@@ -73,9 +72,7 @@ COMPUTE = models.Compute()
 
 def grown_spec(spec, num_vectors):
     """The spec with the text encoder's vocabulary grown by the new tokens, as the script resizes it."""
-    text = json.loads(spec.text_config)
-    text["vocab_size"] += num_vectors
-    return dataclasses.replace(spec, text_config=json.dumps(text, sort_keys=True))
+    return dataclasses.replace(spec, text=dataclasses.replace(spec.text, vocab_size=spec.text.vocab_size + num_vectors))
 
 
 def init_state(params, opt_spec, seed=0):
@@ -105,7 +102,7 @@ def reference_step(state, original_table, frozen, batch, *, spec, opt_spec, new_
         timesteps = jax.random.randint(timestep_rng, (latents.shape[0],), 0, spec.num_train_timesteps)
         alphas = frozen["alphas_cumprod"]
         noisy = step_lib.noisy_latents(alphas, latents, noise, timesteps)
-        text_config = models.configs(spec).text  # the grown vocabulary: a plain lookup in the grown table
+        text_config = spec.text  # the grown vocabulary: a plain lookup in the grown table
         hidden = clip.encode(params, text_config, batch["input_ids"], dtype=jnp.dtype(COMPUTE.dtype)).last_hidden_state
         pred = models.predict_noise(spec, COMPUTE, frozen["unet"], noisy, timesteps, hidden)
         target = noise if spec.prediction_type == "epsilon" else step_lib.velocity(alphas, latents, noise, timesteps)

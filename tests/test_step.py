@@ -52,12 +52,12 @@ def test_the_fingerprint_depends_on_the_model_only(spec):
     table = np.zeros((4, 2), np.float32)
     fingerprint = checkpoint.model_fingerprint(spec, table)
     assert fingerprint == checkpoint.model_fingerprint(models.spec_from_configs(
-        json.loads(spec.text_config), json.loads(spec.unet_config), json.loads(spec.vae_config)), table)
+        spec.text.to_dict(), spec.unet.to_dict(), spec.vae.to_dict()), table)
     assert fingerprint != checkpoint.model_fingerprint(dataclasses.replace(spec, prediction_type="v_prediction"), table)
 
 
 def test_default_size_and_latent_shape_come_from_the_configs(spec):
-    unet = models.configs(spec).unet
+    unet = spec.unet
     side = unet.sample_size * spec.vae_scale_factor
     assert models.default_size(spec) == (side, side) and models.default_resolution(spec) == side
     settings = sampler.SamplerSettings(spec, models.Compute(), "ddim", "{}", 2, 2 * side, side)

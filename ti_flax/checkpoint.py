@@ -87,10 +87,16 @@ def latest_checkpoint(output_dir):
 
 
 def model_fingerprint(spec, table):
-    """A short hash of the model's configs and token table: the same base model, wherever it lives."""
+    """A short hash of the model's configs and token table: the same base model, wherever it lives.
+
+    Each config is hashed as its `to_dict()` in sorted JSON, the text a ModelSpec once held in
+    place of the config object, so the checkpoints of every ti_flax version keep resuming.
+    """
     digest = hashlib.sha256()
-    for text in (spec.text_config, spec.unet_config, spec.vae_config, spec.prediction_type, spec.text_config_2):
-        digest.update(text.encode())  # (an empty text_config_2, SD 1.x / 2.x, adds nothing)
+    texts = [json.dumps(config.to_dict(), sort_keys=True) for config in (spec.text, spec.unet, spec.vae)]
+    texts += [spec.prediction_type, json.dumps(spec.text_2.to_dict(), sort_keys=True) if spec.text_2 else ""]
+    for text in texts:
+        digest.update(text.encode())  # (no second text encoder, SD 1.x / 2.x: "" adds nothing)
     digest.update(np.ascontiguousarray(np.asarray(table)[:: max(1, len(table) // 64)], np.float32).tobytes())
     return digest.hexdigest()[:16]
 

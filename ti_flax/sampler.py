@@ -194,7 +194,7 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
 def latent_shape(settings):
     """[C, h, w] of one image's latents."""
     scale = settings.spec.vae_scale_factor
-    channels = models.configs(settings.spec).unet.in_channels
+    channels = settings.spec.unet.in_channels
     return (channels, settings.height // scale, settings.width // scale)
 
 

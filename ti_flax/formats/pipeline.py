@@ -134,10 +134,10 @@ def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
     from .. import models  # jax: only when a pipeline is written (see the module docstring)
     from ..models.weights import flatten
 
-    spec, c = model.spec, models.configs(model.spec)
-    encoders = [("text_encoder", c.text, tokenizer)]
+    spec = model.spec
+    encoders = [("text_encoder", spec.text, tokenizer)]
     if spec.is_sdxl:
-        encoders.append(("text_encoder_2", c.text_2, tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2))
+        encoders.append(("text_encoder_2", spec.text_2, tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2))
     parts = {}
     for (name, text, tok), part_rows in zip(encoders, models.split_rows(spec, rows)):
         table = merged_table(models.token_table(model.params[name]), part_rows)
@@ -146,9 +146,9 @@ def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
         text_config = dict(text.to_dict(), vocab_size=int(table.shape[0]), torch_dtype="float32")
         parts[name] = (text_config, models.with_token_table(model.params[name], table), "model.safetensors")
     parts.update({
-        "unet": (dict(c.unet.to_dict(), _class_name="UNet2DConditionModel", _diffusers_version=_DIFFUSERS_VERSION),
+        "unet": (dict(spec.unet.to_dict(), _class_name="UNet2DConditionModel", _diffusers_version=_DIFFUSERS_VERSION),
                  model.params["unet"], "diffusion_pytorch_model.safetensors"),
-        "vae": (dict(c.vae.to_dict(), _class_name="AutoencoderKL", _diffusers_version=_DIFFUSERS_VERSION),
+        "vae": (dict(spec.vae.to_dict(), _class_name="AutoencoderKL", _diffusers_version=_DIFFUSERS_VERSION),
                 model.params["vae"], "diffusion_pytorch_model.safetensors"),
     })
     for name, (config, params, weights_file) in parts.items():

@@ -24,13 +24,13 @@ from .forward import (
 from .model_folder import is_sdxl_dir, zeros_for_empty_negative
 from .pretrained import abstract_params, load_model
 from .spec import (
-    Compute, Configs, LoadedModel, ModelSpec, configs, default_resolution, default_size, spec_from, spec_from_configs,
+    Compute, LoadedModel, ModelSpec, default_resolution, default_size, spec_from, spec_from_configs,
 )
 from .tokenizers import load_tokenizer
 
 __all__ = [
-    "Compute", "Condition", "Configs", "LoadedModel", "ModelSpec", "abstract_params", "cast_params", "condition",
-    "configs", "decode_latents", "default_resolution", "default_size", "encode_text", "is_sdxl_dir", "load_model",
+    "Compute", "Condition", "LoadedModel", "ModelSpec", "abstract_params", "cast_params", "condition",
+    "decode_latents", "default_resolution", "default_size", "encode_text", "is_sdxl_dir", "load_model",
     "load_tokenizer", "predict_noise", "resolve_attention", "second_encoder_ids", "spec_from", "spec_from_configs",
     "split_rows", "token_table", "token_tables", "vae_moments", "with_token_table", "zeros_for_empty_negative",
 ]

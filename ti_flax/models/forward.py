@@ -14,7 +14,7 @@ import numpy as np
 
 from . import attention as attention_lib
 from . import clip, unet, vae
-from .spec import configs, default_resolution
+from .spec import default_resolution
 
 
 def cast_params(params, dtype):
@@ -60,11 +60,10 @@ def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="flo
     backend = backend or jax.default_backend()
     if spec is None:
         return attention_lib.resolve(name, backend=backend, dtype=jnp.float32, q_len=4096, kv_len=4096, head_dim=40)
-    c = configs(spec)
     side = (resolution or default_resolution(spec)) // spec.vae_scale_factor
     tokens = side * side
-    heads = c.unet.heads[0]
-    head_dim = c.unet.block_out_channels[0] // heads
+    heads = spec.unet.heads[0]
+    head_dim = spec.unet.block_out_channels[0] // heads
     return attention_lib.resolve(name, backend=backend, dtype=jnp.dtype(dtype), q_len=tokens, kv_len=tokens,
                                  head_dim=head_dim)
 
@@ -76,7 +75,7 @@ def encode_text(spec, compute, text_params, input_ids, rows):
     `rows[id - base_vocab_size]`. The table is never copied or grown, so the only gradient
     the caller can take is the one with respect to `rows` ([num_vectors, D]).
     """
-    out = clip.encode(text_params, configs(spec).text, input_ids, rows, base_vocab_size=spec.base_vocab_size,
+    out = clip.encode(text_params, spec.text, input_ids, rows, base_vocab_size=spec.base_vocab_size,
                       dtype=jnp.dtype(compute.dtype))
     return out.last_hidden_state
 
@@ -123,11 +122,11 @@ def condition(spec, compute, text_params, input_ids, rows):
     """
     if not spec.is_sdxl:
         return Condition(encode_text(spec, compute, text_params, input_ids, rows))
-    c, dtype = configs(spec), jnp.dtype(compute.dtype)
+    dtype = jnp.dtype(compute.dtype)
     rows_1, rows_2 = split_rows(spec, rows)
     params_1, params_2 = text_params
-    first = clip.encode(params_1, c.text, input_ids, rows_1, base_vocab_size=spec.base_vocab_size, dtype=dtype)
-    second = clip.encode(params_2, c.text_2, second_encoder_ids(spec, input_ids), rows_2,
+    first = clip.encode(params_1, spec.text, input_ids, rows_1, base_vocab_size=spec.base_vocab_size, dtype=dtype)
+    second = clip.encode(params_2, spec.text_2, second_encoder_ids(spec, input_ids), rows_2,
                          base_vocab_size=spec.base_vocab_size, dtype=dtype)
     return Condition(jnp.concatenate([first.penultimate, second.penultimate], axis=-1), second.text_embeds)
 
@@ -138,7 +137,7 @@ def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden
     `added_cond` is SDXL's {"text_embeds": [B, E], "time_ids": [B, 6]} (None otherwise).
     """
     sample = jnp.transpose(latents, (0, 2, 3, 1))
-    out = unet.apply(unet_params, configs(spec).unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
+    out = unet.apply(unet_params, spec.unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
                      added_cond=added_cond, attention=compute.attention, remat=compute.remat,
                      dtype=jnp.dtype(compute.dtype))
     return jnp.transpose(out, (0, 3, 1, 2))
@@ -146,11 +145,11 @@ def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden
 
 def vae_moments(spec, compute, vae_params, pixels):
     """Mean and log-variance (NHWC) of the VAE posterior for NHWC pixels in [-1, 1]."""
-    return vae.encode(vae_params, configs(spec).vae, pixels, dtype=jnp.dtype(compute.dtype))
+    return vae.encode(vae_params, spec.vae, pixels, dtype=jnp.dtype(compute.dtype))
 
 
 def decode_latents(spec, compute, vae_params, latents_nchw):
     """Pixels in about [-1, 1], NCHW, from NCHW latents scaled the way the UNet sees them."""
     latents = jnp.transpose(latents_nchw, (0, 2, 3, 1)) / spec.scaling_factor
-    pixels = vae.decode(vae_params, configs(spec).vae, latents, dtype=jnp.dtype(compute.dtype))
+    pixels = vae.decode(vae_params, spec.vae, latents, dtype=jnp.dtype(compute.dtype))
     return jnp.transpose(pixels, (0, 3, 1, 2))

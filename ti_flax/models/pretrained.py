@@ -15,7 +15,7 @@ from .. import files
 from ..errors import UserError
 from . import component_weights, schedulers, single_file
 from .model_folder import check_model_dir, resolve_model_dir
-from .spec import LoadedModel, configs, spec_from
+from .spec import LoadedModel, spec_from
 from .tokenizers import load_second_tokenizer, load_tokenizer
 from .weights import unflatten
 
@@ -100,11 +100,10 @@ def check_sdxl_parts(model_dir, text, text_2, unet_config, tokenizer_2):
 def abstract_params(spec):
     """{"text_encoder", "unet", "vae"} (+ "text_encoder_2" for SDXL): float32 jax.ShapeDtypeStruct trees from the configs alone,
     so nothing is allocated."""
-    c = configs(spec)
     out = {}
-    parts = (("text_encoder", c.text), ("unet", c.unet), ("vae", c.vae))
-    if c.text_2 is not None:
-        parts += (("text_encoder_2", c.text_2),)
+    parts = (("text_encoder", spec.text), ("unet", spec.unet), ("vae", spec.vae))
+    if spec.text_2 is not None:
+        parts += (("text_encoder_2", spec.text_2),)
     for kind, config in parts:
         shapes = component_weights.shapes(config, "text_encoder" if kind == "text_encoder_2" else kind)
         out[kind] = unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})

@@ -3,56 +3,55 @@ loaded model (`LoadedModel`) is a spec with its weights, tokenizer(s) and noise 
 
 Both are frozen and hashable, so a compiled program can be cached by them and take them as
 static arguments. A spec comes from the model's configs alone; a Compute from a run's flags
-(`run.model_compute`: models never read the run's config). The checkpoint fingerprint hashes the spec only, so a run may change
-its dtype, attention or remat and still resume.
+(`run.model_compute`: models never read the run's config). The checkpoint fingerprint hashes
+the spec only, so a run may change its dtype, attention or remat and still resume.
 """
 
 import dataclasses
-import functools
-import json
-from typing import NamedTuple
+from typing import Optional
 
 import numpy as np
 
-from . import clip, unet, vae
+from .clip import CLIPTextConfig
+from .unet import UNetConfig
+from .vae import VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Everything static about a model's architecture and training objective.
 
-    The configs are the owned configs' `to_dict()` as sorted JSON (see `configs(spec)` for the
-    objects), so a spec, and the checkpoint fingerprint made from it, depends on no library.
+    The configs are the owned config objects (frozen and hashable, as a jit static argument needs),
+    so a spec, and the checkpoint fingerprint made from it, depends on no library.
     """
 
-    text_config: str
-    unet_config: str
-    vae_config: str
+    text: CLIPTextConfig
+    unet: UNetConfig
+    vae: VAEConfig
     prediction_type: str
     scaling_factor: float
     num_train_timesteps: int
     base_vocab_size: int
     # SDXL only: the second text encoder's config, and the two token ids that turn the first
     # tokenizer's ids into the second's (they share the vocabulary and differ in padding only).
-    text_config_2: str = ""
+    text_2: Optional[CLIPTextConfig] = None
     eos_token_id: int = -1
     pad_token_id_2: int = -1
 
     @property
     def is_sdxl(self):
         """Two text encoders (SDXL): the learned rows hold a row for each, side by side."""
-        return bool(self.text_config_2)
+        return self.text_2 is not None
 
     @property
     def hidden_size(self):
         """The (first) text encoder's width."""
-        return configs(self).text.hidden_size
+        return self.text.hidden_size
 
     @property
     def text_widths(self):
         """Each text encoder's width: (768,) for SD 1.x, (768, 1280) for SDXL."""
-        c = configs(self)
-        return (c.text.hidden_size,) + ((c.text_2.hidden_size,) if c.text_2 else ())
+        return (self.text.hidden_size,) + ((self.text_2.hidden_size,) if self.text_2 else ())
 
     @property
     def row_width(self):
@@ -67,13 +66,13 @@ class ModelSpec:
 
     @property
     def vae_scale_factor(self):
-        return configs(self).vae.scale_factor
+        return self.vae.scale_factor
 
     @property
     def pixel_multiple(self):
         """Image sides must be multiples of this, so every downsampling of the latents (VAE
         factor, then each UNet down block) divides evenly and the UNet's skips line up."""
-        return self.vae_scale_factor * 2 ** (configs(self).unet.num_blocks - 1)
+        return self.vae_scale_factor * 2 ** (self.unet.num_blocks - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,28 +108,6 @@ class LoadedModel:
         return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
 
-class Configs(NamedTuple):
-    text: clip.CLIPTextConfig
-    unet: unet.UNetConfig
-    vae: vae.VAEConfig
-    text_2: object = None  # clip.CLIPTextConfig of SDXL's second text encoder, else None
-
-
-@functools.lru_cache(maxsize=None)
-def configs(spec):
-    """The owned config objects of a spec (static, hashable: usable as jit static arguments)."""
-    return Configs(
-        clip.CLIPTextConfig.from_dict(json.loads(spec.text_config)),
-        unet.UNetConfig.from_dict(json.loads(spec.unet_config)),
-        vae.VAEConfig.from_dict(json.loads(spec.vae_config)),
-        clip.CLIPTextConfig.from_dict(json.loads(spec.text_config_2)) if spec.text_config_2 else None,
-    )
-
-
-def _config_json(config):
-    return json.dumps(config.to_dict(), sort_keys=True)
-
-
 def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000, text_2=None,
               eos_token_id=-1, pad_token_id_2=-1):
     """A ModelSpec from the owned config objects (clip.CLIPTextConfig, unet.UNetConfig, vae.VAEConfig).
@@ -140,12 +117,11 @@ def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_trai
     """
     sdxl = {}
     if text_2 is not None:
-        sdxl = dict(text_config_2=_config_json(text_2), eos_token_id=int(eos_token_id),
-                    pad_token_id_2=int(pad_token_id_2))
+        sdxl = dict(text_2=text_2, eos_token_id=int(eos_token_id), pad_token_id_2=int(pad_token_id_2))
     return ModelSpec(
-        text_config=_config_json(text),
-        unet_config=_config_json(unet_config),
-        vae_config=_config_json(vae_config),
+        text=text,
+        unet=unet_config,
+        vae=vae_config,
         prediction_type=prediction_type,
         scaling_factor=float(vae_config.scaling_factor),
         num_train_timesteps=int(num_train_timesteps),
@@ -164,14 +140,14 @@ def spec_from_configs(text_config, unet_config, vae_config, prediction_type="eps
     """
     sdxl = {}
     if text_config_2 is not None:
-        sdxl = dict(text_2=clip.CLIPTextConfig.from_dict(dict(text_config_2)), eos_token_id=49407, pad_token_id_2=0)
-    return spec_from(clip.CLIPTextConfig.from_dict(dict(text_config)), unet.UNetConfig.from_dict(dict(unet_config)),
-                     vae.VAEConfig.from_dict(dict(vae_config)), prediction_type, num_train_timesteps, **sdxl)
+        sdxl = dict(text_2=CLIPTextConfig.from_dict(dict(text_config_2)), eos_token_id=49407, pad_token_id_2=0)
+    return spec_from(CLIPTextConfig.from_dict(dict(text_config)), UNetConfig.from_dict(dict(unet_config)),
+                     VAEConfig.from_dict(dict(vae_config)), prediction_type, num_train_timesteps, **sdxl)
 
 
 def default_size(spec):
     """(height, width) the model was trained at: UNet sample_size x VAE scale factor."""
-    size = configs(spec).unet.sample_size
+    size = spec.unet.sample_size
     size = size if isinstance(size, (list, tuple)) else (size, size)
     return tuple(int(side or 64) * spec.vae_scale_factor for side in size[:2])
 
