@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, formats, models, outputs, run as run_mod, verify
+from ti_flax import TrainConfig, formats, models, outputs, run as run_mod, tokens, verify
 from test_export import listing, run_cli
 from ti_flax.errors import UserError
 
@@ -149,7 +149,7 @@ def test_full_pipeline_loads_in_ti_flax_again(saved_run):
     assert saved.spec.is_sdxl and saved.spec.base_vocab_size == vocab + 2
     for tokenizer in saved.tokenizers:
         assert tokenizer.convert_tokens_to_ids(run.tokens) == [vocab, vocab + 1]
-    for table, part in zip(models.token_tables(saved.params), models.split_rows(saved.spec, rows)):
+    for table, part in zip(models.token_tables(saved.params), tokens.split_rows(rows, saved.spec.text_widths)):
         np.testing.assert_array_equal(table[vocab:], part)
 
 

@@ -88,9 +88,8 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
         path, token = parse_embedding_arg(arg)
         emb = read_embedding(path, token=token, allow_pickle=allow_pickle)
         token = emb.token or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        emb_rows = check_embedding_fits(emb, None, spec.embedding_width, what=f"--embeddings {path}")
-        if spec.is_sdxl:  # (clip_l rows, clip_g rows) -> one row per vector, side by side
-            emb_rows = np.concatenate(emb_rows, axis=1)
+        parts = check_embedding_fits(emb, None, spec.text_widths, what=f"--embeddings {path}")
+        emb_rows = tokens_lib.join_rows(parts)  # SDXL: the clip_l and clip_g rows side by side
         if not token or any(ch.isspace() for ch in token):
             raise UserError(f"--embeddings {path}: token {token!r} is not one word; name it with {path}:<token>")
         names = tokens_lib.placeholder_tokens(token, emb_rows.shape[0])
@@ -112,8 +111,7 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
         try:
             # Ids follow the base vocabulary in order, so token id base + i reads rows[i]: the same
             # ids in each tokenizer, as they started from the same vocabulary.
-            for each in tokenizers:
-                tokens_lib.add_placeholder_tokens(each, names)
+            tokens_lib.add_to_tokenizers(tokenizers, names)
         except UserError as err:
             raise UserError(f"--embeddings {owners[names[0]]}: {err}") from None
     rows = np.concatenate(rows) if rows else np.zeros((0, spec.row_width), np.float32)

@@ -95,7 +95,7 @@ def prepare(config, devices=None):
     for concept in concepts:
         names = concept.tokens
         with naming(config, concept):
-            token_ids += add_tokens(model, names)
+            token_ids += tokens_lib.add_to_tokenizers(model.tokenizers, names)
         out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
         learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
         tokens += names
@@ -154,23 +154,13 @@ def naming(config, concept):
 def initial_rows(config, concept, model, tables):
     """float32 [num_vectors, row_width]: a concept's starting rows, from its initializer token's
     row in each text encoder's table (`tables`), or its --initial_embeddings file. For SDXL a
-    row is the CLIP-L row and the bigG row side by side (models.split_rows)."""
+    row is the CLIP-L row and the bigG row side by side (tokens.join_rows)."""
     if concept.initial_embeddings:
         start = formats.read_embedding(concept.initial_embeddings, allow_pickle=config.allow_pickle)
-        fits = formats.check_embedding_fits(start, concept.num_vectors, model.spec.embedding_width)
-        return np.concatenate(fits, axis=1) if model.spec.is_sdxl else fits
+        return tokens_lib.join_rows(formats.check_embedding_fits(start, concept.num_vectors, model.spec.text_widths))
     init_ids = [tokens_lib.initializer_id(tokenizer, concept.initializer_token) for tokenizer in model.tokenizers]
-    return np.concatenate([tokens_lib.initial_rows(table, init_id, concept.num_vectors)
-                           for table, init_id in zip(tables, init_ids)], axis=1)
-
-
-def add_tokens(model, names):
-    """Add a concept's token names to every tokenizer of the model; their ids (the same in each)."""
-    ids = [tokens_lib.add_placeholder_tokens(tokenizer, names) for tokenizer in model.tokenizers]
-    if any(other != ids[0] for other in ids[1:]):
-        raise UserError(f"--placeholder_token: the tokenizers gave {names[0]} different ids ({ids}); "
-                        "SDXL's two tokenizers must share the vocabulary")
-    return ids[0]
+    return tokens_lib.join_rows([tokens_lib.initial_rows(table, init_id, concept.num_vectors)
+                                 for table, init_id in zip(tables, init_ids)])
 
 
 def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):

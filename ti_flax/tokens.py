@@ -1,8 +1,14 @@
-"""Placeholder tokens and their rows of the CLIP token-embedding table.
+"""Placeholder tokens and their rows of the CLIP token-embedding table(s).
 
 The learned rows live apart from the frozen table: `rows[i]` is the embedding of token id
-`base_vocab_size + i`. This module names the tokens, adds them to the tokenizer, picks the
+`base_vocab_size + i`. This module names the tokens, adds them to the tokenizer(s), picks the
 initial rows, and merges rows into a full table when a whole pipeline is saved.
+
+It is the one place that knows SDXL's row layout: a vector is ONE row holding its CLIP-L row and
+its bigG row side by side ([N, 768 + 1280]), so the learned rows stay one leaf (AdamW and
+global-norm clipping treat it exactly as two). `split_rows` gives each text encoder its part,
+`join_rows` puts parts side by side; both take the encoders' widths (ModelSpec.text_widths, or a
+checkpoint's meta["text_widths"]), so this module needs no model.
 """
 
 import numpy as np
@@ -76,6 +82,15 @@ def add_placeholder_tokens(tokenizer, tokens):
     return ids
 
 
+def add_to_tokenizers(tokenizers, tokens):
+    """Add `tokens` to every tokenizer of a model (one, or SDXL's two; in place); their ids, the same in each."""
+    ids = [add_placeholder_tokens(tokenizer, tokens) for tokenizer in tokenizers]
+    if any(other != ids[0] for other in ids[1:]):
+        raise UserError(f"--placeholder_token: the tokenizers gave {tokens[0]} different ids ({ids}); "
+                        "SDXL's two tokenizers must share the vocabulary")
+    return ids[0]
+
+
 def initializer_id(tokenizer, initializer_token):
     """The id of the single token `initializer_token`; UserError if it is not exactly one token."""
     ids = tokenizer.encode(initializer_token, add_special_tokens=False)
@@ -97,3 +112,18 @@ def merged_table(table, rows):
     """The frozen table with the learned rows appended: the token table of a saved pipeline."""
     table = np.asarray(table)
     return np.concatenate([table, np.asarray(rows, dtype=table.dtype)], axis=0)
+
+
+def split_rows(rows, widths):
+    """Each text encoder's part of learned rows [..., sum(widths)]: (rows,) for one encoder; for
+    SDXL's two, (rows[..., :D1], rows[..., D1:]) (numpy or jax arrays, traced ones included)."""
+    if len(widths) == 1:
+        return (rows,)
+    first = widths[0]
+    return rows[..., :first], rows[..., first:]
+
+
+def join_rows(parts):
+    """One row per vector from each text encoder's rows [N, D_i], side by side: [N, sum(D_i)]
+    (the inverse of `split_rows`)."""
+    return np.concatenate(parts, axis=1)

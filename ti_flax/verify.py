@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .errors import UserError
+from .tokens import join_rows
 
 TOLERANCE = 1e-4
 VERIFY_TOKEN = "<ti-flax-verify>"  # for files that do not name a token (kohya)
@@ -264,7 +265,7 @@ def verify_sdxl_files(model_dir, rows, rows_2, checks, tolerance=TOLERANCE):
         with torch.no_grad():
             embeds, _, pooled, _ = view.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
         cond = models.condition(flax.spec, models.Compute(), (flax.params["text_encoder"], flax.params[TEXT_ENCODER_2]),
-                                input_ids.astype(np.int32), np.concatenate([rows, rows_2], axis=1))
+                                input_ids.astype(np.int32), join_rows((rows, rows_2)))
         diffs = {
             "prompt_embeds": float(np.max(np.abs(embeds.float().numpy() - np.asarray(cond.context)))),
             "pooled_prompt_embeds": float(np.max(np.abs(pooled.float().numpy() - np.asarray(cond.text_embeds)))),

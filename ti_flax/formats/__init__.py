@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from .. import files
+from .. import files, tokens
 from ..errors import UserError
 # Each module registers its layout on import; this order is the registry's (and the exporter's).
 from . import diffusers, a1111, kohya, sdxl, npy, pipeline  # noqa: I001
@@ -122,7 +122,7 @@ def save_trained(folder, token, rows, widths, step=None, bin=False):
         if bin:
             written["diffusers_bin"] = save_diffusers_bin(os.path.splitext(first)[0] + ".bin", token, rows)
         return written
-    parts = rows[:, : widths[0]], rows[:, widths[0]:]
+    parts = tokens.split_rows(rows, widths)
     written["diffusers"], written["diffusers_2"] = save_diffusers_sdxl(first, token, *parts)
     if bin:
         written["diffusers_bin"], written["diffusers_2_bin"] = save_diffusers_sdxl(
@@ -137,8 +137,8 @@ def check_embedding_fits(rows, num_vectors, width, what="--initial_embeddings"):
     Args:
         rows: an `Embedding` or an array [N, D].
         num_vectors: the number of vectors the run trains, or None to accept any.
-        width: the text encoder's hidden size; for a model with two text encoders (SDXL), the
-            tuple of both widths.
+        width: the text encoder's hidden size; or a tuple of each text encoder's width
+            (ModelSpec.text_widths: both for SDXL).
         what: how to name the embedding in the error (a flag; the file's path is added when
             `what` does not hold it).
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError
-from ..tokens import merged_table
+from ..tokens import merged_table, split_rows
 from .base import Embedding, Layout, register, rows_read
 
 
@@ -120,7 +120,7 @@ def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
     """Write `model` with `rows` appended to its token table(s) into `out_dir` (which must exist).
 
     For SDXL, the folder is a `StableDiffusionXLPipeline`'s: each text encoder's table gets its
-    part of the rows (`split_rows`: the CLIP-L part in text_encoder, the bigG part in
+    part of the rows (`tokens.split_rows`: the CLIP-L part in text_encoder, the bigG part in
     text_encoder_2) and tokenizer_2 is saved beside tokenizer, both holding the new tokens.
 
     Args:
@@ -139,7 +139,7 @@ def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
     if spec.is_sdxl:
         encoders.append(("text_encoder_2", spec.text_2, tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2))
     parts = {}
-    for (name, text, tok), part_rows in zip(encoders, models.split_rows(spec, rows)):
+    for (name, text, tok), part_rows in zip(encoders, split_rows(rows, spec.text_widths)):
         table = merged_table(models.token_table(model.params[name]), part_rows)
         if len(tok) != table.shape[0]:  # a tokenizer without the tokens would save a folder that cannot load
             raise ValueError(f"{name}: {table.shape[0]} rows but its tokenizer has {len(tok)} tokens")

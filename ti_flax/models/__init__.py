@@ -19,7 +19,7 @@ transformers' CLIPTokenizer).
 
 from .forward import (
     Condition, cast_params, condition, decode_latents, encode_text, predict_noise, resolve_attention,
-    second_encoder_ids, split_rows, token_table, token_tables, vae_moments, with_token_table,
+    second_encoder_ids, token_table, token_tables, vae_moments, with_token_table,
 )
 from .model_folder import is_sdxl_dir, zeros_for_empty_negative
 from .pretrained import abstract_params, load_model
@@ -32,5 +32,5 @@ __all__ = [
     "Compute", "Condition", "LoadedModel", "ModelSpec", "abstract_params", "cast_params", "condition",
     "decode_latents", "default_resolution", "default_size", "encode_text", "is_sdxl_dir", "load_model",
     "load_tokenizer", "predict_noise", "resolve_attention", "second_encoder_ids", "spec_from", "spec_from_configs",
-    "split_rows", "token_table", "token_tables", "vae_moments", "with_token_table", "zeros_for_empty_negative",
+    "token_table", "token_tables", "vae_moments", "with_token_table", "zeros_for_empty_negative",
 ]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..tokens import split_rows
 from . import attention as attention_lib
 from . import clip, unet, vae
 from .spec import default_resolution
@@ -93,18 +94,6 @@ class Condition(NamedTuple):
     text_embeds: object = None
 
 
-def split_rows(spec, rows):
-    """Each text encoder's part of learned rows [N, row_width]: (rows,) or, for SDXL, (rows[:, :D1], rows[:, D1:]).
-
-    An SDXL vector is one row holding its CLIP-L row and its bigG row side by side, so the
-    learned rows stay one leaf; AdamW and global-norm clipping treat it exactly as two leaves.
-    """
-    if not spec.is_sdxl:
-        return (rows,)
-    first = spec.text_widths[0]
-    return rows[..., :first], rows[..., first:]
-
-
 def second_encoder_ids(spec, input_ids):
     """SDXL's second tokenizer's ids from the first's: the padding after the first end-of-text
     token becomes the second tokenizer's padding id (the two differ only there)."""
@@ -123,7 +112,7 @@ def condition(spec, compute, text_params, input_ids, rows):
     if not spec.is_sdxl:
         return Condition(encode_text(spec, compute, text_params, input_ids, rows))
     dtype = jnp.dtype(compute.dtype)
-    rows_1, rows_2 = split_rows(spec, rows)
+    rows_1, rows_2 = split_rows(rows, spec.text_widths)
     params_1, params_2 = text_params
     first = clip.encode(params_1, spec.text, input_ids, rows_1, base_vocab_size=spec.base_vocab_size, dtype=dtype)
     second = clip.encode(params_2, spec.text_2, second_encoder_ids(spec, input_ids), rows_2,

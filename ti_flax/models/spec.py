@@ -59,12 +59,6 @@ class ModelSpec:
         return sum(self.text_widths)
 
     @property
-    def embedding_width(self):
-        """What formats.check_embedding_fits takes: the width, or both widths for SDXL."""
-        widths = self.text_widths
-        return widths if self.is_sdxl else widths[0]
-
-    @property
     def vae_scale_factor(self):
         return self.vae.scale_factor
 
