@@ -90,7 +90,7 @@ def model_fingerprint(spec, table):
     """A short hash of the model's configs and token table: the same base model, wherever it lives.
 
     Each config is hashed as its `to_dict()` in sorted JSON, the text a ModelSpec once held in
-    place of the config object, so the checkpoints of every ti_flax version keep resuming.
+    place of the config object, so checkpoints written then keep their fingerprint and resume.
     """
     digest = hashlib.sha256()
     texts = [json.dumps(config.to_dict(), sort_keys=True) for config in (spec.text, spec.unet, spec.vae)]

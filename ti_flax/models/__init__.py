@@ -23,9 +23,7 @@ from .forward import (
 )
 from .model_folder import is_sdxl_dir, zeros_for_empty_negative
 from .pretrained import abstract_params, load_model
-from .spec import (
-    Compute, LoadedModel, ModelSpec, default_resolution, default_size, spec_from, spec_from_configs,
-)
+from .spec import Compute, LoadedModel, ModelSpec, default_resolution, default_size, spec_from, spec_from_configs
 from .tokenizers import load_tokenizer
 
 __all__ = [
