@@ -22,7 +22,7 @@ import numpy as np
 
 from . import files, formats
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, short_list
 
 FORMAT_VERSION = 1
 # Version 1 hashed diffusers' and transformers' config objects (before ti_flax owned its models);
@@ -279,7 +279,7 @@ def check_compatible(saved, current, path):
         if a != b:
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:
-        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + files.short_list(diffs, 4, "; ") + " (checkpoint vs now)")
+        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + short_list(diffs, 4, "; ") + " (checkpoint vs now)")
 
 
 def concept_meta(concept, num_images):

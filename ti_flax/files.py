@@ -11,7 +11,7 @@ whole file in place by renaming, so a crash never leaves half of it under its na
 (which `atomic_write` uses) turns ENOSPC, EDQUOT, EROFS, EACCES and other OS errors into a
 `WriteFailed` naming the file, its folder and the folder's free space.
 
-Long values in messages are shortened with a count: `short_list`, `short_text`, `one_line`.
+Messages shorten long values with errors' helpers (`short_list`, `first_line`).
 """
 
 import contextlib
@@ -21,41 +21,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import UserError
-
-MAX_LINE = 300  # the longest error line printed; longer ones are cut with a count
-
-
-# --------------------------------------------------------------------------------------------
-# Messages
-
-
-def first_line(err):
-    """`TypeName: first line of the message` of an exception, at most ~120 characters."""
-    text = str(err).strip().splitlines()
-    return short_text(f"{type(err).__name__}: {text[0]}" if text else type(err).__name__, 90)
-
-
-def short_text(text, limit=80):
-    """`text` whole if it fits in `limit` characters, else its start and how much was cut."""
-    text = " ".join(str(text).split())
-    if len(text) <= limit:
-        return text
-    keep = max(limit - len(f"... ({len(text)} more characters)"), 10)
-    return f"{text[:keep]}... ({len(text) - keep} more characters)"
-
-
-def short_list(items, limit=3, sep=", "):
-    """"a, b, c and 74 more" for a long list; the whole list when it has at most `limit` items."""
-    items = [str(x) for x in items]
-    if len(items) <= limit:
-        return sep.join(items)
-    return f"{sep.join(items[:limit])} and {len(items) - limit} more"
-
-
-def one_line(message, limit=MAX_LINE):
-    """A message as one line of at most about `limit` characters (whitespace collapsed)."""
-    return short_text(message, limit)
+from .errors import UserError, first_line, short_list
 
 
 # --------------------------------------------------------------------------------------------
