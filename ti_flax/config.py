@@ -193,9 +193,8 @@ class TrainConfig:
                 raise UserError(message)
         if self.concepts is not None:
             self._validate_concepts()
-        if self.report_to == "tensorboard":
-            if not tensorboard_available():
-                raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
+        if self.report_to == "tensorboard" and not tensorboard_available():
+            raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
         return self
 
     def _validate_concepts(self):
