@@ -1,5 +1,7 @@
 """Shared fixtures: 4 fake CPU devices, tiny models and sample images built once per session."""
 
+import collections
+import functools
 import importlib.metadata
 import os
 import shutil
@@ -109,6 +111,37 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
+
+def counting(function, counts):
+    """`function`, counting each call in `counts[function.__name__]`: under jit or pmap, its traces."""
+
+    @functools.wraps(function)
+    def counted(*args, **kwargs):
+        counts[function.__name__] += 1
+        return function(*args, **kwargs)
+
+    return counted
+
+
+@pytest.fixture(scope="session", autouse=True)
+def traces():
+    """{"train_step": n, "sample_step": n}: how many times the session has traced the train step and
+    the sampler's step, for the compile-once guards (`before = traces["train_step"]`, run, compare).
+
+    Each is wrapped in a counter for the whole session, before any is pmapped: pmapped_train_step and
+    pmapped_sample_step look the module's function up when they build a program, and cache that
+    program, so one wrapped part-way through would miss the traces of programs built before it.
+    """
+    from ti_flax import sampler, step
+
+    counts = collections.Counter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "train_step", counting(step.train_step, counts))
+        patch.setattr(sampler, "sample_step", counting(sampler.sample_step, counts))
+        step.pmapped_train_step.cache_clear()
+        sampler.pmapped_sample_step.cache_clear()
+        yield counts
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from ti_flax.errors import UserError
 from ti_flax.models import attention, schedulers
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+# Every row of the README's table: the train and generate flags' lists, then the exporter's formats.
+TABLE = (*choices.TABLE, export.FORMAT_CHOICE)
 PARSERS = {"": cli.build_parser, "(ti_flax.generate)": generate.build_parser, "(ti_flax.export)": export.build_parser}
 
 
@@ -21,7 +23,7 @@ def _action(parser, flag):
     return action
 
 
-@pytest.mark.parametrize("choice", choices.table(), ids=lambda c: c.flags)
+@pytest.mark.parametrize("choice", TABLE, ids=lambda c: c.flags)
 def test_command_lines_offer_the_listed_values(choice):
     flag, _, command = choice.flags.partition(" ")
     action = _action(PARSERS[command](), flag)
@@ -65,4 +67,5 @@ def test_the_code_acting_on_a_value_knows_every_value():
 def test_readme_table_is_the_one_choices_prints():
     with open(README, encoding="utf-8") as f:
         readme = f.read()
-    assert choices.markdown_table() in readme, "README's Choices table is stale: paste ti_flax.choices.markdown_table()"
+    table = choices.markdown_table(TABLE)
+    assert table in readme, f"README's Choices table is stale; paste:\n{table}"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, logs, models, step as step_lib, train
+from ti_flax import TrainConfig, checkpoint, logs, models, train
 from ti_flax.errors import UserError
 
 TOML = """
@@ -48,7 +48,7 @@ def concepts_config(model_dir, concepts, out, **changes):
 
 
 @pytest.fixture(scope="module")
-def two_concepts(tiny_model_dir, sample_images_dir, user_images_dir, tmp_path_factory):
+def two_concepts(tiny_model_dir, sample_images_dir, user_images_dir, tmp_path_factory, traces):
     """4 updates of 2 micro-batches on 4 devices from cached latents, two concepts (2 + 1
     vectors), every per-concept output switched on. Returns (config, result, callback records,
     traces of the step, the terminal output)."""
@@ -60,10 +60,10 @@ def two_concepts(tiny_model_dir, sample_images_dir, user_images_dir, tmp_path_fa
         num_validation_images=4, cache_latents=True, gradient_accumulation_steps=2,
     )
     records, printed = [], io.StringIO()
-    before = step_lib.TRACE_COUNT["train_step"]
+    before = traces["train_step"]
     with contextlib.redirect_stdout(printed):
         result = train(config, callbacks=[records.append])
-    return config, result, records, step_lib.TRACE_COUNT["train_step"] - before, printed.getvalue()
+    return config, result, records, traces["train_step"] - before, printed.getvalue()
 
 
 def embedding(path):

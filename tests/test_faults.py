@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import ti_flax
-from ti_flax import TrainConfig, UserError, checkpoint, data, files, formats, models
+from ti_flax import TrainConfig, UserError, checkpoint, data, errors, files, formats, models
 from ti_flax.errors import run_cli
 from ti_flax.train import main
 
@@ -340,8 +340,8 @@ def test_run_cli_prints_one_short_line(capsys):
 
 
 def test_short_list_counts_the_rest():
-    assert files.short_list([f"f{i}.png" for i in range(77)]) == "f0.png, f1.png, f2.png and 74 more"
-    assert files.short_list(["a", "b"]) == "a, b"
+    assert errors.short_list([f"f{i}.png" for i in range(77)]) == "f0.png, f1.png, f2.png and 74 more"
+    assert errors.short_list(["a", "b"]) == "a, b"
 
 
 # ---- the command line: one line, exit status 2 ----------------------------------------------

@@ -242,15 +242,15 @@ def test_encode_prompt_expands_multi_vector_tokens(tiny_model_dir):
 # ---- the sampler --------------------------------------------------------------------------
 
 
-def test_sampler_compiles_once_and_is_deterministic(model):
+def test_sampler_compiles_once_and_is_deterministic(model, traces):
     tok = model.tokenizer
     tok.add_tokens(["<s>"])  # id base_vocab_size: reads rows[0]
     ids = sampler.encode_prompt(tok, "a photo of <s>")
     neg = sampler.encode_prompt(tok, "")
     s = sampler.Sampler.from_model(model, num_images=3, num_inference_steps=STEPS)
-    before = sampler.TRACE_COUNT["sample"]
+    before = traces["sample_step"]
     a = s.sample(random_rows(1, 0), ids, neg, seed=0)
-    first = sampler.TRACE_COUNT["sample"]
+    first = traces["sample_step"]
     assert first - before <= 1  # 0 when an earlier test compiled these settings already
     again = s.sample(random_rows(1, 0), ids, neg, seed=0)
     other_rows = s.sample(random_rows(1, 5), ids, neg, seed=0)
@@ -259,7 +259,7 @@ def test_sampler_compiles_once_and_is_deterministic(model):
     # A second Sampler with the same settings and another guidance scale reuses the program.
     s2 = sampler.Sampler.from_model(model, num_images=3, num_inference_steps=STEPS, guidance_scale=2.0)
     s2.sample(random_rows(1, 0), ids, neg, seed=0)
-    assert sampler.TRACE_COUNT["sample"] == first
+    assert traces["sample_step"] == first
     assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, again)
     assert np.abs(a.astype(int) - other_rows).max() > 0

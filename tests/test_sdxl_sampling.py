@@ -44,16 +44,16 @@ def model(tiny_sdxl_model_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory):
+def trained(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory, traces):
     """(config, TrainResult, validation records, sampling traces) of a 2-step SDXL run validated at step 2."""
     out = tmp_path_factory.mktemp("sdxl-run")
     config = TrainConfig.tiny(tiny_sdxl_model_dir, sample_images_dir, str(out), num_vectors=2, max_train_steps=2,
                               validation_prompt=PROMPT, validation_steps=2, validation_num_inference_steps=STEPS,
                               num_validation_images=NUM_IMAGES)
     events = []
-    before = sampler.TRACE_COUNT["sample"]
+    before = traces["sample_step"]
     result = train(config, callbacks=[events.append], devices=devices())
-    traces = sampler.TRACE_COUNT["sample"] - before
+    traces = traces["sample_step"] - before
     return config, result, [e for e in events if e["kind"] == "validation"], traces
 
 
@@ -153,32 +153,32 @@ def test_sdxl_training_writes_validation_images(trained):
     assert {"diffusers", "diffusers_2", "sdxl"} <= set(result.files)
 
 
-def test_generate_with_sdxl_files_gives_the_validation_images(tiny_sdxl_model_dir, trained, tmp_path):
+def test_generate_with_sdxl_files_gives_the_validation_images(tiny_sdxl_model_dir, trained, tmp_path, traces):
     """diffusers' pair and the {clip_l, clip_g} file load the final rows; generate with the
     validation's settings draws the validation images, with the program the validation compiled."""
     _, result, validations, _ = trained
-    before = sampler.TRACE_COUNT["sample"]
+    before = traces["sample_step"]
     pair = generate(tiny_sdxl_model_dir, tmp_path / "pair", [result.files["diffusers"]])
     single = generate(tiny_sdxl_model_dir, tmp_path / "single", [result.files["sdxl"] + ":<cat-toy>"])
-    assert sampler.TRACE_COUNT["sample"] == before
+    assert traces["sample_step"] == before
     np.testing.assert_array_equal(pair, single)
     np.testing.assert_array_equal(pair, read_pngs(validations[0]["images"]))
 
 
-def test_sdxl_embedding_as_a_negative_embedding(model, tiny_sdxl_model_dir, trained, tmp_path):
+def test_sdxl_embedding_as_a_negative_embedding(model, tiny_sdxl_model_dir, trained, tmp_path, traces):
     result = trained[1]
     bad_rows = np.random.default_rng(1).normal(size=(2, sum(WIDTHS))).astype(np.float32)
     formats.save_trained(str(tmp_path / "bad"), "<bad>", bad_rows, WIDTHS)
     formats.save_trained(str(tmp_path / "worse"), "<worse>", bad_rows * 3.0, WIDTHS)
     args = [result.files["diffusers"], str(tmp_path / "bad")]  # a file of the pair; a folder holding one
-    before = sampler.TRACE_COUNT["sample"]
+    before = traces["sample_step"]
     images = generate(tiny_sdxl_model_dir, tmp_path / "out", args, negative_prompt="<bad>, blurry")
     sample = sampler_for(model, args + [str(tmp_path / "worse")])
     np.testing.assert_array_equal(images, sample(PROMPT, "<bad>, blurry"))
     # The negative embedding reaches the UNet: other rows in its place, or none, give other images.
     assert np.abs(sample(PROMPT, "<worse>, blurry").astype(int) - images).max() > 0
     assert np.abs(sample(PROMPT, "blurry").astype(int) - images).max() > 0
-    assert sampler.TRACE_COUNT["sample"] == before  # new negative prompts and rows: nothing recompiled
+    assert traces["sample_step"] == before  # new negative prompts and rows: nothing recompiled
 
 
 def test_sd1_embedding_for_the_sdxl_model_is_one_line(tiny_sdxl_model_dir, tmp_path, capsys):

@@ -43,7 +43,7 @@ def sdxl_config(model_dir, data_dir, out, **changes):
     return TrainConfig.tiny(model_dir, data_dir, str(out), **{**base, **changes})
 
 
-def trained(config, devices):
+def trained(config, devices, traces):
     """train(config) on `devices`, keeping the engine it built and counting the step's traces."""
     built, build = [], engine_lib.build
 
@@ -51,32 +51,32 @@ def trained(config, devices):
         built.append(build(*args, **kwargs))
         return built[-1]
 
-    before = step_lib.TRACE_COUNT["train_step"]
+    before = traces["train_step"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine_lib, "build", keep)
         result = train(config, devices=devices)
     return types.SimpleNamespace(config=config, result=result, engine=built[0],
-                                 traces=step_lib.TRACE_COUNT["train_step"] - before)
+                                 traces=traces["train_step"] - before)
 
 
 @pytest.fixture(scope="module")
-def sdxl_run(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory):
+def sdxl_run(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory, traces):
     """The reference: 4 devices x batch 1, float32, pixels through the VAE in the step, the
     bundled images (non-square ones among them) center-cropped, checkpoints at MID and STEPS."""
     step_lib.pmapped_train_step.cache_clear()  # a step compiled by an earlier test would hide a retrace
     config = sdxl_config(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory.mktemp("sdxl4"))
-    return trained(config, FOUR)
+    return trained(config, FOUR, traces)
 
 
 @pytest.fixture(scope="module")
-def one_device_run(sdxl_run, tmp_path_factory):
+def one_device_run(sdxl_run, tmp_path_factory, traces):
     """The reference's first MID updates on 1 device: each update 4 micro-batches of 1 example
     (gradient accumulation), from cached latents. Same examples, draws and updates."""
     config = sdxl_run.config.replace(
         output_dir=str(tmp_path_factory.mktemp("sdxl1")), max_train_steps=MID, checkpointing_steps=0,
         train_batch_size=1, gradient_accumulation_steps=4, cache_latents=True,
     )
-    return trained(config, ONE)
+    return trained(config, ONE, traces)
 
 
 def rows_at(run, step):
@@ -157,12 +157,12 @@ def test_one_device_accumulated_cached_run_gives_the_four_device_rows(sdxl_run, 
     assert not np.allclose(one.rows, sdxl_run.engine.run.init_rows, atol=1e-3)  # the rows did move
 
 
-def test_bf16_runs_and_stays_close_to_float32(sdxl_run, tmp_path):
+def test_bf16_runs_and_stays_close_to_float32(sdxl_run, tmp_path, traces):
     config = sdxl_run.config.replace(  # the reference's global batch of 4, over 2 devices
         output_dir=str(tmp_path / "bf16"), max_train_steps=MID, checkpointing_steps=0, train_batch_size=2,
         mixed_precision="bf16", cache_latents=True,
     )
-    bf16 = trained(config, TWO)
+    bf16 = trained(config, TWO, traces)
     rows, fp32 = bf16.result.rows, rows_at(sdxl_run, MID)
     assert bf16.traces == 1 and rows.dtype == np.float32 and np.all(np.isfinite(rows))
     assert jax.tree_util.tree_leaves(bf16.engine.frozen.unet)[0].dtype == jnp.bfloat16  # bf16 really ran
@@ -179,12 +179,12 @@ def test_bf16_runs_and_stays_close_to_float32(sdxl_run, tmp_path):
     np.testing.assert_array_equal(read(os.path.join(config.output_dir, OUTPUT_FILES[2]))["clip_g"], rows[:, WIDTHS[0]:])
 
 
-def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(sdxl_run, tmp_path):
+def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(sdxl_run, tmp_path, traces):
     config = sdxl_run.config
     assert [s for s, _ in checkpoint.list_checkpoints(config.output_dir)] == [MID, STEPS]
     half = tmp_path / "half"
     shutil.copytree(os.path.join(config.output_dir, f"checkpoint-{MID}"), half / f"checkpoint-{MID}")
-    resumed = trained(config.replace(output_dir=str(half), resume_from_checkpoint="latest"), FOUR)
+    resumed = trained(config.replace(output_dir=str(half), resume_from_checkpoint="latest"), FOUR, traces)
     assert [r["step"] for r in resumed.result.history] == list(range(MID + 1, STEPS + 1))
     assert resumed.traces == 0  # the reference's compiled step, reused
     for name in OUTPUT_FILES:

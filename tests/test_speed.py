@@ -121,17 +121,17 @@ def test_accumulation_resume_is_bitwise_identical(accumulated_run, tmp_path):
               devices=ONE_DEVICE)
 
 
-def test_bf16_trains_compiles_once_and_keeps_frozen_weights_exact(pixel_run, tiny_model_dir, tmp_path):
+def test_bf16_trains_compiles_once_and_keeps_frozen_weights_exact(pixel_run, tiny_model_dir, tmp_path, traces):
     # (The bf16-vs-float32 loss on a fixed evaluation set is measured by scripts/benchmark.py.)
     fp32_config, fp32 = pixel_run
     step_lib.pmapped_train_step.cache_clear()
-    before = step_lib.TRACE_COUNT["train_step"]
+    before = traces["train_step"]
     config = fp32_config.replace(  # the same global batch of 2, over 2 devices
         output_dir=str(tmp_path / "bf16"), train_batch_size=1, mixed_precision="bf16", cache_latents=True,
         save_as_full_pipeline=True,
     )
     result = train(config, devices=jax.local_devices()[:2])
-    assert step_lib.TRACE_COUNT["train_step"] - before == 1  # 4 steps, one trace
+    assert traces["train_step"] - before == 1  # 4 steps, one trace
     assert result.rows.dtype == np.float32 and np.all(np.isfinite(result.rows))
     assert not np.array_equal(result.rows, fp32.rows)  # bf16 really ran
     # ... and stayed close to float32: after 4 steps (rows moved up to 0.02 from the start) the

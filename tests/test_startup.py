@@ -94,12 +94,12 @@ def test_peak_bytes_and_startup_line():
 
 
 def test_run_compiles_once_into_the_cache_and_reports_startup(fresh_env, tiny_model_dir, sample_images_dir, tmp_path,
-                                                               capsys):
+                                                               capsys, traces):
     step_lib.pmapped_train_step.cache_clear()  # so this run compiles its step, into the new folder
-    before = step_lib.TRACE_COUNT["train_step"]
+    before = traces["train_step"]
     config = TrainConfig.tiny(tiny_model_dir, sample_images_dir, str(tmp_path / "o"), max_train_steps=3)
     result = train(config, devices=jax.local_devices()[:2])
-    assert step_lib.TRACE_COUNT["train_step"] - before == 1  # compiled ahead, then 3 steps, one trace
+    assert traces["train_step"] - before == 1  # compiled ahead, then 3 steps, one trace
     assert os.listdir(fresh_env), "no compiled program was written to the cache"
     out = capsys.readouterr().out
     summary = out[out.index("done: step 3"):]

@@ -143,12 +143,12 @@ def test_four_devices_average_the_same_raw_gradient(four_device_run, one_device_
     np.testing.assert_allclose(one.history[0]["grad_norm"], np.linalg.norm(g1) / 0.1, rtol=1e-5)
 
 
-def test_step_traced_once_per_run(tiny_model_dir, sample_images_dir, tmp_path):
+def test_step_traced_once_per_run(tiny_model_dir, sample_images_dir, tmp_path, traces):
     step_lib.pmapped_train_step.cache_clear()
-    before = step_lib.TRACE_COUNT["train_step"]
+    before = traces["train_step"]
     config = tiny_config(tiny_model_dir, sample_images_dir, tmp_path / "o", max_train_steps=4)
     train(config, devices=jax.local_devices()[:2])
-    assert step_lib.TRACE_COUNT["train_step"] - before == 1
+    assert traces["train_step"] - before == 1
 
 
 def test_optimizer_state_is_only_the_rows():

@@ -24,14 +24,14 @@ def run_with_validation(model_dir, data_dir, out, **changes):
 
 
 @pytest.fixture(scope="module")
-def validated(tiny_model_dir, sample_images_dir, tmp_path_factory):
+def validated(tiny_model_dir, sample_images_dir, tmp_path_factory, traces):
     step_lib.pmapped_train_step.cache_clear()
     sampler.pmapped_sample_step.cache_clear()
-    traces = dict(step_lib.TRACE_COUNT), dict(sampler.TRACE_COUNT)
+    before = traces.copy()
     first = run_with_validation(tiny_model_dir, sample_images_dir, tmp_path_factory.mktemp("v1"))
     counts = (
-        step_lib.TRACE_COUNT["train_step"] - traces[0]["train_step"],
-        sampler.TRACE_COUNT["sample"] - traces[1]["sample"],
+        traces["train_step"] - before["train_step"],
+        traces["sample_step"] - before["sample_step"],
     )
     second = run_with_validation(tiny_model_dir, sample_images_dir, tmp_path_factory.mktemp("v2"))
     return first, second, counts

@@ -13,9 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import files
 from .data import max_prompt_length
-from .errors import UserError
+from .errors import UserError, first_line, short_list
 from .tokens import expand_placeholders
 
 
@@ -85,7 +84,7 @@ def read_captions(data_dir: str, names: Sequence[str], extension: str) -> list[O
         except UnicodeDecodeError as e:
             raise UserError(f"caption file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         except OSError as e:
-            raise UserError(f"cannot read caption file {path} ({files.first_line(e)})") from None
+            raise UserError(f"cannot read caption file {path} ({first_line(e)})") from None
         if not text:
             raise UserError(
                 f"caption file {path} is empty; write the prompt for {name} in it, or delete it to train "
@@ -95,7 +94,7 @@ def read_captions(data_dir: str, names: Sequence[str], extension: str) -> list[O
     if all(c is None for c in out):
         raise UserError(
             f"--caption_extension {extension}: no image in {data_dir} has a caption file "
-            f"(looked for {files.short_list([os.path.basename(caption_path(data_dir, n, extension)) for n in names])})"
+            f"(looked for {short_list([os.path.basename(caption_path(data_dir, n, extension)) for n in names])})"
         )
     return out
 

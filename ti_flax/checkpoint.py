@@ -22,7 +22,7 @@ import numpy as np
 
 from . import files, formats
 from .config import TrainConfig
-from .errors import UserError
+from .errors import UserError, short_list
 
 FORMAT_VERSION = 1
 # Version 1 hashed diffusers' and transformers' config objects (before ti_flax owned its models);
@@ -132,40 +132,21 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
     """
     step = int(state.step)
     final = checkpoint_dir(output_dir, step)
-    tmp = os.path.join(output_dir, f"{_TMP_PREFIX}{step}.tmp-{os.getpid()}")
     flat = _flat(state)
-    try:
-        with files.writing(final):
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            try:
-                with files.writing(os.path.join(final, STATE_FILE)):
-                    files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
-                widths = meta.get("text_widths") or [np.shape(state.rows)[-1]]
-                for name, token, rows in embedding_files(meta, state.rows):
-                    with files.writing(os.path.join(final, name)):
-                        formats.save_trained(os.path.dirname(os.path.join(tmp, name)), token, rows, widths)
-                with files.writing(os.path.join(final, META_FILE)):
-                    files.write_text(
-                        os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)
-                    )
-                _fsync_tree(tmp)
-                _verify_written(tmp, flat, final)
-                if os.path.exists(final):  # the same step saved again (e.g. after a resume)
-                    old = final + f".old-{os.getpid()}"
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except files.WriteFailed as err:
-        # Name the file under the checkpoint's final name, not the hidden temporary folder.
-        if err.path.startswith(tmp):
-            raise files.WriteFailed(final + err.path[len(tmp):], err.err) from None
-        raise
+    # The same step saved again (e.g. after a resume) replaces the folder already there.
+    with files.staged_folder(final, f"{_TMP_PREFIX}{step}.tmp-{os.getpid()}") as tmp:
+        with files.writing(os.path.join(final, STATE_FILE)):
+            files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
+        widths = meta.get("text_widths") or [np.shape(state.rows)[-1]]
+        for name, token, rows in embedding_files(meta, state.rows):
+            with files.writing(os.path.join(final, name)):
+                formats.save_trained(os.path.dirname(os.path.join(tmp, name)), token, rows, widths)
+        with files.writing(os.path.join(final, META_FILE)):
+            files.write_text(
+                os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)
+            )
+        _fsync_tree(tmp)
+        _verify_written(tmp, flat, final)
     if total_limit:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(path, ignore_errors=True)
@@ -285,7 +266,7 @@ def check_compatible(saved, current, path):
         if a != b:
             diffs.append(f"--{key} ({a} vs {b})")
     if diffs:
-        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + files.short_list(diffs, 4, "; ") + " (checkpoint vs now)")
+        raise UserError(f"cannot resume from {path}: it belongs to a different run: " + short_list(diffs, 4, "; ") + " (checkpoint vs now)")
 
 
 def concept_meta(concept, num_images):

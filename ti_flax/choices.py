@@ -2,8 +2,9 @@
 
 argparse's `choices`, `TrainConfig.validate()`, the modules that act on a value and the README's
 "Choices" table all read these lists, so a new value is added in one place. This module imports
-nothing heavy, so `--help` stays fast. `markdown_table()` is the README table; a test keeps the
-two equal.
+nothing of ti_flax and nothing heavy, so `--help` stays fast. `markdown_table()` prints the README
+table's rows; the exporter's `--format` row comes from the formats registry (`export.FORMAT_CHOICE`),
+and a test keeps the README equal to both.
 """
 
 from typing import NamedTuple
@@ -38,29 +39,17 @@ TABLE = (
 )
 
 
-def export_formats():
-    """ti_flax.export's --format values: the writable layouts registered in ti_flax.formats, then
-    other tools' names for them (the registry is their one source; imported here only when asked)."""
-    from . import formats
-
-    return (*formats.names(writable=True), *formats.ALIASES)
-
-
-def table():
-    """Every row of the README's table: TABLE, then the exporter's formats."""
-    return (*TABLE, Choice("--format (ti_flax.export)", export_formats(), "diffusers"))
-
-
 def one_of(flag, value, values, allow_none=False):
     """(ok, message) for `TrainConfig.validate()`'s checks: is `value` one of `values`?"""
     ok = value in values or (allow_none and value is None)
     return ok, f"{flag} must be one of {', '.join(values)}, got {value!r}"
 
 
-def markdown_table():
-    """The README's "Choices" table, from `table()`."""
+def markdown_table(rows=TABLE):
+    """A Markdown table of `rows` (Choice tuples): the README's "Choices" table is TABLE's rows,
+    then the exporter's `--format` row (tests/test_choices.py puts them together)."""
     lines = ["| flag | values | default |", "| --- | --- | --- |"]
-    for choice in table():
+    for choice in rows:
         flag, _, command = choice.flags.partition(" ")
         values = ", ".join(f"`{v}`" for v in choice.values)
         lines.append(f"| `{flag}`{' ' + command if command else ''} | {values} | {choice.default} |")

@@ -27,14 +27,23 @@ import difflib
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
 from .choices import LEARNABLE_PROPERTIES, one_of
-from .config import is_file_extension
 from .errors import UserError
 from .tokens import placeholder_tokens
+
+
+def is_file_extension(text):
+    """Whether `text` is a file extension like ".txt" or ".tar.gz": the caption files' suffix.
+
+    One check for --caption_extension and each concept's caption_extension: a dot, then parts
+    without whitespace, slashes or empty pieces, so it only ever names a file beside an image.
+    """
+    return re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", text) is not None
 
 
 @dataclasses.dataclass(frozen=True)

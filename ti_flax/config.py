@@ -3,24 +3,16 @@
 import dataclasses
 import json
 import math
-import re
 from typing import Any, Optional
 
+from . import concepts as concepts_lib
 from .errors import UserError
 from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION,
                       PREDICTION_TYPES, REPORT_TO, one_of)
+from .logs import tensorboard_available
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
 PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "initial_embeddings")
-
-
-def is_file_extension(text):
-    """Whether `text` is a file extension like ".txt" or ".tar.gz": the caption files' suffix.
-
-    One check for --caption_extension and each concept's caption_extension: a dot, then parts
-    without whitespace, slashes or empty pieces, so it only ever names a file beside an image.
-    """
-    return re.fullmatch(r"\.[^\s/\\.]+(\.[^\s/\\.]+)*", text) is not None
 
 
 # --resolution without a value: the diffusers scripts' 512 for SD 1.x / 2.x; an SDXL model's own size.
@@ -143,7 +135,7 @@ class TrainConfig:
             for name in PER_CONCEPT:
                 if getattr(self, name):
                     raise UserError(f"--{name} is set per concept in --concepts FILE; remove it")
-        if self.caption_extension is not None and not is_file_extension(self.caption_extension):
+        if self.caption_extension is not None and not concepts_lib.is_file_extension(self.caption_extension):
             raise UserError(
                 f"--caption_extension must be a file extension starting with a dot, like .txt or .caption, "
                 f"got {self.caption_extension!r}"
@@ -201,17 +193,12 @@ class TrainConfig:
                 raise UserError(message)
         if self.concepts is not None:
             self._validate_concepts()
-        if self.report_to == "tensorboard":
-            from .logs import tensorboard_available
-
-            if not tensorboard_available():
-                raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
+        if self.report_to == "tensorboard" and not tensorboard_available():
+            raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
         return self
 
     def _validate_concepts(self):
         """Read and check --concepts (after the flags, which give its entries' defaults)."""
-        from . import concepts as concepts_lib
-
         listed = concepts_lib.from_config(self)
         if self.caption_prefix_token and not any(c.caption_extension for c in listed):
             raise UserError(
@@ -234,8 +221,6 @@ class TrainConfig:
         """"auto" resolved: tensorboard when its writer is installed, else none."""
         if self.report_to != "auto":
             return self.report_to
-        from .logs import tensorboard_available
-
         return "tensorboard" if tensorboard_available() else "none"
 
     def replace(self, **changes):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ti_flax import choices, files
-from ti_flax.errors import UserError
+from ti_flax.errors import UserError, first_line, short_list
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -115,7 +115,7 @@ def read_image(path: str) -> Image.Image:
         raise UserError(f"cannot read image {path}: permission denied; make it readable or remove it") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
         raise UserError(
-            f"cannot decode image {path} ({files.first_line(e)}); remove it or re-save it as PNG or JPEG"
+            f"cannot decode image {path} ({first_line(e)}); remove it or re-save it as PNG or JPEG"
         ) from None
 
 
@@ -183,7 +183,7 @@ def load_image_set(
         skipped = [name for name in skipped if name not in captions]
     if skipped:
         warnings.warn(
-            f"skipping {len(skipped)} non-image entries in {data_dir}: {files.short_list(skipped, 5)}",
+            f"skipping {len(skipped)} non-image entries in {data_dir}: {short_list(skipped, 5)}",
             stacklevel=2,
         )
     if not names:

@@ -32,8 +32,10 @@ from . import choices, files, formats
 from .errors import UserError, run_cli
 from .formats import DIFFUSERS_BIN, TEXT_ENCODER_2, read_embedding
 
-# The layouts ti_flax writes, then other tools' names for them (comfyui reads kohya's layout).
-FORMATS = choices.export_formats()
+# --format's values: the layouts ti_flax writes, as registered in ti_flax.formats, then other
+# tools' names for them (comfyui reads kohya's layout); and their row of the README's "Choices" table.
+FORMATS = (*formats.names(writable=True), *formats.ALIASES)
+FORMAT_CHOICE = choices.Choice("--format (ti_flax.export)", FORMATS, "diffusers")
 
 
 # --------------------------------------------------------------------------------------------

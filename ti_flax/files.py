@@ -7,11 +7,12 @@ unexpected file into a `DamagedFile` error naming the file and what is wrong:
     unet/diffusion_pytorch_model.safetensors: truncated or not a safetensors file (...); download it again
 
 Writing: `write_bytes` is the one function that puts bytes on disk; `atomic_write` puts a
-whole file in place by renaming, so a crash never leaves half of it under its name; `writing`
+whole file in place by renaming, so a crash never leaves half of it under its name, and
+`staged_folder` does the same for a folder (a checkpoint, a pipeline's components); `writing`
 (which `atomic_write` uses) turns ENOSPC, EDQUOT, EROFS, EACCES and other OS errors into a
 `WriteFailed` naming the file, its folder and the folder's free space.
 
-Long values in messages are shortened with a count: `short_list`, `short_text`, `one_line`.
+Messages shorten long values with errors' helpers (`short_list`, `first_line`).
 """
 
 import contextlib
@@ -21,41 +22,7 @@ import os
 import shutil
 import tempfile
 
-from .errors import UserError
-
-MAX_LINE = 300  # the longest error line printed; longer ones are cut with a count
-
-
-# --------------------------------------------------------------------------------------------
-# Messages
-
-
-def first_line(err):
-    """`TypeName: first line of the message` of an exception, at most ~120 characters."""
-    text = str(err).strip().splitlines()
-    return short_text(f"{type(err).__name__}: {text[0]}" if text else type(err).__name__, 90)
-
-
-def short_text(text, limit=80):
-    """`text` whole if it fits in `limit` characters, else its start and how much was cut."""
-    text = " ".join(str(text).split())
-    if len(text) <= limit:
-        return text
-    keep = max(limit - len(f"... ({len(text)} more characters)"), 10)
-    return f"{text[:keep]}... ({len(text) - keep} more characters)"
-
-
-def short_list(items, limit=3, sep=", "):
-    """"a, b, c and 74 more" for a long list; the whole list when it has at most `limit` items."""
-    items = [str(x) for x in items]
-    if len(items) <= limit:
-        return sep.join(items)
-    return f"{sep.join(items[:limit])} and {len(items) - limit} more"
-
-
-def one_line(message, limit=MAX_LINE):
-    """A message as one line of at most about `limit` characters (whitespace collapsed)."""
-    return short_text(message, limit)
+from .errors import UserError, first_line, short_list
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +318,62 @@ def atomic_write(path, write):
                 os.remove(tmp)
             raise
     return path
+
+
+@contextlib.contextmanager
+def staged_folder(final, hidden_name, merge=False, what=None):
+    """Write a folder under a hidden temporary name, then move it into place at `final`.
+
+    Args:
+      final: where the folder's content belongs.
+      hidden_name: the temporary folder's name (starting with "."), made empty (a leftover of
+        that name is removed first): beside `final`, or with merge=True inside it.
+      merge: False: the temporary folder is renamed to `final`, replacing a folder already
+        there, so `final` appears only when complete. True: `final` is a folder that holds other
+        files; each entry of the temporary folder is moved into it, replacing its namesake.
+        Either way a replaced folder is moved aside first and put back if the move fails, so
+        each is whole: the old one or the new one.
+      what: how a failure names the folder ("cannot write {what} {final}").
+    Yields:
+      The temporary folder's path, to write everything into.
+    Raises:
+      WriteFailed for an OS error (naming a file inside the temporary folder by its final
+      path). On any error the temporary folder is removed.
+    """
+    tmp = os.path.join(final if merge else os.path.dirname(final), hidden_name)
+    try:
+        with writing(final, what=what):
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            try:
+                yield tmp
+                if merge:
+                    for name in os.listdir(tmp):
+                        _swap_in(os.path.join(tmp, name), os.path.join(final, name), os.path.join(tmp, ".old-" + name))
+                else:
+                    old = final + f".old-{os.getpid()}"
+                    _swap_in(tmp, final, old)
+                    shutil.rmtree(old, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except WriteFailed as err:
+        if err.path.startswith(tmp):
+            raise WriteFailed(final + err.path[len(tmp):], err.err) from None
+        raise
+
+
+def _swap_in(new, target, aside):
+    """Move `new` to `target`. A folder already at `target` is moved to `aside` first and put
+    back if the move fails, so `target` is always whole: the old one or the new one."""
+    if not os.path.isdir(target):
+        os.replace(new, target)  # a file (or nothing) at target: one atomic rename
+        return
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
 
 
 def give_default_permissions(path):

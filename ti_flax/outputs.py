@@ -37,41 +37,12 @@ def save_outputs(run, rows, history, grid=None):
 
 
 def save_pipeline(run, rows):
-    """Save the full Flax pipeline into output_dir, via a temporary folder renamed into place."""
-    import shutil
-    import tempfile
-
+    """Save the full Flax pipeline into output_dir, via a temporary folder moved into place."""
     out = run.config.output_dir
-    tmp = None
-    try:
-        with files.writing(out, what="the full pipeline into"):
-            tmp = tempfile.mkdtemp(prefix=".pipeline-", dir=out)
-            formats.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
-            for name in os.listdir(tmp):
-                _swap_in(os.path.join(tmp, name), os.path.join(out, name), os.path.join(tmp, ".old-" + name))
-    except files.WriteFailed as err:
-        # Name the pipeline file under its final name, not the hidden temporary folder.
-        if tmp and err.path.startswith(tmp):
-            raise files.WriteFailed(out + err.path[len(tmp):], err.err) from None
-        raise
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    # output_dir holds the run's other files: each component is moved in beside them.
+    with files.staged_folder(out, f".pipeline-{os.getpid()}", merge=True, what="the full pipeline into") as tmp:
+        formats.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
     return out
-
-
-def _swap_in(new, target, aside):
-    """Move `new` to `target`. A folder already at `target` is moved to `aside` first and put
-    back if the move fails, so `target` is always whole: the old one or the new one."""
-    if not os.path.isdir(target):
-        os.replace(new, target)  # a file (or nothing) at target: one atomic rename
-        return
-    os.replace(target, aside)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
 
 
 def push_to_hub(config):

@@ -39,9 +39,6 @@ SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDisc
 # (1 to 8 vectors, or several embeddings together) share one compiled program.
 ROW_BUCKET = 8
 
-# Traces of sample_step, counted so tests can assert that sampling compiles once.
-TRACE_COUNT = {"sample": 0}
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
@@ -182,7 +179,6 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
     Returns:
       uint8 [B, height, width, 3].
     """
-    TRACE_COUNT["sample"] += 1
     spec, compute = settings.spec, settings.compute
     noise = image_noise(key, image_ids, latent_shape(settings))
     latents = denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings=settings)

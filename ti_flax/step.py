@@ -205,19 +205,10 @@ def mean_metrics(micro_metrics):
     return {**micro_metrics[-1], "loss": loss, "grad_norm": grad_norm, "finite": finite, **summed}
 
 
-# Traces of train_step, counted so tests can assert a run compiles it once.
-TRACE_COUNT = {"train_step": 0}
-
-
-def _counted_train_step(*args, **kwargs):
-    TRACE_COUNT["train_step"] += 1
-    return train_step(*args, **kwargs)
-
-
 @functools.lru_cache(maxsize=16)
 def pmapped_train_step(spec, compute, opt_spec, devices, num_concepts=1):
     """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
-    fn = functools.partial(_counted_train_step, spec=spec, compute=compute, opt_spec=opt_spec,
+    fn = functools.partial(train_step, spec=spec, compute=compute, opt_spec=opt_spec,
                            num_concepts=num_concepts)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))
 

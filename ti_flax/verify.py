@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .tokens import join_rows
 
 TOLERANCE = 1e-4
@@ -171,7 +171,7 @@ def verify_files(model_dir, rows, checks, tolerance=TOLERANCE):
                 path, token=token if pass_token else None, tokenizer=tokenizer, text_encoder=text_encoder
             )
         except (ValueError, OSError, RuntimeError) as err:
-            raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({_first_line(err)})") from None
+            raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({first_line(err)})") from None
         ids = _check_loaded(tokenizer, text_encoder, token, rows, base)
         input_ids = prompt_ids(pipe, tokenizer, PROMPT.format(token))
         if not _contains(input_ids[0].tolist(), ids):
@@ -255,7 +255,7 @@ def verify_sdxl_files(model_dir, rows, rows_2, checks, tolerance=TOLERANCE):
             try:
                 pipe.load_textual_inversion(source, token=load_token, tokenizer=tokenizer, text_encoder=text_encoder)
             except (ValueError, OSError, RuntimeError) as err:
-                raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({_first_line(err)})") from None
+                raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({first_line(err)})") from None
             ids = _check_loaded(tokenizer, text_encoder, token, want, base, f" (tokenizer{suffix}, text_encoder{suffix})")
         view = type(pipe)(**dict(pipe.components, **parts))  # the loaded copies, the rest shared
         prompt = PROMPT.format(token)
@@ -301,8 +301,3 @@ def _sdxl_loads(paths, token, pass_token):
 
 def _contains(seq, sub):
     return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
-
-
-def _first_line(err):
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

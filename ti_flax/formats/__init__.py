@@ -31,7 +31,7 @@ import re
 import numpy as np
 
 from .. import files, tokens
-from ..errors import UserError
+from ..errors import UserError, short_list
 # Each module registers its layout on import; this order is the registry's (and the exporter's).
 from . import diffusers, a1111, kohya, sdxl, npy, pipeline  # noqa: I001
 from .base import (
@@ -304,7 +304,7 @@ def _read_folder(folder, token, allow_pickle):
     if is_pipeline:
         raise UserError(
             f"{folder}: a pipeline folder; pass --token to choose which learned token to read "
-            f"(added tokens there: {files.short_list(pipeline.learned_tokens(folder), 5) or 'none'})"
+            f"(added tokens there: {short_list(pipeline.learned_tokens(folder), 5) or 'none'})"
         )
     raise UserError(
         f"{folder}: no embedding found (expected {DIFFUSERS_FILE}, {DIFFUSERS_BIN}, {FLAX_NPY}, "

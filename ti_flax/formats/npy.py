@@ -9,8 +9,7 @@ A plain numeric `.npy` is taken as the rows themselves ("npy").
 
 import numpy as np
 
-from .. import files
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import Layout, register
 
 FLAX_NPY = "learned_embeds.npy"
@@ -27,7 +26,7 @@ def load(path, allow_pickle):
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
         if "allow_pickle" not in str(err):
-            raise UserError(f"{path}: not a readable .npy file ({files.first_line(err)})") from None
+            raise UserError(f"{path}: not a readable .npy file ({first_line(err)})") from None
         if not allow_pickle:
             raise UserError(
                 f"{path}: a pickled Python object (as diffusers' Flax script writes it); unpickling can run "
@@ -35,7 +34,7 @@ def load(path, allow_pickle):
             ) from None
         array = np.load(path, allow_pickle=True)
     except Exception as err:
-        raise UserError(f"{path}: not a readable .npy file ({files.first_line(err)})") from None
+        raise UserError(f"{path}: not a readable .npy file ({first_line(err)})") from None
     if array.dtype != object:
         return array
     data = array.item() if array.shape == () else None

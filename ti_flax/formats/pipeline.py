@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from .. import files
-from ..errors import UserError
+from ..errors import UserError, short_list
 from ..tokens import merged_table, split_rows
 from .base import Embedding, Layout, register, rows_read
 
@@ -40,7 +40,7 @@ def read(folder, token):
     if token not in added:
         raise UserError(
             f"{folder}: {token!r} is not a token added to this pipeline's tokenizer "
-            f"(added tokens: {files.short_list(_learned_tokens(tokenizer), 5) or 'none'})"
+            f"(added tokens: {short_list(_learned_tokens(tokenizer), 5) or 'none'})"
         )
     tokens = [token]
     while f"{token}_{len(tokens)}" in added:

@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from .. import files
-from ..errors import UserError
+from ..errors import UserError, short_list
 from ..clip_vocab import PAD_TOKENS, build_tokenizer
 from . import clip, schedulers, unet, vae
 from .model_folder import resolve_model_dir
@@ -196,7 +196,7 @@ def detect_family(ckpt):
             raise UserError(f"{path}: {' and '.join(parts)} only (no UNet, {UNET}*), not a complete Stable "
                             "Diffusion checkpoint")
         raise UserError(f"{path}: not a Stable Diffusion checkpoint (no {UNET}* UNet); its {len(names)} tensors "
-                        f"are like {files.short_list(sorted(names)[:3])}")
+                        f"are like {short_list(sorted(names)[:3])}")
     if not ckpt.has(UNET + "input_blocks.0.0.weight"):
         raise UserError(f"{path}: the UNet has no {UNET}input_blocks.0.0.weight; not an SD 1.x/2.x UNet")
     if not any(k.startswith(VAE) for k in names):
