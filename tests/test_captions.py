@@ -17,6 +17,7 @@ from PIL import Image
 from test_cli import run_error
 
 from ti_flax import TrainConfig, UserError, captions, checkpoint, data, train
+from ti_flax.images import load_image_set
 from ti_flax.train import prepare
 
 TOKENS = ["<cat-toy>", "<cat-toy>_1"]
@@ -121,10 +122,10 @@ def test_caption_files_are_not_warned_about_but_orphans_are(tmp_path):
     (tmp_path / "a.txt").write_text("a photo of <cat-toy>")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        data.load_images(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
+        load_image_set(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
     (tmp_path / "typo.txt").write_text("a photo of <cat-toy>")
     with pytest.warns(UserWarning, match="typo.txt") as record:
-        data.load_images(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
+        load_image_set(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
     assert "a.txt" not in str(record[0].message)
 
 

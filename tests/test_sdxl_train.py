@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from ti_flax import TrainConfig, checkpoint, data, engine as engine_lib, formats, models, parallel
 from ti_flax import step as step_lib, tokens as tokens_lib, train
 from ti_flax.errors import UserError
+from ti_flax.images import load_image_set
 from ti_flax.run import prepare
 
 pytestmark = pytest.mark.slow
@@ -230,7 +231,7 @@ def test_the_step_conditions_the_unet_on_each_images_size_and_crop(sdxl_run, sam
     run = sdxl_run.engine.run
     config = run.config
     # The run's time ids are load_image_set's: each file's size and its center crop.
-    _, _, want = data.load_image_set(sample_images_dir, config.resolution, True, config.interpolation)
+    _, _, want = load_image_set(sample_images_dir, config.resolution, True, config.interpolation)
     np.testing.assert_array_equal(run.data.time_ids, want)
     assert len({tuple(t) for t in want}) > 2  # the bundled images differ in size and crop
     # A batch carries each example's image's time ids...

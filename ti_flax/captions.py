@@ -61,7 +61,7 @@ def read_captions(data_dir: str, names: Sequence[str], extension: str) -> list[O
 
     Args:
       data_dir: the training data folder.
-      names: the image file names, as load_images returns them.
+      names: the image file names, as images.load_image_set returns them.
       extension: e.g. ".txt": image `1.png`'s caption is `1.txt`.
 
     Returns:

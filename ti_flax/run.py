@@ -14,6 +14,7 @@ from . import checkpoint as ckpt
 from . import concepts as concepts_lib
 from . import data as data_lib
 from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib, validation
+from . import images as images_lib
 from .concept_data import ConceptMix
 from .config import DEFAULT_RESOLUTION, TrainConfig
 from .errors import UserError
@@ -171,7 +172,7 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
     """A concept's data.TrainData: its images decoded, every prompt tokenized and checked (one
     that does not fit is an error, never cut); with `sdxl`, each image's time ids kept."""
     concept = learned.concept
-    images, names, time_ids = data_lib.load_image_set(
+    images, names, time_ids = images_lib.load_image_set(
         concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension
     )
     template_ids = data_lib.tokenize_templates(

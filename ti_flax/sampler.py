@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import data, models, parallel
+from . import models, parallel
 from .errors import UserError
+from .images import size_and_crop_ids
 from .step import Frozen
 from .models import schedulers, zeros_for_empty_negative
 from .tokens import expand_placeholders
@@ -164,7 +165,7 @@ def sdxl_conditioning(settings, cond, negative_ids):
         context = jnp.where(keep[:, None, None], context, jnp.zeros((), context.dtype))
         pooled = jnp.where(keep[:, None], pooled, jnp.zeros((), pooled.dtype))
     size = (settings.height, settings.width)
-    time_ids = jnp.broadcast_to(jnp.asarray(data.size_and_crop_ids(size, (0, 0), size)), (2 * batch, 6))
+    time_ids = jnp.broadcast_to(jnp.asarray(size_and_crop_ids(size, (0, 0), size)), (2 * batch, 6))
     return context, {"text_embeds": pooled, "time_ids": time_ids}
 
 
