@@ -1,4 +1,4 @@
-"""Tests for ti_flax.data: templates, and the seeded batch iterator."""
+"""Tests for ti_flax.data: the batch types and the seeded batch iterator."""
 
 import numpy as np
 import pytest
@@ -162,45 +162,3 @@ def test_stored_images_are_not_mutated_by_flips():
     for s in range(6):
         d.global_batch(s)
     np.testing.assert_array_equal(d.images, before)
-
-
-# ---- templates and tokenization -----------------------------------------------------------
-
-
-def test_templates():
-    assert len(data.OBJECT_TEMPLATES) == 27 and len(data.STYLE_TEMPLATES) == 19
-    assert data.templates_for("object")[0] == "a photo of a {}"
-    assert data.templates_for("style")[0] == "a painting in the style of {}"
-    assert all(t.count("{}") == 1 for t in data.OBJECT_TEMPLATES + data.STYLE_TEMPLATES)
-    with pytest.raises(UserError):
-        data.templates_for("person")
-
-
-def test_tokenize_templates(clip_tokenizer):
-    tok = clip_tokenizer
-    tok.add_tokens(["<cat-toy>", "<cat-toy>_1"])
-    cat = tok.convert_tokens_to_ids("<cat-toy>")
-    cat1 = tok.convert_tokens_to_ids("<cat-toy>_1")
-    assert tok("<cat-toy>", add_special_tokens=False).input_ids == [cat]
-    ids = data.tokenize_templates(tok, data.OBJECT_TEMPLATES, "<cat-toy> <cat-toy>_1")
-    assert ids.shape == (27, 77) and ids.dtype == np.int32
-    assert (ids[:, 0] == 49406).all()
-    assert ((ids == cat).sum(axis=1) == 1).all() and ((ids == cat1).sum(axis=1) == 1).all()
-    # "a photo of a <cat-toy> <cat-toy>_1": BOS, 4 words, 2 placeholders, EOS, then padding.
-    assert ids[0, 5:8].tolist() == [cat, cat1, 49407]
-
-
-def test_tokenize_needs_a_max_length(tmp_path):
-    from conftest import build_clip_tokenizer
-    from transformers import CLIPTokenizer
-
-    build_clip_tokenizer(tmp_path)
-    # Built from vocab.json and merges.txt alone (tokenizer_config.json unread): model_max_length = 1e30.
-    unset = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    with pytest.raises(UserError, match="model_max_length"):
-        data.tokenize_templates(unset, data.STYLE_TEMPLATES, "<s>")
-
-
-def test_tokenize_refuses_to_truncate_placeholders(clip_tokenizer):
-    with pytest.raises(UserError, match="fewer vectors"):
-        data.tokenize_templates(clip_tokenizer, ["a photo of {}"], " ".join(["cat"] * 80))

@@ -1,8 +1,9 @@
-"""Training data for textual inversion: numpy only, seeded by the step number.
+"""Training batches for textual inversion: numpy only, seeded by the step number.
 
-The images of a folder are decoded, cropped and resized once into a uint8 array (images.py).
-The content of global step `s` is a pure function of `(seed, s)`: each epoch draws its shuffle,
-flips and templates from `np.random.default_rng([seed, epoch])`, so resuming needs only the step number.
+The images of a folder are decoded, cropped and resized once into a uint8 array (images.py) and
+the prompts tokenized once (prompts.py); this module only draws from them. The content of
+global step `s` is a pure function of `(seed, s)`: each epoch draws its shuffle, flips and
+templates from `np.random.default_rng([seed, epoch])`, so resuming needs only the step number.
 An image with a caption file (`--caption_extension`) is shown with its caption instead of the
 template drawn for it; the draws are the same with or without captions.
 
@@ -18,108 +19,6 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .errors import UserError
-
-# The small ImageNet templates of the textual-inversion paper, as in the diffusers examples.
-OBJECT_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-)
-
-STYLE_TEMPLATES = (
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a cropped painting in the style of {}",
-    "the painting in the style of {}",
-    "a clean painting in the style of {}",
-    "a dirty painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a picture in the style of {}",
-    "a cool painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a cropped painting in the style of {}",
-    "a good painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a rendition in the style of {}",
-    "a nice painting in the style of {}",
-    "a small painting in the style of {}",
-    "a weird painting in the style of {}",
-    "a large painting in the style of {}",
-)
-
-
-def templates_for(learnable_property: str) -> tuple[str, ...]:
-    """Returns the prompt templates for "object" or "style"."""
-    if learnable_property == "object":
-        return OBJECT_TEMPLATES
-    if learnable_property == "style":
-        return STYLE_TEMPLATES
-    raise UserError(f"learnable_property must be 'object' or 'style', not {learnable_property!r}")
-
-
-def max_prompt_length(tokenizer) -> int:
-    """The text encoder's context in tokens, BOS and EOS included (77 for CLIP)."""
-    max_len = tokenizer.model_max_length
-    if not 0 < max_len <= 4096:  # a tokenizer folder without tokenizer_config.json says 1e30
-        raise UserError(f"tokenizer.model_max_length is {max_len}; its config file is missing")
-    return max_len
-
-
-def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: str) -> np.ndarray:
-    """Fills each template with the placeholder text and tokenizes it.
-
-    Args:
-      tokenizer: a Hugging Face CLIP tokenizer that already knows the placeholder tokens.
-      templates: strings with one "{}", e.g. OBJECT_TEMPLATES.
-      placeholder_text: e.g. "<cat-toy> <cat-toy>_1 <cat-toy>_2".
-
-    Returns:
-      int32 [len(templates), tokenizer.model_max_length] token ids, padded.
-    Raises:
-      UserError naming the longest template, its length and the limit when any template does not
-      fit: every template is checked here, at start-up, never cut.
-    """
-    texts = [t.format(placeholder_text) for t in templates]
-    max_len = max_prompt_length(tokenizer)
-    # Truncation would silently cut placeholder vectors out of the prompt: refuse instead.
-    lengths = [len(ids) for ids in tokenizer(texts).input_ids]
-    if max(lengths) > max_len:
-        # Name the template and count the placeholders rather than repeat the expanded prompt.
-        longest = templates[int(np.argmax(lengths))]
-        words = placeholder_text.split()
-        shown = " ".join(words) if len(words) <= 3 else f"{words[0]} {words[1]} ... {words[-1]}"
-        raise UserError(
-            f"prompt {longest.format(shown)!r} ({len(words)} placeholder tokens) is {max(lengths)} tokens, "
-            f"more than the text encoder's {max_len}; use fewer vectors per token (--num_vectors)"
-        )
-    # Every text fits (checked above), so padding is all this call does to the ids.
-    ids = tokenizer(texts, padding="max_length", max_length=max_len, return_tensors="np").input_ids
-    return np.asarray(ids, dtype=np.int32)
 
 
 class PixelBatch(NamedTuple):
