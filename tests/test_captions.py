@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from test_cli import run_error
 
-from ti_flax import TrainConfig, UserError, captions, checkpoint, data, train
+from ti_flax import TrainConfig, UserError, captions, checkpoint, data, prompts, train
+from ti_flax.images import load_image_set
 from ti_flax.train import prepare
 
 TOKENS = ["<cat-toy>", "<cat-toy>_1"]
@@ -64,7 +65,7 @@ def write_folder(folder, sample_images_dir, texts):
     ],
 )
 def test_caption_ids_are_the_tokenizers_encoding_of_the_expanded_caption(tokenizer, caption, same_as):
-    ids = captions.encode_prompt(tokenizer, caption, TOKENS, "caption")
+    ids = prompts.encode_prompt(tokenizer, caption, [TOKENS], overflow=prompts.too_long("caption", TOKENS))
     np.testing.assert_array_equal(ids, padded(tokenizer, same_as or expanded(caption)))
     assert ids.dtype == np.int32 and ids.shape == (77,)
 
@@ -87,7 +88,8 @@ def test_a_caption_that_does_not_fit_names_the_file_and_its_length(tokenizer):
     assert "\n" not in message and "--num_vectors" in message
     # 77 tokens fit; the placeholder put in front counts too.
     fits = "a photo of <cat-toy> " + "on a wooden table " * 17 + "x y"
-    assert captions.encode_prompt(tokenizer, fits, TOKENS, "x")[-1] == tokenizer.eos_token_id
+    ids = prompts.encode_prompt(tokenizer, fits, [TOKENS], overflow=prompts.too_long("x", TOKENS))
+    assert ids[-1] == tokenizer.eos_token_id
     with pytest.raises(UserError, match="with <cat-toy> in front is 78 tokens"):
         captions.tokenize_captions(tokenizer, [("d/1.txt", fits.replace("<cat-toy> ", ""))], TOKENS, prefix_token=True)
 
@@ -121,10 +123,10 @@ def test_caption_files_are_not_warned_about_but_orphans_are(tmp_path):
     (tmp_path / "a.txt").write_text("a photo of <cat-toy>")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        data.load_images(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
+        load_image_set(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
     (tmp_path / "typo.txt").write_text("a photo of <cat-toy>")
     with pytest.warns(UserWarning, match="typo.txt") as record:
-        data.load_images(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
+        load_image_set(str(tmp_path), 8, False, "nearest", caption_extension=".txt")
     assert "a.txt" not in str(record[0].message)
 
 
@@ -222,7 +224,7 @@ def test_prompt_ids_reaching_the_step(tiny_model_dir, sample_images_dir, tmp_pat
     tok = run.model.tokenizer
     want = {0: padded(tok, expanded(CAPTIONS["toy_0"])), 2: padded(tok, expanded(CAPTIONS["toy_2"])),
             3: padded(tok, "<cat-toy> <cat-toy>_1, a toy on the floor")}
-    templates = {tuple(padded(tok, t.format(" ".join(TOKENS)))) for t in data.OBJECT_TEMPLATES}
+    templates = {tuple(padded(tok, t.format(" ".join(TOKENS)))) for t in prompts.OBJECT_TEMPLATES}
     # The batches the train loop feeds the step, one epoch of them: toy_1 alone uses the templates.
     batches = run.data.batches(0, 0, 1, 1)
     seen = set()

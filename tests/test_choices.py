@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ti_flax import choices, cli, data, export, generate, sampler
+from ti_flax import choices, cli, export, generate, images, sampler
 from ti_flax.config import TrainConfig
 from ti_flax.errors import UserError
 from ti_flax.models import attention, schedulers
@@ -53,7 +53,7 @@ def test_train_config_defaults_and_validation_follow_the_list(choice):
 
 
 def test_the_code_acting_on_a_value_knows_every_value():
-    assert tuple(data.INTERPOLATIONS) == tuple(choices.INTERPOLATIONS)
+    assert tuple(images.RESAMPLING) == tuple(choices.INTERPOLATIONS)
     assert attention.IMPLEMENTATIONS == choices.ATTENTION
     assert sampler.SCHEDULERS == schedulers.SAMPLERS == choices.SAMPLERS
     assert schedulers.PREDICTION_TYPES == choices.PREDICTION_TYPES

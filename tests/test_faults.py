@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import ti_flax
-from ti_flax import TrainConfig, UserError, checkpoint, data, errors, files, formats, models
+from ti_flax import TrainConfig, UserError, checkpoint, errors, files, formats, models, prompts
 from ti_flax.errors import run_cli
 from ti_flax.train import main
 
@@ -325,7 +325,7 @@ def test_metrics_log_on_a_full_disk_warns_once(tmp_path):
 
 def test_too_long_prompt_error_fits_on_a_line(clip_tokenizer):
     tokens = ["<cat-toy>"] + [f"<cat-toy>_{i}" for i in range(1, 80)]
-    message = raises_one_line(lambda: data.tokenize_templates(clip_tokenizer, data.OBJECT_TEMPLATES, " ".join(tokens)),
+    message = raises_one_line(lambda: prompts.encode_templates(clip_tokenizer, prompts.OBJECT_TEMPLATES, " ".join(tokens)),
                               "80 placeholder tokens", "<cat-toy>_79", "fewer vectors")
     assert "<cat-toy>_40" not in message
 

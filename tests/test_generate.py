@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from ti_flax import generate as gen
-from ti_flax import models, sampler, step
+from ti_flax import models, prompts, sampler, step
 from ti_flax.errors import UserError
 
 HIDDEN = 32  # the tiny model's text width
@@ -86,8 +86,8 @@ def expected_images(model, prompt_text, negative_text, rows, n, seed=0, token_li
     for tokens in token_lists:
         tokenizer.add_tokens(tokens)
     s = sampler.Sampler.from_model(model, num_images=n, num_inference_steps=STEPS)
-    ids = sampler.encode_prompt(tokenizer, prompt_text)
-    neg = sampler.encode_prompt(tokenizer, negative_text)
+    ids = prompts.encode_prompt(tokenizer, prompt_text, overflow=prompts.CUT)
+    neg = prompts.encode_prompt(tokenizer, negative_text, overflow=prompts.CUT)
     return s.sample(rows, ids, neg, seed)
 
 
@@ -230,12 +230,13 @@ def test_encode_prompt_expands_multi_vector_tokens(tiny_model_dir):
     def reference(text):
         return tok(text, padding="max_length", max_length=77, truncation=True).input_ids
 
-    assert list(sampler.encode_prompt(tok, "a photo of a cat")) == reference("a photo of a cat")
-    assert list(sampler.encode_prompt(tok, "a <t> toy, <t>", [tokens])) == reference("a <t> <t>_1 <t>_2 toy, <t> <t>_1 <t>_2")
+    assert list(prompts.encode_prompt(tok, "a photo of a cat", overflow=prompts.CUT)) == reference("a photo of a cat")
+    assert (list(prompts.encode_prompt(tok, "a <t> toy, <t>", [tokens], overflow=prompts.CUT))
+            == reference("a <t> <t>_1 <t>_2 toy, <t> <t>_1 <t>_2"))
     spelled = "a <t> <t>_1 <t>_2 toy"
-    assert list(sampler.encode_prompt(tok, spelled, [tokens])) == reference(spelled)
+    assert list(prompts.encode_prompt(tok, spelled, [tokens], overflow=prompts.CUT)) == reference(spelled)
     with pytest.warns(UserWarning, match="only the first 75"):
-        ids = sampler.encode_prompt(tok, "cat " * 100)
+        ids = prompts.encode_prompt(tok, "cat " * 100, overflow=prompts.CUT)
     assert list(ids) == reference("cat " * 100)
 
 
@@ -245,8 +246,8 @@ def test_encode_prompt_expands_multi_vector_tokens(tiny_model_dir):
 def test_sampler_compiles_once_and_is_deterministic(model, traces):
     tok = model.tokenizer
     tok.add_tokens(["<s>"])  # id base_vocab_size: reads rows[0]
-    ids = sampler.encode_prompt(tok, "a photo of <s>")
-    neg = sampler.encode_prompt(tok, "")
+    ids = prompts.encode_prompt(tok, "a photo of <s>", overflow=prompts.CUT)
+    neg = prompts.encode_prompt(tok, "", overflow=prompts.CUT)
     s = sampler.Sampler.from_model(model, num_images=3, num_inference_steps=STEPS)
     before = traces["sample_step"]
     a = s.sample(random_rows(1, 0), ids, neg, seed=0)
@@ -269,8 +270,8 @@ def test_sampler_compiles_once_and_is_deterministic(model, traces):
 
 
 def test_images_do_not_depend_on_the_device_count(model):
-    ids = sampler.encode_prompt(model.tokenizer, "a photo of a cat")
-    neg = sampler.encode_prompt(model.tokenizer, "")
+    ids = prompts.encode_prompt(model.tokenizer, "a photo of a cat", overflow=prompts.CUT)
+    neg = prompts.encode_prompt(model.tokenizer, "", overflow=prompts.CUT)
     rows = np.zeros((0, HIDDEN), np.float32)
     four = sampler.Sampler.from_model(model, num_images=3, num_inference_steps=STEPS).sample(rows, ids, neg, 3)
     one = sampler.Sampler.from_model(model, num_images=3, num_inference_steps=STEPS, devices=jax.local_devices()[:1])
@@ -291,8 +292,8 @@ def test_schedulers_match_diffusers_pytorch(model, torch_pipe, name, torch_name,
     config = dict(torch_pipe.model_scheduler_config, **options, **torch_options)
     torch_pipe.scheduler = getattr(diffusers, torch_name).from_config(config)
     prompt = "a photo of a cat"
-    ids = np.stack([sampler.encode_prompt(model.tokenizer, prompt)] * 2)
-    neg = np.stack([sampler.encode_prompt(model.tokenizer, "")] * 2)
+    ids = np.stack([prompts.encode_prompt(model.tokenizer, prompt, overflow=prompts.CUT)] * 2)
+    neg = np.stack([prompts.encode_prompt(model.tokenizer, "", overflow=prompts.CUT)] * 2)
     config = dict(model.scheduler_config, **options)
     settings = sampler.Sampler(model.spec, model.params, config, num_inference_steps=STEPS, scheduler=name).settings
     noise = np.random.default_rng(5).normal(size=(2, 4, 16, 16)).astype(np.float32)
@@ -311,8 +312,8 @@ def test_sampler_images_match_diffusers_pytorch(model, torch_pipe):
     torch_pipe.scheduler = diffusers.PNDMScheduler.from_config(torch_pipe.model_scheduler_config)
     prompt = "a photo of a cat"
     s = sampler.Sampler.from_model(model, num_images=2, num_inference_steps=STEPS, guidance_scale=3.0)
-    images = s.sample(np.zeros((1, HIDDEN), np.float32), sampler.encode_prompt(model.tokenizer, prompt),
-                      sampler.encode_prompt(model.tokenizer, ""), seed=5)
+    ids, neg = (prompts.encode_prompt(model.tokenizer, text, overflow=prompts.CUT) for text in (prompt, ""))
+    images = s.sample(np.zeros((1, HIDDEN), np.float32), ids, neg, seed=5)
     key = jax.random.key_data(jax.random.key(5))
     noise = np.array(sampler.image_noise(key, np.arange(2), sampler.latent_shape(s.settings)))
     ref = torch_pipe(prompt, num_inference_steps=STEPS, guidance_scale=3.0, latents=torch.from_numpy(noise),

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ti_flax import TrainConfig, formats, models, sampler, step, train
+from ti_flax import TrainConfig, formats, models, prompts, sampler, step, train
 from ti_flax import generate as gen
 from ti_flax import tokens as tokens_lib
 
@@ -76,7 +76,8 @@ def sampler_for(model, embeddings):
     s = sampler.Sampler.from_model(model, num_images=NUM_IMAGES, num_inference_steps=STEPS, devices=devices())
 
     def sample(prompt, negative_prompt):
-        ids, neg = (sampler.encode_prompt(tokenizers[0], text, concepts) for text in (prompt, negative_prompt))
+        ids, neg = (prompts.encode_prompt(tokenizers[0], text, concepts, overflow=prompts.CUT)
+                    for text in (prompt, negative_prompt))
         return s.sample(rows, ids, neg, seed=0)
 
     return sample
@@ -102,8 +103,8 @@ def test_latents_match_diffusers_sdxl_pipeline(model, tiny_sdxl_model_dir):
     tokenizer = copy.deepcopy(model.tokenizer)
     tokens_lib.add_placeholder_tokens(tokenizer, names)
     prompt, negative = "a photo of <t> on a table", "blurry <t>, dark"
-    ids = np.stack([sampler.encode_prompt(tokenizer, prompt, [names])] * 2)
-    neg = np.stack([sampler.encode_prompt(tokenizer, "", [names]), sampler.encode_prompt(tokenizer, negative, [names])])
+    ids = np.stack([prompts.encode_prompt(tokenizer, prompt, [names], overflow=prompts.CUT)] * 2)
+    neg = np.stack([prompts.encode_prompt(tokenizer, text, [names], overflow=prompts.CUT) for text in ("", negative)])
     # The settings of validation and generate below (euler: the folder's scheduler), so the
     # sampling program compiled here serves them all.
     s = sampler.Sampler.from_model(model, num_images=NUM_IMAGES, num_inference_steps=STEPS, devices=devices())

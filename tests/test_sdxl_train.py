@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, data, engine as engine_lib, formats, models, parallel
+from ti_flax import TrainConfig, checkpoint, engine as engine_lib, formats, models, parallel, prompts
 from ti_flax import step as step_lib, tokens as tokens_lib, train
 from ti_flax.errors import UserError
+from ti_flax.images import load_image_set
 from ti_flax.run import prepare
 
 pytestmark = pytest.mark.slow
@@ -230,7 +231,7 @@ def test_the_step_conditions_the_unet_on_each_images_size_and_crop(sdxl_run, sam
     run = sdxl_run.engine.run
     config = run.config
     # The run's time ids are load_image_set's: each file's size and its center crop.
-    _, _, want = data.load_image_set(sample_images_dir, config.resolution, True, config.interpolation)
+    _, _, want = load_image_set(sample_images_dir, config.resolution, True, config.interpolation)
     np.testing.assert_array_equal(run.data.time_ids, want)
     assert len({tuple(t) for t in want}) > 2  # the bundled images differ in size and crop
     # A batch carries each example's image's time ids...
@@ -273,14 +274,14 @@ def test_second_encoder_ids_are_tokenizer_2s_for_every_template(sdxl_run):
     pad_2 = model.tokenizer_2.convert_tokens_to_ids("!")
     assert model.tokenizer_2.pad_token_id == pad_2 != model.tokenizer.pad_token_id
     np.testing.assert_array_equal(sdxl_run.engine.run.data.template_ids,
-                                  data.tokenize_templates(model.tokenizer, data.OBJECT_TEMPLATES, text))
-    for templates in (data.OBJECT_TEMPLATES, data.STYLE_TEMPLATES):
-        ids = data.tokenize_templates(model.tokenizer, templates, text)
-        want = data.tokenize_templates(model.tokenizer_2, templates, text)
+                                  prompts.encode_templates(model.tokenizer, prompts.OBJECT_TEMPLATES, text))
+    for templates in (prompts.OBJECT_TEMPLATES, prompts.STYLE_TEMPLATES):
+        ids = prompts.encode_templates(model.tokenizer, templates, text)
+        want = prompts.encode_templates(model.tokenizer_2, templates, text)
         assert ((ids >= BASE_VOCAB).sum(1) == 2).all() and (want == pad_2).any(1).all()
         np.testing.assert_array_equal(np.asarray(models.second_encoder_ids(spec, jnp.asarray(ids))), want)
     # A prompt of exactly 77 tokens has no padding: the same ids for both encoders.
-    ids = data.tokenize_templates(model.tokenizer, ["a photo of {} " + " ".join(["red"] * 70)], text)
+    ids = prompts.encode_templates(model.tokenizer, ["a photo of {} " + " ".join(["red"] * 70)], text)
     assert ids[0, -1] == model.tokenizer.eos_token_id
     np.testing.assert_array_equal(np.asarray(models.second_encoder_ids(spec, jnp.asarray(ids))), ids)
 

@@ -4,7 +4,7 @@
 token where the concept goes: "a photo of <cat-toy> on a wooden table". Every caption is read,
 checked and tokenized once, at start-up: a caption that is empty, lacks the placeholder or does
 not fit the text encoder is an error naming its file, never a silent cut. Images without a
-caption file use the templates (data.py), which shows them as before.
+caption file use the templates (prompts.py), which shows them as before.
 """
 
 import os
@@ -13,41 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from .data import max_prompt_length
+
 from .errors import UserError, first_line, short_list
-from .tokens import expand_placeholders
-
-
-def encode_prompt(tokenizer, text: str, tokens: Sequence[str], name: str) -> Optional[np.ndarray]:
-    """The ids of a prompt written with the placeholder, as the text encoder reads them.
-
-    Args:
-      tokenizer: a CLIP tokenizer that already knows the placeholder tokens.
-      text: e.g. "a photo of <cat-toy> on a wooden table".
-      tokens: the placeholder tokens, e.g. ["<cat-toy>", "<cat-toy>_1"]; `tokens[0]` in the text
-        stands for all of them, as in the templates ("<cat-toy> <cat-toy>_1").
-      name: what the prompt is, for the error, e.g. "caption file cat_toy/1.txt".
-
-    Returns:
-      int32 [model_max_length]: BOS, the expanded ids, EOS, padding; None when the text does not
-      contain `tokens[0]`.
-    Raises:
-      UserError naming `name`, its length and the limit when it does not fit: never cut.
-    """
-    max_len = max_prompt_length(tokenizer)
-    ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    text_ids = tokenizer(text, add_special_tokens=False).input_ids
-    if ids[0] not in text_ids:
-        return None
-    body = [tokenizer.bos_token_id, *expand_placeholders(text_ids, [ids]), tokenizer.eos_token_id]
-    if len(body) > max_len:
-        vectors = f" with {tokens[0]} as {len(tokens)} vectors" if len(tokens) > 1 else ""
-        fewer = " or use fewer --num_vectors" if len(tokens) > 1 else ""
-        raise UserError(
-            f"{name} is {len(body)} tokens{vectors} (BOS and EOS included), more than the text encoder's "
-            f"{max_len}; shorten it{fewer}"
-        )
-    return np.asarray(body + [tokenizer.pad_token_id] * (max_len - len(body)), dtype=np.int32)
+from .prompts import encode_prompt, mentions, too_long
 
 
 def caption_path(data_dir: str, image_name: str, extension: str) -> str:
@@ -60,7 +28,7 @@ def read_captions(data_dir: str, names: Sequence[str], extension: str) -> list[O
 
     Args:
       data_dir: the training data folder.
-      names: the image file names, as load_images returns them.
+      names: the image file names, as images.load_image_set returns them.
       extension: e.g. ".txt": image `1.png`'s caption is `1.txt`.
 
     Returns:
@@ -112,7 +80,7 @@ def tokenize_captions(
         ..."); without it such a caption is an error.
 
     Returns:
-      Per image, int32 [model_max_length] ids (see encode_prompt), or None where there is no caption.
+      Per image, int32 [model_max_length] ids (prompts.encode_prompt), or None where there is no caption.
     Raises:
       UserError naming the file for a caption without the placeholder (unless prefix_token) or one
       too long for the text encoder.
@@ -123,14 +91,14 @@ def tokenize_captions(
             out.append(None)
             continue
         path, text = caption
-        ids = encode_prompt(tokenizer, text, tokens, f"caption file {path}")
-        if ids is None:
+        name = f"caption file {path}"
+        if not mentions(tokenizer, text, tokens[0]):
             if not prefix_token:
                 raise UserError(
                     f"caption file {path} does not contain the placeholder {tokens[0]}: write it where the "
                     f"concept goes (\"a photo of {tokens[0]} on a table\"), or pass --caption_prefix_token to put "
                     "it in front"
                 )
-            ids = encode_prompt(tokenizer, f"{tokens[0]}, {text}", tokens, f"caption file {path} with {tokens[0]} in front")
-        out.append(ids)
+            text, name = f"{tokens[0]}, {text}", f"caption file {path} with {tokens[0]} in front"
+        out.append(encode_prompt(tokenizer, text, [tokens], overflow=too_long(name, tokens)))
     return out

@@ -1,6 +1,7 @@
-"""Training data for textual inversion: numpy only, decoded once, seeded by the step number.
+"""Training batches for textual inversion: numpy only, seeded by the step number.
 
-The images of a folder are decoded, cropped and resized once into a uint8 array. The content of
+The images of a folder are decoded, cropped and resized once into a uint8 array (images.py) and
+the prompts tokenized once (prompts.py); this module only draws from them. The content of
 global step `s` is a pure function of `(seed, s)`: each epoch draws its shuffle, flips and
 templates from `np.random.default_rng([seed, epoch])`, so resuming needs only the step number.
 An image with a caption file (`--caption_extension`) is shown with its caption instead of the
@@ -12,228 +13,12 @@ turns a selection into a batch: `PixelViews` into a `PixelBatch` of flipped imag
 """
 
 import itertools
-import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Optional
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from ti_flax import choices, files
-from ti_flax.errors import UserError, first_line, short_list
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-INTERPOLATIONS = {name: getattr(Image.Resampling, member) for name, member in choices.INTERPOLATIONS.items()}
-
-# The small ImageNet templates of the textual-inversion paper, as in the diffusers examples.
-OBJECT_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a photo of a dirty {}",
-    "a dark photo of the {}",
-    "a photo of my {}",
-    "a photo of the cool {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a cropped photo of a {}",
-    "a photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a close-up photo of the {}",
-    "a rendition of the {}",
-    "a photo of the clean {}",
-    "a rendition of a {}",
-    "a photo of a nice {}",
-    "a good photo of a {}",
-    "a photo of the nice {}",
-    "a photo of the small {}",
-    "a photo of the weird {}",
-    "a photo of the large {}",
-    "a photo of a cool {}",
-    "a photo of a small {}",
-)
-
-STYLE_TEMPLATES = (
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a cropped painting in the style of {}",
-    "the painting in the style of {}",
-    "a clean painting in the style of {}",
-    "a dirty painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a picture in the style of {}",
-    "a cool painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a cropped painting in the style of {}",
-    "a good painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a rendition in the style of {}",
-    "a nice painting in the style of {}",
-    "a small painting in the style of {}",
-    "a weird painting in the style of {}",
-    "a large painting in the style of {}",
-)
-
-
-def templates_for(learnable_property: str) -> tuple[str, ...]:
-    """Returns the prompt templates for "object" or "style"."""
-    if learnable_property == "object":
-        return OBJECT_TEMPLATES
-    if learnable_property == "style":
-        return STYLE_TEMPLATES
-    raise UserError(f"learnable_property must be 'object' or 'style', not {learnable_property!r}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Converts any Pillow mode to 8-bit RGB; transparency is composited onto white."""
-    if img.mode.startswith("I") or img.mode == "F":
-        # Pillow's own convert() clips 16/32-bit values to 255, turning a 16-bit scan white.
-        a = np.asarray(img).astype(np.float64)
-        a = a * 255.0 if img.mode == "F" else a / 257.0  # F taken as [0, 1]; I as 16-bit
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def read_image(path: str) -> Image.Image:
-    """The decoded image at `path` (EXIF orientation applied) in 8-bit RGB; a file that cannot
-    be read or decoded (truncated, corrupt, not an image) is one UserError naming it."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
-    except PermissionError:
-        raise UserError(f"cannot read image {path}: permission denied; make it readable or remove it") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
-        raise UserError(
-            f"cannot decode image {path} ({first_line(e)}); remove it or re-save it as PNG or JPEG"
-        ) from None
-
-
-def _load_one(path: str, resolution: int, center_crop: bool, resample) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [resolution, resolution, 3] image, float32 [6] SDXL time ids of how it was made)."""
-    img = read_image(path)
-    w, h = img.size
-    crop = (0, 0)
-    if center_crop:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        # SDXL counts the crop in the image scaled so its short side is the target's.
-        crop = (round(top * resolution / side), round(left * resolution / side))
-    pixels = np.asarray(img.resize((resolution, resolution), resample=resample), dtype=np.uint8)
-    return pixels, size_and_crop_ids((h, w), crop, (resolution, resolution))
-
-
-def size_and_crop_ids(original_size, crop_top_left, target_size) -> np.ndarray:
-    """SDXL's size and crop conditioning of an image, float32 [6]: (original height, width, crop
-    top, crop left, target height, width), as diffusers' SDXL pipelines and scripts build it."""
-    return np.asarray((*original_size, *crop_top_left, *target_size), np.float32)
-
-
-def load_images(
-    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
-) -> tuple[np.ndarray, list[str]]:
-    """(images, names) of a folder: `load_image_set` without the time ids."""
-    images, names, _ = load_image_set(data_dir, resolution, center_crop, interpolation, caption_extension)
-    return images, names
-
-
-def load_image_set(
-    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
-) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Decodes every image in a folder (not recursive), in name order.
-
-    Args:
-      data_dir: folder of training images; other files (captions, .DS_Store, folders) are skipped
-        with one warning that lists them.
-      resolution: side of the square output.
-      center_crop: crop the central square before resizing; otherwise squash to a square.
-      interpolation: "nearest", "bilinear", "bicubic" or "lanczos".
-      caption_extension: e.g. ".txt": the caption file of each image is skipped without a
-        warning (a caption file with no image of its name is still listed).
-
-    Returns:
-      images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order;
-      time_ids: float32 [num_images, 6], SDXL's conditioning on each image's original size and
-      crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied.
-    """
-    if interpolation not in INTERPOLATIONS:
-        raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*INTERPOLATIONS]}")
-    if not os.path.exists(data_dir):
-        raise UserError(f"training data folder {data_dir} does not exist")
-    if not os.path.isdir(data_dir):
-        raise UserError(f"training data path {data_dir} is not a folder")
-    names, skipped = [], []
-    for name in sorted(files.list_folder(data_dir, "training data folder")):
-        is_file = os.path.isfile(os.path.join(data_dir, name))
-        ok = is_file and name.lower().endswith(IMAGE_EXTENSIONS)
-        (names if ok else skipped).append(name)
-    if caption_extension:
-        captions = {os.path.splitext(name)[0] + caption_extension for name in names}
-        skipped = [name for name in skipped if name not in captions]
-    if skipped:
-        warnings.warn(
-            f"skipping {len(skipped)} non-image entries in {data_dir}: {short_list(skipped, 5)}",
-            stacklevel=2,
-        )
-    if not names:
-        raise UserError(f"no images in {data_dir} (looked for {' '.join(IMAGE_EXTENSIONS)})")
-    images, time_ids = [], []
-    for name in names:
-        pixels, ids = _load_one(os.path.join(data_dir, name), resolution, center_crop, INTERPOLATIONS[interpolation])
-        images.append(pixels)
-        time_ids.append(ids)
-    return np.stack(images), names, np.stack(time_ids)
-
-
-def max_prompt_length(tokenizer) -> int:
-    """The text encoder's context in tokens, BOS and EOS included (77 for CLIP)."""
-    max_len = tokenizer.model_max_length
-    if not 0 < max_len <= 4096:  # a tokenizer folder without tokenizer_config.json says 1e30
-        raise UserError(f"tokenizer.model_max_length is {max_len}; its config file is missing")
-    return max_len
-
-
-def tokenize_templates(tokenizer, templates: Sequence[str], placeholder_text: str) -> np.ndarray:
-    """Fills each template with the placeholder text and tokenizes it.
-
-    Args:
-      tokenizer: a Hugging Face CLIP tokenizer that already knows the placeholder tokens.
-      templates: strings with one "{}", e.g. OBJECT_TEMPLATES.
-      placeholder_text: e.g. "<cat-toy> <cat-toy>_1 <cat-toy>_2".
-
-    Returns:
-      int32 [len(templates), tokenizer.model_max_length] token ids, padded.
-    Raises:
-      UserError naming the longest template, its length and the limit when any template does not
-      fit: every template is checked here, at start-up, never cut.
-    """
-    texts = [t.format(placeholder_text) for t in templates]
-    max_len = max_prompt_length(tokenizer)
-    # Truncation would silently cut placeholder vectors out of the prompt: refuse instead.
-    lengths = [len(ids) for ids in tokenizer(texts).input_ids]
-    if max(lengths) > max_len:
-        # Name the template and count the placeholders rather than repeat the expanded prompt.
-        longest = templates[int(np.argmax(lengths))]
-        words = placeholder_text.split()
-        shown = " ".join(words) if len(words) <= 3 else f"{words[0]} {words[1]} ... {words[-1]}"
-        raise UserError(
-            f"prompt {longest.format(shown)!r} ({len(words)} placeholder tokens) is {max(lengths)} tokens, "
-            f"more than the text encoder's {max_len}; use fewer vectors per token (--num_vectors)"
-        )
-    # Every text fits (checked above), so padding is all this call does to the ids.
-    ids = tokenizer(texts, padding="max_length", max_length=max_len, return_tensors="np").input_ids
-    return np.asarray(ids, dtype=np.int32)
+from .errors import UserError
 
 
 class PixelBatch(NamedTuple):
@@ -377,7 +162,7 @@ class TrainData(BatchSource):
     ):
         """Args: images uint8 [N, H, W, 3]; template_ids int32 [T, L]; captions: None, or per
         image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates;
-        time_ids: None, or float32 [N, 6] per image (SDXL: load_image_set's)."""
+        time_ids: None, or float32 [N, 6] per image (SDXL: images.load_image_set's)."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         if template_ids.ndim != 2 or len(template_ids) == 0:

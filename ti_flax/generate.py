@@ -153,7 +153,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ['images/000.png', 'images/001.png']
     """
     from . import compile_cache, files, models
-    from .sampler import Sampler, encode_prompt
+    from .prompts import CUT, encode_prompt
+    from .sampler import Sampler
 
     # Checks that need no model come first, so a typo fails fast.
     if num_images < 1:
@@ -176,8 +177,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
-    prompt_ids = encode_prompt(model.tokenizer, prompt, concepts)
-    negative_ids = encode_prompt(model.tokenizer, negative_prompt, concepts)
+    prompt_ids = encode_prompt(model.tokenizer, prompt, concepts, overflow=CUT)
+    negative_ids = encode_prompt(model.tokenizer, negative_prompt, concepts, overflow=CUT)
     for names in concepts:
         first = model.tokenizer.convert_tokens_to_ids(names[0])
         if first not in prompt_ids and first not in negative_ids:

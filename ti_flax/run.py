@@ -14,6 +14,7 @@ from . import checkpoint as ckpt
 from . import concepts as concepts_lib
 from . import data as data_lib
 from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib, validation
+from . import images as images_lib, prompts
 from .concept_data import ConceptMix
 from .config import DEFAULT_RESOLUTION, TrainConfig
 from .errors import UserError
@@ -101,8 +102,11 @@ def prepare(config, devices=None):
         tokens += names
     if config.validation_prompt:  # ("{}" in it with --concepts: config.validate checked)
         for concept in learned:
-            captions_lib.encode_prompt(model.tokenizer, validation.prompt_for(config, concept), list(concept.tokens),
-                                       "--validation_prompt")
+            text = validation.prompt_for(config, concept)
+            # Refused at start-up only with the token in it: a cut would drop its vectors unseen.
+            if prompts.mentions(model.tokenizer, text, concept.tokens[0]):
+                prompts.encode_prompt(model.tokenizer, text, [concept.tokens],
+                                      overflow=prompts.too_long("--validation_prompt", concept.tokens))
     devices = tuple(devices or jax.local_devices())
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
@@ -167,11 +171,11 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
     """A concept's data.TrainData: its images decoded, every prompt tokenized and checked (one
     that does not fit is an error, never cut); with `sdxl`, each image's time ids kept."""
     concept = learned.concept
-    images, names, time_ids = data_lib.load_image_set(
+    images, names, time_ids = images_lib.load_image_set(
         concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension
     )
-    template_ids = data_lib.tokenize_templates(
-        tokenizer, data_lib.templates_for(concept.learnable_property), tokens_lib.placeholder_text(learned.tokens)
+    template_ids = prompts.encode_templates(
+        tokenizer, prompts.templates_for(concept.learnable_property), tokens_lib.placeholder_text(learned.tokens)
     )
     caption_ids = None
     if concept.caption_extension:

@@ -10,25 +10,26 @@ For SDXL the program conditions on both text encoders and adds SDXL's pooled tex
 size/crop ids, as diffusers' StableDiffusionXLPipeline does by default; an empty negative prompt
 is all zeros there (its `force_zeros_for_empty_prompt`), and here too.
 
+    >>> from ti_flax.prompts import CUT, encode_prompt  # doctest: +SKIP
     >>> sampler = Sampler.from_model(model, num_images=4, num_inference_steps=25)  # doctest: +SKIP
-    >>> ids = encode_prompt(model.tokenizer, "a photo of <cat-toy>", [["<cat-toy>"]])  # doctest: +SKIP
-    >>> images = sampler.sample(rows, ids, encode_prompt(model.tokenizer, ""), seed=0)  # doctest: +SKIP
+    >>> ids = encode_prompt(model.tokenizer, "a photo of <cat-toy>", [["<cat-toy>"]], overflow=CUT)  # doctest: +SKIP
+    >>> neg = encode_prompt(model.tokenizer, "", overflow=CUT)  # doctest: +SKIP
+    >>> images = sampler.sample(rows, ids, neg, seed=0)  # doctest: +SKIP
 """
 
 import dataclasses
 import functools
 import json
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import data, models, parallel
+from . import models, parallel
 from .errors import UserError
+from .images import size_and_crop_ids
 from .step import Frozen
 from .models import schedulers, zeros_for_empty_negative
-from .tokens import expand_placeholders
 
 SCHEDULERS = schedulers.SAMPLERS
 # diffusers' scheduler classes and the sampler here that runs each.
@@ -78,27 +79,6 @@ def check_size(spec, height, width):
     multiple = spec.pixel_multiple
     if height % multiple or width % multiple:
         raise UserError(f"--height/--width {height}x{width}: this model needs multiples of {multiple}")
-
-
-def encode_prompt(tokenizer, prompt, concepts=()):
-    """Token ids of `prompt`, padded to the tokenizer's max length as diffusers pads them.
-
-    Args:
-      tokenizer: a CLIP tokenizer that already holds the concepts' tokens.
-      prompt: the text.
-      concepts: token lists such as [["<cat>", "<cat>_1", "<cat>_2"]]. A concept's first token in
-        the prompt stands for all of them, as in diffusers' `maybe_convert_prompt`
-        ("<cat>" -> "<cat> <cat>_1 <cat>_2"); a prompt that already spells them out is kept.
-    Returns:
-      int32 [model_max_length]: BOS, the prompt's ids (cut to fit, with a warning), EOS, padding.
-    """
-    groups = [tokenizer.convert_tokens_to_ids(list(tokens)) for tokens in concepts]
-    expanded = expand_placeholders(tokenizer(prompt, add_special_tokens=False).input_ids, groups)
-    length = tokenizer.model_max_length
-    if len(expanded) > length - 2:
-        warnings.warn(f"prompt {prompt!r} is {len(expanded)} tokens long; only the first {length - 2} are used")
-    body = [tokenizer.bos_token_id] + expanded[: length - 2] + [tokenizer.eos_token_id]
-    return np.asarray(body + [tokenizer.pad_token_id] * (length - len(body)), dtype=np.int32)
 
 
 def image_noise(key, image_ids, shape):
@@ -161,7 +141,7 @@ def sdxl_conditioning(settings, cond, negative_ids):
         context = jnp.where(keep[:, None, None], context, jnp.zeros((), context.dtype))
         pooled = jnp.where(keep[:, None], pooled, jnp.zeros((), pooled.dtype))
     size = (settings.height, settings.width)
-    time_ids = jnp.broadcast_to(jnp.asarray(data.size_and_crop_ids(size, (0, 0), size)), (2 * batch, 6))
+    time_ids = jnp.broadcast_to(jnp.asarray(size_and_crop_ids(size, (0, 0), size)), (2 * batch, 6))
     return context, {"text_embeds": pooled, "time_ids": time_ids}
 
 
@@ -275,7 +255,7 @@ class Sampler:
           rows: float32 [N, spec.row_width] learned rows (N may be 0); ids base_vocab_size + i read
             rows[i] (for SDXL the CLIP-L row and the bigG row side by side).
           prompt_ids, negative_ids: int32 [L] (one prompt for all images) or [num_images, L],
-            from encode_prompt.
+            from prompts.encode_prompt.
           seed: images depend only on (seed, image index, rows, prompts, settings).
           guidance_scale: overrides the Sampler's (no recompilation).
         Returns:

@@ -131,7 +131,7 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
 
     `frozen` is a Frozen (its text encoder(s) and UNet are read). With `per_example`, returns
     (loss, float32 [B] each example's own mean) for jax's has_aux. `time_ids` float32 [B, 6] is
-    SDXL's size and crop conditioning of each example (data.size_and_crop_ids); None for SD 1.x / 2.x.
+    SDXL's size and crop conditioning of each example (images.size_and_crop_ids); None for SD 1.x / 2.x.
     """
     cond = models.condition(spec, compute, frozen.text_params, input_ids, rows)
     hidden = cond.context

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from . import files
-from .sampler import Sampler, encode_prompt, zeros_for_empty_negative
+from .prompts import CUT, encode_prompt
+from .sampler import Sampler, zeros_for_empty_negative
 
 FOLDER = "validation"
 
@@ -74,11 +75,11 @@ class Validator:
         # (name, folder, prompt ids) per prompt: the name is "" in a single-concept run.
         self.jobs = [
             (c.tokens[0] if config.concepts is not None else "", os.path.join(c.out_dir, FOLDER),
-             encode_prompt(model.tokenizer, prompt_for(config, c), groups))
+             encode_prompt(model.tokenizer, prompt_for(config, c), groups, overflow=CUT))
             for c in learned
         ]
         # No negative prompt: for SDXL all zeros, as diffusers' SDXL pipeline called without one.
-        self.negative_ids = encode_prompt(model.tokenizer, "")
+        self.negative_ids = encode_prompt(model.tokenizer, "", overflow=CUT)
 
     def __call__(self, rows, step):
         """Sample with `rows` and save the images and their grid, for each prompt.
