@@ -13,7 +13,6 @@ from typing import Optional
 
 import numpy as np
 
-
 from .errors import UserError, first_line, short_list
 from .prompts import encode_prompt, mentions, too_long
 
