@@ -71,7 +71,8 @@ def resolve(implementation, *, backend, dtype, q_len, kv_len, head_dim, chunk=DE
     """The implementation one call site of this shape runs, for an --attention choice.
 
     "auto" picks, per call:
-      NVIDIA GPU, bf16/fp16, head_dim cuDNN supports          -> "cudnn"
+      NVIDIA GPU, bf16/fp16, head_dim cuDNN supports, even
+      query and key lengths                                   -> "cudnn"
       TPU, long self-attention, the Pallas kernel imports     -> "flash"
       CPU, more than `chunk` queries                          -> "chunked"
       anything else                                           -> "dense"
@@ -79,12 +80,18 @@ def resolve(implementation, *, backend, dtype, q_len, kv_len, head_dim, chunk=DE
     "chunked" chunks any call with more than `chunk` queries, cross-attention over 77 tokens
     included: its [queries, 77] probabilities are then not stored for the backward pass either,
     and on CPU the UNet step is ~30% faster than with dense cross-attention.
+    jax's cuDNN attention cannot take gradients through a call with an odd query or key length
+    (`jax.nn.dot_product_attention` passes an empty bias, and cuDNN's backward with a bias needs
+    even lengths: "Unsupported sequence length Q 4096, KV 77" when the step compiles), so CLIP's
+    77-token cross-attention runs dense, under "auto" and under an explicit "cudnn" alike, as
+    "flash" leaves short calls dense.
     An explicit choice the backend, dtype or head_dim rules out raises UserError (one line).
     """
     dtype = jnp.dtype(dtype)
     long = q_len > chunk and kv_len > chunk
     if implementation == "auto":
-        if backend in _NVIDIA_BACKENDS and dtype in _HALF and _cudnn_head_dim_ok(head_dim, backend):
+        if (backend in _NVIDIA_BACKENDS and dtype in _HALF and _cudnn_head_dim_ok(head_dim, backend)
+                and _cudnn_lengths_ok(q_len, kv_len)):
             return "cudnn"
         if backend == "tpu" and long and _flash_shapes_ok(q_len, kv_len) and _flash_available():
             return "flash"
@@ -102,7 +109,7 @@ def resolve(implementation, *, backend, dtype, q_len, kv_len, head_dim, chunk=DE
                 f"--attention cudnn: this model has attention heads of size {head_dim}, which cuDNN "
                 f"cannot run here (multiples of 8 up to {_cudnn_max_head_dim(backend)}); use --attention auto"
             )
-        return "cudnn"
+        return "cudnn" if _cudnn_lengths_ok(q_len, kv_len) else "dense"
     if implementation == "flash":
         _check_backend("flash", backend, dtype)
         if not long:
@@ -151,6 +158,11 @@ def _cudnn_max_head_dim(backend):
 
 def _cudnn_head_dim_ok(head_dim, backend):
     return head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim(backend)
+
+
+def _cudnn_lengths_ok(q_len, kv_len):
+    """cuDNN's attention backward (with the bias jax always passes) needs even lengths."""
+    return q_len % 2 == 0 and kv_len % 2 == 0
 
 
 def _flash_shapes_ok(q_len, kv_len):
