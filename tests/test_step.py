@@ -59,7 +59,7 @@ def test_the_fingerprint_depends_on_the_model_only(spec):
 def test_default_size_and_latent_shape_come_from_the_configs(spec):
     unet = spec.unet
     side = unet.sample_size * spec.vae_scale_factor
-    assert models.default_size(spec) == (side, side) and models.default_resolution(spec) == side
+    assert models.default_size(spec) == (side, side)
     settings = sampler.SamplerSettings(spec, models.Compute(), "ddim", "{}", 2, 2 * side, side)
     assert sampler.latent_shape(settings) == (unet.in_channels, 2 * side // spec.vae_scale_factor,
                                               side // spec.vae_scale_factor)

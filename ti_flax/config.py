@@ -15,10 +15,6 @@ from .logs import tensorboard_available
 PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "initial_embeddings")
 
 
-# --resolution without a value: the diffusers scripts' 512 for SD 1.x / 2.x; an SDXL model's own size.
-DEFAULT_RESOLUTION = 512
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A textual-inversion run. Field names and meanings follow diffusers' training scripts.
@@ -55,7 +51,7 @@ class TrainConfig:
     caption_extension: Optional[str] = None  # ".txt": an image's prompt is in its caption file beside it
     caption_prefix_token: bool = False  # a caption without the placeholder gets it in front
     repeats: int = 100
-    resolution: Optional[int] = None  # None: DEFAULT_RESOLUTION, or the native size (1024) of an SDXL model
+    resolution: Optional[int] = None  # None: run.DEFAULT_RESOLUTION (512), or an SDXL model's native size (1024)
     center_crop: bool = False
     interpolation: str = "bicubic"
     flip_p: float = 0.5

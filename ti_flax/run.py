@@ -16,7 +16,7 @@ from . import data as data_lib
 from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib, validation
 from . import images as images_lib, prompts
 from .concept_data import ConceptMix
-from .config import DEFAULT_RESOLUTION, TrainConfig
+from .config import TrainConfig
 from .errors import UserError
 from .optim import OptimizerSpec
 
@@ -187,9 +187,13 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
                               caption_ids, time_ids if sdxl else None)
 
 
+# --resolution without a value, for SD 1.x / 2.x: the diffusers scripts' 512 (an SD 2.x 768-v model too).
+DEFAULT_RESOLUTION = 512
+
+
 def default_resolution(spec):
     """--resolution left unset: 512 for SD 1.x / 2.x (as diffusers' scripts), the native size for SDXL (1024)."""
-    return models.default_resolution(spec) if spec.is_sdxl else DEFAULT_RESOLUTION
+    return models.default_size(spec)[0] if spec.is_sdxl else DEFAULT_RESOLUTION
 
 
 def check_resolution(resolution, spec):

@@ -15,7 +15,7 @@ import numpy as np
 from ..tokens import split_rows
 from . import attention as attention_lib
 from . import clip, unet, vae
-from .spec import default_resolution
+from .spec import default_size
 
 
 def cast_params(params, dtype):
@@ -61,7 +61,7 @@ def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="flo
     backend = backend or jax.default_backend()
     if spec is None:
         return attention_lib.resolve(name, backend=backend, dtype=jnp.float32, q_len=4096, kv_len=4096, head_dim=40)
-    side = (resolution or default_resolution(spec)) // spec.vae_scale_factor
+    side = (resolution or default_size(spec)[0]) // spec.vae_scale_factor
     tokens = side * side
     heads = spec.unet.heads[0]
     head_dim = spec.unet.block_out_channels[0] // heads

@@ -145,7 +145,3 @@ def default_size(spec):
     size = size if isinstance(size, (list, tuple)) else (size, size)
     return tuple(int(side or 64) * spec.vae_scale_factor for side in size[:2])
 
-
-def default_resolution(spec):
-    """The square image side the model was trained at: UNet sample_size x VAE scale factor."""
-    return default_size(spec)[0]
