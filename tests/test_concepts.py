@@ -283,6 +283,20 @@ def test_validate_reads_the_concepts_file(tmp_path):
         concepts_config(path, repeats=0).validate()
 
 
+def test_a_run_reads_the_concepts_file_once(tmp_path, monkeypatch):
+    # The command line validates, then train(), then prepare(), which takes the concepts on.
+    reads = []
+    real = concepts.read_file
+    monkeypatch.setattr(concepts, "read_file", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    path = write(tmp_path / "c.toml", TOML)
+    config = cli.parse_config(["--pretrained_model_name_or_path", "m", "--concepts", path, "--output_dir",
+                               str(tmp_path / "out"), "--report_to", "none"])
+    listed = config.validate().concept_list()
+    assert [c.placeholder_token for c in listed] == [c.placeholder_token for c in concepts.read_file(path, {})]
+    assert reads == [path, path]  # the parse's one read, and this test's own
+    assert config == config.replace() and "_checked" not in config.to_json()  # not a field
+
+
 def test_caption_prefix_token_needs_a_caption_extension_somewhere(tmp_path):
     without = write(tmp_path / "c.json", json.dumps([ENTRIES[0]]))
     with pytest.raises(UserError, match="--caption_prefix_token needs a caption_extension"):

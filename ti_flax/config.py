@@ -12,6 +12,9 @@ from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDU
 from .logs import tensorboard_available
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
+# Where validate() keeps the concepts it read, in the instance's __dict__ (the dataclass is frozen).
+_CHECKED = "_checked_concepts"
+
 PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "initial_embeddings")
 
 
@@ -106,11 +109,26 @@ class TrainConfig:
     def validate(self):
         """Check every value; `TrainConfig(...).validate()` is what `train` does first.
 
+        A config is checked once: a later call (`train` after the command line's parse, `prepare`
+        after `train`) returns at once, and `concept_list()` hands on the concepts it read, so a
+        --concepts file is read once per run.
+
         Returns:
             self, when the config is usable.
         Raises:
             UserError: naming the first bad flag, e.g. "--learning_rate must be a positive number".
         """
+        if _CHECKED not in self.__dict__:
+            # Kept beside the fields, not in one: equality, hashing and to_json never see it.
+            self.__dict__[_CHECKED] = self._check()
+        return self
+
+    def concept_list(self):
+        """The run's concepts (`concepts.from_config`), as `validate()` read and checked them."""
+        return self.validate().__dict__[_CHECKED]
+
+    def _check(self):
+        """Every check of `validate()`; returns the run's concepts."""
         if self.concepts is None:
             for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token"):
                 if not getattr(self, name):
@@ -187,15 +205,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        listed = concepts_lib.from_config(self)
         if self.concepts is not None:
-            self._validate_concepts()
+            self._validate_concepts(listed)
         if self.report_to == "tensorboard" and not tensorboard_available():
             raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
-        return self
+        return listed
 
-    def _validate_concepts(self):
-        """Read and check --concepts (after the flags, which give its entries' defaults)."""
-        listed = concepts_lib.from_config(self)
+    def _validate_concepts(self, listed):
+        """Check --concepts as read (after the flags, which give its entries' defaults)."""
         if self.caption_prefix_token and not any(c.caption_extension for c in listed):
             raise UserError(
                 "--caption_prefix_token needs a caption_extension (e.g. .txt), as --caption_extension or on a concept "

@@ -75,7 +75,7 @@ def prepare(config, devices=None):
 
     `devices` are the local devices to train on (default: all of them).
     """
-    config.validate()
+    concepts = config.validate().concept_list()
     start = time.perf_counter()
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
                               config.prediction_type, config.allow_pickle)
@@ -84,7 +84,6 @@ def prepare(config, devices=None):
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
     attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
-    concepts = concepts_lib.from_config(config)
     tables = models.token_tables(model.params)
     # Every initial row is read from the tables before any placeholder is added to a tokenizer.
     init_rows = []
