@@ -13,7 +13,7 @@ from . import captions as captions_lib
 from . import checkpoint as ckpt
 from . import concepts as concepts_lib
 from . import data as data_lib
-from . import distributed, formats, logs, models, step as step_lib, tokens as tokens_lib, validation
+from . import distributed, formats, models, step as step_lib, tokens as tokens_lib, validation
 from . import images as images_lib, prompts
 from .concept_data import ConceptMix
 from .config import TrainConfig
@@ -83,7 +83,8 @@ def prepare(config, devices=None):
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
-    attention_summary(config, model.spec)  # an explicit --attention that cannot run here: one line
+    # An explicit --attention that cannot run here: one line, before anything is written.
+    models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
     tables = models.token_tables(model.params)
     # Every initial row is read from the tables before any placeholder is added to a tokenizer.
     init_rows = []
@@ -233,73 +234,3 @@ def initial_state(run):
     if error is not None:
         raise error
     return state, int(state.step)
-
-
-def attention_summary(config, spec):
-    """--attention as the banner shows it: "dense", or "auto (chunked for self-attention)"."""
-    chosen = models.resolve_attention(config.attention, spec, config.resolution, dtype=config.compute_dtype)
-    return chosen if chosen == config.attention else f"{config.attention} ({chosen} for self-attention)"
-
-
-def print_banner(run):
-    config, spec = run.config, run.model.spec
-    n_rows = len(run.tokens)
-    print(
-        f"{_what_line(run)}"
-        f"  model      {config.pretrained_model_name_or_path} ({_model_kind(spec)}), "
-        f"loaded in {run.load_seconds:.1f} s\n"
-        f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
-        f"{jax.process_count()} process(es), {jax.default_backend()})\n"
-        f"  batch      {config.train_batch_size} per device x {len(run.devices) * jax.process_count()} devices = "
-        f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
-        f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
-        f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
-        f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
-        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-        f"attention {attention_summary(config, spec)}\n"
-        f"{_captions_line(run)}"
-        f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
-        f"  output     {config.output_dir}",
-        flush=True,
-    )
-
-
-def _model_kind(spec):
-    """The banner's description of the model, e.g. "epsilon, hidden 768" or "SDXL, epsilon, hidden 768 + 1280"."""
-    widths = " + ".join(map(str, spec.text_widths))
-    return f"{'SDXL, ' if spec.is_sdxl else ''}{spec.prediction_type}, hidden {widths}"
-
-
-def _what_line(run):
-    """The banner's first line(s): the tokens and where they start; a line per concept with --concepts."""
-    config, ids = run.config, f"ids {run.token_ids[0]}..{run.token_ids[-1]}"
-    if config.concepts is None:
-        return (f"ti_flax: textual inversion of {' '.join(run.tokens)} ({ids}) "
-                f"from {config.initial_embeddings or repr(config.initializer_token)}\n")
-    parts = getattr(run.data, "parts", (run.data,))
-    n = len(run.learned)
-    lines = [f"ti_flax: textual inversion of {n} concept{'s' if n > 1 else ''} ({ids})"]
-    for learned, part in zip(run.learned, parts):
-        c = learned.concept
-        captions = f", {part.num_captioned} captioned" if c.caption_extension else ""
-        lines.append(f"  concept    {c.placeholder_token}: {c.num_vectors} vector(s) from "
-                     f"{c.initial_embeddings or repr(c.initializer_token)}, {len(part.images)} images{captions} "
-                     f"({c.learnable_property}), weight {c.weight:g}")
-    return "\n".join(lines) + "\n"
-
-
-def _captions_line(run):
-    """The banner's captions line ("" without --caption_extension)."""
-    if not run.config.caption_extension:
-        return ""
-    n, k = len(run.data.images), run.data.num_captioned
-    rest = f"; {n - k} on the {run.config.learnable_property} templates" if k < n else ""
-    return f"  captions   {k} of {n} images ({run.config.caption_extension} files){rest}\n"
-
-
-def print_summary(run, files, history, timings):
-    loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
-    print(f"done: step {run.total_steps} ({len(history)} steps in this run), final loss {loss}", flush=True)
-    print(f"  {'startup':13s} {logs.startup_text(timings)}", flush=True)
-    for kind, path in files.items():
-        print(f"  {kind:13s} {path}", flush=True)

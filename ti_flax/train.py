@@ -20,9 +20,9 @@ from . import compile_cache, distributed, engine as engine_lib, files, logs
 from .actions import Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate  # noqa: F401
 from .errors import run_cli
 from .logs import MetricsLogger
-from .outputs import save_outputs
+from .outputs import print_banner, print_summary, save_outputs
 from .preempt import StopOnSignal
-from .run import Run, initial_state, prepare, print_banner, print_summary  # noqa: F401
+from .run import Run, initial_state, prepare  # noqa: F401
 from .validation import Validator
 
 
