@@ -100,7 +100,7 @@ def build_parser():
     g.add_argument("--resume_from_checkpoint", default=d.resume_from_checkpoint,
                    help='a checkpoint folder, or "latest" to continue from the newest in --output_dir')
     _bool_flag(g, "no_safe_serialization", "also write learned_embeds.bin with torch.save")
-    _bool_flag(g, "save_as_full_pipeline", "also save the whole Flax pipeline with the new tokens")
+    _bool_flag(g, "save_as_full_pipeline", "also save the whole model as a diffusers folder (PyTorch diffusers and ti_flax load it) holding the new tokens")
     g = p.add_argument_group("validation images")
     g.add_argument("--validation_prompt", help="prompt to render every --validation_steps (off when not set)")
     g.add_argument("--num_validation_images", type=int, default=d.num_validation_images)

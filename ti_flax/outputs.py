@@ -39,7 +39,7 @@ def save_outputs(run, rows, history, grid=None):
 
 
 def save_pipeline(run, rows):
-    """Save the full Flax pipeline into output_dir, via a temporary folder moved into place."""
+    """Save the whole model, with the new tokens, as a diffusers folder in output_dir (staged, then moved in)."""
     out = run.config.output_dir
     # output_dir holds the run's other files: each component is moved in beside them.
     with files.staged_folder(out, f".pipeline-{os.getpid()}", merge=True, what="the full pipeline into") as tmp:
