@@ -175,7 +175,7 @@ def variant_run(variant, run):
 def prepare_run(model_dir, data_dir, batch, num_devices):
     import jax
 
-    from ti_flax.train import prepare
+    from ti_flax.run import prepare
 
     out = os.path.join(tempfile.gettempdir(), "ti-bench-unused")  # prepare() writes nothing
     return prepare(bench_config(model_dir, data_dir, batch, out), devices=jax.local_devices()[:num_devices])

@@ -63,7 +63,7 @@ def forward_values(model_dir):
     import numpy as np
 
     from ti_flax import checkpoint, models, step as step_lib
-    from ti_flax.train import prepare
+    from ti_flax.run import prepare
 
     devices = jax.local_devices()[:1]
     run = prepare(run_config(model_dir, "unused"), devices=devices)

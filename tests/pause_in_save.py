@@ -6,7 +6,7 @@ by patching from outside; ti_flax itself has no test hook."""
 import sys
 import time
 
-from ti_flax import formats, train
+from ti_flax import formats, training
 
 
 def main(step, args):
@@ -20,7 +20,7 @@ def main(step, args):
         return out
 
     formats.save_diffusers = save_then_pause
-    return train.main(args)
+    return training.main(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from test_cli import run_error
 
 from ti_flax import TrainConfig, UserError, captions, checkpoint, data, prompts, train
 from ti_flax.images import load_image_set
-from ti_flax.train import prepare
+from ti_flax.run import prepare
 
 TOKENS = ["<cat-toy>", "<cat-toy>_1"]
 ONE_DEVICE = jax.local_devices()[:1]

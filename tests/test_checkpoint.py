@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from ti_flax import TrainConfig, checkpoint, train
-from ti_flax.train import TrainingDiverged, main
+from ti_flax.actions import TrainingDiverged
+from ti_flax.training import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

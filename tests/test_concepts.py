@@ -12,7 +12,7 @@ from ti_flax import cli, concepts
 from ti_flax.concepts import Concept
 from ti_flax.config import TrainConfig
 from ti_flax.errors import UserError
-from ti_flax.train import main
+from ti_flax.training import main
 
 TOML = """
 [[concepts]]

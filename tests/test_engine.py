@@ -9,7 +9,7 @@ Preempted; a failed intermediate save warns and training goes on.
 import numpy as np
 import pytest
 
-from ti_flax import actions, files, train
+from ti_flax import actions, files, training
 from ti_flax.actions import Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate
 from ti_flax.preempt import Preempted
 
@@ -95,7 +95,7 @@ def make_log(events, callbacks=()):
 def run_loop(steps, events, engine, actions_, stop=None, start=0, checkpoint=None):
     log = make_log(events)
     checkpoint = checkpoint or Recorded("checkpoint", events, every=10**9, on_stop=True)
-    train.loop(engine, range(start, steps), log, StopVote(stop, devices=(None,)), list(actions_) + [checkpoint],
+    training.loop(engine, range(start, steps), log, StopVote(stop, devices=(None,)), list(actions_) + [checkpoint],
                checkpoint)
     return log
 

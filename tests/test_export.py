@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ti_flax import export, formats, verify
+from ti_flax import exporting, formats, verify
 from ti_flax.formats import check_embedding_fits, read_embedding
 from ti_flax.errors import UserError
 
@@ -42,7 +42,7 @@ def diffusers_source(tmp_path, rows, token=TOKEN):
 
 
 def run_cli(argv, capsys):
-    code = export.main([str(a) for a in argv])
+    code = exporting.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -60,12 +60,12 @@ def test_round_trip_through_every_layout_is_bitwise(tmp_path, fmt, filename, num
     rows = make_rows(num_vectors)
     src = diffusers_source(tmp_path, rows)
     out = str(tmp_path / "out" / filename)
-    assert export.export_embedding(src, out, format=fmt) == [out]
+    assert exporting.export_embedding(src, out, format=fmt) == [out]
     written = read_embedding(out)
     assert written.rows.dtype == np.float32 and np.array_equal(written.rows, rows)
     # ...and back to diffusers: the token comes from the file, or from --token for kohya.
     back = str(tmp_path / "back" / "learned_embeds.safetensors")
-    export.export_embedding(out, back, token=None if fmt.startswith(("diffusers", "a1111")) else TOKEN)
+    exporting.export_embedding(out, back, token=None if fmt.startswith(("diffusers", "a1111")) else TOKEN)
     again = read_embedding(back)
     assert np.array_equal(again.rows, rows)
     assert again.token == (TOKEN if fmt != "a1111" else "cat-toy")  # A1111 keeps the name, without <>
@@ -75,7 +75,7 @@ def test_a1111_pt_holds_what_a1111_loader_reads(tmp_path):
     rows = make_rows(2)
     src = str(tmp_path / "run" / "checkpoint-40")
     formats.save_diffusers(os.path.join(src, "learned_embeds.safetensors"), TOKEN, rows)
-    [out] = export.export_embedding(src, tmp_path / "embeddings", format="a1111")
+    [out] = exporting.export_embedding(src, tmp_path / "embeddings", format="a1111")
     assert out == str(tmp_path / "embeddings" / "cat-toy.pt")  # default name: token without <>
     data = torch.load(out, weights_only=True)
     assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
@@ -89,8 +89,8 @@ def test_a1111_pt_holds_what_a1111_loader_reads(tmp_path):
 def test_diffusers_and_kohya_safetensors_layouts(tmp_path):
     rows = make_rows(3)
     src = diffusers_source(tmp_path, rows)
-    d = export.export_embedding(src, tmp_path / "d")[0]
-    k = export.export_embedding(src, tmp_path / "k", format="kohya")[0]
+    d = exporting.export_embedding(src, tmp_path / "d")[0]
+    k = exporting.export_embedding(src, tmp_path / "k", format="kohya")[0]
     with safe_open(d, "numpy") as f:
         assert list(f.keys()) == [TOKEN] and f.metadata() == {"format": "pt"}
         assert f.get_tensor(TOKEN).shape == (3, WIDTH)
@@ -110,7 +110,7 @@ def test_single_vector_saved_as_1d_reads_as_one_row(tmp_path):
 
 def test_bin_flag_writes_both_files(tmp_path):
     rows = make_rows(2)
-    paths = export.export_embedding(diffusers_source(tmp_path, rows), tmp_path / "out", bin=True)
+    paths = exporting.export_embedding(diffusers_source(tmp_path, rows), tmp_path / "out", bin=True)
     assert [os.path.basename(p) for p in paths] == ["learned_embeds.safetensors", "learned_embeds.bin"]
     data = torch.load(paths[1], weights_only=True)
     assert list(data) == [TOKEN] and np.array_equal(data[TOKEN].numpy(), rows)
@@ -158,12 +158,12 @@ def test_sdxl_pair_to_single_file_and_back_is_bitwise(tmp_path, capsys, num_vect
 def test_sdxl_exports_name_their_files(tmp_path):
     folder, rows, rows_2 = sdxl_pair_source(tmp_path)
     # A folder output: NAME.safetensors from the token for the single file, NAME.pt as torch.
-    assert export.export_embedding(folder, tmp_path / "out", format="sdxl") == [str(tmp_path / "out" / "cat-toy.safetensors")]
-    [pt] = export.export_embedding(folder / "learned_embeds_2.safetensors", tmp_path / "x.pt", format="sdxl")
+    assert exporting.export_embedding(folder, tmp_path / "out", format="sdxl") == [str(tmp_path / "out" / "cat-toy.safetensors")]
+    [pt] = exporting.export_embedding(folder / "learned_embeds_2.safetensors", tmp_path / "x.pt", format="sdxl")
     assert sdxl_parts_equal(read_embedding(pt), rows, rows_2)  # the second file reads as the pair too
     # The pair at a checkpoint's name: learned_embeds-steps-S pairs with learned_embeds_2-steps-S.
     first = tmp_path / "steps" / "learned_embeds-steps-40.safetensors"
-    paths = export.export_embedding(folder, first, format="diffusers-sdxl")
+    paths = exporting.export_embedding(folder, first, format="diffusers-sdxl")
     assert paths == [str(first), str(tmp_path / "steps" / "learned_embeds_2-steps-40.safetensors")]
     assert read_embedding(first).step == 40 and sdxl_parts_equal(read_embedding(first), rows, rows_2)
 
@@ -176,7 +176,7 @@ def test_sdxl_pair_output_refuses_either_existing_file(tmp_path, capsys):
     code, _, err = run_cli([folder, "--format", "diffusers-sdxl", "-o", out], capsys)
     assert code == 2 and "learned_embeds_2.safetensors: already exists" in err and "--overwrite" in err
     assert listing(out) == ["learned_embeds_2.safetensors"]
-    assert export.export_embedding(folder, out, format="diffusers-sdxl", overwrite=True)
+    assert exporting.export_embedding(folder, out, format="diffusers-sdxl", overwrite=True)
     assert read_embedding(out).rows.tobytes() == rows.tobytes()
 
 
@@ -201,7 +201,7 @@ def load_in_diffusers(pipe, path, token=None):
 @pytest.mark.parametrize("fmt,filename", [o for o in OUTPUTS if o[0] != "comfyui"])
 def test_diffusers_load_textual_inversion_accepts_outputs(tmp_path, torch_pipe, fmt, filename, num_vectors):
     rows = make_rows(num_vectors, seed=num_vectors)
-    [out] = export.export_embedding(diffusers_source(tmp_path, rows), tmp_path / "out" / filename, format=fmt)
+    [out] = exporting.export_embedding(diffusers_source(tmp_path, rows), tmp_path / "out" / filename, format=fmt)
     added, table = load_in_diffusers(torch_pipe, out, token=None if fmt == "diffusers" else TOKEN)
     expected = [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, num_vectors)]
     base = torch_pipe.tokenizer.vocab_size
@@ -211,7 +211,7 @@ def test_diffusers_load_textual_inversion_accepts_outputs(tmp_path, torch_pipe, 
 
 def test_diffusers_reads_a1111_name_as_token(tmp_path, torch_pipe):
     rows = make_rows(2)
-    [out] = export.export_embedding(diffusers_source(tmp_path, rows), tmp_path / "x.pt", format="a1111", name="catty")
+    [out] = exporting.export_embedding(diffusers_source(tmp_path, rows), tmp_path / "x.pt", format="a1111", name="catty")
     added, _ = load_in_diffusers(torch_pipe, out)
     assert set(added) == {"catty", "catty_1"}
 
@@ -301,7 +301,7 @@ def test_pipeline_folder_reads_rows_of_token(tmp_path, tiny_model_dir, capsys):
     assert emb.format == "pipeline" and np.array_equal(emb.rows, rows)
     with pytest.raises(UserError, match="not a token added"):
         read_embedding(pipeline, token="<dog>")
-    [out] = export.export_embedding(pipeline, tmp_path / "out", format="a1111", token=TOKEN)
+    [out] = exporting.export_embedding(pipeline, tmp_path / "out", format="a1111", token=TOKEN)
     assert np.array_equal(read_embedding(out).rows, rows)
 
     # diffusers' Flax script leaves learned_embeds.npy beside the pipeline: --token avoids pickle.
@@ -413,7 +413,7 @@ def test_overwrite_replaces_existing_file(tmp_path):
     out.parent.mkdir()
     out.write_bytes(b"old")
     rows = make_rows(2)
-    export.export_embedding(diffusers_source(tmp_path, rows), out.parent, overwrite=True)
+    exporting.export_embedding(diffusers_source(tmp_path, rows), out.parent, overwrite=True)
     assert np.array_equal(read_embedding(out).rows, rows)
 
 
@@ -422,7 +422,7 @@ def test_bare_array_npy_needs_no_pickle(tmp_path):
     np.save(tmp_path / "rows.npy", rows)
     emb = read_embedding(tmp_path / "rows.npy")
     assert (emb.token, emb.format) == (None, "npy") and np.array_equal(emb.rows, rows)
-    [out] = export.export_embedding(tmp_path / "rows.npy", tmp_path / "out", token=TOKEN)
+    [out] = exporting.export_embedding(tmp_path / "rows.npy", tmp_path / "out", token=TOKEN)
     assert read_embedding(out).token == TOKEN
 
 
@@ -430,7 +430,7 @@ def test_kohya_source_to_diffusers_needs_a_token(tmp_path):
     src = str(tmp_path / "k.safetensors")
     save_file({"emb_params": make_rows(2)}, src)
     with pytest.raises(UserError, match="--token"):
-        export.export_embedding(src, tmp_path / "out")
+        exporting.export_embedding(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

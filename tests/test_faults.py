@@ -20,7 +20,7 @@ import pytest
 import ti_flax
 from ti_flax import TrainConfig, UserError, checkpoint, errors, files, formats, models, prompts
 from ti_flax.errors import run_cli
-from ti_flax.train import main
+from ti_flax.training import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.local_devices()[:1]

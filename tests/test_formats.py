@@ -450,7 +450,7 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
     """ti_flax.generate's --embeddings and training's --initial_embeddings: one line, nothing changed."""
     from types import SimpleNamespace
 
-    from ti_flax import generate, run
+    from ti_flax import generation, run
 
     class Tokenizer(dict):  # what load_concepts asks before an embedding is checked; a real one loads slowly
         get_vocab = dict.copy
@@ -458,7 +458,7 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
     path = formats.save_sdxl(str(tmp_path / "sdxl.safetensors"), make_rows(2), make_rows(2, width=WIDTH_2))
     tokenizer = Tokenizer()
     spec = SimpleNamespace(base_vocab_size=0, hidden_size=WIDTH, text_widths=(WIDTH,), is_sdxl=False)
-    one_line_error(lambda: generate.load_concepts(tokenizer, spec, [path]), path,
+    one_line_error(lambda: generation.load_concepts(tokenizer, spec, [path]), path,
                    f"--embeddings {path}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder")
     assert tokenizer == {}
     concept = SimpleNamespace(initial_embeddings=path, num_vectors=2)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
-from ti_flax import generate as gen
+from ti_flax import generation as gen
 from ti_flax import models, prompts, sampler, step
 from ti_flax.errors import UserError
 

@@ -55,7 +55,7 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_model):
     import jax
 
     from ti_flax import models, step as step_lib
-    from ti_flax.train import prepare
+    from ti_flax.run import prepare
 
     model_dir, recorded = golden_model
     run = prepare(golden.run_config(model_dir, "unused"), devices=jax.local_devices()[:1])

@@ -127,7 +127,7 @@ def test_unreachable_coordinator_fails_fast(tiny_model_dir, sample_images_dir, t
 
 @pytest.mark.parametrize("missing", ["--num_processes", "--process_id"])
 def test_partial_flags_rejected(missing, tiny_model_dir, sample_images_dir, tmp_path, capsys):
-    from ti_flax.train import main
+    from ti_flax.training import main
 
     args = worker_args(tiny_model_dir, sample_images_dir, tmp_path / "out", free_port(), 0)[3:]
     i = args.index(missing)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ti_flax import TrainConfig, formats, models, prompts, sampler, step, train
-from ti_flax import generate as gen
+from ti_flax import generation as gen
 from ti_flax import tokens as tokens_lib
 
 pytestmark = pytest.mark.slow

@@ -372,7 +372,7 @@ BAD_FILES = {
 
 
 def _run_train_cli(model, tmp_path, capsys, *extra):
-    from ti_flax.train import main
+    from ti_flax.training import main
 
     out = tmp_path / "out"
     code = main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),

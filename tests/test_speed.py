@@ -10,7 +10,8 @@ import pytest
 from ti_flax import TrainConfig, checkpoint, data, latents, models, parallel, step as step_lib, train
 from ti_flax.errors import UserError
 from ti_flax.optim import OptimizerSpec
-from ti_flax.train import main, prepare
+from ti_flax.run import prepare
+from ti_flax.training import main
 
 ONE_DEVICE = jax.local_devices()[:1]
 BF16_ROW_BOUND = 1e-2  # observed: see test_bf16_trains_compiles_once_and_keeps_frozen_weights_exact

@@ -181,7 +181,7 @@ def test_learning_is_real(one_device_run, tiny_model_dir, sample_images_dir, tmp
     config, _ = one_device_run
     config = config.replace(output_dir=str(tmp_path / "long"), max_train_steps=40)
     result = train(config, devices=jax.local_devices()[:1])
-    from ti_flax.train import prepare
+    from ti_flax.run import prepare
 
     run = prepare(config, devices=jax.local_devices()[:1])
     before = fixed_eval_loss(run.model, run.init_rows, run.data)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, export, files, formats, models, outputs, train as train_mod
+from ti_flax import TrainConfig, checkpoint, exporting, files, formats, models, outputs, run as run_lib
 from ti_flax.step import init_state
 from ti_flax.optim import OptimizerSpec
 
@@ -73,7 +73,7 @@ def test_export_crash_renames_none_of_the_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(formats, "check_written", crash_on_second)
     with pytest.raises(Crash):  # .safetensors staged and checked, the .bin fails its check
-        export.export_embedding(src, str(out), format="diffusers", token="<cat-toy>", bin=True)
+        exporting.export_embedding(src, str(out), format="diffusers", token="<cat-toy>", bin=True)
     assert len(calls) == 2
     assert not out.exists() or os.listdir(out) == []
 
@@ -82,7 +82,7 @@ def test_pipeline_swap_crash_keeps_every_component_whole(tiny_model_dir, sample_
     # A second full-pipeline save into the same folder fails while moving components in: each
     # component must still be there, whole (the old one or the new one), never deleted first.
     config = TrainConfig.tiny(tiny_model_dir, sample_images_dir, str(tmp_path / "o"), num_vectors=2)
-    run = train_mod.prepare(config, devices=jax.local_devices()[:1])
+    run = run_lib.prepare(config, devices=jax.local_devices()[:1])
     os.makedirs(config.output_dir)
     rows = np.asarray(run.init_rows)
     outputs.save_pipeline(run, rows)

@@ -10,9 +10,9 @@ from .errors import UserError
 
 __all__ = ["TrainConfig", "UserError", "train", "TrainResult", "export", "generate"]
 
-# name -> the module that defines it; `train`, `export` and `generate` are callable modules
-# (see _entry.py), so `ti_flax.train(config)` works however the module was imported.
-_LAZY = {"train": "train", "TrainResult": "train", "export": "export", "generate": "generate"}
+# name -> the module that defines it. `python -m ti_flax.train` (and .export, .generate) runs a
+# separate entry module that nothing imports, so these names always stay the functions.
+_LAZY = {"train": "training", "TrainResult": "training", "export": "exporting", "generate": "generation"}
 
 
 def __getattr__(name):
@@ -21,5 +21,4 @@ def __getattr__(name):
         raise AttributeError(f"module 'ti_flax' has no attribute {name!r}")
     import importlib
 
-    module = importlib.import_module("." + _LAZY[name], __name__)  # binds ti_flax.<module>
-    return module if name == _LAZY[name] else getattr(module, name)
+    return getattr(importlib.import_module("." + _LAZY[name], __name__), name)

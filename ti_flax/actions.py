@@ -2,7 +2,7 @@
 
 Each periodic action answers `due(done, stopping)` for the optimizer update `done` just
 dispatched (and whether the run is stopping there) and does its work when called as
-`action(done, stopping)`. The loop in train.py decides when metrics are read; the actions only
+`action(done, stopping)`. The loop in training.py decides when metrics are read; the actions only
 act, so each can be tested alone with a fake engine.
 """
 

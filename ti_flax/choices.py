@@ -3,7 +3,7 @@
 argparse's `choices`, `TrainConfig.validate()`, the modules that act on a value and the README's
 "Choices" table all read these lists, so a new value is added in one place. This module imports
 nothing of ti_flax and nothing heavy, so `--help` stays fast. `markdown_table()` prints the README
-table's rows; the exporter's `--format` row comes from the formats registry (`export.FORMAT_CHOICE`),
+table's rows; the exporter's `--format` row comes from the formats registry (`exporting.FORMAT_CHOICE`),
 and a test keeps the README equal to both.
 """
 

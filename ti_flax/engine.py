@@ -2,7 +2,7 @@
 
 `build(run)` puts the frozen weights on the local devices (cast once to the compute dtype),
 caches the latents if asked, compiles the train step ahead of its first call and starts feeding
-batches. `Engine.update()` then runs one optimizer update. Training (train.py), the benchmark
+batches. `Engine.update()` then runs one optimizer update. Training (training.py), the benchmark
 (scripts/benchmark.py) and the tests all drive the step through it.
 
     >>> engine = build(prepare(config))  # doctest: +SKIP
