@@ -189,6 +189,23 @@ def test_learning_is_real(one_device_run, tiny_model_dir, sample_images_dir, tmp
     assert after < before, (before, after)
 
 
+def test_the_banner_names_what_attention_resolved_to(tiny_model_dir, sample_images_dir, tmp_path, capsys):
+    from ti_flax.choices import ATTENTION
+    from ti_flax.outputs import print_banner
+    from ti_flax.run import prepare
+
+    for asked in ("dense", "auto"):
+        config = TrainConfig.tiny(tiny_model_dir, sample_images_dir, str(tmp_path), attention=asked)
+        run = prepare(config, devices=jax.local_devices()[:1])
+        print_banner(run)
+        line = next(line for line in capsys.readouterr().out.splitlines() if "attention" in line)
+        assert run.attention in ATTENTION and run.attention != "auto"
+        if asked == "dense":
+            assert run.attention == "dense" and line.endswith("attention dense"), line
+        else:
+            assert line.endswith(f"attention auto ({run.attention} for self-attention)"), line
+
+
 def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
     torch = pytest.importorskip("torch")
     from diffusers import DDPMScheduler

@@ -5,7 +5,7 @@ import os
 import jax
 
 from . import checkpoint as ckpt
-from . import files, formats, logs, model_card, models
+from . import files, formats, logs, model_card
 
 
 def save_outputs(run, rows, history, grid=None):
@@ -67,10 +67,10 @@ def push_to_hub(config):
 # What a run prints: the banner before the first step, the summary after the last
 
 
-def attention_summary(config, spec):
+def attention_summary(run):
     """--attention as the banner shows it: "dense", or "auto (chunked for self-attention)"."""
-    chosen = models.resolve_attention(config.attention, spec, config.resolution, dtype=config.compute_dtype)
-    return chosen if chosen == config.attention else f"{config.attention} ({chosen} for self-attention)"
+    asked = run.config.attention
+    return run.attention if run.attention == asked else f"{asked} ({run.attention} for self-attention)"
 
 
 def print_banner(run):
@@ -88,7 +88,7 @@ def print_banner(run):
         f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-        f"attention {attention_summary(config, spec)}\n"
+        f"attention {attention_summary(run)}\n"
         f"{_captions_line(run)}"
         f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
         f"  output     {config.output_dir}",

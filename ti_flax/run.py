@@ -54,6 +54,7 @@ class Run:
     meta: dict  # what checkpoints record about this run
     load_seconds: float = 0.0  # reading and converting the model's weights
     learned: tuple = ()  # one Learned per concept
+    attention: str = "dense"  # what --attention resolved to for the UNet's self-attention
 
     @property
     def compute(self):
@@ -84,7 +85,7 @@ def prepare(config, devices=None):
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
     # An explicit --attention that cannot run here: one line, before anything is written.
-    models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
+    attention = models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
     tables = models.token_tables(model.params)
     # Every initial row is read from the tables before any placeholder is added to a tokenizer.
     init_rows = []
@@ -135,7 +136,7 @@ def prepare(config, devices=None):
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned))
+               tuple(learned), attention)
 
 
 def model_compute(config):
