@@ -167,8 +167,10 @@ def test_plan_measures_the_tiny_step_and_answers_again_from_the_cache(tiny_model
     # The frozen weights counted from the real float32 weights, independently of XLA.
     assert f.frozen == sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(model.params)) + 4 * 1000
     assert f.learned > 0 and f.batch == 2 * 32 * 32 * 3 + 2 * 77 * 4 + 2 * 4 + 2 * 4 + 2 * 4
-    assert f.temporaries > 0 and f.flops > 0 and f.total == f.arguments + f.outputs + f.temporaries + f.code
-    assert f.arguments >= f.frozen + f.learned
+    assert f.temporaries > 0 and f.flops > 0
+    # XLA leaves out the weights the step never reads (the VAE decoder); the device holds them all.
+    assert 0 < f.arguments < f.frozen
+    assert f.total == f.frozen + f.learned + f.batch + f.outputs + f.temporaries + f.code
     assert first.run.fits is None and not first.run.cached  # CPU: no memory limit
     assert len(list(plan_cache.iterdir())) == 1
 
@@ -180,7 +182,7 @@ def test_plan_measures_the_tiny_step_and_answers_again_from_the_cache(tiny_model
     assert again.run.cached and again.run.footprint == f
     # Another shape is another program: it compiles (and here, fails to, in one line).
     monkeypatch.setattr(footprint, "compile_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("INTERNAL: boom\nat")))
-    with pytest.raises(UserError, match=r"^the train step does not compile for cpu: INTERNAL: boom$"):
+    with pytest.raises(UserError, match=r"^the train step does not compile for cpu: RuntimeError: INTERNAL: boom$"):
         planning.plan(config.replace(train_batch_size=3), "local")
 
 

@@ -166,7 +166,9 @@ class Footprint(NamedTuple):
         state) and the batch with its key, as the arguments hold them (0 where not known).
       arguments: XLA's argument bytes (those three, as laid out on the chip). temporaries: XLA's
         temporary buffers. outputs: outputs not written over a donated argument. code: the program.
-      total: arguments + outputs + temporaries + code, what the chip must hold while it runs.
+      total: what the chip must hold while it runs: the arguments (the larger of XLA's count,
+        which leaves out those the step never reads, such as the VAE decoder, and the three
+        above, which the engine puts on the device whole) + outputs + temporaries + code.
       flops, bytes_accessed: XLA's cost analysis of one call (None when it failed to compile).
     """
 
@@ -210,8 +212,10 @@ def measure(compiled, args=None):
     code = memory.get("generated_code_size_in_bytes", 0)
     state, frozen, batch, key = args if args is not None else (None,) * 4
     cost = cost_dict(compiled.cost_analysis())
-    return Footprint(tree_bytes(frozen), tree_bytes(state), tree_bytes((batch, key)), arguments, temporaries, outputs,
-                     code, arguments + outputs + temporaries + code, cost["flops"], cost["bytes_accessed"])
+    parts = tree_bytes(frozen), tree_bytes(state), tree_bytes((batch, key))
+    held = max(arguments, sum(parts))
+    return Footprint(*parts, arguments, temporaries, outputs, code, held + outputs + temporaries + code,
+                     cost["flops"], cost["bytes_accessed"])
 
 
 def step_seconds(footprint, chip):
