@@ -41,7 +41,6 @@ SDXL_UNET = dict(
     use_linear_projection=True,
 )
 SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-TPU_BF16_PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12}
 
 
 def model_spec(model):
@@ -51,24 +50,6 @@ def model_spec(model):
     if model == "sdxl":
         return models.spec_from_configs(SDXL_TEXT, SDXL_UNET, SDXL_VAE, text_config_2=SDXL_TEXT_2)
     return models.spec_from_configs(SD15_TEXT, SD15_UNET, SD15_VAE)
-
-
-def abstract_frozen(spec, params, dtype, alphas=None, vae=True):
-    """step.Frozen of ShapeDtypeStructs in `dtype` (the second text encoder for SDXL)."""
-    import jax
-
-    from ti_flax import step as step_lib
-
-    cast = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
-    return step_lib.Frozen(cast["text_encoder"], cast["unet"], cast["vae"] if vae else None, alphas,
-                           cast.get("text_encoder_2"))
-
-
-def memory_dict(compiled):
-    """XLA's memory analysis of a compiled program, as a dict of byte counts."""
-    stats = compiled.memory_analysis()
-    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "generated_code_size_in_bytes")
-    return {k: int(getattr(stats, k)) for k in keys if stats is not None and hasattr(stats, k)}
 
 
 def activation_bytes(spec, compute, params, batch, latent):
@@ -84,10 +65,10 @@ def activation_bytes(spec, compute, params, batch, latent):
     import jax
     import jax.numpy as jnp
 
-    from ti_flax import step as step_lib
+    from ti_flax import footprint, step as step_lib
 
     S = jax.ShapeDtypeStruct
-    frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), vae=False)
+    frozen = footprint.abstract_frozen(spec, compute.dtype, vae=False)
     moments = S((batch, 4, latent, latent), jnp.float32)
     time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
     args = (S((1, spec.row_width), jnp.float32), frozen, S((batch, 77), jnp.int32), moments, S((batch,), jnp.int32),
@@ -122,7 +103,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
     import jax
     import jax.numpy as jnp
 
-    from ti_flax import models, step as step_lib
+    from ti_flax import footprint, models, step as step_lib
     from ti_flax.config import TrainConfig
     from ti_flax.optim import OptimizerSpec
 
@@ -150,7 +131,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
         # The TPU program without the Pallas kernel (it lowers only on a TPU): auto is dense there.
         attention = "dense" if variant.attention == "auto" else variant.attention
         compute = models.Compute(dtype=config.compute_dtype, attention=attention, remat=bool(variant.remat))
-        frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), alphas, vae=not variant.cache_latents)
+        frozen = footprint.abstract_frozen(spec, compute.dtype, alphas, vae=not variant.cache_latents)
         example_ids = S((batch,), jnp.int32)
         time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
         if variant.cache_latents:
@@ -169,9 +150,10 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
         out["activation_residual_bytes"] = activation_bytes(spec, compute, params, batch, latent)
     if compile_it:
         compiled = lowered.compile()
-        out.update(cost_dict(compiled.cost_analysis()), xla_memory=memory_dict(compiled), analysis="compiled")
+        out.update(footprint.cost_dict(compiled.cost_analysis()), xla_memory=footprint.memory_dict(compiled),
+                   analysis="compiled")
     else:
-        out.update(cost_dict(lowered.cost_analysis()), analysis="lowered")
+        out.update(footprint.cost_dict(lowered.cost_analysis()), analysis="lowered")
     out["lower_compile_s"] = time.perf_counter() - start
-    out["tpu_min_s_per_step"] = {chip: out["flops"] / peak for chip, peak in TPU_BF16_PEAK_FLOPS.items()}
+    out["tpu_min_s_per_step"] = {name: out["flops"] / chip.peak_flops for name, chip in footprint.CHIPS.items()}
     return out

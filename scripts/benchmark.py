@@ -40,7 +40,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_cost import abstract_cost, activation_bytes, memory_dict  # noqa: E402
+from bench_cost import abstract_cost, activation_bytes  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -198,6 +198,8 @@ def probe(args):
     """Subprocess: set one variant up, run 3 updates, print compile time and memory as JSON."""
     import jax
 
+    from ti_flax import footprint
+
     run = prepare_run(args.model, args.data, args.batch, args.probe_devices)
     runner = Runner(VARIANTS[args.probe], run)
     for _ in range(3):
@@ -213,7 +215,7 @@ def probe(args):
         "cache_latents_s": runner.cache_s,
         "peak_host_rss_bytes": peak_rss_bytes(),
         "device_peak_bytes": stats.get("peak_bytes_in_use"),
-        "xla_memory": memory_dict(runner.compiled),
+        "xla_memory": footprint.memory_dict(runner.compiled),
         "backend": jax.default_backend(),
     }), flush=True)
 

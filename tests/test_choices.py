@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ti_flax import choices, cli, exporting, generation, images, sampler
+from ti_flax import choices, cli, exporting, generation, images, planning, sampler
 from ti_flax.config import TrainConfig
 from ti_flax.errors import UserError
 from ti_flax.models import attention, schedulers
@@ -15,7 +15,8 @@ from ti_flax.models import attention, schedulers
 README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 # Every row of the README's table: the train and generate flags' lists, then the exporter's formats.
 TABLE = (*choices.TABLE, exporting.FORMAT_CHOICE)
-PARSERS = {"": cli.build_parser, "(ti_flax.generate)": generation.build_parser, "(ti_flax.export)": exporting.build_parser}
+PARSERS = {"": cli.build_parser, "(ti_flax.generate)": generation.build_parser, "(ti_flax.export)": exporting.build_parser,
+           "(ti_flax.plan)": planning.build_parser}
 
 
 def _action(parser, flag):

@@ -8,11 +8,12 @@
 from .config import TrainConfig
 from .errors import UserError
 
-__all__ = ["TrainConfig", "UserError", "train", "TrainResult", "export", "generate"]
+__all__ = ["TrainConfig", "UserError", "train", "TrainResult", "export", "generate", "plan"]
 
-# name -> the module that defines it. `python -m ti_flax.train` (and .export, .generate) runs a
+# name -> the module that defines it. `python -m ti_flax.train` (and .export, .generate, .plan) runs a
 # separate entry module that nothing imports, so these names always stay the functions.
-_LAZY = {"train": "training", "TrainResult": "training", "export": "exporting", "generate": "generation"}
+_LAZY = {"train": "training", "TrainResult": "training", "export": "exporting", "generate": "generation",
+         "plan": "planning"}
 
 
 def __getattr__(name):

@@ -18,6 +18,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polyno
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> the frozen models' dtype
 REPORT_TO = ("auto", "tensorboard", "none")
 SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
+PLAN_TARGETS = ("v4", "v5e", "v5p", "v6e", "local")  # ti_flax.plan's --target: a TPU generation, or this machine
 
 
 class Choice(NamedTuple):
@@ -36,6 +37,7 @@ TABLE = (
     Choice("--attention", ATTENTION, "auto"),
     Choice("--report_to", REPORT_TO, "auto"),
     Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm; SDXL: the model's own"),
+    Choice("--target (ti_flax.plan)", PLAN_TARGETS, "local"),
 )
 
 

@@ -125,9 +125,13 @@ def build_parser():
     return p
 
 
-def parse_config(argv=None):
-    """Parse flags into a validated TrainConfig. Raises UserError on bad values."""
-    args = vars(build_parser().parse_args(argv))
+def parse_config(argv=None, parser=None, validate=True):
+    """Parse flags into a validated TrainConfig. Raises UserError on bad values.
+
+    `parser`: another command's parser built on `build_parser` (its own flags are left out of the
+    config); `validate=False` leaves the checks to the caller (`ti_flax.plan` fills in the data flags first).
+    """
+    args = vars((parser or build_parser()).parse_args(argv))
     local_rank = args.pop("local_rank")
     if local_rank != -1:
         raise UserError(
@@ -140,4 +144,4 @@ def parse_config(argv=None):
     config = TrainConfig(**values)
     if config.output_dir and os.path.isfile(config.output_dir):
         raise UserError(f"--output_dir {config.output_dir}: is a file, not a folder")
-    return config.validate()
+    return config.validate() if validate else config

@@ -39,10 +39,21 @@ def cache_dir(environ=None):
     environ = os.environ if environ is None else environ
     if environ.get(DIR_ENV):
         return None
+    return os.path.join(cache_root(environ), "jax_cache")
+
+
+def cache_root(environ=None):
+    """ti_flax's cache folder: `$XDG_CACHE_HOME/ti_flax` (when absolute, as the XDG spec says),
+    else `$HOME/.cache/ti_flax`. JAX's programs go in its `jax_cache`, ti_flax.plan's answers in `plans`.
+
+        >>> cache_root({"HOME": "/home/me"})
+        '/home/me/.cache/ti_flax'
+    """
+    environ = os.environ if environ is None else environ
     base = environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):
         base = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ti_flax", "jax_cache")
+    return os.path.join(base, "ti_flax")
 
 
 def configure(enabled=True, environ=None):

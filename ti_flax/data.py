@@ -46,6 +46,15 @@ class LatentBatch(NamedTuple):
     time_ids: Optional[np.ndarray] = None
 
 
+def blank_batch(batch_size, resolution, text_length, sdxl=False):
+    """A PixelBatch of zeros shaped as one device's batch of `batch_size` examples at
+    `resolution` pixels, as the sources below make them: what the train step is compiled for
+    when no images are read (`ti_flax.plan`). `sdxl`: with time ids."""
+    return PixelBatch(np.zeros((batch_size, resolution, resolution, 3), np.uint8),
+                      np.zeros((batch_size, text_length), np.int32), np.zeros(batch_size, np.int64),
+                      np.zeros(batch_size, np.int32), np.zeros((batch_size, 6), np.float32) if sdxl else None)
+
+
 class PixelViews:
     """Selections -> PixelBatch: each example's image, flipped where its selection says so."""
 

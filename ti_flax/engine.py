@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 
-from . import latents, parallel, step as step_lib
+from . import footprint, latents, parallel, step as step_lib
 
 
 class Engine:
@@ -29,13 +29,16 @@ class Engine:
       step_fn: the compiled step, `(state, frozen, batch, keys) -> (state, metrics)`.
       compile_seconds: seconds compiling the step (a multi-process run compiles it on the
         first `update`, and it is None until then). cache_seconds: seconds encoding latents.
+      estimated_bytes: the compiled step's memory per device (footprint.check_fits); None
+        where it compiles on its first call.
     """
 
     def __init__(self, run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds,
-                 cache_seconds=0.0):
+                 cache_seconds=0.0, estimated_bytes=None):
         self.run, self.compute, self.frozen, self.weights = run, compute, frozen, weights
         self.state, self.keys, self.step_fn, self.batches = state, keys, step_fn, batches
         self.compile_seconds, self.cache_seconds = compile_seconds, cache_seconds
+        self.estimated_bytes = estimated_bytes
         self.accumulation = run.config.gradient_accumulation_steps
 
     def update(self):
@@ -69,6 +72,9 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
         sampling validation images.
     Returns:
       An Engine.
+    Raises:
+      UserError (one line) when the compiled step needs more memory than a device has
+      (footprint.check_fits), before the first step.
     """
     config, devices, compute = run.config, run.devices, run.compute
     if state is None:
@@ -90,12 +96,17 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     state = parallel.replicate(state, devices)
     keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
     step_fn, compile_seconds = compiling.result()
+    estimated = None
+    if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
+        changes = footprint.lighter_changes(config, run.model.spec, footprint.platform(devices[0]), config.resolution)
+        estimated = footprint.check_fits(step_fn, devices, [flags for flags, _ in changes])
     batches = parallel.prefetch_to_devices(
         run.data.batches(start_step * config.gradient_accumulation_steps, jax.process_index(), jax.process_count(),
                          len(devices), views),
         devices,
     )
-    return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds)
+    return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds,
+                  estimated)
 
 
 def step_shapes(run, state, host_frozen, start_step):

@@ -16,15 +16,17 @@ def peak_bytes(memory_stats):
     return max(peaks) if peaks else None
 
 
+def device_memory_stats(device):
+    """`device.memory_stats()`, or None where the backend has no such query (CPU)."""
+    try:
+        return device.memory_stats()
+    except (NotImplementedError, RuntimeError):  # a backend without the query (XlaRuntimeError)
+        return None
+
+
 def peak_device_bytes(devices):
     """Peak device memory in use on any of `devices` since the process started, or None."""
-    stats = []
-    for device in devices:
-        try:
-            stats.append(device.memory_stats())
-        except (NotImplementedError, RuntimeError):  # a backend without the query (XlaRuntimeError)
-            stats.append(None)
-    return peak_bytes(stats)
+    return peak_bytes([device_memory_stats(device) for device in devices])
 
 
 def startup_text(timings):
@@ -32,15 +34,21 @@ def startup_text(timings):
     peak device memory 7.25 GiB"; the memory only where it is known.
 
     Args:
-      timings: {"load_model_s", "compile_step_s": seconds, "peak_device_bytes": int or None};
-        "compile_step_s" is None when a run that compiles on its first step took none.
+      timings: {"load_model_s", "compile_step_s": seconds, "peak_device_bytes": int or None,
+        optionally "estimated_device_bytes": the compiled step's memory per device (footprint.py),
+        None or absent where unknown}; "compile_step_s" is None when a run that compiles on its
+        first step took none.
     """
     text = f"loaded model in {timings['load_model_s']:.1f} s"
     if timings.get("compile_step_s") is not None:
         text += f"; compiled step in {timings['compile_step_s']:.1f} s"
-    peak = timings.get("peak_device_bytes")
+    peak, estimate = timings.get("peak_device_bytes"), timings.get("estimated_device_bytes")
     if peak is not None:
         text += f"; peak device memory {peak / 2**30:.2f} GiB"
+        if estimate is not None:
+            text += f" (step estimated {estimate / 2**30:.2f} GiB)"
+    elif estimate is not None:
+        text += f"; step estimated {estimate / 2**30:.2f} GiB of device memory"
     return text
 
 

@@ -87,17 +87,20 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     state, start_step = initial_state(run)
     writer = jax.process_index() == 0
     if writer:
+        print_banner(run)
+    # The step compiles, and is checked against the devices' memory, before anything is written.
+    engine = engine_lib.build(run, state, start_step, keep_vae=writer and bool(config.validation_prompt))
+    if writer:
         with files.writing(config.output_dir):  # a read-only or full disk: one line, nothing trained
             os.makedirs(config.output_dir, exist_ok=True)
-        print_banner(run)
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
         with StopOnSignal() as stop:
-            rows, history, grid, compile_seconds = train_loop(run, logger, callbacks, writer, state, start_step, stop)
+            rows, history, grid = train_loop(run, engine, logger, callbacks, writer, start_step, stop)
     finally:
         logger.close()
-    timings = {"load_model_s": run.load_seconds, "compile_step_s": compile_seconds,
-               "peak_device_bytes": logs.peak_device_bytes(run.devices)}
+    timings = {"load_model_s": run.load_seconds, "compile_step_s": engine.compile_seconds,
+               "peak_device_bytes": logs.peak_device_bytes(run.devices), "estimated_device_bytes": engine.estimated_bytes}
     outputs = save_outputs(run, rows, history, grid) if writer else {}
     if writer:
         print_summary(run, outputs, history, timings)
@@ -105,18 +108,17 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings)
 
 
-def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
-    """Step from `start_step` to `run.total_steps`.
+def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
+    """Step `engine` (engine.build of `run`) from `start_step` to `run.total_steps`.
 
     Checkpoints every --checkpointing_steps, and on a stop signal (then raises Preempted).
     Returns:
-      (final rows, per-step records, last validation grid or None, seconds compiling the step).
+      (final rows, per-step records, last validation grid or None).
     """
     from tqdm.auto import tqdm
 
     config = run.config
     validating = writer and bool(config.validation_prompt)
-    engine = engine_lib.build(run, state, start_step, keep_vae=validating)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
     names = [c.tokens[0] for c in run.learned] if run.num_concepts > 1 else ()
     log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar, names)
@@ -132,7 +134,7 @@ def train_loop(run, logger, callbacks, writer, state, start_step, stop=None):
              [a for a in actions if a is not None], checkpoint)
     finally:
         bar.close()
-    return engine.rows(), log.history, validate.last_grid if validate else None, engine.compile_seconds
+    return engine.rows(), log.history, validate.last_grid if validate else None
 
 
 def loop(engine, steps, log, vote, actions, checkpoint):

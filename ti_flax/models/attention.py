@@ -32,7 +32,7 @@ _NVIDIA_BACKENDS = ("gpu", "cuda")  # jax.default_backend() says "gpu" for CUDA;
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def attention(q, k, v, *, implementation="dense", chunk=DEFAULT_CHUNK):
+def attention(q, k, v, *, implementation="dense", chunk=DEFAULT_CHUNK, backend=None):
     """softmax(q k^T / sqrt(D)) v per head.
 
     Args:
@@ -41,13 +41,15 @@ def attention(q, k, v, *, implementation="dense", chunk=DEFAULT_CHUNK):
         a 77-key cross-attention); only "auto" consults `resolve`. Call sites that want the
         per-shape policy call `resolve` themselves first (the UNet does).
       chunk: queries per chunk for "chunked".
+      backend: the platform the program is for (None: jax.default_backend()).
     Returns:
       [B, Lq, H, D] in q's dtype.
     """
+    backend = backend or jax.default_backend()
     if implementation == "auto":
         implementation = resolve(
             "auto",
-            backend=jax.default_backend(),
+            backend=backend,
             dtype=q.dtype,
             q_len=q.shape[1],
             kv_len=k.shape[1],
@@ -55,7 +57,7 @@ def attention(q, k, v, *, implementation="dense", chunk=DEFAULT_CHUNK):
             chunk=chunk,
         )
     elif implementation in ("cudnn", "flash"):
-        _check_backend(implementation, jax.default_backend(), q.dtype)
+        _check_backend(implementation, backend, q.dtype)
     if implementation == "dense":
         return _dense(q, k, v)
     if implementation == "chunked":

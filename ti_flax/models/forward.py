@@ -69,6 +69,25 @@ def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="flo
                                  head_dim=head_dim)
 
 
+def attention_sites(spec, compute, resolution):
+    """Which implementation each of the UNet's attention calls runs at `resolution` pixels.
+
+    Returns:
+      a list of ((kind, q_len, kv_len, head_dim, implementation), count), kind "self" or
+      "cross", in the order the calls first appear; resolved for compute.backend (None: this
+      machine's) and compute.dtype, as the traced step resolves them.
+    """
+    backend = compute.backend or jax.default_backend()
+    side = resolution // spec.vae_scale_factor
+    counts = {}
+    for kind, q_len, kv_len, head_dim in unet.attention_sites(spec.unet, (side, side), spec.text.max_position_embeddings):
+        implementation = attention_lib.resolve(compute.attention, backend=backend, dtype=jnp.dtype(compute.dtype),
+                                               q_len=q_len, kv_len=kv_len, head_dim=head_dim)
+        key = (kind, q_len, kv_len, head_dim, implementation)
+        counts[key] = counts.get(key, 0) + 1
+    return list(counts.items())
+
+
 def encode_text(spec, compute, text_params, input_ids, rows):
     """CLIP last hidden state [B, L, D] for ids that may include the learned tokens (one text encoder).
 
@@ -128,13 +147,13 @@ def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden
     sample = jnp.transpose(latents, (0, 2, 3, 1))
     out = unet.apply(unet_params, spec.unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
                      added_cond=added_cond, attention=compute.attention, remat=compute.remat,
-                     dtype=jnp.dtype(compute.dtype))
+                     dtype=jnp.dtype(compute.dtype), backend=compute.backend)
     return jnp.transpose(out, (0, 3, 1, 2))
 
 
 def vae_moments(spec, compute, vae_params, pixels):
     """Mean and log-variance (NHWC) of the VAE posterior for NHWC pixels in [-1, 1]."""
-    return vae.encode(vae_params, spec.vae, pixels, dtype=jnp.dtype(compute.dtype))
+    return vae.encode(vae_params, spec.vae, pixels, dtype=jnp.dtype(compute.dtype), backend=compute.backend)
 
 
 def decode_latents(spec, compute, vae_params, latents_nchw):

@@ -33,11 +33,17 @@ SUPPORTED = ("Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or
              "and SDXL (a StableDiffusionXLPipeline folder)")
 
 
-def resolve_model_dir(name_or_path, revision=None):
+# What a Hub snapshot of a model fetches: everything a run reads, or (for ti_flax.plan) its configs alone.
+MODEL_FILES = ("*.json", "*.txt", "*.msgpack", "*.safetensors", "*.bin", "*.model")
+CONFIG_FILES = ("*.json",)
+
+
+def resolve_model_dir(name_or_path, revision=None, allow_patterns=MODEL_FILES):
     """Local folder for a model path or Hub id (downloaded to the HF cache, or read from it).
 
     Raises UserError when the model cannot be found. With HF_HUB_OFFLINE=1 only the local
-    cache is consulted, so no network call is made.
+    cache is consulted, so no network call is made. `allow_patterns`: the files a Hub
+    snapshot fetches (CONFIG_FILES: the configs alone).
     """
     if os.path.isdir(name_or_path):
         return name_or_path
@@ -49,7 +55,7 @@ def resolve_model_dir(name_or_path, revision=None):
         return snapshot_download(
             name_or_path,
             revision=revision,
-            allow_patterns=["*.json", "*.txt", "*.msgpack", "*.safetensors", "*.bin", "*.model"],
+            allow_patterns=list(allow_patterns),
             ignore_patterns=["*.fp16.*", "*.non_ema.*", "*.ckpt", "safety_checker/*", "*/*.onnx"],
         )
     except Exception as err:  # network down, offline mode, unknown repo, wrong revision

@@ -3,7 +3,8 @@
 `load_model` reads a diffusers folder (local, or a Hub snapshot; `model_folder.py` finds and
 checks it) component by component (`component_weights.py`), its tokenizer(s) (`tokenizers.py`)
 and its noise schedule, or one original-layout checkpoint file (`single_file.py`).
-`abstract_params` gives the weights' shapes without reading any.
+`read_spec` reads a model's configs alone and `abstract_params` gives the weights' shapes, so a
+model's step can be measured without reading any weights.
 """
 
 import os
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from .. import files
 from ..errors import UserError
 from . import component_weights, schedulers, single_file
-from .model_folder import check_model_dir, resolve_model_dir
+from .model_folder import CONFIG_FILES, check_model_dir, resolve_model_dir
 from .spec import LoadedModel, spec_from
 from .tokenizers import load_second_tokenizer, load_tokenizer
 from .weights import unflatten
@@ -48,16 +49,7 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     tokenizer_dir = resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
     sdxl = check_model_dir(model_dir, tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir or os.path.join(model_dir, "tokenizer"))
-    scheduler_file = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-    scheduler_config = files.read_json(scheduler_file, "a JSON config file")
-    with files.reading(scheduler_file, "a noise scheduler config"):
-        alphas_cumprod = schedulers.alphas_cumprod(dict(scheduler_config))
-    if prediction_type is not None:  # --prediction_type overrides the scheduler config, sampling included
-        scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
-    prediction_type = scheduler_config.get("prediction_type") or "epsilon"
-    if prediction_type not in schedulers.PREDICTION_TYPES:
-        raise UserError(f"{model_dir}: scheduler prediction_type {prediction_type!r} is not supported; "
-                        "pass --prediction_type epsilon or v_prediction")
+    scheduler_config, alphas_cumprod, prediction_type = read_scheduler(model_dir, prediction_type)
     text_config = component_weights.read_config(os.path.join(model_dir, "text_encoder"), "text_encoder")
     if text_config.vocab_size != len(tokenizer):
         raise UserError(
@@ -77,6 +69,46 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     spec = spec_from(found["text_encoder"], found["unet"], found["vae"], prediction_type,
                      int(scheduler_config.get("num_train_timesteps") or 1000), **sdxl_args)
     return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config), tokenizer_2)
+
+
+def read_scheduler(model_dir, prediction_type=None):
+    """(scheduler config dict, alphas_cumprod, prediction type) of a diffusers folder;
+    `prediction_type` (--prediction_type) overrides the config's, sampling included."""
+    scheduler_file = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    scheduler_config = files.read_json(scheduler_file, "a JSON config file")
+    with files.reading(scheduler_file, "a noise scheduler config"):
+        alphas_cumprod = schedulers.alphas_cumprod(dict(scheduler_config))
+    if prediction_type is not None:
+        scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
+    prediction_type = scheduler_config.get("prediction_type") or "epsilon"
+    if prediction_type not in schedulers.PREDICTION_TYPES:
+        raise UserError(f"{model_dir}: scheduler prediction_type {prediction_type!r} is not supported; "
+                        "pass --prediction_type epsilon or v_prediction")
+    return dict(scheduler_config), alphas_cumprod, prediction_type
+
+
+def read_spec(name_or_path, revision=None, prediction_type=None):
+    """(ModelSpec, alphas_cumprod) of a diffusers folder or Hub id from its config files alone:
+    no weights are read, and from the Hub only the configs are fetched.
+
+    For measuring the model's step (`ti_flax.plan`). An SDXL spec takes the CLIP tokenizers'
+    ids (end-of-text 49407, tokenizer_2 padding with "!"), as SDXL's own; they change no shape.
+    """
+    if is_single_file(name_or_path):
+        raise UserError(f"--pretrained_model_name_or_path {os.fspath(name_or_path)}: planning reads a model's "
+                        "config files; pass a diffusers folder or Hub id of the same architecture")
+    model_dir = resolve_model_dir(name_or_path, revision, CONFIG_FILES)
+    sdxl = check_model_dir(model_dir)
+    _, alphas_cumprod, prediction_type = read_scheduler(model_dir, prediction_type)
+    configs = {kind: component_weights.read_config(os.path.join(model_dir, kind), kind)
+               for kind in ("text_encoder", "unet", "vae")}
+    sdxl_args = {}
+    if sdxl:
+        sdxl_args = dict(text_2=component_weights.read_config(os.path.join(model_dir, "text_encoder_2"),
+                                                               "text_encoder"), eos_token_id=49407, pad_token_id_2=0)
+    spec = spec_from(configs["text_encoder"], configs["unet"], configs["vae"], prediction_type, len(alphas_cumprod),
+                     **sdxl_args)
+    return spec, alphas_cumprod
 
 
 def check_sdxl_parts(model_dir, text, text_2, unet_config, tokenizer_2):

@@ -77,11 +77,15 @@ class Compute:
       dtype: compute dtype of the frozen modules ("bfloat16" for --mixed_precision bf16).
       attention: an attention.IMPLEMENTATIONS name, resolved per call site by shape.
       remat: rematerialise the UNet's blocks in the backward pass (--gradient_checkpointing).
+      backend: the platform the program is traced for, which "auto" attention resolves against:
+        None (every run) means jax.default_backend(); `ti_flax.plan` sets "tpu" to compile a
+        TPU's program on a machine without one.
     """
 
     dtype: str = "float32"
     attention: str = "auto"
     remat: bool = False
+    backend: Optional[str] = None
 
 
 @dataclasses.dataclass

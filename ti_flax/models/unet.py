@@ -330,29 +330,30 @@ def _resnet(p, x, temb, config, scale=1.0):
     return (x + h) / scale if scale != 1 else x + h
 
 
-def _attention(p, x, context, heads, implementation):
+def _attention(p, x, context, heads, implementation, backend):
     """diffusers' Attention (to_q/k/v without bias, to_out.0 with): [B, L, C] -> [B, L, C]."""
     q, k, v = layers.linear(p["to_q"], x), layers.linear(p["to_k"], context), layers.linear(p["to_v"], context)
     b, lq, c = q.shape
     lk, d = k.shape[1], c // heads
     impl = attn_lib.resolve(
-        implementation, backend=jax.default_backend(), dtype=q.dtype, q_len=lq, kv_len=lk, head_dim=d
+        implementation, backend=backend, dtype=q.dtype, q_len=lq, kv_len=lk, head_dim=d
     )
     out = attn_lib.attention(
-        q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d), v.reshape(b, lk, heads, d), implementation=impl
+        q.reshape(b, lq, heads, d), k.reshape(b, lk, heads, d), v.reshape(b, lk, heads, d), implementation=impl,
+        backend=backend,
     )
     return layers.linear(p["to_out"]["0"], out.reshape(b, lq, c))
 
 
-def _basic_transformer_block(p, x, context, heads, implementation):
+def _basic_transformer_block(p, x, context, heads, implementation, backend):
     h = layers.layer_norm(p["norm1"], x)
-    x = x + _attention(p["attn1"], h, h, heads, implementation)
-    x = x + _attention(p["attn2"], layers.layer_norm(p["norm2"], x), context, heads, implementation)
+    x = x + _attention(p["attn1"], h, h, heads, implementation, backend)
+    x = x + _attention(p["attn2"], layers.layer_norm(p["norm2"], x), context, heads, implementation, backend)
     value, gate = jnp.split(layers.linear(p["ff"]["net"]["0"]["proj"], layers.layer_norm(p["norm3"], x)), 2, axis=-1)
     return x + layers.linear(p["ff"]["net"]["2"], value * jax.nn.gelu(gate, approximate=False))  # GEGLU, exact GELU
 
 
-def _transformer(p, x, context, config, level, implementation):
+def _transformer(p, x, context, config, level, implementation, backend):
     """Transformer2DModel over NHWC: GroupNorm(eps 1e-6), proj_in, blocks, proj_out, residual.
 
     `level`: the down level whose head count and depth it has (the mid block is level -1)."""
@@ -364,7 +365,7 @@ def _transformer(p, x, context, config, level, implementation):
     else:
         y = layers.conv2d(p["proj_in"], y).reshape(b, h * w, c)
     for j in range(num_layers):
-        y = _basic_transformer_block(p["transformer_blocks"][str(j)], y, context, heads, implementation)
+        y = _basic_transformer_block(p["transformer_blocks"][str(j)], y, context, heads, implementation, backend)
     if config.use_linear_projection:
         y = layers.linear(p["proj_out"], y).reshape(b, h, w, c)
     else:
@@ -395,12 +396,12 @@ def _upsample(p, x, size):
 # can wrap them).
 
 
-def _down_block(p, x, temb, context, *, config, i, implementation):
+def _down_block(p, x, temb, context, *, config, i, implementation, backend):
     skips = []
     for j in range(config.layers[i]):
         x = _resnet(p["resnets"][str(j)], x, temb, config)
         if config.down_block_types[i] == "CrossAttnDownBlock2D":
-            x = _transformer(p["attentions"][str(j)], x, context, config, i, implementation)
+            x = _transformer(p["attentions"][str(j)], x, context, config, i, implementation, backend)
         skips.append(x)
     if i < config.num_blocks - 1:
         x = _downsample(p["downsamplers"]["0"]["conv"], x, config.downsample_padding)
@@ -408,20 +409,20 @@ def _down_block(p, x, temb, context, *, config, i, implementation):
     return x, tuple(skips)
 
 
-def _mid_block(p, x, temb, context, *, config, implementation):
+def _mid_block(p, x, temb, context, *, config, implementation, backend):
     scale = config.mid_block_scale_factor
     x = _resnet(p["resnets"]["0"], x, temb, config, scale)
-    x = _transformer(p["attentions"]["0"], x, context, config, -1, implementation)
+    x = _transformer(p["attentions"]["0"], x, context, config, -1, implementation, backend)
     return _resnet(p["resnets"]["1"], x, temb, config, scale)
 
 
-def _up_block(p, x, temb, context, skips, *, config, i, upsample_size, implementation):
+def _up_block(p, x, temb, context, skips, *, config, i, upsample_size, implementation, backend):
     r = config.num_blocks - 1 - i
     for j in range(config.layers[r] + 1):
         x = jnp.concatenate([x, skips[-1 - j]], axis=-1)  # skip connections, last first
         x = _resnet(p["resnets"][str(j)], x, temb, config)
         if config.up_block_types[i] == "CrossAttnUpBlock2D":
-            x = _transformer(p["attentions"][str(j)], x, context, config, r, implementation)
+            x = _transformer(p["attentions"][str(j)], x, context, config, r, implementation, backend)
     if upsample_size is not None:
         x = _upsample(p["upsamplers"]["0"], x, upsample_size)
     return x
@@ -438,6 +439,7 @@ def apply(
     attention="dense",
     remat=False,
     dtype=jnp.float32,
+    backend=None,
 ):
     """The UNet's prediction (epsilon or v, per the model) for NHWC latents.
 
@@ -454,11 +456,14 @@ def apply(
       remat: wrap each down, mid and up block in jax.checkpoint: same values and gradients,
         activations recomputed in the backward pass instead of stored.
       dtype: compute dtype of activations (norm and softmax statistics stay float32).
+      backend: the platform the program is for, which `attention` resolves against (None:
+        jax.default_backend(); "tpu" when compiling for a TPU from another machine).
     Returns:
       [B, H, W, out_channels] in `dtype`.
     """
     if attention not in attn_lib.IMPLEMENTATIONS:
         raise UserError(f"--attention {attention!r}: choose one of {', '.join(attn_lib.IMPLEMENTATIONS)}")
+    backend = backend or jax.default_backend()
     x = jnp.asarray(sample).astype(dtype)
     batch = x.shape[0]
     context = jnp.asarray(encoder_hidden_states).astype(dtype)
@@ -483,7 +488,7 @@ def apply(
         temb = temb + layers.linear(a["linear_2"], jax.nn.silu(layers.linear(a["linear_1"], add)))
 
     def block(fn, **static):
-        fn = functools.partial(fn, config=config, implementation=attention, **static)
+        fn = functools.partial(fn, config=config, implementation=attention, backend=backend, **static)
         return jax.checkpoint(fn) if remat else fn
 
     x = layers.conv2d(params["conv_in"], x)
@@ -500,3 +505,33 @@ def apply(
         x = block(_up_block, i=i, upsample_size=size)(params["up_blocks"][str(i)], x, temb, context, tuple(mine))
     x = jax.nn.silu(layers.group_norm(params["conv_norm_out"], x, config.norm_num_groups, config.norm_eps))
     return layers.conv2d(params["conv_out"], x)
+
+
+def attention_sites(config, latent_size, context_length):
+    """Every attention call of one forward pass at `latent_size` (h, w), in the order `apply` makes them.
+
+    Returns:
+      a list of (kind, q_len, kv_len, head_dim): kind "self" or "cross", the query and key
+      lengths and each head's size, as `_attention` sees them (what `attention.resolve` decides by).
+    """
+    h, w = latent_size
+    sides = [(h, w)]
+    for _ in range(config.num_blocks - 1):  # each downsampler halves, rounding up
+        sides.append((-(-sides[-1][0] // 2), -(-sides[-1][1] // 2)))
+
+    def transformer(level):
+        tokens = sides[level][0] * sides[level][1]
+        head_dim = config.block_out_channels[level] // config.heads[level]
+        return [("self", tokens, tokens, head_dim), ("cross", tokens, context_length, head_dim)] * (
+            config.transformer_layers[level])
+
+    sites = []
+    for i in range(config.num_blocks):
+        if config.down_block_types[i] == "CrossAttnDownBlock2D":
+            sites += transformer(i) * config.layers[i]
+    sites += transformer(config.num_blocks - 1)
+    for i in range(config.num_blocks):
+        r = config.num_blocks - 1 - i
+        if config.up_block_types[i] == "CrossAttnUpBlock2D":
+            sites += transformer(r) * (config.layers[r] + 1)
+    return sites

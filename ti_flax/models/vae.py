@@ -177,7 +177,7 @@ def resnet(p, x, config):
     return x + h
 
 
-def attention(p, x, config):
+def attention(p, x, config, backend=None):
     """The mid block's single-head self-attention over all H*W positions, with a residual
     (diffusers' Attention with group_norm, heads = channels // attention_head_dim = 1)."""
     b, h, w, c = x.shape
@@ -185,17 +185,17 @@ def attention(p, x, config):
     q, k, v = (layers.linear(p[name], tokens).reshape(b, h * w, 1, c) for name in ("to_q", "to_k", "to_v"))
     # One head of all C channels (512 in SD): "auto" chunks the 4096-token (512 px) attention on
     # CPU; the fused kernels are not tried with heads that wide.
-    impl = attn_lib.resolve("auto", backend=jax.default_backend(), dtype=q.dtype, q_len=h * w, kv_len=h * w,
+    impl = attn_lib.resolve("auto", backend=backend or jax.default_backend(), dtype=q.dtype, q_len=h * w, kv_len=h * w,
                             head_dim=c)
     impl = impl if impl in ("dense", "chunked") else "dense"
     out = layers.linear(p["to_out"]["0"], attn_lib.attention(q, k, v, implementation=impl).reshape(b, h * w, c))
     return x + out.reshape(b, h, w, c)
 
 
-def mid_block(p, x, config):
+def mid_block(p, x, config, backend=None):
     x = resnet(p["resnets"]["0"], x, config)
     if "attentions" in p:
-        x = attention(p["attentions"]["0"], x, config)
+        x = attention(p["attentions"]["0"], x, config, backend)
     return resnet(p["resnets"]["1"], x, config)
 
 
@@ -215,13 +215,14 @@ def upsample(p, x):
 # Encoder / decoder
 
 
-def encode(params, config, pixels, *, dtype=jnp.float32):
+def encode(params, config, pixels, *, dtype=jnp.float32, backend=None):
     """Posterior moments of the VAE for pixels.
 
     Args:
       params: the VAE's nested params. config: VAEConfig.
       pixels: [B, H, W, in_channels] in [-1, 1] (H, W multiples of config.scale_factor).
       dtype: activation dtype (group norm and softmax statistics stay float32).
+      backend: the platform the program is for (None: jax.default_backend()).
     Returns:
       (mean, logvar), each [B, H/f, W/f, latent_channels] in dtype; logvar clipped to [-30, 20]
       as diffusers' DiagonalGaussianDistribution does. The UNet's latents are mean (or a sample)
@@ -236,7 +237,7 @@ def encode(params, config, pixels, *, dtype=jnp.float32):
             x = resnet(block["resnets"][str(j)], x, config)
         if "downsamplers" in block:
             x = downsample(block["downsamplers"]["0"], x)
-    x = mid_block(p["mid_block"], x, config)
+    x = mid_block(p["mid_block"], x, config, backend)
     x = layers.conv2d(p["conv_out"], act(_group_norm(p["conv_norm_out"], x, config.norm_num_groups)))
     if config.use_quant_conv:
         x = layers.conv2d(params["quant_conv"], x)
