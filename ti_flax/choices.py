@@ -18,6 +18,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polyno
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> the frozen models' dtype
 REPORT_TO = ("auto", "tensorboard", "none")
 SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
+EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, leave the norms or set them to the target
 
 
 class Choice(NamedTuple):
@@ -33,6 +34,7 @@ TABLE = (
     Choice("--interpolation", tuple(INTERPOLATIONS), "bicubic"),
     Choice("--lr_scheduler", LR_SCHEDULERS, "constant"),
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
+    Choice("--embedding_norm", EMBEDDING_NORMS, "none"),
     Choice("--attention", ATTENTION, "auto"),
     Choice("--report_to", REPORT_TO, "auto"),
     Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm; SDXL: the model's own"),
