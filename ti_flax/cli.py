@@ -93,11 +93,12 @@ def build_parser():
                "write it as the embeddings (final, --save_steps, checkpoints, --save_as_full_pipeline) and use it for "
                "the validation images")
     g.add_argument("--ema_decay", type=float, default=d.ema_decay,
-                   help="the EMA's decay: update k moves the average 1 - d of the way to the rows, "
+                   help="the EMA's decay (default 0.9999, diffusers' EMAModel's): update k moves the average 1 - d of the way to the rows, "
                    "d = min((1 + s) / (10 + s), ema_decay), s = k - ema_update_after_step - 1 (0 while s <= 0: the "
                    "average is the rows); needs --use_ema")
     g.add_argument("--ema_update_after_step", type=int, default=d.ema_update_after_step,
-                   help="updates before the EMA starts averaging (it copies the rows until then); needs --use_ema")
+                   help="diffusers' update_after_step U: the EMA copies the rows for the first U + 1 updates, then "
+                   "averages (default 0); needs --use_ema")
     g = p.add_argument_group("speed and memory")
     g.add_argument("--mixed_precision", default=d.mixed_precision, metavar="{" + ",".join(MIXED_PRECISION) + "}",
                    help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")
