@@ -111,8 +111,10 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
     lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
     spec = model_spec(model)
     params = models.abstract_params(spec)
-    config = TrainConfig(mixed_precision=variant.mixed_precision, gradient_accumulation_steps=variant.accumulation)
-    opt_spec = OptimizerSpec.from_config(config, 1, 1000)
+    config = TrainConfig(mixed_precision=variant.mixed_precision, gradient_accumulation_steps=variant.accumulation,
+                         **dict(getattr(variant, "rows", ())))
+    # A norm target per text encoder (any positive number costs the same as the tables' medians).
+    opt_spec = OptimizerSpec.from_config(config, 1, 1000, (0.4,) * len(spec.text_widths), spec.text_widths)
     hidden, latent = spec.row_width, resolution // spec.vae_scale_factor
     ids = {"input_ids": S((batch, 77), jnp.int32)}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))

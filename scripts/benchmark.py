@@ -51,6 +51,7 @@ class Variant:
     remat: bool = False
     accumulation: int = 1
     attention: str = "auto"  # ti_flax's --attention; "auto" is chunked on CPU, dense on TPU/GPU
+    rows: tuple = ()  # (TrainConfig field, value) pairs for what follows each update, e.g. (("use_ema", True),)
 
 
 VARIANTS = {
@@ -72,6 +73,10 @@ VARIANTS = {
         Variant("ours+remat+cache+bf16", remat=True, cache_latents=True, mixed_precision="bf16"),
         Variant("ours+chunked+remat+cache+bf16", attention="chunked", remat=True, cache_latents=True,
                 mixed_precision="bf16"),
+        Variant("ours+preserve", rows=(("embedding_norm", "preserve"),)),
+        Variant("ours+normdecay", rows=(("embedding_norm_decay", 0.1),)),
+        Variant("ours+ema", rows=(("use_ema", True),)),
+        Variant("ours+preserve+ema+accum2", accumulation=2, rows=(("embedding_norm", "preserve"), ("use_ema", True))),
     )
 }
 WALLCLOCK_VARIANTS = "baseline,ours,ours+cache,ours-dense,ours+bf16,ours-dense+remat"
@@ -330,7 +335,8 @@ def cost(args):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)  # keep these out of the cache
     results = []
     for batch in args.cost_batches:
-        for name in COST_VARIANTS.get(batch, COST_VARIANTS[1]):
+        names = args.cost_variants.split(",") if args.cost_variants else COST_VARIANTS.get(batch, COST_VARIANTS[1])
+        for name in names:
             results.append(abstract_cost(VARIANTS[name], batch, 512, compile_it=not args.lowered_only))
             r = results[-1]
             print(f"  SD1.5 512px batch {batch} {name}: {r['flops'] / 1e12:.3f} TFLOP, "
@@ -439,6 +445,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=WALLCLOCK_VARIANTS, help="comma-separated wall-clock variants")
     p.add_argument("--devices", default="1,all", help="device counts for the wall clock, e.g. 1,all")
     p.add_argument("--cost-batches", default="1,8", help="batch sizes for the SD 1.5 cost analysis")
+    p.add_argument("--cost-variants", help="comma-separated variants for the cost analysis at every batch size "
+                   "(default: each size's own list), e.g. ours,ours+preserve,ours+normdecay,ours+ema")
     p.add_argument("--lowered-only", action="store_true", help="cost of the unoptimised HLO (fast, no compile)")
     p.add_argument("--skip-wallclock", action="store_true")
     p.add_argument("--skip-cost", action="store_true")

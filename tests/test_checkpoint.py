@@ -108,6 +108,10 @@ def fewer_images(sample_images_dir, out):
         ({"gradient_accumulation_steps": 2}, "--gradient_accumulation_steps"),
         ({"train_batch_size": 2}, "global_batch_size"),
         ({"train_data_dir": "FEWER"}, "num_images"),
+        # Settings newer than some checkpoints: off in them, so turning one on is refused by name.
+        ({"embedding_norm": "preserve"}, "--embedding_norm "),
+        ({"embedding_norm_decay": 0.5}, "--embedding_norm_decay"),
+        ({"use_ema": True}, "--use_ema"),
     ],
 )
 def test_resume_refuses_each_must_match_setting(changes, named, three_step_run, sample_images_dir, tmp_path):

@@ -1,8 +1,9 @@
 """Checkpoints: save and restore a run's trainable state atomically, and find the latest one.
 
 A checkpoint is `output_dir/checkpoint-{step}/` holding
-  state.safetensors           the learned rows, every optimizer moment and count, the step;
-  learned_embeds.safetensors  the rows in diffusers' layout (usable as they are);
+  state.safetensors           the learned rows, every optimizer moment and count, the step
+                              (and with --use_ema the rows' moving average);
+  learned_embeds.safetensors  the rows in diffusers' layout (usable as they are; the EMA with --use_ema);
   meta.json                   step, tokens, run config, model fingerprint, batch geometry.
 It is written under a hidden temporary name and renamed into place only when complete, so a
 killed process never leaves a `checkpoint-N` that `latest` would pick. The frozen models are
@@ -48,6 +49,13 @@ MUST_MATCH = (
     "flip_p",
     "seed",
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
+    # What follows each update; a checkpoint from before these existed had them off.
+    "embedding_norm",
+    "embedding_norm_target",
+    "embedding_norm_decay",
+    "use_ema",  # the state holds the EMA or not
+    "ema_decay",
+    "ema_update_after_step",
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only
@@ -138,7 +146,7 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
         with files.writing(os.path.join(final, STATE_FILE)):
             files.write_bytes(os.path.join(tmp, STATE_FILE), files.safetensors_bytes(flat))
         widths = meta.get("text_widths") or [np.shape(state.rows)[-1]]
-        for name, token, rows in embedding_files(meta, state.rows):
+        for name, token, rows in embedding_files(meta, state.output_rows):  # with --use_ema, the EMA
             with files.writing(os.path.join(final, name)):
                 formats.save_trained(os.path.dirname(os.path.join(tmp, name)), token, rows, widths)
         with files.writing(os.path.join(final, META_FILE)):

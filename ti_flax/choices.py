@@ -19,6 +19,7 @@ MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> 
 REPORT_TO = ("auto", "tensorboard", "none")
 SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
 PLAN_TARGETS = ("v4", "v5e", "v5p", "v6e", "local")  # ti_flax.plan's --target: a TPU generation, or this machine
+EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, leave the norms or set them to the target
 
 
 class Choice(NamedTuple):
@@ -34,6 +35,7 @@ TABLE = (
     Choice("--interpolation", tuple(INTERPOLATIONS), "bicubic"),
     Choice("--lr_scheduler", LR_SCHEDULERS, "constant"),
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
+    Choice("--embedding_norm", EMBEDDING_NORMS, "none"),
     Choice("--attention", ATTENTION, "auto"),
     Choice("--report_to", REPORT_TO, "auto"),
     Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm; SDXL: the model's own"),

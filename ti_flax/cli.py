@@ -4,8 +4,8 @@ import argparse
 import dataclasses
 import os
 
-from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION, PREDICTION_TYPES,
-                      REPORT_TO)
+from .choices import (ATTENTION, EMBEDDING_NORMS, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION,
+                      PREDICTION_TYPES, REPORT_TO)
 from .config import TrainConfig
 from .errors import UserError
 
@@ -79,6 +79,26 @@ def build_parser():
     g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (off by default)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps,
                    help="micro-batches per optimizer update; --max_train_steps and --checkpointing_steps count updates")
+    g = p.add_argument_group("the learned rows after each optimizer update (all off by default)")
+    g.add_argument("--embedding_norm", choices=EMBEDDING_NORMS, default=d.embedding_norm,
+                   help="preserve: rescale each learned vector to the target norm after every update, as OneTrainer's "
+                   "preserve embedding norm (SDXL: each text encoder's part to its own target)")
+    g.add_argument("--embedding_norm_target", type=float, nargs="+", metavar="NORM", default=d.embedding_norm_target,
+                   help="the target norm of --embedding_norm and --embedding_norm_decay (default: the median row norm "
+                   "of the text encoder's token table); SDXL: two, CLIP-L's then bigG's")
+    g.add_argument("--embedding_norm_decay", type=float, metavar="R", default=d.embedding_norm_decay,
+                   help="after every update, pull each learned vector's norm toward the target, direction kept: "
+                   "norm <- norm + R * (target - norm), 0 <= R <= 1 (0: off; 1: as --embedding_norm preserve)")
+    _bool_flag(g, "use_ema", "keep an exponential moving average of the learned rows, as diffusers' EMAModel, and "
+               "write it as the embeddings (final, --save_steps, checkpoints, --save_as_full_pipeline) and use it for "
+               "the validation images")
+    g.add_argument("--ema_decay", type=float, default=d.ema_decay,
+                   help="the EMA's decay (default 0.9999, diffusers' EMAModel's): update k moves the average 1 - d of the way to the rows, "
+                   "d = min((1 + s) / (10 + s), ema_decay), s = k - ema_update_after_step - 1 (0 while s <= 0: the "
+                   "average is the rows); needs --use_ema")
+    g.add_argument("--ema_update_after_step", type=int, default=d.ema_update_after_step,
+                   help="diffusers' update_after_step U: the EMA copies the rows for the first U + 1 updates, then "
+                   "averages (default 0); needs --use_ema")
     g = p.add_argument_group("speed and memory")
     g.add_argument("--mixed_precision", default=d.mixed_precision, metavar="{" + ",".join(MIXED_PRECISION) + "}",
                    help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")
@@ -139,6 +159,8 @@ def parse_config(argv=None, parser=None, validate=True):
         )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in args.items() if k in known}
+    if values["embedding_norm_target"] is not None:
+        values["embedding_norm_target"] = tuple(values["embedding_norm_target"])
     if values["max_train_steps"] == 0:
         values["max_train_steps"] = None
     config = TrainConfig(**values)

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 from . import concepts as concepts_lib
 from .errors import UserError
-from .choices import (ATTENTION, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION,
-                      PREDICTION_TYPES, REPORT_TO, one_of)
+from .choices import (ATTENTION, EMBEDDING_NORMS, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS,
+                      MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of)
 from .logs import tensorboard_available
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
@@ -73,6 +73,13 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: Optional[float] = None
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer update
+    # The learned rows after each update (all off by default)
+    embedding_norm: str = "none"  # "preserve": each vector rescaled to the target norm
+    embedding_norm_target: Optional[Any] = None  # a norm per text encoder (SDXL: two); None: each table's median
+    embedding_norm_decay: float = 0.0  # R: norm <- norm + R * (target - norm); 0: off
+    use_ema: bool = False  # the embeddings written are the rows' moving average
+    ema_decay: float = 0.9999  # diffusers' EMAModel decay (its warm-up caps at it)
+    ema_update_after_step: int = 0  # diffusers' EMAModel update_after_step
     # Speed and memory
     mixed_precision: str = "no"  # "bf16": frozen weights and activations in bfloat16
     cache_latents: bool = False  # VAE-encode each (image, flip) view once, up front
@@ -201,6 +208,7 @@ class TrainConfig:
              f"--validation_seed must be in [0, 2**32), got {self.validation_seed}"),
             (self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}"),
             one_of("--report_to", self.report_to, REPORT_TO),
+            *self._row_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -211,6 +219,41 @@ class TrainConfig:
         if self.report_to == "tensorboard" and not tensorboard_available():
             raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
         return listed
+
+    def _row_checks(self):
+        """(ok, message) for the flags that act on the rows after each update."""
+        targets = self.norm_targets
+        decay = self.embedding_norm_decay
+        controls = self.embedding_norm == "preserve" or (isinstance(decay, (int, float)) and decay > 0)
+        return [
+            one_of("--embedding_norm", self.embedding_norm, EMBEDDING_NORMS),
+            (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0,
+             f"--embedding_norm_decay must be between 0 and 1 (0 turns it off), got {decay}"),
+            (not (self.embedding_norm == "preserve" and decay),
+             "--embedding_norm_decay does nothing with --embedding_norm preserve, which sets each norm to the target "
+             "after every update; pass one of them"),
+            (targets is None or controls,
+             "--embedding_norm_target needs --embedding_norm preserve or --embedding_norm_decay: alone it does nothing"),
+            (targets is None or (len(targets) in (1, 2) and all(math.isfinite(t) and t > 0 for t in targets)),
+             f"--embedding_norm_target must be one positive number (SDXL: two, CLIP-L's and bigG's), got "
+             f"{self.embedding_norm_target}"),
+            (isinstance(self.ema_decay, (int, float)) and 0.0 < self.ema_decay < 1.0,
+             f"--ema_decay must be between 0 and 1 (both excluded), got {self.ema_decay}"),
+            (self.ema_update_after_step >= 0, f"--ema_update_after_step must be >= 0, got {self.ema_update_after_step}"),
+            (self.use_ema or (self.ema_decay == TrainConfig.ema_decay and self.ema_update_after_step == 0),
+             "--ema_decay and --ema_update_after_step need --use_ema: without it they do nothing"),
+        ]
+
+    @property
+    def norm_targets(self):
+        """--embedding_norm_target as a tuple of floats (a single number given alone is one), or None."""
+        given = self.embedding_norm_target
+        if given is None:
+            return None
+        try:
+            return tuple(float(t) for t in (given if isinstance(given, (list, tuple)) else (given,)))
+        except (TypeError, ValueError):
+            return ()  # not numbers: _row_checks names the flag
 
     def _validate_concepts(self, listed):
         """Check --concepts as read (after the flags, which give its entries' defaults)."""

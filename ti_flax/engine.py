@@ -57,8 +57,9 @@ class Engine:
         return metrics
 
     def rows(self):
-        """The learned rows now, float32 numpy [num_vectors, hidden] (waits for the last update)."""
-        return parallel.unreplicate(self.state.rows)
+        """The rows the run's outputs use now, float32 numpy [num_vectors, hidden] (waits for the
+        last update): the learned rows, or with --use_ema their moving average."""
+        return parallel.unreplicate(self.state.output_rows)
 
 
 def build(run, state=None, start_step=0, *, keep_vae=False):

@@ -96,6 +96,7 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False)
         f"{config.train_batch_size} per device, resolution {config.resolution}, final loss "
         f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
         "",
+        *[line for note in rows_notes(config) for line in (note[0].upper() + note[1:] + ".", "")],
         f"![loss curve]({LOSS_CURVE})",
         "",
     ]
@@ -141,6 +142,23 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False)
     return lines
 
 
+def rows_notes(config):
+    """What the card says about the rows after each update: a sentence each for the norm
+    control and the EMA that are on (none with both off)."""
+    notes = []
+    target = ("the median row norm of the text encoder's token table" if config.norm_targets is None
+              else f"{' / '.join(f'{t:g}' for t in config.norm_targets)}")
+    if config.embedding_norm == "preserve":
+        notes.append(f"each vector rescaled to norm {target} after every update (`--embedding_norm preserve`)")
+    elif config.embedding_norm_decay:
+        notes.append(f"each vector's norm pulled {config.embedding_norm_decay:g} of the way to {target} after every "
+                     "update (`--embedding_norm_decay`)")
+    if config.use_ema:
+        notes.append(f"the embeddings are the exponential moving average of the learned rows (`--use_ema`, decay "
+                     f"{config.ema_decay:g}), and so are the validation images")
+    return notes
+
+
 def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
     """The card's lines for a run of one concept."""
     out = config.output_dir
@@ -166,6 +184,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
         f"| learning rate | {config.learning_rate:g} ({config.lr_scheduler}{', scaled' if config.scale_lr else ''}) |",
         f"| batch | {config.train_batch_size} per device |",
         f"| resolution | {config.resolution} |",
+        *[f"| learned rows | {note} |" for note in rows_notes(config)],
         f"| final loss | {final} |",
         "",
         f"![loss curve]({LOSS_CURVE})",

@@ -90,6 +90,7 @@ def print_banner(run):
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {attention_summary(run)}\n"
         f"{_captions_line(run)}"
+        f"{_rows_line(run)}"
         f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
         f"  output     {config.output_dir}",
         flush=True,
@@ -127,6 +128,22 @@ def _captions_line(run):
     n, k = len(run.data.images), run.data.num_captioned
     rest = f"; {n - k} on the {run.config.learnable_property} templates" if k < n else ""
     return f"  captions   {k} of {n} images ({run.config.caption_extension} files){rest}\n"
+
+
+def _rows_line(run):
+    """The banner's line on what follows each update: the norm control with its target(s), the
+    EMA ("" with both off)."""
+    opt, parts = run.opt_spec, []
+    if opt.norm is not None:
+        names = ("CLIP-L", "bigG") if len(opt.norm.targets) == 2 else ("",)
+        targets = " and ".join(f"{t:.4g}{f' ({n})' if n else ''}" for t, n in zip(opt.norm.targets, names))
+        source = "--embedding_norm_target" if run.config.embedding_norm_target is not None else "median of the token table"
+        how = "set to" if opt.norm.rate == 1 else f"pulled {opt.norm.rate:g} of the way to"
+        parts.append(f"each vector's norm {how} {targets} ({source})")
+    if opt.ema is not None:
+        after = f", from update {opt.ema.update_after_step + 2}" if opt.ema.update_after_step else ""
+        parts.append(f"EMA decay {opt.ema.decay:g}{after}: the embeddings written are the EMA")
+    return f"  rows       after each update: {'; '.join(parts)}\n" if parts else ""
 
 
 def print_summary(run, files, history, timings):

@@ -124,7 +124,9 @@ def prepare(config, devices=None):
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
     epochs_batches = config.num_train_epochs * data.steps_per_epoch
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
-    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
+    controls_norms = config.embedding_norm != "none" or config.embedding_norm_decay > 0
+    targets = norm_targets(config, model.spec, tables) if controls_norms else ()
+    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
     if config.push_to_hub:
         check_hub_token(config)
     fingerprint = ckpt.model_fingerprint(model.spec, tables[0])
@@ -166,6 +168,25 @@ def initial_rows(config, concept, model, tables):
     init_ids = [tokens_lib.initializer_id(tokenizer, concept.initializer_token) for tokenizer in model.tokenizers]
     return tokens_lib.join_rows([tokens_lib.initial_rows(table, init_id, concept.num_vectors)
                                  for table, init_id in zip(tables, init_ids)])
+
+
+def norm_targets(config, spec, tables):
+    """Each text encoder's target norm for --embedding_norm / --embedding_norm_decay: the
+    --embedding_norm_target given, or the median row norm of each encoder's token table
+    (`tables`). SDXL's two encoders need a target each: one number for both is refused, since
+    the CLIP-L and bigG tables' norms differ."""
+    given = config.norm_targets
+    if given is None:
+        return tuple(tokens_lib.median_norm(table) for table in tables)
+    if len(given) != len(tables):
+        medians = " ".join(f"{tokens_lib.median_norm(table):.4g}" for table in tables)
+        if spec.is_sdxl:
+            raise UserError(f"--embedding_norm_target: an SDXL row has a CLIP-L part and a bigG part, whose tables' "
+                            f"norms differ; give a target for each (their medians: --embedding_norm_target {medians}) "
+                            "or none for those medians")
+        raise UserError(f"--embedding_norm_target: this model has one text encoder; give one target (its table's "
+                        f"median: {medians}) or none for that median")
+    return given
 
 
 def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):

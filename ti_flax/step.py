@@ -51,16 +51,26 @@ class Frozen(NamedTuple):
 
 
 class TrainState(NamedTuple):
-    """What training changes: the step counter, the learned rows and their optimizer state."""
+    """What training changes: the step counter, the learned rows and their optimizer state, and
+    with --use_ema the rows' moving average (None without: the tree, and so a checkpoint, is
+    then exactly what it was before the EMA existed)."""
 
     step: Any  # int32 scalar
     rows: Any  # float32 [num_vectors, hidden]
     opt_state: Any
+    ema: Any = None  # float32 [num_vectors, hidden], or None
+
+    @property
+    def output_rows(self):
+        """The rows a run's embeddings, validation images and pipeline use: the EMA with
+        --use_ema, else the learned rows."""
+        return self.rows if self.ema is None else self.ema
 
 
 def init_state(rows, opt_spec):
     rows = jnp.asarray(rows, jnp.float32)
-    return TrainState(step=jnp.zeros((), jnp.int32), rows=rows, opt_state=opt_spec.build().init(rows))
+    ema = jnp.array(rows) if opt_spec.ema is not None else None  # diffusers' EMAModel: a copy of the start
+    return TrainState(step=jnp.zeros((), jnp.int32), rows=rows, opt_state=opt_spec.build().init(rows), ema=ema)
 
 
 def noisy_latents(alphas_cumprod, latents, noise, timesteps):
@@ -162,8 +172,9 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         moments), with input_ids int32 [B, L], example_ids int [B], concept_ids int32 [B]
         (read only when num_concepts > 1) and, for SDXL, time_ids float32 [B, 6].
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
-      spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec,
-        num_concepts: the run's concepts (all static).
+      spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (with
+        what follows each update: the rows' norm control and EMA), num_concepts: the run's
+        concepts (all static).
     Returns:
       (new TrainState, metrics dict of scalars averaged over devices; with several concepts, also
       "concept_loss_sum" and "concept_count", float32 [num_concepts], summed over devices).
@@ -181,7 +192,10 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         extra = {"concept_loss_sum": sums, "concept_count": counts}
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
     updates, opt_state = opt_spec.build().update(grads, state.opt_state, state.rows)
-    rows = optax.apply_updates(state.rows, updates)
+    updated = opt_spec.updated(opt_state)
+    step = state.step + jnp.asarray(updated, jnp.int32)
+    # The norm control and the EMA, when on, once per optimizer update.
+    rows, ema = opt_spec.after_update(optax.apply_updates(state.rows, updates), state.ema, step, updated)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -189,8 +203,7 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads)),
         **extra,
     }
-    step = state.step + jnp.asarray(opt_spec.updated(opt_state), jnp.int32)
-    return TrainState(step, rows, opt_state), metrics
+    return TrainState(step, rows, opt_state, ema), metrics
 
 
 def mean_metrics(micro_metrics):

@@ -124,6 +124,13 @@ def split_rows(rows, widths):
 
 
 def join_rows(parts):
-    """One row per vector from each text encoder's rows [N, D_i], side by side: [N, sum(D_i)]
-    (the inverse of `split_rows`)."""
-    return np.concatenate(parts, axis=1)
+    """One row per vector from each text encoder's rows [..., D_i], side by side: [..., sum(D_i)]
+    (the inverse of `split_rows`; numpy in, numpy out; jax arrays, traced ones included, likewise)."""
+    xp = parts[0].__array_namespace__() if hasattr(parts[0], "__array_namespace__") else np
+    return xp.concatenate(parts, axis=-1)
+
+
+def median_norm(table):
+    """The median L2 norm of a token table's rows [vocab, D] (numpy's median, of float32 norms):
+    the default target of --embedding_norm and --embedding_norm_decay."""
+    return float(np.median(np.linalg.norm(np.asarray(table, np.float32), axis=1)))
