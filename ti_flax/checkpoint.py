@@ -48,6 +48,7 @@ MUST_MATCH = (
     "flip_p",
     "seed",
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
+    "validation_split",  # which images are held out of training
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only
