@@ -84,10 +84,16 @@ def activation_bytes(spec, compute, params, batch, latent):
     return int(sum(v.aval.size * v.aval.dtype.itemsize for v in saved))
 
 
-def cost_dict(cost):
-    """{"flops", "bytes_accessed"} from XLA's cost analysis."""
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
-    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+def analysed(lowered, compile_it):
+    """XLA's figures of a lowered program: {"flops", "bytes_accessed", "analysis"}, of the compiled
+    (fused) program with its "xla_memory", or of the unoptimised HLO (fast)."""
+    from ti_flax import footprint
+
+    if compile_it:
+        compiled = lowered.compile()
+        return {**footprint.cost_dict(compiled.cost_analysis()), "xla_memory": footprint.memory_dict(compiled),
+                "analysis": "compiled"}
+    return {**footprint.cost_dict(lowered.cost_analysis()), "analysis": "lowered"}
 
 
 def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
@@ -150,12 +156,48 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
     out = {"variant": variant.name, "batch": batch, "resolution": resolution, "model": model}
     if not variant.reference:
         out["activation_residual_bytes"] = activation_bytes(spec, compute, params, batch, latent)
-    if compile_it:
-        compiled = lowered.compile()
-        out.update(footprint.cost_dict(compiled.cost_analysis()), xla_memory=footprint.memory_dict(compiled),
-                   analysis="compiled")
-    else:
-        out.update(footprint.cost_dict(lowered.cost_analysis()), analysis="lowered")
+    out.update(analysed(lowered, compile_it))
     out["lower_compile_s"] = time.perf_counter() - start
     out["tpu_min_s_per_step"] = {name: out["flops"] / chip.peak_flops for name, chip in footprint.CHIPS.items()}
+    return out
+
+
+def validation_loss_cost(variant, resolution, compile_it=True, model="sd15"):
+    """FLOPs and bytes of one device's call of the validation loss (--validation_loss_steps):
+    validation_loss.BATCH_PER_DEVICE examples, forward only, in `variant`'s dtype and attention
+    (with its cache_latents, from cached moments).
+
+    Returns: a dict as abstract_cost's, with "examples" (per call) in place of "batch".
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from ti_flax import data, models, step as step_lib, validation_loss
+    from ti_flax.config import TrainConfig
+
+    S = jax.ShapeDtypeStruct
+    lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
+    spec = model_spec(model)
+    params = models.abstract_params(spec)
+    batch, latent = validation_loss.BATCH_PER_DEVICE, resolution // spec.vae_scale_factor
+    attention = "dense" if variant.attention == "auto" else variant.attention
+    compute = models.Compute(dtype=TrainConfig(mixed_precision=variant.mixed_precision).compute_dtype,
+                             attention=attention, remat=bool(variant.remat))
+    alphas = S((spec.num_train_timesteps,), jnp.float32)
+    frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), alphas, vae=not variant.cache_latents)
+    ids, example_ids = S((batch, 77), jnp.int32), S((batch,), jnp.int32)
+    time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
+    if variant.cache_latents:
+        moments = S((batch, 4, latent, latent), jnp.float32)
+        examples = data.LatentBatch(moments, moments, ids, example_ids, time_ids=time_ids)
+    else:
+        examples = data.PixelBatch(S((batch, resolution, resolution, 3), jnp.uint8), ids, example_ids, time_ids=time_ids)
+    rows = S((1, spec.row_width), jnp.float32)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    fn = step_lib.pmapped_validation_losses(spec, compute, tuple(jax.local_devices()[:1]))
+    start = time.perf_counter()
+    lowered = fn.lower(*(lead(a) for a in (rows, frozen, examples, S((batch,), jnp.int32), key)))
+    out = {"variant": f"validation_loss ({variant.name})", "examples": batch, "resolution": resolution, "model": model}
+    out.update(analysed(lowered, compile_it))
+    out["lower_compile_s"] = time.perf_counter() - start
     return out

@@ -126,8 +126,9 @@ def counting(function, counts):
 
 @pytest.fixture(scope="session", autouse=True)
 def traces():
-    """{"train_step": n, "sample_step": n}: how many times the session has traced the train step and
-    the sampler's step, for the compile-once guards (`before = traces["train_step"]`, run, compare).
+    """{"train_step": n, "sample_step": n, "validation_losses": n}: how many times the session has traced
+    the train step, the sampler's step and the validation loss, for the compile-once guards
+    (`before = traces["train_step"]`, run, compare).
 
     Each is wrapped in a counter for the whole session, before any is pmapped: pmapped_train_step and
     pmapped_sample_step look the module's function up when they build a program, and cache that
@@ -139,8 +140,10 @@ def traces():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(step, "train_step", counting(step.train_step, counts))
         patch.setattr(sampler, "sample_step", counting(sampler.sample_step, counts))
+        patch.setattr(step, "validation_losses", counting(step.validation_losses, counts))
         step.pmapped_train_step.cache_clear()
         sampler.pmapped_sample_step.cache_clear()
+        step.pmapped_validation_losses.cache_clear()
         yield counts
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ti_flax import actions, files, training
-from ti_flax.actions import Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate
+from ti_flax.actions import Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate, ValidationLoss
 from ti_flax.preempt import Preempted
 
 
@@ -74,8 +74,8 @@ class Logger:
     def __init__(self):
         self.steps, self.images = [], []
 
-    def log(self, step, values):
-        self.steps.append((step, values))
+    def log(self, step, values, prefix="train/"):
+        self.steps.append((step, values) if prefix == "train/" else (step, values, prefix))
 
     def log_image(self, step, name, image):
         self.images.append((step, name, image.shape))
@@ -194,10 +194,11 @@ def test_log_step_records_everywhere():
 
 
 class FakeRun:
-    def __init__(self, output_dir, total_steps=10, validation_steps=4):
+    def __init__(self, output_dir, total_steps=10, validation_steps=4, validation_loss_steps=0):
         from ti_flax import TrainConfig
 
-        self.config = TrainConfig(output_dir=str(output_dir), validation_steps=validation_steps)
+        self.config = TrainConfig(output_dir=str(output_dir), validation_steps=validation_steps,
+                                  validation_loss_steps=validation_loss_steps)
         self.tokens, self.total_steps, self.meta, self.learned = ["<t>"], total_steps, {}, ()
         self.is_sdxl = False
 
@@ -302,3 +303,15 @@ def test_log_step_records_each_concepts_loss():
     rec = log(1, [{k: np.asarray(v)[None] for k, v in m.items()} for m in metrics])
     assert rec["loss/<a>"] == pytest.approx(0.75) and rec["loss/<b>"] == pytest.approx(1.5)
     assert "loss/<c>" not in rec
+
+
+def test_validation_loss_runs_when_due_and_reports_everywhere(tmp_path):
+    seen, logger, engine = [], Logger(), FakeEngine([])
+    engine.validation_loss = lambda: {"loss": 0.25, "loss/<a>": 0.5}
+    action = ValidationLoss(FakeRun(tmp_path, total_steps=10, validation_loss_steps=4), engine, logger, [seen.append])
+    assert [d for d in range(1, 11) if action.due(d)] == [4, 8, 10]  # and after the last update
+    action(4)
+    record = {"kind": "validation_loss", "step": 4, "loss": 0.25, "loss/<a>": 0.5}
+    assert action.records == seen == [record]
+    assert logger.steps == [(4, {"validation_loss": 0.25, "validation_loss/<a>": 0.5}, "")]
+    assert action.seconds >= action.first_seconds >= 0

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from ti_flax import TrainConfig, model_card
 from ti_flax.concepts import Concept
 from ti_flax.run import Learned
@@ -43,3 +45,36 @@ def test_sd_card_keeps_its_one_file_advice(tmp_path):
     text = card(TrainConfig(output_dir=str(tmp_path), pretrained_model_name_or_path="m"), ["<cat-toy>"], sdxl=False)
     assert 'pipe.load_textual_inversion("learned_embeds.safetensors")' in text and "text_encoder_2" not in text
     assert "--format a1111" in text
+
+
+def test_loss_plot_is_a_readable_png_the_card_links(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    history = [{"step": s, "loss": 0.5 + 0.3 * np.sin(s) / s} for s in range(1, 41)]
+    validation = [{"step": 20, "loss": 0.45}, {"step": 40, "loss": 0.4}]
+    config = TrainConfig(output_dir=str(tmp_path), pretrained_model_name_or_path="m", save_steps=10,
+                         validation_loss_steps=20)
+    text = open(model_card.write_model_card(config, ["<cat-toy>"], history, {}, None, (), False, validation)).read()
+    assert f"]({model_card.LOSS_PLOT})" in text and "validation loss" in text and "0.4000" in text
+    image = Image.open(tmp_path / model_card.LOSS_PLOT)
+    assert image.format == "PNG" and image.size == (800, 400)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 10  # drawn, not one colour
+    # The validation points are drawn in their own colour (matplotlib's tab:orange, #ff7f0e),
+    # which the plot without them lacks.
+    orange = lambda png: int((np.abs(np.asarray(Image.open(png).convert("RGB"), int) - [255, 127, 14]).sum(-1)  # noqa: E731
+                              < 30).sum())
+    without = io.BytesIO(model_card.loss_plot(history, (), 10))
+    assert orange(tmp_path / model_card.LOSS_PLOT) > 50 and orange(without) == 0
+
+
+def test_smoothing_is_a_debiased_exponential_average():
+    # alpha = 2 / (span + 1); each average divided by 1 - (1 - alpha)^k, so a constant stays constant.
+    assert model_card.smoothed([3.0, 3.0, 3.0], span=9) == pytest.approx([3.0, 3.0, 3.0])
+    alpha = 0.2
+    raw = [1.0, 0.0]
+    want = [1.0, (1 - alpha) * alpha * 1.0 / (1 - (1 - alpha) ** 2)]
+    assert model_card.smoothed(raw, span=9) == pytest.approx(want)

@@ -96,7 +96,7 @@ def test_model_card(validated):
     assert "learned_embeds.safetensors" in card and "validation/step-000004.png" in card
     assert "load_textual_inversion" in card and "--format a1111" in card and "embedding:cat-toy" in card
     assert f"{result.final_loss:.4f}" in card
-    assert os.path.exists(os.path.join(config.output_dir, "loss_curve.png"))
+    assert os.path.exists(os.path.join(config.output_dir, "loss.png"))
 
 
 def test_validation_prompt_without_token_warns(tiny_model_dir, sample_images_dir, tmp_path):

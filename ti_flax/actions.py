@@ -1,4 +1,5 @@
-"""What the train loop does besides stepping: log a step, save rows, validate, checkpoint, stop.
+"""What the train loop does besides stepping: log a step, save rows, compute the validation loss,
+validate, checkpoint, stop.
 
 Each periodic action answers `due(done, stopping)` for the optimizer update `done` just
 dispatched (and whether the run is stopping there) and does its work when called as
@@ -134,19 +135,55 @@ class SaveRows:
             save_failed(done, f"learned_embeds-steps-{done}.safetensors", err)
 
 
+class ValidationLoss:
+    """--validation_loss_steps: the validation loss every N updates and after the last one.
+
+    Every process takes part (each evaluates its share of the examples); the logger and the
+    callbacks get a "validation_loss" record.
+
+    Args:
+      engine: its `validation_loss()` evaluates. logger: logs.MetricsLogger. callbacks: functions.
+    Attributes:
+      records: one {"kind": "validation_loss", "step", "loss"} per evaluation, with several
+        concepts also "loss/<token>": the mean over that concept's examples.
+      seconds: seconds spent evaluating, the first evaluation's compile included; first_seconds:
+        the first evaluation's (None before it).
+    """
+
+    def __init__(self, run, engine, logger, callbacks):
+        self.run, self.engine, self.logger, self.callbacks = run, engine, logger, callbacks
+        self.records, self.seconds, self.first_seconds = [], 0.0, None
+
+    def due(self, done, stopping=False):
+        return done % self.run.config.validation_loss_steps == 0 or done == self.run.total_steps
+
+    def __call__(self, done, stopping=False):
+        start = time.perf_counter()
+        losses = self.engine.validation_loss()
+        elapsed = time.perf_counter() - start
+        self.seconds += elapsed
+        self.first_seconds = elapsed if self.first_seconds is None else self.first_seconds
+        record = {"kind": "validation_loss", "step": done, **losses}
+        self.records.append(record)
+        self.logger.log(done, {f"validation_{name}": value for name, value in losses.items()}, prefix="")
+        for callback in self.callbacks:
+            callback(record)
+
+
 class Validate:
     """--validation_prompt: images every --validation_steps updates and after the last one.
 
     Args:
       validator: validation.Validator. logger: logs.MetricsLogger (gets the grid).
       history: LogStep.history (for the model card). callbacks: get a "validation" record.
+      validation_losses: ValidationLoss.records, for the model card's loss plot.
     Attributes:
       last_grid: the newest grid image's path, or None.
     """
 
-    def __init__(self, run, engine, validator, logger, history, callbacks):
+    def __init__(self, run, engine, validator, logger, history, callbacks, validation_losses=()):
         self.run, self.engine, self.validator, self.logger = run, engine, validator, logger
-        self.history, self.callbacks = history, callbacks
+        self.history, self.callbacks, self.validation_losses = history, callbacks, validation_losses
         self.last_grid = None
 
     def due(self, done, stopping=False):
@@ -162,7 +199,7 @@ class Validate:
                 self.logger.log_image(done, f"validation/{name}" if name else "validation", grid_image(images))
             self.last_grid = results[0][2]
             model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid, self.run.learned,
-                                        self.run.is_sdxl)
+                                        self.run.is_sdxl, self.validation_losses)
         except files.WriteFailed as err:
             save_failed(done, "the validation images", err)
             return

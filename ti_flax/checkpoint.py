@@ -56,6 +56,7 @@ MUST_MATCH = (
     "use_ema",  # the state holds the EMA or not
     "ema_decay",
     "ema_update_after_step",
+    "validation_split",  # which images are held out of training
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only

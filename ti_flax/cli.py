@@ -128,6 +128,14 @@ def build_parser():
     g.add_argument("--validation_num_inference_steps", type=int, default=d.validation_num_inference_steps)
     g.add_argument("--validation_guidance_scale", type=float, default=d.validation_guidance_scale)
     g.add_argument("--validation_seed", type=int, default=d.validation_seed, help="default: --seed")
+    g = p.add_argument_group("validation loss")
+    g.add_argument("--validation_loss_steps", type=int, default=d.validation_loss_steps,
+                   help="every N updates and after the last, the plain diffusion loss (MSE) of fixed examples: each "
+                   "validation image unflipped with its caption or first template, at timesteps 200, 400, 600, 800 "
+                   "(kohya's), with noise fixed by --seed; logged as validation_loss (0: off)")
+    g.add_argument("--validation_split", type=float, default=d.validation_split,
+                   help="kohya's flag: hold this fraction of each concept's images (round(N x F), chosen from --seed) "
+                   "out of training and compute the validation loss on them only (default 0: on every training image)")
     g = p.add_argument_group("logging")
     g.add_argument("--logging_dir", default=d.logging_dir, help="TensorBoard folder, relative to --output_dir")
     g.add_argument("--report_to", choices=REPORT_TO, default=d.report_to)

@@ -101,6 +101,11 @@ class TrainConfig:
     validation_num_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
     validation_seed: Optional[int] = None  # default: --seed
+    # The validation loss (off unless validation_loss_steps is set): the plain diffusion loss of
+    # fixed examples every N updates; with validation_split a fraction of each concept's images is
+    # held out of training for it (kohya's --validation_split).
+    validation_loss_steps: int = 0
+    validation_split: float = 0.0
     logging_dir: str = "logs"
     report_to: str = "auto"  # tensorboard when tensorboardX is installed, else none
     push_to_hub: bool = False
@@ -206,6 +211,12 @@ class TrainConfig:
              f"--validation_num_inference_steps must be at least 1, got {self.validation_num_inference_steps}"),
             (self.validation_seed is None or 0 <= self.validation_seed < 2**32,
              f"--validation_seed must be in [0, 2**32), got {self.validation_seed}"),
+            (self.validation_loss_steps >= 0,
+             f"--validation_loss_steps must be >= 0 (0 turns it off), got {self.validation_loss_steps}"),
+            (0.0 <= self.validation_split < 1.0,
+             f"--validation_split must be a fraction in [0, 1) of the images to hold out, got {self.validation_split}"),
+            (not self.validation_split or self.validation_loss_steps,
+             "--validation_split holds images out for the validation loss only: set --validation_loss_steps N too"),
             (self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}"),
             one_of("--report_to", self.report_to, REPORT_TO),
             *self._row_checks(),

@@ -83,6 +83,52 @@ class LatentViews:
         return LatentBatch(self.mean[view], self.logvar[view], prompt_ids, example_ids, concept_ids)
 
 
+class ValidationImages(NamedTuple):
+    """The images the validation loss is computed on, each shown one way: unflipped, with its caption
+    or else the first template. images uint8 [M, H, W, 3], prompt_ids int32 [M, L], concept_ids int32
+    [M], time_ids float32 [M, 6] (SDXL) or None."""
+
+    images: np.ndarray
+    prompt_ids: np.ndarray
+    concept_ids: np.ndarray
+    time_ids: Optional[np.ndarray] = None
+
+    @classmethod
+    def of(cls, images, template_ids, captions, indices, concept=0, time_ids=None):
+        """Images `indices` of a concept's decoded `images`, with `captions` (per image, ids or None;
+        or None) and `template_ids` [T, L] as TrainData takes them."""
+        indices = np.asarray(indices, np.int64)
+        prompt_ids = np.repeat(np.asarray(template_ids[:1], np.int32), len(indices), axis=0)
+        for row, i in enumerate(indices):
+            if captions is not None and captions[i] is not None:
+                prompt_ids[row] = captions[i]
+        return cls(images[indices], prompt_ids, np.full(len(indices), concept, np.int32),
+                   None if time_ids is None else np.asarray(time_ids, np.float32)[indices])
+
+    @classmethod
+    def concatenate(cls, parts):
+        """Several concepts' ValidationImages as one, in the order given."""
+        fields = [None if parts[0][k] is None else np.concatenate([p[k] for p in parts]) for k in range(len(cls._fields))]
+        return cls(*fields)
+
+
+def hold_out(num_images, fraction, seed, concept=0):
+    """(kept, held out): ascending indices of `num_images` images, `round(num_images * fraction)` of
+    them held out (kohya's --validation_split count), chosen by `default_rng([seed, 1, concept])`.
+
+    Raises UserError when that holds out no image, or every image.
+    """
+    held = round(num_images * fraction)
+    if held == 0:
+        raise UserError(f"--validation_split {fraction:g} holds out no image of {num_images} (round({num_images} x "
+                        f"{fraction:g}) = 0): raise it, or leave it at 0 to compute the loss on the training images")
+    if held >= num_images:
+        raise UserError(f"--validation_split {fraction:g} holds out all {num_images} images; at least one must stay "
+                        "in training: lower it")
+    order = np.random.default_rng([seed, 1, concept]).permutation(num_images)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 class BatchSource:
     """The batch methods shared by TrainData and concept_data.ConceptMix.
 

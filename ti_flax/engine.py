@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 
 from . import footprint, latents, parallel, step as step_lib
+from .validation_loss import Evaluator
 
 
 class Engine:
@@ -31,15 +32,17 @@ class Engine:
         first `update`, and it is None until then). cache_seconds: seconds encoding latents.
       estimated_bytes: the compiled step's memory per device (footprint.check_fits); None
         where it compiles on its first call.
+      evaluator: the validation_loss.Evaluator of --validation_loss_steps, or None.
     """
 
     def __init__(self, run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds,
-                 cache_seconds=0.0, estimated_bytes=None):
+                 cache_seconds=0.0, estimated_bytes=None, evaluator=None):
         self.run, self.compute, self.frozen, self.weights = run, compute, frozen, weights
         self.state, self.keys, self.step_fn, self.batches = state, keys, step_fn, batches
         self.compile_seconds, self.cache_seconds = compile_seconds, cache_seconds
         self.estimated_bytes = estimated_bytes
         self.accumulation = run.config.gradient_accumulation_steps
+        self.evaluator = evaluator
 
     def update(self):
         """Dispatch one optimizer update (its `gradient_accumulation_steps` micro-steps).
@@ -55,6 +58,12 @@ class Engine:
                 self.compile_seconds = time.perf_counter() - start
             metrics.append(micro)
         return metrics
+
+    def validation_loss(self):
+        """The validation loss of the rows the outputs use now (the learned rows, or with --use_ema
+        their moving average; waits for the last update): {"loss", and with several concepts
+        "loss/<name>"}; see validation_loss.Evaluator."""
+        return self.evaluator(self.state.output_rows, self.frozen)
 
     def rows(self):
         """The rows the run's outputs use now, float32 numpy [num_vectors, hidden] (waits for the
@@ -92,6 +101,11 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
         start = time.perf_counter()
         views = latents.latent_views(run.model.spec, compute, frozen.vae, run.data.images, devices)
         cache_seconds = time.perf_counter() - start
+    evaluator = None
+    if run.validation_images is not None:  # with --cache_latents its images are encoded now, with the VAE
+        evaluator = Evaluator(run.model.spec, compute, run.validation_images, config.seed, devices,
+                              frozen.vae if config.cache_latents else None, run.concept_names)
+    if config.cache_latents:
         frozen = frozen._replace(vae=None)
         weights = weights if keep_vae else None
     state = parallel.replicate(state, devices)
@@ -107,7 +121,7 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
         devices,
     )
     return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds,
-                  estimated)
+                  estimated, evaluator)
 
 
 def step_shapes(run, state, host_frozen, start_step):

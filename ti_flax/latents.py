@@ -28,12 +28,6 @@ def _pmapped_encode(spec, compute, devices):
     return jax.pmap(functools.partial(step_lib.encode_pixels, spec, compute), devices=parallel.pmap_devices(devices))
 
 
-def _local_rows(x):
-    """This process's rows of a pmap output, in device order, as numpy [local devices, ...]."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
-
-
 def encode_views(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
     """VAE posterior of every image, unflipped and flipped, in batches sharded over `devices`.
 
@@ -47,21 +41,28 @@ def encode_views(spec, compute, vae_params, images, devices, batch_per_device=EN
       (mean, logvar): float32 numpy [N, 2, C, h, w]; index [i, 1] is image i flipped.
     """
     views = np.stack([images, images[:, :, ::-1]], axis=1).reshape(-1, *images.shape[1:])
-    n, num_devices = len(views), len(devices)
+    mean, logvar = encode_images(spec, compute, vae_params, views, devices, batch_per_device)
+    shape = (len(images), 2) + mean.shape[1:]
+    return mean.reshape(shape), logvar.reshape(shape)
+
+
+def encode_images(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
+    """VAE posterior of each of `images` (uint8 [n, H, W, 3]) as they are: float32 numpy
+    (mean, logvar) [n, C, h, w]; the other arguments as for `encode_views`."""
+    n, num_devices = len(images), len(devices)
     per_device = max(1, min(batch_per_device, math.ceil(n / num_devices)))
     chunk = per_device * num_devices
     encode = _pmapped_encode(spec, compute, tuple(devices))
     means, logvars = [], []
     for start in range(0, n, chunk):
-        part = views[start : start + chunk]
+        part = images[start : start + chunk]
         pad = chunk - len(part)
-        if pad:  # one compiled shape for every call: pad with copies of the last view
+        if pad:  # one compiled shape for every call: pad with copies of the last image
             part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
         mean, logvar = encode(vae_params, part.reshape(num_devices, per_device, *part.shape[1:]))
-        means.append(_local_rows(mean).reshape(chunk, *mean.shape[2:])[: chunk - pad])
-        logvars.append(_local_rows(logvar).reshape(chunk, *logvar.shape[2:])[: chunk - pad])
-    shape = (len(images), 2) + means[0].shape[1:]
-    return np.concatenate(means).reshape(shape), np.concatenate(logvars).reshape(shape)
+        means.append(parallel.local_rows(mean).reshape(chunk, *mean.shape[2:])[: chunk - pad])
+        logvars.append(parallel.local_rows(logvar).reshape(chunk, *logvar.shape[2:])[: chunk - pad])
+    return np.concatenate(means), np.concatenate(logvars)
 
 
 def latent_views(spec, compute, vae_params, images, devices):

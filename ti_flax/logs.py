@@ -81,7 +81,9 @@ class MetricsLogger:
             with files.writing(os.path.join(output_dir, logging_dir)):
                 self.writer = SummaryWriter(os.path.join(output_dir, logging_dir))
 
-    def log(self, step, scalars):
+    def log(self, step, scalars, prefix="train/"):
+        """One line {"step": step, **scalars} in metrics.jsonl; each scalar (a list: each item) to
+        TensorBoard as `prefix + name`."""
         if not self.enabled:
             return
         if self.file is not None:
@@ -95,10 +97,10 @@ class MetricsLogger:
         if self.writer is not None:
             for name, value in scalars.items():
                 if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{name}", value, step)
+                    self.writer.add_scalar(f"{prefix}{name}", value, step)
                 elif isinstance(value, list):
                     for i, v in enumerate(value):
-                        self.writer.add_scalar(f"train/{name}/{i}", v, step)
+                        self.writer.add_scalar(f"{prefix}{name}/{i}", v, step)
 
     def log_image(self, step, name, image):
         """An HWC uint8 image to TensorBoard (metrics.jsonl holds only scalars)."""

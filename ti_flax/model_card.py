@@ -1,47 +1,73 @@
 """The run's README.md: what was trained, how it went, and how to use the result elsewhere."""
 
+import io
 import os
 import shlex
 
-import numpy as np
-from PIL import Image, ImageDraw
-
-from .files import atomic_write, png_bytes
+from .files import atomic_write
 from .formats import sdxl_file_name
 
-LOSS_CURVE = "loss_curve.png"
+LOSS_PLOT = "loss.png"
+PLOT_INCHES, PLOT_DPI = (8, 4), 100  # loss.png is 800 x 400 pixels
 
 
-def loss_curve(losses, width=640, height=320, margin=40):
-    """A plain loss-vs-step plot (raw loss in grey, moving average in blue) as uint8 RGB."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
-    losses = np.asarray(losses, dtype=np.float64)
-    if losses.size:
-        lo, hi = float(np.min(losses)), float(np.max(losses))
-        span = hi - lo or 1.0
-        window = max(1, losses.size // 20)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-
-        def points(values, offset):
-            n = max(losses.size - 1, 1)
-            return [
-                (margin + (i + offset) / n * (width - 1.5 * margin), height - margin - (v - lo) / span * (height - 1.5 * margin))
-                for i, v in enumerate(values)
-            ]
-
-        if losses.size > 1:
-            draw.line(points(losses, 0), fill=(180, 180, 180), width=1)
-            draw.line(points(smooth, (window - 1) / 2), fill=(30, 90, 200), width=2)
-        draw.text((margin + 4, margin // 2 + 4), f"loss {hi:.4f}", fill="black")
-        draw.text((margin + 4, height - margin - 14), f"loss {lo:.4f}", fill="black")
-        draw.text((width - margin - 60, height - margin + 8), f"step {losses.size}", fill="black")
-    return np.asarray(image)
+def smoothed(values, span):
+    """An exponential moving average of `values` with alpha = 2 / (span + 1), debiased as
+    TensorBoard's smoothing is: the first averages are divided by 1 - (1 - alpha)^k, so the line
+    starts at the first value instead of rising from 0."""
+    alpha, average, out = 2.0 / (span + 1), 0.0, []
+    for k, value in enumerate(values, 1):
+        average = (1 - alpha) * average + alpha * value
+        out.append(average / (1 - (1 - alpha) ** k))
+    return out
 
 
-def write_model_card(config, tokens, history, files, validation_grid=None, learned=(), sdxl=False):
-    """Write output_dir/README.md (and the loss curve PNG); returns the card's path.
+def loss_plot(history, validation_losses=(), save_steps=0):
+    """loss.png's bytes: the training loss of each optimizer update (faint), its smoothed line (`smoothed`
+    over a twentieth of the steps), the validation loss of each evaluation and, with
+    --save_steps, a dotted line at each step whose embedding was saved.
+
+    Args:
+      history: per-step records (step, loss). validation_losses: {"step", "loss", ...} records
+        (with several concepts, "loss/<token>" too). save_steps: the run's --save_steps.
+    """
+    # Imported here: only drawing needs matplotlib; its Agg canvas leaves pyplot's backend alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps, losses = [r["step"] for r in history], [r["loss"] for r in history]
+    if steps:
+        span = max(1, len(steps) // 20)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="training loss")
+        ax.plot(steps, smoothed(losses, span), color="tab:blue", linewidth=2,
+                label=f"training loss, moving average (span {span})")
+        for i, step in enumerate(s for s in steps if save_steps and s % save_steps == 0):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="embedding saved" if i == 0 else None)
+    if validation_losses:
+        ax.plot([r["step"] for r in validation_losses], [r["loss"] for r in validation_losses], "o-",
+                color="tab:orange", label="validation loss")
+        for name in sorted({k for r in validation_losses for k in r if k.startswith("loss/")}):
+            points = [(r["step"], r[name]) for r in validation_losses if name in r]
+            ax.plot(*zip(*points), ".--", linewidth=1, label=f"validation {name}")
+    if not steps and not validation_losses:
+        ax.text(0.5, 0.5, "no steps in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("optimizer update (step)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_model_card(config, tokens, history, files, validation_grid=None, learned=(), sdxl=False,
+                     validation_losses=()):
+    """Write output_dir/README.md and the loss plot it shows (loss.png, see `loss_plot`); returns
+    the card's path.
 
     Args:
       config: the run's TrainConfig. tokens: the placeholder tokens (every concept's).
@@ -50,16 +76,27 @@ def write_model_card(config, tokens, history, files, validation_grid=None, learn
       learned: with --concepts, the run's run.Learned, one per concept: the card lists each.
       sdxl: the model is SDXL: the card says how each tool loads SDXL's files (diffusers' pair,
         one file per text encoder, and the {clip_l, clip_g} file named by formats.sdxl_file_name).
+      validation_losses: the --validation_loss_steps records ({"step", "loss", ...}), if any.
     """
     if config.concepts is not None:
-        return _write(config, _concepts_card(config, history, files, validation_grid, learned, sdxl), history)
-    return _write(config, _single_card(config, tokens, history, files, validation_grid, sdxl), history)
-
-
-def _write(config, lines, history):
+        lines = _concepts_card(config, history, files, validation_grid, learned, sdxl, validation_losses)
+    else:
+        lines = _single_card(config, tokens, history, files, validation_grid, sdxl, validation_losses)
     out = config.output_dir
-    atomic_write(os.path.join(out, LOSS_CURVE), png_bytes(Image.fromarray(loss_curve([r["loss"] for r in history]))))
+    atomic_write(os.path.join(out, LOSS_PLOT), loss_plot(history, validation_losses, config.save_steps))
     return atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))
+
+
+def _loss_figure(config, validation_losses):
+    """The card's lines showing loss.png, and what it shows."""
+    what = "Training loss per optimizer update (faint) and its moving average"
+    if validation_losses:
+        last = validation_losses[-1]
+        what += (f"; the validation loss of fixed examples every {config.validation_loss_steps} updates "
+                 f"(last {last['loss']:.4f}, at step {last['step']})")
+    if config.save_steps:
+        what += f"; dotted lines: the embeddings saved every {config.save_steps} updates"
+    return [f"![loss per optimizer update]({LOSS_PLOT})", "", what + ".", ""]
 
 
 def _header(config, title):
@@ -75,7 +112,7 @@ def _header(config, title):
     ]
 
 
-def _concepts_card(config, history, files, validation_grid, learned, sdxl=False):
+def _concepts_card(config, history, files, validation_grid, learned, sdxl=False, validation_losses=()):
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
     out, model = config.output_dir, config.pretrained_model_name_or_path
     losses = [r["loss"] for r in history]
@@ -97,8 +134,7 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False)
         f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
         "",
         *[line for note in rows_notes(config) for line in (note[0].upper() + note[1:] + ".", "")],
-        f"![loss curve]({LOSS_CURVE})",
-        "",
+        *_loss_figure(config, validation_losses),
     ]
     if validation_grid:
         lines += [f"Validation images at step {step} for *{config.validation_prompt}*:", "",
@@ -159,7 +195,7 @@ def rows_notes(config):
     return notes
 
 
-def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
+def _single_card(config, tokens, history, files, validation_grid, sdxl=False, validation_losses=()):
     """The card's lines for a run of one concept."""
     out = config.output_dir
     losses = [r["loss"] for r in history]
@@ -187,8 +223,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
         *[f"| learned rows | {note} |" for note in rows_notes(config)],
         f"| final loss | {final} |",
         "",
-        f"![loss curve]({LOSS_CURVE})",
-        "",
+        *_loss_figure(config, validation_losses),
     ]
     if validation_grid:
         lines += [f"Validation images at step {step} for *{config.validation_prompt}*:", "", f"![validation]({rel(validation_grid)})", ""]

@@ -6,10 +6,13 @@ import jax
 
 from . import checkpoint as ckpt
 from . import files, formats, logs, model_card
+from .validation_loss import fixed_timesteps
 
 
-def save_outputs(run, rows, history, grid=None):
+def save_outputs(run, rows, history, grid=None, validation_losses=()):
     """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run.
+
+    `validation_losses`: the --validation_loss_steps records, for the model card's loss plot.
 
     A failed write is `files.WriteFailed` naming, besides the file, what was already saved
     (files of this call, the newest checkpoint): those stay intact.
@@ -26,7 +29,7 @@ def save_outputs(run, rows, history, grid=None):
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
         written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid, run.learned,
-                                                               run.is_sdxl)
+                                                               run.is_sdxl, validation_losses)
     except files.WriteFailed as err:
         saved = list(written.values())
         checkpoints = ckpt.list_checkpoints(config.output_dir)
@@ -91,6 +94,7 @@ def print_banner(run):
         f"attention {attention_summary(run)}\n"
         f"{_captions_line(run)}"
         f"{_rows_line(run)}"
+        f"{_validation_loss_line(run)}"
         f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
         f"  output     {config.output_dir}",
         flush=True,
@@ -146,9 +150,25 @@ def _rows_line(run):
     return f"  rows       after each update: {'; '.join(parts)}\n" if parts else ""
 
 
-def print_summary(run, files, history, timings):
+def _validation_loss_line(run):
+    """The banner's validation-loss line ("" without --validation_loss_steps)."""
+    config, images = run.config, run.validation_images
+    if images is None:
+        return ""
+    which = (f"{len(images.images)} held-out images (--validation_split {config.validation_split:g})"
+             if config.validation_split else f"the {len(images.images)} training images")
+    return (f"  val. loss  every {config.validation_loss_steps} updates: {which} x "
+            f"{len(fixed_timesteps(run.model.spec.num_train_timesteps))} timesteps\n")
+
+
+def print_summary(run, files, history, timings, validation_losses=()):
     loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
     print(f"done: step {run.total_steps} ({len(history)} steps in this run), final loss {loss}", flush=True)
     print(f"  {'startup':13s} {logs.startup_text(timings)}", flush=True)
+    if validation_losses:
+        last = validation_losses[-1]
+        print(f"  {'val. loss':13s} {last['loss']:.4f} at step {last['step']}; {len(validation_losses)} evaluations "
+              f"in {timings['validation_loss_s']:.1f} s (the first, with its compile, "
+              f"{timings['validation_loss_first_s']:.1f} s)", flush=True)
     for kind, path in files.items():
         print(f"  {kind:13s} {path}", flush=True)

@@ -71,6 +71,12 @@ def unreplicate(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), jax.device_get(tree))
 
 
+def local_rows(x):
+    """This process's rows of a pmap output, in device order, as numpy [local devices, ...]."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def shard(batch, devices):
     """Put a host batch shaped [num_devices, ...] on the devices, one slice each."""
     sharding = device_sharding(devices)

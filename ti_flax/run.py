@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -55,6 +56,8 @@ class Run:
     load_seconds: float = 0.0  # reading and converting the model's weights
     learned: tuple = ()  # one Learned per concept
     attention: str = "dense"  # what --attention resolved to for the UNet's self-attention
+    # --validation_loss_steps: the images its loss is computed on (data.ValidationImages); else None
+    validation_images: Optional[data_lib.ValidationImages] = None
 
     @property
     def compute(self):
@@ -69,6 +72,12 @@ class Run:
     @property
     def num_concepts(self):
         return max(1, len(self.learned))
+
+    @property
+    def concept_names(self):
+        """Each concept's name (its first token) in a run of several concepts, which logs a loss
+        for each; () in a run of one."""
+        return tuple(c.tokens[0] for c in self.learned) if self.num_concepts > 1 else ()
 
 
 def prepare(config, devices=None):
@@ -111,11 +120,13 @@ def prepare(config, devices=None):
     devices = tuple(devices or jax.local_devices())
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
-    parts = []
-    for concept in learned:
+    parts, validation_parts = [], []
+    for index, concept in enumerate(learned):
         with naming(config, concept.concept):
-            parts.append(concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
-                                           model.spec.is_sdxl))
+            part, held = concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
+                                           model.spec.is_sdxl, index)
+        parts.append(part)
+        validation_parts.append(held)
     if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
         data = parts[0]
     else:
@@ -137,8 +148,9 @@ def prepare(config, devices=None):
         meta["text_widths"] = list(model.spec.text_widths)
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
+    validation_images = data_lib.ValidationImages.concatenate(validation_parts) if config.validation_loss_steps else None
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned), attention)
+               tuple(learned), attention, validation_images)
 
 
 def model_compute(config):
@@ -189,9 +201,12 @@ def norm_targets(config, spec, tables):
     return given
 
 
-def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
-    """A concept's data.TrainData: its images decoded, every prompt tokenized and checked (one
-    that does not fit is an error, never cut); with `sdxl`, each image's time ids kept."""
+def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, index=0):
+    """A concept's (data.TrainData, data.ValidationImages): its images decoded, every prompt tokenized
+    and checked (one that does not fit is an error, never cut); with `sdxl`, each image's time ids
+    kept. With --validation_split the images it holds out (data.hold_out; `index` is the concept's
+    place in the run) are the validation images and the others train; without, every image is both.
+    The validation images are None without --validation_loss_steps."""
     concept = learned.concept
     images, names, time_ids = images_lib.load_image_set(
         concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension
@@ -205,8 +220,18 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False):
             tokenizer, captions_lib.read_captions(concept.train_data_dir, names, concept.caption_extension),
             list(learned.tokens), config.caption_prefix_token,
         )
+    time_ids = time_ids if sdxl else None
+    kept = held = np.arange(len(images))
+    if config.validation_split:
+        kept, held = data_lib.hold_out(len(images), config.validation_split, config.seed, index)
+    held_out = None
+    if config.validation_loss_steps:
+        held_out = data_lib.ValidationImages.of(images, template_ids, caption_ids, held, index, time_ids)
+    if config.validation_split:  # only the kept images train
+        images, time_ids = images[kept], None if time_ids is None else time_ids[kept]
+        caption_ids = None if caption_ids is None else [caption_ids[i] for i in kept]
     return data_lib.TrainData(images, template_ids, concept.repeats, config.flip_p, config.seed, global_batch,
-                              caption_ids, time_ids if sdxl else None)
+                              caption_ids, time_ids), held_out
 
 
 # --resolution without a value, for SD 1.x / 2.x: the diffusers scripts' 512 (an SD 2.x 768-v model too).

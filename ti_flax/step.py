@@ -120,14 +120,16 @@ def posterior(spec, compute, frozen, batch):
     raise TypeError(f"batch must be a PixelBatch or a LatentBatch, not {type(batch).__name__}")
 
 
-def diffusion_inputs(spec, compute, frozen, batch, key):
+def diffusion_inputs(spec, compute, frozen, batch, key, timesteps=None):
     """(noisy latents, timesteps, target) for a PixelBatch or a LatentBatch.
 
     A LatentBatch (from --cache_latents) skips the VAE; the latent sample still draws its noise
-    from the example's own key, so both kinds of batch give the same draws.
+    from the example's own key, so both kinds of batch give the same draws. `timesteps` int32 [B]
+    replaces the drawn ones (the validation loss's fixed timesteps); the noises are drawn either way.
     """
     mean, logvar = posterior(spec, compute, frozen, batch)
-    latent_eps, noise, timesteps = example_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps)
+    latent_eps, noise, drawn = example_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps)
+    timesteps = drawn if timesteps is None else timesteps
     latents = (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps) * spec.scaling_factor
     alphas = frozen.alphas_cumprod
     noisy = noisy_latents(alphas, latents, noise, timesteps)
@@ -204,6 +206,33 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         **extra,
     }
     return TrainState(step, rows, opt_state, ema), metrics
+
+
+def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute):
+    """Each example's plain (unweighted) mean squared error at the given timesteps: the terms of
+    the validation loss. Nothing is differentiated and nothing crosses devices, so an example's
+    value depends only on its own inputs and the per-device batch it is computed in.
+
+    Args:
+      rows: float32 [num_vectors, row_width], the learned rows. frozen: Frozen.
+      batch: PixelBatch or LatentBatch (see train_step); example_ids key each example's noises.
+      timesteps: int32 [B]. key: the validation loss's PRNG key (not a step's).
+      spec: models.ModelSpec, compute: models.Compute (static).
+    Returns:
+      float32 [B].
+    """
+    noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, timesteps)
+    _, losses = diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target,
+                               per_example=True, time_ids=batch.time_ids)
+    return losses
+
+
+@functools.lru_cache(maxsize=16)
+def pmapped_validation_losses(spec, compute, devices):
+    """validation_losses pmapped over `devices`; it compiles on its first call and, its arguments
+    always shaped alike, never again."""
+    fn = functools.partial(validation_losses, spec=spec, compute=compute)
+    return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices))
 
 
 def mean_metrics(micro_metrics):

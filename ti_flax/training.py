@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from . import compile_cache, distributed, engine as engine_lib, files, logs
-from .actions import Checkpoint, LogStep, SaveRows, StopVote, Validate
+from .actions import Checkpoint, LogStep, SaveRows, StopVote, Validate, ValidationLoss
 from .cli import parse_config
 from .errors import run_cli
 from .logs import MetricsLogger
@@ -39,7 +39,11 @@ class TrainResult:
       history: one dict per step (step, loss, lr, grad_norm, row_norms).
       timings: {"load_model_s", "compile_step_s": seconds (None if a multi-process run, which
         compiles on its first step, took none), "peak_device_bytes": int, or None where the
-        backend does not report it (CPU)}.
+        backend does not report it (CPU); with --validation_loss_steps also "validation_loss_s"
+        and "validation_loss_first_s": seconds evaluating it in all, and the first time (its compile
+        included)}.
+      validation_losses: with --validation_loss_steps, one {"kind": "validation_loss", "step",
+        "loss"} per evaluation (with several concepts also "loss/<token>").
     """
 
     output_dir: str
@@ -49,6 +53,7 @@ class TrainResult:
     final_loss: float
     history: list
     timings: dict = dataclasses.field(default_factory=dict)
+    validation_losses: list = dataclasses.field(default_factory=list)
 
 
 def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None):
@@ -57,8 +62,9 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     Args:
       config: a TrainConfig.
       callbacks: functions called with a dict after every step, {"kind": "step", "step", "loss",
-        "lr", "grad_norm", "row_norms", "steps_per_sec"}, and after every validation,
-        {"kind": "validation", "step", "images": PNG paths, "grid": PNG path}.
+        "lr", "grad_norm", "row_norms", "steps_per_sec"}, after every validation,
+        {"kind": "validation", "step", "images": PNG paths, "grid": PNG path}, and after every
+        validation loss, {"kind": "validation_loss", "step", "loss"}.
       devices: local devices to train on (default: all).
     Returns:
       TrainResult with the files written and the per-step history.
@@ -96,16 +102,19 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
         with StopOnSignal() as stop:
-            rows, history, grid = train_loop(run, engine, logger, callbacks, writer, start_step, stop)
+            rows, history, grid, evaluations = train_loop(run, engine, logger, callbacks, writer, start_step, stop)
     finally:
         logger.close()
     timings = {"load_model_s": run.load_seconds, "compile_step_s": engine.compile_seconds,
                "peak_device_bytes": logs.peak_device_bytes(run.devices), "estimated_device_bytes": engine.estimated_bytes}
-    outputs = save_outputs(run, rows, history, grid) if writer else {}
+    losses = evaluations.records if evaluations else []
+    if evaluations:
+        timings.update(validation_loss_s=evaluations.seconds, validation_loss_first_s=evaluations.first_seconds)
+    outputs = save_outputs(run, rows, history, grid, losses) if writer else {}
     if writer:
-        print_summary(run, outputs, history, timings)
+        print_summary(run, outputs, history, timings, losses)
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings)
+    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings, losses)
 
 
 def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
@@ -113,28 +122,30 @@ def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
 
     Checkpoints every --checkpointing_steps, and on a stop signal (then raises Preempted).
     Returns:
-      (final rows, per-step records, last validation grid or None).
+      (final rows, per-step records, last validation grid or None, the actions.ValidationLoss of
+      --validation_loss_steps or None).
     """
     from tqdm.auto import tqdm
 
     config = run.config
     validating = writer and bool(config.validation_prompt)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
-    names = [c.tokens[0] for c in run.learned] if run.num_concepts > 1 else ()
-    log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar, names)
+    log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar, run.concept_names)
     checkpoint = Checkpoint(run, engine, config.checkpointing_steps, writer)
+    evaluate = ValidationLoss(run, engine, logger, callbacks) if engine.evaluator is not None else None
     validate = None
     if validating:  # samples with the engine's weights: no second copy on the devices
         validator = Validator(config, run.model.spec, engine.compute, run.model, run.learned, engine.weights, run.devices)
-        validate = Validate(run, engine, validator, logger, log.history, callbacks)
-    # In this order at a step where several are due: rows, images, then the checkpoint.
-    actions = [SaveRows(run, engine, config.save_steps if writer else 0), validate, checkpoint]
+        validate = Validate(run, engine, validator, logger, log.history, callbacks,
+                            evaluate.records if evaluate else ())
+    # In this order at a step where several are due: rows, validation loss, images, then the checkpoint.
+    actions = [SaveRows(run, engine, config.save_steps if writer else 0), evaluate, validate, checkpoint]
     try:
         loop(engine, range(start_step, run.total_steps), log, StopVote(stop, run.devices),
              [a for a in actions if a is not None], checkpoint)
     finally:
         bar.close()
-    return engine.rows(), log.history, validate.last_grid if validate else None
+    return engine.rows(), log.history, validate.last_grid if validate else None, evaluate
 
 
 def loop(engine, steps, log, vote, actions, checkpoint):
