@@ -129,6 +129,26 @@ def betas(config, _kind="ddpm"):
     return out
 
 
+def with_zero_terminal_snr(config, zero_terminal_snr):
+    """The scheduler config with its noise schedule rescaled to zero terminal SNR (True), kept as it
+    is (None), or with a rescaling it asks for turned off (False).
+
+    True sets diffusers' `rescale_betas_zero_snr` and the "trailing" timestep spacing that
+    diffusers recommends with it (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed": sampling must start at the last timestep, the one of pure noise).
+    """
+    if zero_terminal_snr is None:
+        return dict(config)
+    if zero_terminal_snr:
+        return dict(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return dict(config, rescale_betas_zero_snr=False)
+
+
+def zero_terminal_snr(config):
+    """Whether a scheduler config rescales its noise schedule to zero terminal SNR."""
+    return bool(dict(config).get("rescale_betas_zero_snr"))
+
+
 def alphas_cumprod(config, _kind="ddpm"):
     """float32 [num_train_timesteps] cumulative products of 1 - betas (DDPMScheduler.alphas_cumprod)."""
     return _cumprod_f32(np.float32(1) - betas(config, _kind))
