@@ -202,7 +202,7 @@ def test_prediction_type_and_allow_pickle_flags():
 
 
 # --------------------------------------------------------------------------------------------
-# What is not an SD 1.x/2.x checkpoint: one line each, nothing written
+# What is not an SD 1.x/2.x checkpoint: one line each, nothing written (SDXL's: test_sdxl_single_file.py)
 
 
 def _tensor(*shape):
@@ -214,9 +214,6 @@ BAD_FILES = {
               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": _tensor()}, "a LoRA"),
     "vae-only": ({"encoder.conv_in.weight": _tensor(8, 3, 3, 3), "decoder.conv_in.weight": _tensor(8, 4, 3, 3),
                   "encoder.down.0.block.0.conv1.weight": _tensor(8, 8, 3, 3)}, "a VAE only"),
-    "sdxl": ({"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": _tensor(77, 8),
-              "model.diffusion_model.input_blocks.0.0.weight": _tensor(8, 4, 3, 3)},
-             "SDXL single files are not supported yet"),
     "embedding": ({"emb_params": _tensor(2, 768)}, "a textual-inversion embedding"),
     "inpainting": ({"model.diffusion_model.input_blocks.0.0.weight": _tensor(64, 9, 3, 3),
                     "model.diffusion_model.input_blocks.1.0.in_layers.0.weight": _tensor(64),

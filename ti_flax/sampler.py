@@ -66,9 +66,11 @@ def _plan(name, scheduler_config_json, num_inference_steps):
 def default_scheduler(spec, scheduler_config):
     """The sampler used when none is chosen: "pndm" for SD 1.x / 2.x; for SDXL the model folder's
     own scheduler, which diffusers' StableDiffusionXLPipeline (and its textual-inversion script's
-    validation) samples with: euler for SDXL base, and euler when the folder's is none of SCHEDULERS."""
+    validation) samples with: euler for SDXL base, and euler when the folder's is none of SCHEDULERS.
+    With zero terminal SNR, "ddim" where the default would be "pndm" (diffusers' PNDMScheduler has
+    no rescaled schedule; DDIM with trailing timesteps is what diffusers recommends for it)."""
     if not spec.is_sdxl:
-        return "pndm"
+        return "ddim" if schedulers.zero_terminal_snr(scheduler_config) else "pndm"
     return SAMPLER_OF_CLASS.get(str(dict(scheduler_config).get("_class_name")), "euler")
 
 

@@ -256,6 +256,9 @@ def _plan_pndm(s, config, steps):
     if not s["skip_prk_steps"]:
         raise UserError("scheduler config: PNDM with Runge-Kutta warm-up steps (skip_prk_steps false) is not "
                         "supported; set skip_prk_steps true or choose another --scheduler")
+    if zero_terminal_snr(config):  # diffusers' PNDMScheduler would silently sample another schedule
+        raise UserError("--scheduler pndm: PNDM has no zero-terminal-SNR schedule (diffusers' PNDMScheduler ignores "
+                        "rescale_betas_zero_snr); choose ddim, euler or dpm")
     n_train = int(s["num_train_timesteps"])
     ac = alphas_cumprod(config, "pndm").astype(np.float64)
     final = 1.0 if s["set_alpha_to_one"] else ac[0]
