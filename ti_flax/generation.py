@@ -133,8 +133,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         the same images whatever the number of devices.
       height, width: pixels, multiples of 8; default: the model's native size.
       scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler"; None: "pndm" for
-        SD 1.x / 2.x (ddim with zero terminal SNR), the model's own scheduler for SDXL (see
-        sampler.default_scheduler).
+        SD 1.x / 2.x (with zero terminal SNR: ddim, euler for epsilon models), the model's own
+        scheduler for SDXL (see sampler.default_scheduler).
       output_dir: where 000.png, 001.png, ... are written.
       allow_pickle: allow reading a pickled `.npy` embedding or `.ckpt` model (trusted files only).
       devices: the local devices to split images over (default: all).
@@ -239,7 +239,7 @@ def build_parser():
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--scheduler", choices=SAMPLERS, default=None,
-                        help="default: pndm (ddim with zero terminal SNR); for SDXL the model's own scheduler "
+                        help="default: pndm (zero terminal SNR: ddim, euler for epsilon models); for SDXL the model's own scheduler "
                         "(euler for SDXL base)")
     parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
     parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",

@@ -300,6 +300,9 @@ def _plan_ddim(s, config, steps):
     if timesteps.max() >= n_train:
         raise UserError(f"--steps {steps}: with steps_offset {s['steps_offset']} DDIM would need timestep "
                         f"{timesteps.max()} of a {n_train}-step schedule; use fewer steps")
+    if s["prediction_type"] == "epsilon" and ac[timesteps].min() == 0:  # diffusers' DDIM: NaN images
+        raise UserError("--scheduler ddim: an epsilon model's image cannot be told from pure noise, where zero "
+                        "terminal SNR starts (x0 = (x - sqrt(1 - a) eps) / sqrt(a) with a = 0); choose euler or dpm")
     for t in timesteps:
         prev = int(t) - n_train // steps
         a_t, b_t = ac[int(t)], 1 - ac[int(t)]
