@@ -164,7 +164,6 @@ def test_sampler_matches_diffusers(name, steps, prediction_type, noise):
         ("ddim", dict(ZTSNR, prediction_type="v_prediction")),
         ("euler", dict(ZTSNR, prediction_type="v_prediction")),
         ("dpm", dict(ZTSNR, prediction_type="v_prediction")),
-        ("dpm", ZTSNR),
     ],
 )
 def test_sampler_variants(name, extra, noise):
