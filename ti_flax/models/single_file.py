@@ -268,6 +268,10 @@ def detect_family(ckpt):
     if unet_family is not text:
         raise UserError(f"{path}: the text encoder is {text.title}'s {text.text} but the UNet is "
                         f"{unet_family.title}'s ({unet_family.unet}); the file mixes two model families")
+    in_channels = ckpt.shape(UNET + "input_blocks.0.0.weight")[1]
+    if in_channels != 4:
+        raise UserError(f"{path}: the {text.title} UNet takes {in_channels} input channels (an inpainting or "
+                        "instruct-pix2pix model); ti_flax trains text-to-image models (4 channels)")
     return text
 
 
@@ -317,10 +321,6 @@ def unet_config(ckpt, family, sample_size, pooled_dim=None):
         levels.append(level)
     if not levels or None in levels:
         raise UserError(f"{ckpt.path}: the UNet's input_blocks are not an SD 1.x/2.x or SDXL UNet's")
-    in_channels = ckpt.shape(UNET + "input_blocks.0.0.weight")[1]
-    if in_channels != 4:
-        raise UserError(f"{ckpt.path}: the {family.title} UNet takes {in_channels} input channels (an inpainting or "
-                        "instruct-pix2pix model); ti_flax trains text-to-image models (4 channels)")
     channels = [lv["channels"] for lv in levels]
     attn = _first_attention(ckpt)
     if family.unet_heads:
@@ -336,7 +336,7 @@ def unet_config(ckpt, family, sample_size, pooled_dim=None):
     temb = ckpt.shape(UNET + "time_embed.0.weight")[0]
     config = {
         "sample_size": sample_size,
-        "in_channels": in_channels,
+        "in_channels": ckpt.shape(UNET + "input_blocks.0.0.weight")[1],
         "out_channels": ckpt.shape(UNET + "out.2.weight")[0],
         "block_out_channels": channels,
         "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
