@@ -1,9 +1,11 @@
 """diffusers folders -> one file in the original (LDM / Stability) key layout, as A1111, Forge and
 ComfyUI keep models: the tests' own mapping, written independently of ti_flax's loader
-(ti_flax/models/single_file.py) so that loading the file back checks the loader."""
+(ti_flax/models/single_file.py) so that loading the file back checks the loader; and what the
+single-file tests share to check it (tests/test_single_file.py, tests/test_sdxl_single_file.py)."""
 
 import json
 import os
+import warnings
 
 import numpy as np
 
@@ -157,3 +159,38 @@ def save_original(state, path):
 
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
     return path
+
+
+def zeros(*shape):
+    """A float32 tensor of zeros, for files whose keys and shapes are all that matter."""
+    return np.zeros(shape, np.float32)
+
+
+def load_warned(path, **kwargs):
+    """(models.load_model(path, **kwargs), the messages of the warnings it gave)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = models.load_model(path, **kwargs)
+    return model, [str(w.message) for w in caught]
+
+
+def assert_same_weights(got, want, what):
+    """Two params trees hold the same names and bitwise the same float32 values."""
+    got, want = flatten(got), flatten(want)
+    assert sorted(got) == sorted(want), what
+    for name in want:
+        assert got[name].dtype == np.float32, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
+
+
+def run_train_cli(model, tmp_path, capsys, *extra):
+    """The training command's one error line for `model`, checked to exit 2 having written nothing."""
+    from ti_flax.training import main
+
+    out = tmp_path / "out"
+    code = main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),
+                 "--placeholder_token", "<x>", "--initializer_token", "toy", "--output_dir", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not out.exists()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err

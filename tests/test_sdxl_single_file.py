@@ -13,28 +13,14 @@ import warnings
 import numpy as np
 import pytest
 
-from original_layout import save_original, to_original
+from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
+from original_layout import run_train_cli as _run_train_cli, save_original, to_original, zeros
 
-from ti_flax import TrainConfig, models
+from ti_flax import TrainConfig, models, outputs
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
 
 PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
-
-
-def _load(path, **kwargs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = models.load_model(path, **kwargs)
-    return model, [str(w.message) for w in caught]
-
-
-def _assert_same_weights(got, want, what):
-    got, want = flatten(got), flatten(want)
-    assert sorted(got) == sorted(want), what
-    for name in want:
-        assert got[name].dtype == np.float32, name
-        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +115,8 @@ def test_v_pred_and_ztsnr_keys_are_honoured_and_flags_win(tiny_sdxl_single_file,
     assert model.scheduler_config["timestep_spacing"] == "trailing"
     assert model.alphas_cumprod[-1] == 0 and model.alphas_cumprod[-2] > 0
     assert model.notes == ("v_prediction from the file's v_pred key", "zero terminal SNR from the file's ztsnr key")
+    assert outputs._model_kind(model) == ("SDXL, v_prediction, zero terminal SNR, hidden 64 + 128; v_prediction "
+                                          "from the file's v_pred key; zero terminal SNR from the file's ztsnr key")
     # An explicit flag wins over its marker, and says nothing of a marker it overrode.
     plain, _ = _load(marked, prediction_type="epsilon", zero_terminal_snr=False)
     assert plain.spec.prediction_type == "epsilon" and not plain.scheduler_config["rescale_betas_zero_snr"]
@@ -166,6 +154,24 @@ def test_zero_terminal_snr_loss_is_finite_at_the_last_timestep(tiny_sdxl_single_
     assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grads)))
 
 
+def test_zero_terminal_snr_default_sampler():
+    """PNDM has no rescaled schedule: SD 1.x / 2.x sample zero terminal SNR with DDIM (v-prediction,
+    as diffusers recommends) or Euler (epsilon, which DDIM cannot start from pure noise with)."""
+    from types import SimpleNamespace
+
+    from ti_flax.models.schedulers import with_zero_terminal_snr
+    from ti_flax.models.single_file import SCHEDULER
+    from ti_flax.sampler import default_scheduler
+
+    def sd(prediction_type):
+        return SimpleNamespace(is_sdxl=False, prediction_type=prediction_type)
+
+    ztsnr = with_zero_terminal_snr(SCHEDULER, True)
+    assert default_scheduler(sd("v_prediction"), SCHEDULER) == "pndm"
+    assert default_scheduler(sd("v_prediction"), ztsnr) == "ddim"
+    assert default_scheduler(sd("epsilon"), ztsnr) == "euler"
+
+
 def test_zero_terminal_snr_flags():
     from ti_flax.cli import parse_config
 
@@ -183,33 +189,17 @@ def test_zero_terminal_snr_flags():
 # What is not an SDXL base checkpoint: one line naming it, nothing written
 
 
-def _tensor(*shape):
-    return np.zeros(shape, np.float32)
-
-
-def _run_train_cli(model, tmp_path, capsys):
-    from ti_flax.training import main
-
-    out = tmp_path / "out"
-    code = main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),
-                 "--placeholder_token", "<x>", "--initializer_token", "toy", "--output_dir", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and not out.exists()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 OTHER_FILES = {
-    "lora": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": _tensor(4, 64),
-              "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": _tensor(128, 4),
-              "lora_unet_input_blocks_4_1_proj_in.alpha": _tensor()}, "a LoRA"),
-    "vae-only": ({"encoder.conv_in.weight": _tensor(8, 3, 3, 3), "decoder.conv_in.weight": _tensor(8, 4, 3, 3),
-                  "encoder.down.0.block.0.conv1.weight": _tensor(8, 8, 3, 3)}, "a VAE only"),
-    "refiner": ({"model.diffusion_model.input_blocks.0.0.weight": _tensor(64, 4, 3, 3),
-                 "model.diffusion_model.label_emb.0.0.weight": _tensor(256, 2560),
-                 "conditioner.embedders.0.model.positional_embedding": _tensor(77, 128),
-                 "conditioner.embedders.0.model.text_projection": _tensor(128, 32),
-                 "first_stage_model.encoder.conv_in.weight": _tensor(8, 3, 3, 3)}, "an SDXL refiner"),
+    "lora": ({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": zeros(4, 64),
+              "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": zeros(128, 4),
+              "lora_unet_input_blocks_4_1_proj_in.alpha": zeros()}, "a LoRA"),
+    "vae-only": ({"encoder.conv_in.weight": zeros(8, 3, 3, 3), "decoder.conv_in.weight": zeros(8, 4, 3, 3),
+                  "encoder.down.0.block.0.conv1.weight": zeros(8, 8, 3, 3)}, "a VAE only"),
+    "refiner": ({"model.diffusion_model.input_blocks.0.0.weight": zeros(64, 4, 3, 3),
+                 "model.diffusion_model.label_emb.0.0.weight": zeros(256, 2560),
+                 "conditioner.embedders.0.model.positional_embedding": zeros(77, 128),
+                 "conditioner.embedders.0.model.text_projection": zeros(128, 32),
+                 "first_stage_model.encoder.conv_in.weight": zeros(8, 3, 3, 3)}, "an SDXL refiner"),
 }
 
 

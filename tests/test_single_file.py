@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import make_tiny_model
-from original_layout import save_original, to_original
+from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
+from original_layout import run_train_cli as _run_train_cli, save_original, to_original
 
 from ti_flax import TrainConfig, formats, models
 from ti_flax.errors import UserError
@@ -33,21 +34,6 @@ def single_file_model(request, tmp_path_factory):
     folder = make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp(f"folder-{family}")), FAMILIES[family])
     path = save_original(to_original(folder, family), str(tmp_path_factory.mktemp("file") / f"{family}.safetensors"))
     return family, folder, path
-
-
-def _load(path, **kwargs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = models.load_model(path, **kwargs)
-    return model, [str(w.message) for w in caught]
-
-
-def _assert_same_weights(got, want, what):
-    got, want = flatten(got), flatten(want)
-    assert sorted(got) == sorted(want), what
-    for name in want:
-        assert got[name].dtype == np.float32, name
-        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,18 +210,6 @@ BAD_FILES = {
                    "takes 9 input channels (an inpainting"),
     "other": ({"weight": _tensor(3)}, "not a Stable Diffusion checkpoint"),
 }
-
-
-def _run_train_cli(model, tmp_path, capsys, *extra):
-    from ti_flax.training import main
-
-    out = tmp_path / "out"
-    code = main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),
-                 "--placeholder_token", "<x>", "--initializer_token", "toy", "--output_dir", str(out), *extra])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and not out.exists()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
