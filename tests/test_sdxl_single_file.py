@@ -160,7 +160,7 @@ def test_zero_terminal_snr_default_sampler():
     from types import SimpleNamespace
 
     from ti_flax.models.schedulers import with_zero_terminal_snr
-    from ti_flax.models.single_file import SCHEDULER
+    from ti_flax.models.ldm_layout import SCHEDULER
     from ti_flax.sampler import default_scheduler
 
     def sd(prediction_type):
