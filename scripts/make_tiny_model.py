@@ -138,6 +138,19 @@ LAYOUTS["tiny-sdxl"] = dict(
     sdxl=True,
 )
 
+# The tiny SDXL model with what an original SDXL single file cannot record set as SDXL base's
+# diffusers configs set it (tests/test_sdxl_single_file.py): 64-wide heads in both text encoders
+# and in the UNet, CLIP-L's projection_dim 768, eos_token_id 2, 1024 px sample sizes (128 latents).
+LAYOUTS["single-sdxl"] = dict(
+    LAYOUTS["tiny-sdxl"],
+    unet=dict(LAYOUTS["tiny-sdxl"]["unet"], block_out_channels=(64, 128), attention_head_dim=(1, 2), sample_size=128,
+              projection_class_embeddings_input_dim=32 + 6 * 8),
+    vae=dict(LAYOUTS["tiny-sdxl"]["vae"], sample_size=256),  # pixels: 128 latents x 2 (two VAE levels)
+    hidden=64,
+    text=dict(num_attention_heads=1, eos_token_id=2, projection_dim=768),
+    text_2=dict(hidden_size=128, intermediate_size=160, num_attention_heads=2, projection_dim=32, hidden_act="gelu"),
+)
+
 
 def write_clip_tokenizer(out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|>"):
     """Write the CLIP tokenizer files (ti_flax.clip_vocab.write_tokenizer_files) to `out_dir` and

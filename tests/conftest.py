@@ -85,7 +85,7 @@ def clip_tokenizer(_session_clip_tokenizer):
 # port's parity test (tests/test_port_*.py) compiles whole models: both are marked `slow` here,
 # so `pytest -m "not slow"` is the quick inner loop.
 MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir", "golden_run", "single_file_model",
-                  "sd1_folder"}
+                  "sd1_folder", "tiny_sdxl_single_file"}
 
 
 # The files with the most seconds of work under `-n 2 --dist loadfile`, longest first (measured:
@@ -166,6 +166,18 @@ def tiny_sdxl_model_dir(tmp_path_factory):
     """A random-init StableDiffusionXLPipeline folder (scripts/make_tiny_model.py --layout tiny-sdxl):
     text encoders 32 and 48 wide (projection 16), "!" padding in tokenizer_2."""
     return make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("tiny-sdxl")), layout="tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_single_file(tmp_path_factory):
+    """(folder, file): a tiny SDXL folder whose every config value is one an SDXL single file implies
+    (scripts/make_tiny_model.py --layout single-sdxl: 64-wide heads everywhere, SDXL base's sizes),
+    and the same model as one original-layout .safetensors file (tests/original_layout.py)."""
+    from original_layout import save_original, to_original
+
+    folder = make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("single-sdxl")), "single-sdxl")
+    path = save_original(to_original(folder, "sdxl"), str(tmp_path_factory.mktemp("sdxl-file") / "sdxl.safetensors"))
+    return folder, path
 
 
 @pytest.fixture(scope="session")

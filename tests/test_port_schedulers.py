@@ -36,6 +36,8 @@ TORCH_CLASSES = {
     "dpm": "DPMSolverMultistepScheduler",
 }
 SHAPE = (2, 8, 8, 4)
+# What --zero_terminal_snr sets, as diffusers recommends it.
+ZTSNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 TOL = 1e-4
 
 
@@ -102,6 +104,35 @@ def test_trained_betas_and_zero_snr():
     assert np.abs(schedulers.alphas_cumprod(config) - ref).max() <= 1e-6
 
 
+def test_zero_terminal_snr_schedule_and_v_target_match_diffusers():
+    """--zero_terminal_snr's schedule is diffusers' rescale_zero_terminal_snr of the model's betas
+    (the last alpha_cumprod exactly 0), and the v-prediction target under it is get_velocity's."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    from ti_flax.step import noisy_latents, velocity
+
+    config = schedulers.with_zero_terminal_snr(dict(SD_CONFIG, prediction_type="v_prediction"), True)
+    assert config["timestep_spacing"] == "trailing"
+    ours = schedulers.alphas_cumprod(config)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    ref = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0).numpy()
+    assert ours[-1] == 0 and ref[-1] == 0 and ours[-2] > 0
+    assert np.abs(ours - ref).max() <= 1e-6  # torch.sqrt vs numpy's: a few float32 ulps
+    assert not np.array_equal(ours, schedulers.alphas_cumprod(SD_CONFIG))  # the rescaling is on
+    ddpm = diffusers.DDPMScheduler.from_config(config)
+    rng = np.random.default_rng(1)
+    latents, noise = (rng.standard_normal((4, 4, 8, 8)).astype(np.float32) for _ in range(2))
+    t = np.array([0, 500, 998, 999])
+    ref_v = ddpm.get_velocity(torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    ref_noisy = ddpm.add_noise(torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    np.testing.assert_allclose(np.asarray(velocity(ours, latents, noise, t)), ref_v, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(noisy_latents(ours, latents, noise, t)), ref_noisy, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(velocity(ours, latents, noise, t))[-1], -latents[-1])  # v = -x0
+    # Off again: the plain schedule, bit for bit.
+    np.testing.assert_array_equal(schedulers.alphas_cumprod(schedulers.with_zero_terminal_snr(config, False)),
+                                  schedulers.alphas_cumprod(SD_CONFIG))
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("name", schedulers.SAMPLERS)
@@ -129,6 +160,10 @@ def test_sampler_matches_diffusers(name, steps, prediction_type, noise):
         ("dpm", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
         ("dpm", {"solver_order": 1}),
         ("ddim", {"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}),
+        # --zero_terminal_snr: the rescaled schedule, sampled from the last (pure-noise) timestep
+        ("ddim", dict(ZTSNR, prediction_type="v_prediction")),
+        ("euler", dict(ZTSNR, prediction_type="v_prediction")),
+        ("dpm", dict(ZTSNR, prediction_type="v_prediction")),
     ],
 )
 def test_sampler_variants(name, extra, noise):
@@ -181,6 +216,8 @@ def test_a_wrong_coefficient_breaks_parity(noise):
     [
         ("unipc", {}),
         ("pndm", {"skip_prk_steps": False}),
+        ("pndm", {"rescale_betas_zero_snr": True}),  # diffusers' PNDM would sample the plain schedule
+        ("ddim", ZTSNR),  # epsilon from pure noise: diffusers' DDIM gives NaN
         ("euler", {"use_karras_sigmas": True}),
         ("dpm", {"algorithm_type": "sde-dpmsolver++"}),
         ("ddim", {"prediction_type": "sample"}),

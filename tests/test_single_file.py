@@ -1,13 +1,11 @@
 """Original single-file checkpoints (A1111 / ComfyUI layout) load as the diffusers folder they came from.
 
-The tiny SD 1.x and SD 2.x-like folders are written here as one file in the ORIGINAL key layout by
-`to_original` (this file's own diffusers -> LDM mapping, the reverse of what the loader does).
+The tiny SD 1.x and SD 2.x-like folders are written as one file in the ORIGINAL key layout by
+`original_layout.to_original` (the tests' own diffusers -> LDM mapping, the reverse of what the loader does).
 So that the test is not circular, PyTorch diffusers' `StableDiffusionPipeline.from_single_file`
 reads the same file, with the folder as its config, and must find the same weights.
 """
 
-import json
-import os
 import sys
 import warnings
 
@@ -15,6 +13,8 @@ import numpy as np
 import pytest
 
 import make_tiny_model
+from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
+from original_layout import run_train_cli as _run_train_cli, save_original, to_original
 
 from ti_flax import TrainConfig, formats, models
 from ti_flax.errors import UserError
@@ -22,147 +22,6 @@ from ti_flax.models.weights import flatten
 
 FAMILIES = {"sd1": "single-sd1", "sd2": "single-sd2"}
 SD2_WARNING = "pass --prediction_type v_prediction"
-
-# --------------------------------------------------------------------------------------------
-# diffusers names -> original (LDM / Stability) names, written independently of the loader
-
-_UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-                ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
-_UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-
-
-def _resnet(rest, table):
-    for ours, theirs in table:
-        if rest.startswith(ours + "."):
-            return theirs + rest[len(ours):]
-    return rest
-
-
-def unet_key(name, config):
-    """diffusers UNet2DConditionModel name -> `input_blocks.N.M...` name (without the prefix)."""
-    per = config["layers_per_block"] + 1  # resnets per level in the input blocks, +downsampler
-    module, leaf = name.rsplit(".", 1)
-    if module in _UNET_TOP:
-        return f"{_UNET_TOP[module]}.{leaf}"
-    p = name.split(".")
-    if p[0] == "mid_block":
-        slot = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"]
-        rest = ".".join(p[3:])
-        return f"middle_block.{slot}." + (_resnet(rest, _UNET_RESNET) if p[1] == "resnets" else rest)
-    i = int(p[1])
-    if p[0] == "down_blocks":
-        if p[2] == "downsamplers":  # down_blocks.i.downsamplers.0.conv.weight
-            return f"input_blocks.{(i + 1) * per}.0.op.{p[-1]}"
-        block, rest = 1 + i * per + int(p[3]), ".".join(p[4:])
-        return f"input_blocks.{block}.0.{_resnet(rest, _UNET_RESNET)}" if p[2] == "resnets" else \
-            f"input_blocks.{block}.1.{rest}"
-    if p[2] == "upsamplers":  # the last output block of the level, after its attention if it has one
-        slot = 2 if config["up_block_types"][i].startswith("CrossAttn") else 1
-        return f"output_blocks.{i * per + per - 1}.{slot}.conv.{p[-1]}"
-    block, rest = i * per + int(p[3]), ".".join(p[4:])
-    return f"output_blocks.{block}.0.{_resnet(rest, _UNET_RESNET)}" if p[2] == "resnets" else \
-        f"output_blocks.{block}.1.{rest}"
-
-
-def vae_key(name, levels):
-    """diffusers AutoencoderKL name -> `encoder.down.N.block.M...` name, and whether a Linear was a 1x1 conv."""
-    p = name.split(".")
-    if p[1] in ("conv_norm_out",):
-        return f"{p[0]}.norm_out.{p[-1]}", False
-    if p[1] == "mid_block":
-        if p[2] == "resnets":
-            return f"{p[0]}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:])}", False
-        rest = ".".join(p[4:])
-        renames = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
-        for ours, theirs in renames:
-            if rest.startswith(ours + "."):
-                return f"{p[0]}.mid.attn_1.{theirs}{rest[len(ours):]}", ours != "group_norm"
-    if p[1] in ("down_blocks", "up_blocks"):
-        level = int(p[2]) if p[0] == "encoder" else levels - 1 - int(p[2])
-        where = f"{p[0]}.{'down' if p[0] == 'encoder' else 'up'}.{level}"
-        if p[3] in ("downsamplers", "upsamplers"):
-            return f"{where}.{'downsample' if p[0] == 'encoder' else 'upsample'}.conv.{p[-1]}", False
-        rest = ".".join(p[5:]).replace("conv_shortcut", "nin_shortcut")
-        return f"{where}.block.{p[4]}.{rest}", False
-    return name, False
-
-
-def open_clip_keys(text, extra_layer, rng):
-    """transformers CLIPTextModel weights -> OpenCLIP's (fused in_proj, ln_1, c_fc, ...); with
-    `extra_layer`, the whole tower as original checkpoints hold it: a last resblock SD 2.x does not
-    use, the projection and the logit scale (without: as diffusers' conversion back writes it)."""
-    prefix, out = "cond_stage_model.model.", {}
-    tm = "text_model."
-    out[prefix + "token_embedding.weight"] = text[tm + "embeddings.token_embedding.weight"]
-    out[prefix + "positional_embedding"] = text[tm + "embeddings.position_embedding.weight"]
-    out[prefix + "ln_final.weight"] = text[tm + "final_layer_norm.weight"]
-    out[prefix + "ln_final.bias"] = text[tm + "final_layer_norm.bias"]
-    hidden = out[prefix + "ln_final.weight"].shape[0]
-    layers = 1 + max(int(k.split(".")[3]) for k in text if k.startswith(tm + "encoder.layers."))
-    for i in range(layers + (1 if extra_layer else 0)):
-        # The extra (unused) last block: the one before it, shifted, so using it would show.
-        src, shift = f"{tm}encoder.layers.{min(i, layers - 1)}.", 0.0 if i < layers else 1.0
-        dst = f"{prefix}transformer.resblocks.{i}."
-        for leaf in ("weight", "bias"):
-            out[f"{dst}attn.in_proj_{leaf}"] = shift + np.concatenate(
-                [text[f"{src}self_attn.{q}_proj.{leaf}"] for q in ("q", "k", "v")])
-            out[f"{dst}attn.out_proj.{leaf}"] = shift + text[f"{src}self_attn.out_proj.{leaf}"]
-            out[f"{dst}ln_1.{leaf}"] = shift + text[f"{src}layer_norm1.{leaf}"]
-            out[f"{dst}ln_2.{leaf}"] = shift + text[f"{src}layer_norm2.{leaf}"]
-            out[f"{dst}mlp.c_fc.{leaf}"] = shift + text[f"{src}mlp.fc1.{leaf}"]
-            out[f"{dst}mlp.c_proj.{leaf}"] = shift + text[f"{src}mlp.fc2.{leaf}"]
-    if extra_layer:  # the whole tower, as open_clip saves it
-        out[prefix + "text_projection"] = rng.standard_normal((hidden, hidden)).astype(np.float32)
-        out[prefix + "logit_scale"] = np.array(4.6, np.float32)
-    return out
-
-
-def to_original(model_dir, family, ema=None, seed=0, whole_text_tower=True):
-    """{original key: array} of a diffusers folder, as A1111 / ComfyUI save it.
-
-    ema: None (no EMA copy), "only" (the UNet only as model_ema.*), "both" (model_ema.* holds
-    other values: the loader must take model.diffusion_model.*).
-    whole_text_tower: SD 2.x's OpenCLIP tower with its unused last block and projection, as in the
-    original checkpoints (False: only the blocks SD uses, as a file converted from diffusers has).
-    """
-    model = models.load_model(model_dir)
-    params = {part: flatten(tree) for part, tree in model.params.items()}
-    rng = np.random.default_rng(seed)
-    unet_config = json.load(open(os.path.join(model_dir, "unet", "config.json")))
-    vae_levels = len(json.load(open(os.path.join(model_dir, "vae", "config.json")))["block_out_channels"])
-    out = {}
-    for name, value in params["unet"].items():
-        key = unet_key(name, unet_config)
-        if ema != "only":
-            out["model.diffusion_model." + key] = value
-        if ema:
-            flat = "model_ema.diffusion_model" + key.replace(".", "")
-            out[flat] = value if ema == "only" else value + 1.0
-    if ema:
-        out["model_ema.decay"] = np.array(0.9999, np.float32)
-        out["model_ema.num_updates"] = np.array(1000, np.int32)
-    for name, value in params["vae"].items():
-        key, was_conv = vae_key(name, vae_levels)
-        out["first_stage_model." + key] = value[:, :, None, None] if was_conv and value.ndim == 2 else value
-    if family == "sd1":
-        for name, value in params["text_encoder"].items():
-            out["cond_stage_model.transformer." + name] = value
-        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
-    else:
-        out.update(open_clip_keys(params["text_encoder"], extra_layer=whole_text_tower, rng=rng))
-    # The DDPM buffers every original checkpoint carries.
-    out["alphas_cumprod"] = np.asarray(model.alphas_cumprod, np.float32)
-    out["betas"] = np.linspace(0.00085, 0.012, 1000, dtype=np.float32)
-    return out
-
-
-def save_original(state, path):
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
-    return path
-
 
 # --------------------------------------------------------------------------------------------
 # Fixtures
@@ -175,21 +34,6 @@ def single_file_model(request, tmp_path_factory):
     folder = make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp(f"folder-{family}")), FAMILIES[family])
     path = save_original(to_original(folder, family), str(tmp_path_factory.mktemp("file") / f"{family}.safetensors"))
     return family, folder, path
-
-
-def _load(path, **kwargs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = models.load_model(path, **kwargs)
-    return model, [str(w.message) for w in caught]
-
-
-def _assert_same_weights(got, want, what):
-    got, want = flatten(got), flatten(want)
-    assert sorted(got) == sorted(want), what
-    for name in want:
-        assert got[name].dtype == np.float32, name
-        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{what}: {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +188,7 @@ def test_prediction_type_and_allow_pickle_flags():
 
 
 # --------------------------------------------------------------------------------------------
-# What is not an SD 1.x/2.x checkpoint: one line each, nothing written
+# What is not an SD 1.x/2.x checkpoint: one line each, nothing written (SDXL's: test_sdxl_single_file.py)
 
 
 def _tensor(*shape):
@@ -356,9 +200,6 @@ BAD_FILES = {
               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": _tensor()}, "a LoRA"),
     "vae-only": ({"encoder.conv_in.weight": _tensor(8, 3, 3, 3), "decoder.conv_in.weight": _tensor(8, 4, 3, 3),
                   "encoder.down.0.block.0.conv1.weight": _tensor(8, 8, 3, 3)}, "a VAE only"),
-    "sdxl": ({"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": _tensor(77, 8),
-              "model.diffusion_model.input_blocks.0.0.weight": _tensor(8, 4, 3, 3)},
-             "SDXL single files are not supported yet"),
     "embedding": ({"emb_params": _tensor(2, 768)}, "a textual-inversion embedding"),
     "inpainting": ({"model.diffusion_model.input_blocks.0.0.weight": _tensor(64, 9, 3, 3),
                     "model.diffusion_model.input_blocks.1.0.in_layers.0.weight": _tensor(64),
@@ -369,18 +210,6 @@ BAD_FILES = {
                    "takes 9 input channels (an inpainting"),
     "other": ({"weight": _tensor(3)}, "not a Stable Diffusion checkpoint"),
 }
-
-
-def _run_train_cli(model, tmp_path, capsys, *extra):
-    from ti_flax.training import main
-
-    out = tmp_path / "out"
-    code = main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),
-                 "--placeholder_token", "<x>", "--initializer_token", "toy", "--output_dir", str(out), *extra])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and not out.exists()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))

@@ -49,6 +49,7 @@ MUST_MATCH = (
     "flip_p",
     "seed",
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
+    "zero_terminal_snr",  # the noise schedule the loss is taken under
     # What follows each update; a checkpoint from before these existed had them off.
     "embedding_norm",
     "embedding_norm_target",

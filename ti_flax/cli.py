@@ -23,13 +23,20 @@ def build_parser():
     )
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="local model folder, Hub id, or one original SD 1.x/2.x checkpoint file "
+                   help="local model folder, Hub id, or one original SD 1.x/2.x or SDXL checkpoint file "
                    "(A1111/ComfyUI .safetensors)")
     g.add_argument("--revision", help="Hub revision (branch, tag or commit) of the model")
     g.add_argument("--tokenizer_name", help="tokenizer folder or Hub id, if not the model's own")
     g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=d.prediction_type,
-                   help="the model's training target, instead of its scheduler config's (a single file: epsilon "
-                   "unless given; pass v_prediction for SD 2.x 768-v files)")
+                   help="the model's training target, instead of its scheduler config's (a single file: its "
+                   "v_pred key, else epsilon; pass v_prediction for SD 2.x 768-v files)")
+    g.add_argument("--zero_terminal_snr", action="store_const", const=True, default=d.zero_terminal_snr,
+                   help="rescale the noise schedule to zero terminal SNR (diffusers' rescale_betas_zero_snr), for "
+                   "training and for sampling with trailing timesteps; for v-prediction models trained that way "
+                   "(default: as the model says: its scheduler config, or a single file's ztsnr key)")
+    g.add_argument("--no_zero_terminal_snr", dest="zero_terminal_snr", action="store_const", const=False,
+                   help="train and sample with the model's plain schedule even where a single file's ztsnr key "
+                   "or its scheduler config asks for zero terminal SNR")
     g.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
                    help="allow unpickling a .ckpt model or a .npy --initial_embeddings: it can run code, so only "
                    "for files you trust")

@@ -41,6 +41,10 @@ class TrainConfig:
     tokenizer_name: Optional[str] = None
     prediction_type: Optional[str] = None  # None: the model's scheduler config (a single file: epsilon)
     allow_pickle: bool = False  # unpickle a .ckpt model or a .npy --initial_embeddings (can run code)
+    # True: the noise schedule rescaled to zero terminal SNR (diffusers' rescale_betas_zero_snr, with
+    # "trailing" sampling timesteps); False: not, even where the model asks; None: as the model's
+    # scheduler config, or a single file's ztsnr marker, says (off for every model without one).
+    zero_terminal_snr: Optional[bool] = None
     # Concept and data
     # Several concepts at once: the path of a .json/.toml file, or a list of dicts with the keys of
     # concepts.Concept (see concepts.py); None: the one concept of the flags below.
@@ -175,6 +179,8 @@ class TrainConfig:
             one_of("--mixed_precision", self.mixed_precision, tuple(MIXED_PRECISION)),
             one_of("--prediction_type", self.prediction_type, PREDICTION_TYPES, allow_none=True),
             one_of("--attention", self.attention, ATTENTION),
+            (self.zero_terminal_snr in (None, True, False),
+             f"--zero_terminal_snr must be true, false or unset, got {self.zero_terminal_snr!r}"),
             (self.gradient_accumulation_steps >= 1,
              f"--gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}"),
             (self.num_vectors >= 1, f"--num_vectors must be at least 1, got {self.num_vectors}"),

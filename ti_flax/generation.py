@@ -120,12 +120,12 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
 
 def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
              guidance_scale=7.5, seed=0, height=None, width=None, scheduler=None, output_dir="generated",
-             allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None):
+             allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None, zero_terminal_snr=None):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
       pretrained_model_name_or_path: a Stable Diffusion 1.x / 2.x or SDXL folder, Hub id, or one
-        original SD 1.x/2.x checkpoint file (`.safetensors`; `.ckpt` with allow_pickle).
+        original SD 1.x/2.x or SDXL checkpoint file (`.safetensors`; `.ckpt` with allow_pickle).
       prompt, negative_prompt: the texts; either may use the embeddings' tokens.
       embeddings: paths, "FILE:TOKEN" strings or (path, token) pairs (see the module docstring);
         SDXL embeddings for an SDXL model.
@@ -133,14 +133,17 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         the same images whatever the number of devices.
       height, width: pixels, multiples of 8; default: the model's native size.
       scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler"; None: "pndm" for
-        SD 1.x / 2.x, the model folder's own scheduler for SDXL (see sampler.default_scheduler).
+        SD 1.x / 2.x (with zero terminal SNR: ddim, euler for epsilon models), the model's own
+        scheduler for SDXL (see sampler.default_scheduler).
       output_dir: where 000.png, 001.png, ... are written.
       allow_pickle: allow reading a pickled `.npy` embedding or `.ckpt` model (trusted files only).
       devices: the local devices to split images over (default: all).
       compilation_cache: keep compiled programs on disk for the next call (see
         ti_flax.compile_cache); False is `--no_compilation_cache`.
       prediction_type: "epsilon" or "v_prediction" instead of the model's scheduler config (a
-        single file: epsilon unless given; v_prediction for SD 2.x 768-v files).
+        single file: its v_pred key, else epsilon; v_prediction for SD 2.x 768-v files).
+      zero_terminal_snr: True samples on the schedule rescaled to zero terminal SNR, with trailing
+        timesteps; False never; None: as the model says (its scheduler config, a file's ztsnr key).
     Returns:
       The paths of the images written, in order.
     Raises:
@@ -173,7 +176,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
-    model = models.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle)
+    model = models.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle,
+                              zero_terminal_snr=zero_terminal_snr)
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
@@ -214,11 +218,16 @@ def build_parser():
         prog="ti-flax-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="Stable Diffusion 1.x/2.x or SDXL folder, Hub id, or one original SD 1.x/2.x "
-                        ".safetensors file")
+                        help="Stable Diffusion 1.x/2.x or SDXL folder, Hub id, or one original SD 1.x/2.x or "
+                        "SDXL .safetensors file")
     parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
                         help="the model's target instead of its scheduler config's "
-                        "(single files: epsilon unless given)")
+                        "(single files: their v_pred key, else epsilon)")
+    parser.add_argument("--zero_terminal_snr", action="store_const", const=True, default=None,
+                        help="sample on the noise schedule rescaled to zero terminal SNR, with trailing timesteps "
+                        "(default: as the model says: its scheduler config, or a single file's ztsnr key)")
+    parser.add_argument("--no_zero_terminal_snr", dest="zero_terminal_snr", action="store_const", const=False,
+                        help="sample on the model's plain schedule even where it asks for zero terminal SNR")
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
                         help="embedding files or folders; FILE:TOKEN names the token used in prompts")
     parser.add_argument("--prompt", required=True)
@@ -230,7 +239,8 @@ def build_parser():
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--scheduler", choices=SAMPLERS, default=None,
-                        help="default: pndm; for SDXL the model's own scheduler (euler for SDXL base)")
+                        help="default: pndm (zero terminal SNR: ddim, euler for epsilon models); for SDXL the model's own scheduler "
+                        "(euler for SDXL base)")
     parser.add_argument("--output_dir", default="generated", help="where 000.png, 001.png, ... are written")
     parser.add_argument("--allow_pickle", "--allow-pickle", action="store_true",
                         help="allow reading a pickled .npy embedding or .ckpt model "
@@ -251,7 +261,7 @@ def main(argv=None):
             args.pretrained_model_name_or_path, args.prompt, args.embeddings, args.negative_prompt,
             args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
             args.scheduler, args.output_dir, args.allow_pickle, compilation_cache=not args.no_compilation_cache,
-            prediction_type=args.prediction_type,
+            prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
         )))
     for path in paths:
         print(path)

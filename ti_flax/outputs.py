@@ -6,6 +6,7 @@ import jax
 
 from . import checkpoint as ckpt
 from . import files, formats, logs, model_card
+from .models import schedulers
 from .validation_loss import fixed_timesteps
 
 
@@ -81,7 +82,7 @@ def print_banner(run):
     n_rows = len(run.tokens)
     print(
         f"{_what_line(run)}"
-        f"  model      {config.pretrained_model_name_or_path} ({_model_kind(spec)}), "
+        f"  model      {config.pretrained_model_name_or_path} ({_model_kind(run.model)}), "
         f"loaded in {run.load_seconds:.1f} s\n"
         f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
         f"{jax.process_count()} process(es), {jax.default_backend()})\n"
@@ -101,10 +102,15 @@ def print_banner(run):
     )
 
 
-def _model_kind(spec):
-    """The banner's description of the model, e.g. "epsilon, hidden 768" or "SDXL, epsilon, hidden 768 + 1280"."""
+def _model_kind(model):
+    """The banner's description of the model, e.g. "epsilon, hidden 768" or "SDXL, epsilon, hidden 768 + 1280";
+    with zero terminal SNR and what a single file's marker keys chose, e.g. "SDXL, v_prediction, zero
+    terminal SNR, hidden 768 + 1280; v_prediction from the file's v_pred key, ...". """
+    spec = model.spec
     widths = " + ".join(map(str, spec.text_widths))
-    return f"{'SDXL, ' if spec.is_sdxl else ''}{spec.prediction_type}, hidden {widths}"
+    ztsnr = ", zero terminal SNR" if schedulers.zero_terminal_snr(model.scheduler_config) else ""
+    notes = "".join(f"; {note}" for note in model.notes)
+    return f"{'SDXL, ' if spec.is_sdxl else ''}{spec.prediction_type}{ztsnr}, hidden {widths}{notes}"
 
 
 def _what_line(run):

@@ -66,8 +66,13 @@ def _plan(name, scheduler_config_json, num_inference_steps):
 def default_scheduler(spec, scheduler_config):
     """The sampler used when none is chosen: "pndm" for SD 1.x / 2.x; for SDXL the model folder's
     own scheduler, which diffusers' StableDiffusionXLPipeline (and its textual-inversion script's
-    validation) samples with: euler for SDXL base, and euler when the folder's is none of SCHEDULERS."""
+    validation) samples with: euler for SDXL base, and euler when the folder's is none of SCHEDULERS.
+    With zero terminal SNR, where the default would be "pndm" (diffusers' PNDMScheduler has no
+    rescaled schedule): "ddim", as diffusers recommends for a v-prediction model, and "euler" for an
+    epsilon one (DDIM cannot start from pure noise with it)."""
     if not spec.is_sdxl:
+        if schedulers.zero_terminal_snr(scheduler_config):
+            return "ddim" if spec.prediction_type == "v_prediction" else "euler"
         return "pndm"
     return SAMPLER_OF_CLASS.get(str(dict(scheduler_config).get("_class_name")), "euler")
 

@@ -12,7 +12,8 @@ transformers' CLIPTokenizer).
 | `model_folder.py` | finding a model folder (local or Hub), its model_index.json, its family and parts |
 | `tokenizers.py` | reading the CLIP tokenizer folder(s) |
 | `component_weights.py` | reading one component's config and weights (`unet/`, `vae/`, `text_encoder/`) |
-| `single_file.py`, `flax_layout.py` | original single-file checkpoints; old Flax msgpack weights |
+| `single_file.py`, `ldm_layout.py` | original single-file checkpoints: what a file is and loading it; each family's layout, configs from shapes, name tables |
+| `flax_layout.py` | old Flax msgpack weights |
 | `clip.py`, `unet.py`, `vae.py` | one network each; `attention.py`, `layers.py` their parts |
 | `schedulers.py` | noise schedules and samplers |
 """

@@ -30,7 +30,7 @@ _FOREIGN_PIPELINES = {
     "AuraFlow": "an AuraFlow model",
 }
 SUPPORTED = ("Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or one original .safetensors file) "
-             "and SDXL (a StableDiffusionXLPipeline folder)")
+             "and SDXL (a StableDiffusionXLPipeline folder, or one original .safetensors file)")
 
 
 # What a Hub snapshot of a model fetches: everything a run reads, or (for ti_flax.plan) its configs alone.

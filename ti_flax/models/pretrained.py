@@ -29,7 +29,8 @@ def is_single_file(name_or_path):
     return os.path.isfile(name_or_path) or name_or_path.lower().endswith(single_file.SUFFIXES)
 
 
-def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False):
+def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False,
+               zero_terminal_snr=None):
     """Load tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion model.
 
     Args:
@@ -39,17 +40,22 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
       prediction_type: "epsilon" or "v_prediction" instead of what the scheduler config says (a
         single file has none: epsilon unless given).
       allow_pickle: let a single `.ckpt` file be unpickled (it can run code: trusted files only).
+      zero_terminal_snr: True rescales the noise schedule (training and sampling) to zero terminal
+        SNR with "trailing" timesteps, False turns a rescaling off; None: what the scheduler config
+        (a single file: its `ztsnr` marker) says.
     """
     if prediction_type is not None and prediction_type not in schedulers.PREDICTION_TYPES:
         choices = ", ".join(schedulers.PREDICTION_TYPES)
         raise UserError(f"--prediction_type {prediction_type!r}: choose one of {choices}")
     if is_single_file(name_or_path):
-        return single_file.load(os.fspath(name_or_path), revision, tokenizer_name, prediction_type, allow_pickle)
+        return single_file.load(os.fspath(name_or_path), revision, tokenizer_name, prediction_type, allow_pickle,
+                                zero_terminal_snr)
     model_dir = resolve_model_dir(name_or_path, revision)
     tokenizer_dir = resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
     sdxl = check_model_dir(model_dir, tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir or os.path.join(model_dir, "tokenizer"))
-    scheduler_config, alphas_cumprod, prediction_type = read_scheduler(model_dir, prediction_type)
+    scheduler_config, alphas_cumprod, prediction_type = read_scheduler(model_dir, prediction_type,
+                                                                       zero_terminal_snr)
     text_config = component_weights.read_config(os.path.join(model_dir, "text_encoder"), "text_encoder")
     if text_config.vocab_size != len(tokenizer):
         raise UserError(
@@ -71,11 +77,15 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config), tokenizer_2)
 
 
-def read_scheduler(model_dir, prediction_type=None):
+def read_scheduler(model_dir, prediction_type=None, zero_terminal_snr=None):
     """(scheduler config dict, alphas_cumprod, prediction type) of a diffusers folder;
-    `prediction_type` (--prediction_type) overrides the config's, sampling included."""
+    `prediction_type` (--prediction_type) overrides the config's, sampling included, and
+    `zero_terminal_snr` (--zero_terminal_snr: True/False; None keeps the config's) rescales the
+    schedule for training and sampling alike."""
     scheduler_file = os.path.join(model_dir, "scheduler", "scheduler_config.json")
     scheduler_config = files.read_json(scheduler_file, "a JSON config file")
+    if zero_terminal_snr is not None:
+        scheduler_config = schedulers.with_zero_terminal_snr(scheduler_config, zero_terminal_snr)
     with files.reading(scheduler_file, "a noise scheduler config"):
         alphas_cumprod = schedulers.alphas_cumprod(dict(scheduler_config))
     if prediction_type is not None:

@@ -129,6 +129,26 @@ def betas(config, _kind="ddpm"):
     return out
 
 
+def with_zero_terminal_snr(config, zero_terminal_snr):
+    """The scheduler config with its noise schedule rescaled to zero terminal SNR (True), kept as it
+    is (None), or with a rescaling it asks for turned off (False).
+
+    True sets diffusers' `rescale_betas_zero_snr` and the "trailing" timestep spacing that
+    diffusers recommends with it (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed": sampling must start at the last timestep, the one of pure noise).
+    """
+    if zero_terminal_snr is None:
+        return dict(config)
+    if zero_terminal_snr:
+        return dict(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return dict(config, rescale_betas_zero_snr=False)
+
+
+def zero_terminal_snr(config):
+    """Whether a scheduler config rescales its noise schedule to zero terminal SNR."""
+    return bool(dict(config).get("rescale_betas_zero_snr"))
+
+
 def alphas_cumprod(config, _kind="ddpm"):
     """float32 [num_train_timesteps] cumulative products of 1 - betas (DDPMScheduler.alphas_cumprod)."""
     return _cumprod_f32(np.float32(1) - betas(config, _kind))
@@ -236,6 +256,9 @@ def _plan_pndm(s, config, steps):
     if not s["skip_prk_steps"]:
         raise UserError("scheduler config: PNDM with Runge-Kutta warm-up steps (skip_prk_steps false) is not "
                         "supported; set skip_prk_steps true or choose another --scheduler")
+    if zero_terminal_snr(config):  # diffusers' PNDMScheduler would silently sample another schedule
+        raise UserError("--scheduler pndm: PNDM has no zero-terminal-SNR schedule (diffusers' PNDMScheduler ignores "
+                        "rescale_betas_zero_snr); choose ddim, euler or dpm")
     n_train = int(s["num_train_timesteps"])
     ac = alphas_cumprod(config, "pndm").astype(np.float64)
     final = 1.0 if s["set_alpha_to_one"] else ac[0]
@@ -277,6 +300,9 @@ def _plan_ddim(s, config, steps):
     if timesteps.max() >= n_train:
         raise UserError(f"--steps {steps}: with steps_offset {s['steps_offset']} DDIM would need timestep "
                         f"{timesteps.max()} of a {n_train}-step schedule; use fewer steps")
+    if s["prediction_type"] == "epsilon" and ac[timesteps].min() == 0:  # diffusers' DDIM: NaN images
+        raise UserError("--scheduler ddim: an epsilon model's image cannot be told from pure noise, where zero "
+                        "terminal SNR starts (x0 = (x - sqrt(1 - a) eps) / sqrt(a) with a = 0); choose euler or dpm")
     for t in timesteps:
         prev = int(t) - n_train // steps
         a_t, b_t = ac[int(t)], 1 - ac[int(t)]

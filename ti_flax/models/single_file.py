@@ -3,27 +3,31 @@
 AUTOMATIC1111, Forge and ComfyUI keep a model as one `.safetensors` (or pickled `.ckpt`) file in
 the original LDM / Stability layout:
 
-  prefix                            holds                                          becomes
-  model.diffusion_model.            the UNet (input_blocks, middle_block, ...)      unet
-  model_ema.diffusion_model...      its EMA copy, dots removed from the names      unet, if the only copy
-  first_stage_model.                the VAE (encoder.down.N.block.M, ...)          vae
-  cond_stage_model.transformer.     SD 1.x: CLIP ViT-L, transformers' names        text_encoder
-  cond_stage_model.model.           SD 2.x: OpenCLIP ViT-H (fused in_proj, ln_1)   text_encoder
-  conditioner.embedders.            SDXL                                           refused (not yet)
+  prefix                                holds                                        becomes
+  model.diffusion_model.                the UNet (input_blocks, middle_block, ...)    unet
+  model_ema.diffusion_model...          its EMA copy, dots removed from the names     unet, if the only copy
+  first_stage_model.                    the VAE (encoder.down.N.block.M, ...)         vae
+  cond_stage_model.transformer.         SD 1.x: CLIP ViT-L, transformers' names       text_encoder
+  cond_stage_model.model.               SD 2.x: OpenCLIP ViT-H (fused in_proj, ln_1)  text_encoder
+  conditioner.embedders.0.transformer.  SDXL: CLIP ViT-L, transformers' names         text_encoder
+  conditioner.embedders.1.model.        SDXL: OpenCLIP bigG, with text_projection     text_encoder_2
 
-The family comes from the keys, every size from the shapes, and what the weights cannot say (head
-counts, activation, the 768-v prediction type) from the family, as diffusers' configs for
-SD 1.5 and SD 2.x state them. Each part is converted by a table from our (diffusers /
-transformers) names to the file's, built from the config: every weight we need is looked up by
-name and its shape checked, so a file that does not fit is one line naming the weight.
+The family comes from the keys (here), every size from the shapes, and what the weights cannot say
+(head counts, activation, the 768-v prediction type, the noise schedule, the VAE's scaling) from
+the family, as diffusers' configs for SD 1.5, SD 2.x and SDXL base 1.0 state them. Each part is
+converted by a table from our (diffusers / transformers) names to the file's, built from the
+config (`ldm_layout.py`: the families, the configs and the tables): every weight we need is looked
+up by name and its shape checked, so a file that does not fit is one line naming the weight.
 
 When a file holds both the UNet and its EMA copy, the `model.diffusion_model.` weights are used,
 as diffusers' `from_single_file` and A1111 do; a file with only the EMA copy loads that.
+
+SDXL fine-tunes trained for v-prediction with a zero-terminal-SNR schedule may say so with two
+empty marker tensors, `v_pred` and `ztsnr` (ComfyUI's model detection reads them; `ztsnr` only
+counts beside `v_pred`): they are honoured unless --prediction_type / --zero_terminal_snr say otherwise.
 """
 
-import dataclasses
 import os
-import re
 import warnings
 
 import numpy as np
@@ -32,63 +36,23 @@ from .. import files
 from ..errors import UserError, short_list
 from ..clip_vocab import PAD_TOKENS, build_tokenizer
 from . import clip, schedulers, unet, vae
+from .ldm_layout import (
+    CLIP_L, EMA, ENCODER_NAMES, FAMILIES, LABEL_EMB, OPEN_CLIP, REFINER_BIG_G, SD1, SD2, SDXL, SDXL_PREFIX, TEXT_PARTS,
+    UNET, VAE, check_unet_covered, convert, first_attention, text_config, text_names, unet_config, unet_names,
+    vae_config, vae_names,
+)
 from .model_folder import resolve_model_dir
 from .spec import LoadedModel, spec_from_configs
 from .tokenizers import load_tokenizer
 from .weights import unflatten
 
-UNET = "model.diffusion_model."
-EMA = "model_ema."
-VAE = "first_stage_model."
-CLIP_L = "cond_stage_model.transformer."
-OPEN_CLIP = "cond_stage_model.model."
-SDXL = "conditioner.embedders."
+V_PRED, ZTSNR = "v_pred", "ztsnr"  # ComfyUI's marker tensors (see the module docstring)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
-HEAD_DIM = 64  # CLIP ViT-L, OpenCLIP ViT-H and the SD 2.x UNet all use 64-wide heads
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """What an SD family's weights do not say, as its diffusers configs state it."""
-
-    name: str  # "sd1" / "sd2": the clip_vocab.PAD_TOKENS key
-    title: str
-    text: str  # the text encoder, for messages
-    unet: str  # how its UNet is told apart, for messages
-    linear_projection: bool  # the UNet's proj_in / proj_out: Linear (SD 2.x) or 1x1 conv (SD 1.x)
-    unet_heads: int = 0  # a head count for every block (SD 1.x: 8) ...
-    unet_head_dim: int = 0  # ... or heads of this width (SD 2.x: 64)
-    hidden_act: str = "quick_gelu"
-    projection_dim: int = 768  # in the text config only; SD's text encoders have no projection
-    dropped_text_layers: int = 0  # SD 2.x: a whole OpenCLIP tower's last block (see text_config)
-
-
-SD1 = Family("sd1", "SD 1.x", "CLIP ViT-L (cond_stage_model.transformer.*)", "1x1-conv attention projections",
-             linear_projection=False, unet_heads=8)
-SD2 = Family("sd2", "SD 2.x", "OpenCLIP ViT-H (cond_stage_model.model.*)", "linear attention projections",
-             linear_projection=True, unet_head_dim=HEAD_DIM, hidden_act="gelu", projection_dim=512,
-             dropped_text_layers=1)
-
-# The scheduler SD 1.x and 2.x were trained with (diffusers' SD 1.5 / 2.x scheduler configs).
-SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "trained_betas": None,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-}
-SCALING_FACTOR = 0.18215
 
 # What else people keep next to their checkpoints, told by a key: (test, what it is).
 _OTHER_FILES = (
-    (lambda k: k.startswith(("lora_", "lycoris_")) or ".lora_" in k or ".hada_" in k, "a LoRA"),
+    (lambda k: k.startswith(("lora_", "lycoris_")) or any(p in k for p in (".lora_", ".lora.", ".hada_")), "a LoRA"),
     (lambda k: k.startswith(("emb_params", "string_to_param", "clip_l", "clip_g")), "a textual-inversion embedding"),
     (lambda k: k.startswith(("down_blocks.", "mid_block.", "up_blocks.", "conv_in.")),
      "one diffusers component's weights (pass the model folder instead)"),
@@ -98,11 +62,14 @@ _OTHER_MODELS = (
     (lambda k: "joint_blocks." in k, "a Stable Diffusion 3 model"),
     (lambda k: "double_blocks." in k, "a Flux model"),
     (lambda k: k.startswith("control_model.") or "input_hint_block." in k, "a ControlNet"),
+    (lambda k: k in ("edm_mean", "edm_vpred.sigma_max"), "an EDM-schedule SDXL model (Playground v2.5 or an "
+     "EDM v-prediction fine-tune), whose noise schedule ti_flax does not train"),
 )
 # Parts of an SD checkpoint saved on their own (a file without a UNet).
 _PARTS = (
     (lambda k: k.startswith(("encoder.down.", "decoder.up.", "quant_conv.", "post_quant_conv.", VAE)), "a VAE"),
-    (lambda k: k.startswith(("cond_stage_model.", "text_model.", "transformer.resblocks.")), "a text encoder"),
+    (lambda k: k.startswith(("cond_stage_model.", SDXL_PREFIX, "text_model.", "transformer.resblocks.")),
+     "a text encoder"),
 )
 
 
@@ -177,375 +144,148 @@ def open_checkpoint(path, allow_pickle=False):
 
 
 def detect_family(ckpt):
-    """SD1 or SD2 for an SD 1.x/2.x checkpoint; a one-line UserError naming what else it is."""
+    """SD1, SD2 or SDXL for a checkpoint of that family; a one-line UserError naming what else it is."""
     path, names = ckpt.path, list(ckpt.shapes)
     if not names:
         raise UserError(f"{path}: holds no tensors; not a Stable Diffusion checkpoint")
-    if any(k.startswith(SDXL) for k in names):
-        raise UserError(f"{path}: an SDXL checkpoint ({SDXL}* keys); SDXL single files are not supported yet")
     for matches, what in _OTHER_MODELS:
         if any(matches(k) for k in names):
-            raise UserError(f"{path}: {what}, not a Stable Diffusion 1.x/2.x checkpoint")
+            raise UserError(f"{path}: {what}, not a Stable Diffusion 1.x/2.x or SDXL checkpoint")
     if not (any(k.startswith(UNET) for k in names) or ckpt.unet_from_ema):
         for matches, what in _OTHER_FILES:
             found = [k for k in names if matches(k)]
             if found:
-                raise UserError(f"{path}: {what} (tensors like {found[0]}), not a Stable Diffusion 1.x/2.x checkpoint")
+                raise UserError(f"{path}: {what} (tensors like {found[0]}), not a Stable Diffusion checkpoint")
         parts = [what for matches, what in _PARTS if any(matches(k) for k in names)]
         if parts:
             raise UserError(f"{path}: {' and '.join(parts)} only (no UNet, {UNET}*), not a complete Stable "
                             "Diffusion checkpoint")
         raise UserError(f"{path}: not a Stable Diffusion checkpoint (no {UNET}* UNet); its {len(names)} tensors "
                         f"are like {short_list(sorted(names)[:3])}")
+    if any(k.startswith(REFINER_BIG_G) for k in names):
+        raise UserError(f"{path}: an SDXL refiner (one text encoder, OpenCLIP bigG at {REFINER_BIG_G}*); ti_flax "
+                        "trains SDXL base models and their fine-tunes, whose prompts go through CLIP ViT-L and bigG")
     if not ckpt.has(UNET + "input_blocks.0.0.weight"):
-        raise UserError(f"{path}: the UNet has no {UNET}input_blocks.0.0.weight; not an SD 1.x/2.x UNet")
+        raise UserError(f"{path}: the UNet has no {UNET}input_blocks.0.0.weight; not an SD 1.x/2.x or SDXL UNet")
     if not any(k.startswith(VAE) for k in names):
         raise UserError(f"{path}: has a UNet but no VAE ({VAE}*); not a complete Stable Diffusion checkpoint")
-    texts = [f for f, prefix in ((SD1, CLIP_L), (SD2, OPEN_CLIP)) if any(k.startswith(prefix) for k in names)]
+    present = {e.prefix for f in FAMILIES for e in f.encoders if any(k.startswith(e.prefix) for k in names)}
+    texts = [f for f in FAMILIES if present & {e.prefix for e in f.encoders}]
     if not texts:
-        raise UserError(f"{path}: has a UNet but no text encoder ({CLIP_L}* or {OPEN_CLIP}*); "
+        raise UserError(f"{path}: has a UNet but no text encoder ({CLIP_L}*, {OPEN_CLIP}* or {SDXL_PREFIX}*); "
                         "not a complete Stable Diffusion checkpoint")
     if len(texts) > 1:
-        raise UserError(f"{path}: holds two text encoders, {SD1.title}'s {SD1.text} and {SD2.title}'s {SD2.text}; "
-                        "the file mixes two model families")
+        raise UserError(f"{path}: holds the text encoders of {' and '.join(f.title for f in texts)} "
+                        f"({', '.join(f.text for f in texts)}); the file mixes two model families")
     text = texts[0]
-    unet_family = SD2 if len(ckpt.shape(_first_attention(ckpt) + "proj_in.weight")) == 2 else SD1
+    missing = [e.prefix for e in text.encoders if e.prefix not in present]
+    if missing:
+        raise UserError(f"{path}: an {text.title} checkpoint without its {ENCODER_NAMES[missing[0]]} text encoder "
+                        f"({missing[0]}*); {text.title} needs {text.text}")
+    if len(ckpt.shape(first_attention(ckpt) + "proj_in.weight")) != 2:
+        unet_family = SD1
+    else:
+        unet_family = SDXL if ckpt.has(LABEL_EMB + "0.weight") else SD2
     if unet_family is not text:
         raise UserError(f"{path}: the text encoder is {text.title}'s {text.text} but the UNet is "
                         f"{unet_family.title}'s ({unet_family.unet}); the file mixes two model families")
+    in_channels = ckpt.shape(UNET + "input_blocks.0.0.weight")[1]
+    if in_channels != 4:
+        raise UserError(f"{path}: the {text.title} UNet takes {in_channels} input channels (an inpainting or "
+                        "instruct-pix2pix model); ti_flax trains text-to-image models (4 channels)")
     return text
 
 
-def _first_attention(ckpt):
-    for k in range(1, 64):
-        block = f"{UNET}input_blocks.{k}.1."
-        if ckpt.has(block + "proj_in.weight"):
-            return block
-    if ckpt.has(f"{UNET}middle_block.1.proj_in.weight"):
-        return f"{UNET}middle_block.1."
-    raise UserError(f"{ckpt.path}: the UNet has no cross-attention blocks; not an SD 1.x/2.x UNet")
+def markers(ckpt):
+    """{"prediction_type": "v_prediction", "zero_terminal_snr": True} as far as the file's marker
+    tensors say (ComfyUI: `v_pred`, and `ztsnr` beside it); {} for a file without them."""
+    if V_PRED not in ckpt.shapes:
+        return {}
+    return {"prediction_type": "v_prediction", **({"zero_terminal_snr": True} if ZTSNR in ckpt.shapes else {})}
 
 
-# --------------------------------------------------------------------------------------------
-# Configs from the shapes and the family
+def read_single_file(ckpt, family, prediction_type="epsilon"):
+    """({part: config dict}, {part: float32 params tree}) of an opened checkpoint of `family`:
+    "text_encoder", "unet", "vae", and "text_encoder_2" for SDXL.
 
-
-def unet_config(ckpt, family, sample_size):
-    """UNetConfig dict: block widths, depths and attention levels from the shapes; heads from the family."""
-    levels, level, k = [], None, 1
-    while True:
-        block = f"{UNET}input_blocks.{k}."
-        if ckpt.has(block + "0.op.weight"):  # a downsampler closes the level
-            levels.append(level)
-            level = None
-        elif ckpt.has(block + "0.in_layers.0.weight"):
-            if level is None:
-                level = {"channels": ckpt.shape(block + "0.out_layers.3.weight")[0], "layers": 0, "attention": False}
-            level["layers"] += 1
-            level["attention"] |= ckpt.has(block + "1.proj_in.weight")
-        else:
-            break
-        k += 1
-    if level is not None:
-        levels.append(level)
-    if not levels or None in levels:
-        raise UserError(f"{ckpt.path}: the UNet's input_blocks are not an SD 1.x/2.x UNet's")
-    in_channels = ckpt.shape(UNET + "input_blocks.0.0.weight")[1]
-    if in_channels != 4:
-        raise UserError(f"{ckpt.path}: the UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix "
-                        "model); ti_flax trains text-to-image models (4 channels)")
-    channels = [lv["channels"] for lv in levels]
-    attn = _first_attention(ckpt)
-    if family.unet_heads:
-        heads = family.unet_heads
-    else:
-        bad = [c for c in channels if c % family.unet_head_dim]
-        if bad:
-            raise UserError(f"{ckpt.path}: a UNet block is {bad[0]} wide, not a multiple of {family.title}'s "
-                            f"{family.unet_head_dim}-wide attention heads")
-        heads = [c // family.unet_head_dim for c in channels]
-    layers = [lv["layers"] for lv in levels]
-    temb = ckpt.shape(UNET + "time_embed.0.weight")[0]
-    return {
-        "sample_size": sample_size,
-        "in_channels": in_channels,
-        "out_channels": ckpt.shape(UNET + "out.2.weight")[0],
-        "block_out_channels": channels,
-        "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
-        "down_block_types": ["CrossAttnDownBlock2D" if lv["attention"] else "DownBlock2D" for lv in levels],
-        "up_block_types": ["CrossAttnUpBlock2D" if lv["attention"] else "UpBlock2D" for lv in levels[::-1]],
-        "cross_attention_dim": ckpt.shape(attn + "transformer_blocks.0.attn2.to_k.weight")[1],
-        "attention_head_dim": heads,
-        "use_linear_projection": family.linear_projection,
-        "transformer_layers_per_block": ckpt.count(attn + "transformer_blocks.{}.norm1.weight"),
-        "time_embedding_dim": None if temb == 4 * channels[0] else temb,
-    }
-
-
-def vae_config(ckpt):
-    p = VAE + "encoder."
-    levels = ckpt.count(p + "down.{}.block.0.conv1.weight")
-    channels = [ckpt.shape(p + f"down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
-    return {
-        "in_channels": ckpt.shape(p + "conv_in.weight")[1],
-        "out_channels": ckpt.shape(VAE + "decoder.conv_out.weight")[0],
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": channels,
-        "layers_per_block": ckpt.count(p + "down.0.block.{}.conv1.weight"),
-        "latent_channels": ckpt.shape(VAE + "decoder.conv_in.weight")[1],
-        "norm_num_groups": 32,
-        "scaling_factor": SCALING_FACTOR,
-        "mid_block_add_attention": ckpt.has(p + "mid.attn_1.q.weight"),
-        "use_quant_conv": ckpt.has(VAE + "quant_conv.weight"),
-        "use_post_quant_conv": ckpt.has(VAE + "post_quant_conv.weight"),
-    }
-
-
-def text_config(ckpt, family):
-    if family is SD1:
-        p = CLIP_L + "text_model."
-        table, positions = p + "embeddings.token_embedding.weight", p + "embeddings.position_embedding.weight"
-        layers = ckpt.count(p + "encoder.layers.{}.layer_norm1.weight")
-        fc1 = p + "encoder.layers.0.mlp.fc1.weight"
-    else:
-        table, positions = OPEN_CLIP + "token_embedding.weight", OPEN_CLIP + "positional_embedding"
-        # SD 2.x conditions on OpenCLIP's penultimate layer: a whole OpenCLIP text tower (as the
-        # original checkpoints hold it, text_projection included) has one block more than SD uses;
-        # a file converted back from diffusers holds only the blocks SD uses, and no projection.
-        whole_tower = ckpt.has(OPEN_CLIP + "text_projection")
-        blocks = ckpt.count(OPEN_CLIP + "transformer.resblocks.{}.ln_1.weight")
-        layers = blocks - (family.dropped_text_layers if whole_tower else 0)
-        fc1 = OPEN_CLIP + "transformer.resblocks.0.mlp.c_fc.weight"
-    for name in (table, positions, fc1):
-        if not ckpt.has(name):
-            raise UserError(f"{ckpt.path}: the text encoder has no {name}; not a complete {family.title} checkpoint")
-    if layers < 1:
-        raise UserError(f"{ckpt.path}: the {family.title} text encoder has too few layers")
-    vocab_size, hidden = ckpt.shape(table)
-    if hidden % HEAD_DIM:
-        raise UserError(f"{ckpt.path}: the text encoder is {hidden} wide, not a multiple of {family.title}'s "
-                        f"{HEAD_DIM}-wide attention heads")
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": hidden,
-        "intermediate_size": ckpt.shape(fc1)[0],
-        "num_hidden_layers": layers,
-        "num_attention_heads": hidden // HEAD_DIM,
-        "max_position_embeddings": ckpt.shape(positions)[0],
-        "hidden_act": family.hidden_act,
-        "layer_norm_eps": 1e-5,
-        "projection_dim": family.projection_dim,
-        "eos_token_id": 2,  # what SD's configs say: pool at argmax(input_ids), the end token
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Name tables: our (diffusers / transformers) name -> (the file's name, q/k/v part or None)
-
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
-_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_OPEN_CLIP_TOP = {
-    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-    "text_model.final_layer_norm.weight": "ln_final.weight",
-    "text_model.final_layer_norm.bias": "ln_final.bias",
-}
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                    "self_attn.out_proj": "attn.out_proj"}
-_QKV = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
-
-
-def _rename(name, modules):
-    """`name` with its longest module prefix in `modules` ({ours: (theirs, inner renames)}) replaced,
-    and the first part of the rest renamed by that module's inner table."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        head = ".".join(parts[:cut])
-        if head in modules:
-            theirs, inner = modules[head]
-            rest = ".".join(parts[cut:])
-            for ours_inner, theirs_inner in inner.items():
-                if rest.startswith(ours_inner + "."):
-                    rest = theirs_inner + rest[len(ours_inner):]
-                    break
-            return f"{theirs}.{rest}"
-    return name
-
-
-def unet_names(config):
-    """{diffusers UNet name: (file name, None)} for an SD 1.x/2.x UNet config."""
-    modules = {"conv_in": ("input_blocks.0.0", {}), "time_embedding.linear_1": ("time_embed.0", {}),
-               "time_embedding.linear_2": ("time_embed.2", {}), "conv_norm_out": ("out.0", {}),
-               "conv_out": ("out.2", {}), "mid_block.resnets.0": ("middle_block.0", _UNET_RESNET),
-               "mid_block.attentions.0": ("middle_block.1", {}),
-               "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET)}
-    n, k = config.num_blocks, 1
-    for i in range(n):  # input_blocks: 0 is conv_in, then each level's resnets (+ attention), then its downsampler
-        for j in range(config.layers[i]):
-            modules[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", _UNET_RESNET)
-            modules[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
-            k += 1
-        if i < n - 1:
-            modules[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", {})
-            k += 1
-    k = 0
-    for i, kind in enumerate(config.up_block_types):  # output_blocks: resnet, attention, upsampler
-        for j in range(config.layers[n - 1 - i] + 1):
-            modules[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", _UNET_RESNET)
-            modules[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
-            k += 1
-        if i < n - 1:
-            slot = 2 if kind == "CrossAttnUpBlock2D" else 1
-            modules[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k - 1}.{slot}.conv", {})
-    return {name: (UNET + _rename(name, modules), None) for name in unet.param_shapes(config)}
-
-
-def vae_names(config):
-    """{diffusers VAE name: (file name, None)}; the mid-block attention's 1x1 convs fit our Linear shapes."""
-    n = len(config.block_out_channels)
-    modules = {"encoder.conv_norm_out": ("encoder.norm_out", {}), "decoder.conv_norm_out": ("decoder.norm_out", {})}
-    for part in ("encoder", "decoder"):
-        modules[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", _VAE_RESNET)
-        modules[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", _VAE_RESNET)
-        modules[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _VAE_ATTENTION)
-    for i in range(n):
-        modules[f"encoder.down_blocks.{i}.downsamplers.0"] = (f"encoder.down.{i}.downsample", {})
-        modules[f"decoder.up_blocks.{i}.upsamplers.0"] = (f"decoder.up.{n - 1 - i}.upsample", {})
-        for j in range(config.layers_per_block + 1):
-            modules[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", _VAE_RESNET)
-            modules[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{n - 1 - i}.block.{j}", _VAE_RESNET)
-    return {name: (VAE + _rename(name, modules), None) for name in vae.param_shapes(config)}
-
-
-def text_names(config, family):
-    """{transformers CLIPTextModel name: (file name, q/k/v part of a fused in_proj or None)}."""
-    shapes = clip.param_shapes(config)
-    if family is SD1:
-        return {name: (CLIP_L + name, None) for name in shapes}
-    out = {}
-    for name in shapes:
-        if name in _OPEN_CLIP_TOP:
-            out[name] = (OPEN_CLIP + _OPEN_CLIP_TOP[name], None)
-            continue
-        match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-        layer, module, leaf = match.groups()
-        block = f"{OPEN_CLIP}transformer.resblocks.{layer}."
-        if module in _QKV:
-            out[name] = (f"{block}attn.in_proj_{leaf}", _QKV[module])
-        else:
-            out[name] = (f"{block}{_OPEN_CLIP_LAYER[module]}.{leaf}", None)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Converting
-
-
-def convert(ckpt, table, expected, what):
-    """{our name: float32 array} of one part, read from the file through `table`.
-
-    UserError naming the file's first missing or misshapen weight.
+    Raises UserError (one line) for anything that is not a complete checkpoint of the family.
     """
-    missing = sorted({theirs for theirs, _ in table.values() if not ckpt.has(theirs)})
-    if missing:
-        raise UserError(f"{ckpt.path}: {what} weight {missing[0]} is missing ({len(missing)} missing in all); "
-                        "the file is incomplete or not this model family")
-    arrays = ckpt.read([ckpt.name(theirs) for theirs, _ in table.values()])
-    out = {}
-    for ours, (theirs, part) in table.items():
-        array = arrays[ckpt.name(theirs)]
-        want = tuple(expected[ours])
-        if part is not None:  # a fused [3 * d, ...] in_proj: q, k, v stacked along the first axis
-            d = want[0]
-            if array.shape[0] != 3 * d:
-                raise UserError(f"{ckpt.path}: {theirs} has shape {array.shape}, but q, k and v need {3 * d} rows")
-            array = array[part * d:(part + 1) * d]
-        if array.shape != want and array.size == int(np.prod(want)) and array.shape[:len(want)] == want:
-            array = array.reshape(want)  # the VAE attention's 1x1 convs [c, c, 1, 1] as Linear [c, c]
-        if array.shape != want:
-            raise UserError(f"{ckpt.path}: {theirs} has shape {array.shape}, but this {what} needs {want}")
-        out[ours] = np.ascontiguousarray(array)
-    return out
-
-
-def _check_unet_covered(ckpt, table):
-    """A UNet weight the table does not read means the UNet is not the one the config describes."""
-    if ckpt.unet_from_ema:
-        return
-    used = {theirs for theirs, _ in table.values()}
-    extra = sorted(k for k in ckpt.shapes if k.startswith(UNET) and k not in used)
-    if extra:
-        raise UserError(f"{ckpt.path}: unexpected UNet weight {extra[0]} ({len(extra)} in all); "
-                        "not an SD 1.x/2.x UNet")
-
-
-def read_single_file(path, prediction_type="epsilon", allow_pickle=False):
-    """(family, {"text_encoder", "unet", "vae": config dict}, {part: float32 params tree}) of a file.
-
-    Raises UserError (one line) for anything that is not a complete SD 1.x/2.x checkpoint.
-    """
-    ckpt = open_checkpoint(path, allow_pickle)
-    family = detect_family(ckpt)
-    sample_size = 96 if family is SD2 and prediction_type == "v_prediction" else 64  # 768 px or 512 px
-    configs = {"unet": unet_config(ckpt, family, sample_size), "text_encoder": text_config(ckpt, family)}
-    configs["vae"] = vae_config(ckpt)
-    configs["vae"]["sample_size"] = sample_size * 2 ** (len(configs["vae"]["block_out_channels"]) - 1)  # pixels
-    owned = {"unet": unet.UNetConfig.from_dict(configs["unet"]),
-             "vae": vae.VAEConfig.from_dict(configs["vae"]),
-             "text_encoder": clip.CLIPTextConfig.from_dict(configs["text_encoder"])}
-    if owned["unet"].cross_dims[0] != owned["text_encoder"].hidden_size:
-        raise UserError(f"{path}: the UNet attends to {owned['unet'].cross_dims[0]}-wide text states but the "
-                        f"text encoder is {owned['text_encoder'].hidden_size} wide; the parts do not belong together")
+    sample_size = 96 if family is SD2 and prediction_type == "v_prediction" else family.sample_size  # 768 px
+    texts = {part: clip.CLIPTextConfig.from_dict(text_config(ckpt, family, encoder))
+             for part, encoder in zip(TEXT_PARTS, family.encoders)}
+    pooled_dim = texts["text_encoder_2"].projection_dim if "text_encoder_2" in texts else None
+    vae_dict = dict(vae_config(ckpt, family))
+    vae_dict["sample_size"] = sample_size * 2 ** (len(vae_dict["block_out_channels"]) - 1)  # pixels
+    owned = {"unet": unet.UNetConfig.from_dict(unet_config(ckpt, family, sample_size, pooled_dim)),
+             "vae": vae.VAEConfig.from_dict(vae_dict), **texts}
+    context = sum(t.hidden_size for t in texts.values())  # SDXL: both encoders' states side by side
+    if owned["unet"].cross_dims[0] != context:
+        raise UserError(f"{ckpt.path}: the UNet attends to {owned['unet'].cross_dims[0]}-wide text states but the "
+                        f"text encoder{'s are' if len(texts) > 1 else ' is'} {context} wide; the parts do not belong "
+                        "together")
     tables = {"unet": unet_names(owned["unet"]), "vae": vae_names(owned["vae"]),
-              "text_encoder": text_names(owned["text_encoder"], family)}
-    _check_unet_covered(ckpt, tables["unet"])
+              **{part: text_names(texts[part], encoder) for part, encoder in zip(TEXT_PARTS, family.encoders)}}
+    check_unet_covered(ckpt, tables["unet"])
     shapes = {"unet": unet.param_shapes(owned["unet"]), "vae": vae.param_shapes(owned["vae"]),
-              "text_encoder": clip.param_shapes(owned["text_encoder"])}
-    whats = {"unet": "UNet", "vae": "VAE", "text_encoder": f"{family.title} text encoder"}
+              **{part: clip.param_shapes(config) for part, config in texts.items()}}
+    whats = {"unet": "UNet", "vae": "VAE", **{part: f"{family.title} {ENCODER_NAMES[encoder.prefix]} text encoder"
+                                               for part, encoder in zip(TEXT_PARTS, family.encoders)}}
     params = {part: unflatten(convert(ckpt, tables[part], shapes[part], whats[part])) for part in tables}
-    return family, {part: c.to_dict() for part, c in owned.items()}, params
+    return {part: c.to_dict() for part, c in owned.items()}, params
 
 
 # --------------------------------------------------------------------------------------------
 # The LoadedModel
 
 
-def _tokenizer(family):
-    """The CLIP tokenizer the family's diffusers folders ship (single files carry none)."""
-    return build_tokenizer(pad_token=PAD_TOKENS[family.name])
-
-
-def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False):
-    """The LoadedModel of a single-file SD 1.x/2.x checkpoint, as `load_model` gives for a folder.
+def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False, zero_terminal_snr=None):
+    """The LoadedModel of a single-file SD 1.x/2.x or SDXL checkpoint, as `load_model` gives for a folder.
 
     Args:
       path: a `.safetensors` file (or `.ckpt` with `allow_pickle`) in the original layout.
-      revision, tokenizer_name: a tokenizer folder or Hub id to use instead of the built-in CLIP one.
-      prediction_type: "epsilon" or "v_prediction"; None is epsilon, with a warning for SD 2.x files
-        (a 768-v model cannot be told from its weights).
+      revision, tokenizer_name: a tokenizer folder or Hub id to use instead of the built-in CLIP one
+        (SD 1.x / 2.x only: SDXL brings two).
+      prediction_type: "epsilon" or "v_prediction"; None: the file's `v_pred` marker, else epsilon,
+        with a warning for SD 2.x files (a 768-v model cannot be told from its weights).
       allow_pickle: unpickle a `.ckpt` (it can run code: trusted files only).
+      zero_terminal_snr: True / False to rescale the noise schedule to zero terminal SNR or not;
+        None: the file's `ztsnr` marker (beside `v_pred`), else not.
+    Returns:
+      the LoadedModel; its `notes` say which settings came from the file's markers.
     Raises:
-      UserError (one line) before anything is written, for anything but a complete SD 1.x/2.x file.
+      UserError (one line) before anything is written, for anything but a complete checkpoint.
     """
     if not os.path.isfile(path):
         what = "not a file" if os.path.exists(path) else "no such file"
         raise UserError(f"--pretrained_model_name_or_path {path!r}: {what}")
-    family, configs, params = read_single_file(path, prediction_type or "epsilon", allow_pickle)
+    ckpt = open_checkpoint(path, allow_pickle)
+    family = detect_family(ckpt)
+    if tokenizer_name and family is SDXL:
+        raise UserError("--tokenizer_name: not supported for SDXL models, which carry two tokenizers; "
+                        "drop the flag to use the model's own")
+    marked, notes = markers(ckpt), []
+    if prediction_type is None and "prediction_type" in marked:
+        prediction_type = marked["prediction_type"]
+        notes.append(f"{prediction_type} from the file's {V_PRED} key")
+    if zero_terminal_snr is None and "zero_terminal_snr" in marked:
+        zero_terminal_snr = True
+        notes.append(f"zero terminal SNR from the file's {ZTSNR} key")
+    configs, params = read_single_file(ckpt, family, prediction_type or "epsilon")
     if prediction_type is None and family is SD2:
         warnings.warn(f"{path} is an SD 2.x model: using epsilon prediction (SD 2.x base, 512 px); for a 768-v "
                       "model pass --prediction_type v_prediction (the weights cannot tell them apart)", stacklevel=2)
     prediction_type = prediction_type or "epsilon"
     if tokenizer_name:
-        tokenizer = load_tokenizer(resolve_model_dir(tokenizer_name, revision))
-    else:
-        tokenizer = _tokenizer(family)
-    if configs["text_encoder"]["vocab_size"] != len(tokenizer):
-        raise UserError(f"{path}: the text encoder has {configs['text_encoder']['vocab_size']} token rows but the "
-                        f"tokenizer has {len(tokenizer)}; pass the model's own tokenizer with --tokenizer_name")
-    scheduler_config = dict(SCHEDULER, prediction_type=prediction_type)
+        tokenizers = [load_tokenizer(resolve_model_dir(tokenizer_name, revision))]
+    else:  # the CLIP tokenizer(s) the family's diffusers folders ship (single files carry none)
+        tokenizers = [build_tokenizer(pad_token=PAD_TOKENS[encoder.pad]) for encoder in family.encoders]
+    for part, tokenizer in zip(TEXT_PARTS, tokenizers):
+        if configs[part]["vocab_size"] != len(tokenizer):
+            raise UserError(f"{path}: the text encoder has {configs[part]['vocab_size']} token rows but the "
+                            f"tokenizer has {len(tokenizer)}; pass the model's own tokenizer with --tokenizer_name")
+    scheduler_config = schedulers.with_zero_terminal_snr(dict(family.scheduler, prediction_type=prediction_type),
+                                                         zero_terminal_snr)
     spec = spec_from_configs(configs["text_encoder"], configs["unet"], configs["vae"], prediction_type,
-                             scheduler_config["num_train_timesteps"])
-    return LoadedModel(spec, params, tokenizer, schedulers.alphas_cumprod(scheduler_config), path, scheduler_config)
+                             scheduler_config["num_train_timesteps"], configs.get("text_encoder_2"))
+    return LoadedModel(spec, params, tokenizers[0], schedulers.alphas_cumprod(scheduler_config), path,
+                       scheduler_config, tokenizers[1] if len(tokenizers) > 1 else None, notes=tuple(notes))

@@ -99,6 +99,7 @@ class LoadedModel:
     model_dir: str
     scheduler_config: dict
     tokenizer_2: object = None  # SDXL's second tokenizer ("!" padding), else None
+    notes: tuple = ()  # settings a single file's marker tensors chose (single_file.markers), for the banner
 
     @property
     def tokenizers(self):
