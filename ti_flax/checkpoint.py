@@ -48,6 +48,14 @@ MUST_MATCH = (
     "flip_p",
     "seed",
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
+    # The loss recipe: the noise, the timesteps and the loss itself (losses.LossSpec).
+    "snr_gamma",
+    "noise_offset",
+    "loss_type",
+    "huber_c",
+    "huber_schedule",
+    "min_timestep",
+    "max_timestep",
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only

@@ -18,6 +18,10 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polyno
 MIXED_PRECISION = {"no": "float32", "bf16": "bfloat16"}  # --mixed_precision -> the frozen models' dtype
 REPORT_TO = ("auto", "tensorboard", "none")
 SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
+LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
+# kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
+# so its values are not each valid alone; the README's flags table lists them.
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 class Choice(NamedTuple):
@@ -32,6 +36,7 @@ TABLE = (
     Choice("--prediction_type", PREDICTION_TYPES, "the model's scheduler config"),
     Choice("--interpolation", tuple(INTERPOLATIONS), "bicubic"),
     Choice("--lr_scheduler", LR_SCHEDULERS, "constant"),
+    Choice("--loss_type", LOSS_TYPES, "l2"),
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
     Choice("--attention", ATTENTION, "auto"),
     Choice("--report_to", REPORT_TO, "auto"),

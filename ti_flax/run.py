@@ -18,6 +18,7 @@ from . import images as images_lib, prompts
 from .concept_data import ConceptMix
 from .config import TrainConfig
 from .errors import UserError
+from .losses import LossSpec, check_schedule
 from .optim import OptimizerSpec
 
 
@@ -54,6 +55,7 @@ class Run:
     meta: dict  # what checkpoints record about this run
     load_seconds: float = 0.0  # reading and converting the model's weights
     learned: tuple = ()  # one Learned per concept
+    loss_spec: LossSpec = LossSpec()  # the loss recipe (--snr_gamma, --noise_offset, --loss_type, ...)
 
     @property
     def compute(self):
@@ -83,6 +85,7 @@ def prepare(config, devices=None):
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
+    config, loss_spec = loss_recipe(config, model)
     # An explicit --attention that cannot run here: one line, before anything is written.
     models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
     tables = models.token_tables(model.params)
@@ -135,7 +138,19 @@ def prepare(config, devices=None):
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned))
+               tuple(learned), loss_spec)
+
+
+def loss_recipe(config, model):
+    """(config, losses.LossSpec) for a loaded model: the timestep range checked against its
+    schedule, and a --max_timestep equal to its number of timesteps recorded as unset (the same
+    run as one that leaves it out, for resume). Raises UserError."""
+    count = model.spec.num_train_timesteps
+    loss_spec = LossSpec.from_config(config, count)
+    check_schedule(loss_spec, model.alphas_cumprod, model.spec.prediction_type)
+    if config.max_timestep == count:
+        config = dataclasses.replace(config, max_timestep=None)
+    return config, loss_spec
 
 
 def model_compute(config):
