@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 
 from .files import atomic_write, png_bytes
 from .formats import sdxl_file_name
+from .losses import describe as recipe_text
 
 LOSS_CURVE = "loss_curve.png"
 
@@ -79,6 +80,7 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False)
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
     out, model = config.output_dir, config.pretrained_model_name_or_path
     losses = [r["loss"] for r in history]
+    recipe = recipe_text(config)  # "" with every loss-recipe flag off
     step = history[-1]["step"] if history else 0
     final = lambda key: f"{history[-1][key]:.4f}" if history and key in history[-1] else "n/a"  # noqa: E731
     rel = lambda path: os.path.relpath(path, out)  # noqa: E731
@@ -93,7 +95,8 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False)
           for c in learned],
         "",
         f"Steps {step}, learning rate {config.learning_rate:g} ({config.lr_scheduler}), batch "
-        f"{config.train_batch_size} per device, resolution {config.resolution}, final loss "
+        f"{config.train_batch_size} per device, resolution {config.resolution}, "
+        f"{f'loss recipe: {recipe}, ' if recipe else ''}final loss "
         f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
         "",
         f"![loss curve]({LOSS_CURVE})",
@@ -145,6 +148,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
     """The card's lines for a run of one concept."""
     out = config.output_dir
     losses = [r["loss"] for r in history]
+    recipe = recipe_text(config)  # "" with every loss-recipe flag off
     token = tokens[0]
     name = token.strip("<>") or "embedding"
     step = history[-1]["step"] if history else 0
@@ -166,6 +170,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False):
         f"| learning rate | {config.learning_rate:g} ({config.lr_scheduler}{', scaled' if config.scale_lr else ''}) |",
         f"| batch | {config.train_batch_size} per device |",
         f"| resolution | {config.resolution} |",
+        *([f"| loss recipe | {recipe} |"] if recipe else []),
         f"| final loss | {final} |",
         "",
         f"![loss curve]({LOSS_CURVE})",

@@ -5,7 +5,7 @@ import os
 import jax
 
 from . import checkpoint as ckpt
-from . import files, formats, logs, model_card, models
+from . import files, formats, logs, losses, model_card, models
 
 
 def save_outputs(run, rows, history, grid=None):
@@ -89,6 +89,7 @@ def print_banner(run):
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {attention_summary(config, spec)}\n"
+        f"{_loss_line(run)}"
         f"{_captions_line(run)}"
         f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
         f"  output     {config.output_dir}",
@@ -118,6 +119,12 @@ def _what_line(run):
                      f"{c.initial_embeddings or repr(c.initializer_token)}, {len(part.images)} images{captions} "
                      f"({c.learnable_property}), weight {c.weight:g}")
     return "\n".join(lines) + "\n"
+
+
+def _loss_line(run):
+    """The banner's loss-recipe line ("" when every knob is off: the plain mean squared error)."""
+    recipe = losses.describe(run.config, run.model.spec.num_train_timesteps)
+    return f"  loss       {recipe}\n" if recipe else ""
 
 
 def _captions_line(run):
