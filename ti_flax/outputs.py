@@ -86,10 +86,10 @@ def print_banner(run):
         f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
         f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
         f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
+        f"{_loss_line(run)}"
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {attention_summary(config, spec)}\n"
-        f"{_loss_line(run)}"
         f"{_captions_line(run)}"
         f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
         f"  output     {config.output_dir}",

@@ -55,12 +55,17 @@ class Run:
     meta: dict  # what checkpoints record about this run
     load_seconds: float = 0.0  # reading and converting the model's weights
     learned: tuple = ()  # one Learned per concept
-    loss_spec: LossSpec = LossSpec()  # the loss recipe (--snr_gamma, --noise_offset, --loss_type, ...)
 
     @property
     def compute(self):
         """How this run computes with the model (models.Compute, from its flags)."""
         return model_compute(self.config)
+
+    @property
+    def loss_spec(self):
+        """The run's loss recipe (losses.LossSpec, from its flags and the model's schedule; checked
+        by prepare)."""
+        return LossSpec.from_config(self.config, self.model.spec.num_train_timesteps)
 
     @property
     def is_sdxl(self):
@@ -85,7 +90,6 @@ def prepare(config, devices=None):
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
-    config, loss_spec = loss_recipe(config, model)
     # An explicit --attention that cannot run here: one line, before anything is written.
     models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
     tables = models.token_tables(model.params)
@@ -127,6 +131,7 @@ def prepare(config, devices=None):
     epochs_batches = config.num_train_epochs * data.steps_per_epoch
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps)
+    config = check_loss_recipe(config, model)
     if config.push_to_hub:
         check_hub_token(config)
     fingerprint = ckpt.model_fingerprint(model.spec, tables[0])
@@ -138,19 +143,17 @@ def prepare(config, devices=None):
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned), loss_spec)
+               tuple(learned))
 
 
-def loss_recipe(config, model):
-    """(config, losses.LossSpec) for a loaded model: the timestep range checked against its
-    schedule, and a --max_timestep equal to its number of timesteps recorded as unset (the same
-    run as one that leaves it out, for resume). Raises UserError."""
+def check_loss_recipe(config, model):
+    """The config, its loss recipe checked against the loaded model's noise schedule (the
+    timestep range; min-SNR weights that would divide by zero), with a --max_timestep equal to
+    the model's number of timesteps recorded as unset: the same run as one that leaves it out,
+    for resume. Raises UserError."""
     count = model.spec.num_train_timesteps
-    loss_spec = LossSpec.from_config(config, count)
-    check_schedule(loss_spec, model.alphas_cumprod, model.spec.prediction_type)
-    if config.max_timestep == count:
-        config = dataclasses.replace(config, max_timestep=None)
-    return config, loss_spec
+    check_schedule(LossSpec.from_config(config, count), model.alphas_cumprod, model.spec.prediction_type)
+    return dataclasses.replace(config, max_timestep=None) if config.max_timestep == count else config
 
 
 def model_compute(config):
