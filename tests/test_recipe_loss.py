@@ -6,7 +6,6 @@ texts that show the recipe. One tiny training run (slow) checks the real step tr
 """
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -21,12 +20,12 @@ from ti_flax.errors import UserError, run_cli
 from ti_flax.losses import LossSpec
 from ti_flax.models import schedulers
 from ti_flax.optim import OptimizerSpec
+from test_step import spec  # noqa: F401 (the fixture: the committed Flax fixture's ModelSpec)
 
 # SD 1.x / 2.x's noise schedule (their scheduler_config.json), as diffusers' DDPMScheduler takes it.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 # Both ends of the schedule and both sides of snr = 5 (near t = 200 on SD's schedule).
 TIMESTEPS = np.array([0, 1, 57, 199, 201, 460, 881, 999])
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "flax-pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -243,15 +242,6 @@ def test_timesteps_stay_in_the_range_over_many_steps_and_examples():
 
 # --------------------------------------------------------------------------------------------
 # The step: stand-in text encoder and UNet, the real draws, loss and optimizer
-
-
-@pytest.fixture(scope="module")
-def spec():
-    def config(kind):
-        with open(os.path.join(FIXTURE, kind, "config.json")) as f:
-            return json.load(f)
-
-    return models.spec_from_configs(config("text_encoder"), config("unet"), config("vae"))
 
 
 def test_the_step_optimizes_and_logs_the_recipes_loss(spec, alphas_cumprod, monkeypatch):
