@@ -96,13 +96,14 @@ def analysed(lowered, compile_it):
     return {**footprint.cost_dict(lowered.cost_analysis()), "analysis": "lowered"}
 
 
-def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
+def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", loss_spec=None):
     """FLOPs, bytes accessed, XLA memory and activation memory of one device's step.
 
     Args:
       variant: benchmark.Variant. batch: per-device batch. resolution: image side in pixels.
       compile_it: analyse the compiled (fused) program; False: the unoptimised HLO (fast).
       model: "sd15" or "sdxl" (SDXL 1.0 base shapes; not with the reference variant).
+      loss_spec: the step's losses.LossSpec (default: the plain mean squared error).
     Returns:
       a dict of the figures, with the FLOP-bound seconds per step on each TPU chip.
     """
@@ -111,6 +112,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
 
     from ti_flax import footprint, models, step as step_lib
     from ti_flax.config import TrainConfig
+    from ti_flax.losses import LossSpec
     from ti_flax.optim import OptimizerSpec
 
     S = jax.ShapeDtypeStruct
@@ -149,7 +151,8 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15"):
             data = step_lib.PixelBatch(S((batch, resolution, resolution, 3), jnp.uint8), ids["input_ids"], example_ids,
                                        time_ids=time_ids)
         state = jax.eval_shape(lambda: step_lib.init_state(jnp.zeros((1, hidden)), opt_spec))
-        fn = step_lib.pmapped_train_step(spec, compute, opt_spec, tuple(jax.local_devices()[:1]))
+        fn = step_lib.pmapped_train_step(spec, compute, opt_spec, tuple(jax.local_devices()[:1]), 1,
+                                         loss_spec or LossSpec())
         args = (state, frozen, data, key)
     start = time.perf_counter()
     lowered = fn.lower(*(lead(a) for a in args))
@@ -201,3 +204,58 @@ def validation_loss_cost(variant, resolution, compile_it=True, model="sd15"):
     out.update(analysed(lowered, compile_it))
     out["lower_compile_s"] = time.perf_counter() - start
     return out
+
+
+# The loss recipe's knobs (losses.LossSpec fields), each alone and all on, for `loss_recipe_costs`.
+LOSS_RECIPES = {
+    "off": {},
+    "snr_gamma 5": dict(snr_gamma=5.0),
+    "noise_offset 0.1": dict(noise_offset=0.1),
+    "huber snr-schedule": dict(loss_type="huber", huber_c=0.1, huber_schedule="snr"),
+    "smooth_l1 exponential-schedule": dict(loss_type="smooth_l1", huber_c=0.1, huber_schedule="exponential"),
+    "timesteps 100-900": dict(min_timestep=100, max_timestep=900),
+    "all": dict(snr_gamma=5.0, noise_offset=0.1, loss_type="huber", huber_c=0.1, huber_schedule="snr",
+                min_timestep=100, max_timestep=900),
+}
+
+
+def loss_recipe_costs(variant, batch=1, resolution=512, compile_it=True, names=tuple(LOSS_RECIPES)):
+    """XLA's FLOPs and bytes of the SD 1.5 step with each loss recipe, and each one's change
+    from the recipe off, in percent: [(name, cost dict, flops %, bytes %)]."""
+    from ti_flax.losses import LossSpec
+
+    rows = []
+    for name in names:
+        cost = abstract_cost(variant, batch, resolution, compile_it, loss_spec=LossSpec(**LOSS_RECIPES[name]))
+        base = rows[0][1] if rows else cost
+        rows.append((name, cost, *(100 * (cost[k] / base[k] - 1) for k in ("flops", "bytes_accessed"))))
+    return rows
+
+
+def main():
+    import argparse
+
+    from benchmark import VARIANTS
+
+    p = argparse.ArgumentParser(description="XLA's cost of the loss recipe's knobs at SD 1.5 shapes")
+    p.add_argument("--variant", default="ours", help="benchmark.py's variant (default: ours, the defaults)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--recipes", default=",".join(LOSS_RECIPES), help="comma-separated names of LOSS_RECIPES; "
+                   "the first is the baseline")
+    p.add_argument("--lowered-only", action="store_true", help="cost of the unoptimised HLO (fast, no compile)")
+    args = p.parse_args()
+    print(f"| recipe ({args.variant}, batch {args.batch}, {args.resolution} px, "
+          f"{'lowered' if args.lowered_only else 'compiled'}) | GFLOPs | GB accessed | flops vs off | bytes vs off |")
+    print("| --- | --- | --- | --- | --- |")
+    rows = loss_recipe_costs(VARIANTS[args.variant], args.batch, args.resolution, not args.lowered_only,
+                             args.recipes.split(","))
+    base = rows[0][1]
+    for name, cost, flops, moved in rows:
+        print(f"| {name} | {cost['flops'] / 1e9:.3f} | {cost['bytes_accessed'] / 1e9:.4f} | "
+              f"{(cost['flops'] - base['flops']) / 1e6:+.2f} MFLOP ({flops:+.5f}%) | "
+              f"{(cost['bytes_accessed'] - base['bytes_accessed']) / 1e6:+.2f} MB ({moved:+.5f}%) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -243,7 +243,7 @@ def test_the_step_conditions_the_unet_on_each_images_size_and_crop(sdxl_run, sam
     pooled = np.arange(4 * 16, dtype=np.float32).reshape(4, 16)
     seen = []
 
-    def diffusion_inputs(spec, compute, frozen, batch, key):
+    def diffusion_inputs(spec, compute, frozen, batch, key, loss_spec=None):
         noise = jnp.zeros((len(batch.example_ids), 4, 4, 4))
         return noise, jnp.zeros(len(batch.example_ids), jnp.int32), noise
 

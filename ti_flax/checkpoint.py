@@ -58,6 +58,14 @@ MUST_MATCH = (
     "ema_decay",
     "ema_update_after_step",
     "validation_split",  # which images are held out of training
+    # The loss recipe: the noise, the timesteps and the loss itself (losses.LossSpec).
+    "snr_gamma",
+    "noise_offset",
+    "loss_type",
+    "huber_c",
+    "huber_schedule",
+    "min_timestep",
+    "max_timestep",
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only

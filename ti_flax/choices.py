@@ -20,6 +20,10 @@ REPORT_TO = ("auto", "tensorboard", "none")
 SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the validation sampler
 PLAN_TARGETS = ("v4", "v5e", "v5p", "v6e", "local")  # ti_flax.plan's --target: a TPU generation, or this machine
 EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, leave the norms or set them to the target
+LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
+# kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
+# so its values are not each valid alone; the README's flags table lists them.
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 class Choice(NamedTuple):
@@ -34,6 +38,7 @@ TABLE = (
     Choice("--prediction_type", PREDICTION_TYPES, "the model's scheduler config"),
     Choice("--interpolation", tuple(INTERPOLATIONS), "bicubic"),
     Choice("--lr_scheduler", LR_SCHEDULERS, "constant"),
+    Choice("--loss_type", LOSS_TYPES, "l2"),
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
     Choice("--embedding_norm", EMBEDDING_NORMS, "none"),
     Choice("--attention", ATTENTION, "auto"),

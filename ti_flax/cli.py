@@ -4,8 +4,8 @@ import argparse
 import dataclasses
 import os
 
-from .choices import (ATTENTION, EMBEDDING_NORMS, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, MIXED_PRECISION,
-                      PREDICTION_TYPES, REPORT_TO)
+from .choices import (ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES,
+                      LR_SCHEDULERS, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO)
 from .config import TrainConfig
 from .errors import UserError
 
@@ -86,6 +86,25 @@ def build_parser():
     g.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (off by default)")
     g.add_argument("--gradient_accumulation_steps", type=int, default=d.gradient_accumulation_steps,
                    help="micro-batches per optimizer update; --max_train_steps and --checkpointing_steps count updates")
+    g = p.add_argument_group("loss recipe (diffusers' and kohya's flags, each off by default)")
+    g.add_argument("--snr_gamma", type=float, default=d.snr_gamma,
+                   help="min-SNR-gamma weighting, as diffusers' train_text_to_image.py: each example's loss times "
+                   "min(snr, gamma) / snr (v-prediction: / (snr + 1)); 5.0 is the paper's (default: off)")
+    g.add_argument("--noise_offset", type=float, default=d.noise_offset,
+                   help="add noise_offset * randn(batch, channels, 1, 1) to the noise, as diffusers and kohya "
+                   "(about 0.1 is usual; default 0: off)")
+    g.add_argument("--loss_type", choices=LOSS_TYPES, default=d.loss_type,
+                   help="kohya's element loss: l2 (squared error), huber or smooth_l1 (pseudo-Huber with "
+                   "threshold --huber_c, scheduled by --huber_schedule)")
+    g.add_argument("--huber_c", type=float, default=d.huber_c,
+                   help=f"kohya's Huber threshold (default {d.huber_c}); only with --loss_type huber or smooth_l1")
+    g.add_argument("--huber_schedule", choices=HUBER_SCHEDULES, default=d.huber_schedule,
+                   help=f"kohya's Huber threshold over timesteps (default {d.huber_schedule}); only with --loss_type "
+                   "huber or smooth_l1")
+    g.add_argument("--min_timestep", type=int, default=d.min_timestep,
+                   help="draw training timesteps from [min_timestep, max_timestep), as kohya (default 0)")
+    g.add_argument("--max_timestep", type=int, default=d.max_timestep,
+                   help="see --min_timestep (default: the model's number of training timesteps, 1000 for SD)")
     g = p.add_argument_group("the learned rows after each optimizer update (all off by default)")
     g.add_argument("--embedding_norm", choices=EMBEDDING_NORMS, default=d.embedding_norm,
                    help="preserve: rescale each learned vector to the target norm after every update, as OneTrainer's "

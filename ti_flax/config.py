@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 from . import concepts as concepts_lib
 from .errors import UserError
-from .choices import (ATTENTION, EMBEDDING_NORMS, INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS,
-                      MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of)
+from .choices import (ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES,
+                      LR_SCHEDULERS, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of)
 from .logs import tensorboard_available
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
@@ -16,6 +16,8 @@ from .logs import tensorboard_available
 _CHECKED = "_checked_concepts"
 
 PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "initial_embeddings")
+# kohya's defaults of --huber_c and --huber_schedule: with --loss_type l2 they must stay at these.
+HUBER_C, HUBER_SCHEDULE = 0.1, "snr"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,14 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: Optional[float] = None
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer update
+    # Loss recipe (diffusers' and kohya's flags, each off by default: see losses.py)
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting
+    noise_offset: float = 0.0  # noise + noise_offset * randn(B, C, 1, 1)
+    loss_type: str = "l2"
+    huber_c: float = HUBER_C  # kohya's defaults; used only with --loss_type huber or smooth_l1
+    huber_schedule: str = HUBER_SCHEDULE
+    min_timestep: int = 0  # timesteps drawn from [min_timestep, max_timestep)
+    max_timestep: Optional[int] = None  # None: the model's num_train_timesteps
     # The learned rows after each update (all off by default)
     embedding_norm: str = "none"  # "preserve": each vector rescaled to the target norm
     embedding_norm_target: Optional[Any] = None  # a norm per text encoder (SDXL: two); None: each table's median
@@ -204,6 +214,7 @@ class TrainConfig:
             (self.adam_epsilon > 0, f"--adam_epsilon must be > 0, got {self.adam_epsilon}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"--max_grad_norm must be > 0, got {self.max_grad_norm}"),
+            *self._loss_checks(),
             (self.save_steps >= 0, f"--save_steps must be >= 0 (0 turns it off), got {self.save_steps}"),
             (self.checkpointing_steps >= 0,
              f"--checkpointing_steps must be >= 0 (0 turns it off), got {self.checkpointing_steps}"),
@@ -236,6 +247,29 @@ class TrainConfig:
         if self.report_to == "tensorboard" and not tensorboard_available():
             raise UserError("--report_to tensorboard needs tensorboardX: `pip install tensorboardX`")
         return listed
+
+    def _loss_checks(self):
+        """(ok, message) for the loss recipe's flags; --max_timestep's upper bound is the model's
+        number of training timesteps, checked once it is loaded (losses.LossSpec.from_config)."""
+        def positive(x):
+            return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+        return [
+            (self.snr_gamma is None or positive(self.snr_gamma),
+             f"--snr_gamma must be a positive number (diffusers recommends 5.0), got {self.snr_gamma}"),
+            (self.noise_offset == 0 or positive(self.noise_offset),
+             f"--noise_offset must be >= 0 (0 turns it off; about 0.1 is usual), got {self.noise_offset}"),
+            one_of("--loss_type", self.loss_type, LOSS_TYPES),
+            one_of("--huber_schedule", self.huber_schedule, HUBER_SCHEDULES),
+            (positive(self.huber_c), f"--huber_c must be a positive number, got {self.huber_c}"),
+            (self.loss_type != "l2" or (self.huber_c, self.huber_schedule) == (HUBER_C, HUBER_SCHEDULE),
+             "--huber_c and --huber_schedule apply only with --loss_type huber or smooth_l1; "
+             "pass one of those or leave them out"),
+            (self.min_timestep >= 0, f"--min_timestep must be >= 0, got {self.min_timestep}"),
+            (self.max_timestep is None or self.max_timestep > self.min_timestep,
+             f"--max_timestep must be greater than --min_timestep (timesteps are drawn from [min, max)), "
+             f"got {self.min_timestep} and {self.max_timestep}"),
+        ]
 
     def _row_checks(self):
         """(ok, message) for the flags that act on the rows after each update."""

@@ -151,12 +151,13 @@ def compile_in_background(run, state, host_frozen, start_step):
     statics = (run.model.spec, run.compute, run.opt_spec, run.devices)
     if jax.process_count() > 1:
         done = Future()
-        done.set_result((step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts), None))
+        done.set_result((step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts,
+                                                     loss_spec=run.loss_spec), None))
         return done
 
     def compile_step():
         start = time.perf_counter()
-        fn = step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts)
+        fn = step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts, loss_spec=run.loss_spec)
         return fn, time.perf_counter() - start
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")

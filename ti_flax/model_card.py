@@ -6,6 +6,7 @@ import shlex
 
 from .files import atomic_write
 from .formats import sdxl_file_name
+from .losses import describe as recipe_text
 
 LOSS_PLOT = "loss.png"
 PLOT_INCHES, PLOT_DPI = (8, 4), 100  # loss.png is 800 x 400 pixels
@@ -116,6 +117,7 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False,
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
     out, model = config.output_dir, config.pretrained_model_name_or_path
     losses = [r["loss"] for r in history]
+    recipe = recipe_text(config)  # "" with every loss-recipe flag off
     step = history[-1]["step"] if history else 0
     final = lambda key: f"{history[-1][key]:.4f}" if history and key in history[-1] else "n/a"  # noqa: E731
     rel = lambda path: os.path.relpath(path, out)  # noqa: E731
@@ -130,7 +132,8 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False,
           for c in learned],
         "",
         f"Steps {step}, learning rate {config.learning_rate:g} ({config.lr_scheduler}), batch "
-        f"{config.train_batch_size} per device, resolution {config.resolution}, final loss "
+        f"{config.train_batch_size} per device, resolution {config.resolution}, "
+        f"{f'loss recipe: {recipe}, ' if recipe else ''}final loss "
         f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
         "",
         *[line for note in rows_notes(config) for line in (note[0].upper() + note[1:] + ".", "")],
@@ -199,6 +202,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False, va
     """The card's lines for a run of one concept."""
     out = config.output_dir
     losses = [r["loss"] for r in history]
+    recipe = recipe_text(config)  # "" with every loss-recipe flag off
     token = tokens[0]
     name = token.strip("<>") or "embedding"
     step = history[-1]["step"] if history else 0
@@ -221,6 +225,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False, va
         f"| batch | {config.train_batch_size} per device |",
         f"| resolution | {config.resolution} |",
         *[f"| learned rows | {note} |" for note in rows_notes(config)],
+        *([f"| loss recipe | {recipe} |"] if recipe else []),
         f"| final loss | {final} |",
         "",
         *_loss_figure(config, validation_losses),

@@ -5,7 +5,7 @@ import os
 import jax
 
 from . import checkpoint as ckpt
-from . import files, formats, logs, model_card
+from . import files, formats, logs, losses, model_card
 from .models import schedulers
 from .validation_loss import fixed_timesteps
 
@@ -90,6 +90,7 @@ def print_banner(run):
         f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
         f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
         f"{f', {config.gradient_accumulation_steps} micro-batches per update' if config.gradient_accumulation_steps > 1 else ''}\n"
+        f"{_loss_line(run)}"
         f"  speed      mixed precision {config.mixed_precision}, cache latents {'on' if config.cache_latents else 'off'}, "
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {attention_summary(run)}\n"
@@ -129,6 +130,12 @@ def _what_line(run):
                      f"{c.initial_embeddings or repr(c.initializer_token)}, {len(part.images)} images{captions} "
                      f"({c.learnable_property}), weight {c.weight:g}")
     return "\n".join(lines) + "\n"
+
+
+def _loss_line(run):
+    """The banner's loss-recipe line ("" when every knob is off: the plain mean squared error)."""
+    recipe = losses.describe(run.config, run.model.spec.num_train_timesteps)
+    return f"  loss       {recipe}\n" if recipe else ""
 
 
 def _captions_line(run):

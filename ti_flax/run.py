@@ -19,6 +19,7 @@ from . import images as images_lib, prompts
 from .concept_data import ConceptMix
 from .config import TrainConfig
 from .errors import UserError
+from .losses import LossSpec, check_schedule
 from .optim import OptimizerSpec
 
 
@@ -63,6 +64,12 @@ class Run:
     def compute(self):
         """How this run computes with the model (models.Compute, from its flags)."""
         return model_compute(self.config)
+
+    @property
+    def loss_spec(self):
+        """The run's loss recipe (losses.LossSpec, from its flags and the model's schedule; checked
+        by prepare)."""
+        return LossSpec.from_config(self.config, self.model.spec.num_train_timesteps)
 
     @property
     def is_sdxl(self):
@@ -138,6 +145,7 @@ def prepare(config, devices=None):
     controls_norms = config.embedding_norm != "none" or config.embedding_norm_decay > 0
     targets = norm_targets(config, model.spec, tables) if controls_norms else ()
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
+    config = check_loss_recipe(config, model)
     if config.push_to_hub:
         check_hub_token(config)
     fingerprint = ckpt.model_fingerprint(model.spec, tables[0])
@@ -151,6 +159,16 @@ def prepare(config, devices=None):
     validation_images = data_lib.ValidationImages.concatenate(validation_parts) if config.validation_loss_steps else None
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
                tuple(learned), attention, validation_images)
+
+
+def check_loss_recipe(config, model):
+    """The config, its loss recipe checked against the loaded model's noise schedule (the
+    timestep range; min-SNR weights that would divide by zero), with a --max_timestep equal to
+    the model's number of timesteps recorded as unset: the same run as one that leaves it out,
+    for resume. Raises UserError."""
+    count = model.spec.num_train_timesteps
+    check_schedule(LossSpec.from_config(config, count), model.alphas_cumprod, model.spec.prediction_type)
+    return dataclasses.replace(config, max_timestep=None) if config.max_timestep == count else config
 
 
 def model_compute(config):

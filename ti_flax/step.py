@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import models
+from . import losses, models
 from .data import LatentBatch, PixelBatch
+from .losses import LossSpec
 from .parallel import AXIS, pmap_devices
 
 
@@ -85,20 +86,33 @@ def velocity(alphas_cumprod, latents, noise, timesteps):
     return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents
 
 
-def example_draws(key, example_ids, latent_shape, num_train_timesteps):
+# The noise offset's draw comes from fold_in(example key, OFFSET_DRAW), apart from the three
+# split draws, so they stay what they were without it. (jax's threefry gives split(k, 3)'s keys
+# as fold_in(k, 0), 1 and 2: the offset's constant must be none of those.)
+OFFSET_DRAW = 3
+
+
+def example_draws(key, example_ids, latent_shape, num_train_timesteps, loss_spec=LossSpec()):
     """Per-example (latent sample noise, diffusion noise, timestep), keyed by global example id.
 
     Keying by the example's index in the run rather than by device makes the draws the same
-    whatever the number of devices or hosts the global batch is split over.
+    whatever the number of devices or hosts the global batch is split over. `loss_spec` (a
+    losses.LossSpec) sets the timestep range and the noise offset: the noise plus
+    noise_offset * a normal draw of shape (C, 1, 1), one per example and channel.
     """
+    low, high = loss_spec.timestep_range(num_train_timesteps)
 
     def one(example_id):
         k = jax.random.fold_in(key, example_id)
         k_latent, k_noise, k_time = jax.random.split(k, 3)
+        noise = jax.random.normal(k_noise, latent_shape)
+        if loss_spec.noise_offset:
+            offset = jax.random.normal(jax.random.fold_in(k, OFFSET_DRAW), (latent_shape[0], 1, 1))
+            noise = noise + loss_spec.noise_offset * offset
         return (
             jax.random.normal(k_latent, latent_shape),
-            jax.random.normal(k_noise, latent_shape),
-            jax.random.randint(k_time, (), 0, num_train_timesteps),
+            noise,
+            jax.random.randint(k_time, (), low, high),
         )
 
     return jax.vmap(one)(example_ids)
@@ -120,15 +134,17 @@ def posterior(spec, compute, frozen, batch):
     raise TypeError(f"batch must be a PixelBatch or a LatentBatch, not {type(batch).__name__}")
 
 
-def diffusion_inputs(spec, compute, frozen, batch, key, timesteps=None):
+def diffusion_inputs(spec, compute, frozen, batch, key, loss_spec=LossSpec(), timesteps=None):
     """(noisy latents, timesteps, target) for a PixelBatch or a LatentBatch.
 
     A LatentBatch (from --cache_latents) skips the VAE; the latent sample still draws its noise
-    from the example's own key, so both kinds of batch give the same draws. `timesteps` int32 [B]
-    replaces the drawn ones (the validation loss's fixed timesteps); the noises are drawn either way.
+    from the example's own key, so both kinds of batch give the same draws. `loss_spec` sets
+    the timestep range and the noise offset (example_draws). `timesteps` int32 [B] replaces the
+    drawn ones (the validation loss's fixed timesteps); the noises are drawn either way.
     """
     mean, logvar = posterior(spec, compute, frozen, batch)
-    latent_eps, noise, drawn = example_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps)
+    latent_eps, noise, drawn = example_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps,
+                                             loss_spec)
     timesteps = drawn if timesteps is None else timesteps
     latents = (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps) * spec.scaling_factor
     alphas = frozen.alphas_cumprod
@@ -138,17 +154,24 @@ def diffusion_inputs(spec, compute, frozen, batch, key, timesteps=None):
 
 
 def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target, per_example=False,
-                   time_ids=None):
-    """Mean squared error of the UNet's prediction, conditioned on text with the learned rows.
+                   time_ids=None, loss_spec=LossSpec()):
+    """The loss of the UNet's prediction, conditioned on text with the learned rows: the mean
+    squared error, or the batch mean of each example's loss under `loss_spec` (a losses.LossSpec:
+    Huber, min-SNR weights).
 
     `frozen` is a Frozen (its text encoder(s) and UNet are read). With `per_example`, returns
-    (loss, float32 [B] each example's own mean) for jax's has_aux. `time_ids` float32 [B, 6] is
+    (loss, float32 [B] each example's own loss) for jax's has_aux. `time_ids` float32 [B, 6] is
     SDXL's size and crop conditioning of each example (images.size_and_crop_ids); None for SD 1.x / 2.x.
     """
     cond = models.condition(spec, compute, frozen.text_params, input_ids, rows)
     hidden = cond.context
     added = None if cond.text_embeds is None else {"text_embeds": cond.text_embeds, "time_ids": time_ids}
     pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden, added)
+    if loss_spec.weighted:
+        examples = losses.example_losses(loss_spec, pred.astype(jnp.float32), target, timesteps, frozen.alphas_cumprod,
+                                         spec.prediction_type)
+        loss = jnp.mean(examples)
+        return (loss, examples) if per_example else loss
     error = jnp.square(pred.astype(jnp.float32) - target)
     loss = jnp.mean(error)
     return (loss, jnp.mean(error, axis=tuple(range(1, error.ndim)))) if per_example else loss
@@ -160,7 +183,8 @@ def concept_sums(example_losses, concept_ids, num_concepts, axis_name):
     return jax.lax.psum((example_losses @ onehot, onehot.sum(0)), axis_name)
 
 
-def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_concepts=1, axis_name=AXIS):
+def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_concepts=1, loss_spec=LossSpec(),
+               axis_name=AXIS):
     """One optimizer step (or, with gradient accumulation, one micro-step) on one device's share.
 
     Args:
@@ -176,20 +200,21 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (with
         what follows each update: the rows' norm control and EMA), num_concepts: the run's
-        concepts (all static).
+        concepts, loss_spec: losses.LossSpec (all static).
     Returns:
-      (new TrainState, metrics dict of scalars averaged over devices; with several concepts, also
-      "concept_loss_sum" and "concept_count", float32 [num_concepts], summed over devices).
+      (new TrainState, metrics dict of scalars averaged over devices ("loss" is the loss optimized,
+      under `loss_spec`); with several concepts, also "concept_loss_sum" and "concept_count",
+      float32 [num_concepts], summed over devices).
     """
     key = jax.random.fold_in(base_key, state.step)
-    noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key)
+    noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, loss_spec)
     args = (state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
     extra = {}
     if num_concepts == 1:  # the loss alone, as the step has always computed it
-        loss, grads = jax.value_and_grad(diffusion_loss)(*args, time_ids=batch.time_ids)
+        loss, grads = jax.value_and_grad(diffusion_loss)(*args, time_ids=batch.time_ids, loss_spec=loss_spec)
     else:
         (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            *args, per_example=True, time_ids=batch.time_ids)
+            *args, per_example=True, time_ids=batch.time_ids, loss_spec=loss_spec)
         sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
         extra = {"concept_loss_sum": sums, "concept_count": counts}
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
@@ -221,10 +246,10 @@ def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute):
     Returns:
       float32 [B].
     """
-    noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, timesteps)
-    _, losses = diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target,
-                               per_example=True, time_ids=batch.time_ids)
-    return losses
+    noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, timesteps=timesteps)
+    _, each = diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target,
+                             per_example=True, time_ids=batch.time_ids)
+    return each
 
 
 @functools.lru_cache(maxsize=16)
@@ -248,18 +273,20 @@ def mean_metrics(micro_metrics):
 
 
 @functools.lru_cache(maxsize=16)
-def pmapped_train_step(spec, compute, opt_spec, devices, num_concepts=1):
-    """train_step pmapped over `devices`, cached so repeated runs reuse the compiled program."""
+def pmapped_train_step(spec, compute, opt_spec, devices, num_concepts=1, loss_spec=LossSpec()):
+    """train_step pmapped over `devices`, cached (by every static, `loss_spec` too) so repeated
+    runs reuse the compiled program."""
     fn = functools.partial(train_step, spec=spec, compute=compute, opt_spec=opt_spec,
-                           num_concepts=num_concepts)
+                           num_concepts=num_concepts, loss_spec=loss_spec)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))
 
 
-def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, key, num_concepts=1):
+def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, key, num_concepts=1,
+                       loss_spec=LossSpec()):
     """The pmapped train step compiled ahead of its first call, for arguments shaped like these.
 
     Args:
-      spec, compute, opt_spec, devices, num_concepts: as for `pmapped_train_step`.
+      spec, compute, opt_spec, devices, num_concepts, loss_spec: as for `pmapped_train_step`.
       state, frozen, batch, key: the step's arguments, each leaf with its leading device axis:
         arrays, or jax.ShapeDtypeStruct where the arrays are not on the devices yet.
     Returns:
@@ -271,10 +298,10 @@ def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, k
     if jax.process_count() > 1:
         # There the pmap spans every process's devices: its ahead-of-time program takes global
         # arrays, not the host-local ones the loop passes (jax's pmap.lower says as much).
-        return pmapped_train_step(spec, compute, opt_spec, devices, num_concepts)
+        return pmapped_train_step(spec, compute, opt_spec, devices, num_concepts, loss_spec)
     leaves, treedef = jax.tree_util.tree_flatten((state, frozen, batch, key))
     shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
-    return _compiled(pmapped_train_step(spec, compute, opt_spec, devices, num_concepts), treedef, shapes)
+    return _compiled(pmapped_train_step(spec, compute, opt_spec, devices, num_concepts, loss_spec), treedef, shapes)
 
 
 @functools.lru_cache(maxsize=16)
