@@ -50,6 +50,7 @@ MUST_MATCH = (
     "seed",
     "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
     "zero_terminal_snr",  # the noise schedule the loss is taken under
+    "pretrained_vae_model_name_or_path",  # the VAE that makes the latents
     # What follows each update; a checkpoint from before these existed had them off.
     "embedding_norm",
     "embedding_norm_target",

@@ -27,6 +27,7 @@ def build_parser():
                    "(A1111/ComfyUI .safetensors)")
     g.add_argument("--revision", help="Hub revision (branch, tag or commit) of the model")
     g.add_argument("--tokenizer_name", help="tokenizer folder or Hub id, if not the model's own")
+    g.add_argument("--pretrained_vae_model_name_or_path", help="another VAE instead of the model's, as diffusers' scripts' flag and kohya's --vae: an AutoencoderKL folder or Hub id (e.g. an fp16-fix VAE), or one VAE file in the original layout (A1111's models/VAE)")
     g.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=d.prediction_type,
                    help="the model's training target, instead of its scheduler config's (a single file: its "
                    "v_pred key, else epsilon; pass v_prediction for SD 2.x 768-v files)")

@@ -43,6 +43,7 @@ class TrainConfig:
     tokenizer_name: Optional[str] = None
     prediction_type: Optional[str] = None  # None: the model's scheduler config (a single file: epsilon)
     allow_pickle: bool = False  # unpickle a .ckpt model or a .npy --initial_embeddings (can run code)
+    pretrained_vae_model_name_or_path: Optional[str] = None  # another VAE: a folder, Hub id or VAE file
     # True: the noise schedule rescaled to zero terminal SNR (diffusers' rescale_betas_zero_snr, with
     # "trailing" sampling timesteps); False: not, even where the model asks; None: as the model's
     # scheduler config, or a single file's ztsnr marker, says (off for every model without one).

@@ -120,7 +120,8 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
 
 def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
              guidance_scale=7.5, seed=0, height=None, width=None, scheduler=None, output_dir="generated",
-             allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None, zero_terminal_snr=None):
+             allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None, zero_terminal_snr=None,
+             vae=None):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
@@ -144,6 +145,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         single file: its v_pred key, else epsilon; v_prediction for SD 2.x 768-v files).
       zero_terminal_snr: True samples on the schedule rescaled to zero terminal SNR, with trailing
         timesteps; False never; None: as the model says (its scheduler config, a file's ztsnr key).
+      vae: another VAE to decode with (--pretrained_vae_model_name_or_path): an AutoencoderKL folder
+        or Hub id, or one VAE file in the original layout.
     Returns:
       The paths of the images written, in order.
     Raises:
@@ -177,7 +180,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
     model = models.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle,
-                              zero_terminal_snr=zero_terminal_snr)
+                              zero_terminal_snr=zero_terminal_snr, vae=vae)
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
@@ -228,6 +231,7 @@ def build_parser():
                         "(default: as the model says: its scheduler config, or a single file's ztsnr key)")
     parser.add_argument("--no_zero_terminal_snr", dest="zero_terminal_snr", action="store_const", const=False,
                         help="sample on the model's plain schedule even where it asks for zero terminal SNR")
+    parser.add_argument("--pretrained_vae_model_name_or_path", help="another VAE instead of the model's, as diffusers' scripts' flag and kohya's --vae: an AutoencoderKL folder or Hub id (e.g. an fp16-fix VAE), or one VAE file in the original layout (A1111's models/VAE)")
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
                         help="embedding files or folders; FILE:TOKEN names the token used in prompts")
     parser.add_argument("--prompt", required=True)
@@ -262,6 +266,7 @@ def main(argv=None):
             args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
             args.scheduler, args.output_dir, args.allow_pickle, compilation_cache=not args.no_compilation_cache,
             prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
+            vae=args.pretrained_vae_model_name_or_path,
         )))
     for path in paths:
         print(path)

@@ -95,7 +95,8 @@ def prepare(config, devices=None):
     concepts = config.validate().concept_list()
     start = time.perf_counter()
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
-                              config.prediction_type, config.allow_pickle, config.zero_terminal_snr)
+                              config.prediction_type, config.allow_pickle, config.zero_terminal_snr,
+                              config.pretrained_vae_model_name_or_path)
     load_seconds = time.perf_counter() - start
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))

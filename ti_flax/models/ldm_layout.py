@@ -174,7 +174,9 @@ def unet_config(ckpt, family, sample_size, pooled_dim=None):
     return config
 
 
-def vae_config(ckpt, family):
+def vae_config(ckpt, scaling_factor):
+    """VAEConfig dict of the file's first_stage_model.* VAE, from its shapes; the latents' scale
+    (`scaling_factor`) is the model family's, which the weights cannot state."""
     p = VAE + "encoder."
     levels = ckpt.count(p + "down.{}.block.0.conv1.weight")
     channels = [ckpt.shape(p + f"down.{i}.block.0.conv2.weight")[0] for i in range(levels)]
@@ -187,7 +189,7 @@ def vae_config(ckpt, family):
         "layers_per_block": ckpt.count(p + "down.0.block.{}.conv1.weight"),
         "latent_channels": ckpt.shape(VAE + "decoder.conv_in.weight")[1],
         "norm_num_groups": 32,
-        "scaling_factor": family.scaling_factor,
+        "scaling_factor": scaling_factor,
         "mid_block_add_attention": ckpt.has(p + "mid.attn_1.q.weight"),
         "use_quant_conv": ckpt.has(VAE + "quant_conv.weight"),
         "use_post_quant_conv": ckpt.has(VAE + "post_quant_conv.weight"),

@@ -38,17 +38,17 @@ MODEL_FILES = ("*.json", "*.txt", "*.msgpack", "*.safetensors", "*.bin", "*.mode
 CONFIG_FILES = ("*.json",)
 
 
-def resolve_model_dir(name_or_path, revision=None, allow_patterns=MODEL_FILES):
+def resolve_model_dir(name_or_path, revision=None, allow_patterns=MODEL_FILES, flag="--pretrained_model_name_or_path"):
     """Local folder for a model path or Hub id (downloaded to the HF cache, or read from it).
 
-    Raises UserError when the model cannot be found. With HF_HUB_OFFLINE=1 only the local
-    cache is consulted, so no network call is made. `allow_patterns`: the files a Hub
+    Raises UserError, naming `flag`, when the model cannot be found. With HF_HUB_OFFLINE=1 only
+    the local cache is consulted, so no network call is made. `allow_patterns`: the files a Hub
     snapshot fetches (CONFIG_FILES: the configs alone).
     """
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise UserError(f"--pretrained_model_name_or_path {name_or_path!r}: no such model folder")
+        raise UserError(f"{flag} {name_or_path!r}: no such model folder")
     from huggingface_hub import snapshot_download
 
     try:
@@ -60,7 +60,7 @@ def resolve_model_dir(name_or_path, revision=None, allow_patterns=MODEL_FILES):
         )
     except Exception as err:  # network down, offline mode, unknown repo, wrong revision
         raise UserError(
-            f"--pretrained_model_name_or_path {name_or_path!r}: not a local folder and could not be "
+            f"{flag} {name_or_path!r}: not a local folder and could not be "
             f"fetched from the Hugging Face Hub ({type(err).__name__}); pass a local model folder"
         ) from None
 

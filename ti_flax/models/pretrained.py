@@ -7,6 +7,7 @@ and its noise schedule, or one original-layout checkpoint file (`single_file.py`
 model's step can be measured without reading any weights.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -30,7 +31,7 @@ def is_single_file(name_or_path):
 
 
 def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False,
-               zero_terminal_snr=None):
+               zero_terminal_snr=None, vae=None):
     """Load tokenizer, text encoder, UNet, VAE and noise schedule of a Stable Diffusion model.
 
     Args:
@@ -43,7 +44,14 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
       zero_terminal_snr: True rescales the noise schedule (training and sampling) to zero terminal
         SNR with "trailing" timesteps, False turns a rescaling off; None: what the scheduler config
         (a single file: its `ztsnr` marker) says.
+      vae: another VAE to use instead of the model's (--pretrained_vae_model_name_or_path): see
+        `with_vae`.
     """
+    model = _load_model(name_or_path, revision, tokenizer_name, prediction_type, allow_pickle, zero_terminal_snr)
+    return model if vae is None else with_vae(model, vae, revision, allow_pickle)
+
+
+def _load_model(name_or_path, revision, tokenizer_name, prediction_type, allow_pickle, zero_terminal_snr):
     if prediction_type is not None and prediction_type not in schedulers.PREDICTION_TYPES:
         choices = ", ".join(schedulers.PREDICTION_TYPES)
         raise UserError(f"--prediction_type {prediction_type!r}: choose one of {choices}")
@@ -75,6 +83,40 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
     spec = spec_from(found["text_encoder"], found["unet"], found["vae"], prediction_type,
                      int(scheduler_config.get("num_train_timesteps") or 1000), **sdxl_args)
     return LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config), tokenizer_2)
+
+
+def with_vae(model, name_or_path, revision=None, allow_pickle=False):
+    """`model` with the VAE of `name_or_path` in place of its own, as diffusers' scripts'
+    --pretrained_vae_model_name_or_path (and kohya's --vae) do: an AutoencoderKL folder or Hub id
+    (its config.json and weights, or a model folder's vae/), or one VAE file in the original
+    layout (A1111's models/VAE; `.ckpt` with `allow_pickle`).
+
+    A folder's config gives the latents' scale, as diffusers reads `vae.config.scaling_factor`; a
+    file states none, so it keeps the model's. Every other weight stays the model's, bitwise.
+    Raises UserError (one line) for a VAE whose latents the model's UNet cannot take.
+    """
+    flag = "--pretrained_vae_model_name_or_path"
+    own = model.spec.vae
+
+    def check(config):  # before the weights are read
+        levels, own_levels = len(config.block_out_channels), len(own.block_out_channels)
+        if (config.latent_channels, levels) != (own.latent_channels, own_levels):
+            raise UserError(f"{flag} {os.fspath(name_or_path)}: its latents have {config.latent_channels} channels at "
+                            f"1/{2 ** (levels - 1)} of the image size, but this model's UNet takes "
+                            f"{own.latent_channels} at 1/{2 ** (own_levels - 1)}; use a VAE of the model's family")
+
+    if is_single_file(name_or_path):
+        config, params = single_file.load_vae(os.fspath(name_or_path), own.scaling_factor, allow_pickle, check)
+    else:
+        folder = resolve_model_dir(os.fspath(name_or_path), revision, flag=flag)
+        if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, "vae")):
+            folder = os.path.join(folder, "vae")  # a whole model folder: its VAE
+        check(component_weights.read_config(folder, "vae"))
+        config, params = component_weights.load_component(folder, "vae")
+    config = dataclasses.replace(config, sample_size=own.sample_size)
+    spec = dataclasses.replace(model.spec, vae=config, scaling_factor=float(config.scaling_factor))
+    notes = (*model.notes, f"VAE from {os.fspath(name_or_path)}")
+    return dataclasses.replace(model, spec=spec, params={**model.params, "vae": params}, notes=notes)
 
 
 def read_scheduler(model_dir, prediction_type=None, zero_terminal_snr=None):

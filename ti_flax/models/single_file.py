@@ -111,6 +111,13 @@ class Checkpoint:
         """{file name: float32 array} of the file's tensors `names`."""
         return {k: np.asarray(v, dtype=np.float32) for k, v in self._read(sorted(set(names))).items()}
 
+    def under(self, prefix):
+        """This file with `prefix` before every name: a part saved on its own (A1111's VAE files
+        hold `encoder.down.0...`) read with the names it has inside a whole checkpoint."""
+        read = self._read
+        return Checkpoint(self.path, {prefix + k: v for k, v in self.shapes.items()},
+                          lambda names: {prefix + k: v for k, v in read([n[len(prefix):] for n in names]).items()})
+
 
 def open_checkpoint(path, allow_pickle=False):
     """A Checkpoint over a `.safetensors` file, or a pickled `.ckpt` when `allow_pickle`.
@@ -214,7 +221,7 @@ def read_single_file(ckpt, family, prediction_type="epsilon"):
     texts = {part: clip.CLIPTextConfig.from_dict(text_config(ckpt, family, encoder))
              for part, encoder in zip(TEXT_PARTS, family.encoders)}
     pooled_dim = texts["text_encoder_2"].projection_dim if "text_encoder_2" in texts else None
-    vae_dict = dict(vae_config(ckpt, family))
+    vae_dict = dict(vae_config(ckpt, family.scaling_factor))
     vae_dict["sample_size"] = sample_size * 2 ** (len(vae_dict["block_out_channels"]) - 1)  # pixels
     owned = {"unet": unet.UNetConfig.from_dict(unet_config(ckpt, family, sample_size, pooled_dim)),
              "vae": vae.VAEConfig.from_dict(vae_dict), **texts}
@@ -232,6 +239,33 @@ def read_single_file(ckpt, family, prediction_type="epsilon"):
                                                for part, encoder in zip(TEXT_PARTS, family.encoders)}}
     params = {part: unflatten(convert(ckpt, tables[part], shapes[part], whats[part])) for part in tables}
     return {part: c.to_dict() for part, c in owned.items()}, params
+
+
+def load_vae(path, scaling_factor, allow_pickle=False, check=None):
+    """(vae.VAEConfig, float32 params tree) of a VAE in the original layout: a VAE file as A1111's
+    models/VAE holds (`encoder.down.N...`, `decoder.up.N...`), or the `first_stage_model.*` of a
+    whole checkpoint. `scaling_factor` is the model's: a VAE file does not state its latents' scale.
+
+    `check(config)` (e.g. that the model's UNet takes its latents) runs before the weights are read.
+    Raises UserError (one line): not a file, a pickle without allow_pickle, a VAE in diffusers'
+    layout (its folder, with config.json, is what to pass), or no VAE at all.
+    """
+    flag = "--pretrained_vae_model_name_or_path"
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path!r}: {'not a file' if os.path.exists(path) else 'no such file or folder'}")
+    ckpt = open_checkpoint(path, allow_pickle)
+    names = list(ckpt.shapes)
+    if not any(k.startswith(VAE) for k in names):
+        if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in names):
+            raise UserError(f"{flag} {path}: a VAE in diffusers' layout; pass the folder that holds it and its "
+                            "config.json (an AutoencoderKL folder or Hub id)")
+        if not any(k.startswith(("encoder.down.", "decoder.up.")) for k in names):
+            raise UserError(f"{flag} {path}: not a VAE (no encoder.down.* / decoder.up.* tensors, nor {VAE}*)")
+        ckpt = ckpt.under(VAE)
+    config = vae.VAEConfig.from_dict(vae_config(ckpt, scaling_factor))
+    if check is not None:
+        check(config)
+    return config, unflatten(convert(ckpt, vae_names(config), vae.param_shapes(config), "VAE"))
 
 
 # --------------------------------------------------------------------------------------------
