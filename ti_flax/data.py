@@ -50,14 +50,13 @@ class LatentBatch(NamedTuple):
     mask: Optional[np.ndarray] = None
 
 
-def blank_batch(batch_size, resolution, text_length, sdxl=False, masked=False):
+def blank_batch(batch_size, resolution, text_length, sdxl=False):
     """A PixelBatch of zeros shaped as one device's batch of `batch_size` examples at
     `resolution` pixels, as the sources below make them: what the train step is compiled for
-    when no images are read (`ti_flax.plan`). `sdxl`: with time ids; `masked`: with masks."""
+    when no images are read (`ti_flax.plan`). `sdxl`: with time ids."""
     return PixelBatch(np.zeros((batch_size, resolution, resolution, 3), np.uint8),
                       np.zeros((batch_size, text_length), np.int32), np.zeros(batch_size, np.int64),
-                      np.zeros(batch_size, np.int32), np.zeros((batch_size, 6), np.float32) if sdxl else None,
-                      np.zeros((batch_size, resolution, resolution), np.float32) if masked else None)
+                      np.zeros(batch_size, np.int32), np.zeros((batch_size, 6), np.float32) if sdxl else None)
 
 
 def flip_rows(source: np.ndarray, index: np.ndarray, flip: np.ndarray) -> np.ndarray:
