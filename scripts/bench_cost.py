@@ -144,12 +144,14 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
         frozen = footprint.abstract_frozen(spec, compute.dtype, alphas, vae=not variant.cache_latents)
         example_ids = S((batch,), jnp.int32)
         time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
+        # --masked_loss: each example's mask at the images' resolution rides in the batch.
+        mask = S((batch, resolution, resolution), jnp.float32) if loss_spec and loss_spec.masked else None
         if variant.cache_latents:
             moments = S((batch, 4, latent, latent), jnp.float32)
-            data = step_lib.LatentBatch(moments, moments, ids["input_ids"], example_ids, time_ids=time_ids)
+            data = step_lib.LatentBatch(moments, moments, ids["input_ids"], example_ids, time_ids=time_ids, mask=mask)
         else:
             data = step_lib.PixelBatch(S((batch, resolution, resolution, 3), jnp.uint8), ids["input_ids"], example_ids,
-                                       time_ids=time_ids)
+                                       time_ids=time_ids, mask=mask)
         state = jax.eval_shape(lambda: step_lib.init_state(jnp.zeros((1, hidden)), opt_spec))
         fn = step_lib.pmapped_train_step(spec, compute, opt_spec, tuple(jax.local_devices()[:1]), 1,
                                          loss_spec or LossSpec())
@@ -216,6 +218,8 @@ LOSS_RECIPES = {
     "timesteps 100-900": dict(min_timestep=100, max_timestep=900),
     "all": dict(snr_gamma=5.0, noise_offset=0.1, loss_type="huber", huber_c=0.1, huber_schedule="snr",
                 min_timestep=100, max_timestep=900),
+    "masked": dict(masked=True),
+    "masked unmasked_weight 0.1": dict(masked=True, unmasked_weight=0.1),
 }
 
 

@@ -67,6 +67,11 @@ MUST_MATCH = (
     "huber_schedule",
     "min_timestep",
     "max_timestep",
+    # The masked loss: which examples' errors count, and how much.
+    "masked_loss",
+    "alpha_mask",
+    "mask_suffix",
+    "unmasked_weight",
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only

@@ -24,6 +24,8 @@ LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not 
 # kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
 # so its values are not each valid alone; the README's flags table lists them.
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+# OneTrainer's mask file name, --mask_suffix's default: the mask of dog.jpg is dog-masklabel.png.
+MASK_SUFFIX = "-masklabel.png"
 
 
 class Choice(NamedTuple):

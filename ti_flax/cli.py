@@ -106,6 +106,19 @@ def build_parser():
                    help="draw training timesteps from [min_timestep, max_timestep), as kohya (default 0)")
     g.add_argument("--max_timestep", type=int, default=d.max_timestep,
                    help="see --min_timestep (default: the model's number of training timesteps, 1000 for SD)")
+    g = p.add_argument_group("masked loss (kohya's and OneTrainer's flags, off by default)")
+    _bool_flag(g, "masked_loss", "weigh each example's loss by its image's mask, normalised by the mask's area "
+               "(a small subject is learned as strongly as a large one): the mask file beside the image, "
+               "<stem>-masklabel.png as OneTrainer names it (see --mask_suffix); white = learn, black = ignore, "
+               "grey in between; every image needs one")
+    _bool_flag(g, "alpha_mask", "take each image's mask from its alpha channel (transparent = not learned), as kohya; "
+               "turns the masked loss on without --masked_loss")
+    g.add_argument("--mask_suffix", default=d.mask_suffix,
+                   help=f"the mask file of dog.jpg is dog + this (default {d.mask_suffix}); such files are never "
+                   "training images")
+    g.add_argument("--unmasked_weight", type=float, default=d.unmasked_weight,
+                   help="OneTrainer's weight of the background: each latent position's weight is clamp(mask, W, 1), "
+                   "0 <= W <= 1 (default 0: the background is not learned)")
     g = p.add_argument_group("the learned rows after each optimizer update (all off by default)")
     g.add_argument("--embedding_norm", choices=EMBEDDING_NORMS, default=d.embedding_norm,
                    help="preserve: rescale each learned vector to the target norm after every update, as OneTrainer's "

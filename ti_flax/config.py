@@ -3,12 +3,13 @@
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Optional
 
 from . import concepts as concepts_lib
 from .errors import UserError
 from .choices import (ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES,
-                      LR_SCHEDULERS, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of)
+                      LR_SCHEDULERS, MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of)
 from .logs import tensorboard_available
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
@@ -88,6 +89,12 @@ class TrainConfig:
     huber_schedule: str = HUBER_SCHEDULE
     min_timestep: int = 0  # timesteps drawn from [min_timestep, max_timestep)
     max_timestep: Optional[int] = None  # None: the model's num_train_timesteps
+    # Masked loss (off by default; kohya's --masked_loss / --alpha_mask, OneTrainer's mask files and
+    # unmasked weight): each example's loss is its mask's weighted mean (see losses.py, images.py).
+    masked_loss: bool = False  # masks from the files <stem><mask_suffix> beside the images
+    alpha_mask: bool = False  # masks from the images' alpha channels (turns masked loss on, as kohya's)
+    mask_suffix: str = MASK_SUFFIX  # the mask of dog.jpg is dog-masklabel.png
+    unmasked_weight: float = 0.0  # the background's weight: each weight is clamp(mask, this, 1)
     # The learned rows after each update (all off by default)
     embedding_norm: str = "none"  # "preserve": each vector rescaled to the target norm
     embedding_norm_target: Optional[Any] = None  # a norm per text encoder (SDXL: two); None: each table's median
@@ -216,6 +223,7 @@ class TrainConfig:
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"--max_grad_norm must be > 0, got {self.max_grad_norm}"),
             *self._loss_checks(),
+            *self._mask_checks(),
             (self.save_steps >= 0, f"--save_steps must be >= 0 (0 turns it off), got {self.save_steps}"),
             (self.checkpointing_steps >= 0,
              f"--checkpointing_steps must be >= 0 (0 turns it off), got {self.checkpointing_steps}"),
@@ -270,6 +278,29 @@ class TrainConfig:
             (self.max_timestep is None or self.max_timestep > self.min_timestep,
              f"--max_timestep must be greater than --min_timestep (timesteps are drawn from [min, max)), "
              f"got {self.min_timestep} and {self.max_timestep}"),
+        ]
+
+    @property
+    def masked(self):
+        """Whether the loss is masked: --masked_loss (mask files) or --alpha_mask (alpha channels)."""
+        return self.masked_loss or self.alpha_mask
+
+    def _mask_checks(self):
+        """(ok, message) for the masked loss's flags; the masks themselves are checked as they are read."""
+        suffix, weight = self.mask_suffix, self.unmasked_weight
+        named = isinstance(suffix, str) and "/" not in suffix and "\\" not in suffix and os.path.splitext("x" + suffix)[0] != "x"
+        return [
+            (named, f"--mask_suffix must be the end of a file name after the image's stem, like {MASK_SUFFIX} or "
+             f"_mask.png (dog.jpg -> dog_mask.png), got {suffix!r}"),
+            (self.masked or suffix == MASK_SUFFIX, "--mask_suffix names the mask files of --masked_loss: pass "
+             "--masked_loss too, or leave it out"),
+            (not self.alpha_mask or suffix == MASK_SUFFIX,
+             "--mask_suffix names mask files, but --alpha_mask takes the masks from the images' alpha channels: "
+             "pass one of them"),
+            (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0,
+             f"--unmasked_weight must be between 0 and 1 (the background's weight; 0: not learned), got {weight}"),
+            (self.masked or not weight, "--unmasked_weight weighs the background of --masked_loss / --alpha_mask: "
+             "pass one of those too, or leave it out"),
         ]
 
     def _row_checks(self):

@@ -10,6 +10,8 @@ template drawn for it; the draws are the same with or without captions.
 A step's examples are a selection (image index, flip, prompt ids, example id); a view source
 turns a selection into a batch: `PixelViews` into a `PixelBatch` of flipped images, and
 `LatentViews` (--cache_latents, see latents.py) into a `LatentBatch` of cached VAE moments.
+With --masked_loss each image's mask (images.py) rides along, flipped with it (`flip_rows`), in
+either kind of batch; without, a batch's `mask` is None and its pytree is what it always was.
 """
 
 import itertools
@@ -32,11 +34,12 @@ class PixelBatch(NamedTuple):
     example_ids: np.ndarray
     concept_ids: Optional[np.ndarray] = None
     time_ids: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None  # --masked_loss: float32 [..., H, W] in [0, 1], the pixels' mask
 
 
 class LatentBatch(NamedTuple):
     """Examples as cached VAE posteriors: latent_mean and latent_logvar float32 [..., C, h, w],
-    input_ids, example_ids, concept_ids and time_ids as in PixelBatch."""
+    input_ids, example_ids, concept_ids, time_ids and mask (at the images' resolution) as in PixelBatch."""
 
     latent_mean: np.ndarray
     latent_logvar: np.ndarray
@@ -44,6 +47,7 @@ class LatentBatch(NamedTuple):
     example_ids: np.ndarray
     concept_ids: Optional[np.ndarray] = None
     time_ids: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None
 
 
 def blank_batch(batch_size, resolution, text_length, sdxl=False):
@@ -55,6 +59,14 @@ def blank_batch(batch_size, resolution, text_length, sdxl=False):
                       np.zeros(batch_size, np.int32), np.zeros((batch_size, 6), np.float32) if sdxl else None)
 
 
+def flip_rows(source: np.ndarray, index: np.ndarray, flip: np.ndarray) -> np.ndarray:
+    """Rows `index` of images [N, H, W, ...] (pixels, or masks [N, H, W]), those where `flip`
+    (bool [n]) is set mirrored left to right: the one horizontal flip an image and its mask share."""
+    rows = source[index]  # fancy indexing copies, so flipping in place is safe
+    rows[flip] = rows[flip][:, :, ::-1]
+    return rows
+
+
 class PixelViews:
     """Selections -> PixelBatch: each example's image, flipped where its selection says so."""
 
@@ -62,9 +74,7 @@ class PixelViews:
         self.images = images
 
     def __call__(self, images, flip, prompt_ids, example_ids, concept_ids=None) -> PixelBatch:
-        pixels = self.images[images]  # fancy indexing copies, so flipping is safe
-        pixels[flip] = pixels[flip][:, :, ::-1]
-        return PixelBatch(pixels, prompt_ids, example_ids, concept_ids)
+        return PixelBatch(flip_rows(self.images, images, flip), prompt_ids, example_ids, concept_ids)
 
 
 class LatentViews:
@@ -135,10 +145,12 @@ class BatchSource:
     A subclass sets `images` (uint8 [N, H, W, 3]: every example's image is one of these) and
     `global_batch_size`, and defines `examples(step, lo, hi)`: the selection (image index, flip,
     prompt ids, example id, concept id) of rows [lo, hi) of global batch `step`. With `time_ids`
-    (float32 [N, 6], for SDXL) set, each batch carries its images' time ids.
+    (float32 [N, 6], for SDXL) set, each batch carries its images' time ids; with `masks`
+    (float32 [N, H, W], --masked_loss), each example's mask, flipped as its image is.
     """
 
     time_ids: Optional[np.ndarray] = None
+    masks: Optional[np.ndarray] = None
 
     def _rows(self, step: int, lo: int, hi: int, views=None):
         """Rows [lo, hi) of global batch `step`, as `views` (default PixelViews) shows them."""
@@ -147,6 +159,8 @@ class BatchSource:
         batch = views(*selection)
         if self.time_ids is not None:
             batch = batch._replace(time_ids=self.time_ids[selection[0]])
+        if self.masks is not None:  # the mask of each example's view, flipped with its image
+            batch = batch._replace(mask=flip_rows(self.masks, selection[0], selection[1]))
         return batch
 
     def global_batch(self, step: int, views=None):
@@ -214,10 +228,12 @@ class TrainData(BatchSource):
         global_batch_size: int,
         captions: Optional[Sequence[Optional[np.ndarray]]] = None,
         time_ids: Optional[np.ndarray] = None,
+        masks: Optional[np.ndarray] = None,
     ):
         """Args: images uint8 [N, H, W, 3]; template_ids int32 [T, L]; captions: None, or per
         image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates;
-        time_ids: None, or float32 [N, 6] per image (SDXL: images.load_image_set's)."""
+        time_ids: None, or float32 [N, 6] per image (SDXL: images.load_image_set's); masks:
+        None, or float32 [N, H, W] per image (--masked_loss: images.load_image_set's)."""
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         if template_ids.ndim != 2 or len(template_ids) == 0:
@@ -234,7 +250,10 @@ class TrainData(BatchSource):
             raise UserError(f"seed must be >= 0, got {seed}")
         if time_ids is not None and np.shape(time_ids) != (len(images), 6):
             raise ValueError(f"time_ids must be [{len(images)}, 6], got {np.shape(time_ids)}")
+        if masks is not None and np.shape(masks) != images.shape[:3]:
+            raise ValueError(f"masks must be [N, H, W] = {list(images.shape[:3])}, got {np.shape(masks)}")
         self.images = images
+        self.masks = None if masks is None else np.asarray(masks, np.float32)
         self.time_ids = None if time_ids is None else np.asarray(time_ids, np.float32)
         self.template_ids = np.asarray(template_ids, dtype=np.int32)
         self.captions = None if captions is None else tuple(captions)

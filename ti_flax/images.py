@@ -4,6 +4,11 @@ One function per step, each usable alone: `list_images` (which files of a folder
 `read_image` (decode, EXIF orientation, `to_rgb`), `crop_and_resize` (the square the model
 trains on), `size_and_crop_ids` (SDXL's conditioning on how that square was made); `load_image`
 chains them for one file and `load_image_set` for a whole folder.
+
+Masks (--masked_loss) are read here too, and go through the same crop and resize as their image
+(`crop_and_resize`'s `mask`): a float32 [H, W] weight in [0, 1] at the image's resolution, from
+the image's alpha channel (`--alpha_mask`: transparent = 0) or from a mask file beside it
+(`<stem>-masklabel.png`, OneTrainer's name, or `<stem><mask_suffix>`: white = 1, black = 0).
 """
 
 import os
@@ -17,6 +22,10 @@ from . import choices, files
 from .errors import UserError, first_line, short_list
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# OneTrainer's mask file name (dog.jpg's is dog-masklabel.png): never a training image.
+MASK_SUFFIX = choices.MASK_SUFFIX
+# The mask source of load_image_set: the image's own alpha channel, or else a mask file suffix.
+ALPHA = "alpha"
 
 # The PIL resampling filter of each --interpolation choice.
 RESAMPLING = {name: getattr(Image.Resampling, member) for name, member in choices.INTERPOLATIONS.items()}
@@ -29,20 +38,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img).astype(np.float64)
         a = a * 255.0 if img.mode == "F" else a / 257.0  # F taken as [0, 1]; I as 16-bit
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
 
-def read_image(path: str) -> Image.Image:
-    """The decoded image at `path` (EXIF orientation applied) in 8-bit RGB; a file that cannot
-    be read or decoded (truncated, corrupt, not an image) is one UserError naming it."""
+def has_alpha(img: Image.Image) -> bool:
+    """Whether an image has transparency (an alpha channel or a transparent palette entry)."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def read_image(path: str, convert=to_rgb) -> Image.Image:
+    """The decoded image at `path` (EXIF orientation applied) in 8-bit RGB (or what `convert`
+    makes of the upright decoded image); a file that cannot be read or decoded (truncated,
+    corrupt, not an image) is one UserError naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            return convert(ImageOps.exif_transpose(img))
     except PermissionError:
         raise UserError(f"cannot read image {path}: permission denied; make it readable or remove it") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
@@ -51,28 +66,90 @@ def read_image(path: str) -> Image.Image:
         ) from None
 
 
-def crop_and_resize(img: Image.Image, resolution: int, center_crop: bool, resample) -> tuple[np.ndarray, tuple]:
-    """The square the model trains on, made from an upright RGB image.
+def crop_and_resize(img: Image.Image, resolution: int, center_crop: bool, resample, mask=None):
+    """The square the model trains on, made from an upright RGB image, and its mask made alike.
 
     Args:
       img: a PIL image, as read_image returns it.
       resolution: side of the square output.
       center_crop: crop the central square before resizing; otherwise squash to a square.
       resample: the PIL filter (a value of RESAMPLING).
+      mask: None, or the image's mask, a PIL "F" image of the same size (`read_mask`): it gets
+        the same crop and the same resize (values clipped back to [0, 1], which lanczos and
+        bicubic overshoot).
 
     Returns:
       (uint8 [resolution, resolution, 3] pixels, (top, left) of the crop in the image scaled so
-      its short side is `resolution`, as SDXL counts it; (0, 0) without center_crop).
+      its short side is `resolution`, as SDXL counts it; (0, 0) without center_crop); with `mask`,
+      a third item, the mask as float32 [resolution, resolution].
     """
     w, h = img.size
     crop = (0, 0)
+    parts = [img] if mask is None else [img, mask]
     if center_crop:
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
+        parts = [part.crop((left, top, left + side, top + side)) for part in parts]
         # SDXL counts the crop in the image scaled so its short side is the target's.
         crop = (round(top * resolution / side), round(left * resolution / side))
-    return np.asarray(img.resize((resolution, resolution), resample=resample), dtype=np.uint8), crop
+    parts = [part.resize((resolution, resolution), resample=resample) for part in parts]
+    pixels = np.asarray(parts[0], dtype=np.uint8)
+    if mask is None:
+        return pixels, crop
+    return pixels, crop, np.clip(np.asarray(parts[1], dtype=np.float32), 0.0, 1.0)
+
+
+def alpha_of(img: Image.Image) -> Image.Image:
+    """An upright decoded image's alpha channel as a mask: PIL "F", 0 transparent .. 1 opaque."""
+    alpha = np.asarray(img.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+    return Image.fromarray(alpha, mode="F")
+
+
+def grey_of(img: Image.Image) -> Image.Image:
+    """An upright decoded mask file as a mask: PIL "F", its grey level, 0 black .. 1 white
+    (a mask with transparency is composited onto black first: transparent is not learned)."""
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    grey = np.asarray(to_rgb(img).convert("L"), dtype=np.float32) / 255.0
+    return Image.fromarray(grey, mode="F")
+
+
+def as_decoded(img: Image.Image) -> Image.Image:
+    """read_image's `convert` that keeps the upright decoded image as it is (its alpha too)."""
+    return img
+
+
+def read_mask(path: str, img: Image.Image, mask: str) -> Image.Image:
+    """The mask of the training image at `path`, PIL "F" in [0, 1], upright as the image is.
+
+    Args:
+      path: the training image's file. img: it, decoded upright in its own mode
+        (`read_image(path, as_decoded)`).
+      mask: ALPHA (the image's alpha channel) or a mask file suffix: the mask of dir/dog.jpg is
+        dir/dog<suffix>.
+
+    Raises UserError (one line, naming the file) when the image has no alpha channel, the mask
+    file is missing or cannot be decoded, its size is not the image's, or it is black all over.
+    """
+    if mask == ALPHA:
+        if not has_alpha(img):
+            raise UserError(f"--alpha_mask: {path} has no alpha channel; save it as a PNG with transparency, "
+                            "or use mask files (--masked_loss without --alpha_mask)")
+        weights, source = alpha_of(img), f"the alpha channel of {path}"
+    else:
+        source = os.path.splitext(path)[0] + mask
+        if not os.path.isfile(source):
+            raise UserError(f"--masked_loss: {path} has no mask file {os.path.basename(source)}; every image needs "
+                            "one (white = learn, black = ignore)")
+        weights = read_image(source, convert=grey_of)
+        if weights.size != img.size:
+            raise UserError(f"--masked_loss: mask {source} is {weights.size[0]}x{weights.size[1]} but its image "
+                            f"is {img.size[0]}x{img.size[1]}; make the mask the image's size")
+    if not np.asarray(weights).any():
+        raise UserError(f"--masked_loss: {source} is black (transparent) all over, so nothing of {path} would be "
+                        "learned; fix the mask or remove the image")
+    return weights
 
 
 def size_and_crop_ids(original_size, crop_top_left, target_size) -> np.ndarray:
@@ -81,20 +158,35 @@ def size_and_crop_ids(original_size, crop_top_left, target_size) -> np.ndarray:
     return np.asarray((*original_size, *crop_top_left, *target_size), np.float32)
 
 
-def load_image(path: str, resolution: int, center_crop: bool, resample) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path: str, resolution: int, center_crop: bool, resample, mask: Optional[str] = None):
     """One training image: read_image, then crop_and_resize (same arguments).
+
+    Args:
+      mask: None, or the mask source of `read_mask` (ALPHA or a mask file suffix).
 
     Returns:
       (uint8 [resolution, resolution, 3] pixels, float32 [6] SDXL size and crop ids of how they
-      were made: the size before resizing, the crop applied).
+      were made: the size before resizing, the crop applied); with `mask`, a third item, the
+      mask cropped and resized with the pixels, float32 [resolution, resolution] in [0, 1].
     """
-    img = read_image(path)
+    if mask is None:
+        img = read_image(path)
+        weights = None
+    else:
+        decoded = read_image(path, convert=as_decoded)
+        img, weights = to_rgb(decoded), read_mask(path, decoded, mask)
     w, h = img.size
-    pixels, crop = crop_and_resize(img, resolution, center_crop, resample)
-    return pixels, size_and_crop_ids((h, w), crop, (resolution, resolution))
+    pixels, crop, *masks = crop_and_resize(img, resolution, center_crop, resample, weights)
+    return (pixels, size_and_crop_ids((h, w), crop, (resolution, resolution)), *masks)
 
 
-def list_images(data_dir: str, caption_extension: Optional[str] = None) -> list[str]:
+def is_mask_file(name: str, mask_suffix: Optional[str] = None) -> bool:
+    """Whether a file name is a mask's: ends with OneTrainer's "-masklabel.png" or `mask_suffix`."""
+    name = name.lower()
+    return name.endswith(MASK_SUFFIX) or bool(mask_suffix) and name.endswith(mask_suffix.lower())
+
+
+def list_images(data_dir: str, caption_extension: Optional[str] = None, mask_suffix: Optional[str] = None) -> list[str]:
     """The image file names of a folder (not recursive), in name order.
 
     Args:
@@ -102,6 +194,8 @@ def list_images(data_dir: str, caption_extension: Optional[str] = None) -> list[
         with one warning that lists them.
       caption_extension: e.g. ".txt": the caption file of each image is skipped without a
         warning (a caption file with no image of its name is still listed).
+      mask_suffix: mask files, named `<stem>-masklabel.png` or `<stem><mask_suffix>`, are never
+        training images: they are skipped without a warning.
 
     Raises:
       UserError when the folder does not exist, is not a folder or holds no image.
@@ -113,6 +207,8 @@ def list_images(data_dir: str, caption_extension: Optional[str] = None) -> list[
     names, skipped = [], []
     for name in sorted(files.list_folder(data_dir, "training data folder")):
         is_file = os.path.isfile(os.path.join(data_dir, name))
+        if is_file and is_mask_file(name, mask_suffix):
+            continue
         ok = is_file and name.lower().endswith(IMAGE_EXTENSIONS)
         (names if ok else skipped).append(name)
     if caption_extension:
@@ -130,26 +226,32 @@ def list_images(data_dir: str, caption_extension: Optional[str] = None) -> list[
 
 
 def load_image_set(
-    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
-) -> tuple[np.ndarray, list[str], np.ndarray]:
+    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None,
+    mask: Optional[str] = None,
+):
     """Decodes every image in a folder (not recursive), in name order.
 
     Args:
       data_dir, caption_extension: as for list_images.
       resolution, center_crop: as for crop_and_resize.
       interpolation: "nearest", "bilinear", "bicubic" or "lanczos" (a key of RESAMPLING).
+      mask: None, or each image's mask source (`read_mask`): ALPHA, or a mask file suffix, which
+        every image must then have a file of (a folder with none is refused as no mask source).
 
     Returns:
       images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order;
       time_ids: float32 [num_images, 6], SDXL's conditioning on each image's original size and
-      crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied.
+      crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied;
+      with `mask`, a fourth item: masks float32 [num_images, resolution, resolution] in [0, 1].
     """
     if interpolation not in RESAMPLING:
         raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*RESAMPLING]}")
-    names = list_images(data_dir, caption_extension)
-    images, time_ids = [], []
-    for name in names:
-        pixels, ids = load_image(os.path.join(data_dir, name), resolution, center_crop, RESAMPLING[interpolation])
-        images.append(pixels)
-        time_ids.append(ids)
-    return np.stack(images), names, np.stack(time_ids)
+    names = list_images(data_dir, caption_extension, None if mask == ALPHA else mask)
+    if mask not in (None, ALPHA) and not any(os.path.isfile(os.path.join(data_dir, os.path.splitext(name)[0] + mask))
+                                             for name in names):
+        raise UserError(f"--masked_loss: no image in {data_dir} has a mask file (<name>{mask}); add them, or pass "
+                        "--alpha_mask to take each image's alpha channel")
+    loaded = [load_image(os.path.join(data_dir, name), resolution, center_crop, RESAMPLING[interpolation], mask)
+              for name in names]
+    images, time_ids, *masks = (np.stack(column) for column in zip(*loaded))
+    return (images, names, time_ids, *masks)

@@ -82,11 +82,11 @@ def latent_batch_shapes(spec, compute, vae_params, batch):
         [devices, B, ...].
     Returns:
       A LatentBatch of jax.ShapeDtypeStruct: latent_mean and latent_logvar float32
-      [devices, B, C, h, w], input_ids, example_ids, concept_ids and time_ids as in `batch`.
+      [devices, B, C, h, w], input_ids, example_ids, concept_ids, time_ids and mask as in `batch`.
     """
     pixels = batch.pixel_values
     one_device = jax.ShapeDtypeStruct(tuple(pixels.shape[1:]), pixels.dtype)
     mean, _ = jax.eval_shape(functools.partial(step_lib.encode_pixels, spec, compute), vae_params, one_device)
     moments = jax.ShapeDtypeStruct(tuple(pixels.shape[:1]) + tuple(mean.shape), np.float32)
-    rest = parallel.shapes((batch.input_ids, batch.example_ids, batch.concept_ids, batch.time_ids))
+    rest = parallel.shapes((batch.input_ids, batch.example_ids, batch.concept_ids, batch.time_ids, batch.mask))
     return data_lib.LatentBatch(moments, moments, *rest)

@@ -10,8 +10,12 @@ the published formulas as pure jnp:
   its `train_text_to_image.py` (min(snr, gamma) / snr for epsilon, / (snr + 1) for v-prediction);
 - `huber_threshold` / `elementwise_loss`: kohya sd-scripts' `get_huber_threshold_if_needed` and
   `conditional_loss` (library/train_util.py), with kohya's `--huber_scale` at its default 1;
-- `example_losses`: kohya's order (element loss, mean over each example, the SNR weight), whose
-  batch mean is what the step optimizes and logs.
+- `latent_mask` / `mask_weights`: --masked_loss's mask on the latent grid (the area average of its
+  pixels, as kohya's F.interpolate(mode="area")) and OneTrainer's element weights
+  clamp(mask, unmasked_weight, 1);
+- `example_losses`: kohya's order (element loss, the mask's weights, mean over each example,
+  the SNR weight), whose batch mean is what the step optimizes and logs. With a mask the mean is
+  OneTrainer's normalised one, mean(w * loss) / mean(w): a small subject weighs as much as a large one.
 
 The noise offset (`noise + X * randn(B, C, 1, 1)`, kohya's `apply_noise_offset`) and the timestep
 range are drawn per example in step.example_draws.
@@ -38,6 +42,8 @@ class LossSpec:
       huber_c, huber_schedule: kohya's threshold and its schedule over timesteps; None with l2.
       min_timestep, max_timestep: timesteps are drawn uniformly from [min, max); max None: the
         model's num_train_timesteps.
+      masked: --masked_loss: batches carry masks and each example's loss is their weighted mean.
+      unmasked_weight: OneTrainer's weight of the background (mask 0); 0 unless masked.
     """
 
     snr_gamma: Optional[float] = None
@@ -47,6 +53,8 @@ class LossSpec:
     huber_schedule: Optional[str] = None
     min_timestep: int = 0
     max_timestep: Optional[int] = None
+    masked: bool = False
+    unmasked_weight: float = 0.0
 
     @classmethod
     def from_config(cls, config, num_train_timesteps):
@@ -71,12 +79,14 @@ class LossSpec:
             huber_schedule=config.huber_schedule if huber else None,
             min_timestep=int(config.min_timestep),
             max_timestep=None if high == num_train_timesteps else int(high),
+            masked=config.masked,
+            unmasked_weight=float(config.unmasked_weight) if config.masked else 0.0,
         )
 
     @property
     def weighted(self):
         """Whether the loss is other than the plain mean squared error of every element."""
-        return self.loss_type != "l2" or self.snr_gamma is not None
+        return self.loss_type != "l2" or self.snr_gamma is not None or self.masked
 
     def timestep_range(self, num_train_timesteps):
         """(low, high): timesteps are drawn from [low, high)."""
@@ -93,6 +103,9 @@ def describe(config, num_train_timesteps=None):
         parts.append(f"min-SNR gamma {config.snr_gamma:g}")
     if config.noise_offset:
         parts.append(f"noise offset {config.noise_offset:g}")
+    if config.masked:
+        source = "alpha channels" if config.alpha_mask else f"mask files *{config.mask_suffix}"
+        parts.append(f"masked loss from {source}, unmasked weight {config.unmasked_weight:g}")
     high = num_train_timesteps if config.max_timestep is None else config.max_timestep
     if config.max_timestep is not None or config.min_timestep:
         parts.append(f"timesteps from {config.min_timestep}" if high is None
@@ -165,16 +178,37 @@ def elementwise_loss(loss_type, pred, target, threshold=None):
     raise ValueError(f"unknown loss type {loss_type!r}")
 
 
-def example_losses(loss_spec, pred, target, timesteps, alphas_cumprod, prediction_type):
+def latent_mask(mask, latent_size):
+    """float32 [B, h, w]: pixel masks [B, H, W] averaged over each latent position's H/h x W/w
+    block of pixels (torch's F.interpolate(mode="area"), as kohya reduces its masks)."""
+    b, height, width = mask.shape
+    h, w = latent_size
+    return jnp.mean(mask.astype(jnp.float32).reshape(b, h, height // h, w, width // w), axis=(2, 4))
+
+
+def mask_weights(loss_spec, mask, latent_size):
+    """float32 [B, 1, h, w]: each latent position's weight, OneTrainer's clamp(mask, unmasked_weight,
+    1) of the latent-grid mask, shared by every channel."""
+    return jnp.clip(latent_mask(mask, latent_size), loss_spec.unmasked_weight, 1.0)[:, None]
+
+
+def example_losses(loss_spec, pred, target, timesteps, alphas_cumprod, prediction_type, mask=None):
     """float32 [B]: each example's loss under the recipe (its mean over the batch is the step's loss).
 
     Args:
-      loss_spec: LossSpec. pred, target: float32 [B, ...]. timesteps: int [B].
+      loss_spec: LossSpec. pred, target: float32 [B, C, h, w]. timesteps: int [B].
       alphas_cumprod: float32 [num_train_timesteps]. prediction_type: "epsilon" or "v_prediction".
+      mask: with loss_spec.masked, float32 [B, H, W] pixel masks: each example's loss is then
+        mean(w * loss) / mean(w) with w = mask_weights (the mean over every element).
     """
     threshold = None if loss_spec.loss_type == "l2" else huber_threshold(loss_spec, alphas_cumprod, timesteps)
     element = elementwise_loss(loss_spec.loss_type, pred, target, threshold)
-    losses = jnp.mean(element, axis=tuple(range(1, element.ndim)))
+    axes = tuple(range(1, element.ndim))
+    if loss_spec.masked:
+        weights = mask_weights(loss_spec, mask, element.shape[2:])
+        losses = jnp.mean(element * weights, axis=axes) / jnp.mean(weights, axis=axes)
+    else:
+        losses = jnp.mean(element, axis=axes)
     if loss_spec.snr_gamma is not None:
         losses = losses * snr_weights(loss_spec.snr_gamma, alphas_cumprod, timesteps, prediction_type)
     return losses

@@ -223,13 +223,18 @@ def norm_targets(config, spec, tables):
 def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, index=0):
     """A concept's (data.TrainData, data.ValidationImages): its images decoded, every prompt tokenized
     and checked (one that does not fit is an error, never cut); with `sdxl`, each image's time ids
-    kept. With --validation_split the images it holds out (data.hold_out; `index` is the concept's
+    kept; with --masked_loss / --alpha_mask, each image's mask. With --validation_split the images it holds out (data.hold_out; `index` is the concept's
     place in the run) are the validation images and the others train; without, every image is both.
     The validation images are None without --validation_loss_steps."""
     concept = learned.concept
-    images, names, time_ids = images_lib.load_image_set(
-        concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension
+    mask = None
+    if config.masked:
+        mask = images_lib.ALPHA if config.alpha_mask else config.mask_suffix
+    images, names, time_ids, *masks = images_lib.load_image_set(
+        concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension,
+        mask,
     )
+    masks = masks[0] if masks else None
     template_ids = prompts.encode_templates(
         tokenizer, prompts.templates_for(concept.learnable_property), tokens_lib.placeholder_text(learned.tokens)
     )
@@ -248,9 +253,10 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, inde
         held_out = data_lib.ValidationImages.of(images, template_ids, caption_ids, held, index, time_ids)
     if config.validation_split:  # only the kept images train
         images, time_ids = images[kept], None if time_ids is None else time_ids[kept]
+        masks = None if masks is None else masks[kept]
         caption_ids = None if caption_ids is None else [caption_ids[i] for i in kept]
     return data_lib.TrainData(images, template_ids, concept.repeats, config.flip_p, config.seed, global_batch,
-                              caption_ids, time_ids), held_out
+                              caption_ids, time_ids, masks), held_out
 
 
 # --resolution without a value, for SD 1.x / 2.x: the diffusers scripts' 512 (an SD 2.x 768-v model too).

@@ -154,10 +154,10 @@ def diffusion_inputs(spec, compute, frozen, batch, key, loss_spec=LossSpec(), ti
 
 
 def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target, per_example=False,
-                   time_ids=None, loss_spec=LossSpec()):
+                   time_ids=None, loss_spec=LossSpec(), mask=None):
     """The loss of the UNet's prediction, conditioned on text with the learned rows: the mean
     squared error, or the batch mean of each example's loss under `loss_spec` (a losses.LossSpec:
-    Huber, min-SNR weights).
+    Huber, min-SNR weights, the mask's weighted mean with `mask` float32 [B, H, W]).
 
     `frozen` is a Frozen (its text encoder(s) and UNet are read). With `per_example`, returns
     (loss, float32 [B] each example's own loss) for jax's has_aux. `time_ids` float32 [B, 6] is
@@ -169,7 +169,7 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
     pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden, added)
     if loss_spec.weighted:
         examples = losses.example_losses(loss_spec, pred.astype(jnp.float32), target, timesteps, frozen.alphas_cumprod,
-                                         spec.prediction_type)
+                                         spec.prediction_type, mask)
         loss = jnp.mean(examples)
         return (loss, examples) if per_example else loss
     error = jnp.square(pred.astype(jnp.float32) - target)
@@ -196,7 +196,8 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         batches are LatentBatch.
       batch: PixelBatch (uint8 [B, H, W, 3] images) or LatentBatch (float32 [B, C, h, w] cached
         moments), with input_ids int32 [B, L], example_ids int [B], concept_ids int32 [B]
-        (read only when num_concepts > 1) and, for SDXL, time_ids float32 [B, 6].
+        (read only when num_concepts > 1), for SDXL time_ids float32 [B, 6] and, exactly when
+        `loss_spec.masked`, mask float32 [B, H, W].
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (with
         what follows each update: the rows' norm control and EMA), num_concepts: the run's
@@ -206,15 +207,19 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
       under `loss_spec`); with several concepts, also "concept_loss_sum" and "concept_count",
       float32 [num_concepts], summed over devices).
     """
+    if loss_spec.masked != (batch.mask is not None):
+        raise ValueError(f"masked loss {'on' if loss_spec.masked else 'off'} but the batch has "
+                         f"{'a' if batch.mask is not None else 'no'} mask")
     key = jax.random.fold_in(base_key, state.step)
     noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, loss_spec)
     args = (state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
+    options = {"time_ids": batch.time_ids, "loss_spec": loss_spec, "mask": batch.mask}
     extra = {}
     if num_concepts == 1:  # the loss alone, as the step has always computed it
-        loss, grads = jax.value_and_grad(diffusion_loss)(*args, time_ids=batch.time_ids, loss_spec=loss_spec)
+        loss, grads = jax.value_and_grad(diffusion_loss)(*args, **options)
     else:
         (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            *args, per_example=True, time_ids=batch.time_ids, loss_spec=loss_spec)
+            *args, per_example=True, **options)
         sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
         extra = {"concept_loss_sum": sums, "concept_count": counts}
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
