@@ -58,6 +58,12 @@ MUST_MATCH = (
     "ema_decay",
     "ema_update_after_step",
     "validation_split",  # which images are held out of training
+    # The images' shapes and the batches they make; a checkpoint from before these had buckets off.
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only

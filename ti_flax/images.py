@@ -3,17 +3,21 @@
 One function per step, each usable alone: `list_images` (which files of a folder are images),
 `read_image` (decode, EXIF orientation, `to_rgb`), `crop_and_resize` (the square the model
 trains on), `size_and_crop_ids` (SDXL's conditioning on how that square was made); `load_image`
-chains them for one file and `load_image_set` for a whole folder.
+chains them for one file and `load_image_set` for a whole folder. With --enable_bucket,
+`make_buckets`, `select_bucket` and `crop_to_bucket` give each image its aspect-ratio bucket's
+shape instead, and `load_image_set` returns a `Bucketed` set of images.
 """
 
+import math
 import os
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from . import choices, files
+from .data import Bucketed
 from .errors import UserError, first_line, short_list
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -129,8 +133,42 @@ def list_images(data_dir: str, caption_extension: Optional[str] = None) -> list[
     return names
 
 
+class Bucketing(NamedTuple):
+    """--enable_bucket's settings: `buckets` (make_buckets's), `no_upscale` (--bucket_no_upscale),
+    `resolution` and `reso_steps` (--bucket_reso_steps), as select_bucket takes them."""
+
+    buckets: tuple
+    no_upscale: bool
+    resolution: int
+    reso_steps: int
+
+    @classmethod
+    def of(cls, resolution, min_reso, max_reso, reso_steps, no_upscale):
+        return cls(make_buckets(resolution, min_reso, max_reso, reso_steps), no_upscale, resolution, reso_steps)
+
+
+def load_bucketed_image(path: str, bucketing: Bucketing, resample) -> tuple[np.ndarray, np.ndarray]:
+    """One training image in its bucket: read_image, select_bucket, crop_to_bucket.
+
+    Returns:
+      (uint8 [bucket height, width, 3] pixels, float32 [6] SDXL size and crop ids: the size
+      before resizing, the crop's top-left in the resized image, the bucket's size).
+    Raises:
+      UserError when the image is smaller than --bucket_reso_steps on a side (--bucket_no_upscale).
+    """
+    img = read_image(path)
+    bucket, resized = select_bucket(img.height, img.width, *bucketing)
+    if min(bucket) == 0:
+        raise UserError(f"image {path} is {img.width}x{img.height} pixels: with --bucket_no_upscale a side needs at "
+                        f"least --bucket_reso_steps {bucketing.reso_steps} pixels; remove it, enlarge it or lower "
+                        "--bucket_reso_steps")
+    pixels, crop = crop_to_bucket(img, bucket, resized, resample)
+    return pixels, size_and_crop_ids((img.height, img.width), crop, bucket)
+
+
 def load_image_set(
-    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None
+    data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None,
+    bucketing: Optional[Bucketing] = None,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Decodes every image in a folder (not recursive), in name order.
 
@@ -138,18 +176,103 @@ def load_image_set(
       data_dir, caption_extension: as for list_images.
       resolution, center_crop: as for crop_and_resize.
       interpolation: "nearest", "bilinear", "bicubic" or "lanczos" (a key of RESAMPLING).
+      bucketing: with --enable_bucket, each image goes to its bucket (load_bucketed_image)
+        instead of the square.
 
     Returns:
-      images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order;
-      time_ids: float32 [num_images, 6], SDXL's conditioning on each image's original size and
-      crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied.
+      images: uint8 [num_images, resolution, resolution, 3], or with `bucketing` a data.Bucketed
+      of each bucket's images; names: the file names, same order; time_ids: float32
+      [num_images, 6], SDXL's conditioning on each image's original size and crop
+      (`size_and_crop_ids`): the size before resizing, the crop applied, the size trained on.
     """
     if interpolation not in RESAMPLING:
         raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*RESAMPLING]}")
     names = list_images(data_dir, caption_extension)
     images, time_ids = [], []
     for name in names:
-        pixels, ids = load_image(os.path.join(data_dir, name), resolution, center_crop, RESAMPLING[interpolation])
+        path = os.path.join(data_dir, name)
+        if bucketing is None:
+            pixels, ids = load_image(path, resolution, center_crop, RESAMPLING[interpolation])
+        else:
+            pixels, ids = load_bucketed_image(path, bucketing, RESAMPLING[interpolation])
         images.append(pixels)
         time_ids.append(ids)
-    return np.stack(images), names, np.stack(time_ids)
+    return (np.stack(images) if bucketing is None else Bucketed.make(images)), names, np.stack(time_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# --enable_bucket: aspect-ratio buckets, with kohya sd-scripts' meanings (model_util.py's
+# make_bucket_resolutions, train_util.py's BucketManager and trim_and_resize_if_required).
+
+
+def make_buckets(resolution: int, min_reso: int, max_reso: int, reso_steps: int) -> tuple[tuple[int, int], ...]:
+    """The (height, width) buckets of about `resolution`^2 pixels, in kohya's order.
+
+    Every side is a multiple of `reso_steps` in [min_reso, max_reso], and no bucket has more pixels
+    than `resolution`^2: the square whose side is `resolution` rounded down to `reso_steps`, and for
+    each width w = min_reso, min_reso + reso_steps, ... <= max_reso the tallest height h <= max_reso
+    with w * h <= resolution^2 (h >= min_reso), and its transpose. Sorted by (width, height).
+    """
+    area = resolution * resolution
+    side = int(math.sqrt(area) // reso_steps) * reso_steps
+    found = {(side, side)}
+    for width in range(min_reso, max_reso + 1, reso_steps):
+        height = min(max_reso, (area // width) // reso_steps * reso_steps)
+        if height >= min_reso:
+            found |= {(height, width), (width, height)}
+    return tuple(sorted(found, key=lambda hw: (hw[1], hw[0])))
+
+
+def select_bucket(height: int, width: int, buckets, no_upscale: bool = False, resolution: int = 0,
+                  reso_steps: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The bucket of an image of `height` x `width` pixels, and the size it is resized to first.
+
+    Without `no_upscale`: the bucket of `buckets` nearest the image's aspect ratio (width / height;
+    the first of equals), and the size that covers it with the aspect ratio kept (scaled to the
+    bucket's height when the image is wider than the bucket, else to its width), rounded half up.
+    With `no_upscale` (kohya's --bucket_no_upscale; `buckets` are not used): an image of more than
+    `resolution`^2 pixels is first scaled down to about that many, its sides rounded to
+    `reso_steps` whichever way keeps the aspect ratio better; the bucket is that size (or the
+    image's own) rounded down to multiples of `reso_steps`, so an image is never enlarged.
+
+    Returns:
+      ((bucket height, width), (resized height, width)): the image is resized to the second and
+      center-cropped to the first (`crop_to_bucket`).
+    """
+    aspect = width / height
+    if not no_upscale:
+        ratios = np.array([w / h for h, w in buckets])
+        bucket = buckets[int(np.abs(ratios - aspect).argmin())]
+        bh, bw = bucket
+        scale = bh / height if aspect > bw / bh else bw / width
+        return bucket, (int(height * scale + 0.5), int(width * scale + 0.5))
+    area = resolution * resolution
+    resized = (height, width)
+    if height * width > area:
+        to_steps = lambda x: int(x / reso_steps + 0.5) * reso_steps  # noqa: E731, kohya's round_to_steps
+        rw = math.sqrt(area * aspect)
+        rh = area / rw
+        bw_r = to_steps(rw)
+        bh_r = to_steps(rh)
+        by_width = bw_r / to_steps(bw_r / aspect)
+        by_height = to_steps(bh_r * aspect) / bh_r
+        if abs(by_width - aspect) < abs(by_height - aspect):
+            resized = (int(bw_r / aspect + 0.5), bw_r)
+        else:
+            resized = (bh_r, int(bh_r * aspect + 0.5))
+    bucket = (resized[0] - resized[0] % reso_steps, resized[1] - resized[1] % reso_steps)
+    return bucket, resized
+
+
+def crop_to_bucket(img: Image.Image, bucket, resized, resample) -> tuple[np.ndarray, tuple]:
+    """`img` resized to `resized` (height, width) and center-cropped to `bucket` (height, width).
+
+    Returns:
+      (uint8 [bucket height, width, 3] pixels, (top, left) of the crop in the resized image: SDXL's
+      crop coordinates, as kohya and diffusers' SDXL training script record them).
+    """
+    if (img.height, img.width) != tuple(resized):
+        img = img.resize((resized[1], resized[0]), resample=resample)
+    top, left = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+    img = img.crop((left, top, left + bucket[1], top + bucket[0]))
+    return np.asarray(img, dtype=np.uint8), (top, left)
