@@ -273,6 +273,7 @@ def crop_to_bucket(img: Image.Image, bucket, resized, resample) -> tuple[np.ndar
     """
     if (img.height, img.width) != tuple(resized):
         img = img.resize((resized[1], resized[0]), resample=resample)
-    top, left = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+    # diffusers' SDXL script's center crop (torchvision's CenterCrop): an odd margin rounds half to even.
+    top, left = (int(round((r - b) / 2.0)) for r, b in zip(resized, bucket))
     img = img.crop((left, top, left + bucket[1], top + bucket[0]))
     return np.asarray(img, dtype=np.uint8), (top, left)
