@@ -50,10 +50,6 @@ class BucketBatches(BatchSource):
         """Each concept's TrainData (the banner's concept lines), as ConceptMix has them."""
         return getattr(self.source, "parts", (self.source,))
 
-    @property
-    def captions(self):
-        return self.source.captions
-
     def epoch_plan(self, epoch: int) -> np.ndarray:
         """int64 [steps of the epoch, G]: the source's slots of the epoch that each global batch shows."""
         if epoch != self._epoch:

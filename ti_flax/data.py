@@ -92,6 +92,7 @@ class Bucketed:
         return cls.make([x for part in parts for x in part.items()])
 
     def items(self):
+        """Every item's array, in item order."""
         return [self.arrays[b][r] for b, r in zip(self.bucket, self.row)]
 
     def counts(self):
