@@ -275,6 +275,8 @@ def test_bucketed_run_compiles_once_per_bucket_and_resumes_bitwise(two_device_bu
     assert traced == 2  # two buckets used, each traced once in 6 steps
     assert "buckets    2 used, one compiled step each (height x width: images): 32x32: 2, 24x40: 2" in banner
     assert "2 steps per epoch" in banner  # 2 images x 2 repeats per bucket, in global batches of 4
+    card = open(os.path.join(whole.output_dir, "README.md"), encoding="utf-8").read()
+    assert "| resolution | 32 (aspect-ratio buckets of about 32x32 pixels, sides 16-64 in steps of 8) |" in card
     # checkpoint-3 is in the middle of epoch 1 (steps 3-4): the resumed run draws the same buckets
     # and examples for steps 4-6, with the programs already compiled.
     resumed = whole.replace(output_dir=str(tmp_path / "half"), resume_from_checkpoint="latest")
