@@ -112,6 +112,8 @@ def fewer_images(sample_images_dir, out):
         ({"embedding_norm": "preserve"}, "--embedding_norm "),
         ({"embedding_norm_decay": 0.5}, "--embedding_norm_decay"),
         ({"use_ema": True}, "--use_ema"),
+        ({"enable_bucket": True, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 8},
+         "--enable_bucket"),
     ],
 )
 def test_resume_refuses_each_must_match_setting(changes, named, three_step_run, sample_images_dir, tmp_path):

@@ -72,6 +72,12 @@ MUST_MATCH = (
     "alpha_mask",
     "mask_suffix",
     "unmasked_weight",
+    # The images' shapes and the batches they make; a checkpoint from before these had buckets off.
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
 )
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only

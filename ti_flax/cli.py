@@ -71,6 +71,19 @@ def build_parser():
     _bool_flag(g, "center_crop", "crop the central square before resizing (default: squash to a square)")
     g.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default=d.interpolation)
     g.add_argument("--flip_p", type=float, default=d.flip_p, help="probability of a horizontal flip")
+    g = p.add_argument_group("aspect-ratio buckets (kohya sd-scripts' flags; off by default)")
+    _bool_flag(g, "enable_bucket", "train each image in the bucket nearest its aspect ratio (buckets of about "
+               "--resolution^2 pixels), resized to cover it and center-cropped, instead of a square; each global "
+               "batch comes from one bucket, and each bucket is one more compiled step")
+    g.add_argument("--min_bucket_reso", type=int, default=d.min_bucket_reso,
+                   help="the buckets' shortest side in pixels (default 256); needs --enable_bucket")
+    g.add_argument("--max_bucket_reso", type=int, default=d.max_bucket_reso,
+                   help="the buckets' longest side in pixels (default 1024); needs --enable_bucket")
+    g.add_argument("--bucket_reso_steps", type=int, default=d.bucket_reso_steps,
+                   help="every bucket side is a multiple of this (default 64); the model's VAE x UNet downsampling "
+                   "must divide it; needs --enable_bucket")
+    _bool_flag(g, "bucket_no_upscale", "never enlarge an image: its bucket is its own size (larger ones scaled down "
+               "to about --resolution^2 pixels) rounded down to --bucket_reso_steps; needs --enable_bucket")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--train_batch_size", type=int, default=d.train_batch_size, help="batch size per device")

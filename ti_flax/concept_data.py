@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .data import BatchSource, TrainData
+from .data import BatchSource, Bucketed, TrainData
 from .errors import UserError
 
 
@@ -56,7 +56,10 @@ class ConceptMix(BatchSource):
         self.parts = tuple(parts)
         self.weights = tuple(float(w) for w in weights)
         self.seed, self.global_batch_size = int(seed), int(global_batch_size)
-        self.images = np.concatenate([p.images for p in parts])
+        if isinstance(parts[0].images, Bucketed):  # --enable_bucket
+            self.images = Bucketed.concatenate([p.images for p in parts])
+        else:
+            self.images = np.concatenate([p.images for p in parts])
         if parts[0].time_ids is not None:  # SDXL: every image's own size and crop
             self.time_ids = np.concatenate([p.time_ids for p in parts])
         if parts[0].masks is not None:  # --masked_loss: every image's mask
@@ -113,12 +116,23 @@ class ConceptMix(BatchSource):
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, pos = divmod(step, self.steps_per_epoch)
-        concept, image, flip, template = self.epoch_plan(epoch)
         sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
-        concept, image, template = concept[sel], image[sel], template[sel]
-        prompt_ids = np.zeros((hi - lo, self.prompt_length), np.int32)
+        example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
+        images, flips, prompt_ids, concept_ids = self.select(epoch, sel)
+        return images, flips, prompt_ids, example_ids, concept_ids
+
+    def slot_images(self, epoch: int) -> np.ndarray:
+        """int64 [epoch_size]: the image (index into `images`) of each slot of an epoch."""
+        concept, image, _, _ = self.epoch_plan(epoch)
+        return self.offsets[concept] + image
+
+    def select(self, epoch: int, slots):
+        """Slots `slots` (a slice or indices) of an epoch: (image index into `images`, flip, prompt
+        ids int32 [n, L], concept id int32)."""
+        concept, image, flip, template = self.epoch_plan(epoch)
+        concept, image, template = concept[slots], image[slots], template[slots]
+        prompt_ids = np.zeros((len(concept), self.prompt_length), np.int32)
         for c in np.unique(concept):
             at = concept == c
             prompt_ids[at] = self.parts[c].prompt_ids(image[at], template[at])
-        example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
-        return self.offsets[concept] + image, flip[sel], prompt_ids, example_ids, concept.astype(np.int32)
+        return self.offsets[concept] + image, flip[slots], prompt_ids, concept.astype(np.int32)

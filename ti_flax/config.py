@@ -20,6 +20,9 @@ PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "init
 # kohya's defaults of --huber_c and --huber_schedule: with --loss_type l2 they must stay at these.
 HUBER_C, HUBER_SCHEDULE = 0.1, "snr"
 
+# The flags that only act with --enable_bucket.
+BUCKET_FLAGS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -66,6 +69,12 @@ class TrainConfig:
     center_crop: bool = False
     interpolation: str = "bicubic"
     flip_p: float = 0.5
+    # Aspect-ratio buckets (kohya sd-scripts' flags and defaults; all need enable_bucket)
+    enable_bucket: bool = False  # each image trains in the bucket nearest its aspect ratio, not a square
+    min_bucket_reso: int = 256  # the buckets' shortest side
+    max_bucket_reso: int = 1024  # the buckets' longest side
+    bucket_reso_steps: int = 64  # every bucket side is a multiple of this
+    bucket_no_upscale: bool = False  # buckets from each image's own size, never enlarged
     # Optimisation
     seed: int = 42
     train_batch_size: int = 16  # per device
@@ -246,6 +255,7 @@ class TrainConfig:
             (self.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {self.distributed_timeout}"),
             one_of("--report_to", self.report_to, REPORT_TO),
             *self._row_checks(),
+            *self._bucket_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -301,6 +311,30 @@ class TrainConfig:
              f"--unmasked_weight must be between 0 and 1 (the background's weight; 0: not learned), got {weight}"),
             (self.masked or not weight, "--unmasked_weight weighs the background of --masked_loss / --alpha_mask: "
              "pass one of those too, or leave it out"),
+        ]
+
+    def _bucket_checks(self):
+        """(ok, message) for --enable_bucket and its flags (the model's own needs: run.check_buckets)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = [name for name in BUCKET_FLAGS if getattr(self, name) != defaults[name]]
+        low, high, steps = self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps
+        if not self.enable_bucket:
+            return [(not changed, f"--{changed[0] if changed else ''} needs --enable_bucket: alone it does nothing")]
+        return [
+            (steps >= 1, f"--bucket_reso_steps must be at least 1, got {steps}"),
+            (0 < low <= high, f"--min_bucket_reso ({low}) must be positive and at most --max_bucket_reso ({high})"),
+            (steps < 1 or (low % steps == 0 and high % steps == 0),
+             f"--min_bucket_reso ({low}) and --max_bucket_reso ({high}) must be multiples of --bucket_reso_steps "
+             f"({steps})"),
+            (self.resolution is None or low <= self.resolution <= high,
+             f"--resolution {self.resolution} must be between --min_bucket_reso ({low}) and --max_bucket_reso "
+             f"({high})"),
+            (not self.center_crop, "--center_crop does nothing with --enable_bucket, which always center-crops each "
+             "image to its bucket; pass one of them"),
+            (not self.validation_loss_steps, "--validation_loss_steps evaluates square images and cannot be combined "
+             "with --enable_bucket yet; pass one of them"),
+            (not self.masked, "--masked_loss / --alpha_mask cannot be combined with --enable_bucket yet (the masks "
+             "are cut to squares); pass one of them"),
         ]
 
     def _row_checks(self):

@@ -67,6 +67,66 @@ def flip_rows(source: np.ndarray, index: np.ndarray, flip: np.ndarray) -> np.nda
     return rows
 
 
+class Bucketed:
+    """Per-item arrays whose shapes differ by bucket (--enable_bucket's images, and their cached
+    latents): item i is `arrays[bucket[i]][row[i]]`, so the items of one bucket are one stacked
+    array, as the items of a square run are.
+
+    Indexing with item indices that all share one bucket gives their stacked rows, a copy (as
+    numpy's fancy indexing of a plain array does): `x[items]`, or `x[items, more...]` to index
+    the rows' next axes too. So data.PixelViews and data.LatentViews read a Bucketed as they read
+    an array.
+
+    Attributes:
+      shapes: each bucket's (height, width), in the order `make` sorted them.
+      bucket: int64 [N], each item's bucket. row: int64 [N], its row in its bucket's array.
+      arrays: one array per bucket, [items of the bucket, ...].
+    """
+
+    def __init__(self, shapes, bucket, arrays):
+        self.shapes, self.arrays = tuple(shapes), tuple(arrays)
+        self.bucket = np.asarray(bucket, np.int64)
+        self.row = np.zeros(len(self.bucket), np.int64)
+        for b in range(len(self.shapes)):
+            self.row[self.bucket == b] = np.arange(int((self.bucket == b).sum()))
+
+    @classmethod
+    def make(cls, items):
+        """Items (arrays [h, w, ...]) grouped by their (h, w), the buckets sorted by (width, height)."""
+        shapes = sorted({tuple(x.shape[:2]) for x in items}, key=lambda hw: (hw[1], hw[0]))
+        bucket = [shapes.index(tuple(x.shape[:2])) for x in items]
+        arrays = [np.stack([x for x, b in zip(items, bucket) if b == k]) for k in range(len(shapes))]
+        return cls(shapes, bucket, arrays)
+
+    @classmethod
+    def concatenate(cls, parts):
+        """Several Bucketed as one, items in the order given."""
+        return cls.make([x for part in parts for x in part.items()])
+
+    def items(self):
+        """Every item's array, in item order."""
+        return [self.arrays[b][r] for b, r in zip(self.bucket, self.row)]
+
+    def counts(self):
+        """int64 [buckets]: how many items each bucket holds."""
+        return np.bincount(self.bucket, minlength=len(self.shapes))
+
+    def with_arrays(self, arrays):
+        """The same items in the same buckets, holding `arrays` (one per bucket, rows in this order)."""
+        return type(self)(self.shapes, self.bucket, arrays)
+
+    def __len__(self):
+        return len(self.bucket)
+
+    def __getitem__(self, key):
+        items, *more = key if isinstance(key, tuple) else (key,)
+        items = np.asarray(items, np.int64)
+        buckets = np.unique(self.bucket[items])
+        if len(buckets) != 1:
+            raise ValueError(f"the items of one batch must share one bucket, got buckets {buckets.tolist()}")
+        return self.arrays[int(buckets[0])][(self.row[items], *more)]
+
+
 class PixelViews:
     """Selections -> PixelBatch: each example's image, flipped where its selection says so."""
 
@@ -80,11 +140,15 @@ class PixelViews:
 class LatentViews:
     """Selections -> LatentBatch: the cached moments of view [image, flip] of each example.
 
-    Args: mean, logvar: float32 [num_images, 2, C, h, w]; index [i, 1] is image i flipped.
+    Args: mean, logvar: float32 [num_images, 2, C, h, w]; index [i, 1] is image i flipped; or
+      with --enable_bucket, a Bucketed of such arrays, one per bucket.
     """
 
     def __init__(self, mean: np.ndarray, logvar: np.ndarray):
-        if mean.ndim != 5 or mean.shape[1] != 2 or logvar.shape != mean.shape:
+        if isinstance(mean, Bucketed):  # --enable_bucket: each bucket's cache as the array below
+            for m, v in zip(mean.arrays, logvar.arrays):
+                LatentViews(m, v)
+        elif mean.ndim != 5 or mean.shape[1] != 2 or logvar.shape != mean.shape:
             raise ValueError(f"cache must be [N, 2, C, h, w], got {mean.shape} and {logvar.shape}")
         self.mean, self.logvar = mean, logvar
 
@@ -198,6 +262,10 @@ class BatchSource:
         rows = self._rows(step, process_index * share, (process_index + 1) * share, views)
         return type(rows)(*(None if v is None else v.reshape(local_device_count, -1, *v.shape[1:]) for v in rows))
 
+    def epochs_steps(self, epochs: int) -> int:
+        """How many global batches the first `epochs` epochs hold."""
+        return epochs * self.steps_per_epoch
+
     def batches(self, start_step: int, process_index: int = 0, process_count: int = 1,
                 local_device_count: int = 1, views=None) -> Iterator:
         """Yields local batches for start_step, start_step + 1, ... forever."""
@@ -230,11 +298,15 @@ class TrainData(BatchSource):
         time_ids: Optional[np.ndarray] = None,
         masks: Optional[np.ndarray] = None,
     ):
-        """Args: images uint8 [N, H, W, 3]; template_ids int32 [T, L]; captions: None, or per
+        """Args: images uint8 [N, H, W, 3], or a Bucketed of them (--enable_bucket); template_ids int32 [T, L]; captions: None, or per
         image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates;
         time_ids: None, or float32 [N, 6] per image (SDXL: images.load_image_set's); masks:
         None, or float32 [N, H, W] per image (--masked_loss: images.load_image_set's)."""
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        if isinstance(images, Bucketed):  # --enable_bucket: each bucket's images as the array below
+            for array in images.arrays:
+                if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+                    raise ValueError(f"images must be uint8 [N,H,W,3] per bucket, got {array.dtype} {array.shape}")
+        elif images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N,H,W,3], got {images.dtype} {images.shape}")
         if template_ids.ndim != 2 or len(template_ids) == 0:
             raise ValueError(f"template_ids must be [T, L] with T > 0, got {template_ids.shape}")
@@ -305,9 +377,18 @@ class TrainData(BatchSource):
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, pos = divmod(step, self.steps_per_epoch)
-        image_idx, flips, template_idx = self.epoch_plan(epoch)
         sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
-        images = image_idx[sel]
-        prompt_ids = self.prompt_ids(images, template_idx[sel])
         example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
-        return images, flips[sel], prompt_ids, example_ids, np.zeros(hi - lo, np.int32)
+        images, flips, prompt_ids, concept_ids = self.select(epoch, sel)
+        return images, flips, prompt_ids, example_ids, concept_ids
+
+    def slot_images(self, epoch: int) -> np.ndarray:
+        """int64 [epoch_size]: the image of each slot of an epoch (bucket_data regroups slots by it)."""
+        return self.epoch_plan(epoch)[0]
+
+    def select(self, epoch: int, slots) -> tuple[np.ndarray, ...]:
+        """Slots `slots` (a slice or indices) of an epoch: (image index, flip, prompt ids int32
+        [n, L], concept id (0))."""
+        image_idx, flips, template_idx = self.epoch_plan(epoch)
+        images = image_idx[slots]
+        return images, flips[slots], self.prompt_ids(images, template_idx[slots]), np.zeros(len(images), np.int32)

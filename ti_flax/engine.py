@@ -13,6 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
+import numpy as np
 
 from . import footprint, latents, parallel, step as step_lib
 from .validation_loss import Evaluator
@@ -27,7 +28,8 @@ class Engine:
       weights: the replicated step.Frozen with its VAE, for sampling; None when --cache_latents
         dropped the VAE and `build` was not asked to keep it.
       state: the replicated step.TrainState, advanced by `update`.
-      step_fn: the compiled step, `(state, frozen, batch, keys) -> (state, metrics)`.
+      step_fn: the compiled step, `(state, frozen, batch, keys) -> (state, metrics)` (with
+        --enable_bucket a BucketSteps: one program per bucket).
       compile_seconds: seconds compiling the step (a multi-process run compiles it on the
         first `update`, and it is None until then). cache_seconds: seconds encoding latents.
       estimated_bytes: the compiled step's memory per device (footprint.check_fits); None
@@ -114,7 +116,9 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     estimated = None
     if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
         changes = footprint.lighter_changes(config, run.model.spec, footprint.platform(devices[0]), config.resolution)
-        estimated = footprint.check_fits(step_fn, devices, [flags for flags, _ in changes])
+        # Every bucket has at most --resolution^2 pixels: the first one's program stands for them all.
+        program = step_fn.program() if isinstance(step_fn, BucketSteps) else step_fn
+        estimated = footprint.check_fits(program, devices, [flags for flags, _ in changes])
     batches = parallel.prefetch_to_devices(
         run.data.batches(start_step * config.gradient_accumulation_steps, jax.process_index(), jax.process_count(),
                          len(devices), views),
@@ -124,16 +128,21 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
                   estimated, evaluator)
 
 
-def step_shapes(run, state, host_frozen, start_step):
+def step_shapes(run, state, host_frozen, start_step, bucket=None):
     """The train step's arguments (state, frozen, batch, key) as jax.ShapeDtypeStruct trees laid
     out as the engine will pass them, from host trees: nothing needs to be on the devices.
 
-    `host_frozen` is the host step.Frozen the engine replicates (cast, with its VAE).
+    `host_frozen` is the host step.Frozen the engine replicates (cast, with its VAE). `bucket`
+    (--enable_bucket): the batch's images are that bucket's (index into `run.data.images.shapes`).
     """
     config, devices = run.config, run.devices
     frozen = parallel.shapes(host_frozen, devices)
     batch = run.data.local_batch(start_step * config.gradient_accumulation_steps, jax.process_index(),
                                  jax.process_count(), len(devices))
+    if bucket is not None:  # the same batch, shaped as that bucket's images (a view of one zero)
+        lead = batch.pixel_values.shape[:2]
+        batch = batch._replace(pixel_values=np.broadcast_to(np.zeros((), np.uint8),
+                                                            (*lead, *run.data.images.shapes[bucket], 3)))
     if config.cache_latents:
         frozen = frozen._replace(vae=None)
         batch = latents.latent_batch_shapes(run.model.spec, run.compute, parallel.shapes(host_frozen.vae), batch)
@@ -145,23 +154,64 @@ def compile_in_background(run, state, host_frozen, start_step):
     """Start compiling the train step on a thread; returns a future of (step, seconds).
 
     Its `result()` re-raises whatever the compile raised. In a multi-process run the step
-    compiles on its first call instead (see step.compile_train_step): (step, None) at once.
+    compiles on its first call instead (see step.compile_train_step): (step, None) at once. With
+    --enable_bucket, the step is a BucketSteps, one program per bucket, and the seconds are
+    those of the first step's bucket, which the future waits for (the others compile after it,
+    on the same thread).
     """
-    args = step_shapes(run, state, host_frozen, start_step)
     statics = (run.model.spec, run.compute, run.opt_spec, run.devices)
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:  # pmap compiles a program per shape (so per bucket) on its first call
+        args = step_shapes(run, state, host_frozen, start_step)
         done = Future()
         done.set_result((step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts,
                                                      loss_spec=run.loss_spec), None))
         return done
 
-    def compile_step():
+    def compile_step(args):
         start = time.perf_counter()
         fn = step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts, loss_spec=run.loss_spec)
         return fn, time.perf_counter() - start
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")
     try:
-        return pool.submit(compile_step)
+        if not run.config.enable_bucket:
+            return pool.submit(compile_step, step_shapes(run, state, host_frozen, start_step))
+        # Every bucket holds images, so every one is used: the first step's bucket first.
+        first = run.data.bucket_of(start_step * run.config.gradient_accumulation_steps)
+        order = [first] + [b for b in range(len(run.data.images.shapes)) if b != first]
+        programs = []
+        for b in order:
+            args = step_shapes(run, state, host_frozen, start_step, b)
+            programs.append((BucketSteps.key(args[2]), pool.submit(compile_step, args)))
+        steps, done = BucketSteps(dict(programs), programs[0][0]), Future()
+        programs[0][1].add_done_callback(
+            lambda f: done.set_exception(f.exception()) if f.exception() else done.set_result((steps, f.result()[1])))
+        return done
     finally:
-        pool.shutdown(wait=False)  # the thread ends when the compile does
+        pool.shutdown(wait=False)  # the thread ends when the compiles do
+
+
+class BucketSteps:
+    """--enable_bucket's train step: one compiled program per bucket, picked by the batch's shape.
+
+    Built by `compile_in_background` from futures of (program, seconds) that compile in the
+    background in the order the run first uses the buckets; a call waits for its own bucket's
+    program only. Each program is a step.compile_train_step one: it never traces again.
+    """
+
+    def __init__(self, programs, first=None):
+        self.programs = programs  # {BucketSteps.key(batch): Future of (program, seconds)}
+        self.first = first  # the key of the first step's bucket
+
+    @staticmethod
+    def key(batch):
+        """What tells the buckets' batches apart: the shape of their first field (images or latents)."""
+        return tuple(batch[0].shape)
+
+    def __call__(self, state, frozen, batch, keys):
+        program, _ = self.programs[self.key(batch)].result()
+        return program(state, frozen, batch, keys)
+
+    def program(self, key=None):
+        """The compiled program of the batches shaped `key` (default: the first step's bucket), waiting for it."""
+        return self.programs[self.first if key is None else key].result()[0]

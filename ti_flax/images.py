@@ -3,7 +3,9 @@
 One function per step, each usable alone: `list_images` (which files of a folder are images),
 `read_image` (decode, EXIF orientation, `to_rgb`), `crop_and_resize` (the square the model
 trains on), `size_and_crop_ids` (SDXL's conditioning on how that square was made); `load_image`
-chains them for one file and `load_image_set` for a whole folder.
+chains them for one file and `load_image_set` for a whole folder. With --enable_bucket,
+`make_buckets`, `select_bucket` and `crop_to_bucket` give each image its aspect-ratio bucket's
+shape instead, and `load_image_set` returns a `Bucketed` set of images.
 
 Masks (--masked_loss) are read here too, and go through the same crop and resize as their image
 (`crop_and_resize`'s `mask`): a float32 [H, W] weight in [0, 1] at the image's resolution, from
@@ -11,14 +13,16 @@ the image's alpha channel (`--alpha_mask`: transparent = 0) or from a mask file 
 (`<stem>-masklabel.png`, OneTrainer's name, or `<stem><mask_suffix>`: white = 1, black = 0).
 """
 
+import math
 import os
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from . import choices, files
+from .data import Bucketed
 from .errors import UserError, first_line, short_list
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -225,9 +229,43 @@ def list_images(data_dir: str, caption_extension: Optional[str] = None, mask_suf
     return names
 
 
+class Bucketing(NamedTuple):
+    """--enable_bucket's settings: `buckets` (make_buckets's), `no_upscale` (--bucket_no_upscale),
+    `resolution` and `reso_steps` (--bucket_reso_steps), as select_bucket takes them."""
+
+    buckets: tuple
+    no_upscale: bool
+    resolution: int
+    reso_steps: int
+
+    @classmethod
+    def of(cls, resolution, min_reso, max_reso, reso_steps, no_upscale):
+        return cls(make_buckets(resolution, min_reso, max_reso, reso_steps), no_upscale, resolution, reso_steps)
+
+
+def load_bucketed_image(path: str, bucketing: Bucketing, resample) -> tuple[np.ndarray, np.ndarray]:
+    """One training image in its bucket: read_image, select_bucket, crop_to_bucket.
+
+    Returns:
+      (uint8 [bucket height, width, 3] pixels, float32 [6] SDXL size and crop ids: the size
+      before resizing, the crop's top-left in the resized image, the bucket's size).
+    Raises:
+      UserError when the image is smaller than --bucket_reso_steps on a side (--bucket_no_upscale).
+    """
+    img = read_image(path)
+    bucket, resized = select_bucket(img.height, img.width, *bucketing)
+    if min(bucket) == 0:
+        raise UserError(f"image {path} is {img.width}x{img.height} pixels: with --bucket_no_upscale a side needs at "
+                        f"least --bucket_reso_steps {bucketing.reso_steps} pixels; remove it, enlarge it or lower "
+                        "--bucket_reso_steps")
+    pixels, crop = crop_to_bucket(img, bucket, resized, resample)
+    return pixels, size_and_crop_ids((img.height, img.width), crop, bucket)
+
+
 def load_image_set(
     data_dir: str, resolution: int, center_crop: bool, interpolation: str, caption_extension: Optional[str] = None,
     mask: Optional[str] = None,
+    bucketing: Optional[Bucketing] = None,
 ):
     """Decodes every image in a folder (not recursive), in name order.
 
@@ -237,16 +275,24 @@ def load_image_set(
       interpolation: "nearest", "bilinear", "bicubic" or "lanczos" (a key of RESAMPLING).
       mask: None, or each image's mask source (`read_mask`): ALPHA, or a mask file suffix, which
         every image must then have a file of (a folder with none is refused as no mask source).
+      bucketing: with --enable_bucket, each image goes to its bucket (load_bucketed_image)
+        instead of the square.
 
     Returns:
       images: uint8 [num_images, resolution, resolution, 3]; names: the file names, same order;
       time_ids: float32 [num_images, 6], SDXL's conditioning on each image's original size and
       crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied;
-      with `mask`, a fourth item: masks float32 [num_images, resolution, resolution] in [0, 1].
+      with `mask`, a fourth item: masks float32 [num_images, resolution, resolution] in [0, 1];
+      with `bucketing` the images are a data.Bucketed of each bucket's images (and no masks:
+      TrainConfig refuses masks with buckets).
     """
     if interpolation not in RESAMPLING:
         raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*RESAMPLING]}")
     names = list_images(data_dir, caption_extension, None if mask == ALPHA else mask)
+    if bucketing is not None:
+        loaded = [load_bucketed_image(os.path.join(data_dir, name), bucketing, RESAMPLING[interpolation])
+                  for name in names]
+        return Bucketed.make([pixels for pixels, _ in loaded]), names, np.stack([ids for _, ids in loaded])
     if mask not in (None, ALPHA) and not any(os.path.isfile(os.path.join(data_dir, os.path.splitext(name)[0] + mask))
                                              for name in names):
         raise UserError(f"--masked_loss: no image in {data_dir} has a mask file (<name>{mask}); add them, or pass "
@@ -255,3 +301,82 @@ def load_image_set(
               for name in names]
     images, time_ids, *masks = (np.stack(column) for column in zip(*loaded))
     return (images, names, time_ids, *masks)
+
+
+# --------------------------------------------------------------------------------------------
+# --enable_bucket: aspect-ratio buckets, with kohya sd-scripts' meanings (model_util.py's
+# make_bucket_resolutions, train_util.py's BucketManager and trim_and_resize_if_required).
+
+
+def make_buckets(resolution: int, min_reso: int, max_reso: int, reso_steps: int) -> tuple[tuple[int, int], ...]:
+    """The (height, width) buckets of about `resolution`^2 pixels, in kohya's order.
+
+    Every side is a multiple of `reso_steps` in [min_reso, max_reso], and no bucket has more pixels
+    than `resolution`^2: the square whose side is `resolution` rounded down to `reso_steps`, and for
+    each width w = min_reso, min_reso + reso_steps, ... <= max_reso the tallest height h <= max_reso
+    with w * h <= resolution^2 (h >= min_reso), and its transpose. Sorted by (width, height).
+    """
+    area = resolution * resolution
+    side = int(math.sqrt(area) // reso_steps) * reso_steps
+    found = {(side, side)}
+    for width in range(min_reso, max_reso + 1, reso_steps):
+        height = min(max_reso, (area // width) // reso_steps * reso_steps)
+        if height >= min_reso:
+            found |= {(height, width), (width, height)}
+    return tuple(sorted(found, key=lambda hw: (hw[1], hw[0])))
+
+
+def select_bucket(height: int, width: int, buckets, no_upscale: bool = False, resolution: int = 0,
+                  reso_steps: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The bucket of an image of `height` x `width` pixels, and the size it is resized to first.
+
+    Without `no_upscale`: the bucket of `buckets` nearest the image's aspect ratio (width / height;
+    the first of equals), and the size that covers it with the aspect ratio kept (scaled to the
+    bucket's height when the image is wider than the bucket, else to its width), rounded half up.
+    With `no_upscale` (kohya's --bucket_no_upscale; `buckets` are not used): an image of more than
+    `resolution`^2 pixels is first scaled down to about that many, its sides rounded to
+    `reso_steps` whichever way keeps the aspect ratio better; the bucket is that size (or the
+    image's own) rounded down to multiples of `reso_steps`, so an image is never enlarged.
+
+    Returns:
+      ((bucket height, width), (resized height, width)): the image is resized to the second and
+      center-cropped to the first (`crop_to_bucket`).
+    """
+    aspect = width / height
+    if not no_upscale:
+        ratios = np.array([w / h for h, w in buckets])
+        bucket = buckets[int(np.abs(ratios - aspect).argmin())]
+        bh, bw = bucket
+        scale = bh / height if aspect > bw / bh else bw / width
+        return bucket, (int(height * scale + 0.5), int(width * scale + 0.5))
+    area = resolution * resolution
+    resized = (height, width)
+    if height * width > area:
+        to_steps = lambda x: int(x / reso_steps + 0.5) * reso_steps  # noqa: E731, kohya's round_to_steps
+        rw = math.sqrt(area * aspect)
+        rh = area / rw
+        bw_r = to_steps(rw)
+        bh_r = to_steps(rh)
+        by_width = bw_r / to_steps(bw_r / aspect)
+        by_height = to_steps(bh_r * aspect) / bh_r
+        if abs(by_width - aspect) < abs(by_height - aspect):
+            resized = (int(bw_r / aspect + 0.5), bw_r)
+        else:
+            resized = (bh_r, int(bh_r * aspect + 0.5))
+    bucket = (resized[0] - resized[0] % reso_steps, resized[1] - resized[1] % reso_steps)
+    return bucket, resized
+
+
+def crop_to_bucket(img: Image.Image, bucket, resized, resample) -> tuple[np.ndarray, tuple]:
+    """`img` resized to `resized` (height, width) and center-cropped to `bucket` (height, width).
+
+    Returns:
+      (uint8 [bucket height, width, 3] pixels, (top, left) of the crop in the resized image: SDXL's
+      crop coordinates, as kohya and diffusers' SDXL training script record them).
+    """
+    if (img.height, img.width) != tuple(resized):
+        img = img.resize((resized[1], resized[0]), resample=resample)
+    # diffusers' SDXL script's center crop (torchvision's CenterCrop): an odd margin rounds half to even.
+    top, left = (int(round((r - b) / 2.0)) for r, b in zip(resized, bucket))
+    img = img.crop((left, top, left + bucket[1], top + bucket[0]))
+    return np.asarray(img, dtype=np.uint8), (top, left)

@@ -68,8 +68,14 @@ def encode_images(spec, compute, vae_params, images, devices, batch_per_device=E
 def latent_views(spec, compute, vae_params, images, devices):
     """The --cache_latents view source: every image encoded once, unflipped and flipped.
 
-    Args: as for `encode_views`. Returns: data.LatentViews, for TrainData's batch methods.
+    Args: as for `encode_views`; `images` may be a data.Bucketed (--enable_bucket), each bucket's
+      images then encoded as one array (one encoder program per bucket shape).
+    Returns: data.LatentViews, for TrainData's batch methods.
     """
+    if isinstance(images, data_lib.Bucketed):
+        encoded = [encode_views(spec, compute, vae_params, array, devices) for array in images.arrays]
+        return data_lib.LatentViews(images.with_arrays([m for m, _ in encoded]),
+                                    images.with_arrays([v for _, v in encoded]))
     return data_lib.LatentViews(*encode_views(spec, compute, vae_params, images, devices))
 
 

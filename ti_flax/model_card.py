@@ -132,7 +132,7 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False,
           for c in learned],
         "",
         f"Steps {step}, learning rate {config.learning_rate:g} ({config.lr_scheduler}), batch "
-        f"{config.train_batch_size} per device, resolution {config.resolution}, "
+        f"{config.train_batch_size} per device, resolution {config.resolution}{_buckets_note(config)}, "
         f"{f'loss recipe: {recipe}, ' if recipe else ''}final loss "
         f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
         "",
@@ -223,7 +223,7 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False, va
         f"| steps | {step} |",
         f"| learning rate | {config.learning_rate:g} ({config.lr_scheduler}{', scaled' if config.scale_lr else ''}) |",
         f"| batch | {config.train_batch_size} per device |",
-        f"| resolution | {config.resolution} |",
+        f"| resolution | {config.resolution}{_buckets_note(config)} |",
         *[f"| learned rows | {note} |" for note in rows_notes(config)],
         *([f"| loss recipe | {recipe} |"] if recipe else []),
         f"| final loss | {final} |",
@@ -321,3 +321,12 @@ def _sdxl_use(model, embeddings):
         "",
     ]
     return lines
+
+
+def _buckets_note(config):
+    """What the card adds to the resolution with --enable_bucket ("" without)."""
+    if not config.enable_bucket:
+        return ""
+    sides = f"sides {config.min_bucket_reso}-{config.max_bucket_reso} in steps of {config.bucket_reso_steps}"
+    area = f"{config.resolution}x{config.resolution}"
+    return f" (aspect-ratio buckets of about {area} pixels, {sides}{', never upscaled' if config.bucket_no_upscale else ''})"

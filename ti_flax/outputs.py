@@ -95,6 +95,7 @@ def print_banner(run):
         f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
         f"attention {attention_summary(run)}\n"
         f"{_captions_line(run)}"
+        f"{_buckets_line(run)}"
         f"{_rows_line(run)}"
         f"{_validation_loss_line(run)}"
         f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
@@ -145,6 +146,16 @@ def _captions_line(run):
     n, k = len(run.data.images), run.data.num_captioned
     rest = f"; {n - k} on the {run.config.learnable_property} templates" if k < n else ""
     return f"  captions   {k} of {n} images ({run.config.caption_extension} files){rest}\n"
+
+
+def _buckets_line(run):
+    """The banner's buckets line ("" without --enable_bucket): each bucket used, height x width, and
+    its image count; each is one compiled step."""
+    if not run.config.enable_bucket:
+        return ""
+    images = run.data.images
+    listed = ", ".join(f"{h}x{w}: {n}" for (h, w), n in zip(images.shapes, images.counts()))
+    return f"  buckets    {len(images.shapes)} used, one compiled step each (height x width: images): {listed}\n"
 
 
 def _rows_line(run):

@@ -16,6 +16,7 @@ from . import concepts as concepts_lib
 from . import data as data_lib
 from . import distributed, formats, models, step as step_lib, tokens as tokens_lib, validation
 from . import images as images_lib, prompts
+from .bucket_data import BucketBatches
 from .concept_data import ConceptMix
 from .config import TrainConfig
 from .errors import UserError
@@ -49,7 +50,9 @@ class Run:
     tokens: list  # every concept's tokens, in row order
     token_ids: list
     init_rows: np.ndarray
-    data: data_lib.BatchSource  # data.TrainData, or a concept_data.ConceptMix for several concepts
+    # data.TrainData, or a concept_data.ConceptMix for several concepts; with --enable_bucket either one
+    # dealt into a bucket_data.BucketBatches
+    data: data_lib.BatchSource
     opt_spec: OptimizerSpec
     total_steps: int
     devices: tuple
@@ -101,6 +104,8 @@ def prepare(config, devices=None):
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
+    if config.enable_bucket:
+        check_buckets(config, model.spec)
     # An explicit --attention that cannot run here: one line, before anything is written.
     attention = models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
     tables = models.token_tables(model.params)
@@ -140,8 +145,10 @@ def prepare(config, devices=None):
     else:
         data = ConceptMix(parts, [c.weight for c in concepts], [c.placeholder_token for c in concepts],
                           config.seed, global_batch)
+    if config.enable_bucket:  # the same slots, dealt into batches of one bucket each
+        data = BucketBatches(data, config.seed, global_batch)
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
-    epochs_batches = config.num_train_epochs * data.steps_per_epoch
+    epochs_batches = data.epochs_steps(config.num_train_epochs)
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
     controls_norms = config.embedding_norm != "none" or config.embedding_norm_decay > 0
     targets = norm_targets(config, model.spec, tables) if controls_norms else ()
@@ -232,7 +239,7 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, inde
         mask = images_lib.ALPHA if config.alpha_mask else config.mask_suffix
     images, names, time_ids, *masks = images_lib.load_image_set(
         concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension,
-        mask,
+        mask, bucketing(config),
     )
     masks = masks[0] if masks else None
     template_ids = prompts.encode_templates(
@@ -271,6 +278,24 @@ def default_resolution(spec):
 def check_resolution(resolution, spec):
     if resolution % spec.pixel_multiple:
         raise UserError(f"--resolution {resolution}: this model needs a multiple of {spec.pixel_multiple}")
+
+
+def check_buckets(config, spec):
+    """--enable_bucket's flags against the model and the resolved --resolution: one line each."""
+    if config.bucket_reso_steps % spec.pixel_multiple:
+        raise UserError(f"--bucket_reso_steps {config.bucket_reso_steps}: this model needs a multiple of "
+                        f"{spec.pixel_multiple} (its VAE x UNet downsampling), so every bucket side divides evenly")
+    if not config.min_bucket_reso <= config.resolution <= config.max_bucket_reso:
+        raise UserError(f"--resolution {config.resolution} must be between --min_bucket_reso ({config.min_bucket_reso}) "
+                        f"and --max_bucket_reso ({config.max_bucket_reso})")
+
+
+def bucketing(config):
+    """The images.Bucketing of --enable_bucket's flags (None when it is off)."""
+    if not config.enable_bucket:
+        return None
+    return images_lib.Bucketing.of(config.resolution, config.min_bucket_reso, config.max_bucket_reso,
+                                   config.bucket_reso_steps, config.bucket_no_upscale)
 
 
 def check_hub_token(config):
