@@ -97,9 +97,10 @@ class Planted:
 
     Args: model_dir: a "planted" model folder. num_images: training (and held-out) images.
       sample_steps, guidance_scale: the sampler's settings for the images.
+      vector_counts: the --num_vectors of the runs to be scored (each compiles its evaluation).
     """
 
-    def __init__(self, model_dir, num_images=8, sample_steps=20, guidance_scale=7.5, seed=SEED):
+    def __init__(self, model_dir, num_images=8, sample_steps=20, guidance_scale=7.5, seed=SEED, vector_counts=(1, 2)):
         self.model = models.load_model(model_dir)
         spec = self.model.spec
         self.devices = tuple(jax.local_devices()[:1])
@@ -107,7 +108,7 @@ class Planted:
         direction = np.random.default_rng(seed).standard_normal(spec.row_width)
         self.target = (direction / np.linalg.norm(direction) * tokens.median_norm(table))[None].astype(np.float32)
         self.init_row = table[tokens.initializer_id(self.model.tokenizer, INITIALIZER)][None]
-        self.prompt_ids = {n: self._prompt(n) for n in (1, 2)}  # by number of vectors
+        self.prompt_ids = {n: self._prompt(n) for n in sorted({1, *vector_counts})}  # by number of vectors
         sampler = Sampler.from_model(self.model, num_images=2 * num_images, num_inference_steps=sample_steps,
                                      guidance_scale=guidance_scale, height=RESOLUTION, width=RESOLUTION,
                                      devices=self.devices)
