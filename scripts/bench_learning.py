@@ -11,8 +11,8 @@ Usage:
    token's row (PNDM, fixed steps, seed and guidance): N training images in DIR/data, and N more
    held out. The trainer sees v* only through the training images.
 3. Each recipe trains `<planted>` from the initializer token "toy" with ti_flax's `train` for S
-   steps (a learning rate of 5e-3 and no warm-up, the rest ti_flax's defaults plus the recipe's
-   flags), saving the rows every K steps. Each saved embedding is scored on the held-out images
+   steps (a learning rate of 5e-3, no warm-up and a batch of 4, the rest ti_flax's defaults plus
+   the recipe's flags), saving the rows every K steps. Each saved embedding is scored on the held-out images
    with fixed draws (ti_flax.validation_loss.Evaluator: kohya's 4 timesteps, the noises of
    validation_key(0)), prompt "a photo of <planted>":
 
@@ -169,7 +169,8 @@ def train_recipe(planted, data_dir, out_dir, steps, every, changes, seed=SEED):
     config = TrainConfig(
         pretrained_model_name_or_path=planted.model.model_dir, train_data_dir=data_dir, output_dir=out_dir,
         placeholder_token=TOKEN, initializer_token=INITIALIZER, resolution=RESOLUTION, max_train_steps=steps,
-        train_batch_size=BATCH, learning_rate=LEARNING_RATE, lr_warmup_steps=0, save_steps=every, checkpointing_steps=0, seed=seed,
+        train_batch_size=BATCH, learning_rate=LEARNING_RATE, lr_warmup_steps=0, save_steps=every, checkpointing_steps=0,
+        seed=seed,
         report_to="none", **changes)
     start = time.perf_counter()
     result = train(config, devices=planted.devices)
