@@ -22,7 +22,7 @@ Usage:
    where L is the mean held-out loss with those rows and C the text encoder's output [77, 64] for
    the prompt. 1 and 0 mean v* recovered; 0 and 1 mean nothing learned.
 
-Writes DIR/learning.md (the table), DIR/learning.png (gap closed per step, one line per recipe)
+Writes DIR/learning.md (the table), DIR/learning.png (gap closed and distance per step, a line per recipe)
 and DIR/learning.json. Deterministic: the same arguments give the same table. --prompt_share also
 prints the prompt's share of the noise prediction's variance for the "tiny" and "planted" models.
 """
