@@ -96,6 +96,31 @@ def prepare(config, devices=None):
     `devices` are the local devices to train on (default: all of them).
     """
     concepts = config.validate().concept_list()
+    config, model, attention, load_seconds = load_checked_model(config)
+    tables = models.token_tables(model.params)
+    init_rows, learned, tokens, token_ids = learned_concepts(config, concepts, model, tables)
+    check_validation_prompts(config, model, learned)
+    devices = tuple(devices or jax.local_devices())
+    num_devices = len(devices) * jax.process_count()
+    global_batch = config.train_batch_size * num_devices
+    data, parts, validation_images = run_data(config, model, concepts, learned, global_batch)
+    # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
+    epochs_batches = data.epochs_steps(config.num_train_epochs)
+    total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
+    controls_norms = config.embedding_norm != "none" or config.embedding_norm_decay > 0
+    targets = norm_targets(config, model.spec, tables) if controls_norms else ()
+    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
+    config = check_loss_recipe(config, model)
+    if config.push_to_hub:
+        check_hub_token(config)
+    meta = checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
+               tuple(learned), attention, validation_images)
+
+
+def load_checked_model(config):
+    """(config with its --resolution settled, models.LoadedModel, what --attention resolved to,
+    seconds loading): the model loaded, and the flags that depend on it checked."""
     start = time.perf_counter()
     model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
                               config.prediction_type, config.allow_pickle, config.zero_terminal_snr,
@@ -108,13 +133,17 @@ def prepare(config, devices=None):
         check_buckets(config, model.spec)
     # An explicit --attention that cannot run here: one line, before anything is written.
     attention = models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
-    tables = models.token_tables(model.params)
-    # Every initial row is read from the tables before any placeholder is added to a tokenizer.
+    return config, model, attention, load_seconds
+
+
+def learned_concepts(config, concepts, model, tables):
+    """(initial rows float32 [num_vectors, row_width], one Learned per concept, every token, their
+    ids): each concept's starting rows, read from the token `tables` before any placeholder is
+    added to the model's tokenizer(s), then its tokens added."""
     init_rows = []
     for concept in concepts:
         with naming(config, concept):
             init_rows.append(initial_rows(config, concept, model, tables))
-    init_rows = np.concatenate(init_rows)
     learned, tokens, token_ids = [], [], []
     for concept in concepts:
         names = concept.tokens
@@ -123,16 +152,26 @@ def prepare(config, devices=None):
         out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
         learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
         tokens += names
-    if config.validation_prompt:  # ("{}" in it with --concepts: config.validate checked)
-        for concept in learned:
-            text = validation.prompt_for(config, concept)
-            # Refused at start-up only with the token in it: a cut would drop its vectors unseen.
-            if prompts.mentions(model.tokenizer, text, concept.tokens[0]):
-                prompts.encode_prompt(model.tokenizer, text, [concept.tokens],
-                                      overflow=prompts.too_long("--validation_prompt", concept.tokens))
-    devices = tuple(devices or jax.local_devices())
-    num_devices = len(devices) * jax.process_count()
-    global_batch = config.train_batch_size * num_devices
+    return np.concatenate(init_rows), learned, tokens, token_ids
+
+
+def check_validation_prompts(config, model, learned):
+    """UserError for a --validation_prompt too long for a concept's tokens (with --concepts, "{}"
+    in it is each concept's token: config.validate checked)."""
+    if not config.validation_prompt:
+        return
+    for concept in learned:
+        text = validation.prompt_for(config, concept)
+        # Refused at start-up only with the token in it: a cut would drop its vectors unseen.
+        if prompts.mentions(model.tokenizer, text, concept.tokens[0]):
+            prompts.encode_prompt(model.tokenizer, text, [concept.tokens],
+                                  overflow=prompts.too_long("--validation_prompt", concept.tokens))
+
+
+def run_data(config, model, concepts, learned, global_batch):
+    """(the run's batch source, each concept's data.TrainData, data.ValidationImages or None):
+    one concept's batches, several concepts' drawn by weight (ConceptMix), dealt into batches of
+    one bucket each with --enable_bucket; the validation loss's images with --validation_loss_steps."""
     parts, validation_parts = [], []
     for index, concept in enumerate(learned):
         with naming(config, concept.concept):
@@ -147,15 +186,12 @@ def prepare(config, devices=None):
                           config.seed, global_batch)
     if config.enable_bucket:  # the same slots, dealt into batches of one bucket each
         data = BucketBatches(data, config.seed, global_batch)
-    # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
-    epochs_batches = data.epochs_steps(config.num_train_epochs)
-    total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
-    controls_norms = config.embedding_norm != "none" or config.embedding_norm_decay > 0
-    targets = norm_targets(config, model.spec, tables) if controls_norms else ()
-    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
-    config = check_loss_recipe(config, model)
-    if config.push_to_hub:
-        check_hub_token(config)
+    validation_images = data_lib.ValidationImages.concatenate(validation_parts) if config.validation_loss_steps else None
+    return data, parts, validation_images
+
+
+def checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch):
+    """What the run's checkpoints record, for the compatibility check on resume (checkpoint.run_meta)."""
     fingerprint = ckpt.model_fingerprint(model.spec, tables[0])
     captions = [c for part in parts for c in (part.captions or [None] * len(part.images))]
     captions = captions if any(part.captions is not None for part in parts) else None
@@ -164,9 +200,7 @@ def prepare(config, devices=None):
         meta["text_widths"] = list(model.spec.text_widths)
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
-    validation_images = data_lib.ValidationImages.concatenate(validation_parts) if config.validation_loss_steps else None
-    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned), attention, validation_images)
+    return meta
 
 
 def check_loss_recipe(config, model):
