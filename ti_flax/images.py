@@ -43,10 +43,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = a * 255.0 if img.mode == "F" else a / 257.0  # F taken as [0, 1]; I as 16-bit
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
     if has_alpha(img):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return composited(img, (255, 255, 255, 255)).convert("RGB")
     return img.convert("RGB")
+
+
+def composited(img: Image.Image, background) -> Image.Image:
+    """An image with transparency laid over an opaque `background` colour (RGBA), as RGBA."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
 
 
 def has_alpha(img: Image.Image) -> bool:
@@ -113,8 +117,7 @@ def grey_of(img: Image.Image) -> Image.Image:
     """An upright decoded mask file as a mask: PIL "F", its grey level, 0 black .. 1 white
     (a mask with transparency is composited onto black first: transparent is not learned)."""
     if has_alpha(img):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        img = composited(img, (0, 0, 0, 255))
     grey = np.asarray(to_rgb(img).convert("L"), dtype=np.float32) / 255.0
     return Image.fromarray(grey, mode="F")
 
