@@ -362,6 +362,12 @@ class TrainConfig:
         ]
 
     @property
+    def norm_rate(self):
+        """How far each update moves a learned vector's norm to the target: 1 with --embedding_norm
+        preserve, R with --embedding_norm_decay R, 0 (no norm control) without either."""
+        return 1.0 if self.embedding_norm == "preserve" else float(self.embedding_norm_decay)
+
+    @property
     def norm_targets(self):
         """--embedding_norm_target as a tuple of floats (a single number given alone is one), or None."""
         given = self.embedding_norm_target

@@ -122,7 +122,7 @@ class OptimizerSpec:
         # Lengths that do not shape the schedule are zeroed, so runs that differ only there
         # share one compiled step.
         constant = config.lr_scheduler == "constant"
-        rate = 1.0 if config.embedding_norm == "preserve" else float(config.embedding_norm_decay)
+        rate = config.norm_rate
         if rate and (not norm_targets or len(norm_targets) != len(text_widths)):
             raise ValueError(f"norm control needs a target per text encoder, got {norm_targets} for {text_widths}")
         return cls(

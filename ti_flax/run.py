@@ -107,8 +107,7 @@ def prepare(config, devices=None):
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
     epochs_batches = data.epochs_steps(config.num_train_epochs)
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
-    controls_norms = config.embedding_norm != "none" or config.embedding_norm_decay > 0
-    targets = norm_targets(config, model.spec, tables) if controls_norms else ()
+    targets = norm_targets(config, model.spec, tables) if config.norm_rate else ()
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
     config = check_loss_recipe(config, model)
     if config.push_to_hub:
