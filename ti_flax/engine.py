@@ -115,10 +115,13 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     step_fn, compile_seconds = compiling.result()
     estimated = None
     if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
-        changes = footprint.lighter_changes(config, run.model.spec, footprint.platform(devices[0]), config.resolution)
+        def suggestions():  # only asked for when the step does not fit
+            backend = footprint.platform(devices[0])
+            return [flags for flags, _ in footprint.lighter_changes(config, run.model.spec, backend, config.resolution)]
+
         # Every bucket has at most --resolution^2 pixels: the first one's program stands for them all.
         program = step_fn.program() if isinstance(step_fn, BucketSteps) else step_fn
-        estimated = footprint.check_fits(program, devices, [flags for flags, _ in changes])
+        estimated = footprint.check_fits(program, devices, suggestions)
     batches = parallel.prefetch_to_devices(
         run.data.batches(start_step * config.gradient_accumulation_steps, jax.process_index(), jax.process_count(),
                          len(devices), views),

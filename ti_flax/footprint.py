@@ -267,9 +267,10 @@ def _lighter_attention(config, spec, backend, resolution):
     return None
 
 
-def check_fits(compiled, devices, changes=()):
+def check_fits(compiled, devices, suggestions=list):
     """The compiled step's bytes per device (its Footprint total); UserError (one line) when a
-    device's memory limit is below it, naming the shortfall and `changes` (flags to try).
+    device's memory limit is below it, naming the shortfall and the flags to try, which
+    `suggestions()` lists (called only then: a run that fits never works them out).
 
     Devices whose backend reports no limit (CPU) pass.
     """
@@ -278,6 +279,7 @@ def check_fits(compiled, devices, changes=()):
     if limits:
         limit, device = min(limits, key=lambda pair: pair[0])
         if need > limit:
+            changes = suggestions()
             tries = f"; try {', '.join(changes)}" if changes else ""
             raise UserError(
                 f"the train step needs {need / GIB:.2f} GiB per device but {device.device_kind} has {limit / GIB:.2f} "
