@@ -1,7 +1,7 @@
-"""Measure ti_flax's own train step on one accelerator at SD 1.5 shapes (built for one NVIDIA GPU).
+"""Measure ti_flax's own train step on one accelerator at SD 1.5 or SDXL shapes (built for one NVIDIA GPU).
 
 Usage:
-    python scripts/bench_gpu.py [--tiny] [--out DIR] [--variants A,B,...] [--deadline SECONDS]
+    python scripts/bench_gpu.py [--tiny | --layout sdxl] [--out DIR] [--variants A,B,...] [--deadline SECONDS]
 
 What it measures, per variant, each in its own process (so device memory peaks do not mix):
 
@@ -23,7 +23,8 @@ What it measures, per variant, each in its own process (so device memory peaks d
   second start with a warm persistent cache.
 
 The model is an SD 1.5-shaped diffusers folder (the real SD 1.5 configs of bench_cost.py: CLIP
-ViT-L text encoder, UNet 320/640/1280/1280 with 8 heads, VAE 128/256/512/512) with random
+ViT-L text encoder, UNet 320/640/1280/1280 with 8 heads, VAE 128/256/512/512; with --layout sdxl,
+SDXL 1.0 base's: CLIP-L and OpenCLIP bigG, UNet 320/640/1280 with 64-wide heads) with random
 float32 weights and the bundled real CLIP tokenizer, written here with numpy and ti_flax's own
 save_pipeline (no diffusers, nothing downloaded), then read back by ti_flax.run.prepare like any
 model folder: the step measured is the real one (prepare -> engine.build -> Engine.update).
@@ -53,7 +54,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_cost import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
+from bench_cost import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE  # noqa: E402
 from benchmark import Variant, bench_config  # noqa: E402
 
 # The order is the order of importance: a run cut short by --deadline keeps the first ones.
@@ -78,12 +79,21 @@ TINY_UNET = dict(SD15_UNET, block_out_channels=[32, 64], down_block_types=["Cros
                  sample_size=32)
 TINY_VAE = dict(SD15_VAE, block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                 up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, sample_size=64)
-LAYOUTS = {"sd15": (SD15_TEXT, SD15_UNET, SD15_VAE), "tiny": (TINY_TEXT, TINY_UNET, TINY_VAE)}
+# layout -> (text encoder, UNet, VAE, second text encoder or None) configs.
+LAYOUTS = {"sd15": (SD15_TEXT, SD15_UNET, SD15_VAE, None), "sdxl": (SDXL_TEXT, SDXL_UNET, SDXL_VAE, SDXL_TEXT_2),
+           "tiny": (TINY_TEXT, TINY_UNET, TINY_VAE, None)}
 # runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json.
 SD15_SCHEDULER = dict(
     _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
     clip_sample=False, prediction_type="epsilon",
+)
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json.
+SDXL_SCHEDULER = dict(
+    _class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, steps_offset=1, trained_betas=None, clip_sample=False, interpolation_type="linear",
+    prediction_type="epsilon", sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True,
+    timestep_spacing="leading", use_karras_sigmas=False,
 )
 TARGETS = {"peak_device_bytes": 8e9, "s_per_update": 0.045, "second_start_s": 15.0}  # SD 1.5, 512 px, b4, bf16
 
@@ -110,8 +120,8 @@ def build_model(out_dir, layout, seed=0):
     from ti_flax.models import schedulers
     from ti_flax.models.weights import flatten, unflatten
 
-    text, unet, vae = LAYOUTS[layout]
-    spec = models.spec_from_configs(text, unet, vae)
+    text, unet, vae, text_2 = LAYOUTS[layout]
+    spec = models.spec_from_configs(text, unet, vae, text_config_2=text_2)
     abstract = models.abstract_params(spec)
     rng = np.random.default_rng(seed)
     leaves = {}  # (component, name) -> (shape, pool key)
@@ -139,8 +149,11 @@ def build_model(out_dir, layout, seed=0):
     params = {component: unflatten(tree) for component, tree in flat.items()}
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer = models.load_tokenizer(write_tokenizer_files(tok_dir))
-    model = models.LoadedModel(spec, params, tokenizer, schedulers.alphas_cumprod(dict(SD15_SCHEDULER)), out_dir,
-                               dict(SD15_SCHEDULER))
+        # SDXL's second tokenizer: the same vocabulary, padded with "!".
+        tokenizer_2 = models.load_tokenizer(write_tokenizer_files(tok_dir, pad_token="!")) if text_2 else None
+    scheduler = SDXL_SCHEDULER if text_2 else SD15_SCHEDULER
+    model = models.LoadedModel(spec, params, tokenizer, schedulers.alphas_cumprod(dict(scheduler)), out_dir,
+                               dict(scheduler), tokenizer_2)
     os.makedirs(out_dir, exist_ok=True)
     # save_pipeline writes the configs, tokenizer, scheduler and index; only its weight writer is
     # swapped for one that streams the arrays (its own builds each file in memory first: ~3x slower).
@@ -327,6 +340,18 @@ def child(args):
         record.update(compiled_analysis(engine.step_fn))
         if record.get("xla_flops"):
             record["xla_tflops_per_s"] = record["xla_flops"] / sec / 1e12
+        record["engine_estimate_bytes"] = engine.estimated_bytes  # footprint.check_fits's, before the first step
+        if not args.no_plan:
+            stage = "plan"
+            # `python -m ti_flax.plan --target local` for the same flags: its estimate against the peak measured above.
+            from ti_flax import planning
+
+            start = time.perf_counter()
+            planned = planning.plan(config, "local", alternatives=False)
+            record.update(plan_total_bytes=planned.run.footprint.total, plan_step_bound_s=planned.run.seconds,
+                          plan_compile_s=planned.run.compile_seconds, plan_cached=planned.run.cached,
+                          plan_wall_s=time.perf_counter() - start, plan_report=str(planned))
+            print(str(planned), flush=True)
         record["compilation_cache_files_after"] = len(os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))
         record["complete"] = True
         append_record(args.out, record)
@@ -392,6 +417,7 @@ def run_child(args, name, cache_dir, timeout, log):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--model", args.model, "--data", args.data,
            "--out", args.out, "--batch", str(args.batch), "--resolution", str(args.resolution), "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--layout", args.layout, "--t0", repr(time.time())]
+    cmd += ["--no-plan"] if args.no_plan else []
     start, tail = time.time(), collections.deque(maxlen=40)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             errors="replace")
@@ -422,13 +448,21 @@ def latest_records(path):
     return variants, others
 
 
+def plan_vs_peak(record):
+    """`plan --target local`'s estimate in GiB, and its ratio to the measured peak."""
+    planned, peak = record.get("plan_total_bytes"), record.get("peak_device_bytes")
+    if not planned:
+        return "-"
+    return f"{planned / 2**30:.2f}" + (f" ({planned / peak:.2f})" if peak else "")
+
+
 def summary(out_dir, args):
     """A markdown table of the variants' figures and the SD 1.5 targets."""
     variants, _ = latest_records(os.path.join(out_dir, "results.jsonl"))
     gib = lambda n: f"{n / 2**30:.2f}" if n else "-"  # noqa: E731
     num = lambda x, f="{:.1f}": f.format(x) if x is not None else "-"  # noqa: E731
     lines = ["| variant | compile s | ms/update | ms/update pipelined | images/s | peak GiB | XLA est GiB "
-             "| XLA temp GiB | first step s | attention | status |", "|" + " --- |" * 11]
+             "| XLA temp GiB | plan GiB (plan/peak) | first step s | attention | status |", "|" + " --- |" * 12]
     for name, r in variants.items():
         status = "ok" if r.get("complete") else (r.get("error") or "partial")
         ms = r["s_per_update"] * 1e3 if r.get("s_per_update") else None
@@ -436,7 +470,8 @@ def summary(out_dir, args):
         lines.append(
             f"| {name} | {num(r.get('compile_s'))} | {num(ms)} | {num(piped)} | {num(r.get('images_per_s'))} | "
             f"{gib(r.get('peak_device_bytes'))} | {gib(r.get('xla_estimate_bytes'))} | "
-            f"{gib(r.get('xla_memory', {}).get('temp_size_in_bytes'))} | {num(r.get('time_to_first_step_s'))} | "
+            f"{gib(r.get('xla_memory', {}).get('temp_size_in_bytes'))} | {plan_vs_peak(r)} | "
+            f"{num(r.get('time_to_first_step_s'))} | "
             f"{'/'.join(r.get('attention_resolved', [])) or '-'} | {status} |")
     main, second = variants.get("bf16-auto", {}), variants.get("bf16-auto-2nd-start", {})
     checks = {
@@ -542,17 +577,20 @@ def parse_args(argv=None):
                    help="seconds from start after which no variant is started (0: none)")
     p.add_argument("--child-timeout", type=float, default=600.0, help="seconds one variant's process may run")
     p.add_argument("--child-platforms", default="", help="JAX_PLATFORMS for the variants' processes (default: jax's)")
+    p.add_argument("--no-plan", action="store_true", help="skip `plan --target local` after each variant's timing "
+                   "(it compiles the step once more)")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--layout", help=argparse.SUPPRESS)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), help="the model's shapes: sd15 (SD 1.5 at 512 px, batch 4; "
+                   "the default), sdxl (SDXL 1.0 base at 1024 px, batch 1) or tiny (as --tiny)")
     p.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     tiny = args.tiny or args.layout == "tiny"
-    args.layout = args.layout or ("tiny" if tiny else "sd15")
-    args.batch = args.batch or (1 if tiny else 4)
+    args.layout = "tiny" if tiny else (args.layout or "sd15")
+    args.batch = args.batch or (4 if args.layout == "sd15" else 1)
     args.steps = args.steps or (2 if tiny else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 5)
-    args.resolution = args.resolution or (64 if tiny else 512)
+    args.resolution = args.resolution or {"tiny": 64, "sd15": 512, "sdxl": 1024}[args.layout]
     args.out = os.path.abspath(args.out)
     return args
 
