@@ -109,6 +109,16 @@ def test_training_wrote_the_embedding_checkpoints_and_validation_images(executed
     )
 
 
+def test_fit_cell_reports_the_step_memory_before_training(executed):
+    # The "will it fit" cell compiles the settings' step for the runtime's chip (here the CPU,
+    # which reports no memory limit) and prints the plan before any weights are loaded.
+    nb, _, _ = executed
+    text = text_of(outputs(nb, "ti_flax.plan(config)"))
+    assert "ti_flax.plan: " in text and "at 32 px, 1 per chip" in text
+    assert "memory per chip" in text and "total" in text and "work per step" in text
+    assert "Does not fit" not in text  # the CPU has no limit to exceed
+
+
 def test_training_cell_shows_progress_and_validation_images_inline(executed):
     nb, _, _ = executed
     cell = outputs(nb, "ti_flax.train(config")
