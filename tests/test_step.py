@@ -78,6 +78,22 @@ def test_frozen_casts_the_weights_once_and_keeps_the_schedule():
     assert len(jax.tree_util.tree_leaves(frozen._replace(vae=None))) == 3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_abstract_frozen_has_the_shapes_and_dtypes_of_the_cast_one(dtype):
+    # engine.build compiles the step from the abstract tree while the weights are being cast: a
+    # leaf whose dtype the two disagree on would make the compiled step refuse the real weights.
+    class Model:
+        params = {"text_encoder": {"w": np.ones((2, 3), np.float32)}, "unet": {"w": np.ones(2, np.float16)},
+                  "vae": {"w": np.ones(2, np.float32), "n": np.arange(2, dtype=np.int32)},
+                  "text_encoder_2": {"w": np.ones((1, 4), np.float32)}}
+        alphas_cumprod = np.linspace(0.9, 0.1, 5, dtype=np.float32)
+
+    cast, abstract = step_lib.Frozen.from_model(Model, dtype), step_lib.Frozen.from_model(Model, dtype, abstract=True)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(cast)
+    for a, c in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(cast)):
+        assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (c.shape, c.dtype)
+
+
 def test_pixel_and_latent_batches_show_the_same_examples():
     d = small_data()
     mean = np.random.default_rng(0).standard_normal((3, 2, 4, 2, 2)).astype(np.float32)

@@ -91,11 +91,12 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     config, devices, compute = run.config, run.devices, run.compute
     if state is None:
         state = step_lib.init_state(run.init_rows, run.opt_spec)
-    # The frozen weights are cast once on the host; run.model keeps float32 for the outputs.
+    # The step compiles from shapes in the background while the frozen weights are cast (once,
+    # on the host; run.model keeps float32 for the outputs) and copied to the devices and the
+    # latents are cached; the first step then runs the finished program.
+    compiling = compile_in_background(run, state, step_lib.Frozen.from_model(run.model, compute.dtype, abstract=True),
+                                      start_step)
     host_frozen = step_lib.Frozen.from_model(run.model, compute.dtype)
-    # The step compiles from shapes in the background while the weights are copied to the
-    # devices and the latents are cached; the first step then runs the finished program.
-    compiling = compile_in_background(run, state, host_frozen, start_step)
     frozen = weights = parallel.replicate(host_frozen, devices)
     del host_frozen
     views, cache_seconds = None, 0.0
@@ -135,7 +136,8 @@ def step_shapes(run, state, host_frozen, start_step, bucket=None):
     """The train step's arguments (state, frozen, batch, key) as jax.ShapeDtypeStruct trees laid
     out as the engine will pass them, from host trees: nothing needs to be on the devices.
 
-    `host_frozen` is the host step.Frozen the engine replicates (cast, with its VAE). `bucket`
+    `host_frozen` is the host step.Frozen the engine replicates (cast, with its VAE), or its
+    shapes (`Frozen.from_model(..., abstract=True)`). `bucket`
     (--enable_bucket): the batch's images are that bucket's (index into `run.data.images.shapes`).
     """
     config, devices = run.config, run.devices
@@ -153,7 +155,7 @@ def step_shapes(run, state, host_frozen, start_step, bucket=None):
     return parallel.shapes(state, devices), frozen, parallel.shapes(batch), key
 
 
-def compile_in_background(run, state, host_frozen, start_step):
+def compile_in_background(run, state, frozen_shapes, start_step):
     """Start compiling the train step on a thread; returns a future of (step, seconds).
 
     Its `result()` re-raises whatever the compile raised. In a multi-process run the step
@@ -164,7 +166,7 @@ def compile_in_background(run, state, host_frozen, start_step):
     """
     statics = (run.model.spec, run.compute, run.opt_spec, run.devices)
     if jax.process_count() > 1:  # pmap compiles a program per shape (so per bucket) on its first call
-        args = step_shapes(run, state, host_frozen, start_step)
+        args = step_shapes(run, state, frozen_shapes, start_step)
         done = Future()
         done.set_result((step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts,
                                                      loss_spec=run.loss_spec), None))
@@ -178,13 +180,13 @@ def compile_in_background(run, state, host_frozen, start_step):
     pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")
     try:
         if not run.config.enable_bucket:
-            return pool.submit(compile_step, step_shapes(run, state, host_frozen, start_step))
+            return pool.submit(compile_step, step_shapes(run, state, frozen_shapes, start_step))
         # Every bucket holds images, so every one is used: the first step's bucket first.
         first = run.data.bucket_of(start_step * run.config.gradient_accumulation_steps)
         order = [first] + [b for b in range(len(run.data.images.shapes)) if b != first]
         programs = []
         for b in order:
-            args = step_shapes(run, state, host_frozen, start_step, b)
+            args = step_shapes(run, state, frozen_shapes, start_step, b)
             programs.append((BucketSteps.key(args[2]), pool.submit(compile_step, args)))
         steps, done = BucketSteps(dict(programs), programs[0][0]), Future()
         programs[0][1].add_done_callback(

@@ -39,11 +39,14 @@ class Frozen(NamedTuple):
     text_encoder_2: Any = None
 
     @classmethod
-    def from_model(cls, model, dtype="float32"):
-        """Host weights of a models.LoadedModel, float leaves cast to `dtype` (the schedule stays float32)."""
-        params = models.cast_params(model.params, dtype)
-        return cls(params["text_encoder"], params["unet"], params["vae"], model.alphas_cumprod,
-                   params.get("text_encoder_2"))
+    def from_model(cls, model, dtype="float32", abstract=False):
+        """Host weights of a models.LoadedModel, float leaves cast to `dtype` (the schedule stays float32);
+        with abstract=True, their jax.ShapeDtypeStruct (nothing cast: see models.cast_params)."""
+        params = models.cast_params(model.params, dtype, abstract)
+        schedule = model.alphas_cumprod
+        if abstract:
+            schedule = jax.ShapeDtypeStruct(np.shape(schedule), np.asarray(schedule).dtype)
+        return cls(params["text_encoder"], params["unet"], params["vae"], schedule, params.get("text_encoder_2"))
 
     @property
     def text_params(self):

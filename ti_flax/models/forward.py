@@ -18,13 +18,20 @@ from . import clip, unet, vae
 from .spec import default_size
 
 
-def cast_params(params, dtype):
-    """A copy of a host params tree with every float leaf cast to `dtype` (e.g. "bfloat16")."""
+def cast_params(params, dtype, abstract=False):
+    """A copy of a host params tree with every float leaf cast to `dtype` (e.g. "bfloat16").
+
+    With abstract=True, what that copy would be as jax.ShapeDtypeStruct leaves, with nothing cast
+    or copied: for compiling a step while the weights are still being cast.
+    """
     dtype = jnp.dtype(dtype)
 
     def cast(x):
+        new = dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if abstract:
+            return jax.ShapeDtypeStruct(np.shape(x), new)
         x = np.asarray(x)
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+        return x.astype(new) if x.dtype != new else x
 
     return jax.tree_util.tree_map(cast, params)
 
