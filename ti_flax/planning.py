@@ -29,10 +29,11 @@ from . import compile_cache, files, footprint, models, run as run_lib
 from .choices import PLAN_TARGETS
 from .cli import build_parser as train_parser, parse_config
 from .errors import UserError, first_line, run_cli
+from .losses import LossSpec
 from .optim import OptimizerSpec
 
 GIB = footprint.GIB
-CACHE_VERSION = 1  # bump when what a cached answer holds changes
+CACHE_VERSION = 2  # bump when what a cached answer holds changes (2: the engine's program, not a vmap's)
 
 
 @dataclasses.dataclass
@@ -145,14 +146,15 @@ def _try(config, spec, target, device, chip, flags):
     opt_spec = OptimizerSpec.from_config(config, 1, config.max_train_steps or 1000)
     args = footprint.step_args(spec, compute, opt_spec, config.train_batch_size, config.resolution, num_rows,
                                config.cache_latents)
-    key = _cache_key(spec, compute, opt_spec, len(concepts), args, target, chip)
+    loss_spec = LossSpec.from_config(config, spec.num_train_timesteps)
+    key = _cache_key(spec, compute, opt_spec, loss_spec, len(concepts), args, target, chip)
     path = os.path.join(compile_cache.cache_root(), "plans", key + ".json")
     cached = _read_cached(path)
     if cached is not None:
         found, seconds = footprint.Footprint(**cached["footprint"]), cached["compile_seconds"]
     else:
         start = time.perf_counter()
-        found = _compile(device, spec, compute, opt_spec, args, len(concepts), chip)
+        found = _compile(device, spec, compute, opt_spec, loss_spec, args, len(concepts), chip)
         seconds = time.perf_counter() - start
         _write_cached(path, {"version": CACHE_VERSION, "footprint": found._asdict(), "compile_seconds": seconds})
     fits = None if not chip.memory else found.total <= chip.memory
@@ -160,9 +162,10 @@ def _try(config, spec, target, device, chip, flags):
                  cached is not None)
 
 
-def _compile(device, spec, compute, opt_spec, args, num_concepts, chip):
+def _compile(device, spec, compute, opt_spec, loss_spec, args, num_concepts, chip):
     try:
-        return footprint.measure(footprint.compile_step(device, spec, compute, opt_spec, args, num_concepts), args)
+        return footprint.measure(footprint.compile_step(device, spec, compute, opt_spec, args, num_concepts, loss_spec),
+                                 args)
     except UserError:
         raise
     except Exception as err:
@@ -194,13 +197,14 @@ def out_of_memory(message):
     return int(float(number) * _UNITS[unit])
 
 
-def _cache_key(spec, compute, opt_spec, num_concepts, args, target, chip):
+def _cache_key(spec, compute, opt_spec, loss_spec, num_concepts, args, target, chip):
     """What the compiled program depends on, hashed: the step's statics and argument shapes, the
     target chip and the compiler (jax, jaxlib, libtpu versions)."""
     shapes = [(tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(args)]
     structure = str(jax.tree_util.tree_structure(args))
     versions = [_version(name) for name in ("jax", "jaxlib", "libtpu")]
-    text = repr((CACHE_VERSION, spec, compute, opt_spec, num_concepts, shapes, structure, target, chip, versions))
+    text = repr((CACHE_VERSION, spec, compute, opt_spec, loss_spec, num_concepts, shapes, structure, target, chip,
+                 versions))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
