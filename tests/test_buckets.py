@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import io
+import json
 import os
 import shutil
 
@@ -18,6 +19,7 @@ from ti_flax.bucket_data import BucketBatches
 from ti_flax.concept_data import ConceptMix
 from ti_flax.data import Bucketed, LatentViews, TrainData
 from ti_flax.errors import UserError
+from ti_flax.formats import read_embedding
 from ti_flax.run import check_buckets
 
 SD15 = images_lib.Bucketing.of(512, 256, 1024, 64, False)
@@ -421,3 +423,24 @@ def test_a_masked_bucketed_run_from_cached_latents_is_the_pixel_run(masked_bucke
     assert traces["train_step"] - before == 2
     np.testing.assert_allclose([r["loss"] for r in cached.history], [r["loss"] for r in result.history], rtol=1e-4)
     np.testing.assert_allclose(cached.rows, result.rows, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_of_one_device_train_the_buckets_of_one_process_with_two(two_device_bucketed_run, tmp_path):
+    # The same 6 steps as 2 processes x 1 device x 2 examples: each step's global batch is one
+    # bucket's on both hosts, with the same examples and draws, so the same losses and rows.
+    from test_multihost import finish, free_port, start_workers, worker_args
+
+    config, result, _, _ = two_device_bucketed_run
+    flags = ("--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8",
+             "--repeats", "2", "--train_batch_size", "2")
+    outs, port = [tmp_path / "out0", tmp_path / "out1"], free_port()
+    procs = start_workers([worker_args(config.pretrained_model_name_or_path, config.train_data_dir, outs[i], port, i,
+                                       steps=6, checkpointing=3, extra=flags) for i in range(2)], devices=1)
+    outputs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "buckets    2 used" in outputs[0] and "devices    2 (1 local x 2 process(es)" in outputs[0]
+    logged = [json.loads(line) for line in (outs[0] / "logs" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in logged], [r["loss"] for r in result.history], rtol=1e-5)
+    rows = read_embedding(str(outs[0] / "learned_embeds.safetensors")).rows
+    np.testing.assert_allclose(rows, result.rows, atol=1e-6)
