@@ -353,6 +353,19 @@ def test_an_alpha_mask_is_resized_cropped_and_flipped_with_its_image_in_each_buc
     assert all(0 <= m.min() and m.max() <= 1 for m in smooth.arrays)  # lanczos overshoots; a mask stays a weight
 
 
+def test_several_concepts_keep_each_images_mask_in_its_bucket(alpha_bucket_dir):
+    images, _, _, masks = load_alpha_buckets(alpha_bucket_dir)
+    first = [0, 3]  # a portrait and a landscape image each
+    a = Bucketed.make([images.items()[i] for i in first]), Bucketed.make([masks.items()[i] for i in first])
+    b = Bucketed.make([images.items()[i] for i in (1, 2)]), Bucketed.make([masks.items()[i] for i in (1, 2)])
+    templates = np.zeros((1, 2), np.int32)
+    parts = [TrainData(x, templates, 3, 0.5, 1, 1, masks=m) for x, m in (a, b)]
+    data = BucketBatches(ConceptMix(parts, [1.0, 2.0], ["<a>", "<b>"], 1, 2), 1, 2)
+    for step in range(data.epochs_steps(2)):
+        batch = data.global_batch(step)
+        np.testing.assert_array_equal(batch.mask * 255, 255 - batch.pixel_values[..., 0].astype(np.float32))
+
+
 def test_bucket_masks_on_the_latent_grid_flip_with_their_latents(alpha_bucket_dir):
     # Reduced once per image, then flipped with its example: the flipped image's mask reduced, in
     # pixel batches and in batches of latents cached per bucket and flip.
