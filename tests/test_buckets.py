@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import io
+import json
 import os
 import shutil
 
@@ -13,10 +14,12 @@ from PIL import Image
 
 from ti_flax import TrainConfig, checkpoint, train
 from ti_flax import images as images_lib
+from ti_flax import losses
 from ti_flax.bucket_data import BucketBatches
 from ti_flax.concept_data import ConceptMix
 from ti_flax.data import Bucketed, LatentViews, TrainData
 from ti_flax.errors import UserError
+from ti_flax.formats import read_embedding
 from ti_flax.run import check_buckets
 
 SD15 = images_lib.Bucketing.of(512, 256, 1024, 64, False)
@@ -213,8 +216,6 @@ def test_concepts_with_buckets():
         ({"enable_bucket": True, "resolution": 128}, "--resolution 128 must be between"),
         ({"enable_bucket": True, "center_crop": True}, "--center_crop does nothing with --enable_bucket"),
         ({"enable_bucket": True, "validation_loss_steps": 5}, "--validation_loss_steps .* --enable_bucket"),
-        ({"enable_bucket": True, "masked_loss": True}, "--masked_loss / --alpha_mask cannot be combined with --enable_bucket"),
-        ({"enable_bucket": True, "alpha_mask": True}, "--masked_loss / --alpha_mask cannot be combined with --enable_bucket"),
     ],
 )
 def test_bad_bucket_flags_are_one_line(changes, message):
@@ -304,3 +305,155 @@ def test_four_devices_with_cached_latents_train_the_same_rows(two_device_buckete
                  devices=jax.local_devices()[:4])
     assert traces["train_step"] - before == 2
     np.testing.assert_allclose(four.rows, result.rows, atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Masks in buckets (--masked_loss / --alpha_mask with --enable_bucket): a 3:5 portrait and a 5:3
+# landscape bucket, 40 x 24 and 24 x 40, on the tiny buckets of about 32 x 32 pixels.
+
+TINY = images_lib.Bucketing.of(32, 16, 64, 8, False)
+
+
+@pytest.fixture(scope="session")
+def alpha_bucket_dir(tmp_path_factory):
+    """Two portrait and two landscape RGBA images, each opaque in one rectangle off its centre
+    (top, left, bottom, right) and transparent around it; red is 0 inside, so once composited onto
+    white, 255 - red is the alpha wherever a pixel came from."""
+    d = tmp_path_factory.mktemp("alpha_buckets")
+    rng = np.random.default_rng(7)
+    for i, (h, w, (top, left, bottom, right)) in enumerate([(50, 30, (10, 3, 38, 19)), (60, 36, (4, 14, 30, 33)),
+                                                            (30, 50, (3, 9, 25, 30)), (36, 60, (12, 30, 33, 52))]):
+        rgba = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        rgba[..., 3] = 0
+        rgba[top:bottom, left:right, 3] = 255
+        rgba[top:bottom, left:right, 0] = 0
+        Image.fromarray(rgba, "RGBA").save(d / f"{i}.png")
+    return str(d)
+
+
+def load_alpha_buckets(folder, interpolation="nearest"):
+    return images_lib.load_image_set(folder, 32, False, interpolation, mask=images_lib.ALPHA, bucketing=TINY)
+
+
+def test_an_alpha_mask_is_resized_cropped_and_flipped_with_its_image_in_each_bucket(alpha_bucket_dir):
+    images, _, _, masks = load_alpha_buckets(alpha_bucket_dir)
+    assert images.shapes == masks.shapes == ((40, 24), (24, 40))
+    assert images.counts().tolist() == [2, 2] and masks.bucket.tolist() == images.bucket.tolist()
+    for pixels, mask in zip(images.arrays, masks.arrays):
+        assert mask.dtype == np.float32 and set(np.unique(mask).tolist()) == {0.0, 1.0}
+        np.testing.assert_array_equal(mask * 255, 255 - pixels[..., 0].astype(np.float32))
+    data, seen = source(images, repeats=4, global_batch=2, masks=masks), set()
+    for step in range(data.steps_per_epoch):
+        batch = data.global_batch(step)
+        np.testing.assert_array_equal(batch.mask * 255, 255 - batch.pixel_values[..., 0].astype(np.float32))
+        index, flips = data.examples(step, 0, 2)[:2]
+        seen |= {(int(images.bucket[i]), bool(flip)) for i, flip in zip(index, flips)}
+    assert seen == {(0, False), (0, True), (1, False), (1, True)}  # both buckets, both ways round
+    _, _, _, smooth = load_alpha_buckets(alpha_bucket_dir, "lanczos")
+    assert all(0 <= m.min() and m.max() <= 1 for m in smooth.arrays)  # lanczos overshoots; a mask stays a weight
+
+
+def test_several_concepts_keep_each_images_mask_in_its_bucket(alpha_bucket_dir):
+    images, _, _, masks = load_alpha_buckets(alpha_bucket_dir)
+    first = [0, 3]  # a portrait and a landscape image each
+    a = Bucketed.make([images.items()[i] for i in first]), Bucketed.make([masks.items()[i] for i in first])
+    b = Bucketed.make([images.items()[i] for i in (1, 2)]), Bucketed.make([masks.items()[i] for i in (1, 2)])
+    templates = np.zeros((1, 2), np.int32)
+    parts = [TrainData(x, templates, 3, 0.5, 1, 1, masks=m) for x, m in (a, b)]
+    data = BucketBatches(ConceptMix(parts, [1.0, 2.0], ["<a>", "<b>"], 1, 2), 1, 2)
+    for step in range(data.epochs_steps(2)):
+        batch = data.global_batch(step)
+        np.testing.assert_array_equal(batch.mask * 255, 255 - batch.pixel_values[..., 0].astype(np.float32))
+
+
+def test_bucket_masks_on_the_latent_grid_flip_with_their_latents(alpha_bucket_dir):
+    # Reduced once per image, then flipped with its example: the flipped image's mask reduced, in
+    # pixel batches and in batches of latents cached per bucket and flip.
+    images, _, _, masks = load_alpha_buckets(alpha_bucket_dir)
+    grid = losses.bucket_latent_masks(masks, 4)
+    assert [a.shape for a in grid.arrays] == [(2, 10, 6), (2, 6, 10)]
+    pixels, on_grid = source(images, repeats=4, global_batch=2, masks=masks), source(images, repeats=4,
+                                                                                       global_batch=2, masks=grid)
+    views = [np.zeros((len(a), 2, 4, a.shape[1] // 4, a.shape[2] // 4), np.float32) for a in images.arrays]
+    cached = LatentViews(images.with_arrays(views), images.with_arrays(views))
+    for step in range(pixels.steps_per_epoch):
+        mask = pixels.global_batch(step).mask
+        expected = np.asarray(losses.latent_mask(mask, (mask.shape[1] // 4, mask.shape[2] // 4)))
+        np.testing.assert_array_equal(on_grid.global_batch(step).mask, expected)  # 0/1 pixels: exact sums
+        np.testing.assert_array_equal(on_grid.global_batch(step, cached).mask, expected)
+
+
+def test_where_a_bucket_mask_is_zero_the_prediction_does_not_count(alpha_bucket_dir):
+    images, _, _, masks = load_alpha_buckets(alpha_bucket_dir)
+    data = source(images, repeats=4, global_batch=2, masks=losses.bucket_latent_masks(masks, 4))
+    rng, spec = np.random.default_rng(1), losses.LossSpec(masked=True, unmasked_weight=0.0)
+    for step in range(2):
+        mask = data.global_batch(step).mask
+        pred = rng.standard_normal((2, 4, *mask.shape[1:])).astype(np.float32)
+        target = rng.standard_normal(pred.shape).astype(np.float32)
+
+        def loss(p):
+            return np.asarray(losses.example_losses(spec, p, target, np.zeros(2, np.int32), np.ones(1000, np.float32),
+                                                    "epsilon", mask))
+
+        base = loss(pred)
+        assert (mask == 0).any() and (mask > 0).any()
+        np.testing.assert_array_equal(loss(pred + 100.0 * (mask == 0)[:, None]), base)  # bit for bit
+        assert (loss(pred + (mask > 0)[:, None]) != base).all()  # the subject's error counts
+
+
+@pytest.fixture(scope="session")
+def masked_bucketed_run(tiny_model_dir, alpha_bucket_dir, tmp_path_factory, traces):
+    """6 bucketed steps with --alpha_mask on 2 devices x 2 examples: (config, result, train_step traces)."""
+    config = bucket_config(tiny_model_dir, alpha_bucket_dir, tmp_path_factory.mktemp("masked_bucketed"),
+                           train_batch_size=2, alpha_mask=True, unmasked_weight=0.1)
+    before = traces["train_step"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train(config, devices=jax.local_devices()[:2])
+    return config, result, traces["train_step"] - before
+
+
+@pytest.mark.slow
+def test_a_masked_bucketed_run_resumes_bitwise_mid_epoch(masked_bucketed_run, tmp_path, traces):
+    whole, result, traced = masked_bucketed_run
+    assert traced == 2 and len(result.history) == 6 and all(np.isfinite(r["loss"]) for r in result.history)
+    resumed = whole.replace(output_dir=str(tmp_path / "half"), resume_from_checkpoint="latest")
+    shutil.copytree(os.path.join(whole.output_dir, "checkpoint-3"), os.path.join(resumed.output_dir, "checkpoint-3"))
+    before = traces["train_step"]
+    again = train(resumed, devices=jax.local_devices()[:2])
+    assert traces["train_step"] == before
+    assert [r["step"] for r in again.history] == [4, 5, 6]
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in result.history[3:]]
+    assert embedding_bytes(resumed.output_dir) == embedding_bytes(whole.output_dir)
+
+
+@pytest.mark.slow
+def test_a_masked_bucketed_run_from_cached_latents_is_the_pixel_run(masked_bucketed_run, tmp_path, traces):
+    pixels, result, _ = masked_bucketed_run
+    before = traces["train_step"]
+    cached = train(pixels.replace(output_dir=str(tmp_path / "cached"), cache_latents=True, checkpointing_steps=0),
+                   devices=jax.local_devices()[:2])
+    assert traces["train_step"] - before == 2
+    np.testing.assert_allclose([r["loss"] for r in cached.history], [r["loss"] for r in result.history], rtol=1e-4)
+    np.testing.assert_allclose(cached.rows, result.rows, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_of_one_device_train_the_buckets_of_one_process_with_two(two_device_bucketed_run, tmp_path):
+    # The same 6 steps as 2 processes x 1 device x 2 examples: each step's global batch is one
+    # bucket's on both hosts, with the same examples and draws, so the same losses and rows.
+    from test_multihost import finish, free_port, start_workers, worker_args
+
+    config, result, _, _ = two_device_bucketed_run
+    flags = ("--enable_bucket", "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8",
+             "--repeats", "2", "--train_batch_size", "2")
+    outs, port = [tmp_path / "out0", tmp_path / "out1"], free_port()
+    procs = start_workers([worker_args(config.pretrained_model_name_or_path, config.train_data_dir, outs[i], port, i,
+                                       steps=6, checkpointing=3, extra=flags) for i in range(2)], devices=1)
+    outputs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "buckets    2 used" in outputs[0] and "devices    2 (1 local x 2 process(es)" in outputs[0]
+    logged = [json.loads(line) for line in (outs[0] / "logs" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in logged], [r["loss"] for r in result.history], rtol=1e-5)
+    rows = read_embedding(str(outs[0] / "learned_embeds.safetensors")).rows
+    np.testing.assert_allclose(rows, result.rows, atol=1e-6)

@@ -36,7 +36,7 @@ class BucketBatches(BatchSource):
         if not isinstance(source.images, Bucketed):
             raise ValueError("BucketBatches needs a source whose images are a data.Bucketed")
         self.source, self.seed, self.global_batch_size = source, int(seed), int(global_batch_size)
-        self.images, self.time_ids = source.images, source.time_ids
+        self.images, self.time_ids, self.masks = source.images, source.time_ids, source.masks
         self._starts = [0]  # the first step of epochs 0, 1, ... counted so far
         self._epoch, self._plan = -1, None
         self.steps_per_epoch = self.epochs_steps(1)  # the first epoch's (the banner's figure)

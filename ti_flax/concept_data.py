@@ -62,7 +62,9 @@ class ConceptMix(BatchSource):
             self.images = np.concatenate([p.images for p in parts])
         if parts[0].time_ids is not None:  # SDXL: every image's own size and crop
             self.time_ids = np.concatenate([p.time_ids for p in parts])
-        if parts[0].masks is not None:  # --masked_loss: every image's mask
+        if isinstance(parts[0].masks, Bucketed):  # --masked_loss with --enable_bucket
+            self.masks = Bucketed.concatenate([p.masks for p in parts])
+        elif parts[0].masks is not None:  # --masked_loss: every image's mask
             self.masks = np.concatenate([p.masks for p in parts])
         self.offsets = np.cumsum([0] + [len(p.images) for p in parts])[:-1]
         self.prompt_length = parts[0].template_ids.shape[1]  # the same tokenizer: every concept's

@@ -333,8 +333,6 @@ class TrainConfig:
              "image to its bucket; pass one of them"),
             (not self.validation_loss_steps, "--validation_loss_steps evaluates square images and cannot be combined "
              "with --enable_bucket yet; pass one of them"),
-            (not self.masked, "--masked_loss / --alpha_mask cannot be combined with --enable_bucket yet (the masks "
-             "are cut to squares); pass one of them"),
         ]
 
     def _row_checks(self):

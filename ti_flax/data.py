@@ -34,12 +34,14 @@ class PixelBatch(NamedTuple):
     example_ids: np.ndarray
     concept_ids: Optional[np.ndarray] = None
     time_ids: Optional[np.ndarray] = None
-    mask: Optional[np.ndarray] = None  # --masked_loss: float32 [..., H, W] in [0, 1], the pixels' mask
+    # --masked_loss: float32 [..., H, W] in [0, 1], the pixels' mask; with --enable_bucket already
+    # reduced to the latent grid [..., h, w] (losses.latent_mask leaves such a mask as it is)
+    mask: Optional[np.ndarray] = None
 
 
 class LatentBatch(NamedTuple):
     """Examples as cached VAE posteriors: latent_mean and latent_logvar float32 [..., C, h, w],
-    input_ids, example_ids, concept_ids, time_ids and mask (at the images' resolution) as in PixelBatch."""
+    input_ids, example_ids, concept_ids, time_ids and mask as in PixelBatch."""
 
     latent_mean: np.ndarray
     latent_logvar: np.ndarray
@@ -210,7 +212,9 @@ class BatchSource:
     `global_batch_size`, and defines `examples(step, lo, hi)`: the selection (image index, flip,
     prompt ids, example id, concept id) of rows [lo, hi) of global batch `step`. With `time_ids`
     (float32 [N, 6], for SDXL) set, each batch carries its images' time ids; with `masks`
-    (float32 [N, H, W], --masked_loss), each example's mask, flipped as its image is.
+    (float32 [N, H, W], --masked_loss; with --enable_bucket a Bucketed of each image's mask on
+    its bucket's latent grid), each example's mask, flipped as its image is: in pixel and latent
+    batches alike, so the --cache_latents cache needs no masks of its own.
     """
 
     time_ids: Optional[np.ndarray] = None
@@ -301,7 +305,9 @@ class TrainData(BatchSource):
         """Args: images uint8 [N, H, W, 3], or a Bucketed of them (--enable_bucket); template_ids int32 [T, L]; captions: None, or per
         image int32 [L] caption ids (captions.tokenize_captions) or None to use the templates;
         time_ids: None, or float32 [N, 6] per image (SDXL: images.load_image_set's); masks:
-        None, or float32 [N, H, W] per image (--masked_loss: images.load_image_set's)."""
+        None, or float32 [N, H, W] per image (--masked_loss: images.load_image_set's), or with
+        bucketed images a Bucketed of float32 [h, w] masks in the images' buckets (run.py keeps
+        them on each bucket's latent grid)."""
         if isinstance(images, Bucketed):  # --enable_bucket: each bucket's images as the array below
             for array in images.arrays:
                 if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
@@ -322,10 +328,14 @@ class TrainData(BatchSource):
             raise UserError(f"seed must be >= 0, got {seed}")
         if time_ids is not None and np.shape(time_ids) != (len(images), 6):
             raise ValueError(f"time_ids must be [{len(images)}, 6], got {np.shape(time_ids)}")
-        if masks is not None and np.shape(masks) != images.shape[:3]:
+        if isinstance(masks, Bucketed):  # --enable_bucket: item i's mask in item i's bucket
+            if not (isinstance(images, Bucketed) and np.array_equal(masks.bucket, images.bucket)
+                    and all(m.ndim == 3 and m.dtype == np.float32 for m in masks.arrays)):
+                raise ValueError("bucketed masks must be a Bucketed of float32 [n, h, w], one per image in its bucket")
+        elif masks is not None and np.shape(masks) != images.shape[:3]:
             raise ValueError(f"masks must be [N, H, W] = {list(images.shape[:3])}, got {np.shape(masks)}")
         self.images = images
-        self.masks = None if masks is None else np.asarray(masks, np.float32)
+        self.masks = masks if masks is None or isinstance(masks, Bucketed) else np.asarray(masks, np.float32)
         self.time_ids = None if time_ids is None else np.asarray(time_ids, np.float32)
         self.template_ids = np.asarray(template_ids, dtype=np.int32)
         self.captions = None if captions is None else tuple(captions)

@@ -148,6 +148,9 @@ def step_shapes(run, state, host_frozen, start_step, bucket=None):
         lead = batch.pixel_values.shape[:2]
         batch = batch._replace(pixel_values=np.broadcast_to(np.zeros((), np.uint8),
                                                             (*lead, *run.data.images.shapes[bucket], 3)))
+        if batch.mask is not None:  # and its masks (on the bucket's latent grid)
+            batch = batch._replace(mask=np.broadcast_to(np.zeros((), np.float32),
+                                                        (*lead, *run.data.masks.arrays[bucket].shape[1:])))
     if config.cache_latents:
         frozen = frozen._replace(vae=None)
         batch = latents.latent_batch_shapes(run.model.spec, run.compute, parallel.shapes(host_frozen.vae), batch)

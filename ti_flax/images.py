@@ -8,9 +8,10 @@ chains them for one file and `load_image_set` for a whole folder. With --enable_
 shape instead, and `load_image_set` returns a `Bucketed` set of images.
 
 Masks (--masked_loss) are read here too, and go through the same crop and resize as their image
-(`crop_and_resize`'s `mask`): a float32 [H, W] weight in [0, 1] at the image's resolution, from
-the image's alpha channel (`--alpha_mask`: transparent = 0) or from a mask file beside it
-(`<stem>-masklabel.png`, OneTrainer's name, or `<stem><mask_suffix>`: white = 1, black = 0).
+(the `mask` of `crop_and_resize`, and of `crop_to_bucket` with --enable_bucket): a float32 [H, W]
+weight in [0, 1] at the image's resolution, from the image's alpha channel (`--alpha_mask`:
+transparent = 0) or from a mask file beside it (`<stem>-masklabel.png`, OneTrainer's name, or
+`<stem><mask_suffix>`: white = 1, black = 0).
 """
 
 import math
@@ -101,8 +102,14 @@ def crop_and_resize(img: Image.Image, resolution: int, center_crop: bool, resamp
         # SDXL counts the crop in the image scaled so its short side is the target's.
         crop = (round(top * resolution / side), round(left * resolution / side))
     parts = [part.resize((resolution, resolution), resample=resample) for part in parts]
+    return arrays_of(parts, crop)
+
+
+def arrays_of(parts, crop):
+    """(uint8 pixels, crop) of a cropped and resized [image], or (uint8 pixels, crop, float32 mask)
+    of [image, mask]: the mask's values clipped back to [0, 1], which lanczos and bicubic overshoot."""
     pixels = np.asarray(parts[0], dtype=np.uint8)
-    if mask is None:
+    if len(parts) == 1:
         return pixels, crop
     return pixels, crop, np.clip(np.asarray(parts[1], dtype=np.float32), 0.0, 1.0)
 
@@ -159,6 +166,15 @@ def read_mask(path: str, img: Image.Image, mask: str) -> Image.Image:
     return weights
 
 
+def read_with_mask(path: str, mask: Optional[str] = None):
+    """(the image at `path` in RGB as read_image reads it, its mask as read_mask reads it from
+    the mask source `mask`); the mask is None when `mask` is."""
+    if mask is None:
+        return read_image(path), None
+    decoded = read_image(path, convert=as_decoded)
+    return to_rgb(decoded), read_mask(path, decoded, mask)
+
+
 def size_and_crop_ids(original_size, crop_top_left, target_size) -> np.ndarray:
     """SDXL's size and crop conditioning of an image, float32 [6]: (original height, width, crop
     top, crop left, target height, width), as diffusers' SDXL pipelines and scripts build it."""
@@ -176,12 +192,7 @@ def load_image(path: str, resolution: int, center_crop: bool, resample, mask: Op
       were made: the size before resizing, the crop applied); with `mask`, a third item, the
       mask cropped and resized with the pixels, float32 [resolution, resolution] in [0, 1].
     """
-    if mask is None:
-        img = read_image(path)
-        weights = None
-    else:
-        decoded = read_image(path, convert=as_decoded)
-        img, weights = to_rgb(decoded), read_mask(path, decoded, mask)
+    img, weights = read_with_mask(path, mask)
     w, h = img.size
     pixels, crop, *masks = crop_and_resize(img, resolution, center_crop, resample, weights)
     return (pixels, size_and_crop_ids((h, w), crop, (resolution, resolution)), *masks)
@@ -246,23 +257,28 @@ class Bucketing(NamedTuple):
         return cls(make_buckets(resolution, min_reso, max_reso, reso_steps), no_upscale, resolution, reso_steps)
 
 
-def load_bucketed_image(path: str, bucketing: Bucketing, resample) -> tuple[np.ndarray, np.ndarray]:
+def load_bucketed_image(path: str, bucketing: Bucketing, resample, mask: Optional[str] = None):
     """One training image in its bucket: read_image, select_bucket, crop_to_bucket.
+
+    Args:
+      mask: None, or the mask source of `read_mask` (ALPHA or a mask file suffix).
 
     Returns:
       (uint8 [bucket height, width, 3] pixels, float32 [6] SDXL size and crop ids: the size
-      before resizing, the crop's top-left in the resized image, the bucket's size).
+      before resizing, the crop's top-left in the resized image, the bucket's size); with
+      `mask`, a third item, the mask resized and cropped with the pixels, float32 [bucket
+      height, width] in [0, 1].
     Raises:
       UserError when the image is smaller than --bucket_reso_steps on a side (--bucket_no_upscale).
     """
-    img = read_image(path)
+    img, weights = read_with_mask(path, mask)
     bucket, resized = select_bucket(img.height, img.width, *bucketing)
     if min(bucket) == 0:
         raise UserError(f"image {path} is {img.width}x{img.height} pixels: with --bucket_no_upscale a side needs at "
                         f"least --bucket_reso_steps {bucketing.reso_steps} pixels; remove it, enlarge it or lower "
                         "--bucket_reso_steps")
-    pixels, crop = crop_to_bucket(img, bucket, resized, resample)
-    return pixels, size_and_crop_ids((img.height, img.width), crop, bucket)
+    pixels, crop, *masks = crop_to_bucket(img, bucket, resized, resample, weights)
+    return (pixels, size_and_crop_ids((img.height, img.width), crop, bucket), *masks)
 
 
 def load_image_set(
@@ -286,20 +302,21 @@ def load_image_set(
       time_ids: float32 [num_images, 6], SDXL's conditioning on each image's original size and
       crop (`size_and_crop_ids`): the size before resizing, the crop `center_crop` applied;
       with `mask`, a fourth item: masks float32 [num_images, resolution, resolution] in [0, 1];
-      with `bucketing` the images are a data.Bucketed of each bucket's images (and no masks:
-      TrainConfig refuses masks with buckets).
+      with `bucketing` the images are a data.Bucketed of each bucket's images, and the masks a
+      data.Bucketed of each image's mask at its bucket's size (the same buckets, in the same order).
     """
     if interpolation not in RESAMPLING:
         raise UserError(f"unknown interpolation {interpolation!r}; use one of {[*RESAMPLING]}")
     names = list_images(data_dir, caption_extension, None if mask == ALPHA else mask)
-    if bucketing is not None:
-        loaded = [load_bucketed_image(os.path.join(data_dir, name), bucketing, RESAMPLING[interpolation])
-                  for name in names]
-        return Bucketed.make([pixels for pixels, _ in loaded]), names, np.stack([ids for _, ids in loaded])
     if mask not in (None, ALPHA) and not any(os.path.isfile(os.path.join(data_dir, os.path.splitext(name)[0] + mask))
                                              for name in names):
         raise UserError(f"--masked_loss: no image in {data_dir} has a mask file (<name>{mask}); add them, or pass "
                         "--alpha_mask to take each image's alpha channel")
+    if bucketing is not None:
+        loaded = [load_bucketed_image(os.path.join(data_dir, name), bucketing, RESAMPLING[interpolation], mask)
+                  for name in names]
+        images, time_ids, *masks = zip(*loaded)
+        return (Bucketed.make(images), names, np.stack(time_ids), *(Bucketed.make(column) for column in masks))
     loaded = [load_image(os.path.join(data_dir, name), resolution, center_crop, RESAMPLING[interpolation], mask)
               for name in names]
     images, time_ids, *masks = (np.stack(column) for column in zip(*loaded))
@@ -370,16 +387,23 @@ def select_bucket(height: int, width: int, buckets, no_upscale: bool = False, re
     return bucket, resized
 
 
-def crop_to_bucket(img: Image.Image, bucket, resized, resample) -> tuple[np.ndarray, tuple]:
-    """`img` resized to `resized` (height, width) and center-cropped to `bucket` (height, width).
+def crop_to_bucket(img: Image.Image, bucket, resized, resample, mask=None):
+    """`img` resized to `resized` (height, width) and center-cropped to `bucket` (height, width),
+    and its mask made alike.
+
+    Args:
+      mask: None, or the image's mask, a PIL "F" image of the same size (`read_mask`): it gets
+        the same resize and the same crop (values clipped back to [0, 1], as crop_and_resize's).
 
     Returns:
       (uint8 [bucket height, width, 3] pixels, (top, left) of the crop in the resized image: SDXL's
-      crop coordinates, as kohya and diffusers' SDXL training script record them).
+      crop coordinates, as kohya and diffusers' SDXL training script record them); with `mask`, a
+      third item, the mask as float32 [bucket height, width].
     """
+    parts = [img] if mask is None else [img, mask]
     if (img.height, img.width) != tuple(resized):
-        img = img.resize((resized[1], resized[0]), resample=resample)
+        parts = [part.resize((resized[1], resized[0]), resample=resample) for part in parts]
     # diffusers' SDXL script's center crop (torchvision's CenterCrop): an odd margin rounds half to even.
     top, left = (int(round((r - b) / 2.0)) for r, b in zip(resized, bucket))
-    img = img.crop((left, top, left + bucket[1], top + bucket[0]))
-    return np.asarray(img, dtype=np.uint8), (top, left)
+    parts = [part.crop((left, top, left + bucket[1], top + bucket[0])) for part in parts]
+    return arrays_of(parts, (top, left))

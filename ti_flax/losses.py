@@ -11,8 +11,8 @@ the published formulas as pure jnp:
 - `huber_threshold` / `elementwise_loss`: kohya sd-scripts' `get_huber_threshold_if_needed` and
   `conditional_loss` (library/train_util.py), with kohya's `--huber_scale` at its default 1;
 - `latent_mask` / `mask_weights`: --masked_loss's mask on the latent grid (the area average of its
-  pixels, as kohya's F.interpolate(mode="area")) and OneTrainer's element weights
-  clamp(mask, unmasked_weight, 1);
+  pixels, as kohya's F.interpolate(mode="area"); with --enable_bucket taken once per image on the
+  host, `bucket_latent_masks`) and OneTrainer's element weights clamp(mask, unmasked_weight, 1);
 - `example_losses`: kohya's order (element loss, the mask's weights, mean over each example,
   the SNR weight), whose batch mean is what the step optimizes and logs. With a mask the mean is
   OneTrainer's normalised one, mean(w * loss) / mean(w): a small subject weighs as much as a large one.
@@ -180,10 +180,25 @@ def elementwise_loss(loss_type, pred, target, threshold=None):
 
 def latent_mask(mask, latent_size):
     """float32 [B, h, w]: pixel masks [B, H, W] averaged over each latent position's H/h x W/w
-    block of pixels (torch's F.interpolate(mode="area"), as kohya reduces its masks)."""
+    block of pixels (torch's F.interpolate(mode="area"), as kohya reduces its masks). A mask
+    already on the latent grid ([B, h, w], as --enable_bucket's batches carry) comes back as it is."""
     b, height, width = mask.shape
     h, w = latent_size
     return jnp.mean(mask.astype(jnp.float32).reshape(b, h, height // h, w, width // w), axis=(2, 4))
+
+
+def bucket_latent_masks(masks, vae_scale_factor):
+    """--enable_bucket's masks brought to their buckets' latent grids once, on the host.
+
+    Args:
+      masks: a data.Bucketed of float32 [H, W] pixel masks (images.load_image_set's).
+      vae_scale_factor: the VAE's downsampling f; every bucket side is a multiple of it.
+    Returns:
+      The same items in the same buckets, float32 numpy [H / f, W / f]: `latent_mask` of each
+      bucket's masks, which the step's own `latent_mask` then leaves as they are.
+    """
+    f = vae_scale_factor
+    return masks.with_arrays([np.array(latent_mask(m, (m.shape[1] // f, m.shape[2] // f))) for m in masks.arrays])
 
 
 def mask_weights(loss_spec, mask, latent_size):
@@ -198,8 +213,9 @@ def example_losses(loss_spec, pred, target, timesteps, alphas_cumprod, predictio
     Args:
       loss_spec: LossSpec. pred, target: float32 [B, C, h, w]. timesteps: int [B].
       alphas_cumprod: float32 [num_train_timesteps]. prediction_type: "epsilon" or "v_prediction".
-      mask: with loss_spec.masked, float32 [B, H, W] pixel masks: each example's loss is then
-        mean(w * loss) / mean(w) with w = mask_weights (the mean over every element).
+      mask: with loss_spec.masked, float32 [B, H, W] pixel masks (or [B, h, w] on the latent
+        grid): each example's loss is then mean(w * loss) / mean(w) with w = mask_weights (the
+        mean over every element).
     """
     threshold = None if loss_spec.loss_type == "l2" else huber_threshold(loss_spec, alphas_cumprod, timesteps)
     element = elementwise_loss(loss_spec.loss_type, pred, target, threshold)

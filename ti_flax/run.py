@@ -20,7 +20,7 @@ from .bucket_data import BucketBatches
 from .concept_data import ConceptMix
 from .config import TrainConfig
 from .errors import UserError
-from .losses import LossSpec, check_schedule
+from .losses import LossSpec, bucket_latent_masks, check_schedule
 from .optim import OptimizerSpec
 
 
@@ -175,7 +175,7 @@ def run_data(config, model, concepts, learned, global_batch):
     for index, concept in enumerate(learned):
         with naming(config, concept.concept):
             part, held = concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
-                                           model.spec.is_sdxl, index)
+                                           model.spec.is_sdxl, index, model.spec.vae_scale_factor)
         parts.append(part)
         validation_parts.append(held)
     if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
@@ -260,10 +260,11 @@ def norm_targets(config, spec, tables):
     return given
 
 
-def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, index=0):
+def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, index=0, vae_scale_factor=8):
     """A concept's (data.TrainData, data.ValidationImages): its images decoded, every prompt tokenized
     and checked (one that does not fit is an error, never cut); with `sdxl`, each image's time ids
-    kept; with --masked_loss / --alpha_mask, each image's mask. With --validation_split the images it holds out (data.hold_out; `index` is the concept's
+    kept; with --masked_loss / --alpha_mask, each image's mask (with --enable_bucket, on its bucket's
+    latent grid: the VAE downsamples by `vae_scale_factor`). With --validation_split the images it holds out (data.hold_out; `index` is the concept's
     place in the run) are the validation images and the others train; without, every image is both.
     The validation images are None without --validation_loss_steps."""
     concept = learned.concept
@@ -275,6 +276,8 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, inde
         mask, bucketing(config),
     )
     masks = masks[0] if masks else None
+    if masks is not None and config.enable_bucket:  # a batch then carries a 64th of the pixels' masks
+        masks = bucket_latent_masks(masks, vae_scale_factor)
     template_ids = prompts.encode_templates(
         tokenizer, prompts.templates_for(concept.learnable_property), tokens_lib.placeholder_text(learned.tokens)
     )

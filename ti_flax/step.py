@@ -200,7 +200,7 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
       batch: PixelBatch (uint8 [B, H, W, 3] images) or LatentBatch (float32 [B, C, h, w] cached
         moments), with input_ids int32 [B, L], example_ids int [B], concept_ids int32 [B]
         (read only when num_concepts > 1), for SDXL time_ids float32 [B, 6] and, exactly when
-        `loss_spec.masked`, mask float32 [B, H, W].
+        `loss_spec.masked`, mask float32 [B, H, W] (with --enable_bucket, [B, h, w] on the latent grid).
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (with
         what follows each update: the rows' norm control and EMA), num_concepts: the run's
