@@ -41,8 +41,9 @@ def gap_closed(planted, out_dir):
 
 
 def test_the_default_recipe_closes_half_the_gap_and_a_zero_gradient_does_not(planted, tmp_path, monkeypatch):
-    # Measured: the default recipe closes XX of the gap in 25 steps; with the gradient stopped
-    # (AdamW's weight decay alone moves the rows) YY.
+    # Measured: the default recipe closes 1.06 of the gap in 25 steps (rows as good as v* on the
+    # held-out images); with the gradient stopped (AdamW's weight decay alone moves the rows) -0.0001.
+    # Fails if the rows' gradient stops reaching the update, or the rows stop reaching the prompt.
     assert gap_closed(planted, tmp_path / "default") > 0.5
     original = step.diffusion_loss
     monkeypatch.setattr(step, "diffusion_loss", lambda rows, *a, **k: original(jax.lax.stop_gradient(rows), *a, **k))
