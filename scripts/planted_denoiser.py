@@ -164,7 +164,7 @@ def encode(model, images):
     return np.asarray(fn(model.params["vae"], images))
 
 
-def train_denoiser(model_dir, steps, batch, learning_rate=1e-3, per_caption=16, seed=0, token="<planted>", log=None):
+def train_denoiser(model_dir, steps, batch, learning_rate=2e-3, per_caption=16, seed=0, token="<planted>", log=None):
     """Train the UNet of the model folder `model_dir` in place (see the module docstring).
 
     Returns {"scaling_factor": float, "losses": [mean training loss of each tenth of the steps]}.
