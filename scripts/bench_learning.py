@@ -5,16 +5,17 @@ Usage:
         [--recipes default snr_gamma ...] [--prompt_share]
 
 1. The model: make_tiny_model.py's "planted" layout (the tiny SD 1.x blocks, 64-wide text-encoder
-   heads, cross-attention scaled up so the prompt matters), built into DIR/model.
-2. The concept: a target row v*, a random direction at the token table's median norm (no token's
-   row), and images sampled from the model conditioned on "a photo of <planted>" with v* as the
-   token's row (PNDM, fixed steps, seed and guidance): N training images in DIR/data, and N more
-   held out. The trainer sees v* only through the training images.
+   heads, 16 px), built into DIR/model: its UNet trained to denoise captioned shapes
+   ("a photo of a red square", ...) and one concept, a ring in colours no caption names, captioned
+   with a row v* that no token has (planted_denoiser.py). The saved token table has no v*.
+2. The concept: N training images and N held-out images, other draws of the concept from the
+   generator the denoiser was trained on (planted_denoiser.concept_images). The trainer sees v*
+   only through the training images.
 3. Each recipe trains `<planted>` from the initializer token "toy" with ti_flax's `train` for S
    steps (a learning rate of 5e-3, no warm-up and a batch of 4, the rest ti_flax's defaults plus
    the recipe's flags), saving the rows every K steps. Each saved embedding is scored on the held-out images
    with fixed draws (ti_flax.validation_loss.Evaluator: kohya's 4 timesteps, the noises of
-   validation_key(0)), prompt "a photo of <planted>":
+   validation_key(0)), prompt "a photo of a <planted>" (the first training template):
 
      gap closed = (L(init) - L(learned)) / (L(init) - L(v*))
      conditioning distance = |C(learned) - C(v*)| / |C(init) - C(v*)|
@@ -24,7 +25,8 @@ Usage:
 
 Writes DIR/learning.md (the table), DIR/learning.png (gap closed and distance per step, a line per recipe)
 and DIR/learning.json. Deterministic: the same arguments give the same table. --prompt_share also
-prints the prompt's share of the noise prediction's variance for the "tiny" and "planted" models.
+prints the prompt's share of the noise prediction's variance over the planted model's captions for
+the "tiny" (random weights) and "planted" models.
 """
 
 import argparse
@@ -45,15 +47,15 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import make_tiny_model  # noqa: E402
+import planted_denoiser  # noqa: E402
 from ti_flax import TrainConfig, formats, models, parallel, tokens, train  # noqa: E402
 from ti_flax.data import ValidationImages  # noqa: E402
 from ti_flax.prompts import CUT, encode_prompt  # noqa: E402
-from ti_flax.sampler import Sampler  # noqa: E402
 from ti_flax.step import Frozen  # noqa: E402
 from ti_flax.validation_loss import Evaluator  # noqa: E402
 
-TOKEN, INITIALIZER, PROMPT = "<planted>", "toy", "a photo of {}"
-RESOLUTION = 32
+TOKEN, INITIALIZER, PROMPT = "<planted>", "toy", "a photo of a {}"
+RESOLUTION = planted_denoiser.SIDE
 SEED = 0
 LEARNING_RATE = 5e-3
 BATCH = 4  # per device: ti_flax's 16 made a step 1.25 s on this 2-core machine
@@ -74,18 +76,19 @@ FLAGS = {  # the command-line spelling of each recipe, for the table
 }
 
 
-def prompt_share(model_dir, words=("cat", "dog", "car", "tree", "house", "red", "blue", "toy"), seed=0):
+def prompt_share(model_dir, phrases=planted_denoiser.vocabulary(), seed=0):
     """The prompt's share of the UNet's prediction variance: predictions for "a photo of a X" over
-    `words` at 4 fixed noisy latents (timesteps 200, 400, 600, 800), the variance over prompts
-    (averaged over latents and elements) divided by the variance over everything."""
+    `phrases` (the planted model's captions) at 4 fixed noisy latents (timesteps 200, 400, 600,
+    800), the variance over prompts (averaged over latents and elements) divided by the variance
+    over everything."""
     model = models.load_model(model_dir)
     spec, compute = model.spec, models.Compute()
-    ids = np.stack([encode_prompt(model.tokenizer, f"a photo of a {w}", overflow=CUT) for w in words])
+    ids = np.stack([encode_prompt(model.tokenizer, f"a photo of a {p}", overflow=CUT) for p in phrases])
     context = models.condition(spec, compute, model.params["text_encoder"], ids,
                                np.zeros((1, spec.row_width), np.float32)).context
     size = spec.unet.sample_size
     latents = np.random.default_rng(seed).standard_normal((4, 4, size, size), np.float32)
-    k, n = len(words), len(latents)
+    k, n = len(phrases), len(latents)
     pred = models.predict_noise(spec, compute, model.params["unet"], np.tile(latents, (k, 1, 1, 1)),
                                 np.tile(np.array([200, 400, 600, 800], np.int32), k), np.repeat(context, n, axis=0))
     pred = np.asarray(pred, np.float64).reshape(k, n, -1)
@@ -96,25 +99,19 @@ class Planted:
     """The planted model and concept: v*, the images, and the held-out scoring.
 
     Args: model_dir: a "planted" model folder. num_images: training (and held-out) images.
-      sample_steps, guidance_scale: the sampler's settings for the images.
       vector_counts: the --num_vectors of the runs to be scored (each compiles its evaluation).
     """
 
-    def __init__(self, model_dir, num_images=8, sample_steps=20, guidance_scale=7.5, seed=SEED, vector_counts=(1, 2)):
+    def __init__(self, model_dir, num_images=8, seed=SEED, vector_counts=(1, 2)):
         self.model = models.load_model(model_dir)
         spec = self.model.spec
         self.devices = tuple(jax.local_devices()[:1])
         table = np.asarray(models.token_table(self.model.params["text_encoder"]), np.float32)
-        direction = np.random.default_rng(seed).standard_normal(spec.row_width)
-        self.target = (direction / np.linalg.norm(direction) * tokens.median_norm(table))[None].astype(np.float32)
+        self.target = planted_denoiser.planted_row(table, seed)
         self.init_row = table[tokens.initializer_id(self.model.tokenizer, INITIALIZER)][None]
         self.prompt_ids = {n: self._prompt(n) for n in sorted({1, *vector_counts})}  # by number of vectors
-        sampler = Sampler.from_model(self.model, num_images=2 * num_images, num_inference_steps=sample_steps,
-                                     guidance_scale=guidance_scale, height=RESOLUTION, width=RESOLUTION,
-                                     devices=self.devices)
-        negative = encode_prompt(self.model.tokenizer, "", overflow=CUT)
-        images = sampler.sample(self.target, self.prompt_ids[1], negative, seed=seed)
-        self.train_images, self.held_out = images[:num_images], images[num_images:]
+        self.train_images = planted_denoiser.concept_images(num_images, seed, stream=1)
+        self.held_out = planted_denoiser.concept_images(num_images, seed, stream=2)
         self.frozen = parallel.replicate(Frozen.from_model(self.model), self.devices)
         self.evaluators = {n: Evaluator(spec, models.Compute(), ValidationImages(
             self.held_out, np.repeat(ids[None], len(self.held_out), 0), np.zeros(len(self.held_out), np.int32)),

@@ -116,19 +116,16 @@ LAYOUTS["flax-fixture"] = dict(
 )
 
 # The planted-concept model (scripts/bench_learning.py): the tiny SD 1.x blocks with SD 1.x's
-# 64-wide text-encoder heads (one head of 64), whose noise prediction depends strongly on the
-# prompt. In a random UNet the cross-attention is nearly uniform over the 77 tokens (mostly
-# padding) and its output small against the residual stream, so one changed word moves the
-# prediction very little. After the build the cross-attention keys (attn2.to_k) are scaled up,
-# which makes each position attend to a few tokens, and its output projection (attn2.to_out)
-# too, which makes that term large. The prompt's share of the prediction's variance
-# (bench_learning.py --prompt_share: "a photo of a X" over 8 words X, at fixed latents and
-# timesteps) is then 0.29 against 0.0003 on "tiny"; the output gain alone (x100) reached 0.03.
+# 64-wide text-encoder heads (one head of 64) at 16 px (8 x 8 latents), whose UNet is trained after
+# the build to denoise captioned shapes, with one concept reachable only through a row that no
+# token has (scripts/planted_denoiser.py). "denoiser" holds train_denoiser's settings.
 LAYOUTS["planted"] = dict(
     LAYOUTS["tiny"],
+    unet=dict(LAYOUTS["tiny"]["unet"], sample_size=8),
     hidden=64,
     text=dict(num_attention_heads=1),
-    unet_gains={".attn2.to_k.": 30.0, ".attn2.to_out.0.": 30.0},
+    resolution=16,
+    denoiser=dict(steps=400, batch=32, learning_rate=2e-3),
 )
 
 # SDXL's layout at tiny widths: CLIP-L-like and OpenCLIP-bigG-like text encoders (the second with
@@ -259,8 +256,10 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
         pipe.save_pretrained(out_dir, safe_serialization=True)
     if spec.get("numpy_weights"):
         reinit_weights(out_dir, seed)
-    if spec.get("unet_gains"):
-        scale_unet_weights(out_dir, spec["unet_gains"])
+    if spec.get("denoiser"):
+        import planted_denoiser
+
+        planted_denoiser.train_denoiser(out_dir, seed=seed, **spec["denoiser"])
     return out_dir
 
 
@@ -339,20 +338,6 @@ def reinit_weights(model_dir, seed):
                 if state[name].dtype.kind == "f":
                     state[name] = _weight_values(f"{component}.{_canonical(component, name)}", state[name].shape, seed)
             save_file(state, path, metadata={"format": "pt"})
-
-
-def scale_unet_weights(model_dir, gains):
-    """Multiply each UNet weight of a saved pipeline folder whose name contains a key of `gains`
-    ({".attn2.to_k.": 30.0, ...}) by that key's value."""
-    from safetensors.numpy import load_file, save_file
-
-    path = os.path.join(model_dir, "unet", "diffusion_pytorch_model.safetensors")
-    state = load_file(path)
-    for name in state:
-        for part, gain in gains.items():
-            if part in name:
-                state[name] = state[name] * state[name].dtype.type(gain)
-    save_file(state, path, metadata={"format": "pt"})
 
 
 def main(argv=None):
