@@ -27,7 +27,7 @@ def rows(models, batches, targets):
     from ti_flax import TrainConfig, planning
     from ti_flax.footprint import GIB
 
-    yield "| model | batch per chip | flags (all bf16) | chip | memory per chip | fits | FLOP-bound step |"
+    yield "| model | batch per chip | flags (all bf16) | chip | memory per chip | fits | roofline step |"
     yield "| --- | --- | --- | --- | --- | --- | --- |"
     for model in models:
         resolution, sizes = MODELS[model]
