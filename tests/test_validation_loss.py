@@ -84,6 +84,28 @@ def test_the_same_on_one_and_four_devices_and_from_cached_latents(prepared):
     np.testing.assert_allclose(evaluate(run, rows, FOUR_DEVICES, three, cached=True), one, rtol=1e-5)
 
 
+def test_the_loss_compiled_ahead_is_the_loss_compiled_on_its_first_call(prepared):
+    run, rows = prepared
+    frozen = parallel.replicate(step_lib.Frozen.from_model(run.model), ONE_DEVICE)
+    evaluator = Evaluator(run.model.spec, models.Compute(), run.validation_images, run.config.seed, ONE_DEVICE)
+    replicated = parallel.replicate(rows, ONE_DEVICE)
+    evaluator.compile_in_background(replicated, frozen)
+    got = evaluator.per_example(replicated, frozen)
+    assert isinstance(evaluator.fn, jax.stages.Compiled)  # the program compiled ahead ran
+    np.testing.assert_array_equal(got, evaluate(run, rows, ONE_DEVICE))
+
+
+def test_the_engine_compiles_the_loss_before_the_loop_needs_it(prepared):
+    # Not inside the training loop: the first evaluation then only waits for (or reads) the
+    # program compiled behind the first steps.
+    from ti_flax import engine
+
+    run, _ = prepared
+    built = engine.build(run)
+    assert built.validation_loss()["loss"] > 0
+    assert isinstance(built.evaluator.fn, jax.stages.Compiled)
+
+
 @pytest.fixture(scope="module")
 def learning_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
     """test_train.test_learning_is_real's setup (one device, global batch 4, 2 vectors, 40 steps),

@@ -114,6 +114,8 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     state = parallel.replicate(state, devices)
     keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
     step_fn, compile_seconds = compiling.result()
+    if evaluator is not None:  # its program compiles behind the first steps, not inside the loop
+        evaluator.compile_in_background(state.output_rows, frozen)
     estimated = None
     if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
         def suggestions():  # only asked for when the step does not fit

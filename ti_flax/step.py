@@ -262,8 +262,8 @@ def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute):
 
 @functools.lru_cache(maxsize=16)
 def pmapped_validation_losses(spec, compute, devices):
-    """validation_losses pmapped over `devices`; it compiles on its first call and, its arguments
-    always shaped alike, never again."""
+    """validation_losses pmapped over `devices`; it compiles once (ahead, with `compiled_ahead`, or
+    on its first call), its arguments always shaped alike."""
     fn = functools.partial(validation_losses, spec=spec, compute=compute)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices))
 
@@ -303,13 +303,21 @@ def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, k
       pmapped step and the arguments' shapes, so a second run with the same settings reuses it.
       In a multi-process run, the pmapped step itself, which compiles on its first call.
     """
+    return compiled_ahead(pmapped_train_step(spec, compute, opt_spec, devices, num_concepts, loss_spec),
+                          state, frozen, batch, key)
+
+
+def compiled_ahead(pmapped, *args):
+    """`pmapped` (a pmapped step) compiled for arguments shaped like `args` (arrays or
+    jax.ShapeDtypeStruct, each leaf with its leading device axis), cached by the function and the
+    shapes; in a multi-process run `pmapped` itself, which compiles on its first call."""
     if jax.process_count() > 1:
         # There the pmap spans every process's devices: its ahead-of-time program takes global
         # arrays, not the host-local ones the loop passes (jax's pmap.lower says as much).
-        return pmapped_train_step(spec, compute, opt_spec, devices, num_concepts, loss_spec)
-    leaves, treedef = jax.tree_util.tree_flatten((state, frozen, batch, key))
+        return pmapped
+    leaves, treedef = jax.tree_util.tree_flatten(args)
     shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
-    return _compiled(pmapped_train_step(spec, compute, opt_spec, devices, num_concepts, loss_spec), treedef, shapes)
+    return _compiled(pmapped, treedef, shapes)
 
 
 @functools.lru_cache(maxsize=16)

@@ -17,6 +17,8 @@ same neighbours (the last per-device batch is padded with copies of the last exa
 host reduces the per-example losses in example order.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import numpy as np
 
@@ -85,6 +87,18 @@ class Evaluator:
             self.calls.append(parallel.shard((type(batch)(*map(split, batch)), split(timesteps[at])), self.devices))
         self.key = parallel.replicate(validation_key(seed), self.devices)
         self.fn = step_lib.pmapped_validation_losses(spec, compute, self.devices)
+        self._ahead = None  # the program compile_in_background is compiling
+
+    def compile_in_background(self, rows, frozen):
+        """Start compiling the loss on a thread, for arguments shaped like `rows` and `frozen` (the
+        engine's replicated rows and frozen weights; their shapes are read now, so the rows may be
+        donated after). The first evaluation then runs that program instead of tracing and
+        compiling inside the training loop."""
+        batch, timesteps = self.calls[0]  # every call is shaped alike
+        args = parallel.shapes((rows, frozen, batch, timesteps, self.key))
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile-validation")
+        self._ahead = pool.submit(step_lib.compiled_ahead, self.fn, *args)
+        pool.shutdown(wait=False)  # the thread ends when the compile does
 
     def per_example(self, rows, frozen):
         """float32 numpy [count]: each example's loss with `rows`, in example order.
@@ -92,6 +106,8 @@ class Evaluator:
         Args: rows: the replicated learned rows (the engine's state.rows). frozen: the replicated
           step.Frozen (its VAE is read only without --cache_latents).
         """
+        if self._ahead is not None:  # re-raises what the compile raised
+            self.fn, self._ahead = self._ahead.result(), None
         out = [self.fn(rows, frozen, batch, timesteps, self.key) for batch, timesteps in self.calls]
         local = np.stack([parallel.local_rows(x) for x in out])  # [calls, local devices, B]
         if jax.process_count() > 1:  # every process's share of each call, in device order
