@@ -43,7 +43,7 @@ sys.path.insert(0, HERE)
 from benchmark import model_resolution  # noqa: E402
 
 # The trainer's final summary ("  startup       loaded model in 2.5 s; compiled step in 44.6 s")
-# and banner ("  devices    1 (1 local x 1 process(es), cpu)"): see ti_flax.logs.startup_text.
+# and banner ("  devices    1 (1 local x 1 process(es), cpu)"): see ti_flax.training.logs.startup_text.
 STARTUP = re.compile(r"^\s*startup\s+loaded model in ([\d.]+) s(?:; compiled step in ([\d.]+) s)?", re.M)
 DEVICES = re.compile(r"^\s*devices\s+(\d+) \(.*?, (\w+)\)", re.M)
 

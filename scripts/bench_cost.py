@@ -65,7 +65,7 @@ def activation_bytes(spec, compute, params, batch, latent):
     import jax
     import jax.numpy as jnp
 
-    from ti_flax import footprint, step as step_lib
+    from ti_flax.training import footprint, step as step_lib
 
     S = jax.ShapeDtypeStruct
     frozen = footprint.abstract_frozen(spec, compute.dtype, vae=False)
@@ -87,7 +87,7 @@ def activation_bytes(spec, compute, params, batch, latent):
 def analysed(lowered, compile_it):
     """XLA's figures of a lowered program: {"flops", "bytes_accessed", "analysis"}, of the compiled
     (fused) program with its "xla_memory", or of the unoptimised HLO (fast)."""
-    from ti_flax import footprint
+    from ti_flax.training import footprint
 
     if compile_it:
         compiled = lowered.compile()
@@ -110,10 +110,11 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
     import jax
     import jax.numpy as jnp
 
-    from ti_flax import footprint, models, step as step_lib
+    from ti_flax.training import footprint, step as step_lib
+    from ti_flax import models
     from ti_flax.config import TrainConfig
-    from ti_flax.losses import LossSpec
-    from ti_flax.optim import OptimizerSpec
+    from ti_flax.training.losses import LossSpec
+    from ti_flax.training.optim import OptimizerSpec
 
     S = jax.ShapeDtypeStruct
     lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
@@ -177,7 +178,9 @@ def validation_loss_cost(variant, resolution, compile_it=True, model="sd15"):
     import jax
     import jax.numpy as jnp
 
-    from ti_flax import data, models, step as step_lib, validation_loss
+    from ti_flax.data import batches as data
+    from ti_flax import models
+    from ti_flax.training import step as step_lib, validation_loss
     from ti_flax.config import TrainConfig
 
     S = jax.ShapeDtypeStruct
@@ -226,7 +229,7 @@ LOSS_RECIPES = {
 def loss_recipe_costs(variant, batch=1, resolution=512, compile_it=True, names=tuple(LOSS_RECIPES)):
     """XLA's FLOPs and bytes of the SD 1.5 step with each loss recipe, and each one's change
     from the recipe off, in percent: [(name, cost dict, flops %, bytes %)]."""
-    from ti_flax.losses import LossSpec
+    from ti_flax.training.losses import LossSpec
 
     rows = []
     for name in names:

@@ -18,7 +18,7 @@ What it measures, per variant, each in its own process (so device memory peaks d
   custom calls in the compiled program;
 * time from process start to the first finished step, with its parts (imports, model load,
   engine.build, first update). Every child runs with JAX_COMPILATION_CACHE_DIR set to one
-  folder that starts empty and calls ti_flax.compile_cache.configure() as `train` does, so the
+  folder that starts empty and calls ti_flax.training.compile_cache.configure() as `train` does, so the
   first bf16 run is a cold start and "bf16-auto-2nd-start" (the same settings again) is the
   second start with a warm persistent cache.
 
@@ -26,7 +26,7 @@ The model is an SD 1.5-shaped diffusers folder (the real SD 1.5 configs of bench
 ViT-L text encoder, UNet 320/640/1280/1280 with 8 heads, VAE 128/256/512/512; with --layout sdxl,
 SDXL 1.0 base's: CLIP-L and OpenCLIP bigG, UNet 320/640/1280 with 64-wide heads) with random
 float32 weights and the bundled real CLIP tokenizer, written here with numpy and ti_flax's own
-save_pipeline (no diffusers, nothing downloaded), then read back by ti_flax.run.prepare like any
+save_pipeline (no diffusers, nothing downloaded), then read back by ti_flax.training.run.prepare like any
 model folder: the step measured is the real one (prepare -> engine.build -> Engine.update).
 512 px, `--batch` 4 per device, 1 device, the bundled sample images. `--tiny` runs the same
 script end to end on a tiny layout (64 px, batch 1, 2 timed updates) to check it on a CPU.
@@ -115,7 +115,7 @@ def build_model(out_dir, layout, seed=0):
     import numpy as np
 
     from ti_flax import models
-    from ti_flax.clip_vocab import write_tokenizer_files
+    from ti_flax.models.clip_vocab import write_tokenizer_files
     from ti_flax.formats import pipeline
     from ti_flax.models import schedulers
     from ti_flax.models.weights import flatten, unflatten
@@ -265,9 +265,9 @@ def child(args):
         import jax
         import numpy as np
 
-        from ti_flax import compile_cache, engine as engine_lib
+        from ti_flax.training import compile_cache, engine as engine_lib
         from ti_flax.models import attention as attention_lib
-        from ti_flax.run import prepare
+        from ti_flax.training.run import prepare
 
         t_imported = time.time()
         stage = "prepare"
@@ -344,7 +344,7 @@ def child(args):
         if not args.no_plan:
             stage = "plan"
             # `python -m ti_flax.plan --target local` for the same flags: its estimate against the peak measured above.
-            from ti_flax import planning
+            from ti_flax.commands import plan as planning
 
             start = time.perf_counter()
             planned = planning.plan(config, "local", alternatives=False)

@@ -14,7 +14,7 @@ Usage:
 3. Each recipe trains `<planted>` from the initializer token "toy" with ti_flax's `train` for S
    steps (a learning rate of 5e-3, no warm-up and a batch of 4, the rest ti_flax's defaults plus
    the recipe's flags), saving the rows every K steps. Each saved embedding is scored on the held-out images
-   with fixed draws (ti_flax.validation_loss.Evaluator: kohya's 4 timesteps, the noises of
+   with fixed draws (ti_flax.training.validation_loss.Evaluator: kohya's 4 timesteps, the noises of
    validation_key(0)), prompt "a photo of a <planted>" (the first training template):
 
      gap closed = (L(init) - L(learned)) / (L(init) - L(v*))
@@ -49,10 +49,10 @@ from PIL import Image  # noqa: E402
 import make_tiny_model  # noqa: E402
 import planted_denoiser  # noqa: E402
 from ti_flax import TrainConfig, formats, models, parallel, tokens, train  # noqa: E402
-from ti_flax.data import ValidationImages  # noqa: E402
-from ti_flax.prompts import CUT, encode_prompt  # noqa: E402
-from ti_flax.step import Frozen  # noqa: E402
-from ti_flax.validation_loss import Evaluator  # noqa: E402
+from ti_flax.data.batches import ValidationImages  # noqa: E402
+from ti_flax.data.prompts import CUT, encode_prompt  # noqa: E402
+from ti_flax.families import Frozen  # noqa: E402
+from ti_flax.training.validation_loss import Evaluator  # noqa: E402
 
 TOKEN, INITIALIZER, PROMPT = "<planted>", "toy", "a photo of a {}"
 RESOLUTION = planted_denoiser.SIDE

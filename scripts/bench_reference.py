@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ti_flax import models, step as step_lib
+from ti_flax import models
+from ti_flax.training import step as step_lib
 from ti_flax.models import clip
 from ti_flax.parallel import AXIS
 

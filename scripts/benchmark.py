@@ -124,7 +124,8 @@ class Runner:
     def __init__(self, variant, run):
         import jax
 
-        from ti_flax import engine as engine_lib, models, parallel
+        from ti_flax.training import engine as engine_lib
+        from ti_flax import models, parallel
 
         self.variant, self.devices, self.cache_s = variant, run.devices, 0.0
         run = variant_run(variant, run)
@@ -167,7 +168,7 @@ class Runner:
 
 def variant_run(variant, run):
     """`run` with the variant's settings (precision, attention, remat, cache, accumulation)."""
-    from ti_flax.optim import OptimizerSpec
+    from ti_flax.training.optim import OptimizerSpec
 
     config = run.config.replace(
         gradient_accumulation_steps=variant.accumulation, mixed_precision=variant.mixed_precision,
@@ -180,7 +181,7 @@ def variant_run(variant, run):
 def prepare_run(model_dir, data_dir, batch, num_devices):
     import jax
 
-    from ti_flax.run import prepare
+    from ti_flax.training.run import prepare
 
     out = os.path.join(tempfile.gettempdir(), "ti-bench-unused")  # prepare() writes nothing
     return prepare(bench_config(model_dir, data_dir, batch, out), devices=jax.local_devices()[:num_devices])
@@ -203,7 +204,7 @@ def probe(args):
     """Subprocess: set one variant up, run 3 updates, print compile time and memory as JSON."""
     import jax
 
-    from ti_flax import footprint
+    from ti_flax.training import footprint
 
     run = prepare_run(args.model, args.data, args.batch, args.probe_devices)
     runner = Runner(VARIANTS[args.probe], run)
@@ -240,7 +241,7 @@ def fixed_eval_loss(model, rows, data, steps=4):
     import jax
     import numpy as np
 
-    from ti_flax import step as step_lib
+    from ti_flax.training import step as step_lib
 
     from ti_flax import models
 
@@ -272,7 +273,7 @@ def wallclock(args, names, device_counts):
 def _wallclock(args, names, device_counts, cache_dir):
     import numpy as np
 
-    from ti_flax.data import TrainData
+    from ti_flax.data.batches import TrainData
 
     block, rounds = 5, max(1, args.steps // 5)
     results = []

@@ -25,7 +25,8 @@ def main(argv=None):
 
     import make_tiny_model
 
-    from ti_flax import TrainConfig, train, verify
+    from ti_flax import TrainConfig, train
+    from ti_flax.commands import verify
 
     model_dir = os.path.join(args.workdir, "tiny-sd")
     if not os.path.exists(os.path.join(model_dir, "model_index.json")):

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(ROOT, "ti_flax", "clip_vocab.py")) and ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ti_flax.clip_vocab import NUM_MERGES, write_tokenizer_files  # noqa: E402
+from ti_flax.models.clip_vocab import NUM_MERGES, write_tokenizer_files  # noqa: E402
 
 # The tiny UNet: SD 1.x's blocks (a cross-attention level, a plain level, their up blocks with
 # skip connections, down- and upsamplers, the mid block) at 32 / 64 channels.
@@ -166,7 +166,7 @@ LAYOUTS["single-sdxl"] = dict(
 
 
 def write_clip_tokenizer(out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|>"):
-    """Write the CLIP tokenizer files (ti_flax.clip_vocab.write_tokenizer_files) to `out_dir` and
+    """Write the CLIP tokenizer files (ti_flax.models.clip_vocab.write_tokenizer_files) to `out_dir` and
     return a CLIPTokenizer loaded from them.
 
     With fewer `num_merges`, the tokenizer keeps only the first merges (vocabulary

@@ -24,8 +24,9 @@ VARIANTS = (("", {}), ("--gradient_checkpointing", {"gradient_checkpointing": Tr
 
 
 def rows(models, batches, targets):
-    from ti_flax import TrainConfig, planning
-    from ti_flax.footprint import GIB
+    from ti_flax import TrainConfig
+    from ti_flax.commands import plan as planning
+    from ti_flax.training.footprint import GIB
 
     yield "| model | batch per chip | flags (all bf16) | chip | memory per chip | fits | roofline step |"
     yield "| --- | --- | --- | --- | --- | --- | --- |"

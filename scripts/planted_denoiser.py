@@ -108,7 +108,7 @@ def _contexts(model, phrases, row, token):
     import copy
 
     from ti_flax import models, tokens
-    from ti_flax.prompts import CUT, OBJECT_TEMPLATES, encode_prompt
+    from ti_flax.data.prompts import CUT, OBJECT_TEMPLATES, encode_prompt
 
     tokenizer = copy.deepcopy(model.tokenizer)
     tokens.add_to_tokenizers((tokenizer,), [token])
@@ -157,7 +157,7 @@ def scale_keys(params, gain):
 def encode(model, images):
     """float32 [n, C, h, w]: the VAE posterior means of uint8 NHWC `images` (the trainer's encoder)."""
     from ti_flax import models
-    from ti_flax.step import encode_pixels
+    from ti_flax.training.step import encode_pixels
 
     spec = model.spec
     fn = jax.jit(lambda params, pixels: encode_pixels(spec, models.Compute(), params, pixels)[0])
@@ -175,7 +175,7 @@ def train_denoiser(model_dir, steps, batch, learning_rate=2e-3, per_caption=16, 
     from ti_flax import models
     from ti_flax.models import unet as unet_lib
     from ti_flax.models import weights
-    from ti_flax.step import noisy_latents
+    from ti_flax.training.step import noisy_latents
 
     set_vae_posterior(model_dir)
     model = models.load_model(model_dir)

@@ -134,7 +134,8 @@ def traces():
     pmapped_sample_step look the module's function up when they build a program, and cache that
     program, so one wrapped part-way through would miss the traces of programs built before it.
     """
-    from ti_flax import sampler, step
+    from ti_flax.sampling import sampler
+    from ti_flax.training import step
 
     counts = collections.Counter()
     with pytest.MonkeyPatch.context() as patch:

@@ -62,8 +62,9 @@ def forward_values(model_dir):
     import jax
     import numpy as np
 
-    from ti_flax import checkpoint, models, step as step_lib
-    from ti_flax.run import prepare
+    from ti_flax.training import checkpoint, step as step_lib
+    from ti_flax import models
+    from ti_flax.training.run import prepare
 
     devices = jax.local_devices()[:1]
     run = prepare(run_config(model_dir, "unused"), devices=devices)

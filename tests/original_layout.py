@@ -185,7 +185,7 @@ def assert_same_weights(got, want, what):
 
 def run_train_cli(model, tmp_path, capsys, *extra):
     """The training command's one error line for `model`, checked to exit 2 having written nothing."""
-    from ti_flax.training import main
+    from ti_flax.commands.train import main
 
     out = tmp_path / "out"
     code = main(["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(tmp_path),

@@ -6,7 +6,8 @@ by patching from outside; ti_flax itself has no test hook."""
 import sys
 import time
 
-from ti_flax import formats, training
+from ti_flax import formats
+from ti_flax.commands import train as training
 
 
 def main(step, args):

@@ -79,15 +79,15 @@ def test_generate_with_the_result(trained, tiny_model_dir, tmp_path):
 def test_the_public_names_are_plain_functions_however_the_modules_are_imported():
     import inspect
 
-    import ti_flax.exporting
-    import ti_flax.generation
-    import ti_flax.training
+    import ti_flax.commands.export
+    import ti_flax.commands.generate
+    import ti_flax.commands.train
     from ti_flax import export, generate, train
 
-    assert (train, export, generate) == (ti_flax.training.train, ti_flax.exporting.export, ti_flax.generation.generate)
+    assert (train, export, generate) == (ti_flax.commands.train.train, ti_flax.commands.export.export, ti_flax.commands.generate.generate)
     assert (train, export, generate) == (ti_flax.train, ti_flax.export, ti_flax.generate)
     assert all(inspect.isfunction(function) for function in (train, export, generate))
-    assert ti_flax.TrainResult is ti_flax.training.TrainResult
+    assert ti_flax.TrainResult is ti_flax.commands.train.TrainResult
     with pytest.raises(UserError, match="--num_images 0"):
         generate("unused", "a cat", num_images=0)
     with pytest.raises(UserError, match="--format 'png'"):
@@ -107,16 +107,16 @@ def test_config_validate_names_the_bad_flag(changes, flag):
 
 
 def test_config_fields_are_the_flag_names():
-    from ti_flax.cli import build_parser
+    from ti_flax.config.cli import build_parser
 
     flags = {a.dest for a in build_parser()._actions if a.dest not in ("help", "local_rank")}
     assert flags == {f.name for f in dataclasses.fields(ti_flax.TrainConfig)}
 
 
 def test_public_functions_document_args_returns_and_an_example():
-    from ti_flax.exporting import export_embedding
-    from ti_flax.generation import generate
-    from ti_flax.training import train
+    from ti_flax.commands.export import export_embedding
+    from ti_flax.commands.generate import generate
+    from ti_flax.commands.train import train
 
     for function in (train, export_embedding, generate):
         for section in ("Args:", "Returns:", "Example:"):

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ti_flax import TrainConfig, checkpoint, train
-from ti_flax import images as images_lib
-from ti_flax import losses
-from ti_flax.bucket_data import BucketBatches
-from ti_flax.concept_data import ConceptMix
-from ti_flax.data import Bucketed, LatentViews, TrainData
+from ti_flax import TrainConfig, train
+from ti_flax.training import checkpoint
+from ti_flax.data import images as images_lib
+from ti_flax.training import losses
+from ti_flax.data.buckets import BucketBatches
+from ti_flax.data.concept_mix import ConceptMix
+from ti_flax.data.batches import Bucketed, LatentViews, TrainData
 from ti_flax.errors import UserError
 from ti_flax.formats import read_embedding
-from ti_flax.run import check_buckets
+from ti_flax.training.run import check_buckets
 
 SD15 = images_lib.Bucketing.of(512, 256, 1024, 64, False)
 

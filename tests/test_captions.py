@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 from test_cli import run_error
 
-from ti_flax import TrainConfig, UserError, captions, checkpoint, data, prompts, train
-from ti_flax.images import load_image_set
-from ti_flax.run import prepare
+from ti_flax import TrainConfig, UserError, train
+from ti_flax.data import captions, batches as data, prompts
+from ti_flax.training import checkpoint
+from ti_flax.data.images import load_image_set
+from ti_flax.training.run import prepare
 
 TOKENS = ["<cat-toy>", "<cat-toy>_1"]
 ONE_DEVICE = jax.local_devices()[:1]

@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, checkpoint, train
-from ti_flax.actions import TrainingDiverged
-from ti_flax.training import main
+from ti_flax import TrainConfig, train
+from ti_flax.training import checkpoint
+from ti_flax.training.actions import TrainingDiverged
+from ti_flax.commands.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +142,7 @@ def test_resume_from_an_explicit_checkpoint(three_step_run, tmp_path):
 
 def test_max_grad_norm_clips_the_gradient():
     # Adam normalises the update, so clipping shows in its first moment: 0.1 x the clipped gradient.
-    from ti_flax.optim import OptimizerSpec
+    from ti_flax.training.optim import OptimizerSpec
 
     grad = np.full((2, 4), 5.0, np.float32)  # global norm 5 * sqrt(8)
     for max_norm, expected_norm in ((None, np.linalg.norm(grad)), (0.5, 0.5), (1e6, np.linalg.norm(grad))):
@@ -178,8 +179,8 @@ def test_nan_stops_at_the_step_and_keeps_last_good_checkpoint(tiny_model_dir, sa
 
 
 def _template(config):
-    from ti_flax.optim import OptimizerSpec
-    from ti_flax.step import init_state
+    from ti_flax.training.optim import OptimizerSpec
+    from ti_flax.training.step import init_state
 
     return init_state(np.zeros((config.num_vectors, 32), np.float32), OptimizerSpec.from_config(config, 1, 6))
 

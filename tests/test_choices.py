@@ -7,7 +7,10 @@ import os
 
 import pytest
 
-from ti_flax import choices, cli, exporting, generation, images, planning, sampler
+from ti_flax.config import choices, cli
+from ti_flax.commands import export as exporting, generate as generation, plan as planning
+from ti_flax.data import images
+from ti_flax.sampling import sampler
 from ti_flax.config import TrainConfig
 from ti_flax.errors import UserError
 from ti_flax.models import attention, schedulers
@@ -59,7 +62,7 @@ def test_the_code_acting_on_a_value_knows_every_value():
     assert sampler.SCHEDULERS == schedulers.SAMPLERS == choices.SAMPLERS
     assert schedulers.PREDICTION_TYPES == choices.PREDICTION_TYPES
     for name in choices.LR_SCHEDULERS:  # every schedule builds
-        from ti_flax.optim import OptimizerSpec
+        from ti_flax.training.optim import OptimizerSpec
 
         config = dataclasses.replace(TrainConfig(), lr_scheduler=name, lr_warmup_steps=2)
         assert callable(OptimizerSpec.from_config(config, 1, 10).schedule())

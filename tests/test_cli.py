@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ti_flax import cli
-from ti_flax.training import main
+from ti_flax.config import cli
+from ti_flax.commands.train import main
 
 REFERENCE_FLAGS = (
     "pretrained_model_name_or_path revision tokenizer_name train_data_dir placeholder_token initializer_token "
@@ -115,7 +115,7 @@ def test_push_to_hub_without_token(tiny_model_dir, sample_images_dir, tmp_path, 
 def test_initial_embeddings_start_the_rows(tiny_model_dir, sample_images_dir, tmp_path):
     from safetensors.numpy import save_file
 
-    from ti_flax.run import prepare
+    from ti_flax.training.run import prepare
 
     rows = np.random.default_rng(0).normal(size=(2, 32)).astype(np.float32)
     save_file({"emb_params": rows}, str(tmp_path / "kohya.safetensors"))
@@ -171,7 +171,7 @@ REFERENCE_DEFAULTS = {
 
 def test_same_defaults_as_the_reference_script():
     from ti_flax import TrainConfig
-    from ti_flax.run import DEFAULT_RESOLUTION
+    from ti_flax.training.run import DEFAULT_RESOLUTION
 
     required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--placeholder_token", "<t>",
                 "--initializer_token", "toy"]

@@ -17,7 +17,7 @@ import os
 import pytest
 from transformers import CLIPTokenizer
 
-from ti_flax import clip_vocab
+from ti_flax.models import clip_vocab
 
 PROMPTS = [
     "a photo of a cat",

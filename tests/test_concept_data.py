@@ -1,9 +1,9 @@
-"""Tests for ti_flax.concept_data: global batches drawn over several concepts, by weight."""
+"""Tests for ti_flax.data.concept_mix: global batches drawn over several concepts, by weight."""
 
 import numpy as np
 import pytest
 
-from ti_flax import concept_data, data
+from ti_flax.data import concept_mix as concept_data, batches as data
 from ti_flax.errors import UserError
 
 

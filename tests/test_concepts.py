@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from ti_flax import cli, concepts
-from ti_flax.concepts import Concept
+from ti_flax.config import cli, concepts
+from ti_flax.config.concepts import Concept
 from ti_flax.config import TrainConfig
 from ti_flax.errors import UserError
-from ti_flax.training import main
+from ti_flax.commands.train import main
 
 TOML = """
 [[concepts]]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, logs, models, train
+from ti_flax import TrainConfig, models, train
+from ti_flax.training import checkpoint, logs
 from ti_flax.errors import UserError
 
 TOML = """

@@ -1,9 +1,9 @@
-"""Tests for ti_flax.data: the batch types and the seeded batch iterator."""
+"""Tests for ti_flax.data.batches: the batch types and the seeded batch iterator."""
 
 import numpy as np
 import pytest
 
-from ti_flax import data
+from ti_flax.data import batches as data
 from ti_flax.errors import UserError
 
 def make_train_data(n=5, res=4, repeats=3, flip_p=0.5, seed=0, g=3, t=4):

@@ -9,9 +9,13 @@ Preempted; a failed intermediate save warns and training goes on.
 import numpy as np
 import pytest
 
-from ti_flax import actions, files, training
-from ti_flax.actions import Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate, ValidationLoss
-from ti_flax.preempt import Preempted
+from ti_flax.training import actions
+from ti_flax import files
+from ti_flax.commands import train as training
+from ti_flax.training.actions import (
+    Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate, ValidationLoss,
+)
+from ti_flax.training.preemption import Preempted
 
 
 def micro_metrics(loss=0.5, finite=True, devices=2):

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ti_flax import exporting, formats, verify
+from ti_flax.commands import export as exporting, verify
+from ti_flax import formats
 from ti_flax.formats import check_embedding_fits, read_embedding
 from ti_flax.errors import UserError
 

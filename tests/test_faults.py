@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 import ti_flax
-from ti_flax import TrainConfig, UserError, checkpoint, errors, files, formats, models, prompts
+from ti_flax import TrainConfig, UserError, errors, files, formats, models
+from ti_flax.training import checkpoint
+from ti_flax.data import prompts
 from ti_flax.errors import run_cli
-from ti_flax.training import main
+from ti_flax.commands.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.local_devices()[:1]
@@ -302,7 +304,7 @@ def test_exporter_out_of_space(tmp_path, monkeypatch):
 
 
 def test_metrics_log_on_a_full_disk_warns_once(tmp_path):
-    from ti_flax.logs import MetricsLogger
+    from ti_flax.training.logs import MetricsLogger
 
     logger = MetricsLogger(str(tmp_path), report_to="none")
 

@@ -450,7 +450,8 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
     """ti_flax.generate's --embeddings and training's --initial_embeddings: one line, nothing changed."""
     from types import SimpleNamespace
 
-    from ti_flax import generation, run
+    from ti_flax.commands import generate as generation
+    from ti_flax.training import run
 
     class Tokenizer(dict):  # what load_concepts asks before an embedding is checked; a real one loads slowly
         get_vocab = dict.copy

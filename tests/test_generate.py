@@ -1,4 +1,4 @@
-"""Tests for ti_flax.sampler and ti_flax.generate on the tiny model (32x32 pixels, 3 steps).
+"""Tests for ti_flax.sampling.sampler and ti_flax.generate on the tiny model (32x32 pixels, 3 steps).
 
 Most tests share one compiled program (pndm, 3 steps, 32x32, one image per device on the 4
 fake devices); only the scheduler comparison and the 1-device run compile more.
@@ -14,8 +14,11 @@ import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
-from ti_flax import generation as gen
-from ti_flax import models, prompts, sampler, step
+from ti_flax.commands import generate as gen
+from ti_flax import models
+from ti_flax.data import prompts
+from ti_flax.sampling import sampler
+from ti_flax.training import step
 from ti_flax.errors import UserError
 
 HIDDEN = 32  # the tiny model's text width

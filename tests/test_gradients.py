@@ -54,8 +54,9 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_model):
     # test found diffusers' Flax GEGLU using the tanh GELU: 1.26e-4 relative, in fp32 and fp64.)
     import jax
 
-    from ti_flax import models, step as step_lib
-    from ti_flax.run import prepare
+    from ti_flax import models
+    from ti_flax.training import step as step_lib
+    from ti_flax.training.run import prepare
 
     model_dir, recorded = golden_model
     run = prepare(golden.run_config(model_dir, "unused"), devices=jax.local_devices()[:1])

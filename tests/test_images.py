@@ -1,4 +1,4 @@
-"""Tests for ti_flax.images: listing, decoding, orientation, crop and resize, SDXL size ids."""
+"""Tests for ti_flax.data.images: listing, decoding, orientation, crop and resize, SDXL size ids."""
 
 import warnings
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ti_flax import images
+from ti_flax.data import images
 from ti_flax.errors import UserError
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import make_tiny_model
 from bench_learning import Planted, train_recipe
-from ti_flax import step
+from ti_flax.training import step
 
 pytestmark = pytest.mark.slow  # the model's denoiser trained once (about 2 minutes) and two short runs
 

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ti_flax import TrainConfig, checkpoint, cli, data, images, losses, train
+from ti_flax import TrainConfig, train
+from ti_flax.training import checkpoint, losses
+from ti_flax.config import cli
+from ti_flax.data import batches as data, images
 from ti_flax.errors import UserError, run_cli
-from ti_flax.losses import LossSpec
+from ti_flax.training.losses import LossSpec
 
 LATENT = (4, 6)  # the latent grid of the formula tests; pixels are 8x it
 PIXELS = (32, 48)

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from ti_flax import TrainConfig, model_card
-from ti_flax.concepts import Concept
-from ti_flax.run import Learned
+from ti_flax import TrainConfig
+from ti_flax.training import model_card
+from ti_flax.config.concepts import Concept
+from ti_flax.training.run import Learned
 
 MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 HISTORY = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import COMPILE_FLAGS
 
-from ti_flax import TrainConfig, checkpoint, train
+from ti_flax import TrainConfig, train
+from ti_flax.training import checkpoint
 from ti_flax.formats import read_embedding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,7 +128,7 @@ def test_unreachable_coordinator_fails_fast(tiny_model_dir, sample_images_dir, t
 
 @pytest.mark.parametrize("missing", ["--num_processes", "--process_id"])
 def test_partial_flags_rejected(missing, tiny_model_dir, sample_images_dir, tmp_path, capsys):
-    from ti_flax.training import main
+    from ti_flax.commands.train import main
 
     args = worker_args(tiny_model_dir, sample_images_dir, tmp_path / "out", free_port(), 0)[3:]
     i = args.index(missing)

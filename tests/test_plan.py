@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, UserError, footprint, models, planning
-from ti_flax.choices import PLAN_TARGETS
+from ti_flax import TrainConfig, UserError, models
+from ti_flax.training import footprint
+from ti_flax.commands import plan as planning
+from ti_flax.config.choices import PLAN_TARGETS
 
 import bench_cost
 
@@ -139,7 +141,7 @@ def test_a_tpu_target_without_libtpu_says_how_to_install_it(monkeypatch):
 
 
 def test_the_startup_line_puts_the_estimate_beside_the_peak():
-    from ti_flax import logs
+    from ti_flax.training import logs
 
     timings = {"load_model_s": 1.0, "compile_step_s": 2.0, "peak_device_bytes": int(6.4 * 2**30),
                "estimated_device_bytes": int(7.1 * 2**30)}
@@ -190,8 +192,8 @@ def test_plan_measures_the_program_the_engine_compiles(tiny_model_dir, sample_im
     # `plan --target local` is read against the peak a run measures, so it must compile the very
     # program the engine runs (pmap's), not an equivalent one: a jit over vmap computes the same
     # with other buffers (a quarter fewer temporaries on an H200 at SD 1.5 shapes, 5% here).
-    from ti_flax import engine, step as step_lib
-    from ti_flax.run import prepare
+    from ti_flax.training import engine, step as step_lib
+    from ti_flax.training.run import prepare
 
     config = TrainConfig(pretrained_model_name_or_path=tiny_model_dir, train_data_dir=sample_images_dir,
                          placeholder_token="<plan>", initializer_token="toy", output_dir=str(tmp_path / "out"),
@@ -230,7 +232,7 @@ def test_the_tiny_step_compiles_for_a_tpu_v5e_chip_without_one(tiny_model_dir):
     device, chip = footprint.target_device("v5e")
     assert device.device_kind == "TPU v5 lite" and chip.memory == 16 * 2**30
     spec, _ = models.read_spec(tiny_model_dir)
-    from ti_flax.optim import OptimizerSpec
+    from ti_flax.training.optim import OptimizerSpec
 
     config = TrainConfig(resolution=64, train_batch_size=1)
     compute = models.Compute(dtype="bfloat16", attention="auto", backend="tpu")

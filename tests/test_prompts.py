@@ -1,9 +1,9 @@
-"""Tests for ti_flax.prompts: the templates and the one prompt encoder's overflow rules."""
+"""Tests for ti_flax.data.prompts: the templates and the one prompt encoder's overflow rules."""
 
 import numpy as np
 import pytest
 
-from ti_flax import prompts
+from ti_flax.data import prompts
 from ti_flax.errors import UserError
 
 

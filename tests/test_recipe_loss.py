@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, checkpoint, cli, losses, model_card, models, parallel, step as step_lib, train
+from ti_flax import TrainConfig, models, parallel, train
+from ti_flax.training import checkpoint, losses, model_card, step as step_lib
+from ti_flax.config import cli
 from ti_flax.errors import UserError, run_cli
-from ti_flax.losses import LossSpec
+from ti_flax.training.losses import LossSpec
 from ti_flax.models import schedulers
-from ti_flax.optim import OptimizerSpec
+from ti_flax.training.optim import OptimizerSpec
 from test_step import spec  # noqa: F401 (the fixture: the committed Flax fixture's ModelSpec)
 
 # SD 1.x / 2.x's noise schedule (their scheduler_config.json), as diffusers' DDPMScheduler takes it.
@@ -168,7 +170,7 @@ def test_huber_is_quadratic_near_zero_and_linear_far_out():
 
 
 def test_the_code_knows_every_listed_value(alphas_cumprod):
-    from ti_flax import choices
+    from ti_flax.config import choices
 
     t = jnp.asarray(TIMESTEPS)
     for schedule in choices.HUBER_SCHEDULES:

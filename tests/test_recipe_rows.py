@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, cli, engine as engine_lib, parallel, train
-from ti_flax.actions import Validate
+from ti_flax import TrainConfig, parallel, train
+from ti_flax.training import checkpoint, engine as engine_lib
+from ti_flax.config import cli
+from ti_flax.training.actions import Validate
 from ti_flax.errors import UserError
-from ti_flax.optim import Ema, NormControl, scale_norms
-from ti_flax.run import prepare
+from ti_flax.training.optim import Ema, NormControl, scale_norms
+from ti_flax.training.run import prepare
 
 ONE = jax.local_devices()[:1]
 TABLE_KEY = "embeddings.token_embedding.weight"  # (text_model.-prefixed in some writers' files)

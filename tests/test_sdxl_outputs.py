@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, formats, models, outputs, run as run_mod, tokens, verify
+from ti_flax import TrainConfig, formats, models, tokens
+from ti_flax.training import outputs, run as run_mod
+from ti_flax.commands import verify
 from test_export import listing, run_cli
 from ti_flax.errors import UserError
 

@@ -24,10 +24,11 @@ from test_checkpoint import cli_args, wait_for
 from test_checkpoint import finish as finish_one
 from test_multihost import finish, free_port, start_workers, worker_args
 
-from ti_flax import TrainConfig, checkpoint, models, outputs, train
-from ti_flax.cli import parse_config
+from ti_flax import TrainConfig, models, train
+from ti_flax.training import checkpoint, outputs
+from ti_flax.config.cli import parse_config
 from ti_flax.errors import UserError
-from ti_flax.run import initial_state, prepare
+from ti_flax.training.run import initial_state, prepare
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ti_flax import TrainConfig, formats, models, prompts, sampler, step, train
-from ti_flax import generation as gen
+from ti_flax import TrainConfig, formats, models, train
+from ti_flax.data import prompts
+from ti_flax.sampling import sampler
+from ti_flax.training import step
+from ti_flax.commands import generate as gen
 from ti_flax import tokens as tokens_lib
 
 pytestmark = pytest.mark.slow

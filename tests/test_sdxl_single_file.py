@@ -16,7 +16,8 @@ import pytest
 from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
 from original_layout import run_train_cli as _run_train_cli, save_original, to_original, zeros
 
-from ti_flax import TrainConfig, models, outputs
+from ti_flax import TrainConfig, models
+from ti_flax.training import outputs
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
 
@@ -148,7 +149,7 @@ def test_zero_terminal_snr_loss_is_finite_at_the_last_timestep(tiny_sdxl_single_
     import jax
     import jax.numpy as jnp
 
-    from ti_flax import step
+    from ti_flax.training import step
 
     folder, _ = tiny_sdxl_single_file
     model = models.load_model(folder, prediction_type="v_prediction", zero_terminal_snr=True)
@@ -175,7 +176,7 @@ def test_zero_terminal_snr_default_sampler():
 
     from ti_flax.models.schedulers import with_zero_terminal_snr
     from ti_flax.models.ldm_layout import SCHEDULER
-    from ti_flax.sampler import default_scheduler
+    from ti_flax.sampling.sampler import default_scheduler
 
     def sd(prediction_type):
         return SimpleNamespace(is_sdxl=False, prediction_type=prediction_type)
@@ -187,7 +188,7 @@ def test_zero_terminal_snr_default_sampler():
 
 
 def test_zero_terminal_snr_flags():
-    from ti_flax.cli import parse_config
+    from ti_flax.config.cli import parse_config
 
     base = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d", "--placeholder_token", "<x>",
             "--initializer_token", "toy"]

@@ -22,11 +22,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, engine as engine_lib, formats, models, parallel, prompts
-from ti_flax import step as step_lib, tokens as tokens_lib, train
+from ti_flax import TrainConfig, formats, models, parallel
+from ti_flax.training import checkpoint, engine as engine_lib
+from ti_flax.data import prompts
+from ti_flax.training import step as step_lib
+from ti_flax import tokens as tokens_lib, train
 from ti_flax.errors import UserError
-from ti_flax.images import load_image_set
-from ti_flax.run import prepare
+from ti_flax.data.images import load_image_set
+from ti_flax.training.run import prepare
 
 pytestmark = pytest.mark.slow
 

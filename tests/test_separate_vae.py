@@ -81,8 +81,9 @@ def test_the_swapped_vae_encodes_as_pytorch_diffusers_does(tiny_model_dir, other
 def test_training_and_generate_take_the_flag(tiny_model_dir, sample_images_dir, other_vae, tmp_path, monkeypatch):
     import jax
 
-    from ti_flax import TrainConfig, generation
-    from ti_flax.run import prepare
+    from ti_flax import TrainConfig
+    from ti_flax.commands import generate as generation
+    from ti_flax.training.run import prepare
 
     folder, state, _ = other_vae
     config = TrainConfig.tiny(tiny_model_dir, sample_images_dir, str(tmp_path / "out"),

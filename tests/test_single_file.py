@@ -174,7 +174,7 @@ def test_a_single_file_saves_as_a_diffusers_folder(single_file_model, tmp_path):
 
 
 def test_prediction_type_and_allow_pickle_flags():
-    from ti_flax.cli import parse_config
+    from ti_flax.config.cli import parse_config
 
     base = ["--pretrained_model_name_or_path", "m.safetensors", "--train_data_dir", "d", "--placeholder_token", "<x>",
             "--initializer_token", "toy"]

@@ -7,11 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, checkpoint, data, latents, models, parallel, step as step_lib, train
+from ti_flax import TrainConfig, models, parallel, train
+from ti_flax.training import checkpoint, latents, step as step_lib
+from ti_flax.data import batches as data
 from ti_flax.errors import UserError
-from ti_flax.optim import OptimizerSpec
-from ti_flax.run import prepare
-from ti_flax.training import main
+from ti_flax.training.optim import OptimizerSpec
+from ti_flax.training.run import prepare
+from ti_flax.commands.train import main
 
 ONE_DEVICE = jax.local_devices()[:1]
 BF16_ROW_BOUND = 1e-2  # observed: see test_bf16_trains_compiles_once_and_keeps_frozen_weights_exact

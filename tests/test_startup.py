@@ -7,7 +7,9 @@ import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from ti_flax import TrainConfig, UserError, cli, compile_cache, logs, step as step_lib, train
+from ti_flax import TrainConfig, UserError, train
+from ti_flax.config import cli
+from ti_flax.training import compile_cache, logs, step as step_lib
 
 CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
                  *compile_cache.THRESHOLDS)

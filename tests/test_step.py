@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, checkpoint, data, latents, models, sampler, step as step_lib
-from ti_flax import run as run_lib
+from ti_flax import TrainConfig, models
+from ti_flax.training import checkpoint, latents, step as step_lib
+from ti_flax.data import batches as data
+from ti_flax.sampling import sampler
+from ti_flax.training import run as run_lib
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "flax-pipeline")
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from ti_flax import TrainConfig, models, step as step_lib, train
-from ti_flax.optim import OptimizerSpec
+from ti_flax import TrainConfig, models, train
+from ti_flax.training import step as step_lib
+from ti_flax.training.optim import OptimizerSpec
 
 
 def tiny_config(model_dir, data_dir, out, **changes):
@@ -181,7 +182,7 @@ def test_learning_is_real(one_device_run, tiny_model_dir, sample_images_dir, tmp
     config, _ = one_device_run
     config = config.replace(output_dir=str(tmp_path / "long"), max_train_steps=40)
     result = train(config, devices=jax.local_devices()[:1])
-    from ti_flax.run import prepare
+    from ti_flax.training.run import prepare
 
     run = prepare(config, devices=jax.local_devices()[:1])
     before = fixed_eval_loss(run.model, run.init_rows, run.data)
@@ -190,9 +191,9 @@ def test_learning_is_real(one_device_run, tiny_model_dir, sample_images_dir, tmp
 
 
 def test_the_banner_names_what_attention_resolved_to(tiny_model_dir, sample_images_dir, tmp_path, capsys):
-    from ti_flax.choices import ATTENTION
-    from ti_flax.outputs import print_banner
-    from ti_flax.run import prepare
+    from ti_flax.config.choices import ATTENTION
+    from ti_flax.training.outputs import print_banner
+    from ti_flax.training.run import prepare
 
     for asked in ("dense", "auto"):
         config = TrainConfig.tiny(tiny_model_dir, sample_images_dir, str(tmp_path), attention=asked)

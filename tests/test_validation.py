@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ti_flax import TrainConfig, sampler, step as step_lib, train
+from ti_flax import TrainConfig, train
+from ti_flax.sampling import sampler
+from ti_flax.training import step as step_lib
 
 
 def run_with_validation(model_dir, data_dir, out, **changes):

@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, checkpoint, cli, data, models, parallel, prompts, step as step_lib, train
+from ti_flax import TrainConfig, models, parallel, train
+from ti_flax.training import checkpoint, step as step_lib
+from ti_flax.config import cli
+from ti_flax.data import batches as data, prompts
 from ti_flax.errors import UserError
-from ti_flax.run import prepare
-from ti_flax.validation_loss import Evaluator
+from ti_flax.training.run import prepare
+from ti_flax.training.validation_loss import Evaluator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.local_devices()[:1]
@@ -98,7 +101,7 @@ def test_the_loss_compiled_ahead_is_the_loss_compiled_on_its_first_call(prepared
 def test_the_engine_compiles_the_loss_before_the_loop_needs_it(prepared):
     # Not inside the training loop: the first evaluation then only waits for (or reads) the
     # program compiled behind the first steps.
-    from ti_flax import engine
+    from ti_flax.training import engine
 
     run, _ = prepared
     built = engine.build(run)
@@ -225,9 +228,9 @@ def test_resume_refuses_another_split_and_allows_another_interval():
 NO_PLOT_ON_THE_TRAINING_PATH = """
 import sys, jax
 from ti_flax import TrainConfig, actions, cli, engine, exporting, generation, logs, model_card, outputs, parallel, planning, training
-from ti_flax.run import prepare
-from ti_flax.step import Frozen
-from ti_flax.validation_loss import Evaluator
+from ti_flax.training.run import prepare
+from ti_flax.families import Frozen
+from ti_flax.training.validation_loss import Evaluator
 devices = jax.local_devices()[:1]
 run = prepare(TrainConfig.tiny(sys.argv[1], sys.argv[2], sys.argv[3], num_vectors=2, validation_loss_steps=2,
                                report_to="tensorboard"), devices=devices)

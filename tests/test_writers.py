@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, checkpoint, exporting, files, formats, models, outputs, run as run_lib
-from ti_flax.step import init_state
-from ti_flax.optim import OptimizerSpec
+from ti_flax import TrainConfig, files, formats, models
+from ti_flax.training import checkpoint, outputs, run as run_lib
+from ti_flax.commands import export as exporting
+from ti_flax.training.step import init_state
+from ti_flax.training.optim import OptimizerSpec
 
 
 class Crash(Exception):

@@ -1,6 +1,6 @@
 """`python -m ti_flax.plan`: the command line of `ti_flax.plan` (the same as `ti-flax-plan`).
 
-The function and its flags live in planning.py. Run this module with `python -m`; do not import it:
+The function and its flags live in commands/plan.py. Run this module with `python -m`; do not import it:
 importing a submodule makes it the package's attribute of that name, in place of the function
 `ti_flax.plan`.
 """
@@ -8,6 +8,6 @@ importing a submodule makes it the package's attribute of that name, in place of
 if __name__ == "__main__":
     import sys
 
-    from ti_flax.planning import main
+    from ti_flax.commands.plan import main
 
     sys.exit(main())

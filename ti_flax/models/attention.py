@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ..choices import ATTENTION as IMPLEMENTATIONS
+from ..config.choices import ATTENTION as IMPLEMENTATIONS
 from ..errors import UserError
 DEFAULT_CHUNK = 256
 FLASH_BLOCK = 128  # the Pallas TPU kernel's block along both sequence axes

@@ -30,7 +30,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from ..choices import PREDICTION_TYPES, SAMPLERS  # noqa: F401 (PREDICTION_TYPES is part of this module's API)
+from ..config.choices import PREDICTION_TYPES, SAMPLERS  # noqa: F401 (PREDICTION_TYPES is part of this module's API)
 from ..errors import UserError
 
 # Constructor defaults of diffusers' PyTorch classes (for keys a config.json leaves out).

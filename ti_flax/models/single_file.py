@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError, short_list
-from ..clip_vocab import PAD_TOKENS, build_tokenizer
+from .clip_vocab import PAD_TOKENS, build_tokenizer
 from . import clip, schedulers, unet, vae
 from .ldm_layout import (
     CLIP_L, EMA, ENCODER_NAMES, FAMILIES, LABEL_EMB, OPEN_CLIP, REFINER_BIG_G, SD1, SD2, SDXL, SDXL_PREFIX, TEXT_PARTS,

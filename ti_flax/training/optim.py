@@ -1,0 +1,187 @@
+"""Learning-rate schedules, the optimizer for the learned rows, and what follows each update:
+the rows' norm control and their exponential moving average (pure functions)."""
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+import optax
+
+from .. import tokens
+
+
+def learning_rate(config, num_devices):
+    """The base learning rate; `--scale_lr` multiplies it by the global batch size of one update
+    (per-device batch x devices x --gradient_accumulation_steps), as diffusers does."""
+    if config.scale_lr:
+        return config.learning_rate * config.train_batch_size * num_devices * config.gradient_accumulation_steps
+    return config.learning_rate
+
+
+def lr_schedule(name, peak, warmup_steps, total_steps):
+    """An optax schedule with the meaning of diffusers' `get_scheduler(name, ...)`.
+
+    `constant` ignores warmup (as diffusers does); the others warm up linearly from 0 over
+    `warmup_steps`, then hold (`constant_with_warmup`) or decay to 0 (`linear`, `cosine`) or to
+    1e-7 (`polynomial`, power 1) at `total_steps`.
+    """
+    if name == "constant":
+        return optax.constant_schedule(peak)
+    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1)) if warmup_steps else None
+    decay_steps = max(total_steps - warmup_steps, 1)
+    if name == "constant_with_warmup":
+        after = optax.constant_schedule(peak)
+    elif name == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
+    elif name == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps)
+    elif name == "polynomial":
+        after = optax.polynomial_schedule(peak, min(1e-7, peak), 1.0, decay_steps)
+    else:
+        raise ValueError(f"unknown lr scheduler {name!r}")
+    if warmup is None:
+        return after
+    return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def scale_norms(vectors, target, rate, eps=1e-12):
+    """`vectors` [..., D] with each one's L2 norm moved `rate` of the way to `target`, its
+    direction kept: norm <- norm + rate * (target - norm), computed as (1 - rate) * norm +
+    rate * target so that rate 1 gives the target itself. A zero vector stays zero."""
+    norm = jnp.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors * (((1.0 - rate) * norm + rate * target) / jnp.maximum(norm, eps))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormControl:
+    """--embedding_norm preserve (rate 1) or --embedding_norm_decay R (rate R), after each update.
+
+    As OneTrainer's "preserve embedding norm" (each trained vector rescaled to the median norm
+    of the token table) and, with a rate below 1, a soft pull toward it, as cloneofsimo/lora's
+    `clip_ti_decay` (whose rate is min(1, 100 x lr) and whose target is 0.4; here both are set).
+    An SDXL row's CLIP-L and bigG parts (tokens.split_rows) are each scaled toward their own
+    encoder's target.
+
+    Attributes:
+      rate: in (0, 1]. targets: one norm per text encoder. widths: the text encoders' widths.
+    """
+
+    rate: float
+    targets: tuple
+    widths: tuple
+
+    def __call__(self, rows):
+        parts = tokens.split_rows(rows, self.widths)
+        return tokens.join_rows([scale_norms(p, t, self.rate) for p, t in zip(parts, self.targets)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Ema:
+    """--use_ema: an exponential moving average of the learned rows, as diffusers' EMAModel
+    (its defaults; no `use_ema_warmup`, `min_decay` 0). It starts as the initial rows; optimizer
+    update k (1 the first) then moves it by (1 - d_k) of the way to the rows after the update,
+    ema <- ema - (1 - d_k) * (ema - rows), with d_k = EMAModel.get_decay(k):
+    0 for k <= update_after_step + 1, else min((1 + s) / (10 + s), decay), s = k - update_after_step - 1.
+    """
+
+    decay: float = 0.9999
+    update_after_step: int = 0
+
+    def one_minus_decay(self, step):
+        """1 - d_k for update `step` (an int, traced or not), float32. Computed as 9 / (10 + s) and
+        1 - decay, so each is rounded once, as diffusers' float64 value handed to a float32 tensor."""
+        s = jnp.maximum(jnp.asarray(step, jnp.int32) - self.update_after_step - 1, 0).astype(jnp.float32)
+        return jnp.where(s > 0, jnp.maximum(9.0 / (10.0 + s), jnp.float32(1.0 - self.decay)), 1.0)
+
+    def update(self, ema, rows, step):
+        """The average after update `step`, whose rows are `rows`."""
+        return ema - self.one_minus_decay(step) * (ema - rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer's hyperparameters: hashable, so a compiled step can be cached by them."""
+
+    lr_scheduler: str
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    beta1: float
+    beta2: float
+    epsilon: float
+    weight_decay: float
+    max_grad_norm: Optional[float]
+    accumulation_steps: int = 1  # micro-batches per optimizer update (optax.MultiSteps when > 1)
+    norm: Optional[NormControl] = None  # the rows' norm control after each update (off: None)
+    ema: Optional[Ema] = None  # the rows' moving average (off: None)
+
+    @classmethod
+    def from_config(cls, config, num_devices, total_steps, norm_targets=(), text_widths=()):
+        """The spec of a run. `norm_targets` (one norm per text encoder, see run.norm_targets)
+        and `text_widths` (ModelSpec.text_widths) are needed when the config controls the norms."""
+        # Lengths that do not shape the schedule are zeroed, so runs that differ only there
+        # share one compiled step.
+        constant = config.lr_scheduler == "constant"
+        rate = config.norm_rate
+        if rate and (not norm_targets or len(norm_targets) != len(text_widths)):
+            raise ValueError(f"norm control needs a target per text encoder, got {norm_targets} for {text_widths}")
+        return cls(
+            lr_scheduler=config.lr_scheduler,
+            peak_lr=learning_rate(config, num_devices),
+            warmup_steps=0 if constant else config.lr_warmup_steps,
+            total_steps=0 if config.lr_scheduler in ("constant", "constant_with_warmup") else total_steps,
+            beta1=config.adam_beta1,
+            beta2=config.adam_beta2,
+            epsilon=config.adam_epsilon,
+            weight_decay=config.adam_weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            accumulation_steps=config.gradient_accumulation_steps,
+            norm=NormControl(rate, tuple(map(float, norm_targets)), tuple(text_widths)) if rate else None,
+            ema=Ema(config.ema_decay, config.ema_update_after_step) if config.use_ema else None,
+        )
+
+    def schedule(self):
+        return lr_schedule(self.lr_scheduler, self.peak_lr, self.warmup_steps, self.total_steps)
+
+    def build(self):
+        """AdamW over the learned rows only, optionally after global-norm clipping.
+
+        The optimizer only ever sees the [num_vectors, hidden] rows (the frozen table is not
+        part of the trainable tree), so its state is two [num_vectors, hidden] moments and a
+        count. With `accumulation_steps` K > 1 it is wrapped in `optax.MultiSteps`: each call
+        adds one micro-batch's gradient to a running mean (one more [num_vectors, hidden]
+        buffer) and every K-th call applies the update; the schedule counts updates.
+        """
+        parts = []
+        if self.max_grad_norm is not None:
+            parts.append(optax.clip_by_global_norm(self.max_grad_norm))
+        parts.append(
+            optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.epsilon, weight_decay=self.weight_decay)
+        )
+        tx = optax.chain(*parts)
+        if self.accumulation_steps > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulation_steps)
+        return tx
+
+    def updated(self, opt_state):
+        """Whether the update that produced `opt_state` changed the rows (always, without accumulation)."""
+        if self.accumulation_steps == 1:
+            return True
+        return opt_state.mini_step == 0  # MultiSteps wraps its micro-step counter when it applies
+
+    def after_update(self, rows, ema, step, updated=True):
+        """(rows, ema) after an optimizer update: the norm control, then the EMA of the rows it
+        leaves, each when on (off, both come back as they are, and the step computes nothing more).
+
+        Args:
+          rows: the rows optax just updated. ema: the average before it (None without --use_ema).
+          step: the number of updates done, this one included. updated: whether this call was an
+            update (`updated(opt_state)`); with gradient accumulation a traced bool, and on the
+            other micro-steps both come back unchanged: they act once per update.
+        """
+        new_rows = rows if self.norm is None else self.norm(rows)
+        new_ema = ema if self.ema is None else self.ema.update(ema, new_rows, step)
+        if updated is True or (self.norm is None and self.ema is None):
+            return new_rows, new_ema
+        keep = lambda new, old: None if old is None else jnp.where(updated, new, old)  # noqa: E731
+        return keep(new_rows, rows), keep(new_ema, ema)

@@ -1,0 +1,371 @@
+"""A run, prepared: the model, data, tokens and optimizer checked and loaded before anything is
+written, the state to start from, and the lines that describe the run on the terminal."""
+
+import contextlib
+import dataclasses
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+from ..data import captions as captions_lib
+from . import checkpoint as ckpt
+from ..config import concepts as concepts_lib
+from ..data import batches as data_lib
+from . import distribution as distributed, step as step_lib
+from .. import formats, models, tokens as tokens_lib
+from ..sampling import validation
+from ..data import images as images_lib, prompts
+from ..data.buckets import BucketBatches
+from ..data.concept_mix import ConceptMix
+from ..config import TrainConfig
+from ..errors import UserError
+from .losses import LossSpec, bucket_latent_masks, check_schedule
+from .optim import OptimizerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """One concept of a run: its tokens, its rows of the learned leaf, where its files go.
+
+    Attributes:
+      concept: the concepts.Concept. tokens: its placeholder tokens (tok, tok_1, ...).
+      rows: slice of the run's learned rows that are this concept's.
+      out_dir: the folder its embedding files go to: --output_dir for a single-concept run,
+        --output_dir/<token> for each concept of a --concepts run.
+    """
+
+    concept: concepts_lib.Concept
+    tokens: tuple
+    rows: slice
+    out_dir: str
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run needs, prepared and checked before anything is written."""
+
+    config: TrainConfig
+    model: models.LoadedModel
+    tokens: list  # every concept's tokens, in row order
+    token_ids: list
+    init_rows: np.ndarray
+    # data.TrainData, or a concept_data.ConceptMix for several concepts; with --enable_bucket either one
+    # dealt into a bucket_data.BucketBatches
+    data: data_lib.BatchSource
+    opt_spec: OptimizerSpec
+    total_steps: int
+    devices: tuple
+    meta: dict  # what checkpoints record about this run
+    load_seconds: float = 0.0  # reading and converting the model's weights
+    learned: tuple = ()  # one Learned per concept
+    attention: str = "dense"  # what --attention resolved to for the UNet's self-attention
+    # --validation_loss_steps: the images its loss is computed on (data.ValidationImages); else None
+    validation_images: Optional[data_lib.ValidationImages] = None
+
+    @property
+    def compute(self):
+        """How this run computes with the model (models.Compute, from its flags)."""
+        return model_compute(self.config)
+
+    @property
+    def loss_spec(self):
+        """The run's loss recipe (losses.LossSpec, from its flags and the model's schedule; checked
+        by prepare)."""
+        return LossSpec.from_config(self.config, self.model.spec.num_train_timesteps)
+
+    @property
+    def is_sdxl(self):
+        """The model is SDXL (two text encoders): what its outputs and model card hold differs."""
+        return self.model.spec.is_sdxl
+
+    @property
+    def num_concepts(self):
+        return max(1, len(self.learned))
+
+    @property
+    def concept_names(self):
+        """Each concept's name (its first token) in a run of several concepts, which logs a loss
+        for each; () in a run of one."""
+        return tuple(c.tokens[0] for c in self.learned) if self.num_concepts > 1 else ()
+
+
+def prepare(config, devices=None):
+    """Load the model and data and check the run can go ahead. Raises UserError; writes nothing.
+
+    `devices` are the local devices to train on (default: all of them).
+    """
+    concepts = config.validate().concept_list()
+    config, model, attention, load_seconds = load_checked_model(config)
+    tables = models.token_tables(model.params)
+    init_rows, learned, tokens, token_ids = learned_concepts(config, concepts, model, tables)
+    check_validation_prompts(config, model, learned)
+    devices = tuple(devices or jax.local_devices())
+    num_devices = len(devices) * jax.process_count()
+    global_batch = config.train_batch_size * num_devices
+    data, parts, validation_images = run_data(config, model, concepts, learned, global_batch)
+    # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
+    epochs_batches = data.epochs_steps(config.num_train_epochs)
+    total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
+    targets = norm_targets(config, model.spec, tables) if config.norm_rate else ()
+    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
+    config = check_loss_recipe(config, model)
+    if config.push_to_hub:
+        check_hub_token(config)
+    meta = checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch)
+    return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
+               tuple(learned), attention, validation_images)
+
+
+def load_checked_model(config):
+    """(config with its --resolution settled, models.LoadedModel, what --attention resolved to,
+    seconds loading): the model loaded, and the flags that depend on it checked."""
+    start = time.perf_counter()
+    model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
+                              config.prediction_type, config.allow_pickle, config.zero_terminal_snr,
+                              config.pretrained_vae_model_name_or_path)
+    load_seconds = time.perf_counter() - start
+    if config.resolution is None:
+        config = dataclasses.replace(config, resolution=default_resolution(model.spec))
+    check_resolution(config.resolution, model.spec)
+    if config.enable_bucket:
+        check_buckets(config, model.spec)
+    # An explicit --attention that cannot run here: one line, before anything is written.
+    attention = models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
+    return config, model, attention, load_seconds
+
+
+def learned_concepts(config, concepts, model, tables):
+    """(initial rows float32 [num_vectors, row_width], one Learned per concept, every token, their
+    ids): each concept's starting rows, read from the token `tables` before any placeholder is
+    added to the model's tokenizer(s), then its tokens added."""
+    init_rows = []
+    for concept in concepts:
+        with naming(config, concept):
+            init_rows.append(initial_rows(config, concept, model, tables))
+    learned, tokens, token_ids = [], [], []
+    for concept in concepts:
+        names = concept.tokens
+        with naming(config, concept):
+            token_ids += tokens_lib.add_to_tokenizers(model.tokenizers, names)
+        out_dir = config.output_dir if config.concepts is None else os.path.join(config.output_dir, names[0])
+        learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
+        tokens += names
+    return np.concatenate(init_rows), learned, tokens, token_ids
+
+
+def check_validation_prompts(config, model, learned):
+    """UserError for a --validation_prompt too long for a concept's tokens (with --concepts, "{}"
+    in it is each concept's token: config.validate checked)."""
+    if not config.validation_prompt:
+        return
+    for concept in learned:
+        text = validation.prompt_for(config, concept)
+        # Refused at start-up only with the token in it: a cut would drop its vectors unseen.
+        if prompts.mentions(model.tokenizer, text, concept.tokens[0]):
+            prompts.encode_prompt(model.tokenizer, text, [concept.tokens],
+                                  overflow=prompts.too_long("--validation_prompt", concept.tokens))
+
+
+def run_data(config, model, concepts, learned, global_batch):
+    """(the run's batch source, each concept's data.TrainData, data.ValidationImages or None):
+    one concept's batches, several concepts' drawn by weight (ConceptMix), dealt into batches of
+    one bucket each with --enable_bucket; the validation loss's images with --validation_loss_steps."""
+    parts, validation_parts = [], []
+    for index, concept in enumerate(learned):
+        with naming(config, concept.concept):
+            part, held = concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
+                                           model.spec.is_sdxl, index, model.spec.vae_scale_factor)
+        parts.append(part)
+        validation_parts.append(held)
+    if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
+        data = parts[0]
+    else:
+        data = ConceptMix(parts, [c.weight for c in concepts], [c.placeholder_token for c in concepts],
+                          config.seed, global_batch)
+    if config.enable_bucket:  # the same slots, dealt into batches of one bucket each
+        data = BucketBatches(data, config.seed, global_batch)
+    validation_images = data_lib.ValidationImages.concatenate(validation_parts) if config.validation_loss_steps else None
+    return data, parts, validation_images
+
+
+def checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch):
+    """What the run's checkpoints record, for the compatibility check on resume (checkpoint.run_meta)."""
+    fingerprint = ckpt.model_fingerprint(model.spec, tables[0])
+    captions = [c for part in parts for c in (part.captions or [None] * len(part.images))]
+    captions = captions if any(part.captions is not None for part in parts) else None
+    meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(data.images), captions)
+    if model.spec.is_sdxl:  # how a checkpoint splits the rows into the two encoders' files
+        meta["text_widths"] = list(model.spec.text_widths)
+    if config.concepts is not None:  # what each concept must keep on resume
+        meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
+    return meta
+
+
+def check_loss_recipe(config, model):
+    """The config, its loss recipe checked against the loaded model's noise schedule (the
+    timestep range; min-SNR weights that would divide by zero), with a --max_timestep equal to
+    the model's number of timesteps recorded as unset: the same run as one that leaves it out,
+    for resume. Raises UserError."""
+    count = model.spec.num_train_timesteps
+    check_schedule(LossSpec.from_config(config, count), model.alphas_cumprod, model.spec.prediction_type)
+    return dataclasses.replace(config, max_timestep=None) if config.max_timestep == count else config
+
+
+def model_compute(config):
+    """The models.Compute of a TrainConfig: its --mixed_precision, --attention and --gradient_checkpointing."""
+    return models.Compute(dtype=config.compute_dtype, attention=config.attention,
+                          remat=bool(config.gradient_checkpointing))
+
+
+@contextlib.contextmanager
+def naming(config, concept):
+    """With --concepts, a UserError raised inside names the concept it is about."""
+    try:
+        yield
+    except UserError as err:
+        if config.concepts is None:
+            raise
+        raise UserError(f"concept {concept.placeholder_token}: {err}") from None
+
+
+def initial_rows(config, concept, model, tables):
+    """float32 [num_vectors, row_width]: a concept's starting rows, from its initializer token's
+    row in each text encoder's table (`tables`), or its --initial_embeddings file. For SDXL a
+    row is the CLIP-L row and the bigG row side by side (tokens.join_rows)."""
+    if concept.initial_embeddings:
+        start = formats.read_embedding(concept.initial_embeddings, allow_pickle=config.allow_pickle)
+        return tokens_lib.join_rows(formats.check_embedding_fits(start, concept.num_vectors, model.spec.text_widths))
+    init_ids = [tokens_lib.initializer_id(tokenizer, concept.initializer_token) for tokenizer in model.tokenizers]
+    return tokens_lib.join_rows([tokens_lib.initial_rows(table, init_id, concept.num_vectors)
+                                 for table, init_id in zip(tables, init_ids)])
+
+
+def norm_targets(config, spec, tables):
+    """Each text encoder's target norm for --embedding_norm / --embedding_norm_decay: the
+    --embedding_norm_target given, or the median row norm of each encoder's token table
+    (`tables`). SDXL's two encoders need a target each: one number for both is refused, since
+    the CLIP-L and bigG tables' norms differ."""
+    given = config.norm_targets
+    if given is None:
+        return tuple(tokens_lib.median_norm(table) for table in tables)
+    if len(given) != len(tables):
+        medians = " ".join(f"{tokens_lib.median_norm(table):.4g}" for table in tables)
+        if spec.is_sdxl:
+            raise UserError(f"--embedding_norm_target: an SDXL row has a CLIP-L part and a bigG part, whose tables' "
+                            f"norms differ; give a target for each (their medians: --embedding_norm_target {medians}) "
+                            "or none for those medians")
+        raise UserError(f"--embedding_norm_target: this model has one text encoder; give one target (its table's "
+                        f"median: {medians}) or none for that median")
+    return given
+
+
+def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, index=0, vae_scale_factor=8):
+    """A concept's (data.TrainData, data.ValidationImages): its images decoded, every prompt tokenized
+    and checked (one that does not fit is an error, never cut); with `sdxl`, each image's time ids
+    kept; with --masked_loss / --alpha_mask, each image's mask (with --enable_bucket, on its bucket's
+    latent grid: the VAE downsamples by `vae_scale_factor`). With --validation_split the images it holds out (data.hold_out; `index` is the concept's
+    place in the run) are the validation images and the others train; without, every image is both.
+    The validation images are None without --validation_loss_steps."""
+    concept = learned.concept
+    mask = None
+    if config.masked:
+        mask = images_lib.ALPHA if config.alpha_mask else config.mask_suffix
+    images, names, time_ids, *masks = images_lib.load_image_set(
+        concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension,
+        mask, bucketing(config),
+    )
+    masks = masks[0] if masks else None
+    if masks is not None and config.enable_bucket:  # a batch then carries a 64th of the pixels' masks
+        masks = bucket_latent_masks(masks, vae_scale_factor)
+    template_ids = prompts.encode_templates(
+        tokenizer, prompts.templates_for(concept.learnable_property), tokens_lib.placeholder_text(learned.tokens)
+    )
+    caption_ids = None
+    if concept.caption_extension:
+        caption_ids = captions_lib.tokenize_captions(
+            tokenizer, captions_lib.read_captions(concept.train_data_dir, names, concept.caption_extension),
+            list(learned.tokens), config.caption_prefix_token,
+        )
+    time_ids = time_ids if sdxl else None
+    kept = held = np.arange(len(images))
+    if config.validation_split:
+        kept, held = data_lib.hold_out(len(images), config.validation_split, config.seed, index)
+    held_out = None
+    if config.validation_loss_steps:
+        held_out = data_lib.ValidationImages.of(images, template_ids, caption_ids, held, index, time_ids)
+    if config.validation_split:  # only the kept images train
+        images, time_ids = images[kept], None if time_ids is None else time_ids[kept]
+        masks = None if masks is None else masks[kept]
+        caption_ids = None if caption_ids is None else [caption_ids[i] for i in kept]
+    return data_lib.TrainData(images, template_ids, concept.repeats, config.flip_p, config.seed, global_batch,
+                              caption_ids, time_ids, masks), held_out
+
+
+# --resolution without a value, for SD 1.x / 2.x: the diffusers scripts' 512 (an SD 2.x 768-v model too).
+DEFAULT_RESOLUTION = 512
+
+
+def default_resolution(spec):
+    """--resolution left unset: 512 for SD 1.x / 2.x (as diffusers' scripts), the native size for SDXL (1024)."""
+    return models.default_size(spec)[0] if spec.is_sdxl else DEFAULT_RESOLUTION
+
+
+def check_resolution(resolution, spec):
+    if resolution % spec.pixel_multiple:
+        raise UserError(f"--resolution {resolution}: this model needs a multiple of {spec.pixel_multiple}")
+
+
+def check_buckets(config, spec):
+    """--enable_bucket's flags against the model and the resolved --resolution: one line each."""
+    if config.bucket_reso_steps % spec.pixel_multiple:
+        raise UserError(f"--bucket_reso_steps {config.bucket_reso_steps}: this model needs a multiple of "
+                        f"{spec.pixel_multiple} (its VAE x UNet downsampling), so every bucket side divides evenly")
+    if not config.min_bucket_reso <= config.resolution <= config.max_bucket_reso:
+        raise UserError(f"--resolution {config.resolution} must be between --min_bucket_reso ({config.min_bucket_reso}) "
+                        f"and --max_bucket_reso ({config.max_bucket_reso})")
+
+
+def bucketing(config):
+    """The images.Bucketing of --enable_bucket's flags (None when it is off)."""
+    if not config.enable_bucket:
+        return None
+    return images_lib.Bucketing.of(config.resolution, config.min_bucket_reso, config.max_bucket_reso,
+                                   config.bucket_reso_steps, config.bucket_no_upscale)
+
+
+def check_hub_token(config):
+    from huggingface_hub import get_token
+
+    if not (config.hub_token or get_token()):
+        raise UserError("--push_to_hub needs a token: pass --hub_token or run `huggingface-cli login` first")
+
+
+def initial_state(run):
+    """(host TrainState, first step): fresh, or restored from --resume_from_checkpoint.
+
+    Process 0 reads the checkpoint (other hosts need not see its disk) and every process
+    receives the same state through a broadcast. Raises UserError before anything is written.
+    """
+    fresh = step_lib.init_state(run.init_rows, run.opt_spec)
+    state, error = fresh, None
+    if jax.process_index() == 0:
+        try:
+            path = ckpt.resolve_resume(run.config)
+            if path:
+                ckpt.check_compatible(ckpt.read_meta(path), run.meta, path)
+                state, meta = ckpt.load_checkpoint(path, fresh)
+                print(f"resuming from {path} (step {meta['step']})", flush=True)
+        except UserError as err:
+            error = err
+    if jax.process_count() > 1:
+        ok = distributed.broadcast_from_first(np.int32(error is None))
+        if error is None and not ok:
+            raise UserError("process 0 could not resume from its checkpoint; see its output")
+        if error is None:
+            state = distributed.broadcast_from_first(jax.tree_util.tree_map(np.asarray, state))
+    if error is not None:
+        raise error
+    return state, int(state.step)
