@@ -5,6 +5,7 @@ SD 1.5 and SDXL 1.0 base configs below): no weights are allocated and nothing is
 Also the activation memory a step keeps for its backward pass, counted from JAX's residuals.
 """
 
+import dataclasses
 import time
 
 # runwayml/stable-diffusion-v1-5: text_encoder/, unet/ and vae/ config.json (CLIP ViT-L/14 text tower).
@@ -43,13 +44,67 @@ SDXL_UNET = dict(
 SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    reference: bool = False
+    mixed_precision: str = "no"
+    cache_latents: bool = False
+    remat: bool = False
+    accumulation: int = 1
+    attention: str = "auto"  # ti_flax's --attention; "auto" is chunked on CPU, dense on TPU/GPU
+    rows: tuple = ()  # (TrainConfig field, value) pairs for what follows each update, e.g. (("use_ema", True),)
+
+    def config(self, **changes):
+        """The TrainConfig of this variant's flags (with `changes`)."""
+        from ti_flax.config import TrainConfig
+
+        return TrainConfig(mixed_precision=self.mixed_precision, cache_latents=self.cache_latents,
+                           gradient_checkpointing=self.remat, gradient_accumulation_steps=self.accumulation,
+                           attention=self.attention, **dict(self.rows), **changes)
+
+    def compute(self, attention=None):
+        """models.Compute of this variant, by the run's own mapping (run.model_compute);
+        `attention` in place of the variant's."""
+        from ti_flax.training.run import model_compute
+
+        return model_compute(self.config(**({"attention": attention} if attention else {})))
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("baseline", reference=True),
+        Variant("ours"),
+        Variant("ours+cache", cache_latents=True),
+        Variant("ours-dense", attention="dense"),
+        Variant("ours-dense+cache", attention="dense", cache_latents=True),
+        Variant("ours+bf16", mixed_precision="bf16"),
+        Variant("ours+remat", remat=True),
+        Variant("ours-dense+remat", attention="dense", remat=True),
+        Variant("ours+accum2", accumulation=2),
+        Variant("ours+chunked", attention="chunked"),
+        Variant("ours+cache+bf16", mixed_precision="bf16", cache_latents=True),
+        Variant("ours-dense+bf16", attention="dense", mixed_precision="bf16"),
+        Variant("ours+chunked+bf16", attention="chunked", mixed_precision="bf16"),
+        Variant("ours+remat+cache+bf16", remat=True, cache_latents=True, mixed_precision="bf16"),
+        Variant("ours+chunked+remat+cache+bf16", attention="chunked", remat=True, cache_latents=True,
+                mixed_precision="bf16"),
+        Variant("ours+preserve", rows=(("embedding_norm", "preserve"),)),
+        Variant("ours+normdecay", rows=(("embedding_norm_decay", 0.1),)),
+        Variant("ours+ema", rows=(("use_ema", True),)),
+        Variant("ours+preserve+ema+accum2", accumulation=2, rows=(("embedding_norm", "preserve"), ("use_ema", True))),
+    )
+}
+
+
 def model_spec(model):
     """The abstract ModelSpec of "sd15" or "sdxl"."""
-    from ti_flax import models
+    from ti_flax import families
 
     if model == "sdxl":
-        return models.spec_from_configs(SDXL_TEXT, SDXL_UNET, SDXL_VAE, text_config_2=SDXL_TEXT_2)
-    return models.spec_from_configs(SD15_TEXT, SD15_UNET, SD15_VAE)
+        return families.get("sdxl").spec_from_configs(SDXL_TEXT, SDXL_UNET, SDXL_VAE, text_config_2=SDXL_TEXT_2)
+    return families.get("sd1").spec_from_configs(SD15_TEXT, SD15_UNET, SD15_VAE)
 
 
 def activation_bytes(spec, compute, params, batch, latent):
@@ -65,12 +120,13 @@ def activation_bytes(spec, compute, params, batch, latent):
     import jax
     import jax.numpy as jnp
 
+    from ti_flax import families
     from ti_flax.training import footprint, step as step_lib
 
     S = jax.ShapeDtypeStruct
     frozen = footprint.abstract_frozen(spec, compute.dtype, vae=False)
     moments = S((batch, 4, latent, latent), jnp.float32)
-    time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
+    time_ids = S((batch, 6), jnp.float32) if families.of(spec).time_ids else None
     args = (S((1, spec.row_width), jnp.float32), frozen, S((batch, 77), jnp.int32), moments, S((batch,), jnp.int32),
             moments, time_ids)
 
@@ -100,7 +156,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
     """FLOPs, bytes accessed, XLA memory and activation memory of one device's step.
 
     Args:
-      variant: benchmark.Variant. batch: per-device batch. resolution: image side in pixels.
+      variant: a Variant. batch: per-device batch. resolution: image side in pixels.
       compile_it: analyse the compiled (fused) program; False: the unoptimised HLO (fast).
       model: "sd15" or "sdxl" (SDXL 1.0 base shapes; not with the reference variant).
       loss_spec: the step's losses.LossSpec (default: the plain mean squared error).
@@ -110,9 +166,8 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
     import jax
     import jax.numpy as jnp
 
+    from ti_flax import families, models
     from ti_flax.training import footprint, step as step_lib
-    from ti_flax import models
-    from ti_flax.config import TrainConfig
     from ti_flax.training.losses import LossSpec
     from ti_flax.training.optim import OptimizerSpec
 
@@ -120,8 +175,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
     lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
     spec = model_spec(model)
     params = models.abstract_params(spec)
-    config = TrainConfig(mixed_precision=variant.mixed_precision, gradient_accumulation_steps=variant.accumulation,
-                         **dict(getattr(variant, "rows", ())))
+    config = variant.config()
     # A norm target per text encoder (any positive number costs the same as the tables' medians).
     opt_spec = OptimizerSpec.from_config(config, 1, 1000, (0.4,) * len(spec.text_widths), spec.text_widths)
     hidden, latent = spec.row_width, resolution // spec.vae_scale_factor
@@ -140,11 +194,10 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
         args = (state, table, frozen, {"pixel_values": S((batch, 3, resolution, resolution), jnp.float32), **ids})
     else:
         # The TPU program without the Pallas kernel (it lowers only on a TPU): auto is dense there.
-        attention = "dense" if variant.attention == "auto" else variant.attention
-        compute = models.Compute(dtype=config.compute_dtype, attention=attention, remat=bool(variant.remat))
+        compute = variant.compute("dense" if variant.attention == "auto" else None)
         frozen = footprint.abstract_frozen(spec, compute.dtype, alphas, vae=not variant.cache_latents)
         example_ids = S((batch,), jnp.int32)
-        time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
+        time_ids = S((batch, 6), jnp.float32) if families.of(spec).time_ids else None
         # --masked_loss: each example's mask at the images' resolution rides in the batch.
         mask = S((batch, resolution, resolution), jnp.float32) if loss_spec and loss_spec.masked else None
         if variant.cache_latents:
@@ -178,23 +231,19 @@ def validation_loss_cost(variant, resolution, compile_it=True, model="sd15"):
     import jax
     import jax.numpy as jnp
 
+    from ti_flax import families
     from ti_flax.data import batches as data
-    from ti_flax import models
-    from ti_flax.training import step as step_lib, validation_loss
-    from ti_flax.config import TrainConfig
+    from ti_flax.training import footprint, step as step_lib, validation_loss
 
     S = jax.ShapeDtypeStruct
     lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
     spec = model_spec(model)
-    params = models.abstract_params(spec)
     batch, latent = validation_loss.BATCH_PER_DEVICE, resolution // spec.vae_scale_factor
-    attention = "dense" if variant.attention == "auto" else variant.attention
-    compute = models.Compute(dtype=TrainConfig(mixed_precision=variant.mixed_precision).compute_dtype,
-                             attention=attention, remat=bool(variant.remat))
+    compute = variant.compute("dense" if variant.attention == "auto" else None)
     alphas = S((spec.num_train_timesteps,), jnp.float32)
-    frozen = abstract_frozen(spec, params, jnp.dtype(compute.dtype), alphas, vae=not variant.cache_latents)
+    frozen = footprint.abstract_frozen(spec, compute.dtype, alphas, vae=not variant.cache_latents)
     ids, example_ids = S((batch, 77), jnp.int32), S((batch,), jnp.int32)
-    time_ids = S((batch, 6), jnp.float32) if spec.is_sdxl else None
+    time_ids = S((batch, 6), jnp.float32) if families.of(spec).time_ids else None
     if variant.cache_latents:
         moments = S((batch, 4, latent, latent), jnp.float32)
         examples = data.LatentBatch(moments, moments, ids, example_ids, time_ids=time_ids)
@@ -241,8 +290,6 @@ def loss_recipe_costs(variant, batch=1, resolution=512, compile_it=True, names=t
 
 def main():
     import argparse
-
-    from benchmark import VARIANTS
 
     p = argparse.ArgumentParser(description="XLA's cost of the loss recipe's knobs at SD 1.5 shapes")
     p.add_argument("--variant", default="ours", help="benchmark.py's variant (default: ours, the defaults)")

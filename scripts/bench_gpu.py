@@ -55,7 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_cost import SD15_TEXT, SD15_UNET, SD15_VAE, SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET, SDXL_VAE  # noqa: E402
-from benchmark import Variant, bench_config  # noqa: E402
+from bench_cost import Variant  # noqa: E402
+from benchmark import bench_config  # noqa: E402
 
 # The order is the order of importance: a run cut short by --deadline keeps the first ones.
 VARIANTS = {
@@ -114,14 +115,15 @@ def build_model(out_dir, layout, seed=0):
     import jax
     import numpy as np
 
-    from ti_flax import models
+    from ti_flax import families, models
     from ti_flax.models.clip_vocab import write_tokenizer_files
     from ti_flax.formats import pipeline
     from ti_flax.models import schedulers
     from ti_flax.models.weights import flatten, unflatten
 
     text, unet, vae, text_2 = LAYOUTS[layout]
-    spec = models.spec_from_configs(text, unet, vae, text_config_2=text_2)
+    family = families.get("sdxl" if text_2 else "sd1")
+    spec = family.spec_from_configs(text, unet, vae, text_config_2=text_2)
     abstract = models.abstract_params(spec)
     rng = np.random.default_rng(seed)
     leaves = {}  # (component, name) -> (shape, pool key)
@@ -159,7 +161,7 @@ def build_model(out_dir, layout, seed=0):
     # swapped for one that streams the arrays (its own builds each file in memory first: ~3x slower).
     write_weights, pipeline._write_weights = pipeline._write_weights, _stream_weights
     try:
-        pipeline.save_pipeline(model, tokenizer, np.zeros((0, spec.row_width), np.float32), out_dir)
+        family.save_pipeline(model, np.zeros((0, spec.row_width), np.float32), out_dir)
     finally:
         pipeline._write_weights = write_weights
     return out_dir, count

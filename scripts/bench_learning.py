@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 
 import make_tiny_model  # noqa: E402
 import planted_denoiser  # noqa: E402
-from ti_flax import TrainConfig, formats, models, parallel, tokens, train  # noqa: E402
+from ti_flax import TrainConfig, families, formats, models, parallel, tokens, train  # noqa: E402
 from ti_flax.data.batches import ValidationImages  # noqa: E402
 from ti_flax.data.prompts import CUT, encode_prompt  # noqa: E402
 from ti_flax.families import Frozen  # noqa: E402
@@ -81,11 +81,11 @@ def prompt_share(model_dir, phrases=planted_denoiser.vocabulary(), seed=0):
     `phrases` (the planted model's captions) at 4 fixed noisy latents (timesteps 200, 400, 600,
     800), the variance over prompts (averaged over latents and elements) divided by the variance
     over everything."""
-    model = models.load_model(model_dir)
+    model = families.load_model(model_dir)
     spec, compute = model.spec, models.Compute()
     ids = np.stack([encode_prompt(model.tokenizer, f"a photo of a {p}", overflow=CUT) for p in phrases])
-    context = models.condition(spec, compute, model.params["text_encoder"], ids,
-                               np.zeros((1, spec.row_width), np.float32)).context
+    context = families.of(spec).condition(spec, compute, (model.params["text_encoder"],), ids,
+                                          np.zeros((1, spec.row_width), np.float32)).context
     size = spec.unet.sample_size
     latents = np.random.default_rng(seed).standard_normal((4, 4, size, size), np.float32)
     k, n = len(phrases), len(latents)
@@ -103,7 +103,7 @@ class Planted:
     """
 
     def __init__(self, model_dir, num_images=8, seed=SEED, vector_counts=(1, 2)):
-        self.model = models.load_model(model_dir)
+        self.model = families.load_model(model_dir)
         spec = self.model.spec
         self.devices = tuple(jax.local_devices()[:1])
         table = np.asarray(models.token_table(self.model.params["text_encoder"]), np.float32)
@@ -116,7 +116,8 @@ class Planted:
         self.evaluators = {n: Evaluator(spec, models.Compute(), ValidationImages(
             self.held_out, np.repeat(ids[None], len(self.held_out), 0), np.zeros(len(self.held_out), np.int32)),
             seed, self.devices) for n, ids in self.prompt_ids.items()}
-        encode = jax.jit(lambda params, ids, rows: models.condition(spec, models.Compute(), params, ids, rows).context)
+        family = families.of(spec)
+        encode = jax.jit(lambda params, ids, rows: family.condition(spec, models.Compute(), (params,), ids, rows).context)
         self._context = lambda rows: np.asarray(encode(self.model.params["text_encoder"],
                                                        self.prompt_ids[len(rows)][None], rows))[0]
         self.target_loss, self.target_context = self.loss(self.target), self._context(self.target)

@@ -40,45 +40,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_cost import abstract_cost, activation_bytes  # noqa: E402
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    reference: bool = False
-    mixed_precision: str = "no"
-    cache_latents: bool = False
-    remat: bool = False
-    accumulation: int = 1
-    attention: str = "auto"  # ti_flax's --attention; "auto" is chunked on CPU, dense on TPU/GPU
-    rows: tuple = ()  # (TrainConfig field, value) pairs for what follows each update, e.g. (("use_ema", True),)
+from bench_cost import VARIANTS, Variant, abstract_cost, activation_bytes  # noqa: E402, F401 (Variant: bench_gpu's)
 
 
-VARIANTS = {
-    v.name: v
-    for v in (
-        Variant("baseline", reference=True),
-        Variant("ours"),
-        Variant("ours+cache", cache_latents=True),
-        Variant("ours-dense", attention="dense"),
-        Variant("ours-dense+cache", attention="dense", cache_latents=True),
-        Variant("ours+bf16", mixed_precision="bf16"),
-        Variant("ours+remat", remat=True),
-        Variant("ours-dense+remat", attention="dense", remat=True),
-        Variant("ours+accum2", accumulation=2),
-        Variant("ours+chunked", attention="chunked"),
-        Variant("ours+cache+bf16", mixed_precision="bf16", cache_latents=True),
-        Variant("ours-dense+bf16", attention="dense", mixed_precision="bf16"),
-        Variant("ours+chunked+bf16", attention="chunked", mixed_precision="bf16"),
-        Variant("ours+remat+cache+bf16", remat=True, cache_latents=True, mixed_precision="bf16"),
-        Variant("ours+chunked+remat+cache+bf16", attention="chunked", remat=True, cache_latents=True,
-                mixed_precision="bf16"),
-        Variant("ours+preserve", rows=(("embedding_norm", "preserve"),)),
-        Variant("ours+normdecay", rows=(("embedding_norm_decay", 0.1),)),
-        Variant("ours+ema", rows=(("use_ema", True),)),
-        Variant("ours+preserve+ema+accum2", accumulation=2, rows=(("embedding_norm", "preserve"), ("use_ema", True))),
-    )
-}
 WALLCLOCK_VARIANTS = "baseline,ours,ours+cache,ours-dense,ours+bf16,ours-dense+remat"
 # The cost analysis is of the TPU program ("auto" attention resolves to dense). XLA counts a
 # while loop's body once, so the chunked attention's FLOPs would be undercounted: for it only
@@ -241,11 +205,10 @@ def fixed_eval_loss(model, rows, data, steps=4):
     import jax
     import numpy as np
 
+    from ti_flax import families, models
     from ti_flax.training import step as step_lib
 
-    from ti_flax import models
-
-    spec, compute, frozen = model.spec, models.Compute(), step_lib.Frozen.from_model(model)
+    spec, compute, frozen = model.spec, models.Compute(), families.Frozen.from_model(model)
 
     @jax.jit
     def loss(rows, batch, key):

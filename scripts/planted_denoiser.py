@@ -107,7 +107,7 @@ def _contexts(model, phrases, row, token):
     template filled with each phrase, and last with `token` read as `row`."""
     import copy
 
-    from ti_flax import models, tokens
+    from ti_flax import families, models, tokens
     from ti_flax.data.prompts import CUT, OBJECT_TEMPLATES, encode_prompt
 
     tokenizer = copy.deepcopy(model.tokenizer)
@@ -115,7 +115,8 @@ def _contexts(model, phrases, row, token):
     ids = np.stack([encode_prompt(tokenizer, t.format(p), [[token]], overflow=CUT)
                     for t in OBJECT_TEMPLATES for p in [*phrases, token]])
     spec = model.spec
-    encode = jax.jit(lambda params, ids: models.condition(spec, models.Compute(), params, ids, row).context)
+    family = families.of(spec)
+    encode = jax.jit(lambda params, ids: family.condition(spec, models.Compute(), (params,), ids, row).context)
     context = np.asarray(encode(model.params["text_encoder"], ids))
     return context.reshape(len(OBJECT_TEMPLATES), len(phrases) + 1, *context.shape[1:])
 
@@ -172,13 +173,13 @@ def train_denoiser(model_dir, steps, batch, learning_rate=2e-3, per_caption=16, 
     import optax
     from safetensors.numpy import save_file
 
-    from ti_flax import models
+    from ti_flax import families, models
     from ti_flax.models import unet as unet_lib
     from ti_flax.models import weights
     from ti_flax.training.step import noisy_latents
 
     set_vae_posterior(model_dir)
-    model = models.load_model(model_dir)
+    model = families.load_model(model_dir)
     images, phrases = captioned_images(per_caption, seed)
     concept = concept_images(len(images) // 4, seed, stream=0)
     mean = encode(model, np.concatenate([images, concept]))

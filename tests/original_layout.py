@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from ti_flax import models
+from ti_flax import families
 from ti_flax.models.weights import flatten
 
 _UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -120,7 +120,7 @@ def to_original(model_dir, family, ema=None, seed=0, whole_text_tower=True):
     whole_text_tower: SD 2.x's OpenCLIP tower with its unused last block and projection, as in the
     original checkpoints (False: only the blocks SD uses, as a file converted from diffusers has).
     """
-    model = models.load_model(model_dir)
+    model = families.load_model(model_dir)
     params = {part: flatten(tree) for part, tree in model.params.items()}
     rng = np.random.default_rng(seed)
     unet_config = json.load(open(os.path.join(model_dir, "unet", "config.json")))
@@ -167,10 +167,10 @@ def zeros(*shape):
 
 
 def load_warned(path, **kwargs):
-    """(models.load_model(path, **kwargs), the messages of the warnings it gave)."""
+    """(families.load_model(path, **kwargs), the messages of the warnings it gave)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = models.load_model(path, **kwargs)
+        model = families.load_model(path, **kwargs)
     return model, [str(w.message) for w in caught]
 
 

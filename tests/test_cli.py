@@ -171,7 +171,7 @@ REFERENCE_DEFAULTS = {
 
 def test_same_defaults_as_the_reference_script():
     from ti_flax import TrainConfig
-    from ti_flax.training.run import DEFAULT_RESOLUTION
+    from ti_flax.families.sd import DEFAULT_RESOLUTION
 
     required = ["--pretrained_model_name_or_path", "m", "--train_data_dir", "d", "--placeholder_token", "<t>",
                 "--initializer_token", "toy"]

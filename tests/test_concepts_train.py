@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, models, train
+from ti_flax import TrainConfig, families, models, train
 from ti_flax.training import checkpoint, logs
 from ti_flax.errors import UserError
 
@@ -108,12 +108,12 @@ def test_each_concepts_loss_is_logged(two_concepts):
 
 def test_both_concepts_learn_and_the_frozen_weights_stay(two_concepts, tiny_model_dir):
     config, result, _, _, _ = two_concepts
-    base = models.load_model(tiny_model_dir)
+    base = families.load_model(tiny_model_dir)
     table = models.token_table(base.params["text_encoder"])
     toy, painting = (base.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("toy", "painting"))
     assert not np.allclose(result.rows[:2], table[toy][None])
     assert not np.allclose(result.rows[2], table[painting])
-    saved = models.load_model(config.output_dir)  # --save_as_full_pipeline, read back
+    saved = families.load_model(config.output_dir)  # --save_as_full_pipeline, read back
     vocab = base.spec.base_vocab_size
     saved_table = models.token_table(saved.params["text_encoder"])
     np.testing.assert_array_equal(saved_table[:vocab], table)
@@ -135,7 +135,7 @@ def test_both_files_load_together_in_pytorch_diffusers(two_concepts, tiny_model_
     from diffusers import StableDiffusionPipeline
 
     config, result, _, _, _ = two_concepts
-    base = models.load_model(tiny_model_dir)
+    base = families.load_model(tiny_model_dir)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
     for token in ("<cat-toy>", "<odd-style>"):
         pipe.load_textual_inversion(os.path.join(config.output_dir, token, "learned_embeds.safetensors"))

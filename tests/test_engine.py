@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ti_flax.training import actions
-from ti_flax import files
+from ti_flax import families, files
 from ti_flax.commands import train as training
 from ti_flax.training.actions import (
     Checkpoint, LogStep, SaveRows, StopVote, TrainingDiverged, Validate, ValidationLoss,
@@ -204,7 +204,7 @@ class FakeRun:
         self.config = TrainConfig(output_dir=str(output_dir), validation_steps=validation_steps,
                                   validation_loss_steps=validation_loss_steps)
         self.tokens, self.total_steps, self.meta, self.learned = ["<t>"], total_steps, {}, ()
-        self.is_sdxl = False
+        self.family = families.get("sd1")
 
 
 def write_failed(*args, **kwargs):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ti_flax.commands import export as exporting, verify
-from ti_flax import formats
+from ti_flax import families, formats
 from ti_flax.formats import check_embedding_fits, read_embedding
 from ti_flax.errors import UserError
 
@@ -127,7 +127,7 @@ def sdxl_pair_source(tmp_path, n=3):
 
 
 def sdxl_parts_equal(emb, rows, rows_2):
-    return (emb.is_sdxl and emb.rows.tobytes() == rows.tobytes()
+    return (len(emb.parts) == 2 and emb.rows.tobytes() == rows.tobytes()
             and emb.more["text_encoder_2"].tobytes() == rows_2.tobytes())
 
 
@@ -286,9 +286,9 @@ def test_flax_script_npy_converts_with_allow_pickle(tmp_path, capsys):
 
 
 def test_pipeline_folder_reads_rows_of_token(tmp_path, tiny_model_dir, capsys):
-    from ti_flax import models, tokens
+    from ti_flax import tokens
 
-    model = models.load_model(tiny_model_dir)
+    model = families.load_model(tiny_model_dir)
     rows = make_rows(3)
     names = tokens.placeholder_tokens(TOKEN, 3)
     tokenizer = copy.deepcopy(model.tokenizer)

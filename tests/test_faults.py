@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import ti_flax
-from ti_flax import TrainConfig, UserError, errors, files, formats, models
+from ti_flax import TrainConfig, UserError, errors, families, files, formats
 from ti_flax.training import checkpoint
 from ti_flax.data import prompts
 from ti_flax.errors import run_cli
@@ -101,7 +101,7 @@ def test_truncated_weights(component, name, kind, tiny_model_dir, sample_images_
     if name.endswith(".msgpack"):  # the Flax layout of the same weights, then cut in half
         from flax import serialization
 
-        params = models.load_model(tiny_model_dir).params[component]
+        params = families.load_model(tiny_model_dir).params[component]
         (folder / name).write_bytes(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, params)))
     elif name.endswith(".bin"):
         import torch

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ti_flax import files, formats
+from ti_flax import families, files, formats
 from ti_flax.errors import UserError
 
 TOKEN = "<cat-toy>"
@@ -116,7 +116,7 @@ def test_written_layout_reads_back_bitwise(tmp_path, layout, ext, num_vectors):
     assert back.token == expected == tokens[layout]
     assert back.step == (7 if layout == "a1111" else None)  # only A1111 files keep the step
     formats.check_written(path, path, emb, expected)
-    if not emb.is_sdxl:
+    if len(emb.parts) == 1:
         formats.check_written(path, path, emb.rows, expected)  # the rows alone, as before
     with pytest.raises(UserError, match="reading the written file back gave different rows or token"):
         formats.check_written(path, path, formats.Embedding(TOKEN, emb.rows + 1, "diffusers", more=emb.more), expected)
@@ -346,7 +346,7 @@ def test_sdxl_files_as_other_tools_write_them(tmp_path):
     rows, rows_2 = make_rows(2), make_rows(2, seed=1, width=WIDTH_2)
     save_file({"clip_g": rows_2.astype(np.float16), "clip_l": rows.astype(np.float16)}, str(tmp_path / "half.safetensors"))
     emb = formats.read_embedding(tmp_path / "half.safetensors")
-    assert (emb.format, emb.token, emb.shape_text(), emb.is_sdxl) == ("sdxl", None, f"2 x {WIDTH} + {WIDTH_2}", True)
+    assert (emb.format, emb.token, emb.shape_text(), len(emb.parts)) == ("sdxl", None, f"2 x {WIDTH} + {WIDTH_2}", 2)
     assert emb.rows.dtype == np.float32 and np.array_equal(emb.rows, rows.astype(np.float16).astype(np.float32))
     torch = pytest.importorskip("torch")
     torch.save({"clip_l": torch.from_numpy(rows[0]), "clip_g": torch.from_numpy(rows_2[0])}, tmp_path / "one.pt")
@@ -374,7 +374,7 @@ def test_learned_embeds_without_a_partner_stays_one_text_encoder(tmp_path):
     formats.save_diffusers(str(tmp_path / formats.DIFFUSERS_FILE), TOKEN, rows)
     for source in (tmp_path, tmp_path / formats.DIFFUSERS_FILE):
         back = formats.read_embedding(source)
-        assert (back.format, back.is_sdxl) == ("diffusers", False) and back.rows.tobytes() == rows.tobytes()
+        assert (back.format, len(back.parts)) == ("diffusers", 1) and back.rows.tobytes() == rows.tobytes()
     alone = formats.save_diffusers(str(tmp_path / "second" / formats.PAIR_FILE_2), TOKEN, make_rows(width=WIDTH_2))
     assert formats.read_embedding(alone).shape_text() == f"3 x {WIDTH_2}"  # the second file alone: one encoder
 
@@ -393,11 +393,11 @@ def test_sdxl_writers_refuse_bad_rows_and_write_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("step", [None, 40])
-def test_save_trained_writes_each_half_of_an_sdxl_runs_rows(tmp_path, step):
+def test_sdxl_save_embedding_writes_each_half_of_a_runs_rows(tmp_path, step):
     # A run's rows are [N, D1 + D2], each row the CLIP-L and the bigG row side by side; every file
     # must hold every row's own half (each half is a strided view of the rows until written).
     rows = np.concatenate([make_rows(3), make_rows(3, seed=1, width=WIDTH_2)], axis=1)
-    written = formats.save_trained(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2), step=step, bin=True)
+    written = families.get("sdxl").save_embedding(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2), step=step, bin=True)
     assert sorted(written) == ["diffusers", "diffusers_2", "diffusers_2_bin", "diffusers_bin", "sdxl"]
     # The {clip_l, clip_g} file is named after the token (A1111 and ComfyUI call it by its name).
     name = "cat-toy" if step is None else f"cat-toy-steps-{step}"
@@ -458,7 +458,7 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
 
     path = formats.save_sdxl(str(tmp_path / "sdxl.safetensors"), make_rows(2), make_rows(2, width=WIDTH_2))
     tokenizer = Tokenizer()
-    spec = SimpleNamespace(base_vocab_size=0, hidden_size=WIDTH, text_widths=(WIDTH,), is_sdxl=False)
+    spec = SimpleNamespace(base_vocab_size=0, hidden_size=WIDTH, text_widths=(WIDTH,), family="sd1")
     one_line_error(lambda: generation.load_concepts(tokenizer, spec, [path]), path,
                    f"--embeddings {path}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder")
     assert tokenizer == {}
@@ -468,9 +468,9 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
 
 
 def test_a_trained_sdxl_row_reads_back_from_every_file(tmp_path):
-    """save_trained splits [N, D1 + D2] rows into strided halves; each file holds them exactly."""
+    """The SDXL family's save_embedding splits [N, D1 + D2] rows into strided halves; each file holds them exactly."""
     rows = make_rows(3, width=WIDTH + WIDTH_2)
-    written = formats.save_trained(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2))
+    written = families.get("sdxl").save_embedding(str(tmp_path), TOKEN, rows, (WIDTH, WIDTH_2))
     for path in (written["diffusers"], written["sdxl"]):
         emb = formats.read_embedding(path, token=None if path == written["diffusers"] else TOKEN)
         got = np.concatenate(formats.check_embedding_fits(emb, 3, (WIDTH, WIDTH_2)), axis=1)

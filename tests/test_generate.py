@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from ti_flax.commands import generate as gen
-from ti_flax import models
+from ti_flax import families, models
 from ti_flax.data import prompts
 from ti_flax.sampling import sampler
 from ti_flax.training import step
@@ -55,7 +55,7 @@ def read_pngs(paths):
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return models.load_model(tiny_model_dir)
+    return families.load_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

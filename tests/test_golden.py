@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import golden
-from ti_flax import models
+from ti_flax import families, models
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_chunked_attention_really_chunks_at_64px(family):
     # 64 px -> 32 x 32 latents -> 1024 tokens in the first level: chunked attention maps over
     # 4 chunks of 256 queries (a scan in the program), dense has no loop at all.
     _, model_dir, want, _ = family
-    model = models.load_model(model_dir)
+    model = families.load_model(model_dir)
     noisy = np.zeros((1, 4, 32, 32), np.float32)
     hidden = np.zeros((1, 77, model.spec.hidden_size), np.float32)
 

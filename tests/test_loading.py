@@ -8,15 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import models
+from ti_flax import families
 from ti_flax.errors import UserError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
 def test_old_flax_pipeline_loads_as_its_pytorch_folder():
-    flax = models.load_model(os.path.join(FIXTURES, "flax-pipeline"))
-    torch_layout = models.load_model(os.path.join(FIXTURES, "flax-pipeline-pt"))
+    flax = families.load_model(os.path.join(FIXTURES, "flax-pipeline"))
+    torch_layout = families.load_model(os.path.join(FIXTURES, "flax-pipeline-pt"))
     assert flax.spec == torch_layout.spec
     np.testing.assert_array_equal(flax.alphas_cumprod, torch_layout.alphas_cumprod)
     a = jax.tree_util.tree_flatten_with_path(flax.params)[0]
@@ -38,7 +38,7 @@ def test_other_model_families_are_named(class_name, what, tmp_path):
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     with pytest.raises(UserError) as err:
-        models.load_model(str(folder))
+        families.load_model(str(folder))
     message = str(err.value)
     assert what in message and class_name in message and "Stable Diffusion 1.x and 2.x" in message
     assert "\n" not in message
@@ -52,4 +52,4 @@ def test_a_controlnet_unet_config_is_named(tmp_path):
     config["conditioning_embedding_out_channels"] = [16, 32, 96, 256]
     config_path.write_text(json.dumps(config))
     with pytest.raises(UserError, match="belongs to a ControlNet"):
-        models.load_model(str(folder))
+        families.load_model(str(folder))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ti_flax import TrainConfig
+from ti_flax import TrainConfig, families
 from ti_flax.training import model_card
 from ti_flax.config.concepts import Concept
 from ti_flax.training.run import Learned
@@ -16,8 +16,8 @@ SECOND = ('pipe.load_textual_inversion("{}learned_embeds_2.safetensors", text_en
           'tokenizer=pipe.tokenizer_2)')
 
 
-def card(config, tokens, learned=(), sdxl=True):
-    return open(model_card.write_model_card(config, tokens, HISTORY, {}, None, learned, sdxl)).read()
+def card(config, tokens, learned=(), family="sdxl"):
+    return open(model_card.write_model_card(config, tokens, HISTORY, {}, families.get(family), None, learned)).read()
 
 
 def test_sdxl_card_names_both_files_and_the_two_diffusers_calls(tmp_path):
@@ -43,7 +43,7 @@ def test_sdxl_concepts_card_loads_each_concepts_pair(tmp_path):
 
 
 def test_sd_card_keeps_its_one_file_advice(tmp_path):
-    text = card(TrainConfig(output_dir=str(tmp_path), pretrained_model_name_or_path="m"), ["<cat-toy>"], sdxl=False)
+    text = card(TrainConfig(output_dir=str(tmp_path), pretrained_model_name_or_path="m"), ["<cat-toy>"], family="sd1")
     assert 'pipe.load_textual_inversion("learned_embeds.safetensors")' in text and "text_encoder_2" not in text
     assert "--format a1111" in text
 
@@ -58,7 +58,8 @@ def test_loss_plot_is_a_readable_png_the_card_links(tmp_path):
     validation = [{"step": 20, "loss": 0.45}, {"step": 40, "loss": 0.4}]
     config = TrainConfig(output_dir=str(tmp_path), pretrained_model_name_or_path="m", save_steps=10,
                          validation_loss_steps=20)
-    text = open(model_card.write_model_card(config, ["<cat-toy>"], history, {}, None, (), False, validation)).read()
+    text = open(model_card.write_model_card(config, ["<cat-toy>"], history, {}, families.get("sd1"), None, (),
+                                            validation)).read()
     assert f"]({model_card.LOSS_PLOT})" in text and "validation loss" in text and "0.4000" in text
     image = Image.open(tmp_path / model_card.LOSS_PLOT)
     assert image.format == "PNG" and image.size == (800, 400)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, UserError, models
+from ti_flax import TrainConfig, UserError, families, models
 from ti_flax.training import footprint
 from ti_flax.commands import plan as planning
 from ti_flax.config.choices import PLAN_TARGETS
@@ -164,8 +164,8 @@ def test_plan_measures_the_tiny_step_and_answers_again_from_the_cache(tiny_model
     config = TrainConfig(pretrained_model_name_or_path=tiny_model_dir, resolution=32, train_batch_size=2)
     first = planning.plan(config, "local")
     f = first.run.footprint
-    spec, _ = models.read_spec(tiny_model_dir)
-    model = models.load_model(tiny_model_dir)
+    spec, _ = families.read_spec(tiny_model_dir)
+    model = families.load_model(tiny_model_dir)
     # The frozen weights counted from the real float32 weights, independently of XLA.
     assert f.frozen == sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(model.params)) + 4 * 1000
     assert f.learned > 0 and f.batch == 2 * 32 * 32 * 3 + 2 * 77 * 4 + 2 * 4 + 2 * 4 + 2 * 4
@@ -200,7 +200,7 @@ def test_plan_measures_the_program_the_engine_compiles(tiny_model_dir, sample_im
                          resolution=32, train_batch_size=2, mixed_precision="bf16").validate()
     run = prepare(config, devices=jax.local_devices()[:1])
     state = step_lib.init_state(run.init_rows, run.opt_spec)
-    args = engine.step_shapes(run, state, step_lib.Frozen.from_model(run.model, run.compute.dtype, abstract=True), 0)
+    args = engine.step_shapes(run, state, families.Frozen.from_model(run.model, run.compute.dtype, abstract=True), 0)
     compiled = step_lib.compile_train_step(run.model.spec, run.compute, run.opt_spec, run.devices, *args,
                                            loss_spec=run.loss_spec)
     memory = footprint.memory_dict(compiled)
@@ -231,7 +231,7 @@ def test_the_tiny_step_compiles_for_a_tpu_v5e_chip_without_one(tiny_model_dir):
         pytest.skip("libtpu is not installed (pip install \"jax[tpu]\" installs it on any machine)")
     device, chip = footprint.target_device("v5e")
     assert device.device_kind == "TPU v5 lite" and chip.memory == 16 * 2**30
-    spec, _ = models.read_spec(tiny_model_dir)
+    spec, _ = families.read_spec(tiny_model_dir)
     from ti_flax.training.optim import OptimizerSpec
 
     config = TrainConfig(resolution=64, train_batch_size=1)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, models, parallel, train
+from ti_flax import TrainConfig, families, models, parallel, train
 from ti_flax.training import checkpoint, losses, model_card, step as step_lib
 from ti_flax.config import cli
 from ti_flax.errors import UserError, run_cli
@@ -258,12 +258,12 @@ def test_the_step_optimizes_and_logs_the_recipes_loss(spec, alphas_cumprod, monk
         jax.debug.callback(lambda *x: seen.append(x), latents, timesteps)
         return 0.5 * latents + jnp.mean(context)
 
-    monkeypatch.setattr(models, "condition", condition)
+    monkeypatch.setattr(families.of(spec), "condition", condition)
     monkeypatch.setattr(models, "predict_noise", predict_noise)
     rng = np.random.default_rng(2)
     mean = rng.standard_normal((1, 4, 4, 8, 8)).astype(np.float32)
     batch = step_lib.LatentBatch(mean, mean - 2, np.zeros((1, 4, 77), np.int32), np.arange(4)[None])
-    frozen = step_lib.Frozen(None, None, None, alphas_cumprod)
+    frozen = families.Frozen(None, None, None, alphas_cumprod)
     opt_spec = OptimizerSpec.from_config(TrainConfig(), 1, 10)
     step = jax.jit(jax.vmap(lambda state, batch: step_lib.train_step(
         state, frozen, batch, jax.random.PRNGKey(0), spec=spec, compute=models.Compute(), opt_spec=opt_spec,
@@ -374,7 +374,8 @@ def test_resume_refuses_a_changed_recipe_and_takes_old_checkpoints_as_off():
 def test_the_model_card_records_the_recipe_when_on(tmp_path):
     def card(**changes):
         config = TrainConfig(output_dir=str(tmp_path), pretrained_model_name_or_path="m", **changes)
-        return open(model_card.write_model_card(config, ["<t>"], [{"step": 1, "loss": 0.5}], {})).read()
+        return open(model_card.write_model_card(config, ["<t>"], [{"step": 1, "loss": 0.5}], {},
+                                                families.get("sd1"))).read()
 
     assert "loss recipe" not in card()
     text = card(snr_gamma=5.0, noise_offset=0.05, loss_type="smooth_l1", huber_schedule="exponential",

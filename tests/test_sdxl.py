@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import models
+from ti_flax import families, models
 from ti_flax.errors import UserError
 from ti_flax.models import clip
 from ti_flax.models.component_weights import load_component
@@ -49,9 +49,9 @@ def test_owned_encoders_give_the_pipelines_prompt_embeddings(sdxl_dir, torch_pip
 
 
 def test_an_sdxl_folder_loads_both_encoders_and_tokenizers(sdxl_dir):
-    model = models.load_model(sdxl_dir)
+    model = families.load_model(sdxl_dir)
     spec = model.spec
-    assert spec.is_sdxl and spec.text_widths == (32, 48) and spec.row_width == 80
+    assert spec.family == "sdxl" and spec.text_widths == (32, 48) and spec.row_width == 80
     assert sorted(model.params) == ["text_encoder", "text_encoder_2", "unet", "vae"]
     assert [t.shape for t in models.token_tables(model.params)] == [(49408, 32), (49408, 48)]
     assert model.tokenizers == (model.tokenizer, model.tokenizer_2)
@@ -70,6 +70,6 @@ def test_an_sdxl_folder_without_its_second_part_is_refused_in_one_line(missing, 
             os.symlink(os.path.join(sdxl_dir, name), folder / name)
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     with pytest.raises(UserError) as err:
-        models.load_model(str(folder))
+        families.load_model(str(folder))
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{folder}: an SDXL model folder without {missing}/")

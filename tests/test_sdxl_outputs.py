@@ -1,5 +1,5 @@
 """An SDXL run's results checked in PyTorch diffusers: `ti_flax.export --verify` of both SDXL
-layouts (a StableDiffusionXLPipeline's encode_prompt against models.condition), and the
+layouts (a StableDiffusionXLPipeline's encode_prompt against the SDXL family's condition), and the
 --save_as_full_pipeline folder (StableDiffusionXLPipeline.from_pretrained reads it, both
 tokenizers and text encoders hold the learned tokens, ti_flax loads it again)."""
 
@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, formats, models, tokens
+from ti_flax import TrainConfig, families, formats, models, tokens
 from ti_flax.training import outputs, run as run_mod
 from ti_flax.commands import verify
 from test_export import listing, run_cli
@@ -63,18 +63,19 @@ def test_verify_finds_rows_changed_in_one_text_encoder(tiny_sdxl_model_dir, pair
     tampered = rows_2.copy()
     tampered[1, 5] += 0.01  # what the second file should hold, but does not
     with pytest.raises(UserError, match=r"rows diffusers loaded \(tokenizer_2, text_encoder_2\) differ"):
-        verify.verify_sdxl_files(tiny_sdxl_model_dir, rows, tampered, [((first, second), TOKEN, False)])
+        verify.verify_files(tiny_sdxl_model_dir, (rows, tampered), [((first, second), TOKEN, False)])
 
 
 def test_verify_fails_in_one_line_when_flax_and_pytorch_disagree(tmp_path, tiny_sdxl_model_dir, pair, capsys,
                                                                   monkeypatch):
-    condition = models.condition
+    family = families.get("sdxl")
+    condition = family.condition
 
     def off_pooled(*args):
         cond = condition(*args)
         return cond._replace(text_embeds=cond.text_embeds + 1e-3)
 
-    monkeypatch.setattr(models, "condition", off_pooled)
+    monkeypatch.setattr(family, "condition", off_pooled)
     code, _, err = run_cli([pair[0], "-o", tmp_path / "out", "--format", "sdxl", "--verify", tiny_sdxl_model_dir],
                            capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
@@ -146,9 +147,9 @@ def test_full_pipeline_loads_in_pytorch_sdxl_with_the_tokens_in_both_encoders(sa
 
 def test_full_pipeline_loads_in_ti_flax_again(saved_run):
     run, rows, _ = saved_run
-    saved = models.load_model(run.config.output_dir)
+    saved = families.load_model(run.config.output_dir)
     vocab = run.model.spec.base_vocab_size
-    assert saved.spec.is_sdxl and saved.spec.base_vocab_size == vocab + 2
+    assert saved.spec.family == "sdxl" and saved.spec.base_vocab_size == vocab + 2
     for tokenizer in saved.tokenizers:
         assert tokenizer.convert_tokens_to_ids(run.tokens) == [vocab, vocab + 1]
     for table, part in zip(models.token_tables(saved.params), tokens.split_rows(rows, saved.spec.text_widths)):

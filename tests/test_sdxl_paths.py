@@ -24,11 +24,12 @@ from test_checkpoint import cli_args, wait_for
 from test_checkpoint import finish as finish_one
 from test_multihost import finish, free_port, start_workers, worker_args
 
-from ti_flax import TrainConfig, models, train
+from ti_flax import TrainConfig, families, models, train
 from ti_flax.training import checkpoint, outputs
 from ti_flax.config.cli import parse_config
 from ti_flax.errors import UserError
 from ti_flax.training.run import initial_state, prepare
+from ti_flax.families.sdxl import second_encoder_ids
 
 pytestmark = pytest.mark.slow
 
@@ -239,20 +240,20 @@ def test_captions_reach_both_encoders_as_diffusers_encodes_them(tiny_sdxl_model_
     def pair_ids(tokenizer, text):
         return tokenizer(pipe.maybe_convert_prompt(text, tokenizer), padding="max_length", max_length=77).input_ids
 
-    ids_2 = models.second_encoder_ids(spec, jnp.asarray(ids))
+    ids_2 = second_encoder_ids(spec, jnp.asarray(ids))
     for tokenizer, got in ((pipe.tokenizer, ids), (pipe.tokenizer_2, ids_2)):
         # The placeholder expanded in both; "!" (id 0) padding in the second.
         np.testing.assert_array_equal(np.asarray(got), pair_ids(tokenizer, texts))
     with torch.no_grad():
         context, _, pooled, _ = pipe.encode_prompt(texts, device="cpu", do_classifier_free_guidance=False)
-    cond = jax.jit(lambda ids, rows: models.condition(spec, models.Compute(), (
+    cond = jax.jit(lambda ids, rows: families.of(spec).condition(spec, models.Compute(), (
         run.model.params["text_encoder"], run.model.params["text_encoder_2"]), ids, rows))(ids, run.init_rows)
     assert np.abs(np.asarray(cond.context) - context.numpy()).max() < 1e-4
     assert np.abs(np.asarray(cond.text_embeds) - pooled.numpy()).max() < 1e-4
     # A "!" in the text: the second encoder reads it as OpenCLIP, which SDXL was trained with
     # (and A1111 / ComfyUI), tokenizes it, "!</w>" (id 256), with id 0 only after the end of text.
     # diffusers' tokenizer_2 splits out every "!" as its pad token, id 0: there the two differ.
-    first, second = seen[3], np.asarray(models.second_encoder_ids(spec, jnp.asarray(seen[3])))
+    first, second = seen[3], np.asarray(second_encoder_ids(spec, jnp.asarray(seen[3])))
     np.testing.assert_array_equal(first, pair_ids(pipe.tokenizer, BANG))
     end = list(first).index(spec.eos_token_id)
     np.testing.assert_array_equal(second, np.concatenate([first[:end + 1], np.zeros(76 - end, np.int32)]))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ti_flax import TrainConfig, formats, models, train
+from ti_flax import TrainConfig, families, train
 from ti_flax.data import prompts
 from ti_flax.sampling import sampler
 from ti_flax.training import step
@@ -43,7 +43,7 @@ def devices():
 
 @pytest.fixture(scope="module")
 def model(tiny_sdxl_model_dir):
-    return models.load_model(tiny_sdxl_model_dir)
+    return families.load_model(tiny_sdxl_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -133,11 +133,11 @@ def test_latents_match_diffusers_sdxl_pipeline(model, tiny_sdxl_model_dir):
 
 
 def test_force_zeros_setting_is_read_from_the_model_folder(model, tmp_path):
-    assert sampler.zeros_for_empty_negative(model)
+    assert families.of(model.spec).zero_empty_negative(model)
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "model_index.json").write_text('{"force_zeros_for_empty_prompt": false}')
-    assert not sampler.zeros_for_empty_negative(dataclasses.replace(model, model_dir=str(folder)))
+    assert not families.of(model.spec).zero_empty_negative(dataclasses.replace(model, model_dir=str(folder)))
     assert sampler.Sampler(model.spec, model.params, model.scheduler_config).settings.zero_empty_negative
 
 
@@ -172,8 +172,8 @@ def test_generate_with_sdxl_files_gives_the_validation_images(tiny_sdxl_model_di
 def test_sdxl_embedding_as_a_negative_embedding(model, tiny_sdxl_model_dir, trained, tmp_path, traces):
     result = trained[1]
     bad_rows = np.random.default_rng(1).normal(size=(2, sum(WIDTHS))).astype(np.float32)
-    formats.save_trained(str(tmp_path / "bad"), "<bad>", bad_rows, WIDTHS)
-    formats.save_trained(str(tmp_path / "worse"), "<worse>", bad_rows * 3.0, WIDTHS)
+    families.get("sdxl").save_embedding(str(tmp_path / "bad"), "<bad>", bad_rows, WIDTHS)
+    families.get("sdxl").save_embedding(str(tmp_path / "worse"), "<worse>", bad_rows * 3.0, WIDTHS)
     args = [result.files["diffusers"], str(tmp_path / "bad")]  # a file of the pair; a folder holding one
     before = traces["sample_step"]
     images = generate(tiny_sdxl_model_dir, tmp_path / "out", args, negative_prompt="<bad>, blurry")

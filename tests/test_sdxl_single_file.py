@@ -16,7 +16,7 @@ import pytest
 from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
 from original_layout import run_train_cli as _run_train_cli, save_original, to_original, zeros
 
-from ti_flax import TrainConfig, models
+from ti_flax import TrainConfig, families, models
 from ti_flax.training import outputs
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
@@ -30,12 +30,12 @@ PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 def test_sdxl_file_loads_the_folders_weights(tiny_sdxl_single_file):
     folder, path = tiny_sdxl_single_file
-    want = models.load_model(folder)
+    want = families.load_model(folder)
     got, warned = _load(path)
     for part in PARTS:
         _assert_same_weights(got.params[part], want.params[part], part)  # bitwise
     # Configs from the shapes and SDXL's rules (64-wide heads, 1024 px, 0.13025), both encoders' ids
-    assert got.spec == want.spec and got.spec.is_sdxl and got.spec.scaling_factor == 0.13025
+    assert got.spec == want.spec and got.spec.family == "sdxl" and got.spec.scaling_factor == 0.13025
     assert got.spec.unet.sample_size == 128 and got.spec.unet.attention_head_dim == (1, 2)
     np.testing.assert_array_equal(got.alphas_cumprod, want.alphas_cumprod)
     assert got.scheduler_config["_class_name"] == "EulerDiscreteScheduler"  # SDXL base samples with Euler
@@ -86,13 +86,13 @@ def test_ema_only_and_half_precision_sdxl_files_load(tiny_sdxl_single_file, tmp_
     import ml_dtypes
 
     folder, _ = tiny_sdxl_single_file
-    want = models.load_model(folder).params
+    want = families.load_model(folder).params
     ema = save_original(to_original(folder, "sdxl", ema="only"), str(tmp_path / "ema.safetensors"))
-    _assert_same_weights(models.load_model(ema).params["unet"], want["unet"], "ema")
+    _assert_same_weights(families.load_model(ema).params["unet"], want["unet"], "ema")
     state = to_original(folder, "sdxl")
     for dtype in (np.float16, ml_dtypes.bfloat16):
         half = {k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in state.items()}
-        model = models.load_model(save_original(half, str(tmp_path / f"{np.dtype(dtype).name}.safetensors")))
+        model = families.load_model(save_original(half, str(tmp_path / f"{np.dtype(dtype).name}.safetensors")))
         for part in PARTS:
             rounded = {k: np.asarray(v).astype(dtype).astype(np.float32) for k, v in flatten(want[part]).items()}
             _assert_same_weights(model.params[part], rounded, f"{part} {np.dtype(dtype).name}")
@@ -105,7 +105,7 @@ def test_an_sdxl_file_saves_as_a_diffusers_folder(tiny_sdxl_single_file, tmp_pat
     _, path = tiny_sdxl_single_file
     model, _ = _load(path)
     formats.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.row_width), np.float32), str(tmp_path))
-    again = models.load_model(str(tmp_path))
+    again = families.load_model(str(tmp_path))
     assert again.spec == model.spec and again.tokenizer_2.pad_token == "!"
     assert again.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
     for part in PARTS:
@@ -135,7 +135,7 @@ def test_v_pred_and_ztsnr_keys_are_honoured_and_flags_win(tiny_sdxl_single_file,
     # An explicit flag wins over its marker, and says nothing of a marker it overrode.
     plain, _ = _load(marked, prediction_type="epsilon", zero_terminal_snr=False)
     assert plain.spec.prediction_type == "epsilon" and not plain.scheduler_config["rescale_betas_zero_snr"]
-    np.testing.assert_array_equal(plain.alphas_cumprod, models.load_model(folder).alphas_cumprod)
+    np.testing.assert_array_equal(plain.alphas_cumprod, families.load_model(folder).alphas_cumprod)
     assert plain.notes == ()
     # ComfyUI reads ztsnr only beside v_pred; v_pred alone is v-prediction on the plain schedule.
     for keys, prediction_type in ((("ztsnr",), "epsilon"), (("v_pred",), "v_prediction")):
@@ -152,8 +152,8 @@ def test_zero_terminal_snr_loss_is_finite_at_the_last_timestep(tiny_sdxl_single_
     from ti_flax.training import step
 
     folder, _ = tiny_sdxl_single_file
-    model = models.load_model(folder, prediction_type="v_prediction", zero_terminal_snr=True)
-    frozen = step.Frozen.from_model(model)
+    model = families.load_model(folder, prediction_type="v_prediction", zero_terminal_snr=True)
+    frozen = families.Frozen.from_model(model)
     rng = np.random.default_rng(0)
     latents, noise = (rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(2))
     t = jnp.array([999, 500])
@@ -179,7 +179,7 @@ def test_zero_terminal_snr_default_sampler():
     from ti_flax.sampling.sampler import default_scheduler
 
     def sd(prediction_type):
-        return SimpleNamespace(is_sdxl=False, prediction_type=prediction_type)
+        return SimpleNamespace(family="sd1", prediction_type=prediction_type)
 
     ztsnr = with_zero_terminal_snr(SCHEDULER, True)
     assert default_scheduler(sd("v_prediction"), SCHEDULER) == "pndm"

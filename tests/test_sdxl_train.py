@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, formats, models, parallel
+from ti_flax import TrainConfig, families, formats, models, parallel
 from ti_flax.training import checkpoint, engine as engine_lib
 from ti_flax.data import prompts
 from ti_flax.training import step as step_lib
@@ -30,6 +30,7 @@ from ti_flax import tokens as tokens_lib, train
 from ti_flax.errors import UserError
 from ti_flax.data.images import load_image_set
 from ti_flax.training.run import prepare
+from ti_flax.families.sdxl import second_encoder_ids
 
 pytestmark = pytest.mark.slow
 
@@ -258,12 +259,12 @@ def test_the_step_conditions_the_unet_on_each_images_size_and_crop(sdxl_run, sam
         return jnp.zeros_like(latents) + jnp.mean(context)
 
     monkeypatch.setattr(step_lib, "diffusion_inputs", diffusion_inputs)
-    monkeypatch.setattr(models, "condition", condition)
+    monkeypatch.setattr(families.of(run.model.spec), "condition", condition)
     monkeypatch.setattr(models, "predict_noise", predict_noise)
     step = jax.jit(jax.vmap(functools.partial(step_lib.train_step, spec=run.model.spec, compute=run.compute,
                                               opt_spec=run.opt_spec), in_axes=(None, None, 0, None),
                             axis_name=parallel.AXIS))
-    step(step_lib.init_state(run.init_rows, run.opt_spec), step_lib.Frozen(None, None, None, None), batch,
+    step(step_lib.init_state(run.init_rows, run.opt_spec), families.Frozen(None, None, None, None), batch,
          jax.random.PRNGKey(0))
     assert len(seen) == 1
     (time_ids, text_embeds), = seen
@@ -282,11 +283,11 @@ def test_second_encoder_ids_are_tokenizer_2s_for_every_template(sdxl_run):
         ids = prompts.encode_templates(model.tokenizer, templates, text)
         want = prompts.encode_templates(model.tokenizer_2, templates, text)
         assert ((ids >= BASE_VOCAB).sum(1) == 2).all() and (want == pad_2).any(1).all()
-        np.testing.assert_array_equal(np.asarray(models.second_encoder_ids(spec, jnp.asarray(ids))), want)
+        np.testing.assert_array_equal(np.asarray(second_encoder_ids(spec, jnp.asarray(ids))), want)
     # A prompt of exactly 77 tokens has no padding: the same ids for both encoders.
     ids = prompts.encode_templates(model.tokenizer, ["a photo of {} " + " ".join(["red"] * 70)], text)
     assert ids[0, -1] == model.tokenizer.eos_token_id
-    np.testing.assert_array_equal(np.asarray(models.second_encoder_ids(spec, jnp.asarray(ids))), ids)
+    np.testing.assert_array_equal(np.asarray(second_encoder_ids(spec, jnp.asarray(ids))), ids)
 
 
 # ---- interop: the run's files in PyTorch diffusers --------------------------------------------
@@ -350,8 +351,8 @@ def test_files_load_in_pytorch_diffusers_and_condition_as_ti_flax_does(load, sdx
         torch_ids = tokenizer(pipe.maybe_convert_prompt("a photo of <cat-toy>", tokenizer), padding="max_length",
                               max_length=77).input_ids
         np.testing.assert_array_equal(torch_ids, (ids if tokenizer is pipe.tokenizer else
-                                                  np.asarray(models.second_encoder_ids(model.spec, ids)))[0])
-    condition = jax.jit(functools.partial(models.condition, model.spec, models.Compute()))
+                                                  np.asarray(second_encoder_ids(model.spec, ids)))[0])
+    condition = jax.jit(functools.partial(families.of(model.spec).condition, model.spec, models.Compute()))
     cond = condition((model.params["text_encoder"], model.params["text_encoder_2"]), ids, rows)
     assert np.abs(np.asarray(cond.context) - want.numpy()).max() < 1e-4
     assert np.abs(np.asarray(cond.text_embeds) - want_pooled.numpy()).max() < 1e-4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from original_layout import assert_same_weights, run_train_cli, save_original, vae_key
 
-from ti_flax import models
+from ti_flax import families, models
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
 
@@ -19,7 +19,7 @@ def other_vae(tiny_model_dir, tmp_path_factory):
     """An AutoencoderKL folder: the tiny model's VAE config with another scaling factor, and
     weights that differ from the model's own everywhere."""
     folder = tmp_path_factory.mktemp("other-vae")
-    own = models.load_model(tiny_model_dir)
+    own = families.load_model(tiny_model_dir)
     rng = np.random.default_rng(7)
     state = {k: v + rng.normal(0.0, 0.01, v.shape).astype(np.float32) for k, v in flatten(own.params["vae"]).items()}
     save_original(state, str(folder / "diffusion_pytorch_model.safetensors"))
@@ -41,7 +41,7 @@ def original_vae_file(state, model_dir, path, prefix=""):
 
 def test_a_vae_folder_replaces_the_vae_and_nothing_else(tiny_model_dir, other_vae):
     folder, state, own = other_vae
-    swapped = models.load_model(tiny_model_dir, vae=folder)
+    swapped = families.load_model(tiny_model_dir, vae=folder)
     assert_same_weights(swapped.params["vae"], state, "the VAE folder's weights")
     for part in ("text_encoder", "unet"):
         assert_same_weights(swapped.params[part], own.params[part], part)
@@ -50,7 +50,7 @@ def test_a_vae_folder_replaces_the_vae_and_nothing_else(tiny_model_dir, other_va
     assert swapped.spec.unet == own.spec.unet and swapped.spec.text == own.spec.text
     assert swapped.notes == (f"VAE from {folder}",)
     # A whole model folder given as the VAE: its vae/ is taken.
-    whole = models.load_model(tiny_model_dir, vae=tiny_model_dir)
+    whole = families.load_model(tiny_model_dir, vae=tiny_model_dir)
     assert_same_weights(whole.params["vae"], own.params["vae"], "a model folder's vae/")
 
 
@@ -58,7 +58,7 @@ def test_a_vae_folder_replaces_the_vae_and_nothing_else(tiny_model_dir, other_va
 def test_an_original_layout_vae_file_loads_as_its_folder(tiny_model_dir, other_vae, tmp_path, prefix):
     folder, state, own = other_vae
     path = original_vae_file(state, tiny_model_dir, tmp_path / "vae.safetensors", prefix)
-    from_file = models.load_model(tiny_model_dir, vae=path)
+    from_file = families.load_model(tiny_model_dir, vae=path)
     assert_same_weights(from_file.params["vae"], state, "the VAE file's weights")
     # A file states no scale: the model's stays.
     assert from_file.spec.scaling_factor == own.spec.scaling_factor
@@ -70,7 +70,7 @@ def test_the_swapped_vae_encodes_as_pytorch_diffusers_does(tiny_model_dir, other
     from diffusers import AutoencoderKL
 
     folder, _, _ = other_vae
-    model = models.load_model(tiny_model_dir, vae=folder)
+    model = families.load_model(tiny_model_dir, vae=folder)
     pixels = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
     mean, _ = models.vae_moments(model.spec, models.Compute(), model.params["vae"], pixels)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_training_and_generate_take_the_flag(tiny_model_dir, sample_images_dir, 
         asked.update(kwargs)
         raise UserError("stop here")
 
-    monkeypatch.setattr(models, "load_model", fake_load)
+    monkeypatch.setattr(families, "load_model", fake_load)
     assert generation.main(["--pretrained_model_name_or_path", tiny_model_dir, "--prompt", "a cat",
                             "--pretrained_vae_model_name_or_path", folder, "--output_dir", str(tmp_path / "g")]) == 2
     assert asked["vae"] == folder
@@ -110,12 +110,12 @@ def test_bad_vaes_are_one_line(tiny_model_dir, other_vae, tmp_path, capsys):
     config = json.load(open(wide / "config.json"))
     json.dump(dict(config, latent_channels=16), open(wide / "config.json", "w"))
     with pytest.raises(UserError, match="16 channels .* takes 4"):
-        models.load_model(tiny_model_dir, vae=str(wide))
+        families.load_model(tiny_model_dir, vae=str(wide))
     # diffusers' names in one file: the folder with its config is what to pass.
     flat = save_original(state, str(tmp_path / "diffusers-vae.safetensors"))
     with pytest.raises(UserError, match="diffusers' layout; pass the folder"):
-        models.load_model(tiny_model_dir, vae=flat)
+        families.load_model(tiny_model_dir, vae=flat)
     with pytest.raises(UserError, match="not a VAE"):
-        models.load_model(tiny_model_dir, vae=save_original({"x": np.zeros(3, np.float32)}, str(tmp_path / "x.safetensors")))
+        families.load_model(tiny_model_dir, vae=save_original({"x": np.zeros(3, np.float32)}, str(tmp_path / "x.safetensors")))
     err = run_train_cli(tiny_model_dir, tmp_path, capsys, "--pretrained_vae_model_name_or_path", str(tmp_path / "none"))
     assert "--pretrained_vae_model_name_or_path" in err and "no such" in err

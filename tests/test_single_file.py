@@ -16,7 +16,7 @@ import make_tiny_model
 from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
 from original_layout import run_train_cli as _run_train_cli, save_original, to_original
 
-from ti_flax import TrainConfig, formats, models
+from ti_flax import TrainConfig, families, formats
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
 
@@ -42,7 +42,7 @@ def single_file_model(request, tmp_path_factory):
 
 def test_single_file_loads_the_folders_weights(single_file_model):
     family, folder, path = single_file_model
-    want = models.load_model(folder)
+    want = families.load_model(folder)
     got, warned = _load(path)
     for part in ("text_encoder", "unet", "vae"):
         _assert_same_weights(got.params[part], want.params[part], part)  # bitwise
@@ -105,10 +105,10 @@ def sd1_folder(tmp_path_factory):
 
 
 def test_ema_only_file_loads_the_ema_weights_and_both_takes_the_model(sd1_folder, tmp_path):
-    want = models.load_model(sd1_folder).params["unet"]
+    want = families.load_model(sd1_folder).params["unet"]
     for ema in ("only", "both"):
         path = save_original(to_original(sd1_folder, "sd1", ema=ema), str(tmp_path / f"ema-{ema}.safetensors"))
-        _assert_same_weights(models.load_model(path).params["unet"], want, f"ema={ema}")
+        _assert_same_weights(families.load_model(path).params["unet"], want, f"ema={ema}")
 
 
 def test_half_precision_files_load_as_float32(sd1_folder, tmp_path):
@@ -116,10 +116,10 @@ def test_half_precision_files_load_as_float32(sd1_folder, tmp_path):
     import ml_dtypes
 
     state = to_original(sd1_folder, "sd1")
-    want = models.load_model(sd1_folder).params
+    want = families.load_model(sd1_folder).params
     for dtype in (np.float16, ml_dtypes.bfloat16):
         half = {k: v.astype(dtype) if v.dtype == np.float32 else v for k, v in state.items()}
-        model = models.load_model(save_original(half, str(tmp_path / f"{np.dtype(dtype).name}.safetensors")))
+        model = families.load_model(save_original(half, str(tmp_path / f"{np.dtype(dtype).name}.safetensors")))
         for part in ("unet", "text_encoder"):
             rounded = {k: np.asarray(v).astype(dtype).astype(np.float32) for k, v in flatten(want[part]).items()}
             _assert_same_weights(model.params[part], rounded, f"{part} {np.dtype(dtype).name}")
@@ -132,15 +132,15 @@ def test_ckpt_needs_allow_pickle(sd1_folder, tmp_path):
     path = str(tmp_path / "model.ckpt")
     torch.save({"state_dict": state, "global_step": 470000}, path)
     with pytest.raises(UserError, match="--allow_pickle") as err:
-        models.load_model(path)
+        families.load_model(path)
     assert "\n" not in str(err.value)
     model, warned = _load(path, allow_pickle=True)
-    _assert_same_weights(model.params["unet"], models.load_model(sd1_folder).params["unet"], "unet")
+    _assert_same_weights(model.params["unet"], families.load_model(sd1_folder).params["unet"], "unet")
     assert any("unpickling" in w for w in warned)
 
 
 def test_prediction_type_overrides_the_folder_and_sets_the_file(sd1_folder, single_file_model):
-    folder = models.load_model(sd1_folder, prediction_type="v_prediction")
+    folder = families.load_model(sd1_folder, prediction_type="v_prediction")
     assert folder.spec.prediction_type == folder.scheduler_config["prediction_type"] == "v_prediction"
     family, _, path = single_file_model
     model, warned = _load(path, prediction_type="v_prediction")
@@ -155,7 +155,7 @@ def test_sd2_file_converted_from_diffusers_keeps_every_text_block(single_file_mo
     block, no text_projection): all of them are the text encoder."""
     _, folder, _ = single_file_model
     path = save_original(to_original(folder, "sd2", whole_text_tower=False), str(tmp_path / "back.safetensors"))
-    got, want = _load(path)[0], models.load_model(folder)
+    got, want = _load(path)[0], families.load_model(folder)
     assert got.spec == want.spec
     _assert_same_weights(got.params["text_encoder"], want.params["text_encoder"], "text_encoder")
 
@@ -166,7 +166,7 @@ def test_a_single_file_saves_as_a_diffusers_folder(single_file_model, tmp_path):
     _, _, path = single_file_model
     model, _ = _load(path, prediction_type="v_prediction")
     formats.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.hidden_size), np.float32), str(tmp_path))
-    again = models.load_model(str(tmp_path))
+    again = families.load_model(str(tmp_path))
     assert again.spec == model.spec and again.tokenizer.pad_token == "!"
     assert again.scheduler_config["prediction_type"] == "v_prediction"
     for part in ("text_encoder", "unet", "vae"):

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, models, parallel, train
+from ti_flax import TrainConfig, families, models, parallel, train
 from ti_flax.training import checkpoint, latents, step as step_lib
 from ti_flax.data import batches as data
 from ti_flax.errors import UserError
@@ -67,7 +67,7 @@ def test_cached_moments_and_draws_equal_a_fresh_encode(tiny_model_dir, sample_im
         np.testing.assert_allclose(logvar[:, flip], want_logvar, atol=1e-5)
     # The same positions of the run give the same noisy latents, timesteps and targets.
     cached = data.LatentViews(mean, logvar)
-    frozen = step_lib.Frozen.from_model(run.model)
+    frozen = families.Frozen.from_model(run.model)
     # The weights are an argument, not constants of the program (which would compile slowly).
     inputs = jax.jit(lambda frozen, batch, key: step_lib.diffusion_inputs(spec, compute, frozen, batch, key))
     key = jax.random.PRNGKey(7)
@@ -144,7 +144,7 @@ def test_bf16_trains_compiles_once_and_keeps_frozen_weights_exact(pixel_run, tin
     assert np.abs(result.rows - fp32.rows).max() <= BF16_ROW_BOUND
     np.testing.assert_allclose([r["loss"] for r in result.history], [r["loss"] for r in fp32.history], rtol=2e-2)
     # The saved pipeline holds the float32 base weights, bit for bit, and the float32 rows.
-    base, saved = models.load_model(tiny_model_dir), models.load_model(config.output_dir)
+    base, saved = families.load_model(tiny_model_dir), families.load_model(config.output_dir)
     vocab = base.spec.base_vocab_size
     init_row = models.token_table(base.params["text_encoder"])[base.tokenizer.convert_tokens_to_ids("toy</w>")]
     assert not np.allclose(result.rows, init_row[None])  # it learned

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, models
+from ti_flax import TrainConfig, families, models
 from ti_flax.training import checkpoint, latents, step as step_lib
 from ti_flax.data import batches as data
 from ti_flax.sampling import sampler
@@ -31,7 +31,7 @@ def spec():
         with open(os.path.join(FIXTURE, kind, "config.json")) as f:
             return json.load(f)
 
-    return models.spec_from_configs(config("text_encoder"), config("unet"), config("vae"))
+    return families.get("sd1").spec_from_configs(config("text_encoder"), config("unet"), config("vae"))
 
 
 def small_data(images=3, side=16, batch=4):
@@ -54,7 +54,7 @@ def test_model_spec_is_the_model_and_compute_is_the_run():
 def test_the_fingerprint_depends_on_the_model_only(spec):
     table = np.zeros((4, 2), np.float32)
     fingerprint = checkpoint.model_fingerprint(spec, table)
-    assert fingerprint == checkpoint.model_fingerprint(models.spec_from_configs(
+    assert fingerprint == checkpoint.model_fingerprint(families.get("sd1").spec_from_configs(
         spec.text.to_dict(), spec.unet.to_dict(), spec.vae.to_dict()), table)
     assert fingerprint != checkpoint.model_fingerprint(dataclasses.replace(spec, prediction_type="v_prediction"), table)
 
@@ -74,7 +74,7 @@ def test_frozen_casts_the_weights_once_and_keeps_the_schedule():
                   "vae": {"w": np.ones(2, np.float32), "n": np.arange(2)}}
         alphas_cumprod = np.linspace(0.9, 0.1, 5, dtype=np.float32)
 
-    frozen = step_lib.Frozen.from_model(Model, "bfloat16")
+    frozen = families.Frozen.from_model(Model, "bfloat16")
     assert frozen.text_encoder["w"].dtype == jnp.bfloat16 and frozen.vae["n"].dtype == np.arange(2).dtype
     assert frozen.alphas_cumprod.dtype == np.float32
     # With the VAE dropped (cached latents) the tree simply has no VAE leaves.
@@ -91,7 +91,7 @@ def test_abstract_frozen_has_the_shapes_and_dtypes_of_the_cast_one(dtype):
                   "text_encoder_2": {"w": np.ones((1, 4), np.float32)}}
         alphas_cumprod = np.linspace(0.9, 0.1, 5, dtype=np.float32)
 
-    cast, abstract = step_lib.Frozen.from_model(Model, dtype), step_lib.Frozen.from_model(Model, dtype, abstract=True)
+    cast, abstract = families.Frozen.from_model(Model, dtype), families.Frozen.from_model(Model, dtype, abstract=True)
     assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(cast)
     for a, c in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(cast)):
         assert isinstance(a, jax.ShapeDtypeStruct) and (a.shape, a.dtype) == (c.shape, c.dtype)
@@ -128,7 +128,7 @@ def test_each_batch_kind_reaches_the_same_draws(spec, monkeypatch):
 
     monkeypatch.setattr(step_lib, "encode_pixels", encode)
     ids, example_ids = np.zeros((2, 77), np.int32), np.array([3, 8])
-    frozen = step_lib.Frozen(None, None, None, np.linspace(0.99, 0.01, spec.num_train_timesteps, dtype=np.float32))
+    frozen = families.Frozen(None, None, None, np.linspace(0.99, 0.01, spec.num_train_timesteps, dtype=np.float32))
     compute = models.Compute()
     pixel = step_lib.PixelBatch(np.zeros((2, 32, 32, 3), np.uint8), ids, example_ids)
     cached = step_lib.LatentBatch(mean, logvar, ids, example_ids)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from ti_flax import TrainConfig, models, train
+from ti_flax import TrainConfig, families, models, train
 from ti_flax.training import step as step_lib
 from ti_flax.training.optim import OptimizerSpec
 
@@ -95,7 +95,7 @@ def test_bin_matches_safetensors(four_device_run):
 
 def test_rows_moved_from_initializer(four_device_run, tiny_model_dir):
     _, result, _ = four_device_run
-    base = models.load_model(tiny_model_dir)
+    base = families.load_model(tiny_model_dir)
     init_id = base.tokenizer.encode("toy", add_special_tokens=False)[0]
     init_row = models.token_table(base.params["text_encoder"])[init_id]
     assert np.all(np.isfinite(result.rows))
@@ -104,8 +104,8 @@ def test_rows_moved_from_initializer(four_device_run, tiny_model_dir):
 
 def test_full_pipeline_keeps_every_frozen_weight_bitwise(four_device_run, tiny_model_dir):
     config, result, _ = four_device_run
-    base = models.load_model(tiny_model_dir)
-    saved = models.load_model(config.output_dir)  # the PyTorch-layout folder, read back
+    base = families.load_model(tiny_model_dir)
+    saved = families.load_model(config.output_dir)  # the PyTorch-layout folder, read back
     vocab = base.spec.base_vocab_size
     table = models.token_table(saved.params["text_encoder"])
     assert table.shape == (vocab + 2, 32)
@@ -164,7 +164,7 @@ def test_optimizer_state_is_only_the_rows():
 def fixed_eval_loss(model, rows, data, steps=4):
     """Loss over a fixed set of (image, noise, timestep) draws: the same for any rows."""
     key = jax.random.PRNGKey(1234)
-    frozen = step_lib.Frozen.from_model(model)
+    frozen = families.Frozen.from_model(model)
     return float(np.mean([_eval_loss(model.spec, rows, frozen, data.global_batch(s), jax.random.fold_in(key, s))
                           for s in range(steps)]))
 
@@ -211,7 +211,7 @@ def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
     torch = pytest.importorskip("torch")
     from diffusers import DDPMScheduler
 
-    model = models.load_model(tiny_vpred_model_dir)
+    model = families.load_model(tiny_vpred_model_dir)
     assert model.spec.prediction_type == "v_prediction"
     # Our forward process and v target agree with diffusers' PyTorch scheduler.
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
@@ -228,7 +228,7 @@ def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
         input_ids=np.zeros((2, 77), np.int32),
         example_ids=np.arange(2),
     )
-    frozen = step_lib.Frozen.from_model(model)
+    frozen = families.Frozen.from_model(model)
     key = jax.random.PRNGKey(0)
     compute = models.Compute()
     noisy, t, target = step_lib.diffusion_inputs(model.spec, compute, frozen, batch, key)
@@ -269,7 +269,7 @@ def test_interop_with_pytorch_diffusers(four_device_run, tiny_model_dir, tmp_pat
     from ti_flax import formats
 
     config, result, _ = four_device_run
-    base = models.load_model(tiny_model_dir)
+    base = families.load_model(tiny_model_dir)
     rng = np.random.default_rng(0)
     cases = {2: os.path.join(config.output_dir, "learned_embeds.safetensors")}
     for n in (1, 3):
@@ -303,7 +303,7 @@ def test_full_pipeline_loads_in_pytorch_diffusers(four_device_run):
     for name in ("model.safetensors", "config.json"):
         assert os.path.isfile(os.path.join(config.output_dir, "text_encoder", name))
     pipe = StableDiffusionPipeline.from_pretrained(config.output_dir, safety_checker=None, requires_safety_checker=False)
-    saved = models.load_model(config.output_dir)
+    saved = families.load_model(config.output_dir)
     vocab = saved.spec.base_vocab_size - 2
     assert pipe.tokenizer.convert_tokens_to_ids(result.tokens) == [vocab, vocab + 1]
     table = pipe.text_encoder.get_input_embeddings().weight.detach().numpy()

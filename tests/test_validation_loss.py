@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ti_flax import TrainConfig, models, parallel, train
+from ti_flax import TrainConfig, families, models, parallel, train
 from ti_flax.training import checkpoint, step as step_lib
 from ti_flax.config import cli
 from ti_flax.data import batches as data, prompts
@@ -44,7 +44,7 @@ def prepared(tiny_model_dir, sample_images_dir):
 
 def evaluate(run, rows, devices, images=None, cached=False):
     """Per-example validation losses of `rows` on `devices`."""
-    frozen = parallel.replicate(step_lib.Frozen.from_model(run.model), devices)
+    frozen = parallel.replicate(families.Frozen.from_model(run.model), devices)
     evaluator = Evaluator(run.model.spec, models.Compute(), images or run.validation_images, run.config.seed, devices,
                           frozen.vae if cached else None)
     return evaluator.per_example(parallel.replicate(rows, devices), frozen._replace(vae=None) if cached else frozen)
@@ -89,7 +89,7 @@ def test_the_same_on_one_and_four_devices_and_from_cached_latents(prepared):
 
 def test_the_loss_compiled_ahead_is_the_loss_compiled_on_its_first_call(prepared):
     run, rows = prepared
-    frozen = parallel.replicate(step_lib.Frozen.from_model(run.model), ONE_DEVICE)
+    frozen = parallel.replicate(families.Frozen.from_model(run.model), ONE_DEVICE)
     evaluator = Evaluator(run.model.spec, models.Compute(), run.validation_images, run.config.seed, ONE_DEVICE)
     replicated = parallel.replicate(rows, ONE_DEVICE)
     evaluator.compile_in_background(replicated, frozen)
@@ -227,9 +227,12 @@ def test_resume_refuses_another_split_and_allows_another_interval():
 # its compile would only slow the test, and it imports nothing.
 NO_PLOT_ON_THE_TRAINING_PATH = """
 import sys, jax
-from ti_flax import TrainConfig, actions, cli, engine, exporting, generation, logs, model_card, outputs, parallel, planning, training
-from ti_flax.training.run import prepare
+from ti_flax import TrainConfig, parallel
+from ti_flax.commands import export, generate, plan, train
+from ti_flax.config import cli
 from ti_flax.families import Frozen
+from ti_flax.training import actions, engine, logs, model_card, outputs
+from ti_flax.training.run import prepare
 from ti_flax.training.validation_loss import Evaluator
 devices = jax.local_devices()[:1]
 run = prepare(TrainConfig.tiny(sys.argv[1], sys.argv[2], sys.argv[3], num_vectors=2, validation_loss_steps=2,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, files, formats, models
+from ti_flax import TrainConfig, families, files, formats, models
 from ti_flax.training import checkpoint, outputs, run as run_lib
 from ti_flax.commands import export as exporting
 from ti_flax.training.step import init_state
@@ -47,14 +47,15 @@ def test_checkpoint_crash_leaves_no_folder_and_keeps_the_last(tmp_path, monkeypa
     spec = OptimizerSpec.from_config(TrainConfig(), 1, 10)
     state = init_state(np.ones((2, 4), np.float32), spec)
     meta = {"tokens": ["<cat-toy>", "<cat-toy>_1"]}
-    first = checkpoint.save_checkpoint(str(tmp_path), state._replace(step=np.int32(1)), meta)
+    first = checkpoint.save_checkpoint(str(tmp_path), state._replace(step=np.int32(1)), meta, families.get("sd1"))
 
     def crash(*args, **kwargs):
         raise Crash()
 
     monkeypatch.setattr(formats, "save_diffusers", crash)  # after the state file, before meta.json
     with pytest.raises(Crash):
-        checkpoint.save_checkpoint(str(tmp_path), state._replace(step=np.int32(2), rows=state.rows * 2), meta)
+        checkpoint.save_checkpoint(str(tmp_path), state._replace(step=np.int32(2), rows=state.rows * 2), meta,
+                                   families.get("sd1"))
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [1]
     assert hidden_files(tmp_path) == []
     restored, _ = checkpoint.load_checkpoint(first, state)
@@ -106,6 +107,6 @@ def test_pipeline_swap_crash_keeps_every_component_whole(tiny_model_dir, sample_
     monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(n for n in os.listdir(config.output_dir) if os.path.isdir(os.path.join(config.output_dir, n))) == components
     assert hidden_files(config.output_dir) == []
-    saved = models.load_model(config.output_dir)  # every component loads
+    saved = families.load_model(config.output_dir)  # every component loads
     table = models.token_table(saved.params["text_encoder"])
     assert table.shape[0] == run.model.spec.base_vocab_size + 2

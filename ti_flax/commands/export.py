@@ -30,7 +30,7 @@ import secrets
 from ..config import choices
 from .. import files, formats
 from ..errors import UserError, run_cli
-from ..formats import DIFFUSERS_BIN, TEXT_ENCODER_2, read_embedding
+from ..formats import DIFFUSERS_BIN, read_embedding
 
 # --format's values: the layouts ti_flax writes, as registered in ti_flax.formats, then other
 # tools' names for them (comfyui reads kohya's layout); and their row of the README's "Choices" table.
@@ -105,7 +105,7 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
         from . import verify as verify_lib
 
         verify_lib.require_torch()
-        verify_lib.check_width(verify, emb.rows, emb.more.get(TEXT_ENCODER_2))
+        verify_lib.check_model(verify, tuple(emb.parts.values()))
     return _write_checked(pieces, layout, emb, token, name, verify, log or (lambda line: None))
 
 
@@ -131,11 +131,12 @@ def _write_checked(pieces, layout, emb, token, name, verify, log):
             # diffusers-layout files carry their token; the others need token= (A1111's name may
             # be an ordinary word already in the vocabulary).
             verify_token, pass_token = token or verify_lib.VERIFY_TOKEN, said != "token"
-            if emb.is_sdxl:  # one embedding in all the staged files (diffusers' pair, or the one clip_l/clip_g file)
-                results = verify_lib.verify_sdxl_files(verify, emb.rows, emb.more[TEXT_ENCODER_2],
-                                                       [(tuple(staged), verify_token, pass_token)])
+            parts = tuple(emb.parts.values())
+            if len(parts) > 1:  # one embedding in all the staged files (diffusers' pair, or the one clip_l/clip_g file)
+                checks = [(tuple(staged), verify_token, pass_token)]
             else:
-                results = verify_lib.verify_files(verify, emb.rows, [(tmp, verify_token, pass_token) for tmp in staged])
+                checks = [(tmp, verify_token, pass_token) for tmp in staged]
+            results = verify_lib.verify_files(verify, parts, checks)
         renamed = []
         for tmp, path in zip(staged, paths):
             try:
@@ -152,7 +153,7 @@ def _write_checked(pieces, layout, emb, token, name, verify, log):
     label = f", {said} {token if said == 'token' else name}" if said else ""
     for path, piece in pieces:
         log(f"wrote {path}: {layout} layout, {piece.shape_text()}{label} (from {emb.format} {emb.path})")
-    verified = [" + ".join(paths)] if emb.is_sdxl else paths  # what each result is about
+    verified = [" + ".join(paths)] if len(emb.parts) > 1 else paths  # what each result is about
     for what, result in zip(verified, results):
         log(f"verified {what} in diffusers (PyTorch) as {result.token} (ids {list(result.token_ids)}): "
             f"max abs difference to Flax {result.max_abs_diff:.2e}")

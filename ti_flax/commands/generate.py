@@ -76,11 +76,11 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
     from ..formats import check_embedding_fits, read_embedding
 
     tokenizers = tuple(tokenizers) if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
-    if len(tokenizers) != (2 if spec.is_sdxl else 1):
+    if len(tokenizers) != len(spec.text_widths):
         raise ValueError(f"load_concepts needs every tokenizer of the model (model.tokenizers), got {len(tokenizers)}")
     if any(len(tokenizer) != spec.base_vocab_size for tokenizer in tokenizers):
         raise ValueError("load_concepts needs the model's own tokenizers, with no tokens added yet")
-    tokenizer = tokenizers[0]  # SDXL's two share the vocabulary (models.load_model checks)
+    tokenizer = tokenizers[0]  # SDXL's two share the vocabulary (its family's loading checks)
     # Read and check every file before the tokenizer changes, so an error leaves it untouched.
     concepts, rows, owners = [], [], {}
     vocab = tokenizer.get_vocab()
@@ -159,7 +159,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ['images/000.png', 'images/001.png']
     """
     from ..training import compile_cache
-    from .. import files, models
+    from .. import families, files
     from ..data.prompts import CUT, encode_prompt
     from ..sampling.sampler import Sampler
 
@@ -180,7 +180,7 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
-    model = models.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle,
+    model = families.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle,
                               zero_terminal_snr=zero_terminal_snr, vae=vae)
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,

@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 
 from ..training import compile_cache, footprint, run as run_lib
-from .. import files, models
+from .. import families, files, models
 from ..config.choices import PLAN_TARGETS
 from ..config.cli import build_parser as train_parser, parse_config
 from ..errors import UserError, first_line, run_cli
@@ -90,7 +90,7 @@ def plan(config, target="local", *, spec=None, alternatives=True):
     config = plannable(config)
     device, chip = footprint.target_device(target)
     if spec is None:
-        spec, _ = models.read_spec(config.pretrained_model_name_or_path, config.revision, config.prediction_type)
+        spec, _ = families.read_spec(config.pretrained_model_name_or_path, config.revision, config.prediction_type)
     resolution = config.resolution or run_lib.default_resolution(spec)
     run_lib.check_resolution(resolution, spec)
     backend = footprint.platform(device)
@@ -98,7 +98,7 @@ def plan(config, target="local", *, spec=None, alternatives=True):
     models.resolve_attention(config.attention, spec, resolution, backend=backend, dtype=config.compute_dtype)
     config = config.replace(resolution=resolution)
     asked = _try(config, spec, target, device, chip, "")
-    compute = models.Compute(dtype=config.compute_dtype, attention=config.attention, backend=backend)
+    compute = run_lib.model_compute(config, backend)
     result = Plan(target, chip, _model_name(config, spec), resolution, asked, models.attention_sites(spec, compute,
                                                                                                        resolution))
     if asked.fits is False and alternatives:
@@ -142,8 +142,7 @@ def _try(config, spec, target, device, chip, flags):
     concepts = config.concept_list()
     num_rows = sum(c.num_vectors for c in concepts)
     backend = footprint.platform(device)
-    compute = models.Compute(dtype=config.compute_dtype, attention=config.attention,
-                             remat=bool(config.gradient_checkpointing), backend=backend)
+    compute = run_lib.model_compute(config, backend)
     opt_spec = OptimizerSpec.from_config(config, 1, config.max_train_steps or 1000)
     args = footprint.step_args(spec, compute, opt_spec, config.train_batch_size, config.resolution, num_rows,
                                config.cache_latents)
@@ -234,8 +233,7 @@ def _write_cached(path, record):
 
 
 def _model_name(config, spec):
-    kind = "SDXL" if spec.is_sdxl else "SD 1.x/2.x"
-    return f"{config.pretrained_model_name_or_path or 'model'} ({kind})"
+    return f"{config.pretrained_model_name_or_path or 'model'} ({families.of(spec).title})"
 
 
 # --------------------------------------------------------------------------------------------

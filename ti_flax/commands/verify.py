@@ -1,14 +1,11 @@
-"""Checking an embedding file in PyTorch diffusers against the Flax text encoder.
+"""Checking embedding files in PyTorch diffusers against ti_flax's own text encoders.
 
-`verify_files` loads each file into a PyTorch `StableDiffusionPipeline` with diffusers' own
-`load_textual_inversion` (the way users will load it), checks that the tokens got the ids
-after the base vocabulary and the exact rows, and compares the PyTorch text encoder's hidden
-states for a prompt using the token with ti_flax's Flax text encoder given the same rows.
-
-`verify_sdxl_files` does the same for SDXL embeddings in a `StableDiffusionXLPipeline`: two
-`load_textual_inversion` calls per embedding (the CLIP-L rows into text_encoder / tokenizer, the
-bigG rows into text_encoder_2 / tokenizer_2), then the pipeline's `encode_prompt` against
-`models.condition`: prompt_embeds (both penultimate states) and pooled_prompt_embeds.
+`verify_files` loads each file into a PyTorch pipeline of the model's family (`ModelFamily.
+pipeline_class`, its text encoders only) with diffusers' own `load_textual_inversion`, once per
+text encoder (the way users load it), checks that the tokens got the ids after the base
+vocabulary and the exact rows, and compares the pipeline's `encode_prompt` for a prompt using the
+token with the family's `condition` given the same rows (`reference_outputs` / `our_outputs`: for
+SDXL the pooled embedding too).
 
 Needs torch and diffusers' PyTorch classes, which are imported only when called; the tests of
 the trainer reuse `load_torch_pipeline` and `torch_hidden_states`.
@@ -20,8 +17,9 @@ import os
 
 import numpy as np
 
+from .. import families, files, models
 from ..errors import UserError, first_line
-from ..tokens import join_rows
+from ..tokens import join_rows, placeholder_tokens
 
 TOLERANCE = 1e-4
 VERIFY_TOKEN = "<ti-flax-verify>"  # for files that do not name a token (kohya)
@@ -47,37 +45,32 @@ def require_torch():
     return torch
 
 
-def check_width(model_dir, rows, rows_2=None):
-    """UserError unless MODEL_DIR is the kind of model the rows are for: SD 1.x / 2.x for `rows`
-    alone, SDXL for `rows` and `rows_2` (its second text encoder's rows), each width the hidden
-    size in that text encoder's config.json."""
-    from .. import models
-
+def check_model(model_dir, parts):
+    """The family of MODEL_DIR; UserError unless it is a model the embedding's rows are for: rows
+    for each of its text encoders (`parts`: float32 [N, D] per encoder, in order), each as wide as
+    that encoder's config.json says."""
     if not os.path.isfile(os.path.join(model_dir, "text_encoder", "config.json")):
         raise UserError(f"--verify {model_dir}: not a Stable Diffusion model folder (no text_encoder/config.json)")
-    sdxl = models.is_sdxl_dir(model_dir)
-    if sdxl and rows_2 is None:
-        raise UserError(f"--verify {model_dir}: an SDXL model, but the embedding holds one text encoder's rows "
-                        "(SD 1.x / 2.x); verify it with the model it was made for")
-    if rows_2 is not None and not sdxl:
-        raise UserError(f"--verify {model_dir}: not an SDXL model (no text_encoder_2/), but the embedding is an SDXL "
-                        "one (clip_l and clip_g); verify it with the SDXL model it was made for")
-    for folder, part in (("text_encoder", rows), ("text_encoder_2", rows_2)):
-        if part is not None:
-            _check_encoder_width(model_dir, folder, part.shape[-1])
+    family = families.family_of_folder(model_dir)
+    if len(parts) != len(family.encoders):
+        have = f"{len(family.encoders)} text encoder{'s' if len(family.encoders) > 1 else ''}"
+        raise UserError(f"--verify {model_dir}: an {family.title} model ({have}: "
+                        f"{', '.join(e.part for e in family.encoders)}/), but the embedding holds rows for "
+                        f"{len(parts)}; verify it with the model it was made for")
+    for encoder, part in zip(family.encoders, parts):
+        _check_encoder_width(model_dir, encoder, part.shape[-1])
+    return family
 
 
-def _check_encoder_width(model_dir, folder, got):
-    from .. import files
-
-    config = os.path.join(model_dir, folder, "config.json")
+def _check_encoder_width(model_dir, encoder, got):
+    config = os.path.join(model_dir, encoder.part, "config.json")
     if not os.path.isfile(config):
-        raise UserError(f"--verify {model_dir}: not a Stable Diffusion model folder (no {folder}/config.json)")
+        raise UserError(f"--verify {model_dir}: not a Stable Diffusion model folder (no {encoder.part}/config.json)")
     width = files.read_json(config, "a CLIP text model config (JSON)").get("hidden_size")
     if not isinstance(width, int):
         raise files.DamagedFile(config, "has no integer hidden_size; not a CLIP text model config")
     if got != width:
-        what = "text encoder" if folder == "text_encoder" else "second text encoder (clip_g)"
+        what = "text encoder" if encoder.part == "text_encoder" else f"{encoder.title} text encoder ({encoder.part})"
         raise UserError(
             f"--verify {model_dir}: embedding width is {got} but this model's {what} "
             f"width is {width}; the embedding was made for a different model"
@@ -89,10 +82,10 @@ def load_torch_pipeline(model_dir):
     return _load_quietly("StableDiffusionPipeline", model_dir, safety_checker=None, requires_safety_checker=False)
 
 
-def load_torch_sdxl_text_pipeline(model_dir):
-    """A PyTorch `StableDiffusionXLPipeline` from a local SDXL folder with its text encoders and
-    tokenizers only (no UNet or VAE: `encode_prompt` needs neither, and SDXL's UNet is 10 GB)."""
-    return _load_quietly("StableDiffusionXLPipeline", model_dir, unet=None, vae=None)
+def load_torch_text_pipeline(model_dir, family):
+    """The PyTorch pipeline of `family` from a local folder, with its text encoders and tokenizers
+    only (`encode_prompt` needs no UNet or VAE, and SDXL's UNet is 10 GB)."""
+    return _load_quietly(family.pipeline_class, model_dir, **family.reference_kwargs())
 
 
 def _load_quietly(class_name, model_dir, **kwargs):
@@ -136,56 +129,76 @@ def torch_hidden_states(text_encoder, input_ids):
 
 
 def verify_files(model_dir, rows, checks, tolerance=TOLERANCE):
-    """Load each embedding file in PyTorch diffusers and compare with the Flax text encoder.
+    """Load each embedding in PyTorch diffusers and compare with ti_flax.
+
+    Each embedding goes in as diffusers documents it: `load_textual_inversion` once per text
+    encoder of the model's family, each encoder's rows into its own text encoder and tokenizer.
+    Then the pipeline's `encode_prompt` (no guidance) for a prompt with the token is compared with
+    the family's `condition` on the first tokenizer's ids.
 
     Args:
-        model_dir: a local Stable Diffusion folder both PyTorch diffusers and ti_flax load.
-        rows: float32 [N, D], the rows the files should hold.
-        checks: (path, token, pass_token) triples; with pass_token the token is given to
-            `load_textual_inversion(token=...)` (kohya and A1111 files), otherwise the token
-            must come from the file itself (diffusers layout).
-        tolerance: the largest allowed absolute difference of hidden states.
+        model_dir: a local model folder both PyTorch diffusers and ti_flax load.
+        rows: float32 [N, D], the rows the files should hold for a model of one text encoder; for
+            several, a tuple of each encoder's rows (SDXL: clip_l's [N, D1], clip_g's [N, D2]).
+        checks: (paths, token, pass_token) triples: `paths` is one file, or a tuple of one file
+            per text encoder (diffusers' SDXL pair, each `{token: rows}`), or a tuple of one file
+            holding every encoder's rows under its key (`{"clip_l", "clip_g"}`, read with
+            safetensors or torch.load by its extension, each tensor given to
+            `load_textual_inversion` with `token=`). With pass_token, `token` is given to the
+            loads of whole files too; otherwise it must come from the files (diffusers layout).
+        tolerance: the largest allowed absolute difference of any output.
 
     Returns:
-        A `VerifyResult` per file.
+        A `VerifyResult` per check (`path` its first file).
 
     Raises:
-        UserError: diffusers refuses a file, gives unexpected ids or rows, or the hidden
-            states differ by more than `tolerance`.
+        UserError: diffusers refuses a file, gives any tokenizer unexpected ids, loads other rows
+            into any text encoder, or an output differs by more than `tolerance`.
     """
-    from .. import models
-
-    rows = np.asarray(rows, dtype=np.float32)
-    check_width(model_dir, rows)
-    pipe = load_torch_pipeline(model_dir)
-    flax = models.load_model(model_dir)
+    torch = require_torch()
+    parts = tuple(np.asarray(r, dtype=np.float32) for r in (rows if isinstance(rows, (tuple, list)) else (rows,)))
+    family = check_model(model_dir, parts)
+    pipe = load_torch_text_pipeline(model_dir, family)
+    flax = families.load_model(model_dir)
+    base = flax.spec.base_vocab_size
+    for encoder in family.encoders:
+        if len(getattr(pipe, encoder.tokenizer)) != base:
+            raise UserError(f"--verify {model_dir}: PyTorch {encoder.tokenizer} has "
+                            f"{len(getattr(pipe, encoder.tokenizer))} tokens, the Flax model {base}")
+    text_params = tuple(flax.params[e.part] for e in family.encoders)
+    several = len(family.encoders) > 1
     results = []
-    for path, token, pass_token in checks:
-        # Fresh copies per file: load_textual_inversion grows the tokenizer and table in place.
-        tokenizer, text_encoder = copy.deepcopy(pipe.tokenizer), copy.deepcopy(pipe.text_encoder)
-        base = len(tokenizer)
-        if base != flax.spec.base_vocab_size:
-            raise UserError(f"--verify {model_dir}: PyTorch tokenizer has {base} tokens, the Flax model {flax.spec.base_vocab_size}")
-        try:
-            pipe.load_textual_inversion(
-                path, token=token if pass_token else None, tokenizer=tokenizer, text_encoder=text_encoder
-            )
-        except (ValueError, OSError, RuntimeError) as err:
-            raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({first_line(err)})") from None
-        ids = _check_loaded(tokenizer, text_encoder, token, rows, base)
-        input_ids = prompt_ids(pipe, tokenizer, PROMPT.format(token))
+    for paths, token, pass_token in checks:
+        paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
+        # Fresh copies per check: load_textual_inversion grows each tokenizer and table in place.
+        loaded = {name: copy.deepcopy(getattr(pipe, name)) for e in family.encoders for name in (e.part, e.tokenizer)}
+        for encoder, (source, load_token), want in zip(family.encoders, _loads(family, paths, token, pass_token),
+                                                       parts):
+            tokenizer, text_encoder = loaded[encoder.tokenizer], loaded[encoder.part]
+            try:
+                pipe.load_textual_inversion(source, token=load_token, tokenizer=tokenizer, text_encoder=text_encoder)
+            except (ValueError, OSError, RuntimeError) as err:
+                raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({first_line(err)})") from None
+            where = f" ({encoder.tokenizer}, {encoder.part})" if several else ""
+            ids = _check_loaded(tokenizer, text_encoder, token, want, base, where)
+        view = type(pipe)(**dict(pipe.components, **loaded))  # the loaded copies, the rest shared
+        prompt = PROMPT.format(token)
+        input_ids = prompt_ids(view, view.tokenizer, prompt)
         if not _contains(input_ids[0].tolist(), ids):
-            raise UserError(f"--verify: the prompt {PROMPT.format(token)!r} did not tokenize to the ids {ids}")
-        torch_hidden = torch_hidden_states(text_encoder, input_ids)
-        flax_hidden = np.asarray(models.encode_text(flax.spec, models.Compute(), flax.params["text_encoder"],
-                                                    input_ids.astype(np.int32), rows))
-        diff = float(np.max(np.abs(torch_hidden - flax_hidden)))
-        if not diff <= tolerance:  # `not <=` also catches NaN
-            raise UserError(
-                f"--verify {model_dir}: PyTorch and Flax text encoders differ by {diff:.3g} (more than {tolerance:g}) "
-                f"for the prompt {PROMPT.format(token)!r}"
-            )
-        results.append(VerifyResult(path, token, tuple(ids), diff))
+            raise UserError(f"--verify: the prompt {prompt!r} did not tokenize to the ids {ids}")
+        with torch.no_grad():
+            theirs = family.reference_outputs(view, prompt)
+        cond = family.condition(flax.spec, models.Compute(), text_params, input_ids.astype(np.int32), join_rows(parts))
+        ours = family.our_outputs(cond)
+        diffs = {name: float(np.max(np.abs(theirs[name] - np.asarray(ours[name])))) for name in theirs}
+        for name, diff in diffs.items():
+            if not diff <= tolerance:  # `not <=` also catches NaN
+                what = "PyTorch's encode_prompt and Flax" if several else "PyTorch and Flax text encoders"
+                raise UserError(
+                    f"--verify {model_dir}: {what} differ by {diff:.3g} (more than {tolerance:g}) "
+                    f"{f'in {name} ' if several else ''}for the prompt {prompt!r}"
+                )
+        results.append(VerifyResult(os.fspath(paths[0]), token, tuple(ids), max(diffs.values())))
     return results
 
 
@@ -193,8 +206,6 @@ def _check_loaded(tokenizer, text_encoder, token, rows, base, where=""):
     """The tokens' ids after diffusers loaded them; UserError unless they follow the base
     vocabulary and the text encoder's table holds exactly `rows` for them. `where` names the
     tokenizer / text encoder pair in messages (SDXL has two)."""
-    from ..tokens import placeholder_tokens
-
     tokens = placeholder_tokens(token, rows.shape[0])
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if ids != list(range(base, base + len(tokens))):
@@ -206,97 +217,23 @@ def _check_loaded(tokenizer, text_encoder, token, rows, base, where=""):
     return ids
 
 
-def verify_sdxl_files(model_dir, rows, rows_2, checks, tolerance=TOLERANCE):
-    """Load each SDXL embedding in a PyTorch `StableDiffusionXLPipeline` and compare with Flax.
-
-    Each embedding goes in as diffusers documents for SDXL: `load_textual_inversion` once with
-    the first text encoder's rows into text_encoder / tokenizer, once with the second's into
-    text_encoder_2 / tokenizer_2. Then the pipeline's `encode_prompt` (no guidance) for a
-    prompt with the token is compared with `models.condition` on the first tokenizer's ids:
-    prompt_embeds with the context, pooled_prompt_embeds with the text embeds.
-
-    Args:
-        model_dir: a local SDXL folder both PyTorch diffusers and ti_flax load.
-        rows, rows_2: float32 [N, D1], [N, D2], the rows the files should hold for the first
-            (clip_l) and second (clip_g) text encoder.
-        checks: (paths, token, pass_token) triples: `paths` is (first file, second file) of
-            diffusers' pair, each `{token: rows}`, or (one file,) holding `{"clip_l", "clip_g"}`
-            (read with safetensors or torch.load by its extension, its two tensors given to
-            `load_textual_inversion` with `token=`). With pass_token, `token` is given to the
-            pair's loads too; otherwise it must come from the files.
-        tolerance: the largest allowed absolute difference of either output.
-
-    Returns:
-        A `VerifyResult` per check (`path` its first file).
-
-    Raises:
-        UserError: diffusers refuses a file, gives either tokenizer unexpected ids, loads other
-            rows into either text encoder, or an output differs by more than `tolerance`.
-    """
-    from .. import models
-    from ..formats import TEXT_ENCODER_2
-
-    torch = require_torch()
-    rows, rows_2 = np.asarray(rows, dtype=np.float32), np.asarray(rows_2, dtype=np.float32)
-    check_width(model_dir, rows, rows_2)
-    pipe = load_torch_sdxl_text_pipeline(model_dir)
-    flax = models.load_model(model_dir)
-    base = flax.spec.base_vocab_size
-    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
-        if len(tokenizer) != base:
-            raise UserError(f"--verify {model_dir}: PyTorch tokenizer has {len(tokenizer)} tokens, the Flax model {base}")
-    results = []
-    for paths, token, pass_token in checks:
-        parts = {"text_encoder": copy.deepcopy(pipe.text_encoder), "text_encoder_2": copy.deepcopy(pipe.text_encoder_2),
-                 "tokenizer": copy.deepcopy(pipe.tokenizer), "tokenizer_2": copy.deepcopy(pipe.tokenizer_2)}
-        loads = _sdxl_loads(paths, token, pass_token)
-        for (source, load_token), suffix, want in zip(loads, ("", "_2"), (rows, rows_2)):
-            tokenizer, text_encoder = parts["tokenizer" + suffix], parts["text_encoder" + suffix]
-            try:
-                pipe.load_textual_inversion(source, token=load_token, tokenizer=tokenizer, text_encoder=text_encoder)
-            except (ValueError, OSError, RuntimeError) as err:
-                raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({first_line(err)})") from None
-            ids = _check_loaded(tokenizer, text_encoder, token, want, base, f" (tokenizer{suffix}, text_encoder{suffix})")
-        view = type(pipe)(**dict(pipe.components, **parts))  # the loaded copies, the rest shared
-        prompt = PROMPT.format(token)
-        input_ids = prompt_ids(view, view.tokenizer, prompt)
-        if not _contains(input_ids[0].tolist(), ids):
-            raise UserError(f"--verify: the prompt {prompt!r} did not tokenize to the ids {ids}")
-        with torch.no_grad():
-            embeds, _, pooled, _ = view.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
-        cond = models.condition(flax.spec, models.Compute(), (flax.params["text_encoder"], flax.params[TEXT_ENCODER_2]),
-                                input_ids.astype(np.int32), join_rows((rows, rows_2)))
-        diffs = {
-            "prompt_embeds": float(np.max(np.abs(embeds.float().numpy() - np.asarray(cond.context)))),
-            "pooled_prompt_embeds": float(np.max(np.abs(pooled.float().numpy() - np.asarray(cond.text_embeds)))),
-        }
-        for name, diff in diffs.items():
-            if not diff <= tolerance:  # `not <=` also catches NaN
-                raise UserError(
-                    f"--verify {model_dir}: PyTorch's encode_prompt and Flax differ by {diff:.3g} (more than "
-                    f"{tolerance:g}) in {name} for the prompt {prompt!r}"
-                )
-        results.append(VerifyResult(paths[0], token, tuple(ids), max(diffs.values())))
-    return results
-
-
-def _sdxl_loads(paths, token, pass_token):
-    """[(what to give load_textual_inversion, token=)] for the first and the second text encoder."""
-    if len(paths) == 2:  # diffusers' pair: one {token: rows} file per text encoder
-        return [(path, token if pass_token else None) for path in paths]
-    (path,) = paths
-    from ..formats.sdxl import CLIP_G, CLIP_L
-
+def _loads(family, paths, token, pass_token):
+    """[(what to give load_textual_inversion, token=)] for each text encoder of `family`."""
+    if len(paths) == len(family.encoders):  # one file per text encoder: {token: rows} each
+        return [(os.fspath(path), token if pass_token else None) for path in paths]
+    (path,) = paths  # one file holding every encoder's rows under its key
+    path = os.fspath(path)
     if path.lower().endswith(".safetensors"):
         from safetensors.torch import load_file
 
         state = load_file(path)
     else:
         state = require_torch().load(path, map_location="cpu", weights_only=True)
-    missing = [key for key in (CLIP_L, CLIP_G) if key not in state]
+    keys = [e.key for e in family.encoders]
+    missing = [key for key in keys if key not in state]
     if missing:
-        raise UserError(f"--verify: {path} has no {' or '.join(missing)} entry; not an SDXL embedding file")
-    return [(state[CLIP_L], token), (state[CLIP_G], token)]
+        raise UserError(f"--verify: {path} has no {' or '.join(missing)} entry; not an {family.title} embedding file")
+    return [(state[key], token) for key in keys]
 
 
 def _contains(seq, sub):

@@ -75,7 +75,7 @@ class TrainConfig:
     caption_extension: Optional[str] = None  # ".txt": an image's prompt is in its caption file beside it
     caption_prefix_token: bool = False  # a caption without the placeholder gets it in front
     repeats: int = 100
-    resolution: Optional[int] = None  # None: run.DEFAULT_RESOLUTION (512), or an SDXL model's native size (1024)
+    resolution: Optional[int] = None  # None: the model family's (512; an SDXL model's native 1024)
     center_crop: bool = False
     interpolation: str = "bicubic"
     flip_p: float = 0.5

@@ -52,13 +52,14 @@ class LatentBatch(NamedTuple):
     mask: Optional[np.ndarray] = None
 
 
-def blank_batch(batch_size, resolution, text_length, sdxl=False):
+def blank_batch(batch_size, resolution, text_length, time_ids=False):
     """A PixelBatch of zeros shaped as one device's batch of `batch_size` examples at
     `resolution` pixels, as the sources below make them: what the train step is compiled for
-    when no images are read (`ti_flax.plan`). `sdxl`: with time ids."""
+    when no images are read (`ti_flax.plan`). `time_ids`: with each example's size-and-crop ids
+    (ModelFamily.time_ids)."""
     return PixelBatch(np.zeros((batch_size, resolution, resolution, 3), np.uint8),
                       np.zeros((batch_size, text_length), np.int32), np.zeros(batch_size, np.int64),
-                      np.zeros(batch_size, np.int32), np.zeros((batch_size, 6), np.float32) if sdxl else None)
+                      np.zeros(batch_size, np.int32), np.zeros((batch_size, 6), np.float32) if time_ids else None)
 
 
 def flip_rows(source: np.ndarray, index: np.ndarray, flip: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from .. import files, tokens
+from .. import files
 from ..errors import UserError, short_list
 # Each module registers its layout on import; this order is the registry's (and the exporter's).
 from . import diffusers, a1111, kohya, sdxl, npy, pipeline  # noqa: I001
@@ -46,7 +46,7 @@ __all__ = [
     "ALIASES", "DIFFUSERS_BIN", "DIFFUSERS_FILE", "Embedding", "FLAX_NPY", "Layout", "PAIR_FILE_2", "TEXT_ENCODER",
     "TEXT_ENCODER_2", "check_embedding_fits", "check_fits", "check_written", "get", "load_diffusers", "names",
     "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_pipeline",
-    "save_sdxl", "save_trained", "sdxl_file_name", "write",
+    "save_sdxl", "sdxl_file_name", "write",
 ]
 
 TORCH_EXTENSIONS = (".pt", ".bin", ".pth")
@@ -101,36 +101,6 @@ def sdxl_file_name(token, step=None):
     return name + ("" if step is None else f"-steps-{step}") + ".safetensors"
 
 
-def save_trained(folder, token, rows, widths, step=None, bin=False):
-    """Write a run's embedding of `token` into `folder`, in the layouts other tools load.
-
-    Args:
-      rows: float32 [N, sum(widths)]: for SDXL each row is the CLIP-L row and the bigG row side by side.
-      widths: the model's text encoder widths (models.ModelSpec.text_widths).
-      step: for an intermediate file, its step (`learned_embeds-steps-S.safetensors`).
-      bin: also the PyTorch `.bin` twin of each diffusers file (--no_safe_serialization).
-    Returns:
-      {kind: path}: "diffusers" (and "diffusers_bin"); for SDXL also "diffusers_2" (diffusers'
-      pair, learned_embeds_2) and "sdxl" (`{clip_l, clip_g}`, named by `sdxl_file_name`).
-    """
-    suffix = "" if step is None else f"-steps-{step}"
-    first = os.path.join(folder, f"learned_embeds{suffix}.safetensors")
-    rows = np.asarray(rows, np.float32)
-    written = {}
-    if len(widths) == 1:
-        written["diffusers"] = save_diffusers(first, token, rows)
-        if bin:
-            written["diffusers_bin"] = save_diffusers_bin(os.path.splitext(first)[0] + ".bin", token, rows)
-        return written
-    parts = tokens.split_rows(rows, widths)
-    written["diffusers"], written["diffusers_2"] = save_diffusers_sdxl(first, token, *parts)
-    if bin:
-        written["diffusers_bin"], written["diffusers_2_bin"] = save_diffusers_sdxl(
-            os.path.splitext(first)[0] + ".bin", token, *parts)
-    written["sdxl"] = save_sdxl(os.path.join(folder, sdxl_file_name(token, step)), *parts)
-    return written
-
-
 def check_embedding_fits(rows, num_vectors, width, what="--initial_embeddings"):
     """Check that embedding rows fit a run: `num_vectors` rows of each text encoder's width.
 
@@ -153,7 +123,7 @@ def check_embedding_fits(rows, num_vectors, width, what="--initial_embeddings"):
     if emb.path and emb.path not in what:
         what = f"{what} {emb.path}"
     if len(emb.parts) != len(widths):
-        if emb.is_sdxl:
+        if len(emb.parts) > len(widths):
             raise UserError(f"{what}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder: "
                             "pass an embedding made for SD 1.x / 2.x")
         raise UserError(f"{what}: is an SD 1.x / 2.x embedding (one text encoder); this model has {len(widths)} "

@@ -60,11 +60,6 @@ class Embedding:
     def width(self):
         return self.rows.shape[1]
 
-    @property
-    def is_sdxl(self):
-        """Whether it holds rows for SDXL's two text encoders (clip_l and clip_g)."""
-        return TEXT_ENCODER_2 in self.more
-
     def shape_text(self):
         """"3 x 768" (one text encoder) or "3 x 768 + 1280" (SDXL): for messages."""
         return f"{self.num_vectors} x " + " + ".join(str(rows.shape[1]) for rows in self.parts.values())
@@ -168,7 +163,7 @@ def check_fits(layout, embedding, what=None):
     what = what or f"layout {layout.name}"
     where = f"{embedding.path}: " if embedding.path else ""
     fit = ", ".join(names(writable=True, text_encoders=have)) or "none"
-    if embedding.is_sdxl:
+    if have > layout.text_encoders:
         raise UserError(
             f"{where}is an SDXL embedding (clip_l/clip_g, {embedding.shape_text()}); {what} holds one text "
             f"encoder's rows (SD 1.x / 2.x): choose one of the SDXL layouts: {fit}"

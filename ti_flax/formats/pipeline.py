@@ -3,7 +3,7 @@ tokens in its tokenizer(s) and their rows in its text encoder(s).
 
 `save_pipeline` writes one (`--save_as_full_pipeline`): what `StableDiffusionPipeline.from_pretrained`
 (for SDXL, `StableDiffusionXLPipeline.from_pretrained`) reads (safetensors weights, config files, the
-tokenizer(s) holding the learned tokens, model_index.json), and what `models.load_model` reads back.
+tokenizer(s) holding the learned tokens, model_index.json), and what `families.load_model` reads back.
 Every weight file goes through `files.write_bytes`, so a full disk is one line.
 
 `read` takes the rows of the tokens `token, token_1, ...` back out of a folder's text_encoder/ and
@@ -108,7 +108,8 @@ def _write_weights(path, state_dict):
     files.write_bytes(path, files.safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
-def _scheduler_config(config):
+def scheduler_config(config):
+    """A model's scheduler config as a saved pipeline's scheduler_config.json holds it (PyTorch class names)."""
     config = dict(config)
     name = str(config.get("_class_name", "PNDMScheduler"))
     config["_class_name"] = name[4:] if name.startswith("Flax") else name
@@ -116,18 +117,32 @@ def _scheduler_config(config):
     return config
 
 
-def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
+def model_index(scheduler_class):
+    """The model_index.json entries every Stable Diffusion pipeline folder has; a family adds its
+    class name and its own parts (ModelFamily.model_index)."""
+    return {
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def save_pipeline(model, encoders, rows, out_dir, scheduler, index):
     """Write `model` with `rows` appended to its token table(s) into `out_dir` (which must exist).
 
-    For SDXL, the folder is a `StableDiffusionXLPipeline`'s: each text encoder's table gets its
-    part of the rows (`tokens.split_rows`: the CLIP-L part in text_encoder, the bigG part in
-    text_encoder_2) and tokenizer_2 is saved beside tokenizer, both holding the new tokens.
+    Each text encoder's table gets its part of the rows (`tokens.split_rows`), and each tokenizer,
+    already holding the new tokens, is saved beside it. A family chooses the parts and the index
+    (ModelFamily.save_pipeline).
 
     Args:
-      model: a LoadedModel. tokenizer: its tokenizer, already holding the new tokens (one per row,
-        in row order). rows: float32 [N, row_width] learned rows. out_dir: an existing folder.
-      tokenizer_2: SDXL's second tokenizer holding the same new tokens with the same ids
-        (default: `model.tokenizer_2`, which `run.prepare` gave them); unused otherwise.
+      model: a LoadedModel. encoders: (params key, tokenizer folder, tokenizer) per text encoder,
+        in row order; each tokenizer holds the new tokens (one per row, in row order).
+      rows: float32 [N, row_width] learned rows. out_dir: an existing folder.
+      scheduler: the scheduler_config.json to write (`scheduler_config`). index: model_index.json.
     Returns:
       out_dir.
     """
@@ -135,11 +150,8 @@ def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
     from ..models.weights import flatten
 
     spec = model.spec
-    encoders = [("text_encoder", spec.text, tokenizer)]
-    if spec.is_sdxl:
-        encoders.append(("text_encoder_2", spec.text_2, tokenizer_2 if tokenizer_2 is not None else model.tokenizer_2))
     parts = {}
-    for (name, text, tok), part_rows in zip(encoders, split_rows(rows, spec.text_widths)):
+    for (name, _, tok), text, part_rows in zip(encoders, spec.text_configs, split_rows(rows, spec.text_widths)):
         table = merged_table(models.token_table(model.params[name]), part_rows)
         if len(tok) != table.shape[0]:  # a tokenizer without the tokens would save a folder that cannot load
             raise ValueError(f"{name}: {table.shape[0]} rows but its tokenizer has {len(tok)} tokens")
@@ -156,34 +168,9 @@ def save_pipeline(model, tokenizer, rows, out_dir, tokenizer_2=None):
         os.makedirs(folder, exist_ok=True)
         _write_json(os.path.join(folder, "config.json"), config)
         _write_weights(os.path.join(folder, weights_file), flatten(params))
-    scheduler = _scheduler_config(model.scheduler_config)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler)
-    for (name, _, tok) in encoders:
-        tok.save_pretrained(os.path.join(out_dir, name.replace("text_encoder", "tokenizer")))
-    index = _model_index(model, scheduler["_class_name"], models.zeros_for_empty_negative(model))
+    for _, folder, tok in encoders:
+        tok.save_pretrained(os.path.join(out_dir, folder))
     _write_json(os.path.join(out_dir, "model_index.json"), index)
     return out_dir
-
-
-def _model_index(model, scheduler_class, zeros_for_empty_prompt):
-    """model_index.json: StableDiffusionPipeline's, or StableDiffusionXLPipeline's for SDXL (with
-    its `force_zeros_for_empty_prompt`)."""
-    index = {
-        "_diffusers_version": _DIFFUSERS_VERSION,
-        "feature_extractor": [None, None],
-        "scheduler": ["diffusers", scheduler_class],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    if not model.spec.is_sdxl:
-        return dict(index, _class_name="StableDiffusionPipeline", requires_safety_checker=False,
-                    safety_checker=[None, None])
-    return dict(
-        index, _class_name="StableDiffusionXLPipeline", image_encoder=[None, None],
-        text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=["transformers", "CLIPTokenizer"],
-        # SDXL base zeroes the negative conditioning of an empty prompt; keep the model's choice.
-        force_zeros_for_empty_prompt=zeros_for_empty_prompt,
-    )

@@ -6,7 +6,7 @@ order, from PyTorch safetensors (one file or a sharded index; read without torch
 (needs torch), or the Flax msgpack of an old Flax pipeline (renamed by flax_layout.py). Every file
 goes through `files`, so a damaged one is a one-line DamagedFile naming it, and weights that do not
 fit the config are a UserError naming the first offending weight. (A whole model folder, all its
-components together, is `models.load_model`'s.)
+components together, is its family's: `families.load_model`.)
 """
 
 import os

@@ -1,8 +1,9 @@
 """Running the frozen model's parts: pure functions of a static `ModelSpec` (what the model is),
 a `Compute` (how this run computes with it) and the weights, for use inside jit / pmap.
 
-`condition` encodes a prompt's ids (with the learned rows) into what the UNet is conditioned
-on, `predict_noise` runs the UNet, `vae_moments` / `decode_latents` the VAE. The helpers on the
+`encode_text` runs a CLIP text encoder over a prompt's ids (with the learned rows), `predict_noise`
+the UNet, `vae_moments` / `decode_latents` the VAE; what a family conditions its UNet on is the
+family's (`families/`, `ModelFamily.condition`). The helpers on the
 parameter trees (`cast_params`, `token_table`, `with_token_table`) work on host arrays.
 """
 
@@ -12,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..tokens import split_rows
 from . import attention as attention_lib
 from . import clip, unet, vae
 from .spec import default_size
@@ -113,37 +113,12 @@ class Condition(NamedTuple):
     Attributes:
       context: [B, L, C] the cross-attention states: the text encoder's last hidden state, or for
         SDXL both encoders' penultimate states side by side (C = 768 + 1280).
-      text_embeds: SDXL's pooled, projected output of the second encoder [B, E]; None otherwise.
+      text_embeds: a pooled text embedding [B, E] (SDXL's second encoder's, projected); None where
+        the family has none.
     """
 
     context: jax.Array
     text_embeds: object = None
-
-
-def second_encoder_ids(spec, input_ids):
-    """SDXL's second tokenizer's ids from the first's: the padding after the first end-of-text
-    token becomes the second tokenizer's padding id (the two differ only there)."""
-    positions = jnp.arange(input_ids.shape[-1])
-    first_eos = jnp.argmax(input_ids == spec.eos_token_id, axis=-1)[..., None]
-    return jnp.where(positions > first_eos, jnp.asarray(spec.pad_token_id_2, input_ids.dtype), input_ids)
-
-
-def condition(spec, compute, text_params, input_ids, rows):
-    """The UNet's text conditioning (a `Condition`) for the first tokenizer's ids [B, L].
-
-    Args:
-      text_params: the text encoder's params; for SDXL a pair (text_encoder, text_encoder_2).
-      rows: learned rows [N, spec.row_width]; id `base_vocab_size + i` reads rows[i] in each encoder.
-    """
-    if not spec.is_sdxl:
-        return Condition(encode_text(spec, compute, text_params, input_ids, rows))
-    dtype = jnp.dtype(compute.dtype)
-    rows_1, rows_2 = split_rows(rows, spec.text_widths)
-    params_1, params_2 = text_params
-    first = clip.encode(params_1, spec.text, input_ids, rows_1, base_vocab_size=spec.base_vocab_size, dtype=dtype)
-    second = clip.encode(params_2, spec.text_2, second_encoder_ids(spec, input_ids), rows_2,
-                         base_vocab_size=spec.base_vocab_size, dtype=dtype)
-    return Condition(jnp.concatenate([first.penultimate, second.penultimate], axis=-1), second.text_embeds)
 
 
 def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden_states, added_cond=None):

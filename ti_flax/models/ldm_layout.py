@@ -1,8 +1,9 @@
 """The original (LDM / Stability) layout of SD 1.x, 2.x and SDXL checkpoints, as single files hold it.
 
-Each family (`Family`: SD1, SD2, SDXL) says what its weights cannot: head counts, activations,
-the noise schedule, the VAE's scaling, where each text encoder sits (`TextEncoder`). From a
-checkpoint's shapes (`single_file.Checkpoint`) and its family come the owned configs
+Each family's layout (`SingleFileLayout`, defined by the family in ti_flax/families/) says what its
+weights cannot: head counts, activations, the noise schedule, the VAE's scaling, where each text
+encoder sits (`EncoderLayout`). From a checkpoint's shapes (`single_file.Checkpoint`) and its layout
+come the owned configs
 (`unet_config`, `vae_config`, `text_config`), and from a config the name table of each part, our
 (diffusers / transformers) name -> the file's (`unet_names`, `vae_names`, `text_names`), which
 `convert` reads the file through. `single_file.py` tells what a file is and loads it.
@@ -31,10 +32,11 @@ TRANSPOSE = "T"  # a table entry whose file weight is stored transposed (OpenCLI
 
 
 @dataclasses.dataclass(frozen=True)
-class TextEncoder:
+class EncoderLayout:
     """Where one text encoder sits in a file, and what its weights do not say."""
 
     prefix: str
+    title: str  # for messages: "CLIP ViT-L", "OpenCLIP bigG"
     open_clip: bool  # OpenCLIP's names (resblocks, fused in_proj) rather than transformers' CLIP names
     hidden_act: str = "quick_gelu"
     projection_dim: int = 768  # in the config only; with `with_projection`, read from text_projection
@@ -64,14 +66,14 @@ SCALING_FACTOR = 0.18215
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
-    """What an SD family's weights do not say, as its diffusers configs state it."""
+class SingleFileLayout:
+    """What a family's weights do not say, as its diffusers configs state it."""
 
-    name: str
+    name: str  # the family's name (families.get)
     title: str
     text: str  # its text encoder(s), for messages
     unet: str  # how its UNet is told apart, for messages
-    encoders: tuple  # TextEncoder per text encoder: text_encoder, then text_encoder_2 (SDXL)
+    encoders: tuple  # EncoderLayout per text encoder, in the family's order
     linear_projection: bool  # the UNet's proj_in / proj_out: Linear (SD 2.x, SDXL) or 1x1 conv (SD 1.x)
     unet_heads: int = 0  # a head count for every block (SD 1.x: 8) ...
     unet_head_dim: int = 0  # ... or heads of this width (SD 2.x, SDXL: 64)
@@ -79,25 +81,14 @@ class Family:
     sample_size: int = 64  # latents: 512 px (SDXL: 128, 1024 px)
     scaling_factor: float = SCALING_FACTOR
     scheduler: tuple = tuple(SCHEDULER.items())
+    # SD 2.x: a v-prediction file is the 768 px model (latents 96), and a file cannot say which
+    # target it was trained for (so an unset --prediction_type is warned about).
+    v_sample_size: int = 0
+    prediction_unknown: bool = False
 
 
-SD1 = Family("sd1", "SD 1.x", "CLIP ViT-L (cond_stage_model.transformer.*)", "1x1-conv attention projections",
-             (TextEncoder(CLIP_L, open_clip=False),), linear_projection=False, unet_heads=8)
-SD2 = Family("sd2", "SD 2.x", "OpenCLIP ViT-H (cond_stage_model.model.*)", "linear attention projections",
-             (TextEncoder(OPEN_CLIP, open_clip=True, hidden_act="gelu", projection_dim=512, dropped_layers=1,
-                          pad="sd2"),),
-             linear_projection=True, unet_head_dim=HEAD_DIM)
-SDXL = Family("sdxl", "SDXL", f"CLIP ViT-L ({SDXL_CLIP_L}*) and OpenCLIP bigG ({SDXL_BIG_G}*)",
-              f"linear attention projections and added conditioning ({LABEL_EMB}*)",
-              (TextEncoder(SDXL_CLIP_L, open_clip=False, pad="sdxl"),
-               TextEncoder(SDXL_BIG_G, open_clip=True, hidden_act="gelu", with_projection=True, pad="sdxl_2")),
-              linear_projection=True, unet_head_dim=HEAD_DIM, added_conditioning=True, sample_size=128,
-              scaling_factor=0.13025, scheduler=tuple(SDXL_SCHEDULER.items()))
-FAMILIES = (SD1, SD2, SDXL)
-TEXT_PARTS = ("text_encoder", "text_encoder_2")  # the LoadedModel's parts for a family's encoders, in order
-# The text encoders' names in messages, by where they sit in a file.
-ENCODER_NAMES = {CLIP_L: "CLIP ViT-L", OPEN_CLIP: "OpenCLIP ViT-H", SDXL_CLIP_L: "CLIP ViT-L",
-                  SDXL_BIG_G: "OpenCLIP bigG"}
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # the LoadedModel's parts for a layout's encoders, in order
+
 
 def first_attention(ckpt):
     for k in range(1, 64):

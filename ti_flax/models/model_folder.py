@@ -1,8 +1,8 @@
 """A diffusers model folder: where it is (a local folder, or a Hub snapshot), what its
-model_index.json says, and whether it is a model ti_flax trains with every part in place.
+model_index.json says, and whether it is a pipeline of a kind ti_flax does not train.
 
-`pretrained.load_model` reads the folder these checks accept; `single_file.py` reads a model
-kept as one file instead.
+Which family a folder is, and whether it has that family's parts, is the families' to say
+(`families.load_model`); `single_file.py` reads a model kept as one file instead.
 """
 
 import os
@@ -10,8 +10,7 @@ import os
 from .. import files
 from ..errors import UserError
 
-COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
-SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder adds
+COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")  # what every Stable Diffusion folder has
 
 # model_index.json pipeline classes that are not Stable Diffusion 1.x/2.x, and what they are.
 _FOREIGN_PIPELINES = {
@@ -71,44 +70,13 @@ def model_index(model_dir):
     return files.read_json(path, "a JSON pipeline index") if os.path.isfile(path) else {}
 
 
-def check_model_dir(model_dir, tokenizer_dir=None):
-    """Raise UserError for a folder of another model family, or naming every missing component.
+def class_name(model_dir):
+    """A diffusers folder's model_index.json `_class_name` ("" where there is none)."""
+    return str(model_index(model_dir).get("_class_name", ""))
 
-    Returns whether the folder is an SDXL model (`is_sdxl_dir`)."""
-    name = str(model_index(model_dir).get("_class_name", ""))
+
+def refuse_foreign(model_dir, name):
+    """UserError for a folder whose pipeline class `name` is a kind of model ti_flax does not train."""
     for prefix, what in _FOREIGN_PIPELINES.items():
         if prefix in name:
             raise UserError(f"{model_dir}: {what} ({name}); ti_flax trains {SUPPORTED}")
-    missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(model_dir, c))]
-    if tokenizer_dir is None and not os.path.isdir(os.path.join(model_dir, "tokenizer")):
-        missing.append("tokenizer")
-    if missing:
-        raise UserError(
-            f"{model_dir}: not a Stable Diffusion model folder (missing {', '.join(missing)}/); "
-            "expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
-        )
-    sdxl = is_sdxl_dir(model_dir, name)
-    if sdxl:
-        missing = [c for c in SDXL_COMPONENTS if not os.path.isdir(os.path.join(model_dir, c))]
-        if missing:
-            raise UserError(f"{model_dir}: an SDXL model folder without {', '.join(missing)}/; "
-                            "an SDXL folder has text_encoder_2/ and tokenizer_2/ beside text_encoder/ and tokenizer/")
-        if tokenizer_dir is not None:
-            raise UserError("--tokenizer_name: not supported for SDXL models, which carry two tokenizers; "
-                            "drop the flag to use the model's own")
-    return sdxl
-
-
-def is_sdxl_dir(model_dir, class_name=None):
-    """Whether a diffusers folder is an SDXL model: its index says so, or it has a second text
-    encoder. `class_name`: its model_index.json `_class_name`, when the caller has read it."""
-    if class_name is None:
-        class_name = str(model_index(model_dir).get("_class_name", ""))
-    return class_name.startswith("StableDiffusionXL") or os.path.isdir(os.path.join(model_dir, "text_encoder_2"))
-
-
-def zeros_for_empty_negative(model):
-    """Whether an empty negative prompt is all zeros for a LoadedModel: an SDXL folder's
-    model_index.json `force_zeros_for_empty_prompt` (True when unset, as diffusers' default);
-    False for SD 1.x / 2.x, whose pipelines encode the empty text."""
-    return model.spec.is_sdxl and bool(model_index(model.model_dir).get("force_zeros_for_empty_prompt", True))

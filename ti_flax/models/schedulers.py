@@ -33,6 +33,9 @@ import numpy as np
 from ..config.choices import PREDICTION_TYPES, SAMPLERS  # noqa: F401 (PREDICTION_TYPES is part of this module's API)
 from ..errors import UserError
 
+# diffusers' scheduler classes and the sampler here that runs each.
+SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                    "DPMSolverMultistepScheduler": "dpm"}
 # Constructor defaults of diffusers' PyTorch classes (for keys a config.json leaves out).
 _COMMON = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,

@@ -37,12 +37,11 @@ from ..errors import UserError, short_list
 from .clip_vocab import PAD_TOKENS, build_tokenizer
 from . import clip, schedulers, unet, vae
 from .ldm_layout import (
-    CLIP_L, EMA, ENCODER_NAMES, FAMILIES, LABEL_EMB, OPEN_CLIP, REFINER_BIG_G, SD1, SD2, SDXL, SDXL_PREFIX, TEXT_PARTS,
-    UNET, VAE, check_unet_covered, convert, first_attention, text_config, text_names, unet_config, unet_names,
-    vae_config, vae_names,
+    EMA, LABEL_EMB, REFINER_BIG_G, SDXL_PREFIX, TEXT_PARTS, UNET, VAE, check_unet_covered, convert, first_attention,
+    text_config, text_names, unet_config, unet_names, vae_config, vae_names,
 )
 from .model_folder import resolve_model_dir
-from .spec import LoadedModel, spec_from_configs
+from .spec import LoadedModel
 from .tokenizers import load_tokenizer
 from .weights import unflatten
 
@@ -150,8 +149,9 @@ def open_checkpoint(path, allow_pickle=False):
 # What the file is
 
 
-def detect_family(ckpt):
-    """SD1, SD2 or SDXL for a checkpoint of that family; a one-line UserError naming what else it is."""
+def detect_layout(ckpt, layouts):
+    """The one of `layouts` (ldm_layout.SingleFileLayout, each family's) that a checkpoint is in; a
+    one-line UserError naming what else it is."""
     path, names = ckpt.path, list(ckpt.shapes)
     if not names:
         raise UserError(f"{path}: holds no tensors; not a Stable Diffusion checkpoint")
@@ -176,26 +176,28 @@ def detect_family(ckpt):
         raise UserError(f"{path}: the UNet has no {UNET}input_blocks.0.0.weight; not an SD 1.x/2.x or SDXL UNet")
     if not any(k.startswith(VAE) for k in names):
         raise UserError(f"{path}: has a UNet but no VAE ({VAE}*); not a complete Stable Diffusion checkpoint")
-    present = {e.prefix for f in FAMILIES for e in f.encoders if any(k.startswith(e.prefix) for k in names)}
-    texts = [f for f in FAMILIES if present & {e.prefix for e in f.encoders}]
+    present = {e.prefix for f in layouts for e in f.encoders if any(k.startswith(e.prefix) for k in names)}
+    texts = [f for f in layouts if present & {e.prefix for e in f.encoders}]
     if not texts:
-        raise UserError(f"{path}: has a UNet but no text encoder ({CLIP_L}*, {OPEN_CLIP}* or {SDXL_PREFIX}*); "
+        prefixes = [e.prefix + "*" for f in layouts for e in f.encoders]
+        raise UserError(f"{path}: has a UNet but no text encoder ({', '.join(prefixes[:-1])} or {prefixes[-1]}); "
                         "not a complete Stable Diffusion checkpoint")
     if len(texts) > 1:
         raise UserError(f"{path}: holds the text encoders of {' and '.join(f.title for f in texts)} "
                         f"({', '.join(f.text for f in texts)}); the file mixes two model families")
     text = texts[0]
-    missing = [e.prefix for e in text.encoders if e.prefix not in present]
+    missing = [e for e in text.encoders if e.prefix not in present]
     if missing:
-        raise UserError(f"{path}: an {text.title} checkpoint without its {ENCODER_NAMES[missing[0]]} text encoder "
-                        f"({missing[0]}*); {text.title} needs {text.text}")
-    if len(ckpt.shape(first_attention(ckpt) + "proj_in.weight")) != 2:
-        unet_family = SD1
-    else:
-        unet_family = SDXL if ckpt.has(LABEL_EMB + "0.weight") else SD2
-    if unet_family is not text:
+        raise UserError(f"{path}: an {text.title} checkpoint without its {missing[0].title} text encoder "
+                        f"({missing[0].prefix}*); {text.title} needs {text.text}")
+    # The UNet's kind: 1x1-conv or linear attention projections, with or without added conditioning.
+    linear = len(ckpt.shape(first_attention(ckpt) + "proj_in.weight")) == 2
+    added = ckpt.has(LABEL_EMB + "0.weight")
+    unets = [f for f in layouts if (f.linear_projection, f.added_conditioning) == (linear, added)]
+    if text not in unets:
+        unet = f"{unets[0].title}'s ({unets[0].unet})" if unets else "of no family ti_flax trains"
         raise UserError(f"{path}: the text encoder is {text.title}'s {text.text} but the UNet is "
-                        f"{unet_family.title}'s ({unet_family.unet}); the file mixes two model families")
+                        f"{unet}; the file mixes two model families")
     in_channels = ckpt.shape(UNET + "input_blocks.0.0.weight")[1]
     if in_channels != 4:
         raise UserError(f"{path}: the {text.title} UNet takes {in_channels} input channels (an inpainting or "
@@ -212,12 +214,15 @@ def markers(ckpt):
 
 
 def read_single_file(ckpt, family, prediction_type="epsilon"):
-    """({part: config dict}, {part: float32 params tree}) of an opened checkpoint of `family`:
-    "text_encoder", "unet", "vae", and "text_encoder_2" for SDXL.
+    """({part: config dict}, {part: float32 params tree}) of an opened checkpoint in the layout
+    `family` (an ldm_layout.SingleFileLayout): "text_encoder", "unet", "vae", and "text_encoder_2"
+    for a second text encoder (SDXL's).
 
     Raises UserError (one line) for anything that is not a complete checkpoint of the family.
     """
-    sample_size = 96 if family is SD2 and prediction_type == "v_prediction" else family.sample_size  # 768 px
+    sample_size = family.sample_size
+    if family.v_sample_size and prediction_type == "v_prediction":
+        sample_size = family.v_sample_size  # SD 2.x 768-v
     texts = {part: clip.CLIPTextConfig.from_dict(text_config(ckpt, family, encoder))
              for part, encoder in zip(TEXT_PARTS, family.encoders)}
     pooled_dim = texts["text_encoder_2"].projection_dim if "text_encoder_2" in texts else None
@@ -235,7 +240,7 @@ def read_single_file(ckpt, family, prediction_type="epsilon"):
     check_unet_covered(ckpt, tables["unet"])
     shapes = {"unet": unet.param_shapes(owned["unet"]), "vae": vae.param_shapes(owned["vae"]),
               **{part: clip.param_shapes(config) for part, config in texts.items()}}
-    whats = {"unet": "UNet", "vae": "VAE", **{part: f"{family.title} {ENCODER_NAMES[encoder.prefix]} text encoder"
+    whats = {"unet": "UNet", "vae": "VAE", **{part: f"{family.title} {encoder.title} text encoder"
                                                for part, encoder in zip(TEXT_PARTS, family.encoders)}}
     params = {part: unflatten(convert(ckpt, tables[part], shapes[part], whats[part])) for part in tables}
     return {part: c.to_dict() for part, c in owned.items()}, params
@@ -272,15 +277,19 @@ def load_vae(path, scaling_factor, allow_pickle=False, check=None):
 # The LoadedModel
 
 
-def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False, zero_terminal_snr=None):
-    """The LoadedModel of a single-file SD 1.x/2.x or SDXL checkpoint, as `load_model` gives for a folder.
+def load(path, layouts, make_spec, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False,
+         zero_terminal_snr=None):
+    """The LoadedModel of a single-file SD 1.x/2.x or SDXL checkpoint, as a folder of its family gives.
 
     Args:
       path: a `.safetensors` file (or `.ckpt` with `allow_pickle`) in the original layout.
+      layouts: the ldm_layout.SingleFileLayout of every family that has one; the file's is detected.
+      make_spec: `make_spec(layout name, {part: owned config}, prediction_type, num_train_timesteps,
+        tokenizers) -> ModelSpec`, the detected family's spec of its parts.
       revision, tokenizer_name: a tokenizer folder or Hub id to use instead of the built-in CLIP one
-        (SD 1.x / 2.x only: SDXL brings two).
+        (one text encoder only: a file of two brings none, and two are needed).
       prediction_type: "epsilon" or "v_prediction"; None: the file's `v_pred` marker, else epsilon,
-        with a warning for SD 2.x files (a 768-v model cannot be told from its weights).
+        with a warning where the layout cannot tell (SD 2.x: a 768-v model looks like the base).
       allow_pickle: unpickle a `.ckpt` (it can run code: trusted files only).
       zero_terminal_snr: True / False to rescale the noise schedule to zero terminal SNR or not;
         None: the file's `ztsnr` marker (beside `v_pred`), else not.
@@ -293,10 +302,10 @@ def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_p
         what = "not a file" if os.path.exists(path) else "no such file"
         raise UserError(f"--pretrained_model_name_or_path {path!r}: {what}")
     ckpt = open_checkpoint(path, allow_pickle)
-    family = detect_family(ckpt)
-    if tokenizer_name and family is SDXL:
-        raise UserError("--tokenizer_name: not supported for SDXL models, which carry two tokenizers; "
-                        "drop the flag to use the model's own")
+    family = detect_layout(ckpt, layouts)
+    if tokenizer_name and len(family.encoders) > 1:
+        raise UserError(f"--tokenizer_name: not supported for {family.title} models, which carry "
+                        f"{len(family.encoders)} tokenizers; drop the flag to use the model's own")
     marked, notes = markers(ckpt), []
     if prediction_type is None and "prediction_type" in marked:
         prediction_type = marked["prediction_type"]
@@ -305,9 +314,10 @@ def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_p
         zero_terminal_snr = True
         notes.append(f"zero terminal SNR from the file's {ZTSNR} key")
     configs, params = read_single_file(ckpt, family, prediction_type or "epsilon")
-    if prediction_type is None and family is SD2:
-        warnings.warn(f"{path} is an SD 2.x model: using epsilon prediction (SD 2.x base, 512 px); for a 768-v "
-                      "model pass --prediction_type v_prediction (the weights cannot tell them apart)", stacklevel=2)
+    if prediction_type is None and family.prediction_unknown:
+        warnings.warn(f"{path} is an {family.title} model: using epsilon prediction (the base model, 512 px); for a "
+                      "768-v model pass --prediction_type v_prediction (the weights cannot tell them apart)",
+                      stacklevel=2)
     prediction_type = prediction_type or "epsilon"
     if tokenizer_name:
         tokenizers = [load_tokenizer(resolve_model_dir(tokenizer_name, revision))]
@@ -319,7 +329,8 @@ def load(path, revision=None, tokenizer_name=None, prediction_type=None, allow_p
                             f"tokenizer has {len(tokenizer)}; pass the model's own tokenizer with --tokenizer_name")
     scheduler_config = schedulers.with_zero_terminal_snr(dict(family.scheduler, prediction_type=prediction_type),
                                                          zero_terminal_snr)
-    spec = spec_from_configs(configs["text_encoder"], configs["unet"], configs["vae"], prediction_type,
-                             scheduler_config["num_train_timesteps"], configs.get("text_encoder_2"))
+    owned = {"unet": unet.UNetConfig.from_dict(configs["unet"]), "vae": vae.VAEConfig.from_dict(configs["vae"]),
+             **{part: clip.CLIPTextConfig.from_dict(configs[part]) for part in TEXT_PARTS if part in configs}}
+    spec = make_spec(family.name, owned, prediction_type, scheduler_config["num_train_timesteps"], tokenizers)
     return LoadedModel(spec, params, tokenizers[0], schedulers.alphas_cumprod(scheduler_config), path,
                        scheduler_config, tokenizers[1] if len(tokenizers) > 1 else None, notes=tuple(notes))

@@ -32,16 +32,19 @@ class ModelSpec:
     scaling_factor: float
     num_train_timesteps: int
     base_vocab_size: int
-    # SDXL only: the second text encoder's config, and the two token ids that turn the first
+    # A second text encoder's config (SDXL's), and the two token ids that turn the first
     # tokenizer's ids into the second's (they share the vocabulary and differ in padding only).
     text_2: Optional[CLIPTextConfig] = None
     eos_token_id: int = -1
     pad_token_id_2: int = -1
+    # The model family (a families.get name): what differs between families is asked of it.
+    # Not part of the checkpoint fingerprint, which the configs already tell apart.
+    family: str = ""
 
     @property
-    def is_sdxl(self):
-        """Two text encoders (SDXL): the learned rows hold a row for each, side by side."""
-        return self.text_2 is not None
+    def text_configs(self):
+        """Each text encoder's config, in row order."""
+        return (self.text,) + ((self.text_2,) if self.text_2 else ())
 
     @property
     def hidden_size(self):
@@ -51,7 +54,7 @@ class ModelSpec:
     @property
     def text_widths(self):
         """Each text encoder's width: (768,) for SD 1.x, (768, 1280) for SDXL."""
-        return (self.text.hidden_size,) + ((self.text_2.hidden_size,) if self.text_2 else ())
+        return tuple(config.hidden_size for config in self.text_configs)
 
     @property
     def row_width(self):
@@ -108,15 +111,16 @@ class LoadedModel:
 
 
 def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000, text_2=None,
-              eos_token_id=-1, pad_token_id_2=-1):
+              eos_token_id=-1, pad_token_id_2=-1, *, family):
     """A ModelSpec from the owned config objects (clip.CLIPTextConfig, unet.UNetConfig, vae.VAEConfig).
 
-    For SDXL, `text_2` is the second text encoder's config, `eos_token_id` the first tokenizer's
-    end-of-text id and `pad_token_id_2` the second tokenizer's padding id.
+    `family` is the model family's name (families.get). With a second text encoder, `text_2` is
+    its config, `eos_token_id` the first tokenizer's end-of-text id and `pad_token_id_2` the
+    second tokenizer's padding id.
     """
-    sdxl = {}
+    second = {}
     if text_2 is not None:
-        sdxl = dict(text_2=text_2, eos_token_id=int(eos_token_id), pad_token_id_2=int(pad_token_id_2))
+        second = dict(text_2=text_2, eos_token_id=int(eos_token_id), pad_token_id_2=int(pad_token_id_2))
     return ModelSpec(
         text=text,
         unet=unet_config,
@@ -125,23 +129,9 @@ def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_trai
         scaling_factor=float(vae_config.scaling_factor),
         num_train_timesteps=int(num_train_timesteps),
         base_vocab_size=int(text.vocab_size),
-        **sdxl,
+        family=family,
+        **second,
     )
-
-
-def spec_from_configs(text_config, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000,
-                      text_config_2=None):
-    """A ModelSpec from config dicts (a model's config.json contents), with no weights anywhere.
-
-    For measuring a model's step (shapes, FLOPs, memory) without downloading it. With
-    `text_config_2` (SDXL's second text encoder) the ids are the CLIP tokenizer's: end-of-text
-    49407, and SDXL's tokenizer_2 pads with "!" (id 0).
-    """
-    sdxl = {}
-    if text_config_2 is not None:
-        sdxl = dict(text_2=CLIPTextConfig.from_dict(dict(text_config_2)), eos_token_id=49407, pad_token_id_2=0)
-    return spec_from(CLIPTextConfig.from_dict(dict(text_config)), UNetConfig.from_dict(dict(unet_config)),
-                     VAEConfig.from_dict(dict(vae_config)), prediction_type, num_train_timesteps, **sdxl)
 
 
 def default_size(spec):

@@ -6,9 +6,10 @@ encoder, UNet and VAE weights are replicated on the local devices once and passe
 arguments, and the learned rows, prompts, seed and guidance scale are arguments too, so
 sampling with new rows (a validation during training) never recompiles anything.
 
-For SDXL the program conditions on both text encoders and adds SDXL's pooled text embedding and
-size/crop ids, as diffusers' StableDiffusionXLPipeline does by default; an empty negative prompt
-is all zeros there (its `force_zeros_for_empty_prompt`), and here too.
+What a model conditions on is its family's (`ModelFamily.condition`, `sampling_condition`): SDXL's
+program adds the pooled text embedding and size/crop ids, as diffusers' StableDiffusionXLPipeline
+does by default, and an empty negative prompt is all zeros there (its
+`force_zeros_for_empty_prompt`) and here too.
 
     >>> from ti_flax.data.prompts import CUT, encode_prompt  # doctest: +SKIP
     >>> sampler = Sampler.from_model(model, num_images=4, num_inference_steps=25)  # doctest: +SKIP
@@ -25,16 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import models, parallel
+from .. import families, models, parallel
 from ..errors import UserError
-from ..data.images import size_and_crop_ids
 from ..families import Frozen
-from ..models import schedulers, zeros_for_empty_negative
+from ..models import schedulers
 
 SCHEDULERS = schedulers.SAMPLERS
-# diffusers' scheduler classes and the sampler here that runs each.
-SAMPLER_OF_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                    "DPMSolverMultistepScheduler": "dpm"}
 
 # Learned rows are padded to a multiple of this many, so embeddings of different lengths
 # (1 to 8 vectors, or several embeddings together) share one compiled program.
@@ -52,8 +49,8 @@ class SamplerSettings:
     num_inference_steps: int
     height: int
     width: int
-    # SDXL: an empty negative prompt conditions on zeros, not on the encoded empty text
-    # (diffusers' force_zeros_for_empty_prompt). Always False for SD 1.x / 2.x.
+    # An empty negative prompt conditions on zeros, not on the encoded empty text, where the family
+    # says so (ModelFamily.zero_empty_negative: SDXL's force_zeros_for_empty_prompt).
     zero_empty_negative: bool = False
 
 
@@ -64,17 +61,8 @@ def _plan(name, scheduler_config_json, num_inference_steps):
 
 
 def default_scheduler(spec, scheduler_config):
-    """The sampler used when none is chosen: "pndm" for SD 1.x / 2.x; for SDXL the model folder's
-    own scheduler, which diffusers' StableDiffusionXLPipeline (and its textual-inversion script's
-    validation) samples with: euler for SDXL base, and euler when the folder's is none of SCHEDULERS.
-    With zero terminal SNR, where the default would be "pndm" (diffusers' PNDMScheduler has no
-    rescaled schedule): "ddim", as diffusers recommends for a v-prediction model, and "euler" for an
-    epsilon one (DDIM cannot start from pure noise with it)."""
-    if not spec.is_sdxl:
-        if schedulers.zero_terminal_snr(scheduler_config):
-            return "ddim" if spec.prediction_type == "v_prediction" else "euler"
-        return "pndm"
-    return SAMPLER_OF_CLASS.get(str(dict(scheduler_config).get("_class_name")), "euler")
+    """The sampler used when none is chosen: the model family's (ModelFamily.default_sampler)."""
+    return families.of(spec).default_sampler(spec, scheduler_config)
 
 
 def check_size(spec, height, width):
@@ -106,13 +94,13 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
       float32 [B, C, h, w] latents, as diffusers' pipelines return with output_type="latent".
     """
     spec, compute = settings.spec, settings.compute
+    family = families.of(spec)
     plan = _plan(settings.scheduler, settings.scheduler_config, settings.num_inference_steps)
     batch = prompt_ids.shape[0]
     # Negative and positive prompts go through each model in one batch: [uncond, cond].
-    cond = models.condition(spec, compute, frozen.text_params, jnp.concatenate([negative_ids, prompt_ids]), rows)
-    context, added = cond.context, None
-    if spec.is_sdxl:
-        context, added = sdxl_conditioning(settings, cond, negative_ids)
+    cond = family.condition(spec, compute, frozen.text_params, jnp.concatenate([negative_ids, prompt_ids]), rows)
+    cond, time_ids = family.sampling_condition(spec, cond, negative_ids, (settings.height, settings.width),
+                                               settings.zero_empty_negative)
     latents = noise * schedulers.init_noise_sigma(plan)
     # The plan's few small tables are constants of the program.
     timesteps_table = jnp.asarray(plan.timesteps, jnp.float32)
@@ -121,33 +109,14 @@ def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, se
         latents, state = carry
         x = schedulers.scale_model_input(plan, jnp.concatenate([latents, latents]), i)
         timesteps = jnp.broadcast_to(timesteps_table[i], (2 * batch,))
-        pred = models.predict_noise(spec, compute, frozen.unet, x.astype(context.dtype), timesteps, context, added)
-        uncond, cond = jnp.split(pred.astype(jnp.float32), 2)
-        guided = uncond + guidance_scale * (cond - uncond)
+        pred = family.predict(spec, compute, frozen.unet, x.astype(cond.context.dtype), timesteps, cond, time_ids)
+        uncond, conditioned = jnp.split(pred.astype(jnp.float32), 2)
+        guided = uncond + guidance_scale * (conditioned - uncond)
         return schedulers.step(plan, state, guided, i, latents)
 
     # PNDM calls the model num_inference_steps + 1 times (its warm-up), as diffusers' PyTorch pipeline.
     latents, _ = jax.lax.fori_loop(0, plan.num_steps, step, (latents, schedulers.init_state(plan, latents)))
     return latents
-
-
-def sdxl_conditioning(settings, cond, negative_ids):
-    """SDXL's (context, added_cond) for the [negative, positive] batch of a models.Condition.
-
-    An empty negative prompt (its ids are BOS, EOS: the text tokenizes to nothing) conditions on
-    zero context and zero pooled embedding when settings.zero_empty_negative; every image gets
-    the time ids (height, width, 0, 0, height, width): diffusers' defaults original_size =
-    target_size = (height, width), crop (0, 0).
-    """
-    spec, batch = settings.spec, negative_ids.shape[0]
-    context, pooled = cond.context, cond.text_embeds
-    if settings.zero_empty_negative:
-        keep = jnp.concatenate([negative_ids[:, 1] != spec.eos_token_id, jnp.ones((batch,), bool)])
-        context = jnp.where(keep[:, None, None], context, jnp.zeros((), context.dtype))
-        pooled = jnp.where(keep[:, None], pooled, jnp.zeros((), pooled.dtype))
-    size = (settings.height, settings.width)
-    time_ids = jnp.broadcast_to(jnp.asarray(size_and_crop_ids(size, (0, 0), size)), (2 * batch, 6))
-    return context, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance_scale, *, settings):
@@ -193,8 +162,8 @@ class Sampler:
     """Stable Diffusion text-to-image for fixed settings, compiled on first use and reused.
 
     Args:
-      spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} (+ "text_encoder_2" for
-        SDXL) host params, or (with params_replicated=True) a Frozen already replicated by
+      spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} (+ "text_encoder_2" for a
+        second encoder) host params, or (with params_replicated=True) a Frozen already replicated by
         parallel.replicate on `devices`, such as the train engine's, so the weights are not held twice.
       scheduler_config: the model's scheduler config (LoadedModel.scheduler_config).
       num_images: images per call (padded up to a multiple of the device count; extras dropped).
@@ -202,9 +171,9 @@ class Sampler:
         width default to the model's native size, scheduler to default_scheduler's choice.
       devices: the local devices to split images over (default: all local devices).
       compute: models.Compute (default: float32, auto attention).
-      zero_empty_negative: SDXL only: an empty negative prompt conditions on zeros (see
-        zeros_for_empty_negative; from_model reads it from the model folder). Default: True for
-        SDXL, as diffusers' SDXL pipelines; always False for SD 1.x / 2.x.
+      zero_empty_negative: an empty negative prompt conditions on zeros, where the family has such
+        a choice (SDXL: from_model reads the folder's, ModelFamily.zero_empty_negative). Default:
+        what the family does for a model without one (SDXL: True, as diffusers' SDXL pipelines).
     """
 
     def __init__(self, spec, params, scheduler_config, *, num_images=None, num_inference_steps=25,
@@ -219,7 +188,9 @@ class Sampler:
         scheduler = scheduler or default_scheduler(spec, scheduler_config)
         config_json = json.dumps(dict(scheduler_config), sort_keys=True, default=str)
         _plan(scheduler, config_json, int(num_inference_steps))  # UserError for an unknown or unusable scheduler
-        zero_empty_negative = spec.is_sdxl and (True if zero_empty_negative is None else bool(zero_empty_negative))
+        if zero_empty_negative is None:
+            zero_empty_negative = families.of(spec).zero_empty_negative(None)
+        zero_empty_negative = bool(zero_empty_negative)
         self.settings = SamplerSettings(spec, compute or models.Compute(), scheduler, config_json,
                                         int(num_inference_steps), self.height, self.width, zero_empty_negative)
         self.num_images = int(num_images or len(self.devices))
@@ -239,8 +210,8 @@ class Sampler:
 
     @classmethod
     def from_model(cls, model, **kwargs):
-        """A Sampler for a models.LoadedModel (an SDXL folder's force_zeros_for_empty_prompt read)."""
-        kwargs.setdefault("zero_empty_negative", zeros_for_empty_negative(model))
+        """A Sampler for a models.LoadedModel (its family's zero_empty_negative read from the model)."""
+        kwargs.setdefault("zero_empty_negative", families.of(model.spec).zero_empty_negative(model))
         return cls(model.spec, model.params, model.scheduler_config, **kwargs)
 
     def _per_device(self, ids, name):

@@ -13,9 +13,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from .. import files
+from .. import families, files
 from ..data.prompts import CUT, encode_prompt
-from .sampler import Sampler, zeros_for_empty_negative
+from .sampler import Sampler
 
 FOLDER = "validation"
 
@@ -69,7 +69,7 @@ class Validator:
             devices=devices,
             params_replicated=True,
             compute=compute,
-            zero_empty_negative=zeros_for_empty_negative(model),
+            zero_empty_negative=families.of(model.spec).zero_empty_negative(model),
         )
         groups = [list(c.tokens) for c in learned]
         # (name, folder, prompt ids) per prompt: the name is "" in a single-concept run.

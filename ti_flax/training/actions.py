@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 
 from . import checkpoint as ckpt
-from .. import files, formats, parallel
+from .. import files, parallel
 from . import model_card, step as step_lib
 from ..errors import UserError
 from .preemption import Preempted
@@ -199,8 +199,8 @@ class Validate:
             for name, _, grid_path, images in results:
                 self.logger.log_image(done, f"validation/{name}" if name else "validation", grid_image(images))
             self.last_grid = results[0][2]
-            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.last_grid, self.run.learned,
-                                        self.run.is_sdxl, self.validation_losses)
+            model_card.write_model_card(config, self.run.tokens, self.history, {}, self.run.family, self.last_grid,
+                                        self.run.learned, self.validation_losses)
         except files.WriteFailed as err:
             save_failed(done, "the validation images", err)
             return
@@ -239,10 +239,11 @@ def save_checkpoint(run, state):
     host_state = parallel.unreplicate(state)
     if not np.all(np.isfinite(host_state.rows)):
         raise TrainingDiverged(f"step {int(host_state.step)}: learned rows are NaN/Inf; no checkpoint written")
-    return ckpt.save_checkpoint(run.config.output_dir, host_state, run.meta, run.config.checkpoints_total_limit)
+    return ckpt.save_checkpoint(run.config.output_dir, host_state, run.meta, run.family,
+                                run.config.checkpoints_total_limit)
 
 
 def save_intermediate(run, rows, step):
     for learned in run.learned:
-        formats.save_trained(learned.out_dir, learned.tokens[0], rows[learned.rows], run.model.spec.text_widths,
-                             step=step)
+        run.family.save_embedding(learned.out_dir, learned.tokens[0], rows[learned.rows],
+                                  run.model.spec.text_widths, step=step)

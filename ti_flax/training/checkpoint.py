@@ -151,8 +151,11 @@ def embedding_files(meta, rows):
     return out
 
 
-def save_checkpoint(output_dir, state, meta, total_limit=None):
+def save_checkpoint(output_dir, state, meta, family, total_limit=None):
     """Write `state` (a host-side TrainState) and `meta` as checkpoint-{step}; return its path.
+
+    The rows are written as `family` (families.ModelFamily) writes a run's embedding, beside the
+    state, so a checkpoint is usable as it is.
 
     The folder is written under a hidden temporary name, read back and compared with `state`
     (a checkpoint that does not read back is never renamed into place), then renamed: it
@@ -170,7 +173,7 @@ def save_checkpoint(output_dir, state, meta, total_limit=None):
         widths = meta.get("text_widths") or [np.shape(state.rows)[-1]]
         for name, token, rows in embedding_files(meta, state.output_rows):  # with --use_ema, the EMA
             with files.writing(os.path.join(final, name)):
-                formats.save_trained(os.path.dirname(os.path.join(tmp, name)), token, rows, widths)
+                family.save_embedding(os.path.dirname(os.path.join(tmp, name)), token, rows, widths)
         with files.writing(os.path.join(final, META_FILE)):
             files.write_text(
                 os.path.join(tmp, META_FILE), json.dumps({**meta, "step": step, "format_version": FORMAT_VERSION}, indent=2)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..data import batches as data_lib
 from . import latents, logs, step as step_lib
-from .. import models, parallel
+from .. import families, models, parallel
 from ..families import Frozen
 from ..config.choices import PLAN_TARGETS
 from ..errors import UserError, first_line
@@ -139,7 +139,7 @@ def step_args(spec, compute, opt_spec, batch_size, resolution, num_rows, cache_l
     one = (None,)  # one device's leading axis
     frozen = abstract_frozen(spec, compute.dtype)
     batch = parallel.shapes(data_lib.blank_batch(batch_size, resolution, spec.text.max_position_embeddings,
-                                                 spec.is_sdxl), one)
+                                                 families.of(spec).time_ids), one)
     if cache_latents:
         batch = latents.latent_batch_shapes(spec, compute, frozen.vae, batch)
         frozen = frozen._replace(vae=None)

@@ -2,10 +2,8 @@
 
 import io
 import os
-import shlex
 
 from ..files import atomic_write
-from ..formats import sdxl_file_name
 from .losses import describe as recipe_text
 
 LOSS_PLOT = "loss.png"
@@ -65,7 +63,7 @@ def loss_plot(history, validation_losses=(), save_steps=0):
     return buffer.getvalue()
 
 
-def write_model_card(config, tokens, history, files, validation_grid=None, learned=(), sdxl=False,
+def write_model_card(config, tokens, history, files, family, validation_grid=None, learned=(),
                      validation_losses=()):
     """Write output_dir/README.md and the loss plot it shows (loss.png, see `loss_plot`); returns
     the card's path.
@@ -73,16 +71,16 @@ def write_model_card(config, tokens, history, files, validation_grid=None, learn
     Args:
       config: the run's TrainConfig. tokens: the placeholder tokens (every concept's).
       history: per-step records (step, loss). files: {kind: path} written so far.
+      family: the model's families.ModelFamily: the card says how each tool loads its files
+        (`ModelFamily.usage_lines`).
       validation_grid: path of the newest validation grid, if any.
       learned: with --concepts, the run's run.Learned, one per concept: the card lists each.
-      sdxl: the model is SDXL: the card says how each tool loads SDXL's files (diffusers' pair,
-        one file per text encoder, and the {clip_l, clip_g} file named by formats.sdxl_file_name).
       validation_losses: the --validation_loss_steps records ({"step", "loss", ...}), if any.
     """
     if config.concepts is not None:
-        lines = _concepts_card(config, history, files, validation_grid, learned, sdxl, validation_losses)
+        lines = _concepts_card(config, history, files, validation_grid, learned, family, validation_losses)
     else:
-        lines = _single_card(config, tokens, history, files, validation_grid, sdxl, validation_losses)
+        lines = _single_card(config, tokens, history, files, validation_grid, family, validation_losses)
     out = config.output_dir
     atomic_write(os.path.join(out, LOSS_PLOT), loss_plot(history, validation_losses, config.save_steps))
     return atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))
@@ -113,7 +111,7 @@ def _header(config, title):
     ]
 
 
-def _concepts_card(config, history, files, validation_grid, learned, sdxl=False, validation_losses=()):
+def _concepts_card(config, history, files, validation_grid, learned, family, validation_losses=()):
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
     out, model = config.output_dir, config.pretrained_model_name_or_path
     losses = [r["loss"] for r in history]
@@ -128,7 +126,7 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False,
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[f"| `{c.tokens[0]}` | {len(c.tokens)} | {c.concept.initial_embeddings or repr(c.concept.initializer_token)} "
           f"| {c.concept.learnable_property} | `{c.concept.train_data_dir}` | {c.concept.weight:g} "
-          f"| {final('loss/' + c.tokens[0])} | `{rel(os.path.join(c.out_dir, _main_file(c.tokens[0], sdxl)))}` |"
+          f"| {final('loss/' + c.tokens[0])} | `{rel(os.path.join(c.out_dir, family.embedding_file(c.tokens[0])))}` |"
           for c in learned],
         "",
         f"Steps {step}, learning rate {config.learning_rate:g} ({config.lr_scheduler}), batch "
@@ -148,37 +146,8 @@ def _concepts_card(config, history, files, validation_grid, learned, sdxl=False,
         *[f"- `{rel(path)}` ({kind})" for kind, path in files.items() if str(path).startswith(out) and os.path.isfile(path)],
         "",
     ]
-    if sdxl:
-        return lines + ["## Use them", "", *_sdxl_use(model, [(c.tokens[0], rel(c.out_dir)) for c in learned])]
-    lines += [
-        "## Use them",
-        "",
-        "PyTorch diffusers (each concept's folder holds its own embedding):",
-        "",
-        "```python",
-        "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{model}")',
-        *[f'pipe.load_textual_inversion("{rel(c.out_dir)}/learned_embeds.safetensors")' for c in learned],
-        f'image = pipe("a photo of {learned[0].tokens[0]}").images[0]',
-        "```",
-        "",
-        "AUTOMATIC1111 / Forge and ComfyUI: convert each concept's folder once, for example",
-        "",
-        "```bash",
-        *[f"python -m ti_flax.export {c.out_dir} --format a1111 --output {c.tokens[0].strip('<>') or 'embedding'}.pt"
-          for c in learned],
-        "```",
-        "",
-        "JAX/Flax:",
-        "",
-        "```bash",
-        f"python -m ti_flax.generate --pretrained_model_name_or_path {model} \\",
-        "  --embeddings " + " ".join(os.path.join(c.out_dir, "learned_embeds.safetensors") for c in learned)
-        + f' --prompt "a photo of {learned[0].tokens[0]}"',
-        "```",
-        "",
-    ]
-    return lines
+    embeddings = [(c.tokens[0], c.out_dir, rel(c.out_dir)) for c in learned]
+    return lines + ["## Use them", "", *family.usage_lines(model, embeddings)]
 
 
 def rows_notes(config):
@@ -198,13 +167,12 @@ def rows_notes(config):
     return notes
 
 
-def _single_card(config, tokens, history, files, validation_grid, sdxl=False, validation_losses=()):
+def _single_card(config, tokens, history, files, validation_grid, family, validation_losses=()):
     """The card's lines for a run of one concept."""
     out = config.output_dir
     losses = [r["loss"] for r in history]
     recipe = recipe_text(config)  # "" with every loss-recipe flag off
     token = tokens[0]
-    name = token.strip("<>") or "embedding"
     step = history[-1]["step"] if history else 0
     final = f"{losses[-1]:.4f}" if losses else "n/a"
     rel = lambda path: os.path.relpath(path, out)  # noqa: E731
@@ -238,89 +206,8 @@ def _single_card(config, tokens, history, files, validation_grid, sdxl=False, va
         *[f"- `{rel(path)}` ({kind})" for kind, path in files.items() if str(path).startswith(out) and os.path.isfile(path)],
         "",
     ]
-    if sdxl:
-        return lines + ["## Use it", "", *_sdxl_use(config.pretrained_model_name_or_path, [(token, "")])]
-    lines += [
-        "## Use it",
-        "",
-        "PyTorch diffusers:",
-        "",
-        "```python",
-        "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{config.pretrained_model_name_or_path}")',
-        'pipe.load_textual_inversion("learned_embeds.safetensors")',
-        f'image = pipe("a photo of {token}").images[0]',
-        "```",
-        "",
-        "AUTOMATIC1111 / Forge: convert once, copy into `embeddings/`, and write its name in the prompt:",
-        "",
-        "```bash",
-        f"python -m ti_flax.export {out} --format a1111 --output {name}.pt",
-        "```",
-        "",
-        f"ComfyUI: `python -m ti_flax.export {out} --format comfyui --output {name}.safetensors`, copy it into "
-        f"`models/embeddings/`, and write `embedding:{name}` in the prompt.",
-        "",
-        "JAX/Flax:",
-        "",
-        "```bash",
-        f'python -m ti_flax.generate --pretrained_model_name_or_path {config.pretrained_model_name_or_path} \\',
-        f'  --embeddings {os.path.join(out, "learned_embeds.safetensors")} --prompt "a photo of {token}"',
-        "```",
-        "",
-    ]
-    return lines
-
-
-def _main_file(token, sdxl):
-    """The file a concept's row in the card's table names: diffusers' file, or for SDXL the
-    {clip_l, clip_g} file (diffusers' pair is two files)."""
-    return sdxl_file_name(token) if sdxl else "learned_embeds.safetensors"
-
-
-def _sdxl_use(model, embeddings):
-    """The card's lines on loading SDXL embeddings in each tool.
-
-    `embeddings`: (token, folder relative to the card, "" for the card's own) per embedding.
-    diffusers loads its pair with two `load_textual_inversion` calls, one per text encoder;
-    A1111 / Forge, ComfyUI and kohya read the one {clip_l, clip_g} file and call the embedding
-    by its file name."""
-    where = lambda folder, name: f"{folder}/{name}" if folder else name  # noqa: E731
-    sdxl_files = [(token, where(folder, sdxl_file_name(token)), os.path.splitext(sdxl_file_name(token))[0])
-             for token, folder in embeddings]
-    names = ", ".join(f"`{name}`" for _, _, name in sdxl_files)
-    several = len(sdxl_files) > 1
-    lines = [
-        f"PyTorch diffusers: two `load_textual_inversion` calls{' per concept' if several else ''}, "
-        "`learned_embeds.safetensors` into the first text encoder and `learned_embeds_2.safetensors` into the second:",
-        "",
-        "```python",
-        "from diffusers import StableDiffusionXLPipeline",
-        f'pipe = StableDiffusionXLPipeline.from_pretrained("{model}")',
-    ]
-    for _, folder in embeddings:
-        lines += [
-            f'pipe.load_textual_inversion("{where(folder, "learned_embeds.safetensors")}", '
-            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
-            f'pipe.load_textual_inversion("{where(folder, "learned_embeds_2.safetensors")}", '
-            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
-        ]
-    lines += [
-        f'image = pipe("a photo of {embeddings[0][0]}").images[0]',
-        "```",
-        "",
-        f"AUTOMATIC1111 / Forge: copy {', '.join(f'`{path}`' for _, path, _ in sdxl_files)} (SDXL's "
-        f"`{{clip_l, clip_g}}` layout) into `embeddings/` and write the file name without extension ({names}) "
-        "in the prompt.",
-        "",
-        f"ComfyUI: copy the same file{'s' if several else ''} into `models/embeddings/` and write "
-        f"{', '.join(f'`embedding:{name}`' for _, _, name in sdxl_files)} in the prompt.",
-        "",
-        f"kohya sd-scripts: `sdxl_gen_img.py --textual_inversion_embeddings "
-        f"{' '.join(shlex.quote(path) for _, path, _ in sdxl_files)}`, with {names} in the prompt.",
-        "",
-    ]
-    return lines
+    embeddings = [(token, out, "")]
+    return lines + ["## Use it", "", *family.usage_lines(config.pretrained_model_name_or_path, embeddings)]
 
 
 def _buckets_note(config):

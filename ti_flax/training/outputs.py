@@ -5,7 +5,7 @@ import os
 import jax
 
 from . import checkpoint as ckpt
-from .. import files, formats
+from .. import families, files
 from . import logs, losses, model_card
 from ..models import schedulers
 from .validation_loss import fixed_timesteps
@@ -25,13 +25,13 @@ def save_outputs(run, rows, history, grid=None, validation_losses=()):
         widths = run.model.spec.text_widths
         for learned in run.learned:  # each concept's files in its folder (a single concept: output_dir)
             suffix = "" if config.concepts is None else f" {learned.tokens[0]}"
-            saved = formats.save_trained(learned.out_dir, learned.tokens[0], rows[learned.rows], widths,
-                                         bin=config.no_safe_serialization)
+            saved = run.family.save_embedding(learned.out_dir, learned.tokens[0], rows[learned.rows], widths,
+                                              bin=config.no_safe_serialization)
             written.update({kind + suffix: path for kind, path in saved.items()})
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
-        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, grid, run.learned,
-                                                               run.is_sdxl, validation_losses)
+        written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, run.family, grid,
+                                                               run.learned, validation_losses)
     except files.WriteFailed as err:
         saved = list(written.values())
         checkpoints = ckpt.list_checkpoints(config.output_dir)
@@ -48,7 +48,7 @@ def save_pipeline(run, rows):
     out = run.config.output_dir
     # output_dir holds the run's other files: each component is moved in beside them.
     with files.staged_folder(out, f".pipeline-{os.getpid()}", merge=True, what="the full pipeline into") as tmp:
-        formats.save_pipeline(run.model, run.model.tokenizer, rows, tmp)
+        run.family.save_pipeline(run.model, rows, tmp)
     return out
 
 
@@ -106,14 +106,14 @@ def print_banner(run):
 
 
 def _model_kind(model):
-    """The banner's description of the model, e.g. "epsilon, hidden 768" or "SDXL, epsilon, hidden 768 + 1280";
+    """The banner's description of the model, e.g. "SD 1.x, epsilon, hidden 768" or "SDXL, epsilon, hidden 768 + 1280";
     with zero terminal SNR and what a single file's marker keys chose, e.g. "SDXL, v_prediction, zero
     terminal SNR, hidden 768 + 1280; v_prediction from the file's v_pred key, ...". """
     spec = model.spec
     widths = " + ".join(map(str, spec.text_widths))
     ztsnr = ", zero terminal SNR" if schedulers.zero_terminal_snr(model.scheduler_config) else ""
     notes = "".join(f"; {note}" for note in model.notes)
-    return f"{'SDXL, ' if spec.is_sdxl else ''}{spec.prediction_type}{ztsnr}, hidden {widths}{notes}"
+    return f"{families.of(spec).title}, {spec.prediction_type}{ztsnr}, hidden {widths}{notes}"
 
 
 def _what_line(run):

@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 from ..config import concepts as concepts_lib
 from ..data import batches as data_lib
 from . import distribution as distributed, step as step_lib
-from .. import formats, models, tokens as tokens_lib
+from .. import families, formats, models, tokens as tokens_lib
 from ..sampling import validation
 from ..data import images as images_lib, prompts
 from ..data.buckets import BucketBatches
@@ -77,9 +77,9 @@ class Run:
         return LossSpec.from_config(self.config, self.model.spec.num_train_timesteps)
 
     @property
-    def is_sdxl(self):
-        """The model is SDXL (two text encoders): what its outputs and model card hold differs."""
-        return self.model.spec.is_sdxl
+    def family(self):
+        """The model's family (families.ModelFamily): what its outputs and model card hold differs."""
+        return families.of(self.model.spec)
 
     @property
     def num_concepts(self):
@@ -123,7 +123,7 @@ def load_checked_model(config):
     """(config with its --resolution settled, models.LoadedModel, what --attention resolved to,
     seconds loading): the model loaded, and the flags that depend on it checked."""
     start = time.perf_counter()
-    model = models.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
+    model = families.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
                               config.prediction_type, config.allow_pickle, config.zero_terminal_snr,
                               config.pretrained_vae_model_name_or_path)
     load_seconds = time.perf_counter() - start
@@ -177,7 +177,7 @@ def run_data(config, model, concepts, learned, global_batch):
     for index, concept in enumerate(learned):
         with naming(config, concept.concept):
             part, held = concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
-                                           model.spec.is_sdxl, index, model.spec.vae_scale_factor)
+                                           families.of(model.spec).time_ids, index, model.spec.vae_scale_factor)
         parts.append(part)
         validation_parts.append(held)
     if len(parts) == 1:  # one concept: the single-concept batches, whether from flags or a file
@@ -197,7 +197,7 @@ def checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_
     captions = [c for part in parts for c in (part.captions or [None] * len(part.images))]
     captions = captions if any(part.captions is not None for part in parts) else None
     meta = ckpt.run_meta(config, tokens, token_ids, fingerprint, global_batch, len(data.images), captions)
-    if model.spec.is_sdxl:  # how a checkpoint splits the rows into the two encoders' files
+    if len(model.spec.text_widths) > 1:  # how a checkpoint splits the rows into each encoder's files
         meta["text_widths"] = list(model.spec.text_widths)
     if config.concepts is not None:  # what each concept must keep on resume
         meta["concepts"] = [ckpt.concept_meta(c, len(part.images)) for c, part in zip(concepts, parts)]
@@ -214,10 +214,13 @@ def check_loss_recipe(config, model):
     return dataclasses.replace(config, max_timestep=None) if config.max_timestep == count else config
 
 
-def model_compute(config):
-    """The models.Compute of a TrainConfig: its --mixed_precision, --attention and --gradient_checkpointing."""
+def model_compute(config, backend=None):
+    """The models.Compute of a TrainConfig: its --mixed_precision, --attention and
+    --gradient_checkpointing; the one mapping of the flags to how the model computes (the run, `plan`
+    and the benchmark scripts use it). `backend`: the platform the program is traced for, where it
+    is not this machine's (`plan`'s deviceless TPU)."""
     return models.Compute(dtype=config.compute_dtype, attention=config.attention,
-                          remat=bool(config.gradient_checkpointing))
+                          remat=bool(config.gradient_checkpointing), backend=backend)
 
 
 @contextlib.contextmanager
@@ -253,8 +256,10 @@ def norm_targets(config, spec, tables):
         return tuple(tokens_lib.median_norm(table) for table in tables)
     if len(given) != len(tables):
         medians = " ".join(f"{tokens_lib.median_norm(table):.4g}" for table in tables)
-        if spec.is_sdxl:
-            raise UserError(f"--embedding_norm_target: an SDXL row has a CLIP-L part and a bigG part, whose tables' "
+        family = families.of(spec)
+        if len(tables) > 1:
+            parts = " and ".join(f"a {e.title} part" for e in family.encoders)
+            raise UserError(f"--embedding_norm_target: an {family.title} row has {parts}, whose tables' "
                             f"norms differ; give a target for each (their medians: --embedding_norm_target {medians}) "
                             "or none for those medians")
         raise UserError(f"--embedding_norm_target: this model has one text encoder; give one target (its table's "
@@ -262,9 +267,10 @@ def norm_targets(config, spec, tables):
     return given
 
 
-def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, index=0, vae_scale_factor=8):
+def concept_data_part(config, tokenizer, learned, global_batch, time_ids=False, index=0, vae_scale_factor=8):
     """A concept's (data.TrainData, data.ValidationImages): its images decoded, every prompt tokenized
-    and checked (one that does not fit is an error, never cut); with `sdxl`, each image's time ids
+    and checked (one that does not fit is an error, never cut); with `time_ids` (the family's
+    ModelFamily.time_ids), each image's time ids
     kept; with --masked_loss / --alpha_mask, each image's mask (with --enable_bucket, on its bucket's
     latent grid: the VAE downsamples by `vae_scale_factor`). With --validation_split the images it holds out (data.hold_out; `index` is the concept's
     place in the run) are the validation images and the others train; without, every image is both.
@@ -273,7 +279,7 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, inde
     mask = None
     if config.masked:
         mask = images_lib.ALPHA if config.alpha_mask else config.mask_suffix
-    images, names, time_ids, *masks = images_lib.load_image_set(
+    images, names, image_time_ids, *masks = images_lib.load_image_set(
         concept.train_data_dir, config.resolution, config.center_crop, config.interpolation, concept.caption_extension,
         mask, bucketing(config),
     )
@@ -289,7 +295,7 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, inde
             tokenizer, captions_lib.read_captions(concept.train_data_dir, names, concept.caption_extension),
             list(learned.tokens), config.caption_prefix_token,
         )
-    time_ids = time_ids if sdxl else None
+    time_ids = image_time_ids if time_ids else None
     kept = held = np.arange(len(images))
     if config.validation_split:
         kept, held = data_lib.hold_out(len(images), config.validation_split, config.seed, index)
@@ -304,13 +310,10 @@ def concept_data_part(config, tokenizer, learned, global_batch, sdxl=False, inde
                               caption_ids, time_ids, masks), held_out
 
 
-# --resolution without a value, for SD 1.x / 2.x: the diffusers scripts' 512 (an SD 2.x 768-v model too).
-DEFAULT_RESOLUTION = 512
-
-
 def default_resolution(spec):
-    """--resolution left unset: 512 for SD 1.x / 2.x (as diffusers' scripts), the native size for SDXL (1024)."""
-    return models.default_size(spec)[0] if spec.is_sdxl else DEFAULT_RESOLUTION
+    """--resolution left unset: the model family's (512 for SD 1.x / 2.x, as diffusers' scripts; the
+    native size for SDXL, 1024)."""
+    return families.of(spec).default_resolution(spec)
 
 
 def check_resolution(resolution, spec):

@@ -20,7 +20,7 @@ from . import losses
 from .. import models
 from ..data.batches import LatentBatch, PixelBatch
 from .losses import LossSpec
-from ..families import Frozen
+from .. import families
 from ..parallel import AXIS, pmap_devices
 
 
@@ -134,12 +134,12 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
 
     `frozen` is a Frozen (its text encoder(s) and UNet are read). With `per_example`, returns
     (loss, float32 [B] each example's own loss) for jax's has_aux. `time_ids` float32 [B, 6] is
-    SDXL's size and crop conditioning of each example (images.size_and_crop_ids); None for SD 1.x / 2.x.
+    each example's size and crop conditioning (images.size_and_crop_ids) where the family has it
+    (ModelFamily.time_ids: SDXL); None otherwise.
     """
-    cond = models.condition(spec, compute, frozen.text_params, input_ids, rows)
-    hidden = cond.context
-    added = None if cond.text_embeds is None else {"text_embeds": cond.text_embeds, "time_ids": time_ids}
-    pred = models.predict_noise(spec, compute, frozen.unet, noisy.astype(hidden.dtype), timesteps, hidden, added)
+    family = families.of(spec)
+    cond = family.condition(spec, compute, frozen.text_params, input_ids, rows)
+    pred = family.predict(spec, compute, frozen.unet, noisy.astype(cond.context.dtype), timesteps, cond, time_ids)
     if loss_spec.weighted:
         examples = losses.example_losses(loss_spec, pred.astype(jnp.float32), target, timesteps, frozen.alphas_cumprod,
                                          spec.prediction_type, mask)
@@ -169,7 +169,7 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         batches are LatentBatch.
       batch: PixelBatch (uint8 [B, H, W, 3] images) or LatentBatch (float32 [B, C, h, w] cached
         moments), with input_ids int32 [B, L], example_ids int [B], concept_ids int32 [B]
-        (read only when num_concepts > 1), for SDXL time_ids float32 [B, 6] and, exactly when
+        (read only when num_concepts > 1), where the family has them time_ids float32 [B, 6] and, exactly when
         `loss_spec.masked`, mask float32 [B, H, W] (with --enable_bucket, [B, h, w] on the latent grid).
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (with
