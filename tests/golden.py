@@ -62,14 +62,14 @@ def forward_values(model_dir):
     import jax
     import numpy as np
 
+    from ti_flax import families, models
     from ti_flax.training import checkpoint, step as step_lib
-    from ti_flax import models
     from ti_flax.training.run import prepare
 
     devices = jax.local_devices()[:1]
     run = prepare(run_config(model_dir, "unused"), devices=devices)
     spec, params, compute = run.model.spec, run.model.params, models.Compute()
-    frozen = step_lib.Frozen.from_model(run.model)
+    frozen = families.Frozen.from_model(run.model)
     batch = run.data.global_batch(0)
     key = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # the trainer's key of step 0, seed 0
     # Rows that differ from each other and from the initializer, so each one's gradient shows.

@@ -18,7 +18,6 @@ from ti_flax.commands import generate as gen
 from ti_flax import families, models
 from ti_flax.data import prompts
 from ti_flax.sampling import sampler
-from ti_flax.training import step
 from ti_flax.errors import UserError
 
 HIDDEN = 32  # the tiny model's text width
@@ -301,7 +300,7 @@ def test_schedulers_match_diffusers_pytorch(model, torch_pipe, name, torch_name,
     settings = sampler.Sampler(model.spec, model.params, config, num_inference_steps=STEPS, scheduler=name).settings
     noise = np.random.default_rng(5).normal(size=(2, 4, 16, 16)).astype(np.float32)
     denoise = jax.jit(functools.partial(sampler.denoise, settings=settings))
-    frozen = step.Frozen.from_model(model, "float32")
+    frozen = families.Frozen.from_model(model, "float32")
     latents = denoise(frozen, np.zeros((1, HIDDEN), np.float32), ids, neg, noise, np.float32(3.0))
     ref = torch_pipe(prompt, num_inference_steps=STEPS, guidance_scale=3.0, latents=torch.from_numpy(noise),
                      num_images_per_prompt=2, height=32, width=32, output_type="latent").images

@@ -54,7 +54,7 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_model):
     # test found diffusers' Flax GEGLU using the tanh GELU: 1.26e-4 relative, in fp32 and fp64.)
     import jax
 
-    from ti_flax import models
+    from ti_flax import families, models
     from ti_flax.training import step as step_lib
     from ti_flax.training.run import prepare
 
@@ -67,7 +67,7 @@ def test_loss_and_row_gradient_match_pytorch_autograd(golden_model):
     ref_loss, ref_grad = torch_loss_and_grad(model_dir, f64["input_ids"], f64["rows"], noisy, f64["timesteps"], f64["target"])
     with jax.enable_x64(True):
         spec, compute = run.model.spec, models.Compute(dtype="float64")
-        frozen = step_lib.Frozen.from_model(run.model, "float64")
+        frozen = families.Frozen.from_model(run.model, "float64")
         # Jitted, as the trainer runs it: one float64 program compiles in ~20 s, where running
         # the same gradient op by op compiles every operation on its own (3-4x slower on 2 cores).
         loss, grad = jax.jit(jax.value_and_grad(

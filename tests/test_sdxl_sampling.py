@@ -22,7 +22,6 @@ from PIL import Image
 from ti_flax import TrainConfig, families, train
 from ti_flax.data import prompts
 from ti_flax.sampling import sampler
-from ti_flax.training import step
 from ti_flax.commands import generate as gen
 from ti_flax import tokens as tokens_lib
 
@@ -115,7 +114,7 @@ def test_latents_match_diffusers_sdxl_pipeline(model, tiny_sdxl_model_dir):
     key = jax.random.key_data(jax.random.key(5))
     noise = np.array(sampler.image_noise(key, np.arange(NUM_IMAGES), sampler.latent_shape(s.settings)))
     denoise = jax.jit(functools.partial(sampler.denoise, settings=s.settings))
-    latents = np.asarray(denoise(step.Frozen.from_model(model), rows, ids, neg, noise, np.float32(3.0)))
+    latents = np.asarray(denoise(families.Frozen.from_model(model), rows, ids, neg, noise, np.float32(3.0)))
 
     def reference(i, negative_prompt, output_type="latent"):
         return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=STEPS, guidance_scale=3.0,

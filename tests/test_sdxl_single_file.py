@@ -8,7 +8,6 @@ reads the same file, with the folder as its config, and must find the same weigh
 """
 
 import sys
-import warnings
 
 import numpy as np
 import pytest
