@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import files, formats
 from ..config import TrainConfig
+from ..config.flags import must_match
 from ..errors import UserError, short_list
 
 FORMAT_VERSION = 1
@@ -34,51 +35,10 @@ META_FILE = "meta.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".checkpoint-"
 
-# Settings that must match for a resume to continue the same run. Everything else (steps,
-# checkpointing, saving, logging, validation) may change on resume.
-MUST_MATCH = (
-    "placeholder_token",
-    "num_vectors",
-    "resolution",
-    "center_crop",
-    "interpolation",
-    "learnable_property",
-    "caption_extension",  # which images have captions, so which prompts they are shown with
-    "caption_prefix_token",
-    "repeats",
-    "flip_p",
-    "seed",
-    "gradient_accumulation_steps",  # a step is this many batches: the data position depends on it
-    "zero_terminal_snr",  # the noise schedule the loss is taken under
-    "pretrained_vae_model_name_or_path",  # the VAE that makes the latents
-    # What follows each update; a checkpoint from before these existed had them off.
-    "embedding_norm",
-    "embedding_norm_target",
-    "embedding_norm_decay",
-    "use_ema",  # the state holds the EMA or not
-    "ema_decay",
-    "ema_update_after_step",
-    "validation_split",  # which images are held out of training
-    # The loss recipe: the noise, the timesteps and the loss itself (losses.LossSpec).
-    "snr_gamma",
-    "noise_offset",
-    "loss_type",
-    "huber_c",
-    "huber_schedule",
-    "min_timestep",
-    "max_timestep",
-    # The masked loss: which examples' errors count, and how much.
-    "masked_loss",
-    "alpha_mask",
-    "mask_suffix",
-    "unmasked_weight",
-    # The images' shapes and the batches they make; a checkpoint from before these had buckets off.
-    "enable_bucket",
-    "min_bucket_reso",
-    "max_bucket_reso",
-    "bucket_reso_steps",
-    "bucket_no_upscale",
-)
+# Settings that must match for a resume to continue the same run: each flag's resume decision,
+# declared with the flag (config/train_config.py, flags.MATCH). Everything else (steps,
+# checkpointing, saving, logging, validation, the optimizer's rates) may change on resume.
+MUST_MATCH = must_match(TrainConfig)
 
 # With --concepts, the MUST_MATCH settings each concept has its own of (the flags are only
 # defaults then), and the concept's weight: a checkpoint records these per concept.

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import tokens
+from ..config.flags import MATCH, MAY_CHANGE
 
 
 def learning_rate(config, num_devices):
@@ -98,22 +99,32 @@ class Ema:
         return ema - self.one_minus_decay(step) * (ema - rows)
 
 
+# Which of OptimizerSpec's fields a resumed run must keep (checkpoint.MUST_MATCH holds the flags
+# they come from): what the state holds and means. The rates may change on resume.
+_KEEP = {"resume": MATCH}
+_MAY_CHANGE = {"resume": MAY_CHANGE}
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-    """The optimizer's hyperparameters: hashable, so a compiled step can be cached by them."""
+    """The optimizer's hyperparameters: hashable, so a compiled step can be cached by them.
 
-    lr_scheduler: str
-    peak_lr: float
-    warmup_steps: int
-    total_steps: int
-    beta1: float
-    beta2: float
-    epsilon: float
-    weight_decay: float
-    max_grad_norm: Optional[float]
-    accumulation_steps: int = 1  # micro-batches per optimizer update (optax.MultiSteps when > 1)
-    norm: Optional[NormControl] = None  # the rows' norm control after each update (off: None)
-    ema: Optional[Ema] = None  # the rows' moving average (off: None)
+    Each field states in its metadata whether a resumed run must keep it (config.flags.MATCH) or
+    may change it; `rules_from_config` makes the ones it must keep."""
+
+    lr_scheduler: str = dataclasses.field(metadata=_MAY_CHANGE)
+    peak_lr: float = dataclasses.field(metadata=_MAY_CHANGE)
+    warmup_steps: int = dataclasses.field(metadata=_MAY_CHANGE)
+    total_steps: int = dataclasses.field(metadata=_MAY_CHANGE)
+    beta1: float = dataclasses.field(metadata=_MAY_CHANGE)
+    beta2: float = dataclasses.field(metadata=_MAY_CHANGE)
+    epsilon: float = dataclasses.field(metadata=_MAY_CHANGE)
+    weight_decay: float = dataclasses.field(metadata=_MAY_CHANGE)
+    max_grad_norm: Optional[float] = dataclasses.field(metadata=_MAY_CHANGE)
+    # micro-batches per optimizer update (optax.MultiSteps when > 1): the data position and the state
+    accumulation_steps: int = dataclasses.field(default=1, metadata=_KEEP)
+    norm: Optional[NormControl] = dataclasses.field(default=None, metadata=_KEEP)  # the rows' norm control (off: None)
+    ema: Optional[Ema] = dataclasses.field(default=None, metadata=_KEEP)  # the rows' moving average (off: None)
 
     @classmethod
     def from_config(cls, config, num_devices, total_steps, norm_targets=(), text_widths=()):
@@ -122,9 +133,6 @@ class OptimizerSpec:
         # Lengths that do not shape the schedule are zeroed, so runs that differ only there
         # share one compiled step.
         constant = config.lr_scheduler == "constant"
-        rate = config.norm_rate
-        if rate and (not norm_targets or len(norm_targets) != len(text_widths)):
-            raise ValueError(f"norm control needs a target per text encoder, got {norm_targets} for {text_widths}")
         return cls(
             lr_scheduler=config.lr_scheduler,
             peak_lr=learning_rate(config, num_devices),
@@ -135,6 +143,17 @@ class OptimizerSpec:
             epsilon=config.adam_epsilon,
             weight_decay=config.adam_weight_decay,
             max_grad_norm=config.max_grad_norm,
+            **cls.rules_from_config(config, norm_targets, text_widths),
+        )
+
+    @staticmethod
+    def rules_from_config(config, norm_targets=(), text_widths=()):
+        """{field: value} of the fields a resumed run must keep (metadata resume MATCH): the
+        accumulation, and what follows each update."""
+        rate = config.norm_rate
+        if rate and (not norm_targets or len(norm_targets) != len(text_widths)):
+            raise ValueError(f"norm control needs a target per text encoder, got {norm_targets} for {text_widths}")
+        return dict(
             accumulation_steps=config.gradient_accumulation_steps,
             norm=NormControl(rate, tuple(map(float, norm_targets)), tuple(text_widths)) if rate else None,
             ema=Ema(config.ema_decay, config.ema_update_after_step) if config.use_ema else None,
