@@ -207,11 +207,12 @@ def hold_out(num_images, fraction, seed, concept=0):
 
 
 class BatchSource:
-    """The batch methods shared by TrainData and concept_data.ConceptMix.
+    """The batch methods shared by TrainData, concept_mix.ConceptMix and buckets.BucketBatches.
 
-    A subclass sets `images` (uint8 [N, H, W, 3]: every example's image is one of these) and
-    `global_batch_size`, and defines `examples(step, lo, hi)`: the selection (image index, flip,
-    prompt ids, example id, concept id) of rows [lo, hi) of global batch `step`. With `time_ids`
+    A subclass sets `images` (uint8 [N, H, W, 3]: every example's image is one of these),
+    `global_batch_size` and `steps_per_epoch`, and defines `select(epoch, slots)`: the (image
+    index, flip, prompt ids, concept id) of an epoch's slots, an epoch being `steps_per_epoch`
+    batches of consecutive slots (`examples`; buckets.BucketBatches deals them otherwise). With `time_ids`
     (float32 [N, 6], for SDXL) set, each batch carries its images' time ids; with `masks`
     (float32 [N, H, W], --masked_loss; with --enable_bucket a Bucketed of each image's mask on
     its bucket's latent grid), each example's mask, flipped as its image is: in pixel and latent
@@ -220,6 +221,18 @@ class BatchSource:
 
     time_ids: Optional[np.ndarray] = None
     masks: Optional[np.ndarray] = None
+
+    def examples(self, step: int, lo: int, hi: int):
+        """Rows [lo, hi) of global batch `step`: (image index into `images`, flip, prompt ids int32
+        [n, L], example id, concept id int32); global batch `step` is the `step`-th run of
+        `global_batch_size` consecutive slots, its epoch's."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
+        example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
+        images, flips, prompt_ids, concept_ids = self.select(epoch, sel)
+        return images, flips, prompt_ids, example_ids, concept_ids
 
     def _rows(self, step: int, lo: int, hi: int, views=None):
         """Rows [lo, hi) of global batch `step`, as `views` (default PixelViews) shows them."""
@@ -380,18 +393,6 @@ class TrainData(BatchSource):
             captioned = self._captioned[images]
             prompt_ids[captioned] = self._caption_ids[images[captioned]]
         return prompt_ids
-
-    def examples(self, step: int, lo: int, hi: int) -> tuple[np.ndarray, ...]:
-        """Rows [lo, hi) of global batch `step`: (image index, flip, prompt ids int32 [n, L],
-        example id, concept id (0)); the prompt is the image's caption where it has one, else
-        its slot's template."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
-        example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
-        images, flips, prompt_ids, concept_ids = self.select(epoch, sel)
-        return images, flips, prompt_ids, example_ids, concept_ids
 
     def slot_images(self, epoch: int) -> np.ndarray:
         """int64 [epoch_size]: the image of each slot of an epoch (bucket_data regroups slots by it)."""

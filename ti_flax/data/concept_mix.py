@@ -112,17 +112,6 @@ class ConceptMix(BatchSource):
             self._epoch = epoch
         return self._plan
 
-    def examples(self, step: int, lo: int, hi: int):
-        """Rows [lo, hi) of global batch `step`: (image index into `images`, flip, prompt ids
-        int32 [n, L], example id, concept id int32)."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        sel = slice(pos * self.global_batch_size + lo, pos * self.global_batch_size + hi)
-        example_ids = np.arange(lo, hi, dtype=np.int64) + step * self.global_batch_size
-        images, flips, prompt_ids, concept_ids = self.select(epoch, sel)
-        return images, flips, prompt_ids, example_ids, concept_ids
-
     def slot_images(self, epoch: int) -> np.ndarray:
         """int64 [epoch_size]: the image (index into `images`) of each slot of an epoch."""
         concept, image, _, _ = self.epoch_plan(epoch)
