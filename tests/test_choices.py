@@ -1,6 +1,6 @@
 """Each closed list of flag values has one source (ti_flax/choices.py): the command lines offer
 exactly its values with the documented default, validation rejects anything else in one line,
-the code that acts on a value knows every one of them, and the README's table is printed from it."""
+the code that acts on a value knows every one of them, and the docs' table (docs/flags.md) is printed from it."""
 
 import dataclasses
 import os
@@ -15,8 +15,8 @@ from ti_flax.config import TrainConfig
 from ti_flax.errors import UserError
 from ti_flax.models import attention, schedulers
 
-README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-# Every row of the README's table: the train and generate flags' lists, then the exporter's formats.
+FLAGS_PAGE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "flags.md")
+# Every row of the docs' table: the train and generate flags' lists, then the exporter's formats.
 TABLE = (*choices.TABLE, exporting.FORMAT_CHOICE)
 PARSERS = {"": cli.build_parser, "(ti_flax.generate)": generation.build_parser, "(ti_flax.export)": exporting.build_parser,
            "(ti_flax.plan)": planning.build_parser}
@@ -68,8 +68,8 @@ def test_the_code_acting_on_a_value_knows_every_value():
         assert callable(OptimizerSpec.from_config(config, 1, 10).schedule())
 
 
-def test_readme_table_is_the_one_choices_prints():
-    with open(README, encoding="utf-8") as f:
-        readme = f.read()
+def test_docs_table_is_the_one_choices_prints():
+    with open(FLAGS_PAGE, encoding="utf-8") as f:
+        page = f.read()
     table = choices.markdown_table(TABLE)
-    assert table in readme, f"README's Choices table is stale; paste:\n{table}"
+    assert table in page, f"docs/flags.md's Choices table is stale; run python scripts/flag_reference.py:\n{table}"

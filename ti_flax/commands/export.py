@@ -33,7 +33,7 @@ from ..errors import UserError, run_cli
 from ..formats import DIFFUSERS_BIN, read_embedding
 
 # --format's values: the layouts ti_flax writes, as registered in ti_flax.formats, then other
-# tools' names for them (comfyui reads kohya's layout); and their row of the README's "Choices" table.
+# tools' names for them (comfyui reads kohya's layout); and their row of the "Choices" table (docs/flags.md).
 FORMATS = (*formats.names(writable=True), *formats.ALIASES)
 FORMAT_CHOICE = choices.Choice("--format (ti_flax.export)", FORMATS, "diffusers")
 

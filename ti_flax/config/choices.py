@@ -1,10 +1,10 @@
 """Every closed list of values a flag takes, defined once.
 
-argparse's `choices`, `TrainConfig.validate()`, the modules that act on a value and the README's
-"Choices" table all read these lists, so a new value is added in one place. This module imports
-nothing of ti_flax and nothing heavy, so `--help` stays fast. `markdown_table()` prints the README
-table's rows; the exporter's `--format` row comes from the formats registry (`exporting.FORMAT_CHOICE`),
-and a test keeps the README equal to both.
+argparse's `choices`, `TrainConfig.validate()`, the modules that act on a value and the
+"Choices" table of docs/flags.md all read these lists, so a new value is added in one place. This
+module imports nothing of ti_flax and nothing heavy, so `--help` stays fast. `markdown_table()`
+prints the table's rows; the exporter's `--format` row comes from the formats registry
+(`commands.export.FORMAT_CHOICE`), and tests/test_choices.py keeps the page equal to both.
 """
 
 from typing import NamedTuple
@@ -22,7 +22,7 @@ PLAN_TARGETS = ("v4", "v5e", "v5p", "v6e", "local")  # ti_flax.plan's --target: 
 EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, leave the norms or set them to the target
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
 # kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
-# so its values are not each valid alone; the README's flags table lists them.
+# so its values are not each valid alone; the flag reference (docs/flags.md) lists them.
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 # OneTrainer's mask file name, --mask_suffix's default: the mask of dog.jpg is dog-masklabel.png.
 MASK_SUFFIX = "-masklabel.png"
@@ -34,7 +34,7 @@ class Choice(NamedTuple):
     default: str
 
 
-# The README's table, in the order it lists them.
+# The docs' table, in the order it lists them.
 TABLE = (
     Choice("--learnable_property", tuple(LEARNABLE_PROPERTIES), "object"),
     Choice("--prediction_type", PREDICTION_TYPES, "the model's scheduler config"),
@@ -57,7 +57,7 @@ def one_of(flag, value, values, allow_none=False):
 
 
 def markdown_table(rows=TABLE):
-    """A Markdown table of `rows` (Choice tuples): the README's "Choices" table is TABLE's rows,
+    """A Markdown table of `rows` (Choice tuples): docs/flags.md's "Choices" table is TABLE's rows,
     then the exporter's `--format` row (tests/test_choices.py puts them together)."""
     lines = ["| flag | values | default |", "| --- | --- | --- |"]
     for choice in rows:

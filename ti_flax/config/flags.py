@@ -137,34 +137,44 @@ def from_cli(config_class, values):
 
 
 def reference(config_class):
-    """The flag reference as Markdown: a section per group, a row per flag (its default, whether a
-    resumed run must keep it, its help and choices). docs/flags.md is this text."""
-    lines = ["# Training flags", "",
-             "Every flag of `python -m ti_flax.train` (and field of `ti_flax.TrainConfig`), generated from their one "
-             "declaration in `ti_flax/config/train_config.py`. *Resume*: whether a run resumed from a checkpoint must "
-             "keep the checkpoint's value (**match**) or may change it.", ""]
+    """The training flags as Markdown: a `###` section per group, a row per flag (its default,
+    whether a resumed run must keep it, its help and choices). docs/flags.md holds this text
+    (scripts/flag_reference.py writes it)."""
+    lines = ["Every field of `ti_flax.TrainConfig` is the flag of the same name, declared once in "
+             "`ti_flax/config/train_config.py`. *Resume*: whether a run resumed from a checkpoint must keep the "
+             "checkpoint's value (**match**) or may change it.", ""]
     by_group = {}
     for name, declared, default in flags(config_class):
         by_group.setdefault(declared.group, []).append((name, declared, default))
     for group in GROUPS:
         if group not in by_group:
             continue
-        lines += [f"## {group[0].upper() + group[1:]}", "", "| flag | default | resume | what it does |",
+        lines += [f"### {group[0].upper() + group[1:]}", "", "| flag | default | resume | what it does |",
                   "| --- | --- | --- | --- |"]
         for name, declared, default in by_group[group]:
             names = ", ".join(f"`{n}`" for n in (f"--{name}", *declared.aliases))
+            text = declared.help or ""
             if declared.negation is not None:
                 names += f", `--no_{name}`"
-            text = (declared.help or "").replace("|", "\\|")
-            if declared.negation is not None:
-                text += f" `--no_{name}`: {declared.negation}"
+                text = sentence(text) + f" `--no_{name}`: {declared.negation}"
             if declared.choices:
-                text += " One of " + ", ".join(f"`{c}`" for c in declared.choices) + "."
+                text = sentence(text) + " One of " + ", ".join(f"`{c}`" for c in declared.choices) + "."
             shown = "required" if declared.required else ("off" if declared.switch else f"`{_shown(default)}`")
             resume = "**match**" if declared.resume == MATCH else "may change"
-            lines.append(f"| {names} | {shown} | {resume} | {text.strip()} |")
+            lines.append(f"| {names} | {shown} | {resume} | {table_text(text)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def sentence(text):
+    """`text` ending in a full stop, so more can follow ("" stays "")."""
+    text = text.strip()
+    return text if not text or text.endswith(".") else text + "."
+
+
+def table_text(text):
+    """Help text as a Markdown table cell: pipes escaped, <token>s shown rather than read as HTML."""
+    return text.strip().replace("|", "\\|").replace("<", "&lt;")
 
 
 def _shown(default):

@@ -76,11 +76,10 @@ class ModelFamily:
         side: tokens.join_rows).
       time_ids: whether each example carries size-and-crop ids (SDXL's added conditioning).
       pipeline_class: the diffusers pipeline class that loads its folders.
-      layout: its original single-file layout (models.ldm_layout.Family), or None.
+      layout: its original single-file layout (models.ldm_layout.SingleFileLayout), or None.
 
-    Methods are documented where the families implement them (`families/sd.py`: the UNet
-    families, SD 1.x, SD 2.x and SDXL). A new family implements each of them; the developer docs'
-    "Add a model family" page lists them.
+    Each method below is a question; `families/sd.py` answers them for the UNet families. A new
+    family answers each one (docs/add-a-family.md is the checklist).
     """
 
     name = ""
@@ -92,3 +91,96 @@ class ModelFamily:
 
     def __repr__(self):
         return f"<model family {self.name}>"
+
+    # Recognising and loading -------------------------------------------------------------------
+
+    def claims(self, model_dir, class_name):
+        """Whether a diffusers folder (its model_index.json `_class_name`, "" without one) is this
+        family's. The registered families' claims do not overlap."""
+        raise NotImplementedError
+
+    def check_folder(self, model_dir, tokenizer_dir=None):
+        """UserError naming what a folder of this family lacks (before any weight is read);
+        `tokenizer_dir`: --tokenizer_name's folder, where the family takes one."""
+        raise NotImplementedError
+
+    def load_folder(self, model_dir, tokenizer_dir=None, prediction_type=None, zero_terminal_snr=None):
+        """The models.LoadedModel of a checked folder (its spec naming this family)."""
+        raise NotImplementedError
+
+    def spec(self, configs, prediction_type, num_train_timesteps, all_tokenizers=None):
+        """The models.ModelSpec of this family's parts ({part: owned config}); `all_tokenizers`,
+        where loaded, give the ids the spec records. A single file's parts come here too."""
+        raise NotImplementedError
+
+    def read_spec(self, model_dir, prediction_type=None):
+        """(ModelSpec, alphas_cumprod) from a folder's config files alone (`plan`): no weights."""
+        raise NotImplementedError
+
+    # Training ----------------------------------------------------------------------------------
+
+    def default_resolution(self, spec):
+        """--resolution left unset."""
+        raise NotImplementedError
+
+    def condition(self, spec, compute, text_params, input_ids, rows):
+        """What the denoiser is conditioned on (a models.Condition) for the first tokenizer's ids
+        [B, L]; `text_params`: every encoder's params (Frozen.text_params); `rows`: the learned rows
+        [N, spec.row_width], id `base_vocab_size + i` reading rows[i]. Pure: runs inside jit."""
+        raise NotImplementedError
+
+    def predict(self, spec, compute, unet_params, latents, timesteps, cond, time_ids=None):
+        """The denoiser's prediction, NCHW, for NCHW `latents` at `timesteps`, conditioned on
+        `cond`; `time_ids` [B, 6] where `time_ids` is True. Pure: runs inside jit."""
+        raise NotImplementedError
+
+    # Sampling ----------------------------------------------------------------------------------
+
+    def default_sampler(self, spec, scheduler_config):
+        """The sampler (one of models.schedulers.SAMPLERS) used when none is chosen."""
+        raise NotImplementedError
+
+    def zero_empty_negative(self, model):
+        """Whether an empty negative prompt of `model` (a LoadedModel; None: the family's default)
+        conditions on zeros rather than on the encoded empty text."""
+        raise NotImplementedError
+
+    def sampling_condition(self, spec, cond, negative_ids, size, zero_empty_negative=False):
+        """(cond, time_ids) for the sampler's [negative, positive] batch of `cond` at `size` (h, w)."""
+        raise NotImplementedError
+
+    # Outputs -----------------------------------------------------------------------------------
+
+    def save_embedding(self, folder, token, rows, widths, step=None, bin=False):
+        """Write a run's embedding of `token` (rows [N, sum(widths)]) into `folder`, in every layout
+        the tools of this family load; `step`: an intermediate file's; `bin`: also PyTorch `.bin`
+        twins. Returns {kind: path}."""
+        raise NotImplementedError
+
+    def embedding_file(self, token):
+        """The file the model card names for a concept's embedding."""
+        raise NotImplementedError
+
+    def usage_lines(self, model, embeddings):
+        """The model card's lines on loading the run's embeddings in each tool; `embeddings`:
+        (token, folder as the run names it, folder relative to the card or "" for its own)."""
+        raise NotImplementedError
+
+    def save_pipeline(self, model, rows, out_dir, tokenizers=None):
+        """Write `model`, the rows appended to each encoder's table, as this family's diffusers
+        folder into `out_dir` (--save_as_full_pipeline); `tokenizers` hold the new tokens."""
+        raise NotImplementedError
+
+    # Checking the files in PyTorch diffusers (ti_flax.export --verify) --------------------------
+
+    def reference_kwargs(self):
+        """What `from_pretrained` of `pipeline_class` needs to load the text encoders alone."""
+        raise NotImplementedError
+
+    def reference_outputs(self, pipe, prompt):
+        """{name: float32 array} of the PyTorch pipeline's prompt encoding."""
+        raise NotImplementedError
+
+    def our_outputs(self, cond):
+        """{name: array} of a models.Condition, named as `reference_outputs` names them."""
+        raise NotImplementedError
