@@ -24,7 +24,6 @@ import tempfile
 
 from .errors import UserError, first_line, short_list
 
-
 # --------------------------------------------------------------------------------------------
 # Reading
 

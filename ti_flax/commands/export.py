@@ -27,8 +27,8 @@ import os
 import re
 import secrets
 
-from ..config import choices
 from .. import files, formats
+from ..config import choices
 from ..errors import UserError, run_cli
 from ..formats import DIFFUSERS_BIN, read_embedding
 

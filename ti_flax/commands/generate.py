@@ -158,10 +158,10 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         ...                  ["out/learned_embeds.safetensors"], num_images=2, output_dir="images")  # doctest: +SKIP
         ['images/000.png', 'images/001.png']
     """
-    from ..training import compile_cache
     from .. import families, files
     from ..data.prompts import CUT, encode_prompt
     from ..sampling.sampler import Sampler
+    from ..training import compile_cache
 
     # Checks that need no model come first, so a typo fails fast.
     if num_images < 1:

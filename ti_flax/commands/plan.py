@@ -25,11 +25,11 @@ from typing import Optional
 
 import jax
 
-from ..training import compile_cache, footprint, run as run_lib
 from .. import families, files, models
 from ..config.choices import PLAN_TARGETS
 from ..config.cli import build_parser as train_parser, parse_config
 from ..errors import UserError, first_line, run_cli
+from ..training import compile_cache, footprint, run as run_lib
 from ..training.losses import LossSpec
 from ..training.optim import OptimizerSpec
 

@@ -15,16 +15,16 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from ..training import compile_cache, distribution as distributed, engine as engine_lib, logs
 from .. import files
-from ..training.actions import Checkpoint, LogStep, SaveRows, StopVote, Validate, ValidationLoss
 from ..config.cli import parse_config
 from ..errors import run_cli
+from ..sampling.validation import Validator
+from ..training import compile_cache, distribution as distributed, engine as engine_lib, logs
+from ..training.actions import Checkpoint, LogStep, SaveRows, StopVote, Validate, ValidationLoss
 from ..training.logs import MetricsLogger
 from ..training.outputs import print_banner, print_summary, save_outputs
 from ..training.preemption import StopOnSignal
 from ..training.run import initial_state, prepare
-from ..sampling.validation import Validator
 
 
 @dataclasses.dataclass

@@ -94,7 +94,6 @@ def _load_quietly(class_name, model_dir, **kwargs):
     require_torch()
     import diffusers
     from diffusers.utils import logging as dlogging
-
     from transformers.utils import logging as tlogging
 
     verbosity, t_verbosity = dlogging.get_verbosity(), tlogging.get_verbosity()

@@ -9,8 +9,8 @@ import dataclasses
 import math
 import os
 
-from . import concepts as concepts_lib
 from ..errors import UserError
+from . import concepts as concepts_lib
 from .choices import (
     ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES, LR_SCHEDULERS,
     MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of,

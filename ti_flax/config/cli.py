@@ -8,9 +8,9 @@ refused) and turns the parsed values into a validated config.
 import argparse
 import os
 
+from ..errors import UserError
 from . import flags
 from .train_config import TrainConfig
-from ..errors import UserError
 
 
 def build_parser():

@@ -32,9 +32,9 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
-from .choices import LEARNABLE_PROPERTIES, one_of
 from ..errors import UserError
 from ..tokens import placeholder_tokens
+from .choices import LEARNABLE_PROPERTIES, one_of
 
 
 def is_file_extension(text):

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .batches import BatchSource, Bucketed, TrainData
 from ..errors import UserError
+from .batches import BatchSource, Bucketed, TrainData
 
 
 def apportion(total: int, weights: Sequence[float]) -> np.ndarray:

@@ -22,10 +22,10 @@ from typing import NamedTuple, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..config import choices
 from .. import files
-from .batches import Bucketed
+from ..config import choices
 from ..errors import UserError, first_line, short_list
+from .batches import Bucketed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # OneTrainer's mask file name (dog.jpg's is dog-masklabel.png): never a training image.

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from ..config.choices import ATTENTION as IMPLEMENTATIONS
 from ..errors import UserError
+
 DEFAULT_CHUNK = 256
 FLASH_BLOCK = 128  # the Pallas TPU kernel's block along both sequence axes
 _NVIDIA_BACKENDS = ("gpu", "cuda")  # jax.default_backend() says "gpu" for CUDA; ROCm has no cuDNN

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import attention as attention_lib
-from . import clip, unet, vae
+from . import attention as attention_lib, clip, unet, vae
 from .spec import default_size
 
 

@@ -34,8 +34,8 @@ import numpy as np
 
 from .. import files
 from ..errors import UserError, short_list
-from .clip_vocab import PAD_TOKENS, build_tokenizer
 from . import clip, schedulers, unet, vae
+from .clip_vocab import PAD_TOKENS, build_tokenizer
 from .ldm_layout import (
     EMA, LABEL_EMB, REFINER_BIG_G, SDXL_PREFIX, TEXT_PARTS, UNET, VAE, check_unet_covered, convert, first_attention,
     text_config, text_names, unet_config, unet_names, vae_config, vae_names,

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import UserError
-from . import attention as attn_lib
-from . import layers
+from . import attention as attn_lib, layers
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")

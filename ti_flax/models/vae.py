@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ..errors import UserError
-from . import attention as attn_lib
-from . import layers
+from . import attention as attn_lib, layers
 from .weights import flatten
 
 GROUP_NORM_EPS = 1e-6  # every norm of the diffusers VAE (resnets, attention, conv_norm_out)

@@ -12,12 +12,11 @@ import warnings
 
 import numpy as np
 
-from . import checkpoint as ckpt
 from .. import files, parallel
-from . import model_card, step as step_lib
 from ..errors import UserError
-from .preemption import Preempted
 from ..sampling.validation import grid as grid_image
+from . import checkpoint as ckpt, model_card, step as step_lib
+from .preemption import Preempted
 
 
 class TrainingDiverged(UserError):

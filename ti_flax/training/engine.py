@@ -15,9 +15,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
-from . import footprint, latents, step as step_lib
 from .. import parallel
 from ..families import Frozen
+from . import footprint, latents, step as step_lib
 from .validation_loss import Evaluator
 
 

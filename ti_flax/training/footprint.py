@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..data import batches as data_lib
-from . import latents, logs, step as step_lib
 from .. import families, models, parallel
-from ..families import Frozen
 from ..config.choices import PLAN_TARGETS
+from ..data import batches as data_lib
 from ..errors import UserError, first_line
-from .losses import LossSpec
+from ..families import Frozen
 from ..models.attention import DEFAULT_CHUNK
+from . import latents, logs, step as step_lib
+from .losses import LossSpec
 
 GIB = 2**30
 

@@ -14,8 +14,8 @@ import math
 import jax
 import numpy as np
 
-from ..data import batches as data_lib
 from .. import parallel
+from ..data import batches as data_lib
 from . import step as step_lib
 
 ENCODE_BATCH_PER_DEVICE = 8

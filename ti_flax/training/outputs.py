@@ -4,10 +4,9 @@ import os
 
 import jax
 
-from . import checkpoint as ckpt
 from .. import families, files
-from . import logs, losses, model_card
 from ..models import schedulers
+from . import checkpoint as ckpt, logs, losses, model_card
 from .validation_loss import fixed_timesteps
 
 

@@ -10,18 +10,14 @@ from typing import Optional
 import jax
 import numpy as np
 
-from ..data import captions as captions_lib
-from . import checkpoint as ckpt
-from ..config import concepts as concepts_lib
-from ..data import batches as data_lib
-from . import distribution as distributed, step as step_lib
 from .. import families, formats, models, tokens as tokens_lib
-from ..sampling import validation
-from ..data import images as images_lib, prompts
+from ..config import TrainConfig, concepts as concepts_lib
+from ..data import batches as data_lib, captions as captions_lib, images as images_lib, prompts
 from ..data.buckets import BucketBatches
 from ..data.concept_mix import ConceptMix
-from ..config import TrainConfig
 from ..errors import UserError
+from ..sampling import validation
+from . import checkpoint as ckpt, distribution as distributed, step as step_lib
 from .losses import LossSpec, bucket_latent_masks, check_schedule
 from .optim import OptimizerSpec
 

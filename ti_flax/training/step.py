@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import losses
-from .. import models
+from .. import families, models
 from ..data.batches import LatentBatch, PixelBatch
-from .losses import LossSpec
-from .. import families
 from ..parallel import AXIS, pmap_devices
+from . import losses
+from .losses import LossSpec
 
 
 class TrainState(NamedTuple):

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 import numpy as np
 
+from .. import parallel
 from ..data import batches as data_lib
 from . import latents, step as step_lib
-from .. import parallel
 
 TIMESTEP_COUNT = 4  # kohya's NUM_VALIDATION_TIMESTEPS
 BATCH_PER_DEVICE = 4  # examples per device per call: fixed, whatever the run's batch or device count
