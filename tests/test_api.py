@@ -77,17 +77,25 @@ def test_generate_with_the_result(trained, tiny_model_dir, tmp_path):
 
 
 def test_the_public_names_are_plain_functions_however_the_modules_are_imported():
+    """`ti_flax.train` (export, generate, plan) is the function of that name in commands/, also after
+    the command modules are imported: importing a submodule binds it as its package's attribute,
+    which would replace a function living in the package's own namespace."""
     import inspect
 
     import ti_flax.commands.export
     import ti_flax.commands.generate
+    import ti_flax.commands.plan
     import ti_flax.commands.train
-    from ti_flax import export, generate, train
+    from ti_flax import export, generate, plan, train
 
-    assert (train, export, generate) == (ti_flax.commands.train.train, ti_flax.commands.export.export, ti_flax.commands.generate.generate)
-    assert (train, export, generate) == (ti_flax.train, ti_flax.export, ti_flax.generate)
-    assert all(inspect.isfunction(function) for function in (train, export, generate))
+    commands = ti_flax.commands
+    assert (train, export, generate, plan) == (commands.train.train, commands.export.export,
+                                               commands.generate.generate, commands.plan.plan)
+    assert (train, export, generate, plan) == (ti_flax.train, ti_flax.export, ti_flax.generate, ti_flax.plan)
+    assert all(inspect.isfunction(function) for function in (train, export, generate, plan))
     assert ti_flax.TrainResult is ti_flax.commands.train.TrainResult
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ti_flax.nope  # noqa: B018
     with pytest.raises(UserError, match="--num_images 0"):
         generate("unused", "a cat", num_images=0)
     with pytest.raises(UserError, match="--format 'png'"):

@@ -294,7 +294,7 @@ def test_pipeline_folder_reads_rows_of_token(tmp_path, tiny_model_dir, capsys):
     tokenizer = copy.deepcopy(model.tokenizer)
     tokens.add_placeholder_tokens(tokenizer, names)
     pipeline = str(tmp_path / "pipeline")
-    formats.save_pipeline(model, tokenizer, rows, pipeline)
+    families.of(model.spec).save_pipeline(model, rows, pipeline, (tokenizer,))
 
     code, _, err = run_cli([pipeline, "-o", tmp_path / "out"], capsys)
     assert code == 2 and "--token" in err and TOKEN in err  # lists the learned tokens

@@ -133,7 +133,7 @@ def test_preserve_holds_each_sdxl_part_at_its_encoders_median(tiny_sdxl_model_di
     medians = [table_median(tiny_sdxl_model_dir, c) for c in ("text_encoder", "text_encoder_2")]
     config = norms_config(tiny_sdxl_model_dir, sample_images_dir, tmp_path / "on", embedding_norm="preserve")
     # One number for two tables whose norms differ is ambiguous: refused before anything is written.
-    with pytest.raises(UserError, match="an SDXL row has a CLIP-L part and a bigG part"):
+    with pytest.raises(UserError, match="an SDXL row has a CLIP ViT-L part and an OpenCLIP bigG part"):
         prepare(config.replace(embedding_norm_target=(0.5,)), ONE)
     result = train(config, devices=ONE)
     assert f"{medians[0]:.4g} (CLIP-L) and {medians[1]:.4g} (bigG)" in capsys.readouterr().out

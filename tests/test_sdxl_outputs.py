@@ -89,8 +89,10 @@ def test_verify_refuses_a_model_of_the_other_family_in_one_line(tmp_path, tiny_s
     (sd_model / "text_encoder" / "config.json").write_text(json.dumps({"hidden_size": WIDTHS[0]}))
     sd_file = formats.save_diffusers(str(tmp_path / "sd1" / "learned_embeds.safetensors"), TOKEN, make_rows(1, 32, 2))
     cases = [
-        ([pair[0], "--format", "sdxl", "--verify", sd_model], "not an SDXL model (no text_encoder_2/)"),
-        ([sd_file, "--verify", tiny_sdxl_model_dir], "an SDXL model, but the embedding holds one text encoder's rows"),
+        ([pair[0], "--format", "sdxl", "--verify", sd_model],
+         "an SD 1.x model (1 text encoder: text_encoder/), but the embedding holds rows for 2"),
+        ([sd_file, "--verify", tiny_sdxl_model_dir],
+         "an SDXL model (2 text encoders: text_encoder/, text_encoder_2/), but the embedding holds rows for 1"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(argv + ["-o", tmp_path / "out"], capsys)

@@ -99,11 +99,10 @@ def test_ema_only_and_half_precision_sdxl_files_load(tiny_sdxl_single_file, tmp_
 
 def test_an_sdxl_file_saves_as_a_diffusers_folder(tiny_sdxl_single_file, tmp_path):
     """--save_as_full_pipeline from an SDXL file: a StableDiffusionXLPipeline folder that loads as the same model."""
-    from ti_flax import formats
 
     _, path = tiny_sdxl_single_file
     model, _ = _load(path)
-    formats.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.row_width), np.float32), str(tmp_path))
+    families.of(model.spec).save_pipeline(model, np.zeros((0, model.spec.row_width), np.float32), str(tmp_path))
     again = families.load_model(str(tmp_path))
     assert again.spec == model.spec and again.tokenizer_2.pad_token == "!"
     assert again.scheduler_config["_class_name"] == "EulerDiscreteScheduler"

@@ -16,7 +16,7 @@ import make_tiny_model
 from original_layout import assert_same_weights as _assert_same_weights, load_warned as _load
 from original_layout import run_train_cli as _run_train_cli, save_original, to_original
 
-from ti_flax import TrainConfig, families, formats
+from ti_flax import TrainConfig, families
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
 
@@ -165,7 +165,7 @@ def test_a_single_file_saves_as_a_diffusers_folder(single_file_model, tmp_path):
     """--save_as_full_pipeline from a single file: a folder that loads as the same model."""
     _, _, path = single_file_model
     model, _ = _load(path, prediction_type="v_prediction")
-    formats.save_pipeline(model, model.tokenizer, np.zeros((0, model.spec.hidden_size), np.float32), str(tmp_path))
+    families.of(model.spec).save_pipeline(model, np.zeros((0, model.spec.hidden_size), np.float32), str(tmp_path))
     again = families.load_model(str(tmp_path))
     assert again.spec == model.spec and again.tokenizer.pad_token == "!"
     assert again.scheduler_config["prediction_type"] == "v_prediction"

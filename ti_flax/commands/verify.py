@@ -55,7 +55,7 @@ def check_model(model_dir, parts):
     if len(parts) != len(family.encoders):
         have = f"{len(family.encoders)} text encoder{'s' if len(family.encoders) > 1 else ''}"
         raise UserError(f"--verify {model_dir}: an {family.title} model ({have}: "
-                        f"{', '.join(e.part for e in family.encoders)}/), but the embedding holds rows for "
+                        f"{', '.join(e.part + '/' for e in family.encoders)}), but the embedding holds rows for "
                         f"{len(parts)}; verify it with the model it was made for")
     for encoder, part in zip(family.encoders, parts):
         _check_encoder_width(model_dir, encoder, part.shape[-1])

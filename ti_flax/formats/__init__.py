@@ -9,7 +9,7 @@
 | diffusers' SDXL pair `learned_embeds.safetensors` + `learned_embeds_2.safetensors` | `sdxl.py` | two files | the key |
 | diffusers' Flax script: pickled `{token: row}` | `npy.py` | (read only) `.npy` | the key |
 | a bare numeric array | `npy.py` | (read only) `.npy` | (none) |
-| a saved pipeline: rows of `token, token_1, ...` | `pipeline.py` | a whole folder, by `save_pipeline` (not `write`) | `token=` |
+| a saved pipeline: rows of `token, token_1, ...` | `pipeline.py` | a whole folder, by a family's `save_pipeline` (not `write`) | `token=` |
 | a bare torch tensor | here | (read only) `.pt`, `.bin` | (none) |
 
 Each layout registers a `Layout` by name (`get`, `names`, `ALIASES`): its file types and its
@@ -39,13 +39,12 @@ from .base import (
 )
 from .diffusers import DIFFUSERS_BIN, DIFFUSERS_FILE, load_diffusers, save_diffusers, save_diffusers_bin
 from .npy import FLAX_NPY
-from .pipeline import save_pipeline
 from .sdxl import PAIR_FILE_2, save_diffusers_sdxl, save_sdxl
 
 __all__ = [
     "ALIASES", "DIFFUSERS_BIN", "DIFFUSERS_FILE", "Embedding", "FLAX_NPY", "Layout", "PAIR_FILE_2", "TEXT_ENCODER",
     "TEXT_ENCODER_2", "check_embedding_fits", "check_fits", "check_written", "get", "load_diffusers", "names",
-    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl", "save_pipeline",
+    "read_embedding", "register", "save_diffusers", "save_diffusers_bin", "save_diffusers_sdxl",
     "save_sdxl", "sdxl_file_name", "write",
 ]
 

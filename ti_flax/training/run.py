@@ -254,7 +254,7 @@ def norm_targets(config, spec, tables):
         medians = " ".join(f"{tokens_lib.median_norm(table):.4g}" for table in tables)
         family = families.of(spec)
         if len(tables) > 1:
-            parts = " and ".join(f"a {e.title} part" for e in family.encoders)
+            parts = " and ".join(f"{'an' if e.title[0] in 'AEIOU' else 'a'} {e.title} part" for e in family.encoders)
             raise UserError(f"--embedding_norm_target: an {family.title} row has {parts}, whose tables' "
                             f"norms differ; give a target for each (their medians: --embedding_norm_target {medians}) "
                             "or none for those medians")
