@@ -6,8 +6,8 @@ distance 128) whose table (160 rows) is larger than the tokenizer (`BASE` = 150)
 num_heads * d_kv with d_model fails. Sequences are 150 long, so the exact, log and clamped
 (distance >= 128) relative-position buckets are all used. What each test catches:
 
-- test_relative_position_buckets: a wrong bucket formula (direction swapped, float64 instead of
-  float32 truncation at bucket edges, missing clamp at max_distance) against transformers' own.
+- test_relative_position_buckets: a wrong bucket formula (direction swapped, exact/log split
+  off by one, missing clamp at max_distance) against transformers' own, up to 600 positions.
 - test_forward_parity: fp32 last_hidden_state within 1e-5 of transformers, no mask (as FLUX):
   a wrong RMSNorm (mean subtracted, eps misplaced), a 1/sqrt(d_kv) scale T5 does not have, the
   erf GELU instead of gelu_new, the bias recomputed per block or transposed, a missing final norm.
@@ -80,6 +80,17 @@ def prompt_ids(seed, learned=False):
 
 def learned_rows(config, seed):
     return np.random.default_rng(seed).normal(0, 1.0, (NUM_ROWS, config.d_model)).astype(np.float32)
+
+
+def with_rows(model, rows):
+    """A copy of the torch model whose table reads `rows` at ids BASE.. (grown past its 160 rows as
+    needed), and that table's weight: what a PyTorch trainer would put in place of our `rows`."""
+    edited = copy.deepcopy(model)
+    old = edited.get_input_embeddings().weight.detach()
+    table = torch.nn.Embedding(BASE + len(rows), old.shape[1])
+    table.weight = torch.nn.Parameter(torch.cat([old[:BASE], torch.tensor(rows)]))
+    edited.set_input_embeddings(table)
+    return edited, table.weight
 
 
 def torch_last(model, ids, mask=None):
@@ -169,14 +180,10 @@ def test_learned_rows_parity_and_gradient():
     (_, ours), grad = OURS(jnp.asarray(rows), params, config, jnp.asarray(ids), weights)
     grad = np.asarray(grad)
 
-    edited = copy.deepcopy(model)
-    old = edited.get_input_embeddings().weight.detach()
-    table = torch.nn.Embedding(BASE + NUM_ROWS, config.d_model)
-    table.weight = torch.nn.Parameter(torch.cat([old[:BASE], torch.tensor(rows)]))
-    edited.set_input_embeddings(table)
+    edited, table = with_rows(model, rows)
     theirs = torch_last(edited, ids)
     torch.sum((theirs * torch.tensor(weights)) ** 2).backward()
-    theirs_grad = table.weight.grad[BASE:].numpy()
+    theirs_grad = table.grad[BASE:].numpy()
 
     diff = max_diff(ours, theirs)
     rel = float(np.linalg.norm(grad - theirs_grad) / np.linalg.norm(theirs_grad))
@@ -226,17 +233,26 @@ def test_param_shapes_match_state_dict(tmp_path):
 
 
 def test_bf16_close_to_fp32():
-    _, config, params = tiny_model()
-    ids = jnp.asarray(prompt_ids(seed=7, learned=True))
-    rows = jnp.asarray(learned_rows(config, seed=8))
-    fp32 = ENCODE(params, config, ids, rows, base_vocab_size=BASE)
+    model, config, params = tiny_model()
+    ids = prompt_ids(seed=7, learned=True)
+    rows = learned_rows(config, seed=8)
+    fp32 = np.asarray(ENCODE(params, config, jnp.asarray(ids), jnp.asarray(rows), base_vocab_size=BASE))
     bf16_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    bf16 = ENCODE(bf16_params, config, ids, rows.astype(jnp.bfloat16), base_vocab_size=BASE, dtype=jnp.bfloat16)
+    bf16 = ENCODE(bf16_params, config, jnp.asarray(ids), jnp.asarray(rows, jnp.bfloat16), base_vocab_size=BASE,
+                  dtype=jnp.bfloat16)
     assert bf16.dtype == jnp.bfloat16
-    diff = float(np.abs(np.asarray(bf16, np.float32) - np.asarray(fp32)).max())
-    print("bf16 vs fp32 max abs diff", diff, "fp32 max abs", float(np.abs(np.asarray(fp32)).max()))
-    assert np.isfinite(np.asarray(bf16, np.float32)).all()
-    assert diff < 0.25, diff
+    bf16 = np.asarray(bf16, np.float32)
+    assert np.isfinite(bf16).all()
+    diff = float(np.abs(bf16 - fp32).max())
+    # transformers' own bf16 model (everything bf16, as FLUX runs it) as the yardstick.
+    with torch.no_grad():
+        theirs = torch_last(with_rows(model, rows)[0].to(torch.bfloat16), ids).float().numpy()
+    theirs_diff = float(np.abs(theirs - fp32).max())
+    print("bf16 vs fp32 max abs diff", diff, "transformers bf16 vs fp32", theirs_diff,
+          "fp32 max abs", float(np.abs(fp32).max()))
+    # Observed 0.035 (transformers' bf16: 0.04) on states up to ~3.4: ~3x margin.
+    assert diff < 0.1, diff
+    assert diff < 2 * theirs_diff, (diff, theirs_diff)
 
 
 def test_config_round_trip_and_errors():
