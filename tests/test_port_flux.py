@@ -259,10 +259,10 @@ def test_wrong_ids_are_user_errors():
     )
     for change in bad:
         with pytest.raises(UserError) as err:
-            jax.eval_shape(lambda p, i: flux.apply(p, schnell.config, **i), schnell.params, dict(schnell.inputs, **change))
+            jax.eval_shape(lambda i: flux.apply(schnell.params, schnell.config, **i), dict(schnell.inputs, **change))
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="choose one of"):
-        jax.eval_shape(lambda p, i: flux.apply(p, schnell.config, **i, attention="sdpa"), schnell.params, schnell.inputs)
+        jax.eval_shape(lambda i: flux.apply(schnell.params, schnell.config, **i, attention="sdpa"), schnell.inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_pack_unpack_and_ids_equal_the_pipeline():
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((BATCH, LATENT_CHANNELS, HEIGHT, WIDTH), dtype=np.float32)
     theirs = FluxPipeline._pack_latents(torch.from_numpy(latents), BATCH, LATENT_CHANNELS, HEIGHT, WIDTH).numpy()
-    tokens = np.asarray(flux.pack_latents(latents))
+    tokens = np.array(flux.pack_latents(latents))  # writable, for torch.from_numpy
     assert tokens.shape == (BATCH, HEIGHT * WIDTH // 4, 4 * LATENT_CHANNELS)
     np.testing.assert_array_equal(tokens, theirs)
     vae_scale = 8  # the pipeline's unpack takes pixel sides
@@ -337,6 +337,8 @@ def test_pack_unpack_and_ids_equal_the_pipeline():
     np.testing.assert_array_equal(flux.text_ids(5), np.zeros((5, 3), np.float32))
     with pytest.raises(UserError, match="not even"):
         flux.pack_latents(latents[:, :, :7])
+    with pytest.raises(UserError, match="not even"):
+        flux.latent_image_ids(HEIGHT, 7)
     with pytest.raises(UserError, match="2x2 patches of 8x10"):
         flux.unpack_latents(tokens, HEIGHT, 10)
 

@@ -23,7 +23,8 @@ Weights are the diffusers state dict as a nested dict (weights.py), Linear [out,
 `params["transformer_blocks"]["0"]["attn"]["add_q_proj"]["weight"]`,
 `params["single_transformer_blocks"]["3"]["proj_out"]["weight"]` ([C, 5C]: attention then MLP),
 `params["time_text_embed"]["guidance_embedder"]["linear_1"]["weight"]` ([dev] only); `param_shapes`
-lists them all. A diffusers transformer folder loads with a safetensors read and `unflatten`.
+lists them all, and `weights.check_params(param_shapes(config), state_dict, source)` checks a
+transformer folder's (sharded) safetensors against them before `weights.unflatten`.
 
 Invariants the config constructor checks:
   * sum(axes_dims_rope) == attention_head_dim: the RoPE axes partition each head's dimensions;
@@ -43,10 +44,10 @@ undoes it, `latent_image_ids(h, w)` / `text_ids(L)` are the position ids the pip
 (image (0, row, column) per token of the packed grid, text all zeros). The pipeline passes
 `timestep = sigma` in [0, 1] (apply scales by 1000 inside, as diffusers does).
 
-    >>> tokens = pack_latents(latents)                     # [B, 16, h, w] -> [B, h*w/4, 64]
-    >>> velocity = apply(params, config, tokens, t5_states, clip_pooled, sigmas,
+    >>> tokens = pack_latents(latents)  # [B, 16, h, w] -> [B, h*w/4, 64]  # doctest: +SKIP
+    >>> velocity = apply(params, config, tokens, t5_states, clip_pooled, sigmas,  # doctest: +SKIP
     ...                  latent_image_ids(h, w), text_ids(t5_states.shape[1]), guidance)
-    >>> latents = unpack_latents(velocity, h, w)           # doctest: +SKIP
+    >>> velocity_nchw = unpack_latents(velocity, h, w)  # doctest: +SKIP
 """
 
 import dataclasses
@@ -73,7 +74,7 @@ _COUNTS = ("num_layers", "num_single_layers")
 
 
 def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ class FluxConfig:
                 raise UserError(f"flux config: {name} {value!r} is not an integer >= {low}")
         if self.out_channels is not None and (not _is_int(self.out_channels) or self.out_channels < 1):
             raise UserError(f"flux config: out_channels {self.out_channels!r} is not a positive integer or null")
-        if not isinstance(self.guidance_embeds, (bool, np.bool_)):
+        if not isinstance(self.guidance_embeds, bool):
             raise UserError(f"flux config: guidance_embeds {self.guidance_embeds!r} is not true or false")
         if self.patch_size != 1:
             raise UserError(
@@ -163,7 +164,8 @@ def _qk_norm_shapes(prefix, head_dim, added=False):
 
 
 def _mlp_shapes(prefix, c):
-    return {**_linear_shapes(f"{prefix}.net.0.proj", c, MLP_RATIO * c), **_linear_shapes(f"{prefix}.net.2", MLP_RATIO * c, c)}
+    hidden = MLP_RATIO * c
+    return {**_linear_shapes(f"{prefix}.net.0.proj", c, hidden), **_linear_shapes(f"{prefix}.net.2", hidden, c)}
 
 
 def param_shapes(config):
@@ -236,6 +238,8 @@ def unpack_latents(tokens, height, width):
 def latent_image_ids(height, width):
     """[(h/2)(w/2), 3] float32 ids (0, row, column) of the packed tokens of h x w latents (latent
     sides, as `unpack_latents`): FluxPipeline._prepare_latent_image_ids(B, h // 2, w // 2)."""
+    if height % 2 or width % 2:
+        raise UserError(f"latent_image_ids: latent sides {height}x{width} are not even (FLUX packs 2x2 patches)")
     rows, cols = np.meshgrid(np.arange(height // 2), np.arange(width // 2), indexing="ij")
     ids = np.stack([np.zeros_like(rows), rows, cols], axis=-1).reshape(-1, 3)
     return ids.astype(np.float32)
@@ -477,7 +481,7 @@ def apply(
     img = layers.linear(params["x_embedder"], img)
     txt = layers.linear(params["context_embedder"], txt)
     axes = config.axes_dims_rope
-    ids = [_check_ids(i, n, what, axes) for i, n, what in ((txt_ids, txt.shape[1], "txt"), (img_ids, img.shape[1], "img"))]
+    ids = (_check_ids(txt_ids, txt.shape[1], "txt", axes), _check_ids(img_ids, img.shape[1], "img", axes))
     rope = rope_tables(jnp.concatenate(ids, axis=0), axes)  # text first, as the tokens
 
     def block(fn):
