@@ -31,8 +31,9 @@ In every mode kohya's `timesteps` is t * N (the float32 product; in `sigma` mode
 scheduler.timesteps[i], the same product) and the DiT is called with `timesteps / 1000`
 (flux_train_network.py `call_dit`), which FLUX's time embedding multiplies back by 1000
 (flux_models.timestep_embedding, time_factor 1000). `dit_timestep` is that division. kohya casts
-`timesteps` to the weight dtype (bf16 under --mixed_precision bf16) before dividing; the functions
-here stay float32 and leave such a cast to the caller.
+`timesteps` to the weight dtype (bf16 under --mixed_precision bf16) before dividing, and in `sigma`
+mode reads t itself in the weight dtype (get_sigmas), while the other modes noise with float32 t;
+the functions here stay float32 and leave such casts to the caller.
 
 Inference schedule (diffusers FluxPipeline.__call__ with FlowMatchEulerDiscreteScheduler.set_timesteps):
 
