@@ -1,15 +1,15 @@
 """FLUX.1 [dev] and [schnell] as their users keep them: a diffusers folder, or the files ComfyUI,
 Forge and kohya's sd-scripts keep apart (kohya's flags name them):
 
-  file (flag)                                   holds                                   names
-  flux1-dev.safetensors (the model)             the transformer, bf16 / fp16 / fp8      BFL's (bfl_layout.py)
-  clip_l.safetensors (--clip_l)                 CLIP ViT-L's text model                 transformers', with or without
-                                                                                        `text_model.`; a text_projection
-                                                                                        and logit_scale may ride along
-  t5xxl_fp16 / _fp8_e4m3fn.safetensors (--t5xxl)  T5-XXL v1.1's encoder                 transformers' (`shared.weight`,
-                                                                                        `encoder.block.N...`)
-  ae.safetensors / ae.sft (--ae)                the autoencoder (16 latent channels)    the original LDM VAE's, without
-                                                                                        `first_stage_model.` and quant convs
+  file (flag)                          holds                                 names
+  flux1-dev.safetensors (the model)    the transformer, bf16 / fp16 / fp8    BFL's (bfl_layout.py)
+  clip_l.safetensors (--clip_l)        CLIP ViT-L's text model               transformers', with or without
+                                                                             `text_model.`; a text_projection and
+                                                                             logit_scale may ride along
+  t5xxl_fp16.safetensors,              T5-XXL v1.1's encoder                 transformers' (`shared.weight`,
+  t5xxl_fp8_e4m3fn.safetensors (--t5xxl)                                     `encoder.block.N...`)
+  ae.safetensors / ae.sft (--ae)       the autoencoder (16 latent channels)  the original LDM VAE's, without
+                                                                             `first_stage_model.` and quant convs
 
 ComfyUI's all-in-one checkpoints (Comfy-Org's flux1-dev-fp8.safetensors) hold all four, under
 `model.diffusion_model.`, `text_encoders.clip_l.transformer.`, `text_encoders.t5xxl.transformer.`
@@ -21,9 +21,9 @@ dtype (`dtype=`, float32 by default), so FLUX.1 [dev] (12B weights) loads as bf1
 a 48 GB float32 copy. ComfyUI's *scaled* fp8 files store each Linear's weight divided by a
 per-tensor scale, `<module>.scale_weight` (with a `scaled_fp8` marker; newer files:
 `<module>.weight_scale` with a `comfy_quant` config or `_quantization_metadata`); the weight is
-`float32(fp8) * scale`, as ComfyUI computes it, before the conversion. The activation scales
-(`scale_input`, `input_scale`) only serve fp8 matmuls and are ignored. Other quantizations (NF4,
-GGUF, int8, nvfp4) are refused in one line.
+`float32(fp8) * scale` (ComfyUI multiplies the same way, in its compute dtype), then converted.
+The activation scales (`scale_input`, `input_scale`) only serve fp8 matmuls and are ignored. Other
+quantizations (NF4, GGUF, int8, nvfp4) are refused in one line.
 
 What a file is, is told by its keys (`describe`), and a file in the wrong slot, or a model ti_flax
 does not train, is one UserError naming the flag and the file:
@@ -44,6 +44,7 @@ does not train, is one UserError naming the flag and the file:
 and params (`{"transformer", "text_encoder", "text_encoder_2", "vae"}`), checked to fit together.
 """
 
+import contextlib
 import json
 import os
 import struct
@@ -130,9 +131,10 @@ class SafetensorsFile:
     ti_flax cannot read is refused before any weight is.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, label=None):
         self.path = os.fspath(path)
-        with files.reading(self.path, "a safetensors file"):
+        self.label = label or self.path  # messages name it so: the flag and the file
+        with self._reading():
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
@@ -156,6 +158,17 @@ class SafetensorsFile:
         self.shapes = {name: shape for name, (_, shape, _) in self.entries.items()}
         self.formats = self._quantization()
 
+    @contextlib.contextmanager
+    def _reading(self, what="a safetensors file"):
+        """files.reading, its DamagedFile naming the file as `label` does (with its flag)."""
+        try:
+            with files.reading(self.path, what):
+                yield
+        except files.DamagedFile as err:
+            if self.label == self.path or not err.path == self.path:
+                raise
+            raise files.DamagedFile(self.label, err.problem) from None
+
     def dtype(self, name):
         """The stored dtype's safetensors name ("BF16", "F8_E4M3", ...)."""
         return self.entries[name][0]
@@ -163,12 +176,12 @@ class SafetensorsFile:
     def read(self, names):
         """{name: numpy array} in the stored dtypes."""
         dtypes, out = _numpy_dtypes(), {}
-        with files.reading(self.path, "a safetensors file"):
+        with self._reading():
             with open(self.path, "rb") as f:
                 for name in names:
                     dtype, shape, begin = self.entries[name]
                     if dtype not in dtypes:
-                        raise UserError(f"{self.path}: tensor {name} is stored as {dtype}, which ti_flax cannot read; "
+                        raise UserError(f"{self.label}: tensor {name} is stored as {dtype}, which ti_flax cannot read; "
                                         "use the bf16, fp16 or fp8 file")
                     f.seek(self.start + begin)
                     count = int(np.prod(shape))
@@ -209,7 +222,7 @@ class SafetensorsFile:
             return scale.reshape(())
         if scale.size == rows and scale.shape in ((rows,), (rows, 1)):  # one scale per output row
             return scale.reshape((rows,) + (1,) * (len(self.shapes[name]) - 1))
-        raise UserError(f"{self.path}: {key} has shape {list(scale.shape)}, not one scale per tensor or per row "
+        raise UserError(f"{self.label}: {key} has shape {list(scale.shape)}, not one scale per tensor or per row "
                         f"of {name}; ti_flax cannot read this quantization")
 
     def _quantization(self):
@@ -217,12 +230,12 @@ class SafetensorsFile:
         formats = {}
         raw = self.metadata.get("_quantization_metadata")
         if raw:
-            with files.reading(self.path, "a safetensors file with quantization metadata"):
+            with self._reading("a safetensors file with quantization metadata"):
                 layers = json.loads(raw).get("layers", {})
             formats.update({k: (v.get("format") if isinstance(v, dict) else v) for k, v in layers.items()})
         configs = [n for n in self.entries if n.endswith(".comfy_quant")]
         for name, value in self.read(configs).items():
-            with files.reading(self.path, "a safetensors file with comfy_quant configs"):
+            with self._reading("a safetensors file with comfy_quant configs"):
                 formats[name[:-len(".comfy_quant")]] = json.loads(value.tobytes()).get("format")
         for name in self.entries:
             if name.endswith(".scale_weight"):
@@ -230,7 +243,7 @@ class SafetensorsFile:
         bad = {k: v for k, v in formats.items() if v not in _FP8_FORMATS}
         if bad:
             module, fmt = next(iter(sorted(bad.items())))
-            raise UserError(f"{self.path}: {module} is quantized as {fmt}, which ti_flax cannot read; use the bf16, "
+            raise UserError(f"{self.label}: {module} is quantized as {fmt}, which ti_flax cannot read; use the bf16, "
                             "fp16 or fp8 file")
         return formats
 
@@ -298,9 +311,9 @@ _FOREIGN = (
     (lambda names: any(n.startswith(("model.diffusion_model.input_blocks.", "cond_stage_model.",
                                      "conditioner.embedders.", "first_stage_model.")) for n in names),
      "a Stable Diffusion 1.x/2.x or SDXL checkpoint, not FLUX.1"),
-    (lambda names: any(n.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.")) for n in names),
-     "a FLUX transformer in diffusers' names (a transformer/ shard?); pass the folder that holds it and its "
-     "config.json"),
+    (lambda names: any(n.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder."))
+                       for n in names),
+     "a FLUX transformer in diffusers' names (a transformer/ shard?); pass the folder that holds it and config.json"),
     (lambda names: any(n.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for n in names),
      "a VAE in diffusers' layout; pass the folder that holds it and its config.json"),
 )
@@ -339,8 +352,8 @@ def open_part(path, part, flag=None):
                         ".safetensors file")
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"{flag} {path}: a pickled file; FLUX.1's files are .safetensors: use {FILE_NAMES[part]}")
-    raw = SafetensorsFile(path)
     label = f"{flag} {path}"
+    raw = SafetensorsFile(path, label)
     parts, foreign = describe(raw)
     if foreign:
         raise UserError(f"{label}: {foreign}")
@@ -457,8 +470,9 @@ def load_ae(path, dtype=np.float32, flag=FLAGS["vae"]):
     FLUX.1's scaling and shift, which the file cannot state."""
     dtype = component_weights.float_dtype(dtype)
     ckpt = open_part(path, "vae", flag).under(ldm_layout.VAE)  # ldm_layout reads a whole checkpoint's names
-    config = vae.VAEConfig.from_dict(dict(ldm_layout.vae_config(ckpt, VAE_CONFIG["scaling_factor"]),
-                                          shift_factor=VAE_CONFIG["shift_factor"], sample_size=VAE_CONFIG["sample_size"]))
+    shape_config = ldm_layout.vae_config(ckpt, VAE_CONFIG["scaling_factor"])
+    config = vae.VAEConfig.from_dict(dict(shape_config, shift_factor=VAE_CONFIG["shift_factor"],
+                                          sample_size=VAE_CONFIG["sample_size"]))
     if config.latent_channels != LATENT_CHANNELS:
         raise UserError(f"{ckpt.path}: a VAE of {config.latent_channels} latent channels (Stable Diffusion's?); "
                         f"FLUX.1's has {LATENT_CHANNELS} ({FILE_NAMES['vae']})")
@@ -508,8 +522,8 @@ def check_parts(configs, sources):
     )
     for part, theirs, wanted, what in pairs:
         if theirs != wanted:
-            raise UserError(f"{sources[part]}: gives {theirs}-wide {what}, but the transformer ({sources['transformer']}) "
-                            f"takes {wanted}; the parts are not one FLUX.1 model")
+            raise UserError(f"{sources[part]}: gives {theirs}-wide {what}, but the transformer "
+                            f"({sources['transformer']}) takes {wanted}; the parts are not one FLUX.1 model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,7 +543,7 @@ def check_folder(model_dir):
     name = class_name(model_dir)
     for prefix, what in _OTHER_PIPELINES:
         if name.startswith(prefix):
-            raise UserError(f"{model_dir}: {what} ({name}); {_TRAINS}")
+            raise UserError(f"{model_dir}: a {name}, {what}; {_TRAINS}")
     if name not in PIPELINES:
         raise UserError(f"{model_dir}: a {name or 'folder without model_index.json'}, not a FLUX.1 pipeline "
                         f"({', '.join(PIPELINES)}); {_TRAINS}")
