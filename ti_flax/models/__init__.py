@@ -10,10 +10,9 @@ transformers' CLIPTokenizer).
 | `pretrained.py` | what every family reads alike: single file or not, the noise schedule, another VAE, `abstract_params` (no weights) |
 | `forward.py` | running the parts inside jit: `encode_text`, `predict_noise`, `vae_moments`, `decode_latents` |
 | `model_folder.py` | finding a model folder (local or Hub), its model_index.json, pipelines ti_flax does not train |
-| `tokenizers.py`, `clip_vocab.py` | reading the CLIP tokenizer folder(s) and FLUX.1's T5 tokenizer; the bundled CLIP vocabulary |
-| `component_weights.py` | reading one component's config and weights (`unet/`, `vae/`, `text_encoder/`, FLUX.1's `transformer/` and T5 `text_encoder_2/`), in any float dtype |
+| `tokenizers.py`, `clip_vocab.py` | reading the CLIP tokenizer folder(s); the bundled CLIP vocabulary |
+| `component_weights.py` | reading one component's config and weights (`unet/`, `vae/`, `text_encoder/`) |
 | `single_file.py`, `ldm_layout.py` | original single-file checkpoints: which family's layout a file is in, and loading it; configs from shapes, name tables |
-| `flux_files.py`, `bfl_layout.py` | FLUX.1 as ComfyUI / kohya users keep it (BFL transformer, clip_l, t5xxl, ae files; fp8 and scaled fp8) and its diffusers folder's checks |
 | `flax_layout.py` | old Flax msgpack weights |
 | `clip.py`, `unet.py`, `vae.py` | one network each; `attention.py`, `layers.py` their parts |
 | `schedulers.py` | noise schedules and samplers |
