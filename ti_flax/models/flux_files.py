@@ -365,13 +365,13 @@ def open_part(path, part, flag=None):
         if others:
             raise UserError(f"{label}: holds {' and '.join(TITLES[p] for p in others)} but not {TITLES[part]}; pass "
                             f"{FILE_NAMES[part]} as {flag}")
-        names = names_of(raw)
+        names = _weight_names(raw)
         raise UserError(f"{label}: not {TITLES[part]} ({FILE_NAMES[part]}); its {len(names)} tensors are like "
                         f"{short_list(sorted(names)[:3])}")
     return WeightFile(label, raw, {n: n for n in raw.entries}).view(strip=parts[part])
 
 
-def names_of(raw):
+def _weight_names(raw):
     return [n for n in raw.entries if not _is_aux(n)]
 
 
@@ -395,8 +395,8 @@ def load_transformer(path, dtype=np.float32, flag=FLAGS["transformer"]):
     else but a [dev] or [schnell] transformer."""
     dtype = component_weights.float_dtype(dtype)
     ckpt = open_part(path, "transformer", flag)
-    _need_transformer(ckpt)
-    inputs = ckpt.shape(bfl_layout.IMG_IN)[1]
+    shape_config = bfl_layout.transformer_config(ckpt)
+    inputs = shape_config["in_channels"]
     if inputs == 384:
         raise UserError(f"{ckpt.path}: FLUX.1 Fill (img_in takes 384 inputs: latents, masked image and mask), an "
                         f"inpainting model; {_TRAINS}")
@@ -409,17 +409,11 @@ def load_transformer(path, dtype=np.float32, flag=FLAGS["transformer"]):
     if "kontext" in os.path.basename(os.fspath(path)).lower():
         raise UserError(f"{ckpt.path}: FLUX.1 Kontext (its file name says so; its weights are shaped as [dev]'s), an "
                         f"image-editing model; {_TRAINS}")
-    config = flux.FluxConfig.from_dict(bfl_layout.transformer_config(ckpt))
+    config = flux.FluxConfig.from_dict(shape_config)
     table = bfl_layout.transformer_names(config)
     _check_unused(ckpt, set(table), "a FLUX.1 [dev] or [schnell] transformer")
     params = bfl_layout.convert(ckpt, table, flux.param_shapes(config), "FLUX.1 transformer", dtype)
     return config, unflatten(params)
-
-
-def _need_transformer(ckpt):
-    for name in (bfl_layout.IMG_IN, bfl_layout.TXT_IN, bfl_layout.VECTOR_IN, bfl_layout.FINAL):
-        if not ckpt.has(name):
-            raise UserError(f"{ckpt.path}: the FLUX.1 transformer has no {name}; the file is incomplete")
 
 
 # What ldm_layout.text_config reads beside the file: FLUX.1's CLIP-L is OpenAI CLIP ViT-L/14's
