@@ -1,4 +1,4 @@
-"""Build a tiny, random-init Stable Diffusion model folder offline.
+"""Build a tiny, random-init Stable Diffusion (or FLUX.1) model folder offline.
 
 The folder has the layout of a real Hub checkpoint (model_index.json, unet/, vae/,
 text_encoder/, tokenizer/, scheduler/, PyTorch safetensors weights), so ti_flax loads it
@@ -7,11 +7,15 @@ through the same code path as runwayml/stable-diffusion-v1-5. The tokenizer is t
 (ti_flax/clip_vocab.py, MIT licensed), so placeholder tokens, initializer tokens and token ids
 behave exactly as on a real model.
 
+`--layout flux-dev` / `flux-schnell` write a FluxPipeline folder instead (transformer/,
+text_encoder/ CLIP, text_encoder_2/ T5 encoder, tokenizer/ CLIP, tokenizer_2/ a tiny T5
+SentencePiece tokenizer trained here, vae/, scheduler/): see FLUX below.
+
 Needs torch and diffusers (building uses diffusers' PyTorch classes) and ti_flax (installed, or
-this checkout's).
+this checkout's); the FLUX layouts also need sentencepiece (training the T5 tokenizer).
 
 Usage:
-    python scripts/make_tiny_model.py OUTPUT_DIR [--layout tiny|sd1-small]
+    python scripts/make_tiny_model.py OUTPUT_DIR [--layout tiny|sd1-small|flux-dev|flux-schnell|...]
         [--prediction_type epsilon|v_prediction] [--seed 0]
 """
 
@@ -165,6 +169,48 @@ LAYOUTS["single-sdxl"] = dict(
 )
 
 
+# FLUX.1 at tiny widths, keeping what makes it FLUX.1 and what a single file cannot record as the
+# published configs state it, so the same model loads alike from its folder and from the files
+# ComfyUI users keep (tests/flux_files.py writes them, tests/test_flux_loading.py compares):
+#   transformer  2 double- and 2 single-stream blocks, 2 heads of FLUX's 128 (the RoPE axes
+#                (16, 56, 56) add up to the head width; a BFL file states neither), 64 input
+#                channels (16 latent channels packed 2x2), T5's and CLIP's widths as its inputs;
+#                [dev] has the guidance embedder, [schnell] not
+#   text_encoder CLIP ViT-L's kind: one 64-wide head per layer, quick_gelu, eos_token_id 2,
+#                projection_dim 768 (as FLUX.1's text_encoder/config.json), the 49408-token table
+#   text_encoder_2  T5 v1.1's kind (gated-gelu, 32 buckets, max distance 128, no biases), its table
+#                320 rows for a 300-token tokenizer: T5-XXL's 32128 rows for 32100 tokens keep
+#                such a gap, and the ids in it are learned rows, never the table's
+#   tokenizer_2  a SentencePiece unigram model of 200 pieces (pad 0, eos 1, unk 2, as T5's) + 100
+#                extra_ids, trained here on a text this script writes (write_t5_tokenizer)
+#   vae          16 latent channels, no quant convs, FLUX's scaling 0.3611 and shift 0.1159
+#   scheduler    FlowMatchEulerDiscreteScheduler as FLUX.1 [dev]'s / [schnell]'s configs set it
+# Every weight is drawn with numpy from its name (reinit_weights), so the fixture does not change
+# with a diffusers or transformers release.
+FLUX_TRANSFORMER = dict(in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=128,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=64,
+                        axes_dims_rope=(16, 56, 56))
+FLUX_CLIP = dict(vocab_size=49408, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0,
+                 eos_token_id=2, pad_token_id=1)
+FLUX_T5 = dict(vocab_size=320, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+               layer_norm_epsilon=1e-6, dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+               tie_word_embeddings=False, is_encoder_decoder=False, use_cache=False)
+FLUX_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=16, norm_num_groups=32,
+                sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True)
+T5_PIECES = 200  # + 100 extra_ids: a 300-token tokenizer for the 320-row table
+FLUX_SCHEDULERS = {  # FLUX.1 [dev]'s and [schnell]'s scheduler/scheduler_config.json
+    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096),
+}
+LAYOUTS["flux-dev"] = dict(flux="dev", numpy_weights=True)
+LAYOUTS["flux-schnell"] = dict(flux="schnell", numpy_weights=True)
+
+
 def write_clip_tokenizer(out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|>"):
     """Write the CLIP tokenizer files (ti_flax.models.clip_vocab.write_tokenizer_files) to `out_dir` and
     return a CLIPTokenizer loaded from them.
@@ -175,6 +221,49 @@ def write_clip_tokenizer(out_dir, num_merges=NUM_MERGES, pad_token="<|endoftext|
 
     write_tokenizer_files(out_dir, num_merges, pad_token=pad_token)
     return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def t5_training_text(lines=2000, seed=0):
+    """The text the tiny T5 tokenizer is trained on: captions of common words and made-up ones
+    (three syllables each), so SentencePiece finds 200 pieces; deterministic."""
+    import random
+
+    common = ("a photo of the cat dog toy sitting on table red blue green yellow house tree sky painting in style "
+              "by artist small large bright dark river mountain portrait watercolor oil sketch city night morning "
+              "with and an old new wooden").split()
+    syllables = "ka lo mi ne ru ta si po ve da".split()
+    made_up = [a + b + c for a in syllables for b in syllables for c in syllables[:3]]
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(common) if rng.random() < 0.7 else rng.choice(made_up) for _ in range(8))
+            for _ in range(lines)]
+
+
+def write_t5_tokenizer(out_dir, pieces=T5_PIECES, extra_ids=100, model_max_length=512):
+    """Write a tiny T5 tokenizer folder (spiece.model, tokenizer.json, tokenizer_config.json) and
+    return the transformers T5Tokenizer read from it.
+
+    The SentencePiece unigram model is trained here on `t5_training_text` with T5's special pieces:
+    <pad> 0, </s> 1, <unk> 2, no <s>; transformers adds the `extra_ids` sentinels <extra_id_N> after
+    the pieces, as T5's 32000 pieces + 100 make its 32100 tokens. One thread: the same bytes on every
+    machine.
+    """
+    import io
+
+    import sentencepiece
+    from transformers import T5Tokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(t5_training_text()), model_writer=model, vocab_size=pieces, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+    tokenizer = T5Tokenizer.from_pretrained(out_dir, extra_ids=extra_ids, model_max_length=model_max_length)
+    tokenizer.save_pretrained(out_dir)  # transformers 5 writes tokenizer.json and the config, not spiece.model
+    return T5Tokenizer.from_pretrained(out_dir)
 
 
 def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
@@ -194,6 +283,10 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
     diffusers_logging.disable_progress_bar()
 
     spec = LAYOUTS[layout]
+    if spec.get("flux"):
+        _build_flux(out_dir, spec["flux"], seed)
+        reinit_weights(out_dir, seed)
+        return out_dir
     hidden = spec["hidden"]
     num_merges = spec.get("num_merges", NUM_MERGES)
     vocab_size = 512 + num_merges + 2  # 49408 (clip_vocab.VOCAB_SIZE) for the full tokenizer
@@ -263,6 +356,37 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
     return out_dir
 
 
+def _build_flux(out_dir, variant, seed):
+    """Save a FluxPipeline folder of the FLUX layouts (see FLUX_TRANSFORMER); `variant` "dev" or "schnell"."""
+    import shutil
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)  # the weights are redrawn from their names after the save
+    transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=variant == "dev")
+    levels = len(FLUX_VAE["block_out_channels"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, **FLUX_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**FLUX_CLIP))
+    text_encoder_2 = T5EncoderModel(T5Config(**FLUX_T5))
+    with tempfile.TemporaryDirectory() as tok_dir, tempfile.TemporaryDirectory() as tok_2_dir:
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[variant]),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=write_clip_tokenizer(tok_dir),
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=write_t5_tokenizer(tok_2_dir),
+            transformer=transformer,
+        )
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        # FLUX.1's tokenizer_2/ ships the SentencePiece model beside tokenizer.json; so does this one.
+        shutil.copy(os.path.join(tok_2_dir, "spiece.model"), os.path.join(out_dir, "tokenizer_2", "spiece.model"))
+
+
 def _build_sdxl(out_dir, spec, prediction_type, vae, text_encoder, unet, text_2_config, num_merges):
     """Save an SDXL pipeline folder: the second encoder with projection and "!" padding, SDXL's
     Euler scheduler config."""
@@ -315,7 +439,13 @@ def _weight_values(name, shape, seed):
 
 def _canonical(component, name):
     """The weight's name as transformers 4.x saved it: 5.x drops CLIPTextModel's `text_model.`
-    prefix, and the values are drawn from the name, so the same model must get the same name."""
+    prefix, and the values are drawn from the name, so the same model must get the same name.
+    A T5 encoder's tied token table is drawn as `shared.weight` under either of its names, so a
+    file that holds both copies keeps them equal."""
+    if name == "encoder.embed_tokens.weight":
+        return "shared.weight"
+    if name.startswith(("shared.", "encoder.block.", "encoder.final_layer_norm.")):  # T5's, not CLIP's
+        return name
     if component.startswith("text_encoder") and name.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
         return "text_model." + name
     return name
@@ -348,7 +478,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     build_tiny_model(args.output_dir, args.layout, args.prediction_type, args.seed)
-    print(f"tiny Stable Diffusion model ({args.layout}, {args.prediction_type}) written to {args.output_dir}")
+    if LAYOUTS[args.layout].get("flux"):
+        print(f"tiny FLUX.1 [{LAYOUTS[args.layout]['flux']}] model written to {args.output_dir}")
+    else:
+        print(f"tiny Stable Diffusion model ({args.layout}, {args.prediction_type}) written to {args.output_dir}")
 
 
 if __name__ == "__main__":
