@@ -86,7 +86,7 @@ def prompt_share(model_dir, phrases=planted_denoiser.vocabulary(), seed=0):
     ids = np.stack([encode_prompt(model.tokenizer, f"a photo of a {p}", overflow=CUT) for p in phrases])
     context = families.of(spec).condition(spec, compute, (model.params["text_encoder"],), ids,
                                           np.zeros((1, spec.row_width), np.float32)).context
-    size = spec.unet.sample_size
+    size = spec.denoiser.sample_size
     latents = np.random.default_rng(seed).standard_normal((4, 4, size, size), np.float32)
     k, n = len(phrases), len(latents)
     pred = models.predict_noise(spec, compute, model.params["unet"], np.tile(latents, (k, 1, 1, 1)),

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from ti_flax import models
-from ti_flax.training import step as step_lib
+from ti_flax.models import schedulers
 from ti_flax.models import clip
 from ti_flax.parallel import AXIS
 
@@ -102,11 +102,11 @@ def reference_step(state, original_table, frozen, batch, *, spec, opt_spec, new_
         noise = jax.random.normal(noise_rng, latents.shape)
         timesteps = jax.random.randint(timestep_rng, (latents.shape[0],), 0, spec.num_train_timesteps)
         alphas = frozen["alphas_cumprod"]
-        noisy = step_lib.noisy_latents(alphas, latents, noise, timesteps)
+        noisy = schedulers.noisy_latents(alphas, latents, noise, timesteps)
         text_config = spec.text  # the grown vocabulary: a plain lookup in the grown table
         hidden = clip.encode(params, text_config, batch["input_ids"], dtype=jnp.dtype(COMPUTE.dtype)).last_hidden_state
         pred = models.predict_noise(spec, COMPUTE, frozen["unet"], noisy, timesteps, hidden)
-        target = noise if spec.prediction_type == "epsilon" else step_lib.velocity(alphas, latents, noise, timesteps)
+        target = noise if spec.prediction_type == "epsilon" else schedulers.velocity(alphas, latents, noise, timesteps)
         return jnp.mean(jnp.square(target - pred.astype(jnp.float32)))
 
     loss, grads = jax.value_and_grad(compute_loss)(state.params)

@@ -176,7 +176,7 @@ def train_denoiser(model_dir, steps, batch, learning_rate=2e-3, per_caption=16, 
     from ti_flax import families, models
     from ti_flax.models import unet as unet_lib
     from ti_flax.models import weights
-    from ti_flax.training.step import noisy_latents
+    from ti_flax.models.schedulers import noisy_latents
 
     set_vae_posterior(model_dir)
     model = families.load_model(model_dir)
@@ -205,7 +205,7 @@ def train_denoiser(model_dir, steps, batch, learning_rate=2e-3, per_caption=16, 
         timesteps = jax.random.randint(k_time, (batch,), 0, spec.num_train_timesteps)
         noise = jax.random.normal(k_noise, (batch,) + latents.shape[1:])
         noisy = noisy_latents(alphas, latents[index], noise, timesteps)
-        pred = unet_lib.apply(params, spec.unet, jnp.transpose(noisy, (0, 2, 3, 1)), timesteps, context)
+        pred = unet_lib.apply(params, spec.denoiser, jnp.transpose(noisy, (0, 2, 3, 1)), timesteps, context)
         return jnp.mean(jnp.square(pred - jnp.transpose(noise, (0, 2, 3, 1))))
 
     @jax.jit

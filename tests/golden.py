@@ -87,9 +87,9 @@ def forward_values(model_dir):
         return mean, logvar, hidden, noisy, t, target, unets, loss, grad
 
     mean, logvar, hidden, noisy, t, target, unets, loss, grad = jax.jit(everything)(params, frozen, batch, rows, key)
-    latent_noise, noise, timesteps = step_lib.example_draws(
-        key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps
-    )
+    from draws import ddpm_draws
+
+    latent_noise, noise, timesteps = ddpm_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps)
     values = {
         "rows": rows,
         "input_ids": batch.input_ids,

@@ -325,9 +325,10 @@ def test_sampler_images_match_diffusers_pytorch(model, torch_pipe):
 
 
 def test_unsupported_scheduler_config_is_rejected():
+    sd = families.get("sd1")
     with pytest.raises(UserError, match="use_karras_sigmas=true is not supported by the euler sampler"):
-        sampler._plan("euler", '{"use_karras_sigmas": true}', 10)
+        sd.sampling_plan("euler", {"use_karras_sigmas": True}, 10, (64, 64))
     # Every spacing diffusers' PyTorch schedulers know runs with every sampler.
     for name in sampler.SCHEDULERS:
-        config = '{"skip_prk_steps": true, "timestep_spacing": "trailing"}'
-        assert sampler._plan(name, config, 10).num_steps >= 10
+        config = {"skip_prk_steps": True, "timestep_spacing": "trailing"}
+        assert sd.sampling_plan(name, config, 10, (64, 64)).num_steps >= 10

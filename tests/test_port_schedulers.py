@@ -109,7 +109,7 @@ def test_zero_terminal_snr_schedule_and_v_target_match_diffusers():
     (the last alpha_cumprod exactly 0), and the v-prediction target under it is get_velocity's."""
     from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
-    from ti_flax.training.step import noisy_latents, velocity
+    from ti_flax.models.schedulers import noisy_latents, velocity
 
     config = schedulers.with_zero_terminal_snr(dict(SD_CONFIG, prediction_type="v_prediction"), True)
     assert config["timestep_spacing"] == "trailing"

@@ -22,6 +22,7 @@ from ti_flax.errors import UserError, run_cli
 from ti_flax.training.losses import LossSpec
 from ti_flax.models import schedulers
 from ti_flax.training.optim import OptimizerSpec
+from draws import ddpm_draws
 from test_step import spec  # noqa: F401 (the fixture: the committed Flax fixture's ModelSpec)
 
 # SD 1.x / 2.x's noise schedule (their scheduler_config.json), as diffusers' DDPMScheduler takes it.
@@ -186,7 +187,7 @@ def test_the_code_knows_every_listed_value(alphas_cumprod):
 
 
 def todays_draws(key, example_ids, latent_shape, num_train_timesteps):
-    """step.example_draws as it was before the loss recipe, written out."""
+    """The draws as they were before the loss recipe, written out."""
 
     def one(example_id):
         k_latent, k_noise, k_time = jax.random.split(jax.random.fold_in(key, example_id), 3)
@@ -203,15 +204,14 @@ def test_with_every_knob_off_the_draws_are_bitwise_todays():
     assert default == LossSpec() and not default.weighted
     # An explicit --max_timestep of the model's count is the same run (and the same compiled step).
     assert LossSpec.from_config(TrainConfig(max_timestep=1000), 1000) == default
-    for got in (step_lib.example_draws(key, ids, (4, 6, 6), 1000),
-                step_lib.example_draws(key, ids, (4, 6, 6), 1000, default)):
+    for got in (ddpm_draws(key, ids, (4, 6, 6), 1000), ddpm_draws(key, ids, (4, 6, 6), 1000, default)):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
 
 
 def test_noise_offset_is_the_formula_on_each_examples_own_draw():
     key, ids, shape, x = jax.random.PRNGKey(5), jnp.array([2, 11, 40]), (4, 6, 6), 0.1
-    draw = jax.jit(step_lib.example_draws, static_argnums=(2, 3, 4))
+    draw = jax.jit(ddpm_draws, static_argnums=(2, 3, 4))
     plain = draw(key, ids, shape, 1000)
     offset = draw(key, ids, shape, 1000, LossSpec(noise_offset=x))
     np.testing.assert_array_equal(offset[0], plain[0])  # the latent sample's noise and the timesteps
@@ -232,12 +232,12 @@ def test_noise_offset_is_the_formula_on_each_examples_own_draw():
 def test_timesteps_stay_in_the_range_over_many_steps_and_examples():
     base, ids = jax.random.PRNGKey(0), jnp.arange(64)
     spec = LossSpec(min_timestep=200, max_timestep=300)
-    draw = jax.jit(lambda key: step_lib.example_draws(key, ids, (1, 1, 1), 1000, spec)[2])
+    draw = jax.jit(lambda key: ddpm_draws(key, ids, (1, 1, 1), 1000, spec)[2])
     seen = np.concatenate([np.asarray(draw(jax.random.fold_in(base, step))) for step in range(50)])
     assert seen.min() == 200 and seen.max() == 299  # [min, max): both ends reached, max never
     assert len(np.unique(seen)) == 100
     low = LossSpec(min_timestep=990)  # --max_timestep unset: the model's count
-    draw = jax.jit(lambda key: step_lib.example_draws(key, ids, (1, 1, 1), 1000, low)[2])
+    draw = jax.jit(lambda key: ddpm_draws(key, ids, (1, 1, 1), 1000, low)[2])
     seen = np.concatenate([np.asarray(draw(jax.random.fold_in(base, step))) for step in range(20)])
     assert seen.min() == 990 and seen.max() == 999
 

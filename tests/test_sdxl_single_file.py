@@ -19,6 +19,7 @@ from ti_flax import TrainConfig, families, models
 from ti_flax.training import outputs
 from ti_flax.errors import UserError
 from ti_flax.models.weights import flatten
+from ti_flax.models import schedulers
 
 PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
@@ -35,7 +36,7 @@ def test_sdxl_file_loads_the_folders_weights(tiny_sdxl_single_file):
         _assert_same_weights(got.params[part], want.params[part], part)  # bitwise
     # Configs from the shapes and SDXL's rules (64-wide heads, 1024 px, 0.13025), both encoders' ids
     assert got.spec == want.spec and got.spec.family == "sdxl" and got.spec.scaling_factor == 0.13025
-    assert got.spec.unet.sample_size == 128 and got.spec.unet.attention_head_dim == (1, 2)
+    assert got.spec.denoiser.sample_size == 128 and got.spec.denoiser.attention_head_dim == (1, 2)
     np.testing.assert_array_equal(got.alphas_cumprod, want.alphas_cumprod)
     assert got.scheduler_config["_class_name"] == "EulerDiscreteScheduler"  # SDXL base samples with Euler
     prompt = "a photo of a cat-toy, on a beach!"
@@ -155,8 +156,8 @@ def test_zero_terminal_snr_loss_is_finite_at_the_last_timestep(tiny_sdxl_single_
     rng = np.random.default_rng(0)
     latents, noise = (rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(2))
     t = jnp.array([999, 500])
-    noisy = step.noisy_latents(model.alphas_cumprod, latents, noise, t)
-    target = step.velocity(model.alphas_cumprod, latents, noise, t)
+    noisy = schedulers.noisy_latents(model.alphas_cumprod, latents, noise, t)
+    target = schedulers.velocity(model.alphas_cumprod, latents, noise, t)
     np.testing.assert_array_equal(np.asarray(noisy[0]), noise[0])
     np.testing.assert_array_equal(np.asarray(target[0]), -latents[0])
     ids = jnp.asarray([model.tokenizer("a photo of a toy", padding="max_length", max_length=77).input_ids] * 2)

@@ -170,7 +170,7 @@ def test_bf16_runs_and_stays_close_to_float32(sdxl_run, tmp_path, traces):
     bf16 = trained(config, TWO, traces)
     rows, fp32 = bf16.result.rows, rows_at(sdxl_run, MID)
     assert bf16.traces == 1 and rows.dtype == np.float32 and np.all(np.isfinite(rows))
-    assert jax.tree_util.tree_leaves(bf16.engine.frozen.unet)[0].dtype == jnp.bfloat16  # bf16 really ran
+    assert jax.tree_util.tree_leaves(bf16.engine.frozen.denoiser)[0].dtype == jnp.bfloat16  # bf16 really ran
     assert not np.array_equal(rows, fp32)
     # Close to float32 after MID updates (observed on CPU: the rows' movement from the initializer
     # 0.997 cosine-similar to float32's, the rows 8% of that movement apart, losses within 0.03%;

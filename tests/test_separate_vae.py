@@ -47,7 +47,7 @@ def test_a_vae_folder_replaces_the_vae_and_nothing_else(tiny_model_dir, other_va
         assert_same_weights(swapped.params[part], own.params[part], part)
     # The folder's config sets the latents' scale, as diffusers reads vae.config.scaling_factor.
     assert swapped.spec.scaling_factor == swapped.spec.vae.scaling_factor == 0.5 != own.spec.scaling_factor
-    assert swapped.spec.unet == own.spec.unet and swapped.spec.text == own.spec.text
+    assert swapped.spec.denoiser == own.spec.denoiser and swapped.spec.text == own.spec.text
     assert swapped.notes == (f"VAE from {folder}",)
     # A whole model folder given as the VAE: its vae/ is taken.
     whole = families.load_model(tiny_model_dir, vae=tiny_model_dir)

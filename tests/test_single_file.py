@@ -51,7 +51,7 @@ def test_single_file_loads_the_folders_weights(single_file_model):
     prompt = "a photo of a cat-toy, on a beach!"
     assert got.tokenizer(prompt, padding="max_length", max_length=77).input_ids == \
         want.tokenizer(prompt, padding="max_length", max_length=77).input_ids
-    assert got.spec.unet.sample_size == 64 and got.model_dir == path
+    assert got.spec.denoiser.sample_size == 64 and got.model_dir == path
     assert [w for w in warned if SD2_WARNING in w] == ([] if family == "sd1" else warned[:1])
 
 
@@ -146,7 +146,7 @@ def test_prediction_type_overrides_the_folder_and_sets_the_file(sd1_folder, sing
     model, warned = _load(path, prediction_type="v_prediction")
     assert model.spec.prediction_type == model.scheduler_config["prediction_type"] == "v_prediction"
     assert not warned  # the user said what the model is
-    assert model.spec.unet.sample_size == (96 if family == "sd2" else 64)
+    assert model.spec.denoiser.sample_size == (96 if family == "sd2" else 64)
 
 
 @pytest.mark.parametrize("single_file_model", ["sd2"], indirect=True)

@@ -8,6 +8,7 @@ what the model is, Compute how a run computes with it.
 import dataclasses
 import json
 import os
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from ti_flax.training import checkpoint, latents, step as step_lib
 from ti_flax.data import batches as data
 from ti_flax.sampling import sampler
 from ti_flax.training import run as run_lib
+from ti_flax.models.unet import UNetConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "flax-pipeline")
 
@@ -55,12 +57,12 @@ def test_the_fingerprint_depends_on_the_model_only(spec):
     table = np.zeros((4, 2), np.float32)
     fingerprint = checkpoint.model_fingerprint(spec, table)
     assert fingerprint == checkpoint.model_fingerprint(families.get("sd1").spec_from_configs(
-        spec.text.to_dict(), spec.unet.to_dict(), spec.vae.to_dict()), table)
+        spec.text.to_dict(), spec.denoiser.to_dict(), spec.vae.to_dict()), table)
     assert fingerprint != checkpoint.model_fingerprint(dataclasses.replace(spec, prediction_type="v_prediction"), table)
 
 
 def test_default_size_and_latent_shape_come_from_the_configs(spec):
-    unet = spec.unet
+    unet = spec.denoiser
     side = unet.sample_size * spec.vae_scale_factor
     assert models.default_size(spec) == (side, side)
     settings = sampler.SamplerSettings(spec, models.Compute(), "ddim", "{}", 2, 2 * side, side)
@@ -73,6 +75,7 @@ def test_frozen_casts_the_weights_once_and_keeps_the_schedule():
         params = {"text_encoder": {"w": np.ones(2, np.float32)}, "unet": {"w": np.ones(2, np.float32)},
                   "vae": {"w": np.ones(2, np.float32), "n": np.arange(2)}}
         alphas_cumprod = np.linspace(0.9, 0.1, 5, dtype=np.float32)
+        spec = SimpleNamespace(denoiser=UNetConfig())
 
     frozen = families.Frozen.from_model(Model, "bfloat16")
     assert frozen.text_encoder["w"].dtype == jnp.bfloat16 and frozen.vae["n"].dtype == np.arange(2).dtype
@@ -90,6 +93,7 @@ def test_abstract_frozen_has_the_shapes_and_dtypes_of_the_cast_one(dtype):
                   "vae": {"w": np.ones(2, np.float32), "n": np.arange(2, dtype=np.int32)},
                   "text_encoder_2": {"w": np.ones((1, 4), np.float32)}}
         alphas_cumprod = np.linspace(0.9, 0.1, 5, dtype=np.float32)
+        spec = SimpleNamespace(denoiser=UNetConfig())
 
     cast, abstract = families.Frozen.from_model(Model, dtype), families.Frozen.from_model(Model, dtype, abstract=True)
     assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(cast)

@@ -11,6 +11,8 @@ import pytest
 from safetensors import safe_open
 
 from ti_flax import TrainConfig, families, models, train
+from ti_flax.models import schedulers
+from draws import ddpm_draws
 from ti_flax.training import step as step_lib
 from ti_flax.training.optim import OptimizerSpec
 
@@ -217,8 +219,8 @@ def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     x0, noise = np.random.default_rng(0).normal(size=(2, 2, 4, 4, 4)).astype(np.float32)
     t = np.array([3, 917])
-    ours_noisy = step_lib.noisy_latents(model.alphas_cumprod, x0, noise, t)
-    ours_v = step_lib.velocity(model.alphas_cumprod, x0, noise, t)
+    ours_noisy = schedulers.noisy_latents(model.alphas_cumprod, x0, noise, t)
+    ours_v = schedulers.velocity(model.alphas_cumprod, x0, noise, t)
     tx, tn, tt = torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)
     np.testing.assert_allclose(ours_noisy, scheduler.add_noise(tx, tn, tt).numpy(), atol=1e-5)
     np.testing.assert_allclose(ours_v, scheduler.get_velocity(tx, tn, tt).numpy(), atol=1e-5)
@@ -234,7 +236,7 @@ def test_v_prediction_target(tiny_vpred_model_dir, sample_images_dir):
     noisy, t, target = step_lib.diffusion_inputs(model.spec, compute, frozen, batch, key)
     # The exact target: v of the scaled latent sample and the example's own noise and timestep.
     mean, logvar = step_lib.encode_pixels(model.spec, compute, model.params["vae"], batch.pixel_values)
-    latent_eps, eps, draws_t = step_lib.example_draws(key, jnp.arange(2), noisy.shape[1:], 1000)
+    latent_eps, eps, draws_t = ddpm_draws(key, jnp.arange(2), noisy.shape[1:], 1000)
     latents = (mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * latent_eps) * model.spec.scaling_factor
     np.testing.assert_array_equal(t, draws_t)
     a = model.alphas_cumprod[np.asarray(t)][:, None, None, None]

@@ -23,6 +23,7 @@ from ti_flax.data import batches as data, prompts
 from ti_flax.errors import UserError
 from ti_flax.training.run import prepare
 from ti_flax.training.validation_loss import Evaluator
+from draws import ddpm_draws
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.local_devices()[:1]
@@ -65,7 +66,7 @@ def test_loss_is_the_plain_mse_of_the_fixed_draws(prepared):
     ids = np.arange(4 * len(images.images))
     image, t = ids // 4, np.asarray(KOHYA_TIMESTEPS, np.int32)[ids % 4]
     mean, logvar = step_lib.encode_pixels(spec, compute, params["vae"], images.images[image])
-    eps, noise, _ = step_lib.example_draws(key, jnp.asarray(ids), mean.shape[1:], spec.num_train_timesteps)
+    eps, noise, _ = ddpm_draws(key, jnp.asarray(ids), mean.shape[1:], spec.num_train_timesteps)
     latents = (mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * eps) * spec.scaling_factor
     a = np.asarray(run.model.alphas_cumprod)[t][:, None, None, None]
     noisy = np.sqrt(a) * latents + np.sqrt(1 - a) * noise

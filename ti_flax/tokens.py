@@ -83,12 +83,11 @@ def add_placeholder_tokens(tokenizer, tokens):
 
 
 def add_to_tokenizers(tokenizers, tokens):
-    """Add `tokens` to every tokenizer of a model (one, or SDXL's two; in place); their ids, the same in each."""
-    ids = [add_placeholder_tokens(tokenizer, tokens) for tokenizer in tokenizers]
-    if any(other != ids[0] for other in ids[1:]):
-        raise UserError(f"--placeholder_token: the tokenizers gave {tokens[0]} different ids ({ids}); "
-                        "SDXL's two tokenizers must share the vocabulary")
-    return ids[0]
+    """Add `tokens` to every tokenizer of a model (one, or SDXL's and FLUX's two; in place); their ids
+    in the first. In each tokenizer they follow its own vocabulary (add_placeholder_tokens): the
+    same ids where the tokenizers share one (SDXL's), each row i of the learned rows at
+    `len(tokenizer) + i` in every tokenizer either way."""
+    return [add_placeholder_tokens(tokenizer, tokens) for tokenizer in tokenizers][0]
 
 
 def initializer_id(tokenizer, initializer_token):

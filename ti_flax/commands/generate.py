@@ -185,8 +185,9 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
-    prompt_ids = encode_prompt(model.tokenizer, prompt, concepts, overflow=CUT)
-    negative_ids = encode_prompt(model.tokenizer, negative_prompt, concepts, overflow=CUT)
+    tokenizers = families.of(model.spec).prompt_tokenizers(model)
+    prompt_ids = encode_prompt(tokenizers, prompt, concepts, overflow=CUT)
+    negative_ids = encode_prompt(tokenizers, negative_prompt, concepts, overflow=CUT)
     for names in concepts:
         first = model.tokenizer.convert_tokens_to_ids(names[0])
         if first not in prompt_ids and first not in negative_ids:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import jax
 
-from .. import families, files, models
+from .. import families, files
 from ..config.choices import PLAN_TARGETS
 from ..config.cli import build_parser as train_parser, parse_config
 from ..errors import UserError, first_line, run_cli
@@ -95,11 +95,12 @@ def plan(config, target="local", *, spec=None, alternatives=True):
     run_lib.check_resolution(resolution, spec)
     backend = footprint.platform(device)
     # An explicit --attention the chip cannot run: one line, before compiling.
-    models.resolve_attention(config.attention, spec, resolution, backend=backend, dtype=config.compute_dtype)
+    family = families.of(spec)
+    family.resolve_attention(config.attention, spec, resolution, backend=backend, dtype=config.compute_dtype)
     config = config.replace(resolution=resolution)
     asked = _try(config, spec, target, device, chip, "")
     compute = run_lib.model_compute(config, backend)
-    result = Plan(target, chip, _model_name(config, spec), resolution, asked, models.attention_sites(spec, compute,
+    result = Plan(target, chip, _model_name(config, spec), resolution, asked, family.attention_sites(spec, compute,
                                                                                                        resolution))
     if asked.fits is False and alternatives:
         result.alternatives, result.suggestion = _search(config, spec, target, device, chip)
@@ -124,7 +125,8 @@ def _search(config, spec, target, device, chip):
         trial = config.replace(**{**kept, **change})
         label = " ".join(kept_flags + [flags])
         try:
-            models.resolve_attention(trial.attention, spec, trial.resolution, backend=backend, dtype=trial.compute_dtype)
+            families.of(spec).resolve_attention(trial.attention, spec, trial.resolution, backend=backend,
+                                                dtype=trial.compute_dtype)
             result = _try(trial, spec, target, device, chip, label)
         except UserError:
             continue  # a change this chip cannot run (e.g. an attention kernel): the next one

@@ -7,6 +7,10 @@ prompt longer than the text encoder's context gets is the caller's explicit `ove
 training refuses it (a cut would drop placeholder vectors or caption words unseen), sampling cuts
 it with a warning, as diffusers' pipelines do.
 
+A model whose text encoders read different vocabularies (FLUX: CLIP-L and T5) is given its
+tokenizers together (ModelFamily.prompt_tokenizers): a prompt is then each tokenizer's ids, each
+padded to its own context, one after the other.
+
     >>> concepts = [["<cat-toy>", "<cat-toy>_1"]]  # doctest: +SKIP
     >>> ids = encode_prompt(tokenizer, "a photo of <cat-toy>", concepts, overflow=CUT)  # doctest: +SKIP
 """
@@ -93,18 +97,26 @@ def max_prompt_length(tokenizer) -> int:
     return max_len
 
 
+def tokenizers_of(tokenizers):
+    """A tuple of tokenizers, from one tokenizer or several."""
+    return tuple(tokenizers) if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
+
+
 def _uncut_ids(tokenizer, text, concepts=()):
-    """list[int]: BOS, the text's ids with each concept's first token expanded, EOS; any length."""
+    """list[int]: BOS (where the tokenizer has one: not T5's), the text's ids with each concept's
+    first token expanded, EOS; any length."""
     groups = [tokenizer.convert_tokens_to_ids(list(tokens)) for tokens in concepts]
     expanded = expand_placeholders(tokenizer(text, add_special_tokens=False).input_ids, groups)
-    return [tokenizer.bos_token_id, *expanded, tokenizer.eos_token_id]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [*bos, *expanded, tokenizer.eos_token_id]
 
 
 def encode_prompt(tokenizer, text: str, concepts: Sequence[Sequence[str]] = (), *, overflow) -> np.ndarray:
     """Token ids of one prompt, padded to the text encoder's context as diffusers pads them.
 
     Args:
-      tokenizer: a CLIP tokenizer that already holds the concepts' tokens.
+      tokenizer: a CLIP tokenizer that already holds the concepts' tokens; or a model's prompt
+        tokenizers together (ModelFamily.prompt_tokenizers), whose ids follow each other.
       text: the prompt, e.g. "a photo of <cat-toy> on a beach".
       concepts: token lists such as [["<cat>", "<cat>_1", "<cat>_2"]]. A concept's first token in
         the text stands for all of them, as in diffusers' `maybe_convert_prompt` ("<cat>" ->
@@ -115,19 +127,24 @@ def encode_prompt(tokenizer, text: str, concepts: Sequence[Sequence[str]] = (), 
         see `too_long`), `length` counting BOS and EOS.
 
     Returns:
-      int32 [model_max_length]: BOS, the expanded ids, EOS, padding.
+      int32 [model_max_length]: BOS, the expanded ids, EOS, padding (several tokenizers: each's,
+      one after the other).
     Raises:
       UserError when the tokenizer has no context length, or the text does not fit and `overflow`
       refuses it.
     """
     if overflow != CUT and not callable(overflow):
         raise ValueError(f"overflow must be CUT or a function that words the refusal, got {overflow!r}")
+    if isinstance(tokenizer, (tuple, list)):
+        return np.concatenate([encode_prompt(t, text, concepts, overflow=overflow) for t in tokenizer])
     ids = _uncut_ids(tokenizer, text, concepts)
     limit = max_prompt_length(tokenizer)
     if len(ids) > limit:
         if overflow != CUT:
             raise UserError(overflow(len(ids), limit))
-        warnings.warn(f"prompt {text!r} is {len(ids) - 2} tokens long; only the first {limit - 2} are used")
+        specials = 1 if tokenizer.bos_token_id is None else 2  # EOS, and BOS where there is one
+        warnings.warn(f"prompt {text!r} is {len(ids) - specials} tokens long; only the first {limit - specials} "
+                      "are used")
         ids = ids[: limit - 1] + [tokenizer.eos_token_id]
     return np.asarray(ids + [tokenizer.pad_token_id] * (limit - len(ids)), dtype=np.int32)
 
@@ -153,7 +170,9 @@ def too_long(name: str, tokens: Sequence[str]):
 
 
 def mentions(tokenizer, text: str, token: str) -> bool:
-    """Whether `token` (a placeholder the tokenizer holds) is one of the tokens of `text`."""
+    """Whether `token` (a placeholder the tokenizer holds; of several, the first) is one of the
+    tokens of `text`."""
+    tokenizer = tokenizers_of(tokenizer)[0]
     return tokenizer.convert_tokens_to_ids(token) in tokenizer(text, add_special_tokens=False).input_ids
 
 
@@ -161,7 +180,8 @@ def encode_templates(tokenizer, templates: Sequence[str], placeholder_text: str)
     """Fills each template with the placeholder text and encodes it, refusing any that overflows.
 
     Args:
-      tokenizer: a Hugging Face CLIP tokenizer that already knows the placeholder tokens.
+      tokenizer: a Hugging Face CLIP tokenizer that already knows the placeholder tokens (or a
+        model's prompt tokenizers, see `encode_prompt`).
       templates: strings with one "{}", e.g. OBJECT_TEMPLATES.
       placeholder_text: e.g. "<cat-toy> <cat-toy>_1 <cat-toy>_2" (tokens.placeholder_text).
 
@@ -175,7 +195,9 @@ def encode_templates(tokenizer, templates: Sequence[str], placeholder_text: str)
     # Name the template and count the placeholders rather than repeat the expanded prompt.
     words = placeholder_text.split()
     shown = " ".join(words) if len(words) <= 3 else f"{words[0]} {words[1]} ... {words[-1]}"
-    longest = int(np.argmax([len(_uncut_ids(tokenizer, text)) for text in texts]))
+    # The longest for the tokenizer with the least room goes first.
+    room = lambda text: min(max_prompt_length(t) - len(_uncut_ids(t, text)) for t in tokenizers_of(tokenizer))  # noqa: E731
+    longest = int(np.argmin([room(text) for text in texts]))
 
     def refuse(length, limit):
         return (f"prompt {templates[longest].format(shown)!r} ({len(words)} placeholder tokens) is {length} tokens, "

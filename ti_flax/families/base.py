@@ -38,14 +38,15 @@ class Frozen(NamedTuple):
     """The weights the step reads and never changes (a pytree; never donated).
 
     Attributes:
-      text_encoder, unet: params trees, float leaves in the run's compute dtype.
+      text_encoder, denoiser: params trees (the denoiser: the UNet, or FLUX's transformer), float
+        leaves in the run's compute dtype.
       vae: params tree, or None when batches carry cached latents (the step never encodes).
       alphas_cumprod: float32 [num_train_timesteps], the training noise schedule.
       text_encoder_2: a second text encoder's params tree (SDXL's); None for one text encoder.
     """
 
     text_encoder: Any
-    unet: Any
+    denoiser: Any
     vae: Any
     alphas_cumprod: Any
     text_encoder_2: Any = None
@@ -58,7 +59,8 @@ class Frozen(NamedTuple):
         schedule = model.alphas_cumprod
         if abstract:
             schedule = jax.ShapeDtypeStruct(np.shape(schedule), np.asarray(schedule).dtype)
-        return cls(params["text_encoder"], params["unet"], params["vae"], schedule, params.get("text_encoder_2"))
+        return cls(params["text_encoder"], params[model.spec.denoiser.FOLDER], params["vae"], schedule,
+                   params.get("text_encoder_2"))
 
     @property
     def text_params(self):
@@ -108,6 +110,16 @@ class ModelFamily:
         """The models.LoadedModel of a checked folder (its spec naming this family)."""
         raise NotImplementedError
 
+    def prompt_tokenizers(self, model):
+        """What a prompt is tokenized with (data.prompts.encode_prompt): the first tokenizer where
+        the encoders share its ids (SD 1.x / 2.x, SDXL), or every tokenizer of encoders that read
+        their own vocabulary (FLUX), whose ids then follow each other in one array."""
+        raise NotImplementedError
+
+    def prompt_length(self, spec):
+        """How many ids a prompt is (`prompt_tokenizers`' contexts together): a batch's width."""
+        raise NotImplementedError
+
     def spec(self, configs, prediction_type, num_train_timesteps, all_tokenizers=None):
         """The models.ModelSpec of this family's parts ({part: owned config}); `all_tokenizers`,
         where loaded, give the ids the spec records. A single file's parts come here too."""
@@ -119,6 +131,21 @@ class ModelFamily:
 
     # Training ----------------------------------------------------------------------------------
 
+    def token_tables(self, params):
+        """Each text encoder's [vocab, width] token table, in row order (host arrays)."""
+        raise NotImplementedError
+
+    def resolve_attention(self, name, spec, resolution=None, backend=None, dtype="float32"):
+        """What --attention `name` runs for the denoiser's largest self-attention at `resolution`
+        (default: its native size) on `backend` in `dtype`; UserError for an explicit choice that
+        cannot run there."""
+        raise NotImplementedError
+
+    def attention_sites(self, spec, compute, resolution):
+        """[((kind, q_len, kv_len, head_dim, implementation), count)] of the denoiser's attention
+        calls at `resolution` pixels, as `plan` reports them."""
+        raise NotImplementedError
+
     def default_resolution(self, spec):
         """--resolution left unset."""
         raise NotImplementedError
@@ -129,12 +156,44 @@ class ModelFamily:
         [N, spec.row_width], id `base_vocab_size + i` reading rows[i]. Pure: runs inside jit."""
         raise NotImplementedError
 
-    def predict(self, spec, compute, unet_params, latents, timesteps, cond, time_ids=None):
+    def time_draw(self, spec, loss_spec):
+        """`draw(key) -> scalar`: one example's time draw under the loss recipe (training.losses.
+        LossSpec), which `forward_process` turns into its timestep. Pure: runs inside jit."""
+        raise NotImplementedError
+
+    def forward_process(self, spec, frozen, loss_spec, latents, noise, drawn, timesteps=None):
+        """(noisy latents, timesteps, target) of scaled NCHW `latents`, `noise` and each example's
+        time `drawn` (or the given `timesteps` out of spec.num_train_timesteps: the validation
+        loss's fixed ones): the objective the family was trained with. The timesteps are what
+        `predict` and the loss's schedules take. Pure: runs inside jit."""
+        raise NotImplementedError
+
+    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None):
         """The denoiser's prediction, NCHW, for NCHW `latents` at `timesteps`, conditioned on
         `cond`; `time_ids` [B, 6] where `time_ids` is True. Pure: runs inside jit."""
         raise NotImplementedError
 
     # Sampling ----------------------------------------------------------------------------------
+
+    def default_size(self, spec):
+        """(height, width) in pixels the model was trained at: what sampling makes by default."""
+        raise NotImplementedError
+
+    def sampling_plan(self, scheduler, scheduler_config, num_inference_steps, size):
+        """The static plan of sampler `scheduler` (a name of models.schedulers.SAMPLERS) on the
+        model's `scheduler_config` at `size` (h, w): what `denoise` steps through. UserError for
+        one the family cannot run."""
+        raise NotImplementedError
+
+    def denoise(self, frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings, plan):
+        """The sampling loop: final latents [B, C, h, w] from standard-normal `noise` for the
+        prompts' ids, the learned `rows`, `guidance_scale` and the sampler's `settings`
+        (sampling.sampler.SamplerSettings) and `plan`. Pure: runs inside jit."""
+        raise NotImplementedError
+
+    def decode(self, spec, compute, vae_params, latents):
+        """Pixels in about [-1, 1], NCHW, of the sampler's final latents. Pure: runs inside jit."""
+        raise NotImplementedError
 
     def default_sampler(self, spec, scheduler_config):
         """The sampler (one of models.schedulers.SAMPLERS) used when none is chosen."""

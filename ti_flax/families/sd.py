@@ -6,7 +6,12 @@ Each method here is a question the rest of ti_flax asks a family; `ModelFamily` 
 lists them, and a new family answers each one.
 """
 
+import functools
+import json
 import os
+
+import jax
+import jax.numpy as jnp
 
 from .. import formats, models
 from ..errors import UserError
@@ -85,6 +90,13 @@ class StableDiffusion(ModelFamily):
         return models.LoadedModel(spec, params, tokenizer, alphas_cumprod, model_dir, dict(scheduler_config),
                                   *all_tokenizers[1:])
 
+    def prompt_tokenizers(self, model):
+        """The first tokenizer: SDXL's second encoder reads its ids too (second_encoder_ids)."""
+        return model.tokenizer
+
+    def prompt_length(self, spec):
+        return spec.text.max_position_embeddings
+
     def more_tokenizers(self, model_dir, tokenizer):
         """The tokenizers of the encoders after the first, read from `model_dir` ((), with one encoder)."""
         return ()
@@ -120,6 +132,15 @@ class StableDiffusion(ModelFamily):
     # ----------------------------------------------------------------------------------------
     # Training
 
+    def token_tables(self, params):
+        return models.token_tables(params)
+
+    def resolve_attention(self, name, spec, resolution=None, backend=None, dtype="float32"):
+        return models.resolve_attention(name, spec, resolution, backend, dtype)
+
+    def attention_sites(self, spec, compute, resolution):
+        return models.attention_sites(spec, compute, resolution)
+
     def default_resolution(self, spec):
         """--resolution left unset."""
         return DEFAULT_RESOLUTION
@@ -134,11 +155,26 @@ class StableDiffusion(ModelFamily):
         (params,) = text_params
         return models.Condition(models.encode_text(spec, compute, params, input_ids, rows))
 
-    def predict(self, spec, compute, unet_params, latents, timesteps, cond, time_ids=None):
+    def time_draw(self, spec, loss_spec):
+        """One example's timestep from its key: uniform over --min_timestep / --max_timestep's range."""
+        low, high = loss_spec.timestep_range(spec.num_train_timesteps)
+        return lambda key: jax.random.randint(key, (), low, high)
+
+    def forward_process(self, spec, frozen, loss_spec, latents, noise, drawn, timesteps=None):
+        """DDPM's: (noisy latents, timesteps, target): the latents noised to their timesteps (the
+        drawn ones, or `timesteps`) on the model's schedule (Frozen.alphas_cumprod), and the noise
+        (epsilon) or the velocity (v_prediction) as the target."""
+        timesteps = drawn if timesteps is None else timesteps
+        alphas = frozen.alphas_cumprod
+        noisy = schedulers.noisy_latents(alphas, latents, noise, timesteps)
+        target = noise if spec.prediction_type == "epsilon" else schedulers.velocity(alphas, latents, noise, timesteps)
+        return noisy, timesteps, target
+
+    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None):
         """The UNet's prediction (epsilon or v), NCHW, for NCHW latents conditioned on `cond`.
 
         `time_ids` float32 [B, 6]: each example's size-and-crop ids where `time_ids` is True."""
-        return models.predict_noise(spec, compute, unet_params, latents, timesteps, cond.context)
+        return models.predict_noise(spec, compute, denoiser_params, latents, timesteps, cond.context)
 
     # ----------------------------------------------------------------------------------------
     # Sampling
@@ -150,6 +186,45 @@ class StableDiffusion(ModelFamily):
         if schedulers.zero_terminal_snr(scheduler_config):
             return "ddim" if spec.prediction_type == "v_prediction" else "euler"
         return self.default_sampler_name
+
+    def default_size(self, spec):
+        """(height, width) the model was trained at: the UNet's sample_size x the VAE's factor."""
+        return models.default_size(spec)
+
+    def sampling_plan(self, scheduler, scheduler_config, num_inference_steps, size):
+        """The sampler's static plan (models.schedulers.plan; the same at every size); UserError
+        for a sampler that cannot run on this schedule."""
+        return _plan(scheduler, json.dumps(dict(scheduler_config), sort_keys=True, default=str), num_inference_steps)
+
+    def denoise(self, frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings, plan):
+        """The scheduler's loop from starting noise to final latents, with classifier-free guidance:
+        negative and positive prompts go through the UNet in one batch, [uncond, cond]; the noise is
+        scaled by the scheduler's init_noise_sigma, as diffusers' pipelines scale given latents."""
+        spec, compute = settings.spec, settings.compute
+        batch = prompt_ids.shape[0]
+        cond = self.condition(spec, compute, frozen.text_params, jnp.concatenate([negative_ids, prompt_ids]), rows)
+        cond, time_ids = self.sampling_condition(spec, cond, negative_ids, (settings.height, settings.width),
+                                                 settings.zero_empty_negative)
+        latents = noise * schedulers.init_noise_sigma(plan)
+        # The plan's few small tables are constants of the program.
+        timesteps_table = jnp.asarray(plan.timesteps, jnp.float32)
+
+        def step(i, carry):
+            latents, state = carry
+            x = schedulers.scale_model_input(plan, jnp.concatenate([latents, latents]), i)
+            timesteps = jnp.broadcast_to(timesteps_table[i], (2 * batch,))
+            pred = self.predict(spec, compute, frozen.denoiser, x.astype(cond.context.dtype), timesteps, cond, time_ids)
+            uncond, conditioned = jnp.split(pred.astype(jnp.float32), 2)
+            guided = uncond + guidance_scale * (conditioned - uncond)
+            return schedulers.step(plan, state, guided, i, latents)
+
+        # PNDM calls the model num_inference_steps + 1 times (its warm-up), as diffusers' PyTorch pipeline.
+        latents, _ = jax.lax.fori_loop(0, plan.num_steps, step, (latents, schedulers.init_state(plan, latents)))
+        return latents
+
+    def decode(self, spec, compute, vae_params, latents):
+        """Pixels in about [-1, 1], NCHW, from the sampler's NCHW latents (scaled as the UNet sees them)."""
+        return models.decode_latents(spec, compute, vae_params, latents)
 
     def zero_empty_negative(self, model):
         """Whether an empty negative prompt of `model` (a models.LoadedModel, or None for the family's
@@ -229,6 +304,11 @@ class StableDiffusion(ModelFamily):
     def our_outputs(self, cond):
         """{name: array} of a models.Condition, named as `reference_outputs` names them."""
         return {"prompt_embeds": cond.context}
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(name, scheduler_config_json, num_inference_steps):
+    return schedulers.plan(name, json.loads(scheduler_config_json), num_inference_steps)
 
 
 def embedding_path(folder, step=None):

@@ -94,7 +94,7 @@ class SDXL(StableDiffusion):
 
     def default_resolution(self, spec):
         """The native size (1024 px for SDXL base), as diffusers' SDXL script."""
-        return models.default_size(spec)[0]
+        return self.default_size(spec)[0]
 
     def condition(self, spec, compute, text_params, input_ids, rows):
         """Both encoders' penultimate hidden states side by side, and bigG's pooled projection as
@@ -108,9 +108,9 @@ class SDXL(StableDiffusion):
                              base_vocab_size=spec.base_vocab_size, dtype=dtype)
         return models.Condition(jnp.concatenate([first.penultimate, second.penultimate], axis=-1), second.text_embeds)
 
-    def predict(self, spec, compute, unet_params, latents, timesteps, cond, time_ids=None):
+    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None):
         added = {"text_embeds": cond.text_embeds, "time_ids": time_ids}
-        return models.predict_noise(spec, compute, unet_params, latents, timesteps, cond.context, added)
+        return models.predict_noise(spec, compute, denoiser_params, latents, timesteps, cond.context, added)
 
     # ----------------------------------------------------------------------------------------
     # Sampling

@@ -158,7 +158,7 @@ def save_pipeline(model, encoders, rows, out_dir, scheduler, index):
         text_config = dict(text.to_dict(), vocab_size=int(table.shape[0]), torch_dtype="float32")
         parts[name] = (text_config, models.with_token_table(model.params[name], table), "model.safetensors")
     parts.update({
-        "unet": (dict(spec.unet.to_dict(), _class_name="UNet2DConditionModel", _diffusers_version=_DIFFUSERS_VERSION),
+        "unet": (dict(spec.denoiser.to_dict(), _class_name="UNet2DConditionModel", _diffusers_version=_DIFFUSERS_VERSION),
                  model.params["unet"], "diffusion_pytorch_model.safetensors"),
         "vae": (dict(spec.vae.to_dict(), _class_name="AutoencoderKL", _diffusers_version=_DIFFUSERS_VERSION),
                 model.params["vae"], "diffusion_pytorch_model.safetensors"),

@@ -168,6 +168,9 @@ def text_model_names(state):
     return state
 
 
-def shapes(config, kind):
-    """{"dotted.name": shape} of a component's weights, from its config alone."""
+def shapes(config, kind=None):
+    """{"dotted.name": shape} of a component's weights, from its config alone (`kind`: what the
+    config is, default told by its type)."""
+    if kind is None:
+        (kind,) = [k for k, cls in _CONFIGS.items() if isinstance(config, cls)]
     return _SHAPES[kind](config)

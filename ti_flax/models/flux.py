@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import json
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,7 @@ class FluxConfig:
     """FluxTransformer2DModel's config.json fields (defaults as diffusers' constructor: FLUX.1's
     sizes, [schnell]'s guidance_embeds False). Hashable, a jit static argument; checked on construction."""
 
+    FOLDER: ClassVar[str] = "transformer"  # the component's folder (and params key) in a model
     patch_size: int = 1
     in_channels: int = 64
     out_channels: object = None  # None: in_channels, as diffusers
@@ -117,6 +119,11 @@ class FluxConfig:
     def inner_dim(self):
         """The width C of every token in the blocks: heads * head_dim."""
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_multiple(self):
+        """Latent sides must be multiples of this: the 2x2 packing (pack_latents)."""
+        return 2
 
     @property
     def out_dim(self):

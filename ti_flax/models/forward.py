@@ -69,8 +69,8 @@ def resolve_attention(name, spec=None, resolution=None, backend=None, dtype="flo
         return attention_lib.resolve(name, backend=backend, dtype=jnp.float32, q_len=4096, kv_len=4096, head_dim=40)
     side = (resolution or default_size(spec)[0]) // spec.vae_scale_factor
     tokens = side * side
-    heads = spec.unet.heads[0]
-    head_dim = spec.unet.block_out_channels[0] // heads
+    heads = spec.denoiser.heads[0]
+    head_dim = spec.denoiser.block_out_channels[0] // heads
     return attention_lib.resolve(name, backend=backend, dtype=jnp.dtype(dtype), q_len=tokens, kv_len=tokens,
                                  head_dim=head_dim)
 
@@ -86,7 +86,7 @@ def attention_sites(spec, compute, resolution):
     backend = compute.backend or jax.default_backend()
     side = resolution // spec.vae_scale_factor
     counts = {}
-    for kind, q_len, kv_len, head_dim in unet.attention_sites(spec.unet, (side, side), spec.text.max_position_embeddings):
+    for kind, q_len, kv_len, head_dim in unet.attention_sites(spec.denoiser, (side, side), spec.text.max_position_embeddings):
         implementation = attention_lib.resolve(compute.attention, backend=backend, dtype=jnp.dtype(compute.dtype),
                                                q_len=q_len, kv_len=kv_len, head_dim=head_dim)
         key = (kind, q_len, kv_len, head_dim, implementation)
@@ -126,7 +126,7 @@ def predict_noise(spec, compute, unet_params, latents, timesteps, encoder_hidden
     `added_cond` is SDXL's {"text_embeds": [B, E], "time_ids": [B, 6]} (None otherwise).
     """
     sample = jnp.transpose(latents, (0, 2, 3, 1))
-    out = unet.apply(unet_params, spec.unet, sample, jnp.asarray(timesteps), encoder_hidden_states,
+    out = unet.apply(unet_params, spec.denoiser, sample, jnp.asarray(timesteps), encoder_hidden_states,
                      added_cond=added_cond, attention=compute.attention, remat=compute.remat,
                      dtype=jnp.dtype(compute.dtype), backend=compute.backend)
     return jnp.transpose(out, (0, 3, 1, 2))

@@ -89,12 +89,12 @@ def read_scheduler(model_dir, prediction_type=None, zero_terminal_snr=None):
 
 
 def abstract_params(spec):
-    """{"text_encoder", "unet", "vae"} (+ "text_encoder_2" with a second text encoder): float32
-    jax.ShapeDtypeStruct trees from the configs alone, so nothing is allocated."""
-    out = {}
-    texts = (("text_encoder", spec.text), ("text_encoder_2", spec.text_2))
-    parts = (texts[0], ("unet", spec.unet), ("vae", spec.vae)) + tuple(t for t in texts[1:] if t[1] is not None)
-    for kind, config in parts:
-        shapes = component_weights.shapes(config, "text_encoder" if kind == "text_encoder_2" else kind)
-        out[kind] = unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()})
-    return out
+    """{"text_encoder", the denoiser's folder ("unet", "transformer"), "vae"} (+ "text_encoder_2"
+    with a second text encoder): float32 jax.ShapeDtypeStruct trees from the configs alone, so
+    nothing is allocated."""
+    parts = {"text_encoder": spec.text, spec.denoiser.FOLDER: spec.denoiser, "vae": spec.vae}
+    if spec.text_2 is not None:
+        parts["text_encoder_2"] = spec.text_2
+    return {part: unflatten({k: jax.ShapeDtypeStruct(tuple(s), jnp.float32)
+                             for k, s in component_weights.shapes(config).items()})
+            for part, config in parts.items()}

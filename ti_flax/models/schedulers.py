@@ -152,6 +152,18 @@ def zero_terminal_snr(config):
     return bool(dict(config).get("rescale_betas_zero_snr"))
 
 
+def noisy_latents(alphas_cumprod, latents, noise, timesteps):
+    """DDPM's forward diffusion q(x_t | x_0) for NCHW latents and per-example timesteps."""
+    a = jnp.asarray(alphas_cumprod)[timesteps][:, None, None, None]
+    return jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
+
+
+def velocity(alphas_cumprod, latents, noise, timesteps):
+    """The v-prediction target sqrt(a) * noise - sqrt(1 - a) * x_0."""
+    a = jnp.asarray(alphas_cumprod)[timesteps][:, None, None, None]
+    return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents
+
+
 def alphas_cumprod(config, _kind="ddpm"):
     """float32 [num_train_timesteps] cumulative products of 1 - betas (DDPMScheduler.alphas_cumprod)."""
     return _cumprod_f32(np.float32(1) - betas(config, _kind))

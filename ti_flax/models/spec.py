@@ -8,12 +8,11 @@ the spec only, so a run may change its dtype, attention or remat and still resum
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from .clip import CLIPTextConfig
-from .unet import UNetConfig
 from .vae import VAEConfig
 
 
@@ -26,20 +25,24 @@ class ModelSpec:
     """
 
     text: CLIPTextConfig
-    unet: UNetConfig
+    denoiser: Any  # the denoiser's config: unet.UNetConfig, or flux.FluxConfig
     vae: VAEConfig
     prediction_type: str
     scaling_factor: float
     num_train_timesteps: int
     base_vocab_size: int
-    # A second text encoder's config (SDXL's), and the two token ids that turn the first
-    # tokenizer's ids into the second's (they share the vocabulary and differ in padding only).
-    text_2: Optional[CLIPTextConfig] = None
+    # A second text encoder's config (SDXL's bigG: a CLIPTextConfig; FLUX's T5: a t5.T5Config). For
+    # SDXL the two token ids that turn the first tokenizer's ids into the second's (they share the
+    # vocabulary and differ in padding only).
+    text_2: Optional[Any] = None
     eos_token_id: int = -1
     pad_token_id_2: int = -1
     # The model family (a families.get name): what differs between families is asked of it.
     # Not part of the checkpoint fingerprint, which the configs already tell apart.
     family: str = ""
+    # The second tokenizer's length where its vocabulary is its own (FLUX's T5: learned ids start
+    # there); -1 where the encoders share the first's (SDXL).
+    base_vocab_size_2: int = -1
 
     @property
     def text_configs(self):
@@ -67,9 +70,9 @@ class ModelSpec:
 
     @property
     def pixel_multiple(self):
-        """Image sides must be multiples of this, so every downsampling of the latents (VAE
-        factor, then each UNet down block) divides evenly and the UNet's skips line up."""
-        return self.vae_scale_factor * 2 ** (self.unet.num_blocks - 1)
+        """Image sides must be multiples of this, so every downsampling of the latents (the VAE's
+        factor, then the denoiser's: each UNet down block, FLUX's 2x2 packing) divides evenly."""
+        return self.vae_scale_factor * self.denoiser.latent_multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +126,7 @@ def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_trai
         second = dict(text_2=text_2, eos_token_id=int(eos_token_id), pad_token_id_2=int(pad_token_id_2))
     return ModelSpec(
         text=text,
-        unet=unet_config,
+        denoiser=unet_config,
         vae=vae_config,
         prediction_type=prediction_type,
         scaling_factor=float(vae_config.scaling_factor),
@@ -136,7 +139,7 @@ def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_trai
 
 def default_size(spec):
     """(height, width) the model was trained at: UNet sample_size x VAE scale factor."""
-    size = spec.unet.sample_size
+    size = spec.denoiser.sample_size
     size = size if isinstance(size, (list, tuple)) else (size, size)
     return tuple(int(side or 64) * spec.vae_scale_factor for side in size[:2])
 

@@ -97,6 +97,11 @@ class T5Config:
         return d
 
     @property
+    def hidden_size(self):
+        """The encoder's width (d_model), named as the CLIP configs name theirs."""
+        return self.d_model
+
+    @property
     def inner_dim(self):
         """Width of q, k, v (num_heads * d_kv; equals d_model for T5-XXL but need not)."""
         return self.num_heads * self.d_kv

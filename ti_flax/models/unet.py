@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,7 @@ class UNetConfig:
     Lists are stored as tuples, so the config is hashable and can be a static jit argument.
     """
 
+    FOLDER: ClassVar[str] = "unet"  # the component's folder (and params key) in a model
     sample_size: object = None
     in_channels: int = 4
     out_channels: int = 4
@@ -138,6 +140,11 @@ class UNetConfig:
     @property
     def num_blocks(self):
         return len(self.block_out_channels)
+
+    @property
+    def latent_multiple(self):
+        """Latent sides must be multiples of this: each down block but the last halves them."""
+        return 2 ** (self.num_blocks - 1)
 
     def _per_block(self, name):
         value = getattr(self, name)

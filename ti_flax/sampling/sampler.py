@@ -55,9 +55,11 @@ class SamplerSettings:
 
 
 @functools.lru_cache(maxsize=None)
-def _plan(name, scheduler_config_json, num_inference_steps):
-    """The sampler's static plan (timesteps and coefficients); UserError if it cannot run."""
-    return schedulers.plan(name, json.loads(scheduler_config_json), num_inference_steps)
+def _plan(settings):
+    """The sampler's static plan (timesteps and coefficients: ModelFamily.sampling_plan); UserError
+    if it cannot run."""
+    return families.of(settings.spec).sampling_plan(settings.scheduler, json.loads(settings.scheduler_config),
+                                                    settings.num_inference_steps, (settings.height, settings.width))
 
 
 def default_scheduler(spec, scheduler_config):
@@ -80,43 +82,21 @@ def image_noise(key, image_ids, shape):
 
 
 def denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, *, settings):
-    """The scheduler's loop from starting noise to final latents, with classifier-free guidance.
+    """The family's sampling loop from starting noise to final latents (ModelFamily.denoise).
 
     Args:
-      frozen: Frozen (text_encoder(s) and unet are read).
+      frozen: Frozen (its text encoder(s) and denoiser are read).
       rows: float32 [R, spec.row_width] learned rows; token id base_vocab_size + i reads rows[i]
         (for SDXL in both encoders: each row is the CLIP-L row and the bigG row side by side).
       prompt_ids, negative_ids: int32 [B, L] token ids of the prompts and negative prompts.
-      noise: float32 [B, C, h, w] standard normal starting latents (scaled here by the
-        scheduler's init_noise_sigma, as diffusers' pipelines scale given latents).
+      noise: float32 [B, C, h, w] standard normal starting latents.
       guidance_scale: float32 scalar. settings: SamplerSettings (static).
     Returns:
       float32 [B, C, h, w] latents, as diffusers' pipelines return with output_type="latent".
     """
-    spec, compute = settings.spec, settings.compute
-    family = families.of(spec)
-    plan = _plan(settings.scheduler, settings.scheduler_config, settings.num_inference_steps)
-    batch = prompt_ids.shape[0]
-    # Negative and positive prompts go through each model in one batch: [uncond, cond].
-    cond = family.condition(spec, compute, frozen.text_params, jnp.concatenate([negative_ids, prompt_ids]), rows)
-    cond, time_ids = family.sampling_condition(spec, cond, negative_ids, (settings.height, settings.width),
-                                               settings.zero_empty_negative)
-    latents = noise * schedulers.init_noise_sigma(plan)
-    # The plan's few small tables are constants of the program.
-    timesteps_table = jnp.asarray(plan.timesteps, jnp.float32)
-
-    def step(i, carry):
-        latents, state = carry
-        x = schedulers.scale_model_input(plan, jnp.concatenate([latents, latents]), i)
-        timesteps = jnp.broadcast_to(timesteps_table[i], (2 * batch,))
-        pred = family.predict(spec, compute, frozen.unet, x.astype(cond.context.dtype), timesteps, cond, time_ids)
-        uncond, conditioned = jnp.split(pred.astype(jnp.float32), 2)
-        guided = uncond + guidance_scale * (conditioned - uncond)
-        return schedulers.step(plan, state, guided, i, latents)
-
-    # PNDM calls the model num_inference_steps + 1 times (its warm-up), as diffusers' PyTorch pipeline.
-    latents, _ = jax.lax.fori_loop(0, plan.num_steps, step, (latents, schedulers.init_state(plan, latents)))
-    return latents
+    family = families.of(settings.spec)
+    return family.denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings,
+                          _plan(settings))
 
 
 def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance_scale, *, settings):
@@ -136,7 +116,7 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
     spec, compute = settings.spec, settings.compute
     noise = image_noise(key, image_ids, latent_shape(settings))
     latents = denoise(frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings=settings)
-    pixels = models.decode_latents(spec, compute, frozen.vae, latents.astype(compute.dtype)).astype(jnp.float32)
+    pixels = families.of(spec).decode(spec, compute, frozen.vae, latents.astype(compute.dtype)).astype(jnp.float32)
     pixels = jnp.round(jnp.clip(pixels / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return jnp.transpose(pixels, (0, 2, 3, 1))
 
@@ -144,8 +124,7 @@ def sample_step(frozen, rows, prompt_ids, negative_ids, image_ids, key, guidance
 def latent_shape(settings):
     """[C, h, w] of one image's latents."""
     scale = settings.spec.vae_scale_factor
-    channels = settings.spec.unet.in_channels
-    return (channels, settings.height // scale, settings.width // scale)
+    return (settings.spec.vae.latent_channels, settings.height // scale, settings.width // scale)
 
 
 @functools.lru_cache(maxsize=16)
@@ -180,19 +159,20 @@ class Sampler:
                  guidance_scale=7.5, height=None, width=None, scheduler=None, devices=None,
                  params_replicated=False, compute=None, zero_empty_negative=None):
         self.devices = tuple(devices or jax.local_devices())
-        default_h, default_w = models.default_size(spec)
+        family = families.of(spec)
+        default_h, default_w = family.default_size(spec)
         self.height, self.width = height or default_h, width or default_w
         check_size(spec, self.height, self.width)
         if not 1 <= num_inference_steps <= spec.num_train_timesteps:
             raise UserError(f"--steps {num_inference_steps}: must be between 1 and {spec.num_train_timesteps}")
         scheduler = scheduler or default_scheduler(spec, scheduler_config)
         config_json = json.dumps(dict(scheduler_config), sort_keys=True, default=str)
-        _plan(scheduler, config_json, int(num_inference_steps))  # UserError for an unknown or unusable scheduler
         if zero_empty_negative is None:
-            zero_empty_negative = families.of(spec).zero_empty_negative(None)
+            zero_empty_negative = family.zero_empty_negative(None)
         zero_empty_negative = bool(zero_empty_negative)
         self.settings = SamplerSettings(spec, compute or models.Compute(), scheduler, config_json,
                                         int(num_inference_steps), self.height, self.width, zero_empty_negative)
+        _plan(self.settings)  # UserError for an unknown or unusable scheduler
         self.num_images = int(num_images or len(self.devices))
         if self.num_images < 1:
             raise UserError(f"--num_images {num_images}: must be at least 1")
@@ -204,7 +184,7 @@ class Sampler:
             # make the same program, so generating after a validation compiles nothing new.
             self.frozen = params._replace(alphas_cumprod=None)
         else:
-            self.frozen = parallel.replicate(Frozen(params["text_encoder"], params["unet"], params["vae"], None,
+            self.frozen = parallel.replicate(Frozen(params["text_encoder"], params[spec.denoiser.FOLDER], params["vae"], None,
                                                     params.get("text_encoder_2")), self.devices)
         self._fn = pmapped_sample_step(self.settings, self.devices)
 

@@ -72,14 +72,15 @@ class Validator:
             zero_empty_negative=families.of(model.spec).zero_empty_negative(model),
         )
         groups = [list(c.tokens) for c in learned]
+        tokenizers = families.of(model.spec).prompt_tokenizers(model)
         # (name, folder, prompt ids) per prompt: the name is "" in a single-concept run.
         self.jobs = [
             (c.tokens[0] if config.concepts is not None else "", os.path.join(c.out_dir, FOLDER),
-             encode_prompt(model.tokenizer, prompt_for(config, c), groups, overflow=CUT))
+             encode_prompt(tokenizers, prompt_for(config, c), groups, overflow=CUT))
             for c in learned
         ]
         # No negative prompt: for SDXL all zeros, as diffusers' SDXL pipeline called without one.
-        self.negative_ids = encode_prompt(model.tokenizer, "", overflow=CUT)
+        self.negative_ids = encode_prompt(tokenizers, "", overflow=CUT)
 
     def __call__(self, rows, step):
         """Sample with `rows` and save the images and their grid, for each prompt.

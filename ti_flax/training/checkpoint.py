@@ -83,7 +83,7 @@ def model_fingerprint(spec, table):
     place of the config object, so checkpoints written then keep their fingerprint and resume.
     """
     digest = hashlib.sha256()
-    texts = [json.dumps(config.to_dict(), sort_keys=True) for config in (spec.text, spec.unet, spec.vae)]
+    texts = [json.dumps(config.to_dict(), sort_keys=True) for config in (spec.text, spec.denoiser, spec.vae)]
     texts += [spec.prediction_type, json.dumps(spec.text_2.to_dict(), sort_keys=True) if spec.text_2 else ""]
     for text in texts:
         digest.update(text.encode())  # (no second text encoder, SD 1.x / 2.x: "" adds nothing)

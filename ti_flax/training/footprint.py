@@ -128,7 +128,7 @@ def abstract_frozen(spec, dtype, alphas_cumprod=None, vae=True):
     alphas = alphas_cumprod
     if alphas is None:
         alphas = jax.ShapeDtypeStruct((spec.num_train_timesteps,), jnp.float32)
-    return Frozen(cast["text_encoder"], cast["unet"], cast["vae"] if vae else None, alphas,
+    return Frozen(cast["text_encoder"], cast[spec.denoiser.FOLDER], cast["vae"] if vae else None, alphas,
                            cast.get("text_encoder_2"))
 
 
@@ -138,8 +138,9 @@ def step_args(spec, compute, opt_spec, batch_size, resolution, num_rows, cache_l
     with one device, made without weights or images."""
     one = (None,)  # one device's leading axis
     frozen = abstract_frozen(spec, compute.dtype)
-    batch = parallel.shapes(data_lib.blank_batch(batch_size, resolution, spec.text.max_position_embeddings,
-                                                 families.of(spec).time_ids), one)
+    family = families.of(spec)
+    batch = parallel.shapes(data_lib.blank_batch(batch_size, resolution, family.prompt_length(spec), family.time_ids),
+                            one)
     if cache_latents:
         batch = latents.latent_batch_shapes(spec, compute, frozen.vae, batch)
         frozen = frozen._replace(vae=None)
@@ -274,7 +275,7 @@ def _lighter_attention(config, spec, backend, resolution):
     def dense_long(attention):
         compute = models.Compute(dtype=config.compute_dtype, attention=attention, backend=backend)
         return any(kind == "self" and impl == "dense" and q_len > DEFAULT_CHUNK
-                   for (kind, q_len, _, _, impl), _ in models.attention_sites(spec, compute, resolution))
+                   for (kind, q_len, _, _, impl), _ in families.of(spec).attention_sites(spec, compute, resolution))
 
     if not dense_long(config.attention):
         return None

@@ -95,7 +95,7 @@ def prepare(config, devices=None):
     """
     concepts = config.validate().concept_list()
     config, model, attention, load_seconds = load_checked_model(config)
-    tables = models.token_tables(model.params)
+    tables = families.of(model.spec).token_tables(model.params)
     init_rows, learned, tokens, token_ids = learned_concepts(config, concepts, model, tables)
     check_validation_prompts(config, model, learned)
     devices = tuple(devices or jax.local_devices())
@@ -129,7 +129,8 @@ def load_checked_model(config):
     if config.enable_bucket:
         check_buckets(config, model.spec)
     # An explicit --attention that cannot run here: one line, before anything is written.
-    attention = models.resolve_attention(config.attention, model.spec, config.resolution, dtype=config.compute_dtype)
+    attention = families.of(model.spec).resolve_attention(config.attention, model.spec, config.resolution,
+                                                          dtype=config.compute_dtype)
     return config, model, attention, load_seconds
 
 
@@ -160,8 +161,9 @@ def check_validation_prompts(config, model, learned):
     for concept in learned:
         text = validation.prompt_for(config, concept)
         # Refused at start-up only with the token in it: a cut would drop its vectors unseen.
-        if prompts.mentions(model.tokenizer, text, concept.tokens[0]):
-            prompts.encode_prompt(model.tokenizer, text, [concept.tokens],
+        tokenizers = families.of(model.spec).prompt_tokenizers(model)
+        if prompts.mentions(tokenizers, text, concept.tokens[0]):
+            prompts.encode_prompt(tokenizers, text, [concept.tokens],
                                   overflow=prompts.too_long("--validation_prompt", concept.tokens))
 
 
@@ -172,7 +174,8 @@ def run_data(config, model, concepts, learned, global_batch):
     parts, validation_parts = [], []
     for index, concept in enumerate(learned):
         with naming(config, concept.concept):
-            part, held = concept_data_part(config, model.tokenizer, concept, global_batch if len(learned) == 1 else 1,
+            part, held = concept_data_part(config, families.of(model.spec).prompt_tokenizers(model), concept,
+                                           global_batch if len(learned) == 1 else 1,
                                            families.of(model.spec).time_ids, index, model.spec.vae_scale_factor)
         parts.append(part)
         validation_parts.append(held)

@@ -46,46 +46,30 @@ def init_state(rows, opt_spec):
     return TrainState(step=jnp.zeros((), jnp.int32), rows=rows, opt_state=opt_spec.build().init(rows), ema=ema)
 
 
-def noisy_latents(alphas_cumprod, latents, noise, timesteps):
-    """Forward diffusion q(x_t | x_0) for NCHW latents and per-example timesteps."""
-    a = jnp.asarray(alphas_cumprod)[timesteps][:, None, None, None]
-    return jnp.sqrt(a) * latents + jnp.sqrt(1.0 - a) * noise
-
-
-def velocity(alphas_cumprod, latents, noise, timesteps):
-    """The v-prediction target sqrt(a) * noise - sqrt(1 - a) * x_0."""
-    a = jnp.asarray(alphas_cumprod)[timesteps][:, None, None, None]
-    return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * latents
-
-
 # The noise offset's draw comes from fold_in(example key, OFFSET_DRAW), apart from the three
 # split draws, so they stay what they were without it. (jax's threefry gives split(k, 3)'s keys
 # as fold_in(k, 0), 1 and 2: the offset's constant must be none of those.)
 OFFSET_DRAW = 3
 
 
-def example_draws(key, example_ids, latent_shape, num_train_timesteps, loss_spec=LossSpec()):
-    """Per-example (latent sample noise, diffusion noise, timestep), keyed by global example id.
+def example_draws(key, example_ids, latent_shape, time_draw, noise_offset=0.0):
+    """Per-example (latent sample noise, diffusion noise, time draw), keyed by global example id.
 
     Keying by the example's index in the run rather than by device makes the draws the same
-    whatever the number of devices or hosts the global batch is split over. `loss_spec` (a
-    losses.LossSpec) sets the timestep range and the noise offset: the noise plus
-    noise_offset * a normal draw of shape (C, 1, 1), one per example and channel.
+    whatever the number of devices or hosts the global batch is split over. `time_draw(key)` is
+    the family's draw of one example's time (ModelFamily.time_draw: a DDPM timestep, or the draw a
+    flow-matching schedule maps to one); `noise_offset` (--noise_offset) adds noise_offset * a
+    normal draw of shape (C, 1, 1) to the noise, one per example and channel.
     """
-    low, high = loss_spec.timestep_range(num_train_timesteps)
 
     def one(example_id):
         k = jax.random.fold_in(key, example_id)
         k_latent, k_noise, k_time = jax.random.split(k, 3)
         noise = jax.random.normal(k_noise, latent_shape)
-        if loss_spec.noise_offset:
+        if noise_offset:
             offset = jax.random.normal(jax.random.fold_in(k, OFFSET_DRAW), (latent_shape[0], 1, 1))
-            noise = noise + loss_spec.noise_offset * offset
-        return (
-            jax.random.normal(k_latent, latent_shape),
-            noise,
-            jax.random.randint(k_time, (), low, high),
-        )
+            noise = noise + noise_offset * offset
+        return jax.random.normal(k_latent, latent_shape), noise, time_draw(k_time)
 
     return jax.vmap(one)(example_ids)
 
@@ -110,19 +94,20 @@ def diffusion_inputs(spec, compute, frozen, batch, key, loss_spec=LossSpec(), ti
     """(noisy latents, timesteps, target) for a PixelBatch or a LatentBatch.
 
     A LatentBatch (from --cache_latents) skips the VAE; the latent sample still draws its noise
-    from the example's own key, so both kinds of batch give the same draws. `loss_spec` sets
-    the timestep range and the noise offset (example_draws). `timesteps` int32 [B] replaces the
-    drawn ones (the validation loss's fixed timesteps); the noises are drawn either way.
+    from the example's own key, so both kinds of batch give the same draws. The latents are the
+    posterior's sample, less the VAE's shift (FLUX's), times its scale; the family's forward
+    process noises them and names the target (ModelFamily.forward_process). `loss_spec` sets the
+    time draws and the noise offset. `timesteps` int32 [B] replaces the drawn ones (the validation
+    loss's fixed timesteps, out of num_train_timesteps); the noises are drawn either way.
     """
+    family = families.of(spec)
     mean, logvar = posterior(spec, compute, frozen, batch)
-    latent_eps, noise, drawn = example_draws(key, batch.example_ids, mean.shape[1:], spec.num_train_timesteps,
-                                             loss_spec)
-    timesteps = drawn if timesteps is None else timesteps
-    latents = (mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps) * spec.scaling_factor
-    alphas = frozen.alphas_cumprod
-    noisy = noisy_latents(alphas, latents, noise, timesteps)
-    target = noise if spec.prediction_type == "epsilon" else velocity(alphas, latents, noise, timesteps)
-    return noisy, timesteps, target
+    latent_eps, noise, drawn = example_draws(key, batch.example_ids, mean.shape[1:],
+                                             family.time_draw(spec, loss_spec), loss_spec.noise_offset)
+    sample = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * latent_eps
+    shift = spec.vae.shift_factor
+    latents = (sample if shift is None else sample - shift) * spec.scaling_factor
+    return family.forward_process(spec, frozen, loss_spec, latents, noise, drawn, timesteps)
 
 
 def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, target, per_example=False,
@@ -138,7 +123,7 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
     """
     family = families.of(spec)
     cond = family.condition(spec, compute, frozen.text_params, input_ids, rows)
-    pred = family.predict(spec, compute, frozen.unet, noisy.astype(cond.context.dtype), timesteps, cond, time_ids)
+    pred = family.predict(spec, compute, frozen.denoiser, noisy.astype(cond.context.dtype), timesteps, cond, time_ids)
     if loss_spec.weighted:
         examples = losses.example_losses(loss_spec, pred.astype(jnp.float32), target, timesteps, frozen.alphas_cumprod,
                                          spec.prediction_type, mask)
