@@ -21,12 +21,19 @@ from ti_flax import families
 from ti_flax.families import ModelFamily
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUESTIONS = [name for name, value in vars(ModelFamily).items() if inspect.isfunction(value) and not name.startswith("_")]
+# The methods every family must answer: those ModelFamily leaves unanswered (a method with a
+# default answer, as `claims_file`'s False for families whose files models/single_file.py reads,
+# is answered where it differs).
+QUESTIONS = [name for name, value in vars(ModelFamily).items()
+             if inspect.isfunction(value) and not name.startswith("_") and "raise NotImplementedError" in
+             inspect.getsource(value)]
 
 
 @pytest.mark.parametrize("family", families.FAMILIES, ids=lambda f: f.name)
 def test_every_family_answers_every_question(family):
     unanswered = [name for name in QUESTIONS if getattr(type(family), name) is getattr(ModelFamily, name)]
+    if type(family).claims_file is ModelFamily.claims_file:  # it claims no file: nothing for load_file
+        unanswered.remove("load_file")
     assert not unanswered, f"{family.name} does not answer {unanswered}"
     for attribute in ("name", "title", "encoders", "pipeline_class"):
         assert getattr(family, attribute), f"{family.name}: {attribute} is not set"

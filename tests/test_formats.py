@@ -72,11 +72,12 @@ def one_line_error(read, path, *words):
 def test_registry_lists_each_layout_once():
     names = formats.names()
     assert len(names) == len(set(names))
-    assert set(names) == {"diffusers", "a1111", "kohya", "sdxl", "diffusers-sdxl", "flax-npy", "npy", "pipeline", "tensor"}
+    assert set(names) == {"diffusers", "a1111", "kohya", "sdxl", "diffusers-sdxl", "flux", "flax-npy", "npy",
+                          "pipeline", "tensor"}
     # the exporter's order
-    assert formats.names(writable=True) == ("diffusers", "a1111", "kohya", "sdxl", "diffusers-sdxl")
+    assert formats.names(writable=True) == ("diffusers", "a1111", "kohya", "sdxl", "diffusers-sdxl", "flux")
     assert formats.names(writable=False) == ("flax-npy", "npy", "pipeline", "tensor")
-    assert formats.names(writable=True, text_encoders=2) == ("sdxl", "diffusers-sdxl")
+    assert formats.names(writable=True, text_encoders=2) == ("sdxl", "diffusers-sdxl", "flux")
     assert formats.get("comfyui") is formats.get("kohya")
     for name in names:
         layout = formats.get(name)
@@ -112,7 +113,8 @@ def test_written_layout_reads_back_bitwise(tmp_path, layout, ext, num_vectors):
     assert back.format == layout and back.path == path
     assert same_parts(back, emb)
     expected = formats.get(layout).token_on_reload(TOKEN, NAME)
-    tokens = {"diffusers": TOKEN, "a1111": NAME, "kohya": None, "sdxl": None, "diffusers-sdxl": TOKEN}
+    tokens = {"diffusers": TOKEN, "a1111": NAME, "kohya": None, "sdxl": None, "diffusers-sdxl": TOKEN,
+              "flux": None}
     assert back.token == expected == tokens[layout]
     assert back.step == (7 if layout == "a1111" else None)  # only A1111 files keep the step
     formats.check_written(path, path, emb, expected)

@@ -13,7 +13,7 @@ from ..errors import UserError
 from . import concepts as concepts_lib
 from .choices import (
     ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES, LR_SCHEDULERS,
-    MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, one_of,
+    MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS, one_of,
 )
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
@@ -153,6 +153,12 @@ def loss_checks(config):
         (config.max_timestep is None or config.max_timestep > config.min_timestep,
          f"--max_timestep must be greater than --min_timestep (timesteps are drawn from [min, max)), "
          f"got {config.min_timestep} and {config.max_timestep}"),
+        one_of("--timestep_sampling", config.timestep_sampling, TIMESTEP_SAMPLINGS),
+        (positive(config.discrete_flow_shift),
+         f"--discrete_flow_shift must be a positive number (kohya's default 3.0), got {config.discrete_flow_shift}"),
+        (positive(config.sigmoid_scale), f"--sigmoid_scale must be a positive number, got {config.sigmoid_scale}"),
+        (isinstance(config.guidance_scale, (int, float)) and math.isfinite(config.guidance_scale)
+         and config.guidance_scale >= 0, f"--guidance_scale must be a number >= 0, got {config.guidance_scale}"),
     ]
 
 

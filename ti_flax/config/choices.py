@@ -21,6 +21,8 @@ SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the va
 PLAN_TARGETS = ("v4", "v5e", "v5p", "v6e", "local")  # ti_flax.plan's --target: a TPU generation, or this machine
 EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, leave the norms or set them to the target
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
+# kohya's --timestep_sampling for rectified-flow models (FLUX.1): how each example's noise level is drawn.
+TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 # kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
 # so its values are not each valid alone; the flag reference (docs/flags.md) lists them.
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -41,6 +43,7 @@ TABLE = (
     Choice("--interpolation", tuple(INTERPOLATIONS), "bicubic"),
     Choice("--lr_scheduler", LR_SCHEDULERS, "constant"),
     Choice("--loss_type", LOSS_TYPES, "l2"),
+    Choice("--timestep_sampling", TIMESTEP_SAMPLINGS, "sigma"),
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
     Choice("--embedding_norm", EMBEDDING_NORMS, "none"),
     Choice("--attention", ATTENTION, "auto"),

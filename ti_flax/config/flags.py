@@ -35,8 +35,9 @@ VALIDATION = "validation images"
 VALIDATION_LOSS = "validation loss"
 LOGGING = "logging"
 PROCESSES = "multi-process (a multi-host TPU slice needs none of these)"
-GROUPS = (MODEL, DATA, BUCKETS, OPTIMISATION, LOSS, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS, LOGGING,
-          PROCESSES)
+FLOW = "rectified flow (FLUX.1; kohya's flags)"
+GROUPS = (MODEL, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS,
+          LOGGING, PROCESSES)
 
 
 @dataclasses.dataclass(frozen=True)

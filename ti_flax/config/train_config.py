@@ -14,11 +14,11 @@ from . import checks
 from .checks import HUBER_C, HUBER_SCHEDULE
 from .choices import (
     ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES, LR_SCHEDULERS,
-    MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO,
+    MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS,
 )
 from .flags import (
-    BUCKETS, DATA, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, OPTIMISATION, OUTPUTS, PROCESSES, ROWS, SPEED,
-    VALIDATION, VALIDATION_LOSS, flag,
+    BUCKETS, DATA, FLOW, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, OPTIMISATION, OUTPUTS, PROCESSES, ROWS,
+    SPEED, VALIDATION, VALIDATION_LOSS, flag,
 )
 
 # Where validate() keeps the concepts it read, in the instance's __dict__ (the dataclass is frozen).
@@ -71,6 +71,18 @@ class TrainConfig:
     allow_pickle: bool = flag(False, group=MODEL, resume=MAY_CHANGE, switch=True, aliases=("--allow-pickle",),
         help="allow unpickling a .ckpt model or a .npy --initial_embeddings: it can run code, so only for files you "
              "trust")
+    # FLUX.1 kept as files (kohya's flags): the transformer file is --pretrained_model_name_or_path.
+    clip_l: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+        help="FLUX.1 kept as files (ComfyUI, Forge): the CLIP-L text encoder file, clip_l.safetensors, as kohya's "
+             "--clip_l; --pretrained_model_name_or_path is then the transformer file (flux1-dev.safetensors)")
+    t5xxl: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+        help="FLUX.1 kept as files: the T5-XXL encoder file (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors), as "
+             "kohya's --t5xxl")
+    ae: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+        help="FLUX.1 kept as files: the autoencoder file, ae.safetensors, as kohya's --ae")
+    t5xxl_tokenizer: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+        help="FLUX.1 kept as files: T5's tokenizer, a folder (a FLUX.1 folder's tokenizer_2/) or Hub id (default: "
+             "google/t5-v1_1-xxl's, which a file does not hold)")
     train_data_dir: str = flag("", group=DATA, resume=MAY_CHANGE,
         help="folder with the 3-10 training images (required without --concepts)")
     placeholder_token: str = flag("", group=DATA, resume=MATCH,
@@ -178,6 +190,19 @@ class TrainConfig:
     # None: the model's num_train_timesteps
     max_timestep: Optional[int] = flag(None, group=LOSS, resume=MATCH, type=int,
         help="see --min_timestep (default: the model's number of training timesteps, 1000 for SD)")
+    # Rectified flow (FLUX.1): how each example's noise level is drawn, and [dev]'s guidance.
+    timestep_sampling: str = flag("sigma", group=FLOW, resume=MATCH, choices=TIMESTEP_SAMPLINGS,
+        help="kohya's: how each example's noise level t is drawn (sigma: from the shifted training schedule; "
+             "uniform; sigmoid of a normal draw; shift: that sigmoid shifted by --discrete_flow_shift; flux_shift: "
+             "shifted by the image's size, as FLUX.1 samples); FLUX.1 models only")
+    discrete_flow_shift: float = flag(3.0, group=FLOW, resume=MATCH, type=float,
+        help="kohya's shift of the noise levels for --timestep_sampling sigma and shift (default 3.0); FLUX.1 only")
+    sigmoid_scale: float = flag(1.0, group=FLOW, resume=MATCH, type=float,
+        help="kohya's scale of the normal draw for --timestep_sampling sigmoid, shift and flux_shift (default 1.0); "
+             "FLUX.1 only")
+    guidance_scale: float = flag(1.0, group=FLOW, resume=MATCH, type=float,
+        help="FLUX.1 [dev]'s embedded guidance scale while training (default 1.0, as kohya trains [dev]); not for "
+             "[schnell], which has none")
     # Masked loss (off by default; kohya's --masked_loss / --alpha_mask, OneTrainer's mask files and
     # unmasked weight): each example's loss is its mask's weighted mean (see losses.py, images.py).
     # masks from the files <stem><mask_suffix> beside the images

@@ -79,6 +79,8 @@ class ModelFamily:
       time_ids: whether each example carries size-and-crop ids (SDXL's added conditioning).
       pipeline_class: the diffusers pipeline class that loads its folders.
       layout: its original single-file layout (models.ldm_layout.SingleFileLayout), or None.
+      flow_matching: trained with rectified flow, whose draws --timestep_sampling sets.
+      negative_prompt: its sampling takes a negative prompt (False: FLUX.1, guidance-distilled).
 
     Each method below is a question; `families/sd.py` answers them for the UNet families. A new
     family answers each one (docs/add-a-family.md is the checklist).
@@ -90,6 +92,8 @@ class ModelFamily:
     time_ids = False
     pipeline_class = ""
     layout = None
+    flow_matching = False  # trained with rectified flow (training.losses.LossSpec's flow settings apply)
+    negative_prompt = True  # sampling takes a negative prompt (classifier-free guidance)
 
     def __repr__(self):
         return f"<model family {self.name}>"
@@ -101,13 +105,30 @@ class ModelFamily:
         family's. The registered families' claims do not overlap."""
         raise NotImplementedError
 
+    def claims_file(self, path):
+        """Whether one model file is this family's, where the family reads files itself (`load_file`;
+        families with a `layout` are told apart by models/single_file.py instead)."""
+        return False
+
+    def load_file(self, path, separate=None, dtype="float32"):
+        """The models.LoadedModel of a file this family claims; `separate`: the files kept apart
+        ({"clip_l", "t5xxl", "ae", ...}: kohya's flags), where the family has such."""
+        raise NotImplementedError
+
+    def check_run(self, config, model):
+        """UserError (one line, naming the flag) for a flag this family cannot honour, checked once
+        the model is loaded and before anything is written."""
+        raise NotImplementedError
+
     def check_folder(self, model_dir, tokenizer_dir=None):
         """UserError naming what a folder of this family lacks (before any weight is read);
         `tokenizer_dir`: --tokenizer_name's folder, where the family takes one."""
         raise NotImplementedError
 
-    def load_folder(self, model_dir, tokenizer_dir=None, prediction_type=None, zero_terminal_snr=None):
-        """The models.LoadedModel of a checked folder (its spec naming this family)."""
+    def load_folder(self, model_dir, tokenizer_dir=None, prediction_type=None, zero_terminal_snr=None,
+                    dtype="float32"):
+        """The models.LoadedModel of a checked folder (its spec naming this family); `dtype`: the
+        weights' host dtype where the family loads them cast (families.load_model)."""
         raise NotImplementedError
 
     def prompt_tokenizers(self, model):
@@ -168,9 +189,10 @@ class ModelFamily:
         `predict` and the loss's schedules take. Pure: runs inside jit."""
         raise NotImplementedError
 
-    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None):
+    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None, guidance=None):
         """The denoiser's prediction, NCHW, for NCHW `latents` at `timesteps`, conditioned on
-        `cond`; `time_ids` [B, 6] where `time_ids` is True. Pure: runs inside jit."""
+        `cond`; `time_ids` [B, 6] where `time_ids` is True; `guidance` the embedded guidance scale
+        of a guidance-distilled denoiser (FLUX.1 [dev]), None elsewhere. Pure: runs inside jit."""
         raise NotImplementedError
 
     # Sampling ----------------------------------------------------------------------------------

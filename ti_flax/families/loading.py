@@ -28,7 +28,7 @@ def detect_folder(model_dir, tokenizer_dir=None):
 
 
 def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type=None, allow_pickle=False,
-               zero_terminal_snr=None, vae=None):
+               zero_terminal_snr=None, vae=None, separate=None, dtype="float32"):
     """Load a model's tokenizer(s), text encoder(s), denoiser, VAE and noise schedule.
 
     Args:
@@ -43,20 +43,40 @@ def load_model(name_or_path, revision=None, tokenizer_name=None, prediction_type
         (a single file: its `ztsnr` marker) says.
       vae: another VAE to use instead of the model's (--pretrained_vae_model_name_or_path): see
         models.pretrained.with_vae.
+      separate: {flag name: path} of the parts a model kept as files has apart (FLUX.1's --clip_l,
+        --t5xxl, --ae, --t5xxl_tokenizer), for a family that reads files itself; unset ones None.
+      dtype: the weights' dtype on the host, where the family loads them so (FLUX.1: bf16 keeps
+        [dev] at 24 GB); the Stable Diffusion families load float32, and the engine casts.
     Returns:
       a models.LoadedModel whose spec names its family.
     """
     pretrained.check_prediction_type(prediction_type)
+    separate = {name: path for name, path in (separate or {}).items() if path is not None}
     if pretrained.is_single_file(name_or_path):
-        layouts = [family.layout for family in FAMILIES if family.layout is not None]
-        model = single_file.load(os.fspath(name_or_path), layouts, _spec_of, revision, tokenizer_name,
-                                 prediction_type, allow_pickle, zero_terminal_snr)
+        path = os.fspath(name_or_path)
+        claimed = [family for family in FAMILIES if family.claims_file(path)]
+        if claimed:
+            model = claimed[0].load_file(path, separate, dtype)
+        else:
+            _refuse_separate(separate, f"{path} is not a FLUX.1 transformer file")
+            layouts = [family.layout for family in FAMILIES if family.layout is not None]
+            model = single_file.load(path, layouts, _spec_of, revision, tokenizer_name, prediction_type, allow_pickle,
+                                     zero_terminal_snr)
     else:
         model_dir = model_folder.resolve_model_dir(name_or_path, revision)
         tokenizer_dir = model_folder.resolve_model_dir(tokenizer_name, revision) if tokenizer_name else None
         family = detect_folder(model_dir, tokenizer_dir)
-        model = family.load_folder(model_dir, tokenizer_dir, prediction_type, zero_terminal_snr)
+        _refuse_separate(separate, f"{model_dir} is a model folder, which holds every part")
+        model = family.load_folder(model_dir, tokenizer_dir, prediction_type, zero_terminal_snr, dtype)
     return model if vae is None else pretrained.with_vae(model, vae, revision, allow_pickle)
+
+
+def _refuse_separate(separate, why):
+    """UserError naming the first of `separate`'s flags: they name the parts of FLUX.1 kept as files."""
+    if separate:
+        name = next(iter(separate))
+        raise UserError(f"--{name}: names a part of FLUX.1 kept as files (with its transformer file as "
+                        f"--pretrained_model_name_or_path), but {why}; drop it")
 
 
 def _spec_of(name, configs, prediction_type, num_train_timesteps, tokenizers):

@@ -1,8 +1,8 @@
 """The registered model families, in the order messages list them."""
 
-from . import sd1, sd2, sdxl
+from . import flux, sd1, sd2, sdxl
 
-FAMILIES = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY)
+FAMILIES = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, flux.FAMILY)
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import formats, models
+from ..config import TrainConfig
 from ..errors import UserError
 from ..formats import pipeline as pipeline_files
 from ..models import clip, component_weights, model_folder, pretrained, schedulers, tokenizers, unet, vae
@@ -23,6 +24,8 @@ CLIP_L = TextEncoder("text_encoder", "tokenizer", "", "CLIP ViT-L")  # a one-enc
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 # --resolution left unset: the diffusers scripts' 512 for SD 1.x / 2.x (an SD 2.x 768-v model too).
 DEFAULT_RESOLUTION = 512
+# The rectified-flow flags (FLUX.1's): a DDPM model has no use for them.
+FLOW_FLAGS = ("timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "guidance_scale")
 
 
 class StableDiffusion(ModelFamily):
@@ -64,8 +67,11 @@ class StableDiffusion(ModelFamily):
                 "expected unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
             )
 
-    def load_folder(self, model_dir, tokenizer_dir=None, prediction_type=None, zero_terminal_snr=None):
-        """The models.LoadedModel of a checked diffusers folder of this family.
+    def load_folder(self, model_dir, tokenizer_dir=None, prediction_type=None, zero_terminal_snr=None,
+                    dtype="float32"):
+        """The models.LoadedModel of a checked diffusers folder of this family, in float32 whatever
+        `dtype` (the learned rows start from the float32 token tables; the engine casts the frozen
+        weights once, on their way to the devices).
 
         `tokenizer_dir`: --tokenizer_name's folder, in place of the model's tokenizer/.
         `prediction_type`, `zero_terminal_snr`: as `models.pretrained.read_scheduler` takes them.
@@ -96,6 +102,13 @@ class StableDiffusion(ModelFamily):
 
     def prompt_length(self, spec):
         return spec.text.max_position_embeddings
+
+    def check_run(self, config, model):
+        """UserError for a rectified-flow flag (FLUX.1's) set away from its default."""
+        changed = [name for name in FLOW_FLAGS if getattr(config, name) != getattr(TrainConfig, name)]
+        if changed:
+            raise UserError(f"--{changed[0]} applies to rectified-flow models (FLUX.1); this model is "
+                            f"{self.title}, trained with a DDPM schedule")
 
     def more_tokenizers(self, model_dir, tokenizer):
         """The tokenizers of the encoders after the first, read from `model_dir` ((), with one encoder)."""
@@ -170,7 +183,7 @@ class StableDiffusion(ModelFamily):
         target = noise if spec.prediction_type == "epsilon" else schedulers.velocity(alphas, latents, noise, timesteps)
         return noisy, timesteps, target
 
-    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None):
+    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None, guidance=None):
         """The UNet's prediction (epsilon or v), NCHW, for NCHW latents conditioned on `cond`.
 
         `time_ids` float32 [B, 6]: each example's size-and-crop ids where `time_ids` is True."""

@@ -108,7 +108,7 @@ class SDXL(StableDiffusion):
                              base_vocab_size=spec.base_vocab_size, dtype=dtype)
         return models.Condition(jnp.concatenate([first.penultimate, second.penultimate], axis=-1), second.text_embeds)
 
-    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None):
+    def predict(self, spec, compute, denoiser_params, latents, timesteps, cond, time_ids=None, guidance=None):
         added = {"text_embeds": cond.text_embeds, "time_ids": time_ids}
         return models.predict_noise(spec, compute, denoiser_params, latents, timesteps, cond.context, added)
 

@@ -7,6 +7,7 @@
 | kohya / ComfyUI `{"emb_params": [N, D]}` | `kohya.py` | `.safetensors`, `.pt` | (none) |
 | SDXL `{"clip_l": [N, D1], "clip_g": [N, D2]}` (kohya, A1111, ComfyUI) | `sdxl.py` | `.safetensors`, `.pt` | (none) |
 | diffusers' SDXL pair `learned_embeds.safetensors` + `learned_embeds_2.safetensors` | `sdxl.py` | two files | the key |
+| FLUX.1 `{"clip_l": [N, 768], "t5xxl": [N, 4096], "t5": the same}` (ComfyUI, OneTrainer) | `flux.py` | `.safetensors`, `.pt` | (none) |
 | diffusers' Flax script: pickled `{token: row}` | `npy.py` | (read only) `.npy` | the key |
 | a bare numeric array | `npy.py` | (read only) `.npy` | (none) |
 | a saved pipeline: rows of `token, token_1, ...` | `pipeline.py` | a whole folder, by a family's `save_pipeline` (not `write`) | `token=` |
@@ -33,7 +34,7 @@ import numpy as np
 from .. import files
 from ..errors import UserError, short_list
 # Each module registers its layout on import; this order is the registry's (and the exporter's).
-from . import diffusers, a1111, kohya, sdxl, npy, pipeline  # noqa: I001
+from . import diffusers, a1111, kohya, sdxl, flux, npy, pipeline  # noqa: I001
 from .base import (
     ALIASES, TEXT_ENCODER, TEXT_ENCODER_2, Embedding, Layout, check_fits, describe, get, keys, names, register, rows_read,
 )
@@ -221,7 +222,7 @@ def _recognise(path, data, metadata):
     `rows` is an array, or {text encoder: float32 rows} for an SDXL file.
 
     The order of the checks decides between layouts that could claim the same file: A1111's
-    nested dict first, then SDXL's clip_l / clip_g, then the one-tensor layouts (kohya's key, our
+    nested dict first, then FLUX.1's clip_l / t5xxl, SDXL's clip_l / clip_g, then the one-tensor layouts (kohya's key, our
     tagged A1111 safetensors, and diffusers for any other key).
     """
     if isinstance(data, np.ndarray):
@@ -230,6 +231,8 @@ def _recognise(path, data, metadata):
         raise UserError(f"{path}: no embedding layout recognised (found {describe(data)})")
     if a1111.is_pickled_layout(data):
         return (*a1111.read_pickled(path, data), a1111.LAYOUT.name)
+    if flux.is_layout(data):  # before SDXL's: it holds clip_l too
+        return (*flux.read(path, data), flux.LAYOUT.name)
     if sdxl.is_layout(data):
         return (*sdxl.read(path, data), sdxl.LAYOUT.name)
     if not any(isinstance(v, np.ndarray) for v in data.values()):

@@ -17,7 +17,6 @@ _FOREIGN_PIPELINES = {
     "StableDiffusionXLInpaint": "an SDXL inpainting model",
     "StableDiffusionXLInstructPix2Pix": "an SDXL InstructPix2Pix model",
     "StableDiffusion3": "a Stable Diffusion 3 model",
-    "Flux": "a Flux model",
     "ControlNet": "a ControlNet",
     "Kandinsky": "a Kandinsky model",
     "PixArt": "a PixArt model",
@@ -28,7 +27,8 @@ _FOREIGN_PIPELINES = {
     "Hunyuan": "a Hunyuan model",
     "AuraFlow": "an AuraFlow model",
 }
-SUPPORTED = ("Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or one original .safetensors file) "
+SUPPORTED = ("FLUX.1 [dev] and [schnell], Stable Diffusion 1.x and 2.x (a StableDiffusionPipeline folder, or one "
+             "original .safetensors file) "
              "and SDXL (a StableDiffusionXLPipeline folder, or one original .safetensors file)")
 
 

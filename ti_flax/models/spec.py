@@ -113,20 +113,22 @@ class LoadedModel:
         return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
 
-def spec_from(text, unet_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000, text_2=None,
-              eos_token_id=-1, pad_token_id_2=-1, *, family):
-    """A ModelSpec from the owned config objects (clip.CLIPTextConfig, unet.UNetConfig, vae.VAEConfig).
+def spec_from(text, denoiser_config, vae_config, prediction_type="epsilon", num_train_timesteps=1000, text_2=None,
+              eos_token_id=-1, pad_token_id_2=-1, *, family, base_vocab_size_2=-1):
+    """A ModelSpec from the owned config objects (clip.CLIPTextConfig, the denoiser's unet.UNetConfig
+    or flux.FluxConfig, vae.VAEConfig).
 
     `family` is the model family's name (families.get). With a second text encoder, `text_2` is
-    its config, `eos_token_id` the first tokenizer's end-of-text id and `pad_token_id_2` the
-    second tokenizer's padding id.
+    its config; for SDXL's, `eos_token_id` the first tokenizer's end-of-text id and `pad_token_id_2`
+    the second tokenizer's padding id; for FLUX's T5, `base_vocab_size_2` its tokenizer's length.
     """
     second = {}
     if text_2 is not None:
-        second = dict(text_2=text_2, eos_token_id=int(eos_token_id), pad_token_id_2=int(pad_token_id_2))
+        second = dict(text_2=text_2, eos_token_id=int(eos_token_id), pad_token_id_2=int(pad_token_id_2),
+                      base_vocab_size_2=int(base_vocab_size_2))
     return ModelSpec(
         text=text,
-        denoiser=unet_config,
+        denoiser=denoiser_config,
         vae=vae_config,
         prediction_type=prediction_type,
         scaling_factor=float(vae_config.scaling_factor),

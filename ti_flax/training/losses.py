@@ -44,6 +44,10 @@ class LossSpec:
         model's num_train_timesteps.
       masked: --masked_loss: batches carry masks and each example's loss is their weighted mean.
       unmasked_weight: OneTrainer's weight of the background (mask 0); 0 unless masked.
+      timestep_sampling, discrete_flow_shift, sigmoid_scale: how a rectified-flow family (FLUX)
+        draws each example's noise level (kohya's --timestep_sampling and its two knobs, see
+        models/flow_match.py); guidance_scale: FLUX.1 [dev]'s embedded guidance while training.
+        All None for a DDPM family (SD), which has no such draws.
     """
 
     snr_gamma: Optional[float] = None
@@ -55,14 +59,21 @@ class LossSpec:
     max_timestep: Optional[int] = None
     masked: bool = False
     unmasked_weight: float = 0.0
+    timestep_sampling: Optional[str] = None
+    discrete_flow_shift: Optional[float] = None
+    sigmoid_scale: Optional[float] = None
+    guidance_scale: Optional[float] = None
 
     @classmethod
-    def from_config(cls, config, num_train_timesteps):
-        """The spec of a validated TrainConfig for a model trained on `num_train_timesteps` steps.
+    def from_config(cls, config, num_train_timesteps, flow=False):
+        """The spec of a validated TrainConfig for a model trained on `num_train_timesteps` steps;
+        `flow`: the model is trained with rectified flow (ModelFamily.flow_matching), whose draws
+        --timestep_sampling and its knobs set.
 
         Settings that change nothing are normalised (the Huber settings under l2, a --max_timestep
-        equal to the model's count), so runs that differ only there share one compiled step.
-        Raises UserError when the timestep range does not fit the model's schedule.
+        equal to the model's count, the flow settings of a DDPM model), so runs that differ only
+        there share one compiled step. Raises UserError when the timestep range does not fit the
+        model's schedule.
         """
         high = num_train_timesteps if config.max_timestep is None else config.max_timestep
         if not config.min_timestep < high <= num_train_timesteps:
@@ -81,6 +92,9 @@ class LossSpec:
             max_timestep=None if high == num_train_timesteps else int(high),
             masked=config.masked,
             unmasked_weight=float(config.unmasked_weight) if config.masked else 0.0,
+            **(dict(timestep_sampling=config.timestep_sampling, discrete_flow_shift=float(config.discrete_flow_shift),
+                    sigmoid_scale=float(config.sigmoid_scale), guidance_scale=float(config.guidance_scale))
+               if flow else {}),
         )
 
     @property
@@ -142,17 +156,18 @@ def snr_weights(gamma, alphas_cumprod, timesteps, prediction_type):
     return clipped / s if prediction_type == "epsilon" else clipped / (s + 1.0)
 
 
-def huber_threshold(loss_spec, alphas_cumprod, timesteps):
+def huber_threshold(loss_spec, alphas_cumprod, timesteps, num_train_timesteps):
     """float32 [B]: kohya's Huber threshold c of each example's timestep.
 
     constant: huber_c; exponential: exp(-a t) with a = -ln(huber_c) / num_train_timesteps;
-    snr: (1 - huber_c) / (1 + sigma)^2 + huber_c with sigma = sqrt((1 - alpha_bar) / alpha_bar).
+    snr: (1 - huber_c) / (1 + sigma)^2 + huber_c with sigma = sqrt((1 - alpha_bar) / alpha_bar)
+    (a DDPM schedule's: `alphas_cumprod`).
     """
     c = loss_spec.huber_c
     if loss_spec.huber_schedule == "constant":
         return jnp.full(timesteps.shape, c, jnp.float32)
     if loss_spec.huber_schedule == "exponential":
-        rate = -math.log(c) / len(alphas_cumprod)
+        rate = -math.log(c) / num_train_timesteps
         return jnp.exp(-rate * timesteps.astype(jnp.float32))
     if loss_spec.huber_schedule == "snr":
         a = jnp.asarray(alphas_cumprod, jnp.float32)[timesteps]
@@ -207,17 +222,23 @@ def mask_weights(loss_spec, mask, latent_size):
     return jnp.clip(latent_mask(mask, latent_size), loss_spec.unmasked_weight, 1.0)[:, None]
 
 
-def example_losses(loss_spec, pred, target, timesteps, alphas_cumprod, prediction_type, mask=None):
+def example_losses(loss_spec, pred, target, timesteps, alphas_cumprod, prediction_type, mask=None,
+                   num_train_timesteps=None):
     """float32 [B]: each example's loss under the recipe (its mean over the batch is the step's loss).
 
     Args:
-      loss_spec: LossSpec. pred, target: float32 [B, C, h, w]. timesteps: int [B].
-      alphas_cumprod: float32 [num_train_timesteps]. prediction_type: "epsilon" or "v_prediction".
+      loss_spec: LossSpec. pred, target: float32 [B, C, h, w]. timesteps: int [B] (a flow
+        family's: float, t * num_train_timesteps).
+      alphas_cumprod: float32 [num_train_timesteps] (a DDPM family's; None for a flow family,
+        whose recipe has no min-SNR weights or SNR-scheduled Huber threshold).
+      prediction_type: "epsilon" or "v_prediction" (what min-SNR weights divide by).
+      num_train_timesteps: the schedule's length (default: len(alphas_cumprod)).
       mask: with loss_spec.masked, float32 [B, H, W] pixel masks (or [B, h, w] on the latent
         grid): each example's loss is then mean(w * loss) / mean(w) with w = mask_weights (the
         mean over every element).
     """
-    threshold = None if loss_spec.loss_type == "l2" else huber_threshold(loss_spec, alphas_cumprod, timesteps)
+    count = len(alphas_cumprod) if num_train_timesteps is None else num_train_timesteps
+    threshold = None if loss_spec.loss_type == "l2" else huber_threshold(loss_spec, alphas_cumprod, timesteps, count)
     element = elementwise_loss(loss_spec.loss_type, pred, target, threshold)
     axes = tuple(range(1, element.ndim))
     if loss_spec.masked:

@@ -123,10 +123,11 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
     """
     family = families.of(spec)
     cond = family.condition(spec, compute, frozen.text_params, input_ids, rows)
-    pred = family.predict(spec, compute, frozen.denoiser, noisy.astype(cond.context.dtype), timesteps, cond, time_ids)
+    pred = family.predict(spec, compute, frozen.denoiser, noisy.astype(cond.context.dtype), timesteps, cond, time_ids,
+                          guidance=loss_spec.guidance_scale)
     if loss_spec.weighted:
         examples = losses.example_losses(loss_spec, pred.astype(jnp.float32), target, timesteps, frozen.alphas_cumprod,
-                                         spec.prediction_type, mask)
+                                         spec.prediction_type, mask, spec.num_train_timesteps)
         loss = jnp.mean(examples)
         return (loss, examples) if per_example else loss
     error = jnp.square(pred.astype(jnp.float32) - target)
