@@ -32,6 +32,7 @@ EVERYTHING_ON = [
                 embedding_norm="preserve", embedding_norm_target=(0.4, 0.5), use_ema=True, ema_decay=0.99,
                 ema_update_after_step=3, gradient_accumulation_steps=2),
     TrainConfig(masked_loss=True, loss_type="smooth_l1", embedding_norm_decay=0.1),
+    TrainConfig(timestep_sampling="shift", discrete_flow_shift=2.0, sigmoid_scale=0.5, guidance_scale=3.5),
 ]
 
 
@@ -85,7 +86,8 @@ def loss_reads():
     names = set()
     for config in EVERYTHING_ON:
         reads = Reads(config)
-        LossSpec.from_config(reads, 1000)
+        for flow in (False, True):  # a DDPM family's recipe, and a rectified-flow family's (FLUX.1)
+            LossSpec.from_config(reads, 1000, flow=flow)
         names |= reads.names
     return names
 
@@ -93,7 +95,8 @@ def loss_reads():
 def test_the_loss_recipe_comes_from_flags_a_resume_keeps():
     read = loss_reads()
     assert {"snr_gamma", "noise_offset", "loss_type", "huber_c", "huber_schedule", "min_timestep", "max_timestep",
-            "masked_loss", "alpha_mask", "unmasked_weight"} <= read  # the recorder sees through properties
+            "masked_loss", "alpha_mask", "unmasked_weight", "timestep_sampling", "discrete_flow_shift",
+            "sigmoid_scale", "guidance_scale"} <= read  # the recorder sees through properties
     assert read <= set(checkpoint.MUST_MATCH), sorted(read - set(checkpoint.MUST_MATCH))
 
 

@@ -40,6 +40,15 @@ def test_every_family_answers_every_question(family):
     assert families.get(family.name) is family
 
 
+def test_the_file_flags_are_the_model_files_group():
+    """What families.load_model's `separate` takes is what `train` and `generate` parse in one group."""
+    from ti_flax import TrainConfig
+    from ti_flax.config import flags
+
+    declared = [name for name, flag, _ in flags.flags(TrainConfig) if flag.group == flags.MODEL_FILES]
+    assert list(families.FILE_FLAGS) == declared == ["clip_l", "t5xxl", "ae", "t5xxl_tokenizer"]
+
+
 def fake_folder(path, class_name, hidden_act, second_encoder=False):
     """What `claims` reads of a model folder: model_index.json and text_encoder/config.json."""
     os.makedirs(os.path.join(path, "text_encoder"))

@@ -23,6 +23,11 @@ learned_embeds_2.safetensors (either file, or the folder holding both), or one
 An empty --negative_prompt is all zeros for SDXL, and --scheduler defaults to the model's own
 (euler for SDXL base), as in diffusers' StableDiffusionXLPipeline.
 
+A FLUX.1 model (a FluxPipeline folder, or its transformer file with --clip_l, --t5xxl and --ae)
+takes FLUX.1 embeddings (diffusers' pair, or one `{"clip_l", "t5xxl"}` file) and samples as
+FluxPipeline does: flow-matching Euler, 28 steps at guidance 3.5 for [dev] (its embedded
+guidance), 4 for [schnell], no negative prompt.
+
 Images are written to OUTPUT_DIR/000.png, 001.png, ... (a rerun overwrites them), each
 written atomically and carrying its settings in a PNG "parameters" text chunk.
 """
@@ -34,6 +39,7 @@ import warnings
 
 import numpy as np
 
+from ..config import TrainConfig, flags
 from ..config.choices import PREDICTION_TYPES, SAMPLERS
 from ..errors import UserError, run_cli
 
@@ -118,20 +124,23 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
     return concepts, rows
 
 
-def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=25,
-             guidance_scale=7.5, seed=0, height=None, width=None, scheduler=None, output_dir="generated",
+def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=None,
+             guidance_scale=None, seed=0, height=None, width=None, scheduler=None, output_dir="generated",
              allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None, zero_terminal_snr=None,
-             vae=None):
+             vae=None, separate=None):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
-      pretrained_model_name_or_path: a Stable Diffusion 1.x / 2.x or SDXL folder, Hub id, or one
-        original SD 1.x/2.x or SDXL checkpoint file (`.safetensors`; `.ckpt` with allow_pickle).
-      prompt, negative_prompt: the texts; either may use the embeddings' tokens.
+      pretrained_model_name_or_path: a Stable Diffusion 1.x / 2.x, SDXL or FLUX.1 folder, Hub id, or
+        one original SD 1.x/2.x or SDXL checkpoint file (`.safetensors`; `.ckpt` with allow_pickle),
+        or FLUX.1's transformer file (with `separate`).
+      prompt, negative_prompt: the texts; either may use the embeddings' tokens (FLUX.1 takes no
+        negative prompt: it is guidance-distilled).
       embeddings: paths, "FILE:TOKEN" strings or (path, token) pairs (see the module docstring);
         SDXL embeddings for an SDXL model.
       num_images, steps, guidance_scale, seed: sampling settings; the same seed and settings give
-        the same images whatever the number of devices.
+        the same images whatever the number of devices. steps, guidance_scale: None for the
+        family's pipeline's (25 steps at 7.5; FLUX.1 [dev] 28 at 3.5, [schnell] 4).
       height, width: pixels, multiples of 8; default: the model's native size.
       scheduler: one of "pndm", "ddim", "dpm" (DPM-Solver++ multistep), "euler"; None: "pndm" for
         SD 1.x / 2.x (with zero terminal SNR: ddim, euler for epsilon models), the model's own
@@ -147,6 +156,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         timesteps; False never; None: as the model says (its scheduler config, a file's ztsnr key).
       vae: another VAE to decode with (--pretrained_vae_model_name_or_path): an AutoencoderKL folder
         or Hub id, or one VAE file in the original layout.
+      separate: FLUX.1 kept as files: {"clip_l", "t5xxl", "ae", "t5xxl_tokenizer"} paths (kohya's
+        --clip_l, --t5xxl, --ae), with its transformer file as pretrained_model_name_or_path.
     Returns:
       The paths of the images written, in order.
     Raises:
@@ -166,14 +177,14 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     # Checks that need no model come first, so a typo fails fast.
     if num_images < 1:
         raise UserError(f"--num_images {num_images}: must be at least 1")
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise UserError(f"--steps {steps}: must be at least 1")
     for flag, size in (("--height", height), ("--width", width)):
         if size is not None and (size <= 0 or size % 8):
             raise UserError(f"{flag} {size}: must be a positive multiple of 8")
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed {seed}: must be between 0 and {MAX_SEED}")
-    if not np.isfinite(guidance_scale):
+    if guidance_scale is not None and not np.isfinite(guidance_scale):
         raise UserError(f"--guidance_scale {guidance_scale}: must be a finite number")
     if scheduler is not None and scheduler not in SAMPLERS:
         raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -181,7 +192,13 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
     model = families.load_model(pretrained_model_name_or_path, prediction_type=prediction_type, allow_pickle=allow_pickle,
-                              zero_terminal_snr=zero_terminal_snr, vae=vae)
+                                zero_terminal_snr=zero_terminal_snr, vae=vae, separate=separate)
+    family = families.of(model.spec)
+    if negative_prompt and not family.negative_prompt:
+        raise UserError(f"--negative_prompt: {family.title} samples without one (it is guidance-distilled); drop it")
+    default_steps, default_guidance = family.sampling_defaults(model.spec)
+    steps = default_steps if steps is None else steps
+    guidance_scale = default_guidance if guidance_scale is None else guidance_scale
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
@@ -223,8 +240,8 @@ def build_parser():
         prog="ti-flax-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="Stable Diffusion 1.x/2.x or SDXL folder, Hub id, or one original SD 1.x/2.x or "
-                        "SDXL .safetensors file")
+                        help="Stable Diffusion 1.x/2.x, SDXL or FLUX.1 folder, Hub id, or one original SD 1.x/2.x or "
+                        "SDXL .safetensors file, or FLUX.1's transformer file (with --clip_l, --t5xxl, --ae)")
     parser.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
                         help="the model's target instead of its scheduler config's "
                         "(single files: their v_pred key, else epsilon)")
@@ -234,13 +251,16 @@ def build_parser():
     parser.add_argument("--no_zero_terminal_snr", dest="zero_terminal_snr", action="store_const", const=False,
                         help="sample on the model's plain schedule even where it asks for zero terminal SNR")
     parser.add_argument("--pretrained_vae_model_name_or_path", help="another VAE instead of the model's, as diffusers' scripts' flag and kohya's --vae: an AutoencoderKL folder or Hub id (e.g. an fp16-fix VAE), or one VAE file in the original layout (A1111's models/VAE)")
+    flags.add_arguments(parser, TrainConfig, only=(flags.MODEL_FILES,))  # FLUX.1's --clip_l, --t5xxl, --ae, ...
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
                         help="embedding files or folders; FILE:TOKEN names the token used in prompts")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default="", help="may use embedding tokens too")
     parser.add_argument("--num_images", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: 25; FLUX.1 [dev] 28, [schnell] 4, as FluxPipeline)")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="default: 7.5; FLUX.1 [dev] 3.5 (its embedded guidance, FluxPipeline's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
@@ -257,6 +277,12 @@ def build_parser():
     return parser
 
 
+def model_files(args):
+    """{flag: path} of the MODEL_FILES flags on a parsed command line (FLUX.1's parts apart)."""
+    return {name: getattr(args, name) for name, declared, _ in flags.flags(TrainConfig)
+            if declared.group == flags.MODEL_FILES}
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     paths = []
@@ -268,7 +294,7 @@ def main(argv=None):
             args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
             args.scheduler, args.output_dir, args.allow_pickle, compilation_cache=not args.no_compilation_cache,
             prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
-            vae=args.pretrained_vae_model_name_or_path,
+            vae=args.pretrained_vae_model_name_or_path, separate=model_files(args),
         )))
     for path in paths:
         print(path)

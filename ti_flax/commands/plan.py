@@ -30,7 +30,6 @@ from ..config.choices import PLAN_TARGETS
 from ..config.cli import build_parser as train_parser, parse_config
 from ..errors import UserError, first_line, run_cli
 from ..training import compile_cache, footprint, run as run_lib
-from ..training.losses import LossSpec
 from ..training.optim import OptimizerSpec
 
 GIB = footprint.GIB
@@ -148,7 +147,7 @@ def _try(config, spec, target, device, chip, flags):
     opt_spec = OptimizerSpec.from_config(config, 1, config.max_train_steps or 1000)
     args = footprint.step_args(spec, compute, opt_spec, config.train_batch_size, config.resolution, num_rows,
                                config.cache_latents)
-    loss_spec = LossSpec.from_config(config, spec.num_train_timesteps)
+    loss_spec = run_lib.loss_spec(config, spec)
     key = _cache_key(spec, compute, opt_spec, loss_spec, len(concepts), args, target, chip)
     path = os.path.join(compile_cache.cache_root(), "plans", key + ".json")
     cached = _read_cached(path)

@@ -23,6 +23,7 @@ RESUME = (MATCH, MAY_CHANGE)
 
 # The argparse groups, in the order `--help` lists them.
 MODEL = "model"
+MODEL_FILES = "a model kept as files (FLUX.1's parts apart, as ComfyUI and Forge keep them; kohya's flags)"
 DATA = "concept and data"
 BUCKETS = "aspect-ratio buckets (kohya sd-scripts' flags; off by default)"
 OPTIMISATION = "optimisation"
@@ -36,7 +37,7 @@ VALIDATION_LOSS = "validation loss"
 LOGGING = "logging"
 PROCESSES = "multi-process (a multi-host TPU slice needs none of these)"
 FLOW = "rectified flow (FLUX.1; kohya's flags)"
-GROUPS = (MODEL, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS,
+GROUPS = (MODEL, MODEL_FILES, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS,
           LOGGING, PROCESSES)
 
 
@@ -102,11 +103,14 @@ def must_match(config_class):
     return tuple(name for name, declared, _ in flags(config_class) if declared.resume == MATCH)
 
 
-def add_arguments(parser, config_class):
+def add_arguments(parser, config_class, only=None):
     """Add every field of `config_class` to `parser` as its flag, in GROUPS' order (a group is
-    made the first time one of its flags is added)."""
+    made the first time one of its flags is added); `only`: the groups to add (default: all), for
+    a command that shares some of the trainer's flags (ti_flax.generate: MODEL_FILES)."""
     groups = {}
     for name, declared, default in flags(config_class):
+        if only is not None and declared.group not in only:
+            continue
         if declared.group not in groups:
             groups[declared.group] = parser.add_argument_group(declared.group)
         group = groups[declared.group]

@@ -17,7 +17,7 @@ from .choices import (
     MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS,
 )
 from .flags import (
-    BUCKETS, DATA, FLOW, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, OPTIMISATION, OUTPUTS, PROCESSES, ROWS,
+    BUCKETS, DATA, FLOW, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, MODEL_FILES, OPTIMISATION, OUTPUTS, PROCESSES, ROWS,
     SPEED, VALIDATION, VALIDATION_LOSS, flag,
 )
 
@@ -72,15 +72,15 @@ class TrainConfig:
         help="allow unpickling a .ckpt model or a .npy --initial_embeddings: it can run code, so only for files you "
              "trust")
     # FLUX.1 kept as files (kohya's flags): the transformer file is --pretrained_model_name_or_path.
-    clip_l: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+    clip_l: Optional[str] = flag(None, group=MODEL_FILES, resume=MAY_CHANGE,
         help="FLUX.1 kept as files (ComfyUI, Forge): the CLIP-L text encoder file, clip_l.safetensors, as kohya's "
              "--clip_l; --pretrained_model_name_or_path is then the transformer file (flux1-dev.safetensors)")
-    t5xxl: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+    t5xxl: Optional[str] = flag(None, group=MODEL_FILES, resume=MAY_CHANGE,
         help="FLUX.1 kept as files: the T5-XXL encoder file (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn.safetensors), as "
              "kohya's --t5xxl")
-    ae: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+    ae: Optional[str] = flag(None, group=MODEL_FILES, resume=MAY_CHANGE,
         help="FLUX.1 kept as files: the autoencoder file, ae.safetensors, as kohya's --ae")
-    t5xxl_tokenizer: Optional[str] = flag(None, group=MODEL, resume=MAY_CHANGE,
+    t5xxl_tokenizer: Optional[str] = flag(None, group=MODEL_FILES, resume=MAY_CHANGE,
         help="FLUX.1 kept as files: T5's tokenizer, a folder (a FLUX.1 folder's tokenizer_2/) or Hub id (default: "
              "google/t5-v1_1-xxl's, which a file does not hold)")
     train_data_dir: str = flag("", group=DATA, resume=MAY_CHANGE,
@@ -289,7 +289,8 @@ class TrainConfig:
     num_validation_images: int = flag(4, group=VALIDATION, resume=MAY_CHANGE, type=int)
     validation_steps: int = flag(100, group=VALIDATION, resume=MAY_CHANGE, type=int)
     validation_num_inference_steps: int = flag(25, group=VALIDATION, resume=MAY_CHANGE, type=int)
-    validation_guidance_scale: float = flag(7.5, group=VALIDATION, resume=MAY_CHANGE, type=float)
+    validation_guidance_scale: Optional[float] = flag(None, group=VALIDATION, resume=MAY_CHANGE, type=float,
+        help="default: the model's pipeline's (7.5; FLUX.1 [dev]: 3.5, its embedded guidance)")
     # default: --seed
     validation_seed: Optional[int] = flag(None, group=VALIDATION, resume=MAY_CHANGE, type=int,
         help="default: --seed")

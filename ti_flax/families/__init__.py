@@ -16,7 +16,7 @@ in registry.py; docs/add-a-family.md lists what it answers. May import `data`, `
 
 from .base import Frozen, ModelFamily, TextEncoder
 from .loading import detect_folder, family_of_folder, load_model, read_spec
-from .registry import FAMILIES, get, of
+from .registry import FAMILIES, FILE_FLAGS, get, of
 
-__all__ = ["FAMILIES", "Frozen", "ModelFamily", "TextEncoder", "detect_folder", "family_of_folder", "get",
+__all__ = ["FAMILIES", "FILE_FLAGS", "Frozen", "ModelFamily", "TextEncoder", "detect_folder", "family_of_folder", "get",
            "load_model", "of", "read_spec"]

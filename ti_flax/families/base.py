@@ -56,8 +56,8 @@ class Frozen(NamedTuple):
         """Host weights of a models.LoadedModel, float leaves cast to `dtype` (the schedule stays float32);
         with abstract=True, their jax.ShapeDtypeStruct (nothing cast: see models.cast_params)."""
         params = models.cast_params(model.params, dtype, abstract)
-        schedule = model.alphas_cumprod
-        if abstract:
+        schedule = model.alphas_cumprod  # None for a rectified-flow model
+        if abstract and schedule is not None:
             schedule = jax.ShapeDtypeStruct(np.shape(schedule), np.asarray(schedule).dtype)
         return cls(params["text_encoder"], params[model.spec.denoiser.FOLDER], params["vae"], schedule,
                    params.get("text_encoder_2"))
@@ -81,6 +81,8 @@ class ModelFamily:
       layout: its original single-file layout (models.ldm_layout.SingleFileLayout), or None.
       flow_matching: trained with rectified flow, whose draws --timestep_sampling sets.
       negative_prompt: its sampling takes a negative prompt (False: FLUX.1, guidance-distilled).
+      file_flags: the TrainConfig fields naming the files of a model kept apart (`load_file`'s
+        `separate`), e.g. FLUX.1's ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer").
 
     Each method below is a question; `families/sd.py` answers them for the UNet families. A new
     family answers each one (docs/add-a-family.md is the checklist).
@@ -94,6 +96,7 @@ class ModelFamily:
     layout = None
     flow_matching = False  # trained with rectified flow (training.losses.LossSpec's flow settings apply)
     negative_prompt = True  # sampling takes a negative prompt (classifier-free guidance)
+    file_flags = ()  # the flags naming the parts a model kept as files has apart (FLUX.1's --clip_l, ...)
 
     def __repr__(self):
         return f"<model family {self.name}>"
@@ -215,6 +218,11 @@ class ModelFamily:
 
     def decode(self, spec, compute, vae_params, latents):
         """Pixels in about [-1, 1], NCHW, of the sampler's final latents. Pure: runs inside jit."""
+        raise NotImplementedError
+
+    def sampling_defaults(self, spec):
+        """(denoising steps, guidance scale) where a caller gives none: the family's pipeline's
+        defaults in diffusers."""
         raise NotImplementedError
 
     def default_sampler(self, spec, scheduler_config):

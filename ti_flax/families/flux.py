@@ -52,6 +52,7 @@ class Flux(ModelFamily):
     pipeline_class = "FluxPipeline"
     flow_matching = True
     negative_prompt = False
+    file_flags = FILE_FLAGS
 
     # Recognising and loading -------------------------------------------------------------------
 
@@ -231,6 +232,10 @@ class Flux(ModelFamily):
         return flux.unpack_latents(out, height, width)
 
     # Sampling ----------------------------------------------------------------------------------
+
+    def sampling_defaults(self, spec):
+        """FluxPipeline's: [dev] 28 steps at guidance 3.5; [schnell] 4 steps (it embeds no guidance)."""
+        return (28, 3.5) if spec.denoiser.guidance_embeds else (4, 0.0)
 
     def default_size(self, spec):
         """The autoencoder's sample size (1024 px for FLUX.1)."""

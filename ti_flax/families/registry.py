@@ -3,6 +3,8 @@
 from . import flux, sd1, sd2, sdxl
 
 FAMILIES = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, flux.FAMILY)
+# Every family's file flags (ModelFamily.file_flags): what families.load_model's `separate` takes.
+FILE_FLAGS = tuple(dict.fromkeys(name for family in FAMILIES for name in family.file_flags))
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 

@@ -192,6 +192,10 @@ class StableDiffusion(ModelFamily):
     # ----------------------------------------------------------------------------------------
     # Sampling
 
+    def sampling_defaults(self, spec):
+        """25 steps (ti_flax's default since its first release) at guidance 7.5 (diffusers' pipelines')."""
+        return 25, 7.5
+
     def default_sampler(self, spec, scheduler_config):
         """The sampler used when none is chosen: pndm, as diffusers' pipeline. With zero terminal SNR
         (diffusers' PNDMScheduler has no rescaled schedule): "ddim", as diffusers recommends for a

@@ -138,7 +138,10 @@ def vae_moments(spec, compute, vae_params, pixels):
 
 
 def decode_latents(spec, compute, vae_params, latents_nchw):
-    """Pixels in about [-1, 1], NCHW, from NCHW latents scaled the way the UNet sees them."""
+    """Pixels in about [-1, 1], NCHW, from NCHW latents scaled the way the denoiser sees them
+    (divided by the scaling factor, and the VAE's shift added back where it has one: FLUX's)."""
     latents = jnp.transpose(latents_nchw, (0, 2, 3, 1)) / spec.scaling_factor
+    if spec.vae.shift_factor is not None:
+        latents = latents + spec.vae.shift_factor
     pixels = vae.decode(vae_params, spec.vae, latents, dtype=jnp.dtype(compute.dtype))
     return jnp.transpose(pixels, (0, 3, 1, 2))

@@ -65,7 +65,8 @@ class Validator:
             model.scheduler_config,
             num_images=config.num_validation_images,
             num_inference_steps=config.validation_num_inference_steps,
-            guidance_scale=config.validation_guidance_scale,
+            guidance_scale=(families.of(spec).sampling_defaults(spec)[1] if config.validation_guidance_scale is None
+                            else config.validation_guidance_scale),
             devices=devices,
             params_replicated=True,
             compute=compute,

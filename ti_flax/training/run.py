@@ -70,7 +70,7 @@ class Run:
     def loss_spec(self):
         """The run's loss recipe (losses.LossSpec, from its flags and the model's schedule; checked
         by prepare)."""
-        return LossSpec.from_config(self.config, self.model.spec.num_train_timesteps)
+        return loss_spec(self.config, self.model.spec)
 
     @property
     def family(self):
@@ -120,9 +120,12 @@ def load_checked_model(config):
     seconds loading): the model loaded, and the flags that depend on it checked."""
     start = time.perf_counter()
     model = families.load_model(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name,
-                              config.prediction_type, config.allow_pickle, config.zero_terminal_snr,
-                              config.pretrained_vae_model_name_or_path)
+                                config.prediction_type, config.allow_pickle, config.zero_terminal_snr,
+                                config.pretrained_vae_model_name_or_path,
+                                separate={name: getattr(config, name) for name in families.FILE_FLAGS},
+                                dtype=config.compute_dtype)
     load_seconds = time.perf_counter() - start
+    families.of(model.spec).check_run(config, model)
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=default_resolution(model.spec))
     check_resolution(config.resolution, model.spec)
@@ -209,8 +212,16 @@ def check_loss_recipe(config, model):
     the model's number of timesteps recorded as unset: the same run as one that leaves it out,
     for resume. Raises UserError."""
     count = model.spec.num_train_timesteps
-    check_schedule(LossSpec.from_config(config, count), model.alphas_cumprod, model.spec.prediction_type)
+    recipe = loss_spec(config, model.spec)
+    if model.alphas_cumprod is not None:  # a DDPM schedule's (a rectified-flow model has none)
+        check_schedule(recipe, model.alphas_cumprod, model.spec.prediction_type)
     return dataclasses.replace(config, max_timestep=None) if config.max_timestep == count else config
+
+
+def loss_spec(config, spec):
+    """The losses.LossSpec of a validated TrainConfig for a model of `spec` (its schedule's length;
+    the flow settings where its family trains with rectified flow): the run's and `plan`'s."""
+    return LossSpec.from_config(config, spec.num_train_timesteps, flow=families.of(spec).flow_matching)
 
 
 def model_compute(config, backend=None):
