@@ -49,8 +49,9 @@ def test_the_file_flags_are_the_model_files_group():
     assert list(families.FILE_FLAGS) == declared == ["clip_l", "t5xxl", "ae", "t5xxl_tokenizer"]
 
 
-def fake_folder(path, class_name, hidden_act, second_encoder=False):
-    """What `claims` reads of a model folder: model_index.json and text_encoder/config.json."""
+def fake_folder(path, class_name, hidden_act, second_encoder=False, transformer=False):
+    """What `claims` reads of a model folder: model_index.json, text_encoder/config.json and
+    transformer/config.json (FLUX.1's)."""
     os.makedirs(os.path.join(path, "text_encoder"))
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump({"_class_name": class_name}, f)
@@ -58,17 +59,23 @@ def fake_folder(path, class_name, hidden_act, second_encoder=False):
         json.dump({"hidden_act": hidden_act, "hidden_size": 32, "num_attention_heads": 4}, f)
     if second_encoder:
         os.makedirs(os.path.join(path, "text_encoder_2"))
+    if transformer:
+        os.makedirs(os.path.join(path, "transformer"))
+        with open(os.path.join(path, "transformer", "config.json"), "w") as f:
+            json.dump({"_class_name": "FluxTransformer2DModel"}, f)
     return path
 
 
-@pytest.mark.parametrize("name, class_name, hidden_act, second", [
-    ("sd1", "StableDiffusionPipeline", "quick_gelu", False),
-    ("sd2", "StableDiffusionPipeline", "gelu", False),
-    ("sdxl", "StableDiffusionXLPipeline", "quick_gelu", True),
-    ("sdxl", "", "quick_gelu", True),  # no index: the second encoder says it
+@pytest.mark.parametrize("name, class_name, hidden_act, second, transformer", [
+    ("sd1", "StableDiffusionPipeline", "quick_gelu", False, False),
+    ("sd2", "StableDiffusionPipeline", "gelu", False, False),
+    ("sdxl", "StableDiffusionXLPipeline", "quick_gelu", True, False),
+    ("sdxl", "", "quick_gelu", True, False),  # no index: the second encoder says it
+    ("flux", "FluxPipeline", "quick_gelu", True, True),  # a second encoder too, and CLIP-L's activation
+    ("flux", "", "quick_gelu", True, True),  # no index: the transformer's config says it
 ])
-def test_each_folder_is_claimed_by_exactly_one_family(tmp_path, name, class_name, hidden_act, second):
-    folder = fake_folder(str(tmp_path / "m"), class_name, hidden_act, second)
+def test_each_folder_is_claimed_by_exactly_one_family(tmp_path, name, class_name, hidden_act, second, transformer):
+    folder = fake_folder(str(tmp_path / "m"), class_name, hidden_act, second, transformer)
     claimed = [f.name for f in families.FAMILIES if f.claims(folder, class_name)]
     assert claimed == [name]
     assert families.family_of_folder(folder).name == name

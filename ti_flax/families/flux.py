@@ -167,7 +167,7 @@ class Flux(ModelFamily):
         return clip.token_table(params["text_encoder"]), t5.token_table(params["text_encoder_2"])
 
     def resolve_attention(self, name, spec, resolution=None, backend=None, dtype="float32"):
-        (_, implementation), _ = self.attention_sites(spec, models.Compute(dtype, name, backend=backend),
+        (*_, implementation), _ = self.attention_sites(spec, models.Compute(dtype, name, backend=backend),
                                                       resolution or self.default_resolution(spec))[0]
         return implementation
 

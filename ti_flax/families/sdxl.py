@@ -46,7 +46,12 @@ class SDXL(StableDiffusion):
         super().__init__("sdxl", "SDXL", (CLIP_L, BIG_G), LAYOUT, ())
 
     def claims(self, model_dir, class_name):
-        return class_name.startswith("StableDiffusionXL") or os.path.isdir(os.path.join(model_dir, "text_encoder_2"))
+        """An SDXL pipeline's folder, or (no model_index.json) a folder with a second text encoder
+        and no transformer/ (FLUX.1's second encoder is T5, beside its transformer)."""
+        if class_name:
+            return class_name.startswith("StableDiffusionXL")
+        return os.path.isdir(os.path.join(model_dir, "text_encoder_2")) and \
+            not os.path.isdir(os.path.join(model_dir, "transformer"))
 
     def check_folder(self, model_dir, tokenizer_dir=None):
         super().check_folder(model_dir, tokenizer_dir)
