@@ -85,7 +85,7 @@ def clip_tokenizer(_session_clip_tokenizer):
 # port's parity test (tests/test_port_*.py) compiles whole models: both are marked `slow` here,
 # so `pytest -m "not slow"` is the quick inner loop.
 MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir", "golden_run", "single_file_model",
-                  "sd1_folder", "tiny_sdxl_single_file"}
+                  "sd1_folder", "tiny_sdxl_single_file", "tiny_flux_dirs"}
 
 
 # The files with the most seconds of work under `-n 2 --dist loadfile`, longest first (measured:
@@ -179,6 +179,16 @@ def tiny_sdxl_single_file(tmp_path_factory):
     folder = make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp("single-sdxl")), "single-sdxl")
     path = save_original(to_original(folder, "sdxl"), str(tmp_path_factory.mktemp("sdxl-file") / "sdxl.safetensors"))
     return folder, path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dirs(tmp_path_factory):
+    """{"dev": folder, "schnell": folder}: random-init FluxPipeline folders (make_tiny_model.py
+    --layout flux-dev / flux-schnell: 128-wide heads whose RoPE axes add up to them, 2x2 packing,
+    a 16-channel VAE, CLIP-L 64 wide, T5 32 wide with a SentencePiece tokenizer), built once."""
+    return {variant: make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp(f"flux-{variant}")),
+                                                      f"flux-{variant}")
+            for variant in ("dev", "schnell")}
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("sentencepiece")
 
 import flux_files as writer  # noqa: E402  (tests/flux_files.py)
-import make_tiny_model  # noqa: E402
 
 from ti_flax.errors import UserError  # noqa: E402
 from ti_flax.files import DamagedFile  # noqa: E402
@@ -63,11 +62,9 @@ PROMPT = "a photo of a cat toy on a wooden table, watercolor"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """{"dev": folder, "schnell": folder}, built once."""
-    return {variant: make_tiny_model.build_tiny_model(str(tmp_path_factory.mktemp(f"flux-{variant}")),
-                                                      f"flux-{variant}")
-            for variant in ("dev", "schnell")}
+def folders(tiny_flux_dirs):
+    """{"dev": folder, "schnell": folder}: the session's (conftest.tiny_flux_dirs)."""
+    return tiny_flux_dirs
 
 
 @pytest.fixture(scope="module")
