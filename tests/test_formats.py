@@ -460,7 +460,7 @@ def test_callers_refuse_an_sdxl_embedding_for_a_one_encoder_model(tmp_path):
 
     path = formats.save_sdxl(str(tmp_path / "sdxl.safetensors"), make_rows(2), make_rows(2, width=WIDTH_2))
     tokenizer = Tokenizer()
-    spec = SimpleNamespace(base_vocab_size=0, hidden_size=WIDTH, text_widths=(WIDTH,), family="sd1")
+    spec = SimpleNamespace(base_vocab_size=0, vocab_bases=(0,), hidden_size=WIDTH, text_widths=(WIDTH,), family="sd1")
     one_line_error(lambda: generation.load_concepts(tokenizer, spec, [path]), path,
                    f"--embeddings {path}: is an SDXL embedding (clip_l/clip_g); this model has one text encoder")
     assert tokenizer == {}

@@ -19,7 +19,7 @@ from ti_flax.training import checkpoint, engine as engine_lib
 from ti_flax.config import cli
 from ti_flax.training.actions import Validate
 from ti_flax.errors import UserError
-from ti_flax.training.optim import Ema, NormControl, scale_norms
+from ti_flax.training.optim import Ema, NormControl, OptimizerSpec, scale_norms
 from ti_flax.training.run import prepare
 
 ONE = jax.local_devices()[:1]
@@ -97,6 +97,45 @@ def ema_model_decay(k, decay, after):
     return 0.0 if s <= 0 else min((1 + s) / (10 + s), decay)
 
 
+def test_text_encoders_trains_the_named_parts_only():
+    """--text_encoders clip_g on a two-encoder row (4 + 6 wide): clip_l's columns get no update,
+    weight decay included, and their gradient does not count in the clipping's global norm; the
+    norm control leaves them alone."""
+    config = TrainConfig(**base(text_encoders="clip_g", adam_weight_decay=0.5, max_grad_norm=1.0,
+                                embedding_norm="preserve", learning_rate=0.1))
+    spec = OptimizerSpec.from_config(config, 1, 10, (2.0, 3.0), (4, 6), ("clip_l", "clip_g"))
+    assert spec.encoders.trained == (False, True) and spec.norm.targets == (None, 3.0)
+    rng = np.random.default_rng(0)
+    rows, grads = rng.normal(size=(2, 10)).astype(np.float32), rng.normal(size=(2, 10)).astype(np.float32)
+    grads[:, :4] *= 1000  # clip_l's huge gradient must not shrink clip_g's through the clipping
+    tx = spec.build()
+    updates, _ = tx.update(grads, tx.init(rows), rows)
+    updates = np.asarray(updates)
+    assert not updates[:, :4].any()
+    reference = OptimizerSpec.from_config(TrainConfig(**base(adam_weight_decay=0.5, max_grad_norm=1.0,
+                                                             learning_rate=0.1)), 1, 10)
+    ref_tx = reference.build()
+    only_g = np.concatenate([np.zeros_like(grads[:, :4]), grads[:, 4:]], axis=1)
+    ref_updates, _ = ref_tx.update(only_g, ref_tx.init(rows), rows)
+    np.testing.assert_allclose(updates[:, 4:], np.asarray(ref_updates)[:, 4:], rtol=1e-6)
+    kept = np.asarray(spec.norm(rows))
+    np.testing.assert_array_equal(kept[:, :4], rows[:, :4])
+    np.testing.assert_allclose(np.linalg.norm(kept[:, 4:], axis=1), 3.0, rtol=1e-6)
+    # Every encoder named is the default (one compiled step for both spellings).
+    assert OptimizerSpec.from_config(TrainConfig(**base(text_encoders="clip_l,clip_g")), 1, 10, (), (4, 6),
+                                     ("clip_l", "clip_g")).encoders is None
+
+
+@pytest.mark.parametrize("names, keys, message", [
+    ("t5", ("clip_l", "t5xxl"), "--text_encoders t5: this model's text encoders are clip_l, t5xxl; name one or more"),
+    (",", ("clip_l", "t5xxl"), "--text_encoders ,: this model's text encoders are clip_l, t5xxl"),
+    ("clip_l", ("",), "--text_encoders clip_l: this model has one text encoder, which is always trained"),
+])
+def test_text_encoders_refusals_are_one_line(names, keys, message):
+    with pytest.raises(UserError, match="^" + message):
+        OptimizerSpec.from_config(TrainConfig(**base(text_encoders=names)), 1, 10, (), (4,) * len(keys), keys)
+
+
 @pytest.mark.parametrize("decay, after", [(0.9999, 0), (0.5, 3)])
 def test_ema_decay_is_diffusers_ema_models(decay, after):
     # (diffusers' EMAModel itself, importing it takes seconds: the run below is checked against it.)
@@ -136,7 +175,7 @@ def test_preserve_holds_each_sdxl_part_at_its_encoders_median(tiny_sdxl_model_di
     with pytest.raises(UserError, match="an SDXL row has a CLIP ViT-L part and an OpenCLIP bigG part"):
         prepare(config.replace(embedding_norm_target=(0.5,)), ONE)
     result = train(config, devices=ONE)
-    assert f"{medians[0]:.4g} (CLIP-L) and {medians[1]:.4g} (bigG)" in capsys.readouterr().out
+    assert f"{medians[0]:.4g} (CLIP ViT-L) and {medians[1]:.4g} (OpenCLIP bigG)" in capsys.readouterr().out
     rows = result.rows
     assert rows.shape == (2, 32 + 48)
     np.testing.assert_allclose(np.linalg.norm(rows[:, :32], axis=1), medians[0], rtol=1e-6)

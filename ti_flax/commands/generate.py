@@ -84,12 +84,11 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
     tokenizers = tuple(tokenizers) if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
     if len(tokenizers) != len(spec.text_widths):
         raise ValueError(f"load_concepts needs every tokenizer of the model (model.tokenizers), got {len(tokenizers)}")
-    if any(len(tokenizer) != spec.base_vocab_size for tokenizer in tokenizers):
+    if any(len(tokenizer) != base for tokenizer, base in zip(tokenizers, spec.vocab_bases)):
         raise ValueError("load_concepts needs the model's own tokenizers, with no tokens added yet")
-    tokenizer = tokenizers[0]  # SDXL's two share the vocabulary (its family's loading checks)
-    # Read and check every file before the tokenizer changes, so an error leaves it untouched.
+    # Read and check every file before the tokenizers change, so an error leaves them untouched.
     concepts, rows, owners = [], [], {}
-    vocab = tokenizer.get_vocab()
+    vocab = {word for tokenizer in tokenizers for word in tokenizer.get_vocab()}
     for arg in embedding_args:
         path, token = parse_embedding_arg(arg)
         emb = read_embedding(path, token=token, allow_pickle=allow_pickle)
@@ -116,7 +115,7 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
     for names in concepts:
         try:
             # Ids follow the base vocabulary in order, so token id base + i reads rows[i]: the same
-            # ids in each tokenizer, as they started from the same vocabulary.
+            # ids in each tokenizer, each after its own vocabulary (SDXL: the same ids).
             tokens_lib.add_to_tokenizers(tokenizers, names)
         except UserError as err:
             raise UserError(f"--embeddings {owners[names[0]]}: {err}") from None

@@ -66,9 +66,10 @@ def _check_encoder_width(model_dir, encoder, got):
     config = os.path.join(model_dir, encoder.part, "config.json")
     if not os.path.isfile(config):
         raise UserError(f"--verify {model_dir}: not a Stable Diffusion model folder (no {encoder.part}/config.json)")
-    width = files.read_json(config, "a CLIP text model config (JSON)").get("hidden_size")
+    read = files.read_json(config, "a text encoder config (JSON)")
+    width = read.get("hidden_size", read.get("d_model"))  # CLIP's, or T5's (FLUX.1's second encoder)
     if not isinstance(width, int):
-        raise files.DamagedFile(config, "has no integer hidden_size; not a CLIP text model config")
+        raise files.DamagedFile(config, "has no integer hidden_size (or d_model); not a text encoder config")
     if got != width:
         what = "text encoder" if encoder.part == "text_encoder" else f"{encoder.title} text encoder ({encoder.part})"
         raise UserError(
@@ -112,11 +113,13 @@ def _load_quietly(class_name, model_dir, **kwargs):
         tlogging.enable_progress_bar()
 
 
-def prompt_ids(pipe, tokenizer, prompt):
-    """int64 [1, max_length] ids of `prompt` after the pipeline expands multi-vector tokens."""
+def prompt_ids(pipe, tokenizer, prompt, max_length=None):
+    """int64 [1, max_length] ids of `prompt` after the pipeline expands multi-vector tokens
+    (`max_length`: default the tokenizer's model_max_length)."""
     text = pipe.maybe_convert_prompt(prompt, tokenizer)
     return tokenizer(
-        text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+        text, padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
+        return_tensors="np",
     ).input_ids
 
 
@@ -159,11 +162,13 @@ def verify_files(model_dir, rows, checks, tolerance=TOLERANCE):
     family = check_model(model_dir, parts)
     pipe = load_torch_text_pipeline(model_dir, family)
     flax = families.load_model(model_dir)
-    base = flax.spec.base_vocab_size
-    for encoder in family.encoders:
-        if len(getattr(pipe, encoder.tokenizer)) != base:
-            raise UserError(f"--verify {model_dir}: PyTorch {encoder.tokenizer} has "
-                            f"{len(getattr(pipe, encoder.tokenizer))} tokens, the Flax model {base}")
+    bases = flax.spec.vocab_bases  # where each encoder's learned ids start (FLUX.1's T5: its own vocabulary's end)
+    for encoder, base, ours in zip(family.encoders, bases, flax.tokenizers):
+        theirs = getattr(pipe, encoder.tokenizer)
+        if len(theirs) != base:
+            raise UserError(f"--verify {model_dir}: PyTorch {encoder.tokenizer} has {len(theirs)} tokens, the Flax "
+                            f"model {base}")
+        theirs.model_max_length = ours.model_max_length  # FLUX.1's T5 context is the model's (512 / 256)
     text_params = tuple(flax.params[e.part] for e in family.encoders)
     several = len(family.encoders) > 1
     results = []
@@ -171,20 +176,28 @@ def verify_files(model_dir, rows, checks, tolerance=TOLERANCE):
         paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
         # Fresh copies per check: load_textual_inversion grows each tokenizer and table in place.
         loaded = {name: copy.deepcopy(getattr(pipe, name)) for e in family.encoders for name in (e.part, e.tokenizer)}
-        for encoder, (source, load_token), want in zip(family.encoders, _loads(family, paths, token, pass_token),
-                                                       parts):
+        all_ids = {}
+        for encoder, (source, load_token), want, base in zip(family.encoders, _loads(family, paths, token, pass_token),
+                                                             parts, bases):
             tokenizer, text_encoder = loaded[encoder.tokenizer], loaded[encoder.part]
             try:
                 pipe.load_textual_inversion(source, token=load_token, tokenizer=tokenizer, text_encoder=text_encoder)
             except (ValueError, OSError, RuntimeError) as err:
                 raise UserError(f"--verify: diffusers' load_textual_inversion refused the file ({first_line(err)})") from None
             where = f" ({encoder.tokenizer}, {encoder.part})" if several else ""
-            ids = _check_loaded(tokenizer, text_encoder, token, want, base, where)
+            all_ids[encoder.tokenizer] = _check_loaded(tokenizer, text_encoder, token, want, base, where)
         view = type(pipe)(**dict(pipe.components, **loaded))  # the loaded copies, the rest shared
         prompt = PROMPT.format(token)
-        input_ids = prompt_ids(view, view.tokenizer, prompt)
-        if not _contains(input_ids[0].tolist(), ids):
-            raise UserError(f"--verify: the prompt {prompt!r} did not tokenize to the ids {ids}")
+        # The ids `condition` reads: the first tokenizer's (SD, SDXL), or each tokenizer's in turn (FLUX.1).
+        tokenizers = family.prompt_tokenizers(view)
+        tokenizers = tokenizers if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
+        segments = [prompt_ids(view, t, prompt) for t in tokenizers]
+        input_ids = np.concatenate(segments, axis=-1)
+        names = [e.tokenizer for e in family.encoders][: len(segments)]
+        for name, segment in zip(names, segments):
+            if not _contains(segment[0].tolist(), all_ids[name]):
+                raise UserError(f"--verify: the prompt {prompt!r} did not tokenize to the ids {all_ids[name]}")
+        ids = all_ids[family.encoders[0].tokenizer]
         with torch.no_grad():
             theirs = family.reference_outputs(view, prompt)
         cond = family.condition(flax.spec, models.Compute(), text_params, input_ids.astype(np.int32), join_rows(parts))

@@ -108,6 +108,9 @@ def check(config):
         (config.validation_steps >= 1, f"--validation_steps must be at least 1, got {config.validation_steps}"),
         (config.validation_num_inference_steps >= 1,
          f"--validation_num_inference_steps must be at least 1, got {config.validation_num_inference_steps}"),
+        (config.validation_resolution is None or (config.validation_resolution > 0
+                                                  and config.validation_resolution % 8 == 0),
+         f"--validation_resolution must be a positive multiple of 8, got {config.validation_resolution}"),
         (config.validation_seed is None or 0 <= config.validation_seed < 2**32,
          f"--validation_seed must be in [0, 2**32), got {config.validation_seed}"),
         (config.validation_loss_steps >= 0,

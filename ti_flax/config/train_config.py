@@ -72,6 +72,9 @@ class TrainConfig:
         help="allow unpickling a .ckpt model or a .npy --initial_embeddings: it can run code, so only for files you "
              "trust")
     # FLUX.1 kept as files (kohya's flags): the transformer file is --pretrained_model_name_or_path.
+    text_encoders: Optional[str] = flag(None, group=MODEL, resume=MATCH, metavar="NAMES",
+        help="a model with several text encoders (SDXL, FLUX.1): the ones whose rows are trained, comma-separated by "
+             "their keys (clip_l, clip_g; clip_l, t5xxl); the others keep the initializer's rows (default: all)")
     clip_l: Optional[str] = flag(None, group=MODEL_FILES, resume=MAY_CHANGE,
         help="FLUX.1 kept as files (ComfyUI, Forge): the CLIP-L text encoder file, clip_l.safetensors, as kohya's "
              "--clip_l; --pretrained_model_name_or_path is then the transformer file (flux1-dev.safetensors)")
@@ -289,6 +292,9 @@ class TrainConfig:
     num_validation_images: int = flag(4, group=VALIDATION, resume=MAY_CHANGE, type=int)
     validation_steps: int = flag(100, group=VALIDATION, resume=MAY_CHANGE, type=int)
     validation_num_inference_steps: int = flag(25, group=VALIDATION, resume=MAY_CHANGE, type=int)
+    validation_resolution: Optional[int] = flag(None, group=VALIDATION, resume=MAY_CHANGE, type=int,
+        help="the validation images' side in pixels (default: the model's own size, as its diffusers pipeline "
+             "draws: 512 for SD 1.5, 768 for SD 2.x 768-v, 1024 for SDXL and FLUX.1)")
     validation_guidance_scale: Optional[float] = flag(None, group=VALIDATION, resume=MAY_CHANGE, type=float,
         help="default: the model's pipeline's (7.5; FLUX.1 [dev]: 3.5, its embedded guidance)")
     # default: --seed

@@ -206,8 +206,8 @@ class ModelFamily:
 
     def sampling_plan(self, scheduler, scheduler_config, num_inference_steps, size):
         """The static plan of sampler `scheduler` (a name of models.schedulers.SAMPLERS) on the
-        model's `scheduler_config` at `size` (h, w): what `denoise` steps through. UserError for
-        one the family cannot run."""
+        model's `scheduler_config` for latents of `size` (h, w: the image's pixels / the VAE's
+        factor): what `denoise` steps through. UserError for one the family cannot run."""
         raise NotImplementedError
 
     def denoise(self, frozen, rows, prompt_ids, negative_ids, noise, guidance_scale, settings, plan):

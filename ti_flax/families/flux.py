@@ -199,13 +199,17 @@ class Flux(ModelFamily):
         return models.Condition(context, pooled)
 
     def time_draw(self, spec, loss_spec):
-        return functools.partial(flow_match.timestep_draw, mode=loss_spec.timestep_sampling)
+        """kohya's raw draw for --timestep_sampling; a recipe without flow settings (LossSpec(): the
+        validation loss, whose timesteps are given and whose draws go unused) draws uniformly."""
+        return functools.partial(flow_match.timestep_draw, mode=loss_spec.timestep_sampling or "uniform")
 
     def forward_process(self, spec, frozen, loss_spec, latents, noise, drawn, timesteps=None):
         """Rectified flow: t from the draws (kohya's --timestep_sampling), or timesteps / N for the
         given ones; x_t = (1 - t) x0 + t e, target e - x0; the timesteps are t * N (floats), as
         kohya's, which `predict` divides back."""
         n = spec.num_train_timesteps
+        if timesteps is None and loss_spec.timestep_sampling is None:
+            raise ValueError("a FLUX.1 loss recipe needs its flow settings: LossSpec.from_config(..., flow=True)")
         if timesteps is None:
             t, timesteps = flow_match.timesteps_from_draws(
                 drawn, loss_spec.timestep_sampling, shift=loss_spec.discrete_flow_shift,
@@ -238,20 +242,20 @@ class Flux(ModelFamily):
         return (28, 3.5) if spec.denoiser.guidance_embeds else (4, 0.0)
 
     def default_size(self, spec):
-        """The autoencoder's sample size (1024 px for FLUX.1)."""
-        size = spec.vae.sample_size
-        size = size if isinstance(size, (list, tuple)) else (size, size)
-        return tuple(int(side) for side in size[:2])
+        """FluxPipeline's: 128 latent pixels a side times the VAE's factor (1024 px for FLUX.1)."""
+        side = 128 * spec.vae_scale_factor
+        return side, side
 
     def sampling_plan(self, scheduler, scheduler_config, num_inference_steps, size):
-        """(sigmas, timesteps) as FluxPipeline sets them for `size` (dynamic shifting for [dev])."""
+        """(sigmas, timesteps) as FluxPipeline sets them for latents of `size` (dynamic shifting for
+        [dev]: by the number of packed 2x2 tokens)."""
         if scheduler != "euler":
             raise UserError(f"--scheduler {scheduler}: FLUX.1 samples with flow-matching Euler; pass --scheduler euler "
                             "or leave it out")
         config = dict(scheduler_config)
         height, width = size
         sigmas, timesteps = flow_match.sigmas_for_inference(
-            num_inference_steps, (height // 16) * (width // 16), base_shift=config.get("base_shift", 0.5),
+            num_inference_steps, flow_match.packed_seq_len(height, width), base_shift=config.get("base_shift", 0.5),
             max_shift=config.get("max_shift", 1.15), base_seq_len=config.get("base_image_seq_len", 256),
             max_seq_len=config.get("max_image_seq_len", 4096),
             use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)), shift=config.get("shift", 1.0),

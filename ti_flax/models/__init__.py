@@ -1,8 +1,8 @@
-"""The frozen Stable Diffusion model, as the rest of ti_flax uses it: this face only re-exports.
+"""The frozen models (Stable Diffusion, FLUX.1), as the rest of ti_flax uses them: this face only re-exports.
 
 ti_flax owns its model code: pure functions over parameter trees named like the PyTorch state
 dicts (`weights.py`), with no diffusers or transformers model class (the tokenizer is
-transformers' CLIPTokenizer).
+transformers' CLIPTokenizer, and its T5Tokenizer for FLUX.1).
 
 | module | holds |
 | --- | --- |
@@ -14,8 +14,10 @@ transformers' CLIPTokenizer).
 | `component_weights.py` | reading one component's config and weights (`unet/`, `vae/`, `text_encoder/`) |
 | `single_file.py`, `ldm_layout.py` | original single-file checkpoints: which family's layout a file is in, and loading it; configs from shapes, name tables |
 | `flax_layout.py` | old Flax msgpack weights |
-| `clip.py`, `unet.py`, `vae.py` | one network each; `attention.py`, `layers.py` their parts |
-| `schedulers.py` | noise schedules and samplers |
+| `flux_files.py`, `bfl_layout.py` | FLUX.1's folder and the files kept apart (Black Forest Labs' transformer, clip_l, t5xxl, ae; fp8): configs from shapes, name tables, refusals |
+| `clip.py`, `unet.py`, `vae.py`, `t5.py`, `flux.py` | one network each (FLUX.1's transformer and its 2x2 packing in `flux.py`); `attention.py`, `layers.py` their parts |
+| `schedulers.py` | DDPM noise schedules and samplers |
+| `flow_match.py` | rectified flow (FLUX.1): the time draws, the forward process, the Euler sampler's sigmas |
 """
 
 from .forward import (

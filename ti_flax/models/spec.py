@@ -60,6 +60,12 @@ class ModelSpec:
         return tuple(config.hidden_size for config in self.text_configs)
 
     @property
+    def vocab_bases(self):
+        """Each tokenizer's length before any placeholder (where its learned ids start), in row order."""
+        bases = (self.base_vocab_size,) * len(self.text_configs)
+        return bases if self.base_vocab_size_2 < 0 else (self.base_vocab_size, self.base_vocab_size_2)
+
+    @property
     def row_width(self):
         """Width of a learned row: the text encoders' widths side by side (768 + 1280 for SDXL)."""
         return sum(self.text_widths)

@@ -59,7 +59,7 @@ def _plan(settings):
     """The sampler's static plan (timesteps and coefficients: ModelFamily.sampling_plan); UserError
     if it cannot run."""
     return families.of(settings.spec).sampling_plan(settings.scheduler, json.loads(settings.scheduler_config),
-                                                    settings.num_inference_steps, (settings.height, settings.width))
+                                                    settings.num_inference_steps, latent_shape(settings)[1:])
 
 
 def default_scheduler(spec, scheduler_config):
@@ -67,13 +67,13 @@ def default_scheduler(spec, scheduler_config):
     return families.of(spec).default_sampler(spec, scheduler_config)
 
 
-def check_size(spec, height, width):
-    """Raise UserError unless `height` x `width` pixels is a size the model can sample."""
+def check_size(spec, height, width, flag="--height/--width"):
+    """Raise UserError (naming `flag`) unless `height` x `width` pixels is a size the model can sample."""
     if height <= 0 or width <= 0 or height % 8 or width % 8:
-        raise UserError(f"--height/--width {height}x{width}: both must be positive multiples of 8")
+        raise UserError(f"{flag} {height}x{width}: both must be positive multiples of 8")
     multiple = spec.pixel_multiple
     if height % multiple or width % multiple:
-        raise UserError(f"--height/--width {height}x{width}: this model needs multiples of {multiple}")
+        raise UserError(f"{flag} {height}x{width}: this model needs multiples of {multiple}")
 
 
 def image_noise(key, image_ids, shape):

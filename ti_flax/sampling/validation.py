@@ -65,6 +65,8 @@ class Validator:
             model.scheduler_config,
             num_images=config.num_validation_images,
             num_inference_steps=config.validation_num_inference_steps,
+            height=config.validation_resolution,
+            width=config.validation_resolution,
             guidance_scale=(families.of(spec).sampling_defaults(spec)[1] if config.validation_guidance_scale is None
                             else config.validation_guidance_scale),
             devices=devices,

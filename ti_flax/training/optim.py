@@ -9,6 +9,7 @@ import optax
 
 from .. import tokens
 from ..config.flags import MATCH, MAY_CHANGE
+from ..errors import UserError
 
 
 def learning_rate(config, num_devices):
@@ -64,7 +65,8 @@ class NormControl:
     encoder's target.
 
     Attributes:
-      rate: in (0, 1]. targets: one norm per text encoder. widths: the text encoders' widths.
+      rate: in (0, 1]. targets: one norm per text encoder (None: that encoder's part is not
+        trained, --text_encoders, and keeps its rows). widths: the text encoders' widths.
     """
 
     rate: float
@@ -73,7 +75,49 @@ class NormControl:
 
     def __call__(self, rows):
         parts = tokens.split_rows(rows, self.widths)
-        return tokens.join_rows([scale_norms(p, t, self.rate) for p, t in zip(parts, self.targets)])
+        return tokens.join_rows([p if t is None else scale_norms(p, t, self.rate) for p, t in zip(parts, self.targets)])
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderMask:
+    """--text_encoders: the text encoders whose part of each row is trained; the others' parts
+    keep their initial rows (no gradient reaches the clipping or Adam's moments, and no update,
+    weight decay included, reaches the rows).
+
+    Attributes:
+      trained: one bool per text encoder, in the model's order. widths: their widths.
+    """
+
+    trained: tuple
+    widths: tuple
+
+    def __call__(self, updates):
+        """`updates` [..., sum(widths)] with the untrained encoders' columns zero."""
+        parts = tokens.split_rows(updates, self.widths)
+        return tokens.join_rows([p if keep else jnp.zeros_like(p) for p, keep in zip(parts, self.trained)])
+
+    def transform(self):
+        """The mask as an optax transformation (stateless)."""
+        return optax.stateless(lambda updates, params=None: self(updates))
+
+
+def trained_encoders(names, keys):
+    """One bool per text encoder (`keys`: their rows' keys, e.g. ("clip_l", "t5xxl")) from
+    --text_encoders `names` ("clip_l,t5xxl"); None when every one is trained (the default: the
+    same step as without the flag). Raises UserError for an unknown or missing name, or a model
+    with one text encoder."""
+    if names is None:
+        return None
+    if len(keys) < 2:
+        raise UserError(f"--text_encoders {names}: this model has one text encoder, which is always trained; drop "
+                        "the flag")
+    chosen = [name.strip() for name in str(names).split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in keys]
+    if unknown or not chosen:
+        raise UserError(f"--text_encoders {names}: this model's text encoders are {', '.join(keys)}; name one or "
+                        f"more, comma-separated (e.g. --text_encoders {keys[0]})")
+    trained = tuple(key in chosen for key in keys)
+    return None if all(trained) else trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +169,14 @@ class OptimizerSpec:
     accumulation_steps: int = dataclasses.field(default=1, metadata=_KEEP)
     norm: Optional[NormControl] = dataclasses.field(default=None, metadata=_KEEP)  # the rows' norm control (off: None)
     ema: Optional[Ema] = dataclasses.field(default=None, metadata=_KEEP)  # the rows' moving average (off: None)
+    # the text encoders whose parts are trained (--text_encoders; None: all)
+    encoders: Optional[EncoderMask] = dataclasses.field(default=None, metadata=_KEEP)
 
     @classmethod
-    def from_config(cls, config, num_devices, total_steps, norm_targets=(), text_widths=()):
+    def from_config(cls, config, num_devices, total_steps, norm_targets=(), text_widths=(), encoder_keys=()):
         """The spec of a run. `norm_targets` (one norm per text encoder, see run.norm_targets)
-        and `text_widths` (ModelSpec.text_widths) are needed when the config controls the norms."""
+        and `text_widths` (ModelSpec.text_widths) are needed when the config controls the norms,
+        and with `encoder_keys` (each encoder's rows key) when it chooses --text_encoders."""
         # Lengths that do not shape the schedule are zeroed, so runs that differ only there
         # share one compiled step.
         constant = config.lr_scheduler == "constant"
@@ -143,20 +190,23 @@ class OptimizerSpec:
             epsilon=config.adam_epsilon,
             weight_decay=config.adam_weight_decay,
             max_grad_norm=config.max_grad_norm,
-            **cls.rules_from_config(config, norm_targets, text_widths),
+            **cls.rules_from_config(config, norm_targets, text_widths, encoder_keys),
         )
 
     @staticmethod
-    def rules_from_config(config, norm_targets=(), text_widths=()):
+    def rules_from_config(config, norm_targets=(), text_widths=(), encoder_keys=()):
         """{field: value} of the fields a resumed run must keep (metadata resume MATCH): the
-        accumulation, and what follows each update."""
+        accumulation, the encoders trained, and what follows each update."""
         rate = config.norm_rate
         if rate and (not norm_targets or len(norm_targets) != len(text_widths)):
             raise ValueError(f"norm control needs a target per text encoder, got {norm_targets} for {text_widths}")
+        trained = trained_encoders(config.text_encoders, tuple(encoder_keys))
+        targets = tuple(float(t) if trained is None or trained[i] else None for i, t in enumerate(norm_targets))
         return dict(
             accumulation_steps=config.gradient_accumulation_steps,
-            norm=NormControl(rate, tuple(map(float, norm_targets)), tuple(text_widths)) if rate else None,
+            norm=NormControl(rate, targets, tuple(text_widths)) if rate else None,
             ema=Ema(config.ema_decay, config.ema_update_after_step) if config.use_ema else None,
+            encoders=None if trained is None else EncoderMask(trained, tuple(text_widths)),
         )
 
     def schedule(self):
@@ -171,12 +221,14 @@ class OptimizerSpec:
         adds one micro-batch's gradient to a running mean (one more [num_vectors, hidden]
         buffer) and every K-th call applies the update; the schedule counts updates.
         """
-        parts = []
+        mask = [] if self.encoders is None else [self.encoders.transform()]
+        parts = list(mask)  # --text_encoders: the others' gradients never count, their updates never land
         if self.max_grad_norm is not None:
             parts.append(optax.clip_by_global_norm(self.max_grad_norm))
         parts.append(
             optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.epsilon, weight_decay=self.weight_decay)
         )
+        parts += mask
         tx = optax.chain(*parts)
         if self.accumulation_steps > 1:
             tx = optax.MultiSteps(tx, every_k_schedule=self.accumulation_steps)

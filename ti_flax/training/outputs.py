@@ -78,7 +78,7 @@ def attention_summary(run):
 
 
 def print_banner(run):
-    config, spec = run.config, run.model.spec
+    config = run.config
     n_rows = len(run.tokens)
     print(
         f"{_what_line(run)}"
@@ -98,7 +98,7 @@ def print_banner(run):
         f"{_buckets_line(run)}"
         f"{_rows_line(run)}"
         f"{_validation_loss_line(run)}"
-        f"  trainable  {n_rows * spec.row_width} parameters ({n_rows} x {' + '.join(map(str, spec.text_widths))})\n"
+        f"{_trainable_line(run, n_rows)}"
         f"  output     {config.output_dir}",
         flush=True,
     )
@@ -158,13 +158,29 @@ def _buckets_line(run):
     return f"  buckets    {len(images.shapes)} used, one compiled step each (height x width: images): {listed}\n"
 
 
+def _trainable_line(run, n_rows):
+    """The banner's count of trained parameters: every encoder's part of each row, or with
+    --text_encoders the ones named (the others' kept at the initializer's rows)."""
+    widths, encoders = run.model.spec.text_widths, run.family.encoders
+    mask = run.opt_spec.encoders
+    if mask is None:
+        return f"  trainable  {n_rows * sum(widths)} parameters ({n_rows} x {' + '.join(map(str, widths))})\n"
+    trained = [(w, e.title) for w, e, keep in zip(widths, encoders, mask.trained) if keep]
+    kept = ", ".join(e.title for e, keep in zip(encoders, mask.trained) if not keep)
+    return (f"  trainable  {n_rows * sum(w for w, _ in trained)} parameters ({n_rows} x "
+            f"{' + '.join(f'{w} ({t})' for w, t in trained)}); {kept} kept at the initializer's rows "
+            "(--text_encoders)\n")
+
+
 def _rows_line(run):
     """The banner's line on what follows each update: the norm control with its target(s), the
     EMA ("" with both off)."""
     opt, parts = run.opt_spec, []
     if opt.norm is not None:
-        names = ("CLIP-L", "bigG") if len(opt.norm.targets) == 2 else ("",)
-        targets = " and ".join(f"{t:.4g}{f' ({n})' if n else ''}" for t, n in zip(opt.norm.targets, names))
+        several = len(opt.norm.targets) > 1
+        names = [e.title if several else "" for e in run.family.encoders]
+        targets = " and ".join(f"{t:.4g}{f' ({n})' if n else ''}" for t, n in zip(opt.norm.targets, names)
+                               if t is not None)
         source = "--embedding_norm_target" if run.config.embedding_norm_target is not None else "median of the token table"
         how = "set to" if opt.norm.rate == 1 else f"pulled {opt.norm.rate:g} of the way to"
         parts.append(f"each vector's norm {how} {targets} ({source})")

@@ -16,7 +16,7 @@ from ..data import batches as data_lib, captions as captions_lib, images as imag
 from ..data.buckets import BucketBatches
 from ..data.concept_mix import ConceptMix
 from ..errors import UserError
-from ..sampling import validation
+from ..sampling import sampler, validation
 from . import checkpoint as ckpt, distribution as distributed, step as step_lib
 from .losses import LossSpec, bucket_latent_masks, check_schedule
 from .optim import OptimizerSpec
@@ -106,7 +106,8 @@ def prepare(config, devices=None):
     epochs_batches = data.epochs_steps(config.num_train_epochs)
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
     targets = norm_targets(config, model.spec, tables) if config.norm_rate else ()
-    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths)
+    opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths,
+                                         tuple(e.key for e in families.of(model.spec).encoders))
     config = check_loss_recipe(config, model)
     if config.push_to_hub:
         check_hub_token(config)
@@ -131,6 +132,9 @@ def load_checked_model(config):
     check_resolution(config.resolution, model.spec)
     if config.enable_bucket:
         check_buckets(config, model.spec)
+    if config.validation_prompt and config.validation_resolution:  # a size the model cannot draw: before any step
+        side = config.validation_resolution
+        sampler.check_size(model.spec, side, side, flag="--validation_resolution")
     # An explicit --attention that cannot run here: one line, before anything is written.
     attention = families.of(model.spec).resolve_attention(config.attention, model.spec, config.resolution,
                                                           dtype=config.compute_dtype)
