@@ -122,9 +122,9 @@ def test_frozen_weights_of_both_encoders_unet_and_vae_stay_bitwise(sdxl_run):
     # The engine's frozen weights after the last update, each device's copy, against the weights
     # the run loaded.
     frozen, loaded = sdxl_run.engine.frozen, sdxl_run.engine.run.model.params
-    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+    for name, field in (("text_encoder",) * 2, ("text_encoder_2",) * 2, ("unet", "denoiser"), ("vae",) * 2):
         want = dict(jax.tree_util.tree_flatten_with_path(loaded[name])[0])
-        got = dict(jax.tree_util.tree_flatten_with_path(getattr(frozen, name))[0])
+        got = dict(jax.tree_util.tree_flatten_with_path(getattr(frozen, field))[0])
         assert got.keys() == want.keys(), name
         for path, leaf in got.items():
             leaf = np.asarray(leaf)
