@@ -179,3 +179,15 @@ def test_the_validation_loss_over_the_mesh_is_the_pmapped_ones(tiny_model_dir, s
         evaluator = Evaluator(run.model.spec, run.compute, run.validation_images, 0, run.devices, layout=layout)
         losses.append(evaluator.per_example(layout.state(rows), layout.weights(host)))
     assert losses[0].shape == (evaluator.count,) and np.abs(losses[0] - losses[1]).max() <= 1e-6
+
+
+def test_a_step_that_does_not_fit_suggests_sharding_first(runs, flux_dir, sample_images_dir, tmp_path, monkeypatch):
+    # The weights (45 MB) fit the patched limit, so the run stays replicated, but its step
+    # (127 MB; the replicated run's program, compiled already) does not.
+    config = flux_config(flux_dir, sample_images_dir, tmp_path / "out")
+    monkeypatch.setattr(footprint, "memory_limit", lambda device: 2**30 // 16)
+    run = run_lib.prepare(config)
+    assert run.sharded is None
+    with pytest.raises(UserError, match=r"GiB short; try --shard_weights, --mixed_precision bf16, --cache_latents"):
+        engine_lib.build(run)
+    assert not (tmp_path / "out").exists()

@@ -127,7 +127,10 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
         def suggestions():  # only asked for when the step does not fit
             backend = footprint.platform(devices[0])
-            return [flags for flags, _ in footprint.lighter_changes(config, run.model.spec, backend, config.resolution)]
+            changes = [flags for flags, _ in footprint.lighter_changes(config, run.model.spec, backend, config.resolution)]
+            # Splitting the weights helps only over several devices, and only a family that may.
+            split = (not layout.sharded and run.family.shards_weights and len(devices) * jax.process_count() > 1)
+            return ["--shard_weights"] * split + changes
 
         # Every bucket has at most --resolution^2 pixels: the first one's program stands for them all.
         program = step_fn.program() if isinstance(step_fn, BucketSteps) else step_fn
