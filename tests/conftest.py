@@ -94,7 +94,7 @@ MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir
 # short files that follow fill in around them and both workers finish close together, instead of
 # one worker starting a 3-minute file while the other runs out of work.
 LONGEST_FILES = [
-    "test_golden.py", "test_checkpoint.py", "test_sdxl_train.py", "test_sdxl_paths.py", "test_train.py",
+    "test_golden.py", "test_checkpoint.py", "test_sdxl_train.py", "test_sdxl_paths.py", "test_train.py", "test_sharded.py",
     "test_speed.py", "test_generate.py", "test_notebook.py", "test_multihost.py", "test_port_unet.py", "test_faults.py",
     "test_gradients.py", "test_sdxl_sampling.py", "test_learning.py",
 ]
@@ -131,8 +131,9 @@ def traces():
     (`before = traces["train_step"]`, run, compare).
 
     Each is wrapped in a counter for the whole session, before any is pmapped: pmapped_train_step and
-    pmapped_sample_step look the module's function up when they build a program, and cache that
-    program, so one wrapped part-way through would miss the traces of programs built before it.
+    pmapped_sample_step (and their sharded_* counterparts, --shard_weights') look the module's function
+    up when they build a program, and cache that program, so one wrapped part-way through would miss
+    the traces of programs built before it.
     """
     from ti_flax.sampling import sampler
     from ti_flax.training import step
@@ -145,6 +146,9 @@ def traces():
         step.pmapped_train_step.cache_clear()
         sampler.pmapped_sample_step.cache_clear()
         step.pmapped_validation_losses.cache_clear()
+        step.sharded_train_step.cache_clear()  # --shard_weights' programs over a mesh look them up alike
+        sampler.sharded_sample_step.cache_clear()
+        step.sharded_validation_losses.cache_clear()
         yield counts
 
 

@@ -96,7 +96,7 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     if writer:
         print_banner(run)
     # The step compiles, and is checked against the devices' memory, before anything is written.
-    engine = engine_lib.build(run, state, start_step, keep_vae=writer and bool(config.validation_prompt))
+    engine = engine_lib.build(run, state, start_step, keep_vae=validates_here(config, run.layout, writer))
     if writer:
         with files.writing(config.output_dir):  # a read-only or full disk: one line, nothing trained
             os.makedirs(config.output_dir, exist_ok=True)
@@ -129,16 +129,17 @@ def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
     from tqdm.auto import tqdm
 
     config = run.config
-    validating = writer and bool(config.validation_prompt)
+    validating = validates_here(config, engine.layout, writer)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
     log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar, run.concept_names)
     checkpoint = Checkpoint(run, engine, config.checkpointing_steps, writer)
     evaluate = ValidationLoss(run, engine, logger, callbacks) if engine.evaluator is not None else None
     validate = None
     if validating:  # samples with the engine's weights: no second copy on the devices
-        validator = Validator(config, run.model.spec, engine.compute, run.model, run.learned, engine.weights, run.devices)
+        validator = Validator(config, run.model.spec, engine.compute, run.model, run.learned, engine.weights, run.devices,
+                              engine.layout)
         validate = Validate(run, engine, validator, logger, log.history, callbacks,
-                            evaluate.records if evaluate else ())
+                            evaluate.records if evaluate else (), writer)
     # In this order at a step where several are due: rows, validation loss, images, then the checkpoint.
     actions = [SaveRows(run, engine, config.save_steps if writer else 0), evaluate, validate, checkpoint]
     try:
@@ -147,6 +148,13 @@ def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
     finally:
         bar.close()
     return engine.rows(), log.history, validate.last_grid if validate else None, evaluate
+
+
+def validates_here(config, layout, writer):
+    """Whether this process renders --validation_prompt's images: the writer (process 0) samples
+    alone with replicated weights; with weights split over every process's devices
+    (parallel.Sharded) every process takes part in the program, and only the writer saves."""
+    return bool(config.validation_prompt) and (writer or layout.sharded)
 
 
 def loop(engine, steps, log, vote, actions, checkpoint):

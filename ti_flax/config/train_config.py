@@ -266,6 +266,11 @@ class TrainConfig:
     attention: str = flag("auto", group=SPEED, resume=MAY_CHANGE, choices=ATTENTION,
         help="UNet attention: dense (one score matrix), chunked (query chunks: faster on CPU, less memory), cudnn "
              "(fused, NVIDIA GPU, bf16), flash (Pallas kernel, TPU); auto: the fastest one each call can run")
+    # FSDP: the frozen weights split over the devices, one jit program over a mesh (parallel.Sharded)
+    shard_weights: bool = flag(False, group=SPEED, resume=MAY_CHANGE, switch=True,
+        help="split the frozen weights over the devices (FSDP; the batch is still split over them too) instead of "
+             "a copy on each: for FLUX.1, whose weights do not fit one device; on by itself where a device's memory "
+             "is smaller than the weights")
     # True: no persistent compilation cache (see compile_cache.py)
     no_compilation_cache: bool = flag(False, group=SPEED, resume=MAY_CHANGE, switch=True,
         help="do not keep compiled programs on disk for the next run (default: in $XDG_CACHE_HOME/ti_flax/jax_cache, "

@@ -83,6 +83,9 @@ class ModelFamily:
       negative_prompt: its sampling takes a negative prompt (False: FLUX.1, guidance-distilled).
       file_flags: the TrainConfig fields naming the files of a model kept apart (`load_file`'s
         `separate`), e.g. FLUX.1's ("clip_l", "t5xxl", "ae", "t5xxl_tokenizer").
+      shards_weights: its frozen weights may be split over the devices (--shard_weights, or on
+        their own where they do not fit one device: run.shard_decision); False: they are always
+        replicated, the step pmapped (the SD families, whose `check_run` refuses --shard_weights).
 
     Each method below is a question; `families/sd.py` answers them for the UNet families. A new
     family answers each one (docs/add-a-family.md is the checklist).
@@ -97,6 +100,7 @@ class ModelFamily:
     flow_matching = False  # trained with rectified flow (training.losses.LossSpec's flow settings apply)
     negative_prompt = True  # sampling takes a negative prompt (classifier-free guidance)
     file_flags = ()  # the flags naming the parts a model kept as files has apart (FLUX.1's --clip_l, ...)
+    shards_weights = True  # its frozen weights may be split over the devices (--shard_weights)
 
     def __repr__(self):
         return f"<model family {self.name}>"

@@ -33,6 +33,7 @@ class StableDiffusion(ModelFamily):
 
     pipeline_class = "StableDiffusionPipeline"
     default_sampler_name = "pndm"  # diffusers' StableDiffusionPipeline's PNDMScheduler
+    shards_weights = False  # replicated on every device, the pmapped step's layout (check_run refuses --shard_weights)
 
     def __init__(self, name, title, encoders, layout, text_activations):
         self.name, self.title, self.encoders, self.layout = name, title, tuple(encoders), layout
@@ -104,11 +105,14 @@ class StableDiffusion(ModelFamily):
         return spec.text.max_position_embeddings
 
     def check_run(self, config, model):
-        """UserError for a rectified-flow flag (FLUX.1's) set away from its default."""
+        """UserError for a rectified-flow flag (FLUX.1's) set away from its default, and for
+        --shard_weights (the weights fit one device: the SD families train pmapped, replicated)."""
         changed = [name for name in FLOW_FLAGS if getattr(config, name) != getattr(TrainConfig, name)]
         if changed:
             raise UserError(f"--{changed[0]} applies to rectified-flow models (FLUX.1); this model is "
                             f"{self.title}, trained with a DDPM schedule")
+        if config.shard_weights:
+            raise UserError("--shard_weights: for FLUX.1 models; Stable Diffusion's weights fit one device replicated")
 
     def more_tokenizers(self, model_dir, tokenizer):
         """The tokenizers of the encoders after the first, read from `model_dir` ((), with one encoder)."""

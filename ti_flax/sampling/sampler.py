@@ -137,13 +137,26 @@ def pmapped_sample_step(settings, devices):
     return jax.pmap(fn, axis_name=parallel.AXIS, in_axes=(0, None, 0, 0, 0, None, None), devices=devices)
 
 
+@functools.lru_cache(maxsize=16)
+def sharded_sample_step(settings, devices):
+    """sample_step as one program over `parallel.Sharded(devices)`'s mesh, for frozen weights split
+    over it (the train engine's with --shard_weights); cached like `pmapped_sample_step`.
+
+    rows, key and guidance_scale come with a leading axis of one; the prompts and image ids
+    [devices, per device, ...], and so do the images returned.
+    """
+    fn = functools.partial(sample_step, settings=settings)
+    one, split = parallel.ONE, parallel.SPLIT
+    return parallel.mesh_map(fn, devices, (None, one, split, split, split, one, one), split)
+
+
 class Sampler:
     """Stable Diffusion text-to-image for fixed settings, compiled on first use and reused.
 
     Args:
       spec: models.ModelSpec. params: {"text_encoder", "unet", "vae"} (+ "text_encoder_2" for a
-        second encoder) host params, or (with params_replicated=True) a Frozen already replicated by
-        parallel.replicate on `devices`, such as the train engine's, so the weights are not held twice.
+        second encoder) host params, or (with params_replicated=True) a Frozen already on `devices`
+        as `layout` placed it, such as the train engine's, so the weights are not held twice.
       scheduler_config: the model's scheduler config (LoadedModel.scheduler_config).
       num_images: images per call (padded up to a multiple of the device count; extras dropped).
       num_inference_steps, guidance_scale, height, width, scheduler: sampling settings; height and
@@ -153,12 +166,16 @@ class Sampler:
       zero_empty_negative: an empty negative prompt conditions on zeros, where the family has such
         a choice (SDXL: from_model reads the folder's, ModelFamily.zero_empty_negative). Default:
         what the family does for a model without one (SDXL: True, as diffusers' SDXL pipelines).
+      layout: with params_replicated, the parallel layout that placed `params` (default
+        parallel.Replicated: sampled pmapped); a parallel.Sharded one (the train engine's with
+        --shard_weights) samples with one program over its mesh, every process taking part.
     """
 
     def __init__(self, spec, params, scheduler_config, *, num_images=None, num_inference_steps=25,
                  guidance_scale=7.5, height=None, width=None, scheduler=None, devices=None,
-                 params_replicated=False, compute=None, zero_empty_negative=None):
+                 params_replicated=False, compute=None, zero_empty_negative=None, layout=None):
         self.devices = tuple(devices or jax.local_devices())
+        self.layout = layout if params_replicated and layout is not None else parallel.Replicated(self.devices)
         family = families.of(spec)
         default_h, default_w = family.default_size(spec)
         self.height, self.width = height or default_h, width or default_w
@@ -186,7 +203,8 @@ class Sampler:
         else:
             self.frozen = parallel.replicate(Frozen(params["text_encoder"], params[spec.denoiser.FOLDER], params["vae"], None,
                                                     params.get("text_encoder_2")), self.devices)
-        self._fn = pmapped_sample_step(self.settings, self.devices)
+        make = sharded_sample_step if self.layout.sharded else pmapped_sample_step
+        self._fn = make(self.settings, self.devices)
 
     @classmethod
     def from_model(cls, model, **kwargs):
@@ -231,6 +249,12 @@ class Sampler:
         image_ids = np.arange(prompt_ids.shape[0] * self.per_device, dtype=np.int32).reshape(prompt_ids.shape[:2])
         key = np.asarray(jax.random.key_data(jax.random.key(seed)))
         scale = np.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
-        images = self._fn(self.frozen, rows, prompt_ids, negative_ids, image_ids, key, scale)
-        images = np.asarray(images)
+        if self.layout.sharded:  # every process gives the same prompts as its slices, and reads its own
+            one, split = self.layout.state, self.layout.batch
+            images = self._fn(self.frozen, one(rows), split(prompt_ids), split(negative_ids), split(image_ids), one(key),
+                              one(scale))
+            images = parallel.local_rows(images)
+        else:
+            images = self._fn(self.frozen, rows, prompt_ids, negative_ids, image_ids, key, scale)
+            images = np.asarray(images)
         return images.reshape((-1,) + images.shape[2:])[: self.num_images]

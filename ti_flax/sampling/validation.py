@@ -1,6 +1,6 @@
 """Validation images during training: the same prompt and seed every time, so they compare.
 
-The sampler is built once per run on the train loop's replicated frozen weights (no second
+The sampler is built once per run on the train loop's frozen weights, replicated or split (no second
 copy) and compiled on first use; the learned rows are an argument, so no validation
 recompiles anything. SDXL models sample through both text encoders, as diffusers'
 StableDiffusionXLPipeline does.
@@ -49,8 +49,9 @@ class Validator:
     --concepts, the prompt once per concept ("{}" filled with its token) into
     output_dir/<token>/validation/."""
 
-    def __init__(self, config, spec, compute, model, learned, frozen, devices):
-        """`frozen`: the engine's replicated Frozen (with its VAE); `compute`: models.Compute;
+    def __init__(self, config, spec, compute, model, learned, frozen, devices, layout=None):
+        """`frozen`: the engine's Frozen on `devices` (with its VAE), as `layout` (the engine's
+        parallel layout; default parallel.Replicated) placed it; `compute`: models.Compute;
         `learned`: the run's run.Learned, one per concept."""
         if config.concepts is None and config.placeholder_token not in config.validation_prompt:
             warnings.warn(
@@ -73,6 +74,7 @@ class Validator:
             params_replicated=True,
             compute=compute,
             zero_empty_negative=families.of(model.spec).zero_empty_negative(model),
+            layout=layout,
         )
         groups = [list(c.tokens) for c in learned]
         tokenizers = families.of(model.spec).prompt_tokenizers(model)
@@ -85,14 +87,17 @@ class Validator:
         # No negative prompt: for SDXL all zeros, as diffusers' SDXL pipeline called without one.
         self.negative_ids = encode_prompt(tokenizers, "", overflow=CUT)
 
+    def sample(self, rows):
+        """Each prompt's images with `rows`, uint8 [num_validation_images, H, W, 3] each, in job order."""
+        return [self.sampler.sample(rows, prompt_ids, self.negative_ids, seed=self.seed) for _, _, prompt_ids in self.jobs]
+
     def __call__(self, rows, step):
         """Sample with `rows` and save the images and their grid, for each prompt.
 
         Returns: [(concept name, or "" in a single-concept run; image paths; grid path; images)].
         """
         results = []
-        for name, folder, prompt_ids in self.jobs:
-            images = self.sampler.sample(rows, prompt_ids, self.negative_ids, seed=self.seed)
+        for (name, folder, _), images in zip(self.jobs, self.sample(rows)):
             paths = [save_png(os.path.join(folder, f"step-{step:06d}-{i}.png"), im) for i, im in enumerate(images)]
             grid_path = save_png(os.path.join(folder, f"step-{step:06d}.png"), grid(images))
             results.append((name, paths, grid_path, images))

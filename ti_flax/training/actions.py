@@ -177,13 +177,16 @@ class Validate:
       validator: validation.Validator. logger: logs.MetricsLogger (gets the grid).
       history: LogStep.history (for the model card). callbacks: get a "validation" record.
       validation_losses: ValidationLoss.records, for the model card's loss plot.
+      writer: whether this process writes; another one (with --shard_weights in a multi-process
+        run) only takes part in sampling, which spans every process's devices.
     Attributes:
       last_grid: the newest grid image's path, or None.
     """
 
-    def __init__(self, run, engine, validator, logger, history, callbacks, validation_losses=()):
+    def __init__(self, run, engine, validator, logger, history, callbacks, validation_losses=(), writer=True):
         self.run, self.engine, self.validator, self.logger = run, engine, validator, logger
         self.history, self.callbacks, self.validation_losses = history, callbacks, validation_losses
+        self.writer = writer
         self.last_grid = None
 
     def due(self, done, stopping=False):
@@ -193,6 +196,9 @@ class Validate:
         """Render the validation images (each concept's, with --concepts); a "validation" record
         per prompt goes to the callbacks."""
         config = self.run.config
+        if not self.writer:
+            self.validator.sample(self.engine.rows())
+            return
         try:
             results = self.validator(self.engine.rows(), done)
             for name, _, grid_path, images in results:

@@ -1,8 +1,9 @@
 """The training engine: a prepared run's step, weights, state and batches on the devices.
 
-`build(run)` puts the frozen weights on the local devices (cast once to the compute dtype),
-caches the latents if asked, compiles the train step ahead of its first call and starts feeding
-batches. `Engine.update()` then runs one optimizer update. Training (training.py), the benchmark
+`build(run)` puts the frozen weights on the local devices (cast once to the compute dtype) as
+the run's parallel layout says (`Run.layout`: replicated for a pmapped step, or split over the
+devices with --shard_weights), caches the latents if asked, compiles the train step ahead of its
+first call and starts feeding batches. `Engine.update()` then runs one optimizer update. Training (training.py), the benchmark
 (scripts/benchmark.py) and the tests all drive the step through it.
 
     >>> engine = build(prepare(config))  # doctest: +SKIP
@@ -26,10 +27,13 @@ class Engine:
 
     Attributes:
       run: the run.Run it was built for. compute: its models.Compute.
-      frozen: the step's replicated Frozen (vae None with --cache_latents).
-      weights: the replicated Frozen with its VAE, for sampling; None when --cache_latents
+      layout: the run's parallel layout (parallel.Replicated or parallel.Sharded): where each
+        tree below lies.
+      frozen: the step's Frozen on the devices (vae None with --cache_latents).
+      weights: the Frozen on the devices with its VAE, for sampling; None when --cache_latents
         dropped the VAE and `build` was not asked to keep it.
-      state: the replicated step.TrainState, advanced by `update`.
+      state: the step.TrainState on the devices (each leaf with a leading axis that
+        `parallel.unreplicate` reads), advanced by `update`.
       step_fn: the compiled step, `(state, frozen, batch, keys) -> (state, metrics)` (with
         --enable_bucket a BucketSteps: one program per bucket).
       compile_seconds: seconds compiling the step (a multi-process run compiles it on the
@@ -42,6 +46,7 @@ class Engine:
     def __init__(self, run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds,
                  cache_seconds=0.0, estimated_bytes=None, evaluator=None):
         self.run, self.compute, self.frozen, self.weights = run, compute, frozen, weights
+        self.layout = run.layout
         self.state, self.keys, self.step_fn, self.batches = state, keys, step_fn, batches
         self.compile_seconds, self.cache_seconds = compile_seconds, cache_seconds
         self.estimated_bytes = estimated_bytes
@@ -51,7 +56,7 @@ class Engine:
     def update(self):
         """Dispatch one optimizer update (its `gradient_accumulation_steps` micro-steps).
 
-        Returns the micro-steps' metrics, replicated device arrays, without waiting for them:
+        Returns the micro-steps' metrics, device arrays, without waiting for them:
         read them with `parallel.unreplicate` and `step.mean_metrics`.
         """
         metrics = []
@@ -90,7 +95,7 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
       UserError (one line) when the compiled step needs more memory than a device has
       (footprint.check_fits), before the first step.
     """
-    config, devices, compute = run.config, run.devices, run.compute
+    config, devices, compute, layout = run.config, run.devices, run.compute, run.layout
     if state is None:
         state = step_lib.init_state(run.init_rows, run.opt_spec)
     # The step compiles from shapes in the background while the frozen weights are cast (once,
@@ -99,22 +104,22 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     compiling = compile_in_background(run, state, Frozen.from_model(run.model, compute.dtype, abstract=True),
                                       start_step)
     host_frozen = Frozen.from_model(run.model, compute.dtype)
-    frozen = weights = parallel.replicate(host_frozen, devices)
+    frozen = weights = layout.weights(host_frozen)
     del host_frozen
     views, cache_seconds = None, 0.0
     if config.cache_latents:  # encode every view now; the step then never sees the VAE
         start = time.perf_counter()
-        views = latents.latent_views(run.model.spec, compute, frozen.vae, run.data.images, devices)
+        views = latents.latent_views(run.model.spec, compute, frozen.vae, run.data.images, devices, layout)
         cache_seconds = time.perf_counter() - start
     evaluator = None
     if run.validation_images is not None:  # with --cache_latents its images are encoded now, with the VAE
         evaluator = Evaluator(run.model.spec, compute, run.validation_images, config.seed, devices,
-                              frozen.vae if config.cache_latents else None, run.concept_names)
+                              frozen.vae if config.cache_latents else None, run.concept_names, layout)
     if config.cache_latents:
         frozen = frozen._replace(vae=None)
         weights = weights if keep_vae else None
-    state = parallel.replicate(state, devices)
-    keys = parallel.replicate(jax.random.PRNGKey(config.seed), devices)
+    state = layout.state(state)
+    keys = layout.state(jax.random.PRNGKey(config.seed))
     step_fn, compile_seconds = compiling.result()
     if evaluator is not None:  # its program compiles behind the first steps, not inside the loop
         evaluator.compile_in_background(state.output_rows, frozen)
@@ -122,30 +127,32 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
         def suggestions():  # only asked for when the step does not fit
             backend = footprint.platform(devices[0])
-            return [flags for flags, _ in footprint.lighter_changes(config, run.model.spec, backend, config.resolution)]
+            changes = [flags for flags, _ in footprint.lighter_changes(config, run.model.spec, backend, config.resolution)]
+            # Splitting the weights helps only over several devices, and only a family that may.
+            split = (not layout.sharded and run.family.shards_weights and len(devices) * jax.process_count() > 1)
+            return ["--shard_weights"] * split + changes
 
         # Every bucket has at most --resolution^2 pixels: the first one's program stands for them all.
         program = step_fn.program() if isinstance(step_fn, BucketSteps) else step_fn
         estimated = footprint.check_fits(program, devices, suggestions)
-    batches = parallel.prefetch_to_devices(
+    batches = layout.prefetch(
         run.data.batches(start_step * config.gradient_accumulation_steps, jax.process_index(), jax.process_count(),
-                         len(devices), views),
-        devices,
-    )
+                         len(devices), views))
     return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds,
                   estimated, evaluator)
 
 
 def step_shapes(run, state, host_frozen, start_step, bucket=None):
     """The train step's arguments (state, frozen, batch, key) as jax.ShapeDtypeStruct trees laid
-    out as the engine will pass them, from host trees: nothing needs to be on the devices.
+    out as the engine will pass them (the run's parallel layout), from host trees: nothing needs
+    to be on the devices.
 
     `host_frozen` is the host Frozen the engine replicates (cast, with its VAE), or its
     shapes (`Frozen.from_model(..., abstract=True)`). `bucket`
     (--enable_bucket): the batch's images are that bucket's (index into `run.data.images.shapes`).
     """
-    config, devices = run.config, run.devices
-    frozen = parallel.shapes(host_frozen, devices)
+    config, devices, layout = run.config, run.devices, run.layout
+    frozen = layout.weight_shapes(host_frozen)
     batch = run.data.local_batch(start_step * config.gradient_accumulation_steps, jax.process_index(),
                                  jax.process_count(), len(devices))
     if bucket is not None:  # the same batch, shaped as that bucket's images (a view of one zero)
@@ -158,30 +165,30 @@ def step_shapes(run, state, host_frozen, start_step, bucket=None):
     if config.cache_latents:
         frozen = frozen._replace(vae=None)
         batch = latents.latent_batch_shapes(run.model.spec, run.compute, parallel.shapes(host_frozen.vae), batch)
-    key = parallel.shapes(jax.random.PRNGKey(config.seed), devices)
-    return parallel.shapes(state, devices), frozen, parallel.shapes(batch), key
+    key = layout.state_shapes(jax.random.PRNGKey(config.seed))
+    return layout.state_shapes(state), frozen, layout.batch_shapes(batch), key
 
 
 def compile_in_background(run, state, frozen_shapes, start_step):
     """Start compiling the train step on a thread; returns a future of (step, seconds).
 
-    Its `result()` re-raises whatever the compile raised. In a multi-process run the step
+    Its `result()` re-raises whatever the compile raised. In a multi-process run a pmapped step
     compiles on its first call instead (see step.compile_train_step): (step, None) at once. With
     --enable_bucket, the step is a BucketSteps, one program per bucket, and the seconds are
     those of the first step's bucket, which the future waits for (the others compile after it,
     on the same thread).
     """
     statics = (run.model.spec, run.compute, run.opt_spec, run.devices)
-    if jax.process_count() > 1:  # pmap compiles a program per shape (so per bucket) on its first call
+    options = {"num_concepts": run.num_concepts, "loss_spec": run.loss_spec, "sharded": run.layout.sharded}
+    if jax.process_count() > 1 and not run.layout.sharded:  # pmap compiles a program per shape on its first call
         args = step_shapes(run, state, frozen_shapes, start_step)
         done = Future()
-        done.set_result((step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts,
-                                                     loss_spec=run.loss_spec), None))
+        done.set_result((step_lib.compile_train_step(*statics, *args, **options), None))
         return done
 
     def compile_step(args):
         start = time.perf_counter()
-        fn = step_lib.compile_train_step(*statics, *args, num_concepts=run.num_concepts, loss_spec=run.loss_spec)
+        fn = step_lib.compile_train_step(*statics, *args, **options)
         return fn, time.perf_counter() - start
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile")

@@ -28,55 +28,71 @@ def _pmapped_encode(spec, compute, devices):
     return jax.pmap(functools.partial(step_lib.encode_pixels, spec, compute), devices=parallel.pmap_devices(devices))
 
 
-def encode_views(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
+@functools.lru_cache(maxsize=8)
+def _sharded_encode(spec, compute, devices):
+    # The VAE split over the mesh (--shard_weights): one program over every process's devices,
+    # each process giving the same views as its slices, as with the pmap.
+    return parallel.mesh_map(functools.partial(step_lib.encode_pixels, spec, compute), devices,
+                             (None, parallel.SPLIT), parallel.SPLIT)
+
+
+def encode_views(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE,
+                 layout=None):
     """VAE posterior of every image, unflipped and flipped, in batches sharded over `devices`.
 
     Args:
       spec: models.ModelSpec. compute: models.Compute (its dtype is the VAE's compute dtype).
-      vae_params: VAE params replicated on `devices` (as parallel.replicate lays them out).
+      vae_params: VAE params on `devices`, as `layout` placed them.
       images: uint8 [N, H, W, 3], the decoded training images.
       devices: the local devices to encode on.
       batch_per_device: views per device per call (the last call is padded).
+      layout: the run's parallel layout (default: parallel.Replicated, the VAE on every device);
+        with parallel.Sharded, one program over its mesh.
     Returns:
       (mean, logvar): float32 numpy [N, 2, C, h, w]; index [i, 1] is image i flipped.
     """
     views = np.stack([images, images[:, :, ::-1]], axis=1).reshape(-1, *images.shape[1:])
-    mean, logvar = encode_images(spec, compute, vae_params, views, devices, batch_per_device)
+    mean, logvar = encode_images(spec, compute, vae_params, views, devices, batch_per_device, layout)
     shape = (len(images), 2) + mean.shape[1:]
     return mean.reshape(shape), logvar.reshape(shape)
 
 
-def encode_images(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE):
+def encode_images(spec, compute, vae_params, images, devices, batch_per_device=ENCODE_BATCH_PER_DEVICE, layout=None):
     """VAE posterior of each of `images` (uint8 [n, H, W, 3]) as they are: float32 numpy
     (mean, logvar) [n, C, h, w]; the other arguments as for `encode_views`."""
     n, num_devices = len(images), len(devices)
     per_device = max(1, min(batch_per_device, math.ceil(n / num_devices)))
     chunk = per_device * num_devices
-    encode = _pmapped_encode(spec, compute, tuple(devices))
+    layout = layout or parallel.Replicated(devices)
+    if layout.sharded:
+        encode, place = _sharded_encode(spec, compute, tuple(devices)), layout.batch
+    else:
+        encode, place = _pmapped_encode(spec, compute, tuple(devices)), np.asarray
     means, logvars = [], []
     for start in range(0, n, chunk):
         part = images[start : start + chunk]
         pad = chunk - len(part)
         if pad:  # one compiled shape for every call: pad with copies of the last image
             part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-        mean, logvar = encode(vae_params, part.reshape(num_devices, per_device, *part.shape[1:]))
+        mean, logvar = encode(vae_params, place(part.reshape(num_devices, per_device, *part.shape[1:])))
         means.append(parallel.local_rows(mean).reshape(chunk, *mean.shape[2:])[: chunk - pad])
         logvars.append(parallel.local_rows(logvar).reshape(chunk, *logvar.shape[2:])[: chunk - pad])
     return np.concatenate(means), np.concatenate(logvars)
 
 
-def latent_views(spec, compute, vae_params, images, devices):
+def latent_views(spec, compute, vae_params, images, devices, layout=None):
     """The --cache_latents view source: every image encoded once, unflipped and flipped.
 
     Args: as for `encode_views`; `images` may be a data.Bucketed (--enable_bucket), each bucket's
-      images then encoded as one array (one encoder program per bucket shape).
+      images then encoded as one array (one encoder program per bucket shape). `layout`: the run's
+      parallel layout, which placed `vae_params` (default: parallel.Replicated).
     Returns: data.LatentViews, for TrainData's batch methods.
     """
     if isinstance(images, data_lib.Bucketed):
-        encoded = [encode_views(spec, compute, vae_params, array, devices) for array in images.arrays]
+        encoded = [encode_views(spec, compute, vae_params, array, devices, layout=layout) for array in images.arrays]
         return data_lib.LatentViews(images.with_arrays([m for m, _ in encoded]),
                                     images.with_arrays([v for _, v in encoded]))
-    return data_lib.LatentViews(*encode_views(spec, compute, vae_params, images, devices))
+    return data_lib.LatentViews(*encode_views(spec, compute, vae_params, images, devices, layout=layout))
 
 
 def latent_batch_shapes(spec, compute, vae_params, batch):

@@ -85,7 +85,7 @@ def print_banner(run):
         f"  model      {config.pretrained_model_name_or_path} ({_model_kind(run.model)}), "
         f"loaded in {run.load_seconds:.1f} s\n"
         f"  devices    {len(run.devices) * jax.process_count()} ({len(run.devices)} local x "
-        f"{jax.process_count()} process(es), {jax.default_backend()})\n"
+        f"{jax.process_count()} process(es), {jax.default_backend()}){_sharding_text(run)}\n"
         f"  batch      {config.train_batch_size} per device x {len(run.devices) * jax.process_count()} devices = "
         f"{run.data.global_batch_size} global; {run.data.steps_per_epoch} steps per epoch\n"
         f"  steps      {run.total_steps}, lr {run.opt_spec.peak_lr:g} ({config.lr_scheduler})"
@@ -102,6 +102,13 @@ def print_banner(run):
         f"  output     {config.output_dir}",
         flush=True,
     )
+
+
+def _sharding_text(run):
+    """The banner's note on the frozen weights' layout: "" when each device holds a copy."""
+    if run.sharded is None:
+        return ""
+    return f"; frozen weights split over them ({run.sharded})"
 
 
 def _model_kind(model):

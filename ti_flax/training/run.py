@@ -3,6 +3,7 @@ written, the state to start from, and the lines that describe the run on the ter
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from typing import Optional
@@ -10,14 +11,15 @@ from typing import Optional
 import jax
 import numpy as np
 
-from .. import families, formats, models, tokens as tokens_lib
+from .. import families, formats, models, parallel, tokens as tokens_lib
 from ..config import TrainConfig, concepts as concepts_lib
 from ..data import batches as data_lib, captions as captions_lib, images as images_lib, prompts
 from ..data.buckets import BucketBatches
 from ..data.concept_mix import ConceptMix
 from ..errors import UserError
+from ..families import Frozen
 from ..sampling import sampler, validation
-from . import checkpoint as ckpt, distribution as distributed, step as step_lib
+from . import checkpoint as ckpt, distribution as distributed, footprint, step as step_lib
 from .losses import LossSpec, bucket_latent_masks, check_schedule
 from .optim import OptimizerSpec
 
@@ -60,6 +62,14 @@ class Run:
     attention: str = "dense"  # what --attention resolved to for the UNet's self-attention
     # --validation_loss_steps: the images its loss is computed on (data.ValidationImages); else None
     validation_images: Optional[data_lib.ValidationImages] = None
+    # Why the frozen weights are split over the devices (shard_decision), for the banner; None: replicated
+    sharded: Optional[str] = None
+
+    @functools.cached_property
+    def layout(self):
+        """Where the run's trees go on its devices: parallel.Sharded when its frozen weights are
+        split over them (`sharded`), else parallel.Replicated (the pmapped step's)."""
+        return parallel.layout(self.devices, sharded=self.sharded is not None)
 
     @property
     def compute(self):
@@ -99,6 +109,7 @@ def prepare(config, devices=None):
     init_rows, learned, tokens, token_ids = learned_concepts(config, concepts, model, tables)
     check_validation_prompts(config, model, learned)
     devices = tuple(devices or jax.local_devices())
+    sharded = shard_decision(config, model, devices)
     num_devices = len(devices) * jax.process_count()
     global_batch = config.train_batch_size * num_devices
     data, parts, validation_images = run_data(config, model, concepts, learned, global_batch)
@@ -113,7 +124,25 @@ def prepare(config, devices=None):
         check_hub_token(config)
     meta = checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch)
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned), attention, validation_images)
+               tuple(learned), attention, validation_images, sharded)
+
+
+def shard_decision(config, model, devices):
+    """Whether the run splits its frozen weights over its devices (FSDP, parallel.Sharded), and
+    why: "--shard_weights"; or, for a family whose weights may be split (ModelFamily.shards_weights),
+    on its own where the weights in the compute dtype are more than a device's memory
+    (footprint.memory_limit: never on CPU, which reports none), e.g. "23.8 GiB of frozen weights,
+    15.7 GiB per device". None: replicated on every device, the step pmapped. (A family that
+    cannot shard has refused --shard_weights in its check_run.)"""
+    if config.shard_weights:
+        return "--shard_weights"
+    if not families.of(model.spec).shards_weights:
+        return None
+    limit = footprint.memory_limit(devices[0])
+    need = footprint.tree_bytes(Frozen.from_model(model, config.compute_dtype, abstract=True))
+    if limit is None or need <= limit:
+        return None
+    return f"{need / footprint.GIB:.1f} GiB of frozen weights, {limit / footprint.GIB:.1f} GiB per device"
 
 
 def load_checked_model(config):

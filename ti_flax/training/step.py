@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import families, models
+from .. import families, models, parallel
 from ..data.batches import LatentBatch, PixelBatch
-from ..parallel import AXIS, pmap_devices
+from ..parallel import AXIS, ONE, SPLIT, pmap_devices
 from . import losses
 from .losses import LossSpec
 
@@ -136,14 +136,19 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
 
 
 def concept_sums(example_losses, concept_ids, num_concepts, axis_name):
-    """(loss sum, example count), float32 [num_concepts] each, over every device's examples."""
+    """(loss sum, example count), float32 [num_concepts] each, over every device's examples
+    (`axis_name` None: the examples given are every device's already)."""
     onehot = jax.nn.one_hot(concept_ids, num_concepts, dtype=jnp.float32)
-    return jax.lax.psum((example_losses @ onehot, onehot.sum(0)), axis_name)
+    sums = (example_losses @ onehot, onehot.sum(0))
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_concepts=1, loss_spec=LossSpec(),
                axis_name=AXIS):
-    """One optimizer step (or, with gradient accumulation, one micro-step) on one device's share.
+    """One optimizer step (or, with gradient accumulation, one micro-step) on one device's share,
+    or with `axis_name` None on the whole global batch (--shard_weights' program over a mesh, where
+    the compiler splits the work): no collective, and the mean over the global batch is the mean
+    of the devices' equal shares' means that the pmapped step takes.
 
     Args:
       state: TrainState (donated by the caller). `state.step` counts optimizer updates: with
@@ -159,7 +164,7 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
       base_key: the run's PRNG key; the step's key is fold_in(base_key, step).
       spec: models.ModelSpec, compute: models.Compute, opt_spec: optim.OptimizerSpec (with
         what follows each update: the rows' norm control and EMA), num_concepts: the run's
-        concepts, loss_spec: losses.LossSpec (all static).
+        concepts, loss_spec: losses.LossSpec, axis_name: the pmapped axis, or None (all static).
     Returns:
       (new TrainState, metrics dict of scalars averaged over devices ("loss" is the loss optimized,
       under `loss_spec`); with several concepts, also "concept_loss_sum" and "concept_count",
@@ -180,7 +185,8 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
             *args, per_example=True, **options)
         sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
         extra = {"concept_loss_sum": sums, "concept_count": counts}
-    loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
     updates, opt_state = opt_spec.build().update(grads, state.opt_state, state.rows)
     updated = opt_spec.updated(opt_state)
     step = state.step + jnp.asarray(updated, jnp.int32)
@@ -223,6 +229,15 @@ def pmapped_validation_losses(spec, compute, devices):
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices))
 
 
+@functools.lru_cache(maxsize=16)
+def sharded_validation_losses(spec, compute, devices):
+    """validation_losses as one program over `parallel.Sharded(devices)`'s mesh (--shard_weights):
+    rows and key with a leading axis of one, batch and timesteps [devices, B, ...]; returns
+    float32 [devices, B] split over the devices, as the pmapped one does."""
+    fn = functools.partial(validation_losses, spec=spec, compute=compute)
+    return parallel.mesh_map(fn, devices, (ONE, None, SPLIT, SPLIT, ONE), SPLIT)
+
+
 def mean_metrics(micro_metrics):
     """One record from the host metrics of an update's micro-steps: loss and gradient norm
     averaged, `finite` only if every micro-step was, row norms after the last; per-concept loss
@@ -244,40 +259,59 @@ def pmapped_train_step(spec, compute, opt_spec, devices, num_concepts=1, loss_sp
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices), donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=16)
+def sharded_train_step(spec, compute, opt_spec, devices, num_concepts=1, loss_spec=LossSpec()):
+    """train_step as one program over `parallel.Sharded(devices)`'s mesh (--shard_weights), on the
+    global batch; cached like `pmapped_train_step`. Its arguments are laid out by parallel.Sharded:
+    the state and key with a leading axis of one (the state donated), the frozen weights split,
+    the batch [devices, per device, ...]; the state and metrics come back with a leading axis of one."""
+    fn = functools.partial(train_step, spec=spec, compute=compute, opt_spec=opt_spec,
+                           num_concepts=num_concepts, loss_spec=loss_spec, axis_name=None)
+    return parallel.mesh_map(fn, devices, (ONE, None, SPLIT, ONE), ONE, donate_argnums=(0,))
+
+
 def compile_train_step(spec, compute, opt_spec, devices, state, frozen, batch, key, num_concepts=1,
-                       loss_spec=LossSpec()):
-    """The pmapped train step compiled ahead of its first call, for arguments shaped like these.
+                       loss_spec=LossSpec(), sharded=False):
+    """The train step compiled ahead of its first call, for arguments shaped like these.
 
     Args:
       spec, compute, opt_spec, devices, num_concepts, loss_spec: as for `pmapped_train_step`.
-      state, frozen, batch, key: the step's arguments, each leaf with its leading device axis:
-        arrays, or jax.ShapeDtypeStruct where the arrays are not on the devices yet.
+      state, frozen, batch, key: the step's arguments as the run's parallel layout places them:
+        arrays, or jax.ShapeDtypeStruct where the arrays are not on the devices yet (with
+        `sharded`, the parallel.Sharded shapes, which carry the shardings).
+      sharded: the program over the mesh (`sharded_train_step`, --shard_weights), not the pmapped one.
     Returns:
       A callable `(state, frozen, batch, key) -> (state, metrics)` that never traces again: an
       argument of another shape or dtype is a TypeError, not a silent recompile. Cached by the
-      pmapped step and the arguments' shapes, so a second run with the same settings reuses it.
-      In a multi-process run, the pmapped step itself, which compiles on its first call.
+      step and the arguments' shapes, so a second run with the same settings reuses it. In a
+      multi-process run without `sharded`, the pmapped step itself, which compiles on its first call.
     """
-    return compiled_ahead(pmapped_train_step(spec, compute, opt_spec, devices, num_concepts, loss_spec),
-                          state, frozen, batch, key)
+    make = sharded_train_step if sharded else pmapped_train_step
+    return compiled_ahead(make(spec, compute, opt_spec, devices, num_concepts, loss_spec), state, frozen, batch, key)
 
 
-def compiled_ahead(pmapped, *args):
-    """`pmapped` (a pmapped step) compiled for arguments shaped like `args` (arrays or
-    jax.ShapeDtypeStruct, each leaf with its leading device axis), cached by the function and the
-    shapes; in a multi-process run `pmapped` itself, which compiles on its first call."""
-    if jax.process_count() > 1:
+def compiled_ahead(step, *args):
+    """`step` (a pmapped step, or a parallel.mesh_map one) compiled for arguments shaped like
+    `args` (arrays or jax.ShapeDtypeStruct as the layout places them), cached by the function
+    and the shapes (and shardings); in a multi-process run a pmapped `step` itself, which
+    compiles on its first call."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    # A mesh program's arguments carry their shardings (parallel.Sharded's shapes): global arrays,
+    # which compile ahead in any run. A pmapped step's carry none.
+    placed = tuple(getattr(x, "sharding", None) for x in leaves)
+    if jax.process_count() > 1 and not any(placed):
         # There the pmap spans every process's devices: its ahead-of-time program takes global
         # arrays, not the host-local ones the loop passes (jax's pmap.lower says as much).
-        return pmapped
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype)) for x in leaves)
-    return _compiled(pmapped, treedef, shapes)
+        return step
+    shapes = tuple((tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype), sharding)
+                   for x, sharding in zip(leaves, placed))
+    return _compiled(step, treedef, shapes)
 
 
 @functools.lru_cache(maxsize=16)
 def _compiled(fn, treedef, shapes):
-    # Keyed by the pmapped function itself: after `pmapped_train_step.cache_clear()` a run
+    # Keyed by the step function itself: after `pmapped_train_step.cache_clear()` a run
     # traces and compiles afresh (the persistent cache may still skip the compile).
-    args = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(*s) for s in shapes])
+    args = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                                                  for shape, dtype, sharding in shapes])
     return fn.lower(*args).compile()

@@ -55,21 +55,25 @@ class Evaluator:
       spec: models.ModelSpec. compute: models.Compute.
       images: data.ValidationImages. seed: the run's --seed (the draws' key).
       devices: the local devices (in a multi-process run every process evaluates its share).
-      vae: with --cache_latents, the replicated VAE params: the images are encoded once, here,
-        and the batches carry their cached moments (the step's frozen weights then have no VAE).
+      vae: with --cache_latents, the VAE params on the devices: the images are encoded once,
+        here, and the batches carry their cached moments (the step's frozen weights then have no VAE).
       names: in a run of several concepts, each concept's name (its first token): a loss each.
+      layout: the run's parallel layout (default parallel.Replicated: the loss pmapped); with
+        parallel.Sharded (--shard_weights), one program over its mesh, the same examples in the
+        same slots.
     Attributes:
       count: the number of examples (validation images x timesteps).
     """
 
-    def __init__(self, spec, compute, images, seed, devices, vae=None, names=()):
+    def __init__(self, spec, compute, images, seed, devices, vae=None, names=(), layout=None):
         self.names, self.devices = tuple(names), tuple(devices)
+        self.layout = layout or parallel.Replicated(self.devices)
         image, timesteps, example_ids = examples(len(images.images), fixed_timesteps(spec.num_train_timesteps))
         self.count = len(example_ids)
         self.concept_ids = images.concept_ids[image]
         moments = None
         if vae is not None:
-            moments = latents.encode_images(spec, compute, vae, images.images, self.devices)
+            moments = latents.encode_images(spec, compute, vae, images.images, self.devices, layout=self.layout)
         local, processes = len(self.devices), jax.process_count()
         per_call = BATCH_PER_DEVICE * local * processes
         mine = slice(jax.process_index() * BATCH_PER_DEVICE * local, (jax.process_index() + 1) * BATCH_PER_DEVICE * local)
@@ -85,18 +89,19 @@ class Evaluator:
             else:
                 batch = data_lib.LatentBatch(moments[0][rows], moments[1][rows], *rest)
             split = lambda x: None if x is None else x.reshape(local, BATCH_PER_DEVICE, *x.shape[1:])  # noqa: E731
-            self.calls.append(parallel.shard((type(batch)(*map(split, batch)), split(timesteps[at])), self.devices))
-        self.key = parallel.replicate(validation_key(seed), self.devices)
-        self.fn = step_lib.pmapped_validation_losses(spec, compute, self.devices)
+            self.calls.append(self.layout.batch((type(batch)(*map(split, batch)), split(timesteps[at]))))
+        self.key = self.layout.state(validation_key(seed))
+        losses = step_lib.sharded_validation_losses if self.layout.sharded else step_lib.pmapped_validation_losses
+        self.fn = losses(spec, compute, self.devices)
         self._ahead = None  # the program compile_in_background is compiling
 
     def compile_in_background(self, rows, frozen):
         """Start compiling the loss on a thread, for arguments shaped like `rows` and `frozen` (the
-        engine's replicated rows and frozen weights; their shapes are read now, so the rows may be
-        donated after). The first evaluation then runs that program instead of tracing and
+        engine's rows and frozen weights on the devices; their shapes are read now, so the rows may
+        be donated after). The first evaluation then runs that program instead of tracing and
         compiling inside the training loop."""
         batch, timesteps = self.calls[0]  # every call is shaped alike
-        args = parallel.shapes((rows, frozen, batch, timesteps, self.key))
+        args = self.layout.shapes_of((rows, frozen, batch, timesteps, self.key))
         pool = ThreadPoolExecutor(1, thread_name_prefix="ti_flax-compile-validation")
         self._ahead = pool.submit(step_lib.compiled_ahead, self.fn, *args)
         pool.shutdown(wait=False)  # the thread ends when the compile does
@@ -104,8 +109,8 @@ class Evaluator:
     def per_example(self, rows, frozen):
         """float32 numpy [count]: each example's loss with `rows`, in example order.
 
-        Args: rows: the replicated learned rows (the engine's state.rows). frozen: the replicated
-          Frozen (its VAE is read only without --cache_latents).
+        Args: rows: the learned rows on the devices (the engine's state.rows). frozen: the Frozen
+          on the devices (its VAE is read only without --cache_latents), both as the layout placed them.
         """
         if self._ahead is not None:  # re-raises what the compile raised
             self.fn, self._ahead = self._ahead.result(), None
