@@ -21,6 +21,7 @@ SAMPLERS = ("pndm", "ddim", "euler", "dpm")  # generate's --scheduler and the va
 PLAN_TARGETS = ("v4", "v5e", "v5p", "v6e", "local")  # ti_flax.plan's --target: a TPU generation, or this machine
 EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, leave the norms or set them to the target
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
+EARLY_STOPPING = ("none", "dvar")  # --early_stopping: run every step, or end when the deterministic loss settles
 # kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
 # so its values are not each valid alone; the flag reference (docs/flags.md) lists them.
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -44,6 +45,7 @@ TABLE = (
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
     Choice("--embedding_norm", EMBEDDING_NORMS, "none"),
     Choice("--attention", ATTENTION, "auto"),
+    Choice("--early_stopping", EARLY_STOPPING, "none"),
     Choice("--report_to", REPORT_TO, "auto"),
     Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm; SDXL: the model's own"),
     Choice("--target (ti_flax.plan)", PLAN_TARGETS, "local"),

@@ -33,10 +33,11 @@ SPEED = "speed and memory"
 OUTPUTS = "outputs"
 VALIDATION = "validation images"
 VALIDATION_LOSS = "validation loss"
+STOPPING = "early stopping (off by default)"
 LOGGING = "logging"
 PROCESSES = "multi-process (a multi-host TPU slice needs none of these)"
-GROUPS = (MODEL, DATA, BUCKETS, OPTIMISATION, LOSS, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS, LOGGING,
-          PROCESSES)
+GROUPS = (MODEL, DATA, BUCKETS, OPTIMISATION, LOSS, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS,
+          STOPPING, LOGGING, PROCESSES)
 
 
 @dataclasses.dataclass(frozen=True)
