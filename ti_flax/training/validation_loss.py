@@ -58,13 +58,21 @@ class Evaluator:
       vae: with --cache_latents, the replicated VAE params: the images are encoded once, here,
         and the batches carry their cached moments (the step's frozen weights then have no VAE).
       names: in a run of several concepts, each concept's name (its first token): a loss each.
+      chosen: (image index, timestep index, example id) arrays of the examples to evaluate (the
+        deterministic loss of --early_stopping evaluates a few: early_stopping.examples); default:
+        every image at every timestep, `examples`.
     Attributes:
-      count: the number of examples (validation images x timesteps).
+      count: the number of examples (validation images x timesteps, or those chosen).
     """
 
-    def __init__(self, spec, compute, images, seed, devices, vae=None, names=()):
+    def __init__(self, spec, compute, images, seed, devices, vae=None, names=(), chosen=None):
         self.names, self.devices = tuple(names), tuple(devices)
-        image, timesteps, example_ids = examples(len(images.images), fixed_timesteps(spec.num_train_timesteps))
+        timesteps = fixed_timesteps(spec.num_train_timesteps)
+        if chosen is None:
+            image, timesteps, example_ids = examples(len(images.images), timesteps)
+        else:
+            image, timestep_index, example_ids = (np.asarray(x, np.int64) for x in chosen)
+            timesteps = timesteps[timestep_index]
         self.count = len(example_ids)
         self.concept_ids = images.concept_ids[image]
         moments = None
