@@ -152,13 +152,15 @@ class EarlyStop:
         self.criterion = DVAR(config.early_stopping_window, config.early_stopping_threshold,
                               config.early_stopping_min_steps, history)
         self.records = []
-        if self.criterion.stop is not None:  # resumed at the update that ended the run: nothing to train
-            self.end.last, self.end.stop = self.criterion.stop.step, self.criterion.stop
 
     def start(self, step):
         """Evaluate the rows the run starts from at update `step`, unless the history has it (the
-        first loss is the starting rows', as in the paper's code)."""
-        if not self.criterion.steps:
+        first loss is the starting rows', as in the paper's code). A history whose last
+        evaluation already stops the run (a checkpoint written where it stopped) ends it at
+        `step`: nothing is left to train."""
+        if self.criterion.stop is not None:
+            self.end.last, self.end.stop = step, self.criterion.stop
+        elif not self.criterion.steps:
             self(step)
 
     def due(self, done, stopping=False):
