@@ -150,15 +150,19 @@ def config(**changes):
     ({"early_stopping_threshold": 0.2}, "--early_stopping_threshold needs --early_stopping dvar"),
     ({"early_stopping_every": 5}, "--early_stopping_every needs --early_stopping dvar"),
     ({"early_stopping_min_steps": 10}, "--early_stopping_min_steps needs --early_stopping dvar"),
-    ({"early_stopping": "dvar", "early_stopping_window": 1000}, "--early_stopping_window 1000 is not shorter than the run (1000"),
-    ({"early_stopping": "dvar", "early_stopping_min_steps": 1000}, "--early_stopping_min_steps 1000 is not below the run's 1000"),
+    ({"early_stopping": "dvar", "early_stopping_window": 1000},
+     "--early_stopping_window 1000 is not shorter than the run (1000"),
+    ({"early_stopping": "dvar", "early_stopping_min_steps": 1000},
+     "--early_stopping_min_steps 1000 is not below the run's 1000"),
     ({"early_stopping": "dvar", "early_stopping_threshold": 0.0}, "--early_stopping_threshold must be between 0 and 1"),
     ({"early_stopping": "dvar", "early_stopping_threshold": 1.0}, "--early_stopping_threshold must be between 0 and 1"),
     ({"early_stopping": "dvar", "early_stopping_every": 0}, "--early_stopping_every must be at least 1"),
-    ({"early_stopping": "dvar", "early_stopping_every": 3}, "--early_stopping_window must be a multiple of --early_stopping_every (3)"),
+    ({"early_stopping": "dvar", "early_stopping_every": 3},
+     "--early_stopping_window must be a multiple of --early_stopping_every (3)"),
     ({"early_stopping": "dvar", "early_stopping_window": 1}, "--early_stopping_window must be a multiple"),
     ({"early_stopping": "dvar", "early_stopping_min_steps": -1}, "--early_stopping_min_steps must be >= 0"),
-    ({"early_stopping": "dvar", "enable_bucket": True}, "--early_stopping has no images to evaluate with --enable_bucket"),
+    ({"early_stopping": "dvar", "enable_bucket": True},
+     "--early_stopping has no images to evaluate with --enable_bucket"),
 ])
 def test_bad_values_are_one_line_naming_the_flag(changes, expected):
     with pytest.raises(UserError) as err:

@@ -285,8 +285,8 @@ class TrainConfig:
     early_stopping: str = flag("none", group=STOPPING, resume=MAY_CHANGE, choices=EARLY_STOPPING,
         help="dvar: end the run when the concept stops changing the training objective (DVAR, Voronov et al. 2023): "
              "the plain loss of 4 fixed training examples per concept (the validation loss's draws: each at its own "
-             "timestep of 200, 400, 600, 800) is computed every --early_stopping_every updates, and the run ends at the first "
-             "evaluation where its variance over the last --early_stopping_window updates is below "
+             "timestep of 200, 400, 600, 800) is computed every --early_stopping_every updates, and the run ends at "
+             "the first evaluation where its variance over the last --early_stopping_window updates is below "
              "--early_stopping_threshold times its variance since the start; the final files are written as at the "
              "last step (default none: the run takes every step)")
     early_stopping_window: int = flag(200, group=STOPPING, resume=MAY_CHANGE, type=int,

@@ -81,9 +81,10 @@ class Stop:
     def reason(self):
         """One line: the criterion and how far the loss fell."""
         change = (self.last_loss - self.first_loss) / self.first_loss if self.first_loss else 0.0
+        direction = "lower" if change <= 0 else "higher"
         return (f"DVAR: the deterministic loss's variance over the last {self.window} updates is {self.ratio:.3g} "
                 f"of its variance since step {self.first_step} (threshold {self.threshold:g}); it went from "
-                f"{self.first_loss:.5g} to {self.last_loss:.5g} ({abs(change):.2%} {'lower' if change <= 0 else 'higher'})")
+                f"{self.first_loss:.5g} to {self.last_loss:.5g} ({abs(change):.2%} {direction})")
 
     def record(self):
         return dataclasses.asdict(self)

@@ -28,7 +28,8 @@ class Stopping(NamedTuple):
     def sentence(self):
         """One sentence: where and why the run stopped, or that it took every step."""
         if self.stop is not None:
-            return f"Stopped early at step {self.stop.step} of {self.total_steps} (`--early_stopping dvar`): {self.stop.reason()}."
+            return (f"Stopped early at step {self.stop.step} of {self.total_steps} (`--early_stopping dvar`): "
+                    f"{self.stop.reason()}.")
         ratios = [r["ratio"] for r in self.records if "ratio" in r]
         last = f" (last variance ratio {ratios[-1]:.3g})" if ratios else ""
         return f"`--early_stopping dvar` did not stop the run: it took all {self.total_steps} steps{last}."
