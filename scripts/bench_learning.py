@@ -89,12 +89,13 @@ def scored_steps(steps):
 
 
 def config_for(planted, concept, data_dir, out_dir, steps, changes, save_steps, **more):
-    return TrainConfig(
+    """The TrainConfig of a run: the benchmark's settings, then `changes` and `more` (flags)."""
+    base = dict(
         pretrained_model_name_or_path=planted.model_dir, train_data_dir=data_dir, output_dir=out_dir,
         placeholder_token=planted_denoiser.BY_NAME[concept].token, initializer_token=planted_denoiser.INITIALIZER,
         resolution=RESOLUTION, max_train_steps=steps, train_batch_size=BATCH, learning_rate=LEARNING_RATE,
-        lr_warmup_steps=0, save_steps=save_steps, checkpointing_steps=0, seed=planted.seed, report_to="none",
-        **changes, **more)
+        lr_warmup_steps=0, save_steps=save_steps, checkpointing_steps=0, seed=planted.seed, report_to="none")
+    return TrainConfig(**{**base, **changes, **more})
 
 
 def train_one(config, devices, broken=False, callbacks=()):
@@ -119,18 +120,18 @@ def saved_rows(out_dir, step):
     return formats.read_embedding(os.path.join(out_dir, f"learned_embeds-steps-{step}.safetensors")).rows
 
 
-def run_recipe(planted, concept, out, name, steps):
+def run_recipe(planted, concept, out, name, steps, learning_rate=LEARNING_RATE):
     """Train recipe `name` on `concept`; {"gap": {step: gap closed}, "seconds"}; the default
     recipe also {"deterministic": [loss after each update 0..steps]} and its rows every step.
     A run whose record.json is in its folder (a finished run of an earlier call) is read back."""
-    changes, _ = RECIPES[name]
+    changes = {**RECIPES[name][0], "learning_rate": learning_rate}
     data_dir = planted.write_images(concept, data_folder(out, planted.seed, concept))
     out_dir = os.path.join(out, "runs", f"seed{planted.seed}", concept, name)
     done = os.path.join(out_dir, "record.json")
     if os.path.isfile(done):
         with open(done) as f:
             record = json.load(f)
-        if record.get("steps") == steps:
+        if (record.get("steps"), record.get("learning_rate", LEARNING_RATE)) == (steps, learning_rate):
             return {**record, "gap": {int(k): v for k, v in record["gap"].items()}}
     full = name == "default"
     more = {"early_stopping": "dvar", "early_stopping_threshold": NEVER} if full else {}
@@ -141,7 +142,7 @@ def run_recipe(planted, concept, out, name, steps):
     gaps = {0: 0.0}
     for step in scored_steps(steps):
         gaps[step] = planted.score(concept, saved_rows(out_dir, step))[0]
-    record = {"gap": gaps, "seconds": seconds, "out_dir": out_dir, "steps": steps}
+    record = {"gap": gaps, "seconds": seconds, "out_dir": out_dir, "steps": steps, "learning_rate": learning_rate}
     if full:
         record["deterministic"] = [r["loss"] for r in result.early_stopping]
         assert [r["step"] for r in result.early_stopping] == list(range(steps + 1))
@@ -191,7 +192,7 @@ def gap_at(record, planted_by_seed, seed, concept, step):
     return record["gap"][step]
 
 
-def speed(planted, concept, out):
+def speed(planted, concept, out, learning_rate=LEARNING_RATE):
     """Median seconds per update of the default recipe (300 updates on one device, the first 20
     left out): plain, and with the deterministic loss every 1 and every 5 updates."""
     data_dir = planted.write_images(concept, data_folder(out, planted.seed, concept))
@@ -199,8 +200,8 @@ def speed(planted, concept, out):
     for label, more in (("plain", {}), ("dvar every 1", {"early_stopping": "dvar", "early_stopping_threshold": NEVER}),
                         ("dvar every 5", {"early_stopping": "dvar", "early_stopping_threshold": NEVER,
                                           "early_stopping_every": 5})):
-        config = config_for(planted, concept, data_dir, os.path.join(out, "speed", label.replace(" ", "_")), 320, {},
-                            0, **more)
+        config = config_for(planted, concept, data_dir, os.path.join(out, "speed", label.replace(" ", "_")), 320,
+                            {"learning_rate": learning_rate}, 0, **more)
         history = train(config, devices=planted.train_devices).history
         timings[label] = float(np.median([1.0 / r["steps_per_sec"] for r in history[20:]]))
     return timings
@@ -288,19 +289,19 @@ def plot(results, dvar_runs, path):
     fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     recipes_ax, dvar_ax = fig.subplots(1, 2)
-    for name, per_run in results.items():
-        steps = sorted(set.intersection(*(set(r["gap"]) for r in per_run.values())))
+    for name, per_run in results.items():  # from the first scored step: the axis is logarithmic
+        steps = sorted(s for s in set.intersection(*(set(r["gap"]) for r in per_run.values())) if s > 0)
         recipes_ax.plot(steps, [np.mean([r["gap"][s] for r in per_run.values()]) for s in steps], label=name)
-    recipes_ax.set(xscale="symlog", xlabel="step", ylabel="gap closed (1: as low as v*)",
+    recipes_ax.set(xscale="log", xlabel="step", ylabel="gap closed (1: as low as v*)",
                    title="recipes: mean over concepts and seeds")
     recipes_ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
     recipes_ax.legend(fontsize=8)
     for (seed, concept), (record, stop) in sorted(dvar_runs.items()):
-        steps = sorted(record["gap"])
+        steps = sorted(s for s in record["gap"] if s > 0)
         line, = dvar_ax.plot(steps, [record["gap"][s] for s in steps], linewidth=1, label=f"{concept} seed {seed}")
         if stop is not None:
             dvar_ax.plot([stop], [record["gap"][stop]], "o", color=line.get_color())
-    dvar_ax.set(xscale="symlog", xlabel="step", ylabel="gap closed", title="default recipe; dots: where DVAR stops")
+    dvar_ax.set(xscale="log", xlabel="step", ylabel="gap closed", title="default recipe; dots: where DVAR stops")
     dvar_ax.legend(fontsize=7, ncol=3)
     fig.savefig(path)
 
@@ -314,6 +315,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=STEPS, help="the default recipe's full run")
     parser.add_argument("--recipe_steps", type=int, default=RECIPE_STEPS, help="the other recipes' runs")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--learning_rate", type=float, default=LEARNING_RATE,
+                        help="every recipe's (default: ti_flax's, 1e-4)")
     parser.add_argument("--cache", default=os.path.join(compile_cache.cache_root(), "planted"))
     parser.add_argument("--no_speed", action="store_true")
     args = parser.parse_args(argv)
@@ -333,7 +336,8 @@ def main(argv=None):
         results[name] = {}
         for seed in args.seeds:
             for concept in args.concepts:
-                results[name][seed, concept] = record = run_recipe(planted[seed], concept, out, name, steps)
+                results[name][seed, concept] = record = run_recipe(planted[seed], concept, out, name, steps,
+                                                                   args.learning_rate)
                 print(name, seed, concept, f"{record['seconds']:.0f} s",
                       {b: round(record["gap"][b], 3) for b in BUDGETS if b in record["gap"]}, flush=True)
     dvar, knobs, dvar_runs = {}, {}, {}
@@ -354,8 +358,8 @@ def main(argv=None):
         dvar_runs[seed, concept] = (record, stop)
         # Live: a run with the defaults stops where the replay says, with the full run's rows there.
         live_dir = os.path.join(out, "runs", f"seed{seed}", concept, "dvar")
-        config = config_for(planted[seed], concept, data_folder(out, seed, concept), live_dir, args.steps, {}, 0,
-                            early_stopping="dvar")
+        config = config_for(planted[seed], concept, data_folder(out, seed, concept), live_dir, args.steps,
+                            {"learning_rate": args.learning_rate}, 0, early_stopping="dvar")
         live = train(config, devices=planted[seed].train_devices)
         live_stop = live.stopped_early["step"] if live.stopped_early else None
         assert live_stop == stop, f"seed {seed} {concept}: the live run stopped at {live_stop}, the replay at {stop}"
@@ -366,14 +370,13 @@ def main(argv=None):
             0, {"step": step, "fraction": gap_at(record, planted, seed, concept, step) / final})
         print("dvar", seed, concept, "stop", stop, flush=True)
     dvar = dict(sorted(dvar.items(), key=lambda item: not item[0].startswith("DVAR")))
-    speeds = {} if args.no_speed else speed(planted[args.seeds[0]], args.concepts[0], out)
+    speeds = {} if args.no_speed else speed(planted[args.seeds[0]], args.concepts[0], out, args.learning_rate)
     text = tables(results, signal, dvar, knobs, speeds, args)
     with open(os.path.join(out, "learning.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "learning.json"), "w") as f:
         json.dump({"signal": signal,
-                   "runs": {name: {f"{s} {c}": {"gap": r["gap"], "seconds": r["seconds"],
-                                                **({"deterministic": r["deterministic"]} if "deterministic" in r else {})}
+                   "runs": {name: {f"{s} {c}": {k: r[k] for k in ("gap", "seconds", "deterministic") if k in r}
                                    for (s, c), r in per_run.items()} for name, per_run in results.items()},
                    "dvar": dvar, "knobs": {" ".join(map(str, knob)): rows for knob, rows in knobs.items()},
                    "speed": speeds}, f, indent=1)
