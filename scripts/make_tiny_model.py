@@ -120,16 +120,18 @@ LAYOUTS["flax-fixture"] = dict(
 )
 
 # The planted-concept model (scripts/bench_learning.py): the tiny SD 1.x blocks with SD 1.x's
-# 64-wide text-encoder heads (one head of 64) at 16 px (8 x 8 latents), whose UNet is trained after
-# the build to denoise captioned shapes, with one concept reachable only through a row that no
-# token has (scripts/planted_denoiser.py). "denoiser" holds train_denoiser's settings.
+# 64-wide text-encoder heads (one head of 64) at 16 px (8 x 8 latents), its weights drawn with numpy
+# from their names as the golden layouts' are, whose UNet is then trained to denoise captioned
+# shapes, with concepts reachable only through rows that no token has, until each is learned
+# (scripts/planted_denoiser.py). "denoiser" holds train_denoiser's settings.
 LAYOUTS["planted"] = dict(
     LAYOUTS["tiny"],
     unet=dict(LAYOUTS["tiny"]["unet"], sample_size=8),
     hidden=64,
     text=dict(num_attention_heads=1),
     resolution=16,
-    denoiser=dict(steps=400, batch=32, learning_rate=2e-3),
+    numpy_weights=True,
+    denoiser=dict(batch=32, learning_rate=2e-3),
 )
 
 # SDXL's layout at tiny widths: CLIP-L-like and OpenCLIP-bigG-like text encoders (the second with
@@ -266,8 +268,9 @@ def write_t5_tokenizer(out_dir, pieces=T5_PIECES, extra_ids=100, model_max_lengt
     return T5Tokenizer.from_pretrained(out_dir)
 
 
-def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
-    """Write a random-init Stable Diffusion folder to `out_dir` and return its path."""
+def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, log=None):
+    """Write a random-init Stable Diffusion folder to `out_dir` and return its path (`log`: a
+    function given the planted layout's progress lines)."""
     import tempfile
 
     import torch
@@ -352,7 +355,7 @@ def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0):
     if spec.get("denoiser"):
         import planted_denoiser
 
-        planted_denoiser.train_denoiser(out_dir, seed=seed, **spec["denoiser"])
+        planted_denoiser.train_denoiser(out_dir, seed=seed, log=log, **spec["denoiser"])
     return out_dir
 
 
@@ -477,7 +480,7 @@ def main(argv=None):
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build_tiny_model(args.output_dir, args.layout, args.prediction_type, args.seed)
+    build_tiny_model(args.output_dir, args.layout, args.prediction_type, args.seed, log=print)
     if LAYOUTS[args.layout].get("flux"):
         print(f"tiny FLUX.1 [{LAYOUTS[args.layout]['flux']}] model written to {args.output_dir}")
     else:

@@ -96,7 +96,7 @@ MODEL_FIXTURES = {"tiny_model_dir", "tiny_vpred_model_dir", "tiny_sdxl_model_dir
 LONGEST_FILES = [
     "test_golden.py", "test_checkpoint.py", "test_sdxl_train.py", "test_sdxl_paths.py", "test_train.py", "test_sharded.py",
     "test_speed.py", "test_generate.py", "test_notebook.py", "test_multihost.py", "test_port_unet.py", "test_faults.py",
-    "test_gradients.py", "test_sdxl_sampling.py", "test_learning.py",
+    "test_gradients.py", "test_sdxl_sampling.py", "test_learning.py", "test_early_stopping_run.py",
 ]
 
 

@@ -277,7 +277,7 @@ def test_an_a1111_sdxl_file_starts_both_encoders_rows(tiny_sdxl_model_dir, sampl
     path = a1111_file(tmp_path / "cat-toy.safetensors", clip_g=clip_g, clip_l=clip_l)
     config = TrainConfig.tiny(tiny_sdxl_model_dir, sample_images_dir, str(tmp_path / "o"), num_vectors=2,
                               initializer_token=None, initial_embeddings=path)
-    state, start = initial_state(prepare(config, devices=ONE))  # what the first step is given
+    state, start, _ = initial_state(prepare(config, devices=ONE))  # what the first step is given
     assert start == 0
     np.testing.assert_array_equal(state.rows[:, :WIDTHS[0]], clip_l.astype(np.float32))
     np.testing.assert_array_equal(state.rows[:, WIDTHS[0]:], clip_g.astype(np.float32))

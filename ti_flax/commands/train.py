@@ -10,7 +10,7 @@ The math lives in step.py, the setup in run.py and engine.py, the actions in act
 
 import dataclasses
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -20,7 +20,7 @@ from ..config.cli import parse_config
 from ..errors import run_cli
 from ..sampling.validation import Validator
 from ..training import compile_cache, distribution as distributed, engine as engine_lib, logs
-from ..training.actions import Checkpoint, LogStep, SaveRows, StopVote, Validate, ValidationLoss
+from ..training.actions import Checkpoint, EarlyStop, End, LogStep, SaveRows, StopVote, Validate, ValidationLoss
 from ..training.logs import MetricsLogger
 from ..training.outputs import print_banner, print_summary, save_outputs
 from ..training.preemption import StopOnSignal
@@ -45,6 +45,12 @@ class TrainResult:
         included)}.
       validation_losses: with --validation_loss_steps, one {"kind": "validation_loss", "step",
         "loss"} per evaluation (with several concepts also "loss/<token>").
+      early_stopping: with --early_stopping dvar, one {"kind": "early_stopping", "step", "loss"}
+        per evaluation of the deterministic loss in this run (with "ratio", DVAR's variance ratio,
+        once the history reaches past the window).
+      stopped_early: where --early_stopping ended the run, early_stopping.Stop.record(): {"step",
+        "ratio", "threshold", "window", "first_step", "first_loss", "last_loss"}; None where the
+        run took every step.
     """
 
     output_dir: str
@@ -55,6 +61,8 @@ class TrainResult:
     history: list
     timings: dict = dataclasses.field(default_factory=dict)
     validation_losses: list = dataclasses.field(default_factory=list)
+    early_stopping: list = dataclasses.field(default_factory=list)
+    stopped_early: Optional[dict] = None
 
 
 def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None):
@@ -65,7 +73,8 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
       callbacks: functions called with a dict after every step, {"kind": "step", "step", "loss",
         "lr", "grad_norm", "row_norms", "steps_per_sec"}, after every validation,
         {"kind": "validation", "step", "images": PNG paths, "grid": PNG path}, and after every
-        validation loss, {"kind": "validation_loss", "step", "loss"}.
+        validation loss, {"kind": "validation_loss", "step", "loss"}, and after every evaluation of
+        --early_stopping's deterministic loss, {"kind": "early_stopping", "step", "loss"[, "ratio"]}.
       devices: local devices to train on (default: all).
     Returns:
       TrainResult with the files written and the per-step history.
@@ -91,7 +100,7 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     # wait at the first collective can outlast Gloo's fixed 30 s rendezvous.
     compile_cache.configure(enabled=not config.no_compilation_cache and jax.process_count() == 1)
     run = prepare(config, devices)
-    state, start_step = initial_state(run)
+    state, start_step, stopping_history = initial_state(run)
     writer = jax.process_index() == 0
     if writer:
         print_banner(run)
@@ -103,28 +112,33 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     logger = MetricsLogger(config.output_dir, config.logging_dir, config.resolved_report_to, enabled=writer)
     try:
         with StopOnSignal() as stop:
-            rows, history, grid, evaluations = train_loop(run, engine, logger, callbacks, writer, start_step, stop)
+            looped = train_loop(run, engine, logger, callbacks, writer, start_step, stop, stopping_history)
     finally:
         logger.close()
+    rows, history, grid, evaluations, early = looped
     timings = {"load_model_s": run.load_seconds, "compile_step_s": engine.compile_seconds,
                "peak_device_bytes": logs.peak_device_bytes(run.devices), "estimated_device_bytes": engine.estimated_bytes}
     losses = evaluations.records if evaluations else []
     if evaluations:
         timings.update(validation_loss_s=evaluations.seconds, validation_loss_first_s=evaluations.first_seconds)
-    outputs = save_outputs(run, rows, history, grid, losses) if writer else {}
+    stopped = early.end.stop if early else None
+    outputs = save_outputs(run, rows, history, grid, losses, early) if writer else {}
     if writer:
-        print_summary(run, outputs, history, timings, losses)
+        print_summary(run, outputs, history, timings, losses, stopped)
     final_loss = history[-1]["loss"] if history else float("nan")
-    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings, losses)
+    return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings, losses,
+                       early.records if early else [], stopped.record() if stopped else None)
 
 
-def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
-    """Step `engine` (engine.build of `run`) from `start_step` to `run.total_steps`.
+def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None, stopping_history=None):
+    """Step `engine` (engine.build of `run`) from `start_step` to `run.total_steps`, or to where
+    --early_stopping ends the run (`stopping_history`: its criterion's state from the checkpoint
+    resumed, or None).
 
     Checkpoints every --checkpointing_steps, and on a stop signal (then raises Preempted).
     Returns:
       (final rows, per-step records, last validation grid or None, the actions.ValidationLoss of
-      --validation_loss_steps or None).
+      --validation_loss_steps or None, the actions.EarlyStop of --early_stopping or None).
     """
     from tqdm.auto import tqdm
 
@@ -132,22 +146,30 @@ def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None):
     validating = validates_here(config, engine.layout, writer)
     bar = tqdm(total=run.total_steps, initial=start_step, disable=not writer, dynamic_ncols=True, desc="train")
     log = LogStep(run.opt_spec.schedule(), logger, callbacks, bar, run.concept_names)
-    checkpoint = Checkpoint(run, engine, config.checkpointing_steps, writer)
-    evaluate = ValidationLoss(run, engine, logger, callbacks) if engine.evaluator is not None else None
+    end = End(run.total_steps)
+    early = None
+    if engine.deterministic is not None:
+        early = EarlyStop(run, engine, end, logger, callbacks, stopping_history)
+        early.start(start_step)
+    checkpoint = Checkpoint(run, engine, config.checkpointing_steps, writer, early.criterion if early else None)
+    evaluate = ValidationLoss(run, engine, logger, callbacks, end) if engine.evaluator is not None else None
     validate = None
     if validating:  # samples with the engine's weights: no second copy on the devices
         validator = Validator(config, run.model.spec, engine.compute, run.model, run.learned, engine.weights, run.devices,
                               engine.layout)
         validate = Validate(run, engine, validator, logger, log.history, callbacks,
-                            evaluate.records if evaluate else (), writer)
-    # In this order at a step where several are due: rows, validation loss, images, then the checkpoint.
-    actions = [SaveRows(run, engine, config.save_steps if writer else 0), evaluate, validate, checkpoint]
+                            evaluate.records if evaluate else (), end, writer)
+    # In this order at a step where several are due: early stopping (which may make it the last),
+    # rows, validation loss, images, then the checkpoint.
+    actions = [early, SaveRows(run, engine, config.save_steps if writer else 0), evaluate, validate, checkpoint]
     try:
-        loop(engine, range(start_step, run.total_steps), log, StopVote(stop, run.devices),
-             [a for a in actions if a is not None], checkpoint)
+        loop(engine, range(start_step, max(start_step, end.last)), log, StopVote(stop, run.devices),
+             [a for a in actions if a is not None], checkpoint, end)
     finally:
         bar.close()
-    return engine.rows(), log.history, validate.last_grid if validate else None, evaluate
+    if writer and end.stop is not None:
+        print(f"early stop at step {end.stop.step} of {run.total_steps}: {end.stop.reason()}", flush=True)
+    return engine.rows(), log.history, validate.last_grid if validate else None, evaluate, early
 
 
 def validates_here(config, layout, writer):
@@ -157,13 +179,15 @@ def validates_here(config, layout, writer):
     return bool(config.validation_prompt) and (writer or layout.sharded)
 
 
-def loop(engine, steps, log, vote, actions, checkpoint):
+def loop(engine, steps, log, vote, actions, checkpoint, end=None):
     """Run `engine.update()` for each of `steps`, logging each update and calling the actions due.
 
     A step's metrics are read one update later, so the host never waits on the update it just
     dispatched; where an action is due (or the run stops) the step is logged first, so a NaN/Inf
     update raises before anything is saved. Every process votes on stopping after each update;
-    a stop checkpoints (`checkpoint.path`) and raises Preempted.
+    a stop checkpoints (`checkpoint.path`) and raises Preempted. With `end` (actions.End), the
+    loop ends after the actions of its last update, which an action may have moved earlier
+    (--early_stopping); a signal at that update changes nothing then: the run is complete.
     """
     pending, stopping = None, False
     for step in steps:
@@ -181,6 +205,8 @@ def loop(engine, steps, log, vote, actions, checkpoint):
             for action in actions:
                 if action.due(done, stopping):
                     action(done, stopping)
+            if end is not None and end.stop is not None and end.is_last(done):
+                return
             if stopping:
                 raise vote.preempted(done, checkpoint.path)
     if pending is not None:

@@ -12,8 +12,8 @@ import os
 from ..errors import UserError
 from . import concepts as concepts_lib
 from .choices import (
-    ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES, LR_SCHEDULERS,
-    MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS, one_of,
+    ATTENTION, EARLY_STOPPING, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES,
+    LR_SCHEDULERS, MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS, one_of,
 )
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
@@ -22,6 +22,9 @@ PER_CONCEPT = ("placeholder_token", "train_data_dir", "initializer_token", "init
 HUBER_C, HUBER_SCHEDULE = 0.1, "snr"
 # The flags that only act with --enable_bucket.
 BUCKET_FLAGS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+# The flags that only act with --early_stopping dvar.
+STOPPING_FLAGS = ("early_stopping_window", "early_stopping_threshold", "early_stopping_every",
+                  "early_stopping_min_steps")
 
 
 def tensorboard_available():
@@ -123,6 +126,7 @@ def check(config):
         one_of("--report_to", config.report_to, REPORT_TO),
         *row_checks(config),
         *bucket_checks(config),
+        *stopping_checks(config),
     ]
     for ok, message in checks:
         if not ok:
@@ -204,6 +208,46 @@ def bucket_checks(config):
          "image to its bucket; pass one of them"),
         (not config.validation_loss_steps, "--validation_loss_steps evaluates square images and cannot be combined "
          "with --enable_bucket yet; pass one of them"),
+    ]
+
+
+def stopping_checks(config):
+    """(ok, message) for --early_stopping and its flags; the window and the floor against the run's
+    length where --max_train_steps gives it (`stopping_fits` checks it again once the run knows)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    changed = [name for name in STOPPING_FLAGS if getattr(config, name) != defaults[name]]
+    if config.early_stopping != "dvar":
+        return [one_of("--early_stopping", config.early_stopping, EARLY_STOPPING),
+                (not changed, f"--{changed[0] if changed else ''} needs --early_stopping dvar: alone it does nothing")]
+    window, every, threshold = config.early_stopping_window, config.early_stopping_every, config.early_stopping_threshold
+    checks = [
+        (every >= 1, f"--early_stopping_every must be at least 1, got {every}"),
+        (every < 1 or (window >= 2 * every and window % every == 0),
+         f"--early_stopping_window must be a multiple of --early_stopping_every ({every}) that holds at least 2 of "
+         f"its evaluations, got {window}"),
+        (isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0,
+         f"--early_stopping_threshold must be between 0 and 1 (both excluded; the paper's is 0.15), got {threshold}"),
+        (config.early_stopping_min_steps >= 0,
+         f"--early_stopping_min_steps must be >= 0, got {config.early_stopping_min_steps}"),
+        (not config.enable_bucket, "--early_stopping has no images to evaluate with --enable_bucket (its fixed "
+         "examples are square training images); pass one of them"),
+    ]
+    if config.max_train_steps is not None:
+        checks += stopping_fits(config, config.max_train_steps)
+    return checks
+
+
+def stopping_fits(config, total_steps):
+    """(ok, message) for --early_stopping dvar in a run of `total_steps` updates: a window, or a
+    floor, that is not shorter than the run could never let it stop."""
+    if config.early_stopping != "dvar":
+        return []
+    window, floor = config.early_stopping_window, config.early_stopping_min_steps
+    return [
+        (window < total_steps, f"--early_stopping_window {window} is not shorter than the run ({total_steps} updates): "
+         "it could never stop early; lower it or raise --max_train_steps"),
+        (floor < total_steps, f"--early_stopping_min_steps {floor} is not below the run's {total_steps} updates: it "
+         "could never stop early; lower it or raise --max_train_steps"),
     ]
 
 

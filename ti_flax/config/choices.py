@@ -23,6 +23,7 @@ EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, l
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
 # kohya's --timestep_sampling for rectified-flow models (FLUX.1): how each example's noise level is drawn.
 TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+EARLY_STOPPING = ("none", "dvar")  # --early_stopping: run every step, or end when the deterministic loss settles
 # kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
 # so its values are not each valid alone; the flag reference (docs/flags.md) lists them.
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -47,6 +48,7 @@ TABLE = (
     Choice("--mixed_precision", tuple(MIXED_PRECISION), "no"),
     Choice("--embedding_norm", EMBEDDING_NORMS, "none"),
     Choice("--attention", ATTENTION, "auto"),
+    Choice("--early_stopping", EARLY_STOPPING, "none"),
     Choice("--report_to", REPORT_TO, "auto"),
     Choice("--scheduler (ti_flax.generate)", SAMPLERS, "pndm; SDXL: the model's own"),
     Choice("--target (ti_flax.plan)", PLAN_TARGETS, "local"),

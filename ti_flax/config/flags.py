@@ -34,11 +34,12 @@ SPEED = "speed and memory"
 OUTPUTS = "outputs"
 VALIDATION = "validation images"
 VALIDATION_LOSS = "validation loss"
+STOPPING = "early stopping (off by default)"
 LOGGING = "logging"
 PROCESSES = "multi-process (a multi-host TPU slice needs none of these)"
 FLOW = "rectified flow (FLUX.1; kohya's flags)"
-GROUPS = (MODEL, MODEL_FILES, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION, VALIDATION_LOSS,
-          LOGGING, PROCESSES)
+GROUPS = (MODEL, MODEL_FILES, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION,
+          VALIDATION_LOSS, STOPPING, LOGGING, PROCESSES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,12 +13,12 @@ from ..errors import UserError
 from . import checks
 from .checks import HUBER_C, HUBER_SCHEDULE
 from .choices import (
-    ATTENTION, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES, LR_SCHEDULERS,
-    MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS,
+    ATTENTION, EARLY_STOPPING, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES,
+    LR_SCHEDULERS, MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS,
 )
 from .flags import (
-    BUCKETS, DATA, FLOW, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, MODEL_FILES, OPTIMISATION, OUTPUTS, PROCESSES, ROWS,
-    SPEED, VALIDATION, VALIDATION_LOSS, flag,
+    BUCKETS, DATA, FLOW, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, MODEL_FILES, OPTIMISATION, OUTPUTS, PROCESSES,
+    ROWS, SPEED, STOPPING, VALIDATION, VALIDATION_LOSS, flag,
 )
 
 # Where validate() keeps the concepts it read, in the instance's __dict__ (the dataclass is frozen).
@@ -315,6 +315,29 @@ class TrainConfig:
     validation_split: float = flag(0.0, group=VALIDATION_LOSS, resume=MATCH, type=float,
         help="kohya's flag: hold this fraction of each concept's images (round(N x F), chosen from --seed) out of "
              "training and compute the validation loss on them only (default 0: on every training image)")
+    # Early stopping (off by default): DVAR (Voronov et al., NeurIPS 2023) ends the run when the
+    # loss of fixed training examples stops changing (training/early_stopping.py). Every knob may
+    # change on resume: none changes the rows' path, only where it ends, and the checkpoint keeps
+    # the criterion's history for whatever knobs the resumed run has.
+    early_stopping: str = flag("none", group=STOPPING, resume=MAY_CHANGE, choices=EARLY_STOPPING,
+        help="dvar: end the run when the concept stops changing the training objective (DVAR, Voronov et al. 2023): "
+             "the plain loss of 4 fixed training examples per concept (the validation loss's draws: each at its own "
+             "timestep of 200, 400, 600, 800) is computed every --early_stopping_every updates, and the run ends at "
+             "the first evaluation where its variance over the last --early_stopping_window updates is below "
+             "--early_stopping_threshold times its variance since the start; the final files are written as at the "
+             "last step (default none: the run takes every step)")
+    early_stopping_window: int = flag(200, group=STOPPING, resume=MAY_CHANGE, type=int,
+        help="DVAR's window in optimizer updates (default 200, the paper's code's): a multiple of "
+             "--early_stopping_every, shorter than the run; needs --early_stopping dvar")
+    early_stopping_threshold: float = flag(0.15, group=STOPPING, resume=MAY_CHANGE, type=float,
+        help="DVAR stops when the window's variance is below this fraction of the variance since the start, "
+             "0 < T < 1 (default 0.15, the paper's code's); needs --early_stopping dvar")
+    early_stopping_every: int = flag(1, group=STOPPING, resume=MAY_CHANGE, type=int,
+        help="compute the deterministic loss every N updates (default 1, as the paper's code); each time is one "
+             "forward pass of 4 examples per device; needs --early_stopping dvar")
+    early_stopping_min_steps: int = flag(0, group=STOPPING, resume=MAY_CHANGE, type=int,
+        help="never stop before this many updates (default 0: no floor but the window's); shorter than the run; "
+             "needs --early_stopping dvar")
     logging_dir: str = flag("logs", group=LOGGING, resume=MAY_CHANGE,
         help="TensorBoard folder, relative to --output_dir")
     # tensorboard when tensorboardX is installed, else none

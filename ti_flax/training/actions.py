@@ -1,10 +1,11 @@
-"""What the train loop does besides stepping: log a step, save rows, compute the validation loss,
-validate, checkpoint, stop.
+"""What the train loop does besides stepping: log a step, check early stopping, save rows, compute
+the validation loss, validate, checkpoint, stop.
 
 Each periodic action answers `due(done, stopping)` for the optimizer update `done` just
 dispatched (and whether the run is stopping there) and does its work when called as
 `action(done, stopping)`. The loop in training.py decides when metrics are read; the actions only
-act, so each can be tested alone with a fake engine.
+act, so each can be tested alone with a fake engine. Where the run ends is an `End`, which
+--early_stopping may move earlier; the actions that run "after the last update" ask it.
 """
 
 import time
@@ -16,6 +17,7 @@ from .. import files, parallel
 from ..errors import UserError
 from ..sampling.validation import grid as grid_image
 from . import checkpoint as ckpt, model_card, step as step_lib
+from .early_stopping import DVAR
 from .preemption import Preempted
 
 
@@ -115,6 +117,67 @@ class StopVote:
         )
 
 
+class End:
+    """The run's last optimizer update: `last` (run.total_steps) unless early stopping ends the run
+    sooner, and then `stop`, the early_stopping.Stop saying where and why (else None)."""
+
+    def __init__(self, last):
+        self.last, self.stop = last, None
+
+    def is_last(self, done):
+        return done == self.last
+
+
+class EarlyStop:
+    """--early_stopping dvar: the deterministic loss every --early_stopping_every updates, and the
+    end of the run where DVAR holds (early_stopping.py).
+
+    Every process evaluates (each its share of the examples) and reads the same losses, so every
+    process stops at the same update without a vote. Due before the other actions of its update,
+    so those that run after the last update see the end it sets.
+
+    Args:
+      run: its config's --early_stopping_* flags. engine: its `deterministic_loss()` evaluates.
+      end: the run's End, moved to the stopping update. logger, callbacks: get each evaluation.
+      history: the criterion's state from the checkpoint resumed (DVAR.state()), or None.
+    Attributes:
+      criterion: the DVAR. records: one {"kind": "early_stopping", "step", "loss"[, "ratio"]} per
+        evaluation of this run.
+    """
+
+    def __init__(self, run, engine, end, logger, callbacks, history=None):
+        config = run.config
+        self.engine, self.end, self.logger, self.callbacks = engine, end, logger, callbacks
+        self.every = config.early_stopping_every
+        self.criterion = DVAR(config.early_stopping_window, config.early_stopping_threshold,
+                              config.early_stopping_min_steps, history)
+        self.records = []
+
+    def start(self, step):
+        """Evaluate the rows the run starts from at update `step`, unless the history has it (the
+        first loss is the starting rows', as in the paper's code). A history whose last
+        evaluation already stops the run (a checkpoint written where it stopped) ends it at
+        `step`: nothing is left to train."""
+        if self.criterion.stop is not None:
+            self.end.last, self.end.stop = step, self.criterion.stop
+        elif not self.criterion.steps:
+            self(step)
+
+    def due(self, done, stopping=False):
+        return done % self.every == 0
+
+    def __call__(self, done, stopping=False):
+        loss = self.engine.deterministic_loss()
+        ratio = self.criterion.add(done, loss)
+        record = {"kind": "early_stopping", "step": done, "loss": loss, **({} if ratio is None else {"ratio": ratio})}
+        self.records.append(record)
+        self.logger.log(done, {f"early_stopping_{k}": record[k] for k in ("loss", "ratio") if k in record}, prefix="")
+        for callback in self.callbacks:
+            callback(record)
+        if self.criterion.stop is not None and done < self.end.last:
+            self.end.last, self.end.stop = done, self.criterion.stop
+
+
 class SaveRows:
     """--save_steps: learned_embeds-steps-N.safetensors (each concept's, in its folder) every
     `every` updates (0: never).
@@ -150,12 +213,13 @@ class ValidationLoss:
         the first evaluation's (None before it).
     """
 
-    def __init__(self, run, engine, logger, callbacks):
+    def __init__(self, run, engine, logger, callbacks, end=None):
         self.run, self.engine, self.logger, self.callbacks = run, engine, logger, callbacks
+        self.end = end or End(run.total_steps)
         self.records, self.seconds, self.first_seconds = [], 0.0, None
 
     def due(self, done, stopping=False):
-        return done % self.run.config.validation_loss_steps == 0 or done == self.run.total_steps
+        return done % self.run.config.validation_loss_steps == 0 or self.end.is_last(done)
 
     def __call__(self, done, stopping=False):
         start = time.perf_counter()
@@ -177,20 +241,22 @@ class Validate:
       validator: validation.Validator. logger: logs.MetricsLogger (gets the grid).
       history: LogStep.history (for the model card). callbacks: get a "validation" record.
       validation_losses: ValidationLoss.records, for the model card's loss plot.
+      end: the run's End (default: its last update).
       writer: whether this process writes; another one (with --shard_weights in a multi-process
         run) only takes part in sampling, which spans every process's devices.
     Attributes:
       last_grid: the newest grid image's path, or None.
     """
 
-    def __init__(self, run, engine, validator, logger, history, callbacks, validation_losses=(), writer=True):
+    def __init__(self, run, engine, validator, logger, history, callbacks, validation_losses=(), end=None,
+                 writer=True):
         self.run, self.engine, self.validator, self.logger = run, engine, validator, logger
         self.history, self.callbacks, self.validation_losses = history, callbacks, validation_losses
-        self.writer = writer
+        self.end, self.writer = end or End(run.total_steps), writer
         self.last_grid = None
 
     def due(self, done, stopping=False):
-        return done % self.run.config.validation_steps == 0 or done == self.run.total_steps
+        return done % self.run.config.validation_steps == 0 or self.end.is_last(done)
 
     def __call__(self, done, stopping=False):
         """Render the validation images (each concept's, with --concepts); a "validation" record
@@ -219,12 +285,15 @@ class Checkpoint:
     """--checkpointing_steps (0: never), and the checkpoint a stop promises.
 
     Process 0 writes; every process takes part. A failed periodic checkpoint warns and training
-    continues; a failed stop checkpoint raises, since it is the run's final save.
+    continues; a failed stop checkpoint raises, since it is the run's final save. With
+    `criterion` (--early_stopping's early_stopping.DVAR) its history goes into the checkpoint's
+    meta.json, so a resumed run stops where an uninterrupted one does.
     Attributes: path: the last checkpoint written, or None.
     """
 
-    def __init__(self, run, engine, every, writer):
+    def __init__(self, run, engine, every, writer, criterion=None):
         self.run, self.engine, self.every, self.writer = run, engine, every, writer
+        self.criterion = criterion
         self.path = None
 
     def due(self, done, stopping=False):
@@ -232,19 +301,21 @@ class Checkpoint:
 
     def __call__(self, done, stopping=False):
         try:
-            self.path = save_checkpoint(self.run, self.engine.state) if self.writer else None
+            extra = () if self.criterion is None else ({ckpt.EARLY_STOPPING: self.criterion.state()},)
+            self.path = save_checkpoint(self.run, self.engine.state, *extra) if self.writer else None
         except files.WriteFailed as err:
             if stopping:
                 raise
             save_failed(done, f"checkpoint-{done}", err)
 
 
-def save_checkpoint(run, state):
-    """Write replicated `state` as a checkpoint of `run`; TrainingDiverged if its rows are not finite."""
+def save_checkpoint(run, state, extra=None):
+    """Write replicated `state` as a checkpoint of `run` (`extra`: more meta.json entries);
+    TrainingDiverged if its rows are not finite."""
     host_state = parallel.unreplicate(state)
     if not np.all(np.isfinite(host_state.rows)):
         raise TrainingDiverged(f"step {int(host_state.step)}: learned rows are NaN/Inf; no checkpoint written")
-    return ckpt.save_checkpoint(run.config.output_dir, host_state, run.meta, run.family,
+    return ckpt.save_checkpoint(run.config.output_dir, host_state, {**run.meta, **(extra or {})}, run.family,
                                 run.config.checkpoints_total_limit)
 
 

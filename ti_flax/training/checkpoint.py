@@ -4,7 +4,9 @@ A checkpoint is `output_dir/checkpoint-{step}/` holding
   state.safetensors           the learned rows, every optimizer moment and count, the step
                               (and with --use_ema the rows' moving average);
   learned_embeds.safetensors  the rows in diffusers' layout (usable as they are; the EMA with --use_ema);
-  meta.json                   step, tokens, run config, model fingerprint, batch geometry.
+  meta.json                   step, tokens, run config, model fingerprint, batch geometry; with
+                              --early_stopping dvar, "early_stopping": its criterion's history
+                              (each evaluation's step and deterministic loss).
 It is written under a hidden temporary name and renamed into place only when complete, so a
 killed process never leaves a `checkpoint-N` that `latest` would pick. The frozen models are
 never part of it: a checkpoint is a few kilobytes.
@@ -32,6 +34,7 @@ FORMAT_VERSION = 1
 FINGERPRINT_VERSION = 2
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
+EARLY_STOPPING = "early_stopping"  # meta.json's key for --early_stopping's history (early_stopping.DVAR.state)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".checkpoint-"
 

@@ -89,3 +89,18 @@ def broadcast_from_first(tree):
     from jax.experimental import multihost_utils
 
     return jax.tree_util.tree_map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def broadcast_json(value):
+    """Process 0's `value` (anything JSON holds: None, numbers, lists, dicts) on every process,
+    exactly: sent as its JSON text's bytes, so floats keep every bit (an array of them would be
+    cast to float32 on the way without jax's x64 mode)."""
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    # Bytes as int32: a collective sums or selects every element type the same way.
+    text = np.frombuffer(json.dumps(value).encode(), np.uint8).astype(np.int32) if jax.process_index() == 0 else None
+    size = int(broadcast_from_first(np.int32(0 if text is None else len(text))))
+    text = broadcast_from_first(text if text is not None else np.zeros(size, np.int32))
+    return json.loads(np.asarray(text).astype(np.uint8).tobytes().decode())

@@ -41,17 +41,19 @@ class Engine:
       estimated_bytes: the compiled step's memory per device (footprint.check_fits); None
         where it compiles on its first call.
       evaluator: the validation_loss.Evaluator of --validation_loss_steps, or None.
+      deterministic: the validation_loss.Evaluator of --early_stopping's deterministic loss (its
+        images encoded once, at build), or None.
     """
 
     def __init__(self, run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds,
-                 cache_seconds=0.0, estimated_bytes=None, evaluator=None):
+                 cache_seconds=0.0, estimated_bytes=None, evaluator=None, deterministic=None):
         self.run, self.compute, self.frozen, self.weights = run, compute, frozen, weights
         self.layout = run.layout
         self.state, self.keys, self.step_fn, self.batches = state, keys, step_fn, batches
         self.compile_seconds, self.cache_seconds = compile_seconds, cache_seconds
         self.estimated_bytes = estimated_bytes
         self.accumulation = run.config.gradient_accumulation_steps
-        self.evaluator = evaluator
+        self.evaluator, self.deterministic = evaluator, deterministic
 
     def update(self):
         """Dispatch one optimizer update (its `gradient_accumulation_steps` micro-steps).
@@ -73,6 +75,11 @@ class Engine:
         their moving average; waits for the last update): {"loss", and with several concepts
         "loss/<name>"}; see validation_loss.Evaluator."""
         return self.evaluator(self.state.output_rows, self.frozen)
+
+    def deterministic_loss(self):
+        """--early_stopping's deterministic loss of the rows the outputs use now (waits for the
+        last update), a Python float; see early_stopping.py."""
+        return self.deterministic(self.state.output_rows, self.frozen)["loss"]
 
     def rows(self):
         """The rows the run's outputs use now, float32 numpy [num_vectors, hidden] (waits for the
@@ -115,11 +122,17 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     if run.validation_images is not None:  # with --cache_latents its images are encoded now, with the VAE
         evaluator = Evaluator(run.model.spec, compute, run.validation_images, config.seed, devices,
                               frozen.vae if config.cache_latents else None, run.concept_names, layout)
+    deterministic = None
+    if run.stopping_images is not None:  # a few images, encoded once: the loss runs every step or so
+        deterministic = Evaluator(run.model.spec, compute, run.stopping_images, config.seed, devices, frozen.vae,
+                                  chosen=run.stopping_examples, layout=layout)
     if config.cache_latents:
         frozen = frozen._replace(vae=None)
         weights = weights if keep_vae else None
     state = layout.state(state)
     keys = layout.state(jax.random.PRNGKey(config.seed))
+    if deterministic is not None:  # evaluated before the first step: its program compiles beside the step's
+        deterministic.compile_in_background(state.output_rows, frozen)
     step_fn, compile_seconds = compiling.result()
     if evaluator is not None:  # its program compiles behind the first steps, not inside the loop
         evaluator.compile_in_background(state.output_rows, frozen)
@@ -139,7 +152,7 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
         run.data.batches(start_step * config.gradient_accumulation_steps, jax.process_index(), jax.process_count(),
                          len(devices), views))
     return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds,
-                  estimated, evaluator)
+                  estimated, evaluator, deterministic)
 
 
 def step_shapes(run, state, host_frozen, start_step, bucket=None):

@@ -2,12 +2,37 @@
 
 import io
 import os
+from typing import NamedTuple, Optional
 
 from ..files import atomic_write
 from .losses import describe as recipe_text
 
 LOSS_PLOT = "loss.png"
 PLOT_INCHES, PLOT_DPI = (8, 4), 100  # loss.png is 800 x 400 pixels
+
+
+class Stopping(NamedTuple):
+    """What the card shows of --early_stopping: the deterministic loss of each evaluation
+    ({"step", "loss"[, "ratio"]} records), the early_stopping.Stop that ended the run (or None),
+    and the run's planned steps."""
+
+    records: tuple
+    stop: Optional[object]
+    total_steps: int
+
+    @classmethod
+    def of(cls, early, total_steps):
+        """From the run's actions.EarlyStop (None without --early_stopping: None)."""
+        return None if early is None else cls(tuple(early.records), early.end.stop, total_steps)
+
+    def sentence(self):
+        """One sentence: where and why the run stopped, or that it took every step."""
+        if self.stop is not None:
+            return (f"Stopped early at step {self.stop.step} of {self.total_steps} (`--early_stopping dvar`): "
+                    f"{self.stop.reason()}.")
+        ratios = [r["ratio"] for r in self.records if "ratio" in r]
+        last = f" (last variance ratio {ratios[-1]:.3g})" if ratios else ""
+        return f"`--early_stopping dvar` did not stop the run: it took all {self.total_steps} steps{last}."
 
 
 def smoothed(values, span):
@@ -21,14 +46,16 @@ def smoothed(values, span):
     return out
 
 
-def loss_plot(history, validation_losses=(), save_steps=0):
+def loss_plot(history, validation_losses=(), save_steps=0, stopping=None):
     """loss.png's bytes: the training loss of each optimizer update (faint), its smoothed line (`smoothed`
     over a twentieth of the steps), the validation loss of each evaluation and, with
-    --save_steps, a dotted line at each step whose embedding was saved.
+    --save_steps, a dotted line at each step whose embedding was saved; with --early_stopping the
+    deterministic loss and a dashed line where it stopped the run.
 
     Args:
       history: per-step records (step, loss). validation_losses: {"step", "loss", ...} records
         (with several concepts, "loss/<token>" too). save_steps: the run's --save_steps.
+      stopping: a Stopping, or None.
     """
     # Imported here: only drawing needs matplotlib; its Agg canvas leaves pyplot's backend alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -51,6 +78,12 @@ def loss_plot(history, validation_losses=(), save_steps=0):
         for name in sorted({k for r in validation_losses for k in r if k.startswith("loss/")}):
             points = [(r["step"], r[name]) for r in validation_losses if name in r]
             ax.plot(*zip(*points), ".--", linewidth=1, label=f"validation {name}")
+    if stopping is not None and stopping.records:
+        ax.plot([r["step"] for r in stopping.records], [r["loss"] for r in stopping.records], color="tab:green",
+                linewidth=1.2, label="deterministic loss (--early_stopping)")
+    if stopping is not None and stopping.stop is not None:
+        ax.axvline(stopping.stop.step, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"stopped early (step {stopping.stop.step})")
     if not steps and not validation_losses:
         ax.text(0.5, 0.5, "no steps in this run", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer update (step)")
@@ -64,7 +97,7 @@ def loss_plot(history, validation_losses=(), save_steps=0):
 
 
 def write_model_card(config, tokens, history, files, family, validation_grid=None, learned=(),
-                     validation_losses=()):
+                     validation_losses=(), stopping=None):
     """Write output_dir/README.md and the loss plot it shows (loss.png, see `loss_plot`); returns
     the card's path.
 
@@ -76,26 +109,30 @@ def write_model_card(config, tokens, history, files, family, validation_grid=Non
       validation_grid: path of the newest validation grid, if any.
       learned: with --concepts, the run's run.Learned, one per concept: the card lists each.
       validation_losses: the --validation_loss_steps records ({"step", "loss", ...}), if any.
+      stopping: with --early_stopping, a Stopping: the card says where and why the run stopped.
     """
     if config.concepts is not None:
-        lines = _concepts_card(config, history, files, validation_grid, learned, family, validation_losses)
+        lines = _concepts_card(config, history, files, validation_grid, learned, family, validation_losses, stopping)
     else:
-        lines = _single_card(config, tokens, history, files, validation_grid, family, validation_losses)
+        lines = _single_card(config, tokens, history, files, validation_grid, family, validation_losses, stopping)
     out = config.output_dir
-    atomic_write(os.path.join(out, LOSS_PLOT), loss_plot(history, validation_losses, config.save_steps))
+    atomic_write(os.path.join(out, LOSS_PLOT), loss_plot(history, validation_losses, config.save_steps, stopping))
     return atomic_write(os.path.join(out, "README.md"), "\n".join(lines).encode("utf-8"))
 
 
-def _loss_figure(config, validation_losses):
+def _loss_figure(config, validation_losses, stopping=None):
     """The card's lines showing loss.png, and what it shows."""
     what = "Training loss per optimizer update (faint) and its moving average"
     if validation_losses:
         last = validation_losses[-1]
         what += (f"; the validation loss of fixed examples every {config.validation_loss_steps} updates "
                  f"(last {last['loss']:.4f}, at step {last['step']})")
+    if stopping is not None:
+        what += f"; the deterministic loss of `--early_stopping` every {config.early_stopping_every} update(s)"
     if config.save_steps:
         what += f"; dotted lines: the embeddings saved every {config.save_steps} updates"
-    return [f"![loss per optimizer update]({LOSS_PLOT})", "", what + ".", ""]
+    stopped = [] if stopping is None else [stopping.sentence(), ""]
+    return [*stopped, f"![loss per optimizer update]({LOSS_PLOT})", "", what + ".", ""]
 
 
 def _header(config, title):
@@ -111,7 +148,7 @@ def _header(config, title):
     ]
 
 
-def _concepts_card(config, history, files, validation_grid, learned, family, validation_losses=()):
+def _concepts_card(config, history, files, validation_grid, learned, family, validation_losses=(), stopping=None):
     """The card's lines for a --concepts run: a table of concepts, then how to load each."""
     out, model = config.output_dir, config.pretrained_model_name_or_path
     losses = [r["loss"] for r in history]
@@ -135,7 +172,7 @@ def _concepts_card(config, history, files, validation_grid, learned, family, val
         f"{f'{losses[-1]:.4f}' if losses else 'n/a'} (all concepts).",
         "",
         *[line for note in rows_notes(config) for line in (note[0].upper() + note[1:] + ".", "")],
-        *_loss_figure(config, validation_losses),
+        *_loss_figure(config, validation_losses, stopping),
     ]
     if validation_grid:
         lines += [f"Validation images at step {step} for *{config.validation_prompt}*:", "",
@@ -167,7 +204,7 @@ def rows_notes(config):
     return notes
 
 
-def _single_card(config, tokens, history, files, validation_grid, family, validation_losses=()):
+def _single_card(config, tokens, history, files, validation_grid, family, validation_losses=(), stopping=None):
     """The card's lines for a run of one concept."""
     out = config.output_dir
     losses = [r["loss"] for r in history]
@@ -196,7 +233,7 @@ def _single_card(config, tokens, history, files, validation_grid, family, valida
         *([f"| loss recipe | {recipe} |"] if recipe else []),
         f"| final loss | {final} |",
         "",
-        *_loss_figure(config, validation_losses),
+        *_loss_figure(config, validation_losses, stopping),
     ]
     if validation_grid:
         lines += [f"Validation images at step {step} for *{config.validation_prompt}*:", "", f"![validation]({rel(validation_grid)})", ""]

@@ -10,10 +10,11 @@ from . import checkpoint as ckpt, logs, losses, model_card
 from .validation_loss import fixed_timesteps
 
 
-def save_outputs(run, rows, history, grid=None, validation_losses=()):
+def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None):
     """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run.
 
     `validation_losses`: the --validation_loss_steps records, for the model card's loss plot.
+    `early`: --early_stopping's actions.EarlyStop (its losses and where it ended the run), or None.
 
     A failed write is `files.WriteFailed` naming, besides the file, what was already saved
     (files of this call, the newest checkpoint): those stay intact.
@@ -30,7 +31,8 @@ def save_outputs(run, rows, history, grid=None, validation_losses=()):
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
         written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, run.family, grid,
-                                                               run.learned, validation_losses)
+                                                               run.learned, validation_losses,
+                                                               model_card.Stopping.of(early, run.total_steps))
     except files.WriteFailed as err:
         saved = list(written.values())
         checkpoints = ckpt.list_checkpoints(config.output_dir)
@@ -98,6 +100,7 @@ def print_banner(run):
         f"{_buckets_line(run)}"
         f"{_rows_line(run)}"
         f"{_validation_loss_line(run)}"
+        f"{_stopping_line(run)}"
         f"{_trainable_line(run, n_rows)}"
         f"  output     {config.output_dir}",
         flush=True,
@@ -197,6 +200,17 @@ def _rows_line(run):
     return f"  rows       after each update: {'; '.join(parts)}\n" if parts else ""
 
 
+def _stopping_line(run):
+    """The banner's early-stopping line ("" without --early_stopping)."""
+    config = run.config
+    if run.stopping_images is None:
+        return ""
+    return (f"  stopping   DVAR: the loss of {len(run.stopping_examples[0])} fixed training examples every "
+            f"{config.early_stopping_every} update(s); ends the run when its variance over the last "
+            f"{config.early_stopping_window} updates is below {config.early_stopping_threshold:g} x its variance since "
+            f"the start{f', from step {config.early_stopping_min_steps}' if config.early_stopping_min_steps else ''}\n")
+
+
 def _validation_loss_line(run):
     """The banner's validation-loss line ("" without --validation_loss_steps)."""
     config, images = run.config, run.validation_images
@@ -208,9 +222,13 @@ def _validation_loss_line(run):
             f"{len(fixed_timesteps(run.model.spec.num_train_timesteps))} timesteps\n")
 
 
-def print_summary(run, files, history, timings, validation_losses=()):
+def print_summary(run, files, history, timings, validation_losses=(), stopped=None):
+    """The run's last lines; `stopped`: the early_stopping.Stop that ended it, or None."""
     loss = f"{history[-1]['loss']:.4f}" if history else "n/a"
-    print(f"done: step {run.total_steps} ({len(history)} steps in this run), final loss {loss}", flush=True)
+    step = f"step {stopped.step} of {run.total_steps}, stopped early" if stopped else f"step {run.total_steps}"
+    print(f"done: {step} ({len(history)} steps in this run), final loss {loss}", flush=True)
+    if stopped:
+        print(f"  {'early stop':13s} {stopped.reason()}", flush=True)
     print(f"  {'startup':13s} {logs.startup_text(timings)}", flush=True)
     if validation_losses:
         last = validation_losses[-1]

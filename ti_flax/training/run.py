@@ -12,14 +12,14 @@ import jax
 import numpy as np
 
 from .. import families, formats, models, parallel, tokens as tokens_lib
-from ..config import TrainConfig, concepts as concepts_lib
+from ..config import TrainConfig, checks, concepts as concepts_lib
 from ..data import batches as data_lib, captions as captions_lib, images as images_lib, prompts
 from ..data.buckets import BucketBatches
 from ..data.concept_mix import ConceptMix
 from ..errors import UserError
 from ..families import Frozen
 from ..sampling import sampler, validation
-from . import checkpoint as ckpt, distribution as distributed, footprint, step as step_lib
+from . import checkpoint as ckpt, distribution as distributed, early_stopping, footprint, step as step_lib
 from .losses import LossSpec, bucket_latent_masks, check_schedule
 from .optim import OptimizerSpec
 
@@ -64,6 +64,10 @@ class Run:
     validation_images: Optional[data_lib.ValidationImages] = None
     # Why the frozen weights are split over the devices (shard_decision), for the banner; None: replicated
     sharded: Optional[str] = None
+    # --early_stopping dvar: the training images its deterministic loss uses (data.ValidationImages)
+    # and its examples over them (early_stopping.examples); else None
+    stopping_images: Optional[data_lib.ValidationImages] = None
+    stopping_examples: Optional[tuple] = None
 
     @functools.cached_property
     def layout(self):
@@ -116,6 +120,10 @@ def prepare(config, devices=None):
     # Steps count optimizer updates; each consumes --gradient_accumulation_steps batches.
     epochs_batches = data.epochs_steps(config.num_train_epochs)
     total_steps = config.max_train_steps or max(1, epochs_batches // config.gradient_accumulation_steps)
+    for ok, message in checks.stopping_fits(config, total_steps):  # a run of --num_train_epochs: known now
+        if not ok:
+            raise UserError(message)
+    stopping_images, stopping_examples = stopping_data(config, parts)
     targets = norm_targets(config, model.spec, tables) if config.norm_rate else ()
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths,
                                          tuple(e.key for e in families.of(model.spec).encoders))
@@ -124,7 +132,8 @@ def prepare(config, devices=None):
         check_hub_token(config)
     meta = checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch)
     return Run(config, model, tokens, token_ids, init_rows, data, opt_spec, total_steps, devices, meta, load_seconds,
-               tuple(learned), attention, validation_images, sharded)
+               tuple(learned), attention, validation_images, sharded=sharded,
+               stopping_images=stopping_images, stopping_examples=stopping_examples)
 
 
 def shard_decision(config, model, devices):
@@ -224,6 +233,19 @@ def run_data(config, model, concepts, learned, global_batch):
         data = BucketBatches(data, config.seed, global_batch)
     validation_images = data_lib.ValidationImages.concatenate(validation_parts) if config.validation_loss_steps else None
     return data, parts, validation_images
+
+
+def stopping_data(config, parts):
+    """(data.ValidationImages, examples) of --early_stopping dvar's deterministic loss: each
+    concept's first training images (each concept's data.TrainData in `parts`), unflipped with
+    their captions or first template, and early_stopping.examples over them; (None, None) when it
+    is off."""
+    if config.early_stopping != "dvar":
+        return None, None
+    used = [data_lib.ValidationImages.of(part.images, part.template_ids, part.captions,
+                                         np.arange(early_stopping.images_used(len(part.images))), index, part.time_ids)
+            for index, part in enumerate(parts)]
+    return data_lib.ValidationImages.concatenate(used), early_stopping.examples([len(part.images) for part in parts])
 
 
 def checkpoint_meta(config, model, tables, concepts, parts, data, tokens, token_ids, global_batch):
@@ -390,19 +412,22 @@ def check_hub_token(config):
 
 
 def initial_state(run):
-    """(host TrainState, first step): fresh, or restored from --resume_from_checkpoint.
+    """(host TrainState, first step, early-stopping history): fresh, or restored from
+    --resume_from_checkpoint; the history is --early_stopping's criterion state from the
+    checkpoint's meta.json (early_stopping.DVAR.state()), or None (fresh, or none saved).
 
     Process 0 reads the checkpoint (other hosts need not see its disk) and every process
     receives the same state through a broadcast. Raises UserError before anything is written.
     """
     fresh = step_lib.init_state(run.init_rows, run.opt_spec)
-    state, error = fresh, None
+    state, error, history = fresh, None, None
     if jax.process_index() == 0:
         try:
             path = ckpt.resolve_resume(run.config)
             if path:
                 ckpt.check_compatible(ckpt.read_meta(path), run.meta, path)
                 state, meta = ckpt.load_checkpoint(path, fresh)
+                history = meta.get(ckpt.EARLY_STOPPING)
                 print(f"resuming from {path} (step {meta['step']})", flush=True)
         except UserError as err:
             error = err
@@ -412,6 +437,7 @@ def initial_state(run):
             raise UserError("process 0 could not resume from its checkpoint; see its output")
         if error is None:
             state = distributed.broadcast_from_first(jax.tree_util.tree_map(np.asarray, state))
+            history = distributed.broadcast_json(history)
     if error is not None:
         raise error
-    return state, int(state.step)
+    return state, int(state.step), history

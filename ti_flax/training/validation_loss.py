@@ -61,14 +61,22 @@ class Evaluator:
       layout: the run's parallel layout (default parallel.Replicated: the loss pmapped); with
         parallel.Sharded (--shard_weights), one program over its mesh, the same examples in the
         same slots.
+      chosen: (image index, timestep index, example id) arrays of the examples to evaluate (the
+        deterministic loss of --early_stopping evaluates a few: early_stopping.examples); default:
+        every image at every timestep, `examples`.
     Attributes:
-      count: the number of examples (validation images x timesteps).
+      count: the number of examples (validation images x timesteps, or those chosen).
     """
 
-    def __init__(self, spec, compute, images, seed, devices, vae=None, names=(), layout=None):
+    def __init__(self, spec, compute, images, seed, devices, vae=None, names=(), layout=None, chosen=None):
         self.names, self.devices = tuple(names), tuple(devices)
         self.layout = layout or parallel.Replicated(self.devices)
-        image, timesteps, example_ids = examples(len(images.images), fixed_timesteps(spec.num_train_timesteps))
+        timesteps = fixed_timesteps(spec.num_train_timesteps)
+        if chosen is None:
+            image, timesteps, example_ids = examples(len(images.images), timesteps)
+        else:
+            image, timestep_index, example_ids = (np.asarray(x, np.int64) for x in chosen)
+            timesteps = timesteps[timestep_index]
         self.count = len(example_ids)
         self.concept_ids = images.concept_ids[image]
         moments = None
