@@ -20,14 +20,16 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from ti_flax import TrainConfig, families, train
+from ti_flax import TrainConfig, families, models, train
 from ti_flax import tokens as tokens_lib
 from ti_flax.commands import generate as gen
 from ti_flax.data import prompts
+from ti_flax.data.batches import blank_batch
+from ti_flax.families import Frozen
 from ti_flax.errors import UserError
 from ti_flax.models import flux
 from ti_flax.sampling import sampler
-from ti_flax.training import checkpoint
+from ti_flax.training import checkpoint, step as step_lib
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -274,16 +276,23 @@ def test_generate_with_the_files_draws_the_validation_images(dev, flux_run, tmp_
 # ---- the loss recipe, [schnell], refusals -------------------------------------------------------
 
 
-def test_the_loss_recipe_applies_to_flux_and_text_encoders_picks_t5(dev, sample_images_dir, tmp_path, model):
+def test_the_loss_recipe_applies_to_flux_and_text_encoders_picks_t5(dev, sample_images_dir, tmp_path, model,
+                                                                     monkeypatch):
     """Huber on an exponential schedule, kohya's shifted sigmoid draws, EMA, norm control and the
     validation loss together, training T5's rows only (--text_encoders t5xxl): the run trains, the
     T5 part moves and keeps its norm, the CLIP-L part is the initializer's row, bit for bit, in
-    the file (the EMA and the norm control leave it alone too)."""
+    the file (the EMA and the norm control leave it alone too). The validation loss embeds the
+    training's --guidance_scale."""
+    made = []
+    losses = step_lib.pmapped_validation_losses
+    monkeypatch.setattr(step_lib, "pmapped_validation_losses", lambda *a: made.append(a[3:]) or losses(*a))
     config = flux_config(dev, sample_images_dir, tmp_path / "recipe", checkpointing_steps=0, validation_prompt=None,
                          max_train_steps=3, loss_type="huber", huber_schedule="exponential", huber_c=0.2,
                          timestep_sampling="shift", discrete_flow_shift=3.1582, use_ema=True, ema_decay=0.5,
-                         embedding_norm="preserve", validation_loss_steps=3, text_encoders="t5xxl")
+                         embedding_norm="preserve", validation_loss_steps=3, text_encoders="t5xxl",
+                         guidance_scale=2.5)
     result = train(config, devices=FOUR)
+    assert made == [(2.5,)]
     assert all(np.isfinite(r["loss"]) for r in result.history)
     assert [v["step"] for v in result.validation_losses] == [3] and np.isfinite(result.validation_losses[0]["loss"])
     tables = families.of(model.spec).token_tables(model.params)
@@ -297,6 +306,19 @@ def test_the_loss_recipe_applies_to_flux_and_text_encoders_picks_t5(dev, sample_
     # an average of such vectors, a little shorter (6e-5 relative here).
     median = np.median(np.linalg.norm(np.asarray(tables[1], np.float32), axis=-1))
     np.testing.assert_allclose(np.linalg.norm(t5_part, axis=-1), median, rtol=1e-3)
+
+
+def test_the_validation_loss_depends_on_the_embedded_guidance(model):
+    # What the test above wires through would be inert if [dev]'s loss ignored the guidance.
+    spec, compute = model.spec, models.Compute()
+    frozen, rows = Frozen.from_model(model), np.zeros((1, sum(WIDTHS)), np.float32)
+    batch = blank_batch(2, 32, families.of(spec).prompt_length(spec))
+    batch = batch._replace(pixel_values=np.random.default_rng(0).integers(0, 256, batch.pixel_values.shape, np.uint8))
+    loss = jax.jit(step_lib.validation_losses, static_argnames=("spec", "compute", "guidance"))
+    each = [np.asarray(loss(rows, frozen, batch, np.array([300, 700], np.int32), jax.random.PRNGKey(0), spec=spec,
+                            compute=compute, guidance=g)) for g in (None, 1.0, 3.5)]
+    np.testing.assert_array_equal(each[0], each[1])  # None: [dev]'s training default, 1.0
+    assert np.abs(each[2] - each[1]).max() > 1e-6
 
 
 def test_schnell_reads_256_t5_tokens_and_refuses_guidance(tiny_flux_dirs, sample_images_dir, tmp_path):

@@ -121,11 +121,12 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     evaluator = None
     if run.validation_images is not None:  # with --cache_latents its images are encoded now, with the VAE
         evaluator = Evaluator(run.model.spec, compute, run.validation_images, config.seed, devices,
-                              frozen.vae if config.cache_latents else None, run.concept_names, layout)
+                              frozen.vae if config.cache_latents else None, run.concept_names, layout,
+                              guidance=run.loss_spec.guidance_scale)
     deterministic = None
     if run.stopping_images is not None:  # a few images, encoded once: the loss runs every step or so
         deterministic = Evaluator(run.model.spec, compute, run.stopping_images, config.seed, devices, frozen.vae,
-                                  chosen=run.stopping_examples, layout=layout)
+                                  chosen=run.stopping_examples, layout=layout, guidance=run.loss_spec.guidance_scale)
     if config.cache_latents:
         frozen = frozen._replace(vae=None)
         weights = weights if keep_vae else None

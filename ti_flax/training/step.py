@@ -202,7 +202,7 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
     return TrainState(step, rows, opt_state, ema), metrics
 
 
-def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute):
+def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute, guidance=None):
     """Each example's plain (unweighted) mean squared error at the given timesteps: the terms of
     the validation loss. Nothing is differentiated and nothing crosses devices, so an example's
     value depends only on its own inputs and the per-device batch it is computed in.
@@ -212,29 +212,31 @@ def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute):
       batch: PixelBatch or LatentBatch (see train_step); example_ids key each example's noises.
       timesteps: int32 [B]. key: the validation loss's PRNG key (not a step's).
       spec: models.ModelSpec, compute: models.Compute (static).
+      guidance: FLUX.1 [dev]'s embedded guidance scale, the training's (--guidance_scale); None:
+        the family's default (1.0). The SD families embed none.
     Returns:
       float32 [B].
     """
     noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, timesteps=timesteps)
     _, each = diffusion_loss(rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target,
-                             per_example=True, time_ids=batch.time_ids)
+                             per_example=True, time_ids=batch.time_ids, loss_spec=LossSpec(guidance_scale=guidance))
     return each
 
 
 @functools.lru_cache(maxsize=16)
-def pmapped_validation_losses(spec, compute, devices):
+def pmapped_validation_losses(spec, compute, devices, guidance=None):
     """validation_losses pmapped over `devices`; it compiles once (ahead, with `compiled_ahead`, or
     on its first call), its arguments always shaped alike."""
-    fn = functools.partial(validation_losses, spec=spec, compute=compute)
+    fn = functools.partial(validation_losses, spec=spec, compute=compute, guidance=guidance)
     return jax.pmap(fn, axis_name=AXIS, devices=pmap_devices(devices))
 
 
 @functools.lru_cache(maxsize=16)
-def sharded_validation_losses(spec, compute, devices):
+def sharded_validation_losses(spec, compute, devices, guidance=None):
     """validation_losses as one program over `parallel.Sharded(devices)`'s mesh (--shard_weights):
     rows and key with a leading axis of one, batch and timesteps [devices, B, ...]; returns
     float32 [devices, B] split over the devices, as the pmapped one does."""
-    fn = functools.partial(validation_losses, spec=spec, compute=compute)
+    fn = functools.partial(validation_losses, spec=spec, compute=compute, guidance=guidance)
     return parallel.mesh_map(fn, devices, (ONE, None, SPLIT, SPLIT, ONE), SPLIT)
 
 

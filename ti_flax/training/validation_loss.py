@@ -64,11 +64,14 @@ class Evaluator:
       chosen: (image index, timestep index, example id) arrays of the examples to evaluate (the
         deterministic loss of --early_stopping evaluates a few: early_stopping.examples); default:
         every image at every timestep, `examples`.
+      guidance: FLUX.1 [dev]'s embedded guidance, the training's (the run's LossSpec.guidance_scale);
+        None for the other families.
     Attributes:
       count: the number of examples (validation images x timesteps, or those chosen).
     """
 
-    def __init__(self, spec, compute, images, seed, devices, vae=None, names=(), layout=None, chosen=None):
+    def __init__(self, spec, compute, images, seed, devices, vae=None, names=(), layout=None, chosen=None,
+                 guidance=None):
         self.names, self.devices = tuple(names), tuple(devices)
         self.layout = layout or parallel.Replicated(self.devices)
         timesteps = fixed_timesteps(spec.num_train_timesteps)
@@ -100,7 +103,7 @@ class Evaluator:
             self.calls.append(self.layout.batch((type(batch)(*map(split, batch)), split(timesteps[at]))))
         self.key = self.layout.state(validation_key(seed))
         losses = step_lib.sharded_validation_losses if self.layout.sharded else step_lib.pmapped_validation_losses
-        self.fn = losses(spec, compute, self.devices)
+        self.fn = losses(spec, compute, self.devices, guidance)
         self._ahead = None  # the program compile_in_background is compiling
 
     def compile_in_background(self, rows, frozen):
