@@ -3,10 +3,11 @@ devices (parallel.Sharded, one jit program over a mesh) learns what the replicat
 learns, draws the same validation images, and never retraces; the SD families refuse the flag;
 the weights shard on their own where they do not fit one device.
 
-One replicated and one sharded run (3 updates, validation images at updates 2 and 3) are shared
-by the tests of this module (with a validation loss at update 3); two processes of 2 devices each,
-sharding over all 4, learn and draw what the one process of 4 does. The validation loss's program
-over the mesh is checked per example on the tiny SD model as well.
+One replicated and one sharded run (3 updates, validation images at updates 2 and 3, a
+validation loss at update 3, --early_stopping's loss recorded at every update) are shared by the
+tests of this module; two processes of 2 devices each, sharding over all 4, learn and draw what
+the one process of 4 does. The validation loss's program over the mesh is checked per example on
+the tiny SD model as well.
 """
 
 import os
@@ -35,6 +36,10 @@ def flux_config(model_dir, data_dir, out, **changes):
                             validation_loss_steps=STEPS, **changes)
 
 
+# --early_stopping dvar's deterministic loss recorded at every update (a threshold no run reaches).
+RECORD_DVAR = dict(early_stopping="dvar", early_stopping_window=2, early_stopping_threshold=1e-9)
+
+
 def traced_run(config, traces):
     """(TrainResult, the run's engine, {function: traces during the run})."""
     engines, build = [], engine_lib.build
@@ -57,7 +62,7 @@ def runs(flux_dir, sample_images_dir, tmp_path_factory, traces):
     """{"replicated": (result, engine, traces), "sharded": ...}: the same FLUX.1 [dev] run both ways."""
     return {
         name: traced_run(flux_config(flux_dir, sample_images_dir, tmp_path_factory.mktemp(name),
-                                     shard_weights=name == "sharded"), traces)
+                                     shard_weights=name == "sharded", **RECORD_DVAR), traces)
         for name in ("replicated", "sharded")
     }
 
@@ -164,6 +169,13 @@ def test_the_sharded_runs_validation_loss_is_the_replicated_ones(runs):
     replicated, sharded = (runs[name][0].validation_losses for name in ("replicated", "sharded"))
     assert [v["step"] for v in sharded] == [STEPS] == [v["step"] for v in replicated]
     assert abs(sharded[0]["loss"] - replicated[0]["loss"]) <= 1e-5 * replicated[0]["loss"]
+
+
+def test_the_sharded_runs_early_stopping_loss_is_the_replicated_ones(runs):
+    replicated, sharded = (runs[name][0].early_stopping for name in ("replicated", "sharded"))
+    assert [r["step"] for r in sharded] == list(range(STEPS + 1)) == [r["step"] for r in replicated]
+    np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in replicated], rtol=1e-5)
+    assert runs["sharded"][0].stopped_early is None
 
 
 def test_the_validation_loss_over_the_mesh_is_the_pmapped_ones(tiny_model_dir, sample_images_dir, tmp_path):
