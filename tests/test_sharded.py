@@ -200,3 +200,15 @@ def test_a_step_that_does_not_fit_suggests_sharding_first(runs, flux_dir, sample
     with pytest.raises(UserError, match=r"GiB short; try --shard_weights, --mixed_precision bf16, --cache_latents"):
         engine_lib.build(run)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sharded_step_that_does_not_fit_asks_for_more_devices(runs, flux_dir, sample_images_dir, tmp_path,
+                                                                monkeypatch):
+    # The sharded run's program (compiled already by the fixture) needs more than the patched
+    # limit per device: more devices come first among the changes to try.
+    config = flux_config(flux_dir, sample_images_dir, tmp_path / "out", shard_weights=True)
+    monkeypatch.setattr(footprint, "memory_limit", lambda device: 2**30 // 64)
+    with pytest.raises(UserError, match=r"GiB short; try more than 4 devices to split the weights over, "
+                                        r"--mixed_precision bf16"):
+        engine_lib.build(run_lib.prepare(config))
+    assert not (tmp_path / "out").exists()

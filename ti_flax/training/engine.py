@@ -142,8 +142,12 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
         def suggestions():  # only asked for when the step does not fit
             backend = footprint.platform(devices[0])
             changes = [flags for flags, _ in footprint.lighter_changes(config, run.model.spec, backend, config.resolution)]
-            # Splitting the weights helps only over several devices, and only a family that may.
-            split = (not layout.sharded and run.family.shards_weights and len(devices) * jax.process_count() > 1)
+            # Splitting the weights helps only over several devices, and only a family that may;
+            # weights split already need more devices to split them further.
+            count = len(devices) * jax.process_count()
+            if layout.sharded:
+                return [f"more than {count} devices to split the weights over"] + changes
+            split = run.family.shards_weights and count > 1
             return ["--shard_weights"] * split + changes
 
         # Every bucket has at most --resolution^2 pixels: the first one's program stands for them all.
