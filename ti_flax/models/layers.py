@@ -43,3 +43,21 @@ def layer_norm(p, x, eps=1e-5):
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     return _affine(p, (xf - mean) * jax.lax.rsqrt(var + eps), x.dtype)
+
+
+def embedding_with_rows(table, input_ids, rows=None, base_vocab_size=None, dtype=jnp.float32):
+    """nn.Embedding with learned rows beside a frozen `table` [V, D]: [..., D] in `dtype`.
+
+    Ids below `base_vocab_size` (default: the table's length) read the table; ids at or above it
+    read `rows[id - base_vocab_size]` ([num_new, D]). The table is never grown or copied, so the
+    only gradient a caller can take is w.r.t. `rows`. `rows=None` is a plain lookup.
+    """
+    if rows is None:
+        return jnp.take(table, input_ids, axis=0).astype(dtype)
+    base = table.shape[0] if base_vocab_size is None else base_vocab_size
+    is_new = input_ids >= base
+    # Both lookups use in-range indices everywhere (0 where the other table applies), so the
+    # gradient w.r.t. `rows` gets contributions only from positions that hold learned ids.
+    frozen = jnp.take(table, jnp.where(is_new, 0, input_ids), axis=0).astype(dtype)
+    learned = jnp.take(rows, jnp.where(is_new, input_ids - base, 0), axis=0).astype(dtype)
+    return jnp.where(is_new[..., None], learned, frozen)

@@ -161,16 +161,7 @@ def embed_tokens(params, input_ids, rows=None, base_vocab_size=None, dtype=jnp.f
     table's length (T5-XXL: 32100 tokenizer ids, 32128 table rows). The table is never grown or
     copied, so the only gradient a caller can take is w.r.t. `rows`. `rows=None` is a plain lookup.
     """
-    table = token_table(params)
-    if rows is None:
-        return jnp.take(table, input_ids, axis=0).astype(dtype)
-    base = table.shape[0] if base_vocab_size is None else base_vocab_size
-    is_new = input_ids >= base
-    # Both lookups use in-range indices everywhere (0 where the other table applies), so the
-    # gradient w.r.t. `rows` gets contributions only from positions that hold learned ids.
-    frozen = jnp.take(table, jnp.where(is_new, 0, input_ids), axis=0).astype(dtype)
-    learned = jnp.take(rows, jnp.where(is_new, input_ids - base, 0), axis=0).astype(dtype)
-    return jnp.where(is_new[..., None], learned, frozen)
+    return layers.embedding_with_rows(token_table(params), input_ids, rows, base_vocab_size, dtype)
 
 
 def relative_position_buckets(length, num_buckets, max_distance):
