@@ -277,3 +277,20 @@ class ModelFamily:
     def our_outputs(self, cond):
         """{name: array} of a models.Condition, named as `reference_outputs` names them."""
         raise NotImplementedError
+
+
+def pair_loading_code(pipeline_class, model, embeddings):
+    """The model card's diffusers code for a two-encoder family's pair of files: a fenced block
+    with one `load_textual_inversion` per text encoder and concept (`embeddings` as `usage_lines`
+    takes them), then an image of the first concept."""
+    where = lambda folder, name: f"{folder}/{name}" if folder else name  # noqa: E731
+    lines = ["```python", f"from diffusers import {pipeline_class}",
+             f'pipe = {pipeline_class}.from_pretrained("{model}")']
+    for _, _, rel in embeddings:
+        lines += [
+            f'pipe.load_textual_inversion("{where(rel, "learned_embeds.safetensors")}", '
+            "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+            f'pipe.load_textual_inversion("{where(rel, "learned_embeds_2.safetensors")}", '
+            "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+        ]
+    return lines + [f'image = pipe("a photo of {embeddings[0][0]}").images[0]', "```"]

@@ -28,7 +28,7 @@ from ..config import TrainConfig
 from ..errors import UserError
 from ..models import clip, clip_vocab, component_weights, flow_match, flux, flux_files, model_folder, t5, tokenizers
 from ..tokens import split_rows
-from .base import ModelFamily, TextEncoder
+from .base import ModelFamily, TextEncoder, pair_loading_code
 from .sd import embedding_path
 
 CLIP_L = TextEncoder("text_encoder", "tokenizer", formats.flux.CLIP_L, "CLIP ViT-L")
@@ -319,20 +319,7 @@ class Flux(ModelFamily):
             f"PyTorch diffusers: two `load_textual_inversion` calls{' per concept' if several else ''}, "
             "`learned_embeds.safetensors` into CLIP-L and `learned_embeds_2.safetensors` into T5:",
             "",
-            "```python",
-            "from diffusers import FluxPipeline",
-            f'pipe = FluxPipeline.from_pretrained("{model}")',
-        ]
-        for _, _, rel in embeddings:
-            lines += [
-                f'pipe.load_textual_inversion("{where(rel, "learned_embeds.safetensors")}", '
-                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
-                f'pipe.load_textual_inversion("{where(rel, "learned_embeds_2.safetensors")}", '
-                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
-            ]
-        lines += [
-            f'image = pipe("a photo of {embeddings[0][0]}").images[0]',
-            "```",
+            *pair_loading_code("FluxPipeline", model, embeddings),
             "",
             f"ComfyUI: copy {', '.join(f'`{path}`' for path, _ in files)} (`clip_l` and `t5xxl` rows) into "
             f"`models/embeddings/` and write {', '.join(f'`embedding:{name}`' for _, name in files)} in the prompt; "

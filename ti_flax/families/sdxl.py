@@ -16,7 +16,7 @@ from ..errors import UserError
 from ..formats import pipeline as pipeline_files
 from ..models import clip, ldm_layout, model_folder, schedulers, tokenizers
 from ..tokens import split_rows
-from .base import TextEncoder
+from .base import TextEncoder, pair_loading_code
 from .sd import StableDiffusion, embedding_path
 
 CLIP_L = TextEncoder("text_encoder", "tokenizer", formats.sdxl.CLIP_L, "CLIP ViT-L")
@@ -180,20 +180,7 @@ class SDXL(StableDiffusion):
             f"PyTorch diffusers: two `load_textual_inversion` calls{' per concept' if several else ''}, "
             "`learned_embeds.safetensors` into the first text encoder and `learned_embeds_2.safetensors` into the second:",
             "",
-            "```python",
-            "from diffusers import StableDiffusionXLPipeline",
-            f'pipe = StableDiffusionXLPipeline.from_pretrained("{model}")',
-        ]
-        for _, _, rel in embeddings:
-            lines += [
-                f'pipe.load_textual_inversion("{where(rel, "learned_embeds.safetensors")}", '
-                "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
-                f'pipe.load_textual_inversion("{where(rel, "learned_embeds_2.safetensors")}", '
-                "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
-            ]
-        lines += [
-            f'image = pipe("a photo of {embeddings[0][0]}").images[0]',
-            "```",
+            *pair_loading_code("StableDiffusionXLPipeline", model, embeddings),
             "",
             f"AUTOMATIC1111 / Forge: copy {', '.join(f'`{path}`' for _, path, _ in files)} (SDXL's "
             f"`{{clip_l, clip_g}}` layout) into `embeddings/` and write the file name without extension ({names}) "
