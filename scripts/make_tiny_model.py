@@ -252,7 +252,7 @@ def write_t5_tokenizer(out_dir, pieces=T5_PIECES, extra_ids=100, model_max_lengt
     import io
 
     import sentencepiece
-    from transformers import T5Tokenizer
+    import transformers
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -263,9 +263,12 @@ def write_t5_tokenizer(out_dir, pieces=T5_PIECES, extra_ids=100, model_max_lengt
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
         f.write(model.getvalue())
-    tokenizer = T5Tokenizer.from_pretrained(out_dir, extra_ids=extra_ids, model_max_length=model_max_length)
-    tokenizer.save_pretrained(out_dir)  # transformers 5 writes tokenizer.json and the config, not spiece.model
-    return T5Tokenizer.from_pretrained(out_dir)
+    # The fast class (FluxPipeline's; transformers 5's only one, aliased) converts spiece.model and
+    # saves tokenizer.json in every version; 4.x's slow T5Tokenizer would save spiece.model alone.
+    cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+    tokenizer = cls.from_pretrained(out_dir, extra_ids=extra_ids, model_max_length=model_max_length)
+    tokenizer.save_pretrained(out_dir)
+    return cls.from_pretrained(out_dir)
 
 
 def build_tiny_model(out_dir, layout="tiny", prediction_type="epsilon", seed=0, log=None):

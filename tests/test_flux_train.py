@@ -167,10 +167,11 @@ def test_diffusers_flux_pipeline_loads_the_pair_and_encodes_as_we_do(flux_run, m
     frozen = families.Frozen.from_model(model)
     family = families.of(model.spec)
     cond = family.condition(model.spec, sampler.models.Compute(), frozen.text_params, ids, result.rows)
-    # CLIP's pooled output within 1e-5; T5's context within 2e-5: its outputs reach ~3 here, and
+    # CLIP's pooled output within 1e-5; T5's context within 3e-5: its outputs reach ~3 here, and
     # over 512 tokens float32 leaves PyTorch and us each ~1.5e-5 from a float64 evaluation of the
-    # same model (measured), so a bound of 1e-5 would test the rounding, not the port.
-    np.testing.assert_allclose(np.asarray(cond.context), embeds.numpy(), atol=2e-5, rtol=0)
+    # same model (measured; 2.2e-5 apart with transformers 4's extra "▁" pieces), so a bound of
+    # 1e-5 would test the rounding, not the port.
+    np.testing.assert_allclose(np.asarray(cond.context), embeds.numpy(), atol=3e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(cond.text_embeds), pooled.numpy(), atol=1e-5, rtol=0)
     # The learned rows reach both outputs: the initializer's in their place give others.
     other = family.condition(model.spec, sampler.models.Compute(), frozen.text_params, ids, result.rows * 0)

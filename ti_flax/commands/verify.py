@@ -249,4 +249,7 @@ def _loads(family, paths, token, pass_token):
 
 
 def _contains(seq, sub):
-    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+    """`sub`'s ids appear in `seq` in their order: one after the other (CLIP), or with the pieces a
+    tokenizer puts between added tokens (transformers 4's T5: "▁" before each)."""
+    rest = iter(seq)
+    return all(token in rest for token in sub)

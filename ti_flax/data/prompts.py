@@ -102,10 +102,21 @@ def tokenizers_of(tokenizers):
     return tuple(tokenizers) if isinstance(tokenizers, (tuple, list)) else (tokenizers,)
 
 
+def _spelled_out(tokenizer, tokens):
+    """The ids a concept's first token expands to: its id, then the ids the tokenizer gives the
+    rest after a space, as it tokenizes the text diffusers' `maybe_convert_prompt` writes ("<cat>" ->
+    "<cat> <cat>_1"). CLIP and transformers 5's T5 give one id per token; transformers 4's T5 puts
+    a "▁" piece before each added token, and FluxPipeline's T5 then sees it between the vectors too."""
+    first = tokenizer.convert_tokens_to_ids(tokens[0])
+    if len(tokens) == 1:
+        return [first]
+    return [first, *tokenizer(" " + " ".join(tokens[1:]), add_special_tokens=False).input_ids]
+
+
 def _uncut_ids(tokenizer, text, concepts=()):
     """list[int]: BOS (where the tokenizer has one: not T5's), the text's ids with each concept's
     first token expanded, EOS; any length."""
-    groups = [tokenizer.convert_tokens_to_ids(list(tokens)) for tokens in concepts]
+    groups = [_spelled_out(tokenizer, tokens) for tokens in concepts]
     expanded = expand_placeholders(tokenizer(text, add_special_tokens=False).input_ids, groups)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     return [*bos, *expanded, tokenizer.eos_token_id]

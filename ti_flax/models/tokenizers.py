@@ -84,6 +84,9 @@ def load_t5_tokenizer(folder):
         raise UserError(f"{folder}: no such tokenizer folder")
     spiece, fast_file = os.path.join(folder, "spiece.model"), os.path.join(folder, "tokenizer.json")
     if not os.path.exists(spiece) and not os.path.exists(fast_file):
+        if os.path.exists(os.path.join(folder, "vocab.json")) and os.path.exists(os.path.join(folder, "merges.txt")):
+            raise UserError(f"{folder}: a BPE tokenizer (vocab.json, merges.txt: CLIP's), not T5's SentencePiece "
+                            "one; pass the T5 tokenizer folder (FLUX.1's tokenizer_2)")
         raise UserError(f"{folder}: no T5 tokenizer here (expected spiece.model or tokenizer.json)")
     if os.path.exists(fast_file):
         model = files.read_json(fast_file, "a tokenizers JSON file").get("model")
