@@ -33,7 +33,14 @@ def torch_loss_and_grad(model_dir, input_ids, rows, noisy, timesteps, target):
     grown = torch.nn.Embedding(vocab + rows.shape[0], table.shape[1]).double()
     grown.weight = torch.nn.Parameter(torch.cat([table, torch.from_numpy(rows)]))
     text.set_input_embeddings(grown)
-    hidden = text(torch.from_numpy(input_ids).long()).last_hidden_state
+    # transformers 4.x builds CLIP's causal mask with torch.full(..., finfo(float64).min) in the
+    # default dtype, which overflows float32: the default is float64 while the double model runs.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        hidden = text(torch.from_numpy(input_ids).long()).last_hidden_state
+    finally:
+        torch.set_default_dtype(default)
     assert (input_ids >= vocab).any()  # the learned rows are really in the prompt
     pred = unet(torch.from_numpy(noisy), torch.from_numpy(timesteps), hidden).sample
     loss = torch.mean((pred - torch.from_numpy(target)) ** 2)
