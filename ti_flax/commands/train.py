@@ -51,6 +51,8 @@ class TrainResult:
       stopped_early: where --early_stopping ended the run, early_stopping.Stop.record(): {"step",
         "ratio", "threshold", "window", "first_step", "first_loss", "last_loss"}; None where the
         run took every step.
+      lora: with --lora_rank, the LoRA's final factors {module: {"lora_A", "lora_B"}} (float32
+        numpy, lora_B unscaled: the update is alpha / rank times B A); None without.
     """
 
     output_dir: str
@@ -63,6 +65,7 @@ class TrainResult:
     validation_losses: list = dataclasses.field(default_factory=list)
     early_stopping: list = dataclasses.field(default_factory=list)
     stopped_early: Optional[dict] = None
+    lora: Optional[dict] = None
 
 
 def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None):
@@ -122,12 +125,13 @@ def train(config, callbacks: Sequence[Callable[[dict], None]] = (), devices=None
     if evaluations:
         timings.update(validation_loss_s=evaluations.seconds, validation_loss_first_s=evaluations.first_seconds)
     stopped = early.end.stop if early else None
-    outputs = save_outputs(run, rows, history, grid, losses, early) if writer else {}
+    factors = engine.lora()
+    outputs = save_outputs(run, rows, history, grid, losses, early, factors) if writer else {}
     if writer:
         print_summary(run, outputs, history, timings, losses, stopped)
     final_loss = history[-1]["loss"] if history else float("nan")
     return TrainResult(config.output_dir, outputs, run.tokens, rows, final_loss, history, timings, losses,
-                       early.records if early else [], stopped.record() if stopped else None)
+                       early.records if early else [], stopped.record() if stopped else None, factors)
 
 
 def train_loop(run, engine, logger, callbacks, writer, start_step, stop=None, stopping_history=None):

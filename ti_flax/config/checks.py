@@ -13,7 +13,7 @@ from ..errors import UserError
 from . import concepts as concepts_lib
 from .choices import (
     ATTENTION, EARLY_STOPPING, EMBEDDING_NORMS, HUBER_SCHEDULES, INTERPOLATIONS, LEARNABLE_PROPERTIES, LOSS_TYPES,
-    LR_SCHEDULERS, MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS, one_of,
+    LORA_TARGETS, LR_SCHEDULERS, MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS, one_of,
 )
 
 # The fields that --concepts sets per concept: with a concepts file they must be left empty.
@@ -125,6 +125,7 @@ def check(config):
         (config.distributed_timeout > 0, f"--distributed_timeout must be > 0, got {config.distributed_timeout}"),
         one_of("--report_to", config.report_to, REPORT_TO),
         *row_checks(config),
+        *lora_checks(config),
         *bucket_checks(config),
         *stopping_checks(config),
     ]
@@ -273,6 +274,34 @@ def row_checks(config):
         (config.ema_update_after_step >= 0, f"--ema_update_after_step must be >= 0, got {config.ema_update_after_step}"),
         (config.use_ema or (config.ema_decay == type(config).ema_decay and config.ema_update_after_step == 0),
          "--ema_decay and --ema_update_after_step need --use_ema: without it they do nothing"),
+    ]
+
+
+def lora_checks(config):
+    """(ok, message) for pivotal tuning's flags (the rank against each layer's width is checked
+    with the model, in training/run.py)."""
+    rank, alpha, frac, rate = config.lora_rank, config.lora_alpha, config.train_text_encoder_ti_frac, \
+        config.lora_learning_rate
+    others = [name for name in ("lora_alpha", "lora_learning_rate", "train_text_encoder_ti_frac")
+              if getattr(config, name) is not None]
+    others += ["lora_dropout"] if config.lora_dropout else []
+    others += ["lora_targets"] if config.lora_targets != type(config).lora_targets else []
+    names = str(config.lora_targets).split(",")
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    return [
+        (rank is not None or not others,
+         f"--{others[0] if others else ''} needs --lora_rank: without a LoRA it does nothing"),
+        (rank is None or (isinstance(rank, int) and rank >= 1), f"--lora_rank must be at least 1, got {rank}"),
+        (alpha is None or (math.isfinite(alpha) and alpha > 0), f"--lora_alpha must be a positive number, got {alpha}"),
+        (not config.lora_dropout,
+         f"--lora_dropout {config.lora_dropout}: only 0 is supported for now (the LoRA has no dropout); leave it out"),
+        (not unknown,
+         f"--lora_targets {unknown[0] if unknown else ''!r}: choose from {', '.join(LORA_TARGETS)}"),
+        (rate is None or (math.isfinite(rate) and rate > 0),
+         f"--lora_learning_rate must be a positive number, got {rate}"),
+        (frac is None or (isinstance(frac, (int, float)) and 0.0 <= frac <= 1.0),
+         f"--train_text_encoder_ti_frac must be in [0, 1] (the share of the updates in which the rows learn), "
+         f"got {frac}"),
     ]
 
 

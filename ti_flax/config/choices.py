@@ -23,6 +23,14 @@ EMBEDDING_NORMS = ("none", "preserve")  # --embedding_norm: after each update, l
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya's --loss_type (its l1 is not offered)
 # kohya's --timestep_sampling for rectified-flow models (FLUX.1): how each example's noise level is drawn.
 TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
+# --lora_targets: module names of diffusers' UNet (their last parts), or a group of them; "attn" is
+# the default, as diffusers' and PEFT's LoRA scripts.
+LORA_TARGET_GROUPS = {
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
+    "ff": ("ff.net.0.proj", "ff.net.2"),
+    "proj": ("proj_in", "proj_out"),
+}
+LORA_TARGETS = (*LORA_TARGET_GROUPS, *(name for group in LORA_TARGET_GROUPS.values() for name in group))
 EARLY_STOPPING = ("none", "dvar")  # --early_stopping: run every step, or end when the deterministic loss settles
 # kohya's --huber_schedule. Not a row of TABLE: it applies only with --loss_type huber or smooth_l1,
 # so its values are not each valid alone; the flag reference (docs/flags.md) lists them.

@@ -35,10 +35,11 @@ OUTPUTS = "outputs"
 VALIDATION = "validation images"
 VALIDATION_LOSS = "validation loss"
 STOPPING = "early stopping (off by default)"
+LORA = "pivotal tuning: a LoRA of the UNet beside the rows (kohya's and diffusers' flags; off by default)"
 LOGGING = "logging"
 PROCESSES = "multi-process (a multi-host TPU slice needs none of these)"
 FLOW = "rectified flow (FLUX.1; kohya's flags)"
-GROUPS = (MODEL, MODEL_FILES, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, SPEED, OUTPUTS, VALIDATION,
+GROUPS = (MODEL, MODEL_FILES, DATA, BUCKETS, OPTIMISATION, LOSS, FLOW, MASKS, ROWS, LORA, SPEED, OUTPUTS, VALIDATION,
           VALIDATION_LOSS, STOPPING, LOGGING, PROCESSES)
 
 

@@ -17,8 +17,8 @@ from .choices import (
     LR_SCHEDULERS, MASK_SUFFIX, MIXED_PRECISION, PREDICTION_TYPES, REPORT_TO, TIMESTEP_SAMPLINGS,
 )
 from .flags import (
-    BUCKETS, DATA, FLOW, LOGGING, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, MODEL_FILES, OPTIMISATION, OUTPUTS, PROCESSES,
-    ROWS, SPEED, STOPPING, VALIDATION, VALIDATION_LOSS, flag,
+    BUCKETS, DATA, FLOW, LOGGING, LORA, LOSS, MASKS, MATCH, MAY_CHANGE, MODEL, MODEL_FILES, OPTIMISATION, OUTPUTS,
+    PROCESSES, ROWS, SPEED, STOPPING, VALIDATION, VALIDATION_LOSS, flag,
 )
 
 # Where validate() keeps the concepts it read, in the instance's __dict__ (the dataclass is frozen).
@@ -253,6 +253,28 @@ class TrainConfig:
     ema_update_after_step: int = flag(0, group=ROWS, resume=MATCH, type=int,
         help="diffusers' update_after_step U: the EMA copies the rows for the first U + 1 updates, then averages "
              "(default 0); needs --use_ema")
+    # Pivotal tuning (training/lora in optim.LoraSpec, models/lora.py): off while lora_rank is None
+    lora_rank: Optional[int] = flag(None, group=LORA, resume=MATCH, type=int, aliases=("--network_dim",),
+        help="train a LoRA of the UNet of this rank beside the rows (kohya's --network_dim; default: off, rows only); "
+             "written as pytorch_lora_weights.safetensors (diffusers) and <token>_lora.safetensors (kohya, A1111, "
+             "ComfyUI; the embedding bundled)")
+    lora_alpha: Optional[float] = flag(None, group=LORA, resume=MATCH, type=float, aliases=("--network_alpha",),
+        help="the LoRA's alpha: its update is scaled by alpha / rank (kohya's --network_alpha; default: the rank, "
+             "a scale of 1); needs --lora_rank")
+    lora_dropout: float = flag(0.0, group=LORA, resume=MATCH, type=float,
+        help="dropout on the LoRA's input (PEFT's lora_dropout); only 0 (the default) is supported for now")
+    lora_targets: str = flag("attn", group=LORA, resume=MATCH, metavar="MODULES",
+        help="the UNet modules the LoRA adapts, comma-separated as diffusers' --lora_layers: attn (to_q, to_k, "
+             "to_v, to_out.0: the default), ff (ff.net.0.proj, ff.net.2), proj (proj_in, proj_out), or those "
+             "names; needs --lora_rank")
+    lora_learning_rate: Optional[float] = flag(None, group=LORA, resume=MAY_CHANGE, type=float,
+        aliases=("--unet_lr",),
+        help="the LoRA's learning rate (kohya's --unet_lr; default 1e-4), on --lr_scheduler's schedule, scaled as "
+             "--learning_rate by --scale_lr; needs --lora_rank")
+    train_text_encoder_ti_frac: Optional[float] = flag(None, group=LORA, resume=MATCH, type=float,
+        help="the pivot, as diffusers' advanced scripts: the rows learn during the first F of the updates, then "
+             "stay as they are while the LoRA goes on (0 <= F <= 1, 0: the LoRA alone; default 0.5, diffusers'); needs "
+             "--lora_rank")
     # "bf16": frozen weights and activations in bfloat16
     mixed_precision: str = flag("no", group=SPEED, resume=MAY_CHANGE, metavar="{" + ",".join(MIXED_PRECISION) + "}",
         help="bf16: frozen text encoder, UNet and VAE in bfloat16 (learned rows, loss and optimizer stay float32)")

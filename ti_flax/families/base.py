@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from .. import models
+from ..errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,13 @@ class ModelFamily:
         """[((kind, q_len, kv_len, head_dim, implementation), count)] of the denoiser's attention
         calls at `resolution` pixels, as `plan` reports them."""
         raise NotImplementedError
+
+    def lora_targets(self, spec, targets):
+        """{module: weight shape} of the denoiser's layers a LoRA adapts for --lora_targets
+        `targets` (names or groups, config.choices.LORA_TARGETS), named as the denoiser's state
+        dict names them; UserError where this family has no LoRA."""
+        raise UserError(f"--lora_rank: pivotal tuning (rows and a LoRA) is not available for {self.title} yet; "
+                        "train the rows alone (leave --lora_rank out)")
 
     def default_resolution(self, spec):
         """--resolution left unset."""

@@ -17,7 +17,7 @@ from .. import formats, models
 from ..config import TrainConfig
 from ..errors import UserError
 from ..formats import pipeline as pipeline_files
-from ..models import clip, component_weights, model_folder, pretrained, schedulers, tokenizers, unet, vae
+from ..models import clip, component_weights, lora, model_folder, pretrained, schedulers, tokenizers, unet, vae
 from .base import ModelFamily, TextEncoder
 
 CLIP_L = TextEncoder("text_encoder", "tokenizer", "", "CLIP ViT-L")  # a one-encoder family's CLIP ViT-L
@@ -157,6 +157,21 @@ class StableDiffusion(ModelFamily):
 
     def attention_sites(self, spec, compute, resolution):
         return models.attention_sites(spec, compute, resolution)
+
+    def lora_targets(self, spec, targets):
+        """The UNet's Linear (and SD 1.x's 1x1 proj_in/proj_out Conv2d) layers of `targets`, by
+        their diffusers names, as diffusers' and PEFT's LoRA adapt them."""
+        return lora.target_shapes(unet.param_shapes(spec.denoiser), lora.modules(targets))
+
+    def kohya_lora_names(self, spec, modules):
+        """{module: kohya's name} of the LoRA's modules: for SD 1.x and 2.x kohya names them as
+        diffusers does (its key is "lora_unet_" + the name with "_" for ".")."""
+        return {module: module for module in modules}
+
+    @property
+    def kohya_base_model(self):
+        """kohya's `ss_base_model_version` of this family."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2"}.get(self.name, self.name)
 
     def default_resolution(self, spec):
         """--resolution left unset."""

@@ -45,6 +45,15 @@ class SDXL(StableDiffusion):
     def __init__(self):
         super().__init__("sdxl", "SDXL", (CLIP_L, BIG_G), LAYOUT, ())
 
+    kohya_base_model = "sdxl_base_v1-0"
+
+    def kohya_lora_names(self, spec, modules):
+        """kohya's SDXL LoRA names its modules after the original UNet's blocks
+        (input_blocks.4.1.transformer_blocks.0.attn1.to_q), as SDXL's single files do."""
+        table = ldm_layout.unet_names(spec.denoiser)
+        prefix = ldm_layout.UNET
+        return {m: table[f"{m}.weight"][0][len(prefix):].removesuffix(".weight") for m in modules}
+
     def claims(self, model_dir, class_name):
         """An SDXL pipeline's folder, or (no model_index.json) a folder with a second text encoder
         and no transformer/ (FLUX.1's second encoder is T5, beside its transformer)."""

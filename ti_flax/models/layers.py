@@ -10,17 +10,27 @@ import jax.numpy as jnp
 
 
 def linear(p, x):
-    """nn.Linear: x @ weight.T (+ bias), contracting over the [out, in] weight directly."""
+    """nn.Linear: x @ weight.T (+ bias), contracting over the [out, in] weight directly; plus the
+    low-rank path (x @ lora_A.T) @ lora_B.T where `p` carries one (models/lora.py attaches it)."""
     y = jnp.einsum("...i,oi->...o", x, p["weight"].astype(x.dtype))
+    if "lora_A" in p:
+        y = y + jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", x, p["lora_A"].astype(x.dtype)),
+                           p["lora_B"].astype(x.dtype))
     return y + p["bias"].astype(x.dtype) if "bias" in p else y
 
 
 def conv2d(p, x, stride=1, padding=None):
-    """nn.Conv2d over NHWC x; `padding` an int or [(lo, hi), (lo, hi)], default 'same' for odd kernels."""
+    """nn.Conv2d over NHWC x; `padding` an int or [(lo, hi), (lo, hi)], default 'same' for odd kernels.
+    A low-rank path where `p` carries one: lora_A a conv of the weight's kernel, stride and padding
+    to the rank's channels, lora_B a 1x1 conv back (PEFT's Conv2d LoRA)."""
     w = p["weight"].astype(x.dtype)
     pad = (w.shape[-1] - 1) // 2 if padding is None else padding
     pad = [(pad, pad)] * 2 if isinstance(pad, int) else pad
     y = jax.lax.conv_general_dilated(x, w, (stride, stride), pad, dimension_numbers=("NHWC", "OIHW", "NHWC"))
+    if "lora_A" in p:
+        down = jax.lax.conv_general_dilated(x, p["lora_A"].astype(x.dtype), (stride, stride), pad,
+                                            dimension_numbers=("NHWC", "OIHW", "NHWC"))
+        y = y + jnp.einsum("...r,or->...o", down, p["lora_B"].astype(x.dtype).reshape(w.shape[0], -1))
     return y + p["bias"].astype(x.dtype)
 
 

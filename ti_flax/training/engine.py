@@ -86,6 +86,11 @@ class Engine:
         last update): the learned rows, or with --use_ema their moving average."""
         return parallel.unreplicate(self.state.output_rows)
 
+    def lora(self):
+        """The LoRA's factors now, {module: {"lora_A", "lora_B"}} float32 numpy (None without
+        --lora_rank; waits for the last update)."""
+        return None if self.state.lora is None else parallel.unreplicate(self.state.lora)
+
 
 def build(run, state=None, start_step=0, *, keep_vae=False):
     """Set up `run` on its devices and compile its step.

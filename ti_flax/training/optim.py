@@ -1,13 +1,16 @@
-"""Learning-rate schedules, the optimizer for the learned rows, and what follows each update:
-the rows' norm control and their exponential moving average (pure functions)."""
+"""Learning-rate schedules, the optimizer for the learned rows (and pivotal tuning's LoRA), and
+what follows each update: the rows' norm control and their exponential moving average (pure
+functions)."""
 
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from .. import tokens
+from ..models import lora as lora_lib
 from ..config.flags import MATCH, MAY_CHANGE
 from ..errors import UserError
 
@@ -143,6 +146,57 @@ class Ema:
         return ema - self.one_minus_decay(step) * (ema - rows)
 
 
+DEFAULT_LORA_LR = 1e-4  # --lora_learning_rate's default: diffusers' LoRA scripts' --learning_rate
+DEFAULT_PIVOT = 0.5  # --train_text_encoder_ti_frac's default: diffusers' advanced scripts'
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Pivotal tuning's LoRA (--lora_rank): what its state holds and means, which a resumed run
+    keeps (hashable, a field of OptimizerSpec; its rate and pivot are OptimizerSpec's own).
+
+    Attributes:
+      rank, alpha: the factors' rank and alpha (the update is scaled by alpha / rank).
+      shapes: ((module, weight shape), ...) of the adapted modules (the family's lora_targets).
+      seed: the factors' initial draw comes from fold_in(PRNGKey(seed), LORA_DRAW).
+    """
+
+    rank: int
+    alpha: float
+    shapes: tuple
+    seed: int
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_config(cls, config, shapes):
+        """The spec of a run with --lora_rank; `shapes` {module: weight shape} (the family's targets)."""
+        return cls(rank=config.lora_rank, alpha=float(config.lora_alpha or config.lora_rank),
+                   shapes=tuple((m, tuple(shape)) for m, shape in shapes.items()), seed=config.seed)
+
+    def init(self):
+        """Fresh factors (models.lora.init): A uniform, B zero, so update 0 sees the base UNet."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), LORA_DRAW)
+        return lora_lib.init(key, dict(self.shapes), self.rank)
+
+
+def lora_rate_and_pivot(config, num_devices, total_steps):
+    """(the LoRA's peak rate, the updates during which the rows learn) of a run with --lora_rank:
+    --lora_learning_rate (default 1e-4) scaled as the rows' by --scale_lr, and
+    --train_text_encoder_ti_frac (default 0.5) of the run's updates."""
+    rate = config.lora_learning_rate or DEFAULT_LORA_LR
+    if config.scale_lr:
+        rate *= config.train_batch_size * num_devices * config.gradient_accumulation_steps
+    frac = DEFAULT_PIVOT if config.train_text_encoder_ti_frac is None else config.train_text_encoder_ti_frac
+    return rate, int(round(frac * total_steps))
+
+
+# The LoRA's initial draw: fold_in(PRNGKey(seed), LORA_DRAW), apart from every other use of the seed.
+LORA_DRAW = 0x10AA
+
+
 # Which of OptimizerSpec's fields a resumed run must keep (checkpoint.MUST_MATCH holds the flags
 # they come from): what the state holds and means. The rates may change on resume.
 _KEEP = {"resume": MATCH}
@@ -171,12 +225,19 @@ class OptimizerSpec:
     ema: Optional[Ema] = dataclasses.field(default=None, metadata=_KEEP)  # the rows' moving average (off: None)
     # the text encoders whose parts are trained (--text_encoders; None: all)
     encoders: Optional[EncoderMask] = dataclasses.field(default=None, metadata=_KEEP)
+    # pivotal tuning's LoRA (--lora_rank; None: rows only, and the step is what it always was)
+    lora: Optional[LoraSpec] = dataclasses.field(default=None, metadata=_KEEP)
+    lora_lr: Optional[float] = dataclasses.field(default=None, metadata=_MAY_CHANGE)  # its peak rate
+    # the updates during which the rows learn (--train_text_encoder_ti_frac); from this one on, only the LoRA
+    pivot: Optional[int] = dataclasses.field(default=None, metadata=_MAY_CHANGE)
 
     @classmethod
-    def from_config(cls, config, num_devices, total_steps, norm_targets=(), text_widths=(), encoder_keys=()):
+    def from_config(cls, config, num_devices, total_steps, norm_targets=(), text_widths=(), encoder_keys=(),
+                    lora_shapes=None):
         """The spec of a run. `norm_targets` (one norm per text encoder, see run.norm_targets)
         and `text_widths` (ModelSpec.text_widths) are needed when the config controls the norms,
-        and with `encoder_keys` (each encoder's rows key) when it chooses --text_encoders."""
+        and with `encoder_keys` (each encoder's rows key) when it chooses --text_encoders;
+        `lora_shapes` ({module: weight shape}, the family's LoRA targets) with --lora_rank."""
         # Lengths that do not shape the schedule are zeroed, so runs that differ only there
         # share one compiled step.
         constant = config.lr_scheduler == "constant"
@@ -190,13 +251,15 @@ class OptimizerSpec:
             epsilon=config.adam_epsilon,
             weight_decay=config.adam_weight_decay,
             max_grad_norm=config.max_grad_norm,
-            **cls.rules_from_config(config, norm_targets, text_widths, encoder_keys),
+            **cls.rules_from_config(config, norm_targets, text_widths, encoder_keys, lora_shapes),
+            **({} if config.lora_rank is None else
+               dict(zip(("lora_lr", "pivot"), lora_rate_and_pivot(config, num_devices, total_steps)))),
         )
 
     @staticmethod
-    def rules_from_config(config, norm_targets=(), text_widths=(), encoder_keys=()):
+    def rules_from_config(config, norm_targets=(), text_widths=(), encoder_keys=(), lora_shapes=None):
         """{field: value} of the fields a resumed run must keep (metadata resume MATCH): the
-        accumulation, the encoders trained, and what follows each update."""
+        accumulation, the encoders trained, what follows each update, and the LoRA's shape."""
         rate = config.norm_rate
         if rate and (not norm_targets or len(norm_targets) != len(text_widths)):
             raise ValueError(f"norm control needs a target per text encoder, got {norm_targets} for {text_widths}")
@@ -207,6 +270,7 @@ class OptimizerSpec:
             norm=NormControl(rate, targets, tuple(text_widths)) if rate else None,
             ema=Ema(config.ema_decay, config.ema_update_after_step) if config.use_ema else None,
             encoders=None if trained is None else EncoderMask(trained, tuple(text_widths)),
+            lora=None if config.lora_rank is None else LoraSpec.from_config(config, lora_shapes),
         )
 
     def schedule(self):
@@ -229,6 +293,19 @@ class OptimizerSpec:
             optax.adamw(self.schedule(), b1=self.beta1, b2=self.beta2, eps=self.epsilon, weight_decay=self.weight_decay)
         )
         parts += mask
+        tx = optax.chain(*parts)
+        if self.accumulation_steps > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulation_steps)
+        return tx
+
+    def build_lora(self):
+        """The LoRA factors' own optimizer: AdamW with the rows' betas, epsilon and weight decay at
+        the LoRA's rate on the same schedule, after clipping its own gradient norm (--max_grad_norm),
+        wrapped in MultiSteps like the rows' with accumulation, so both update on the same calls."""
+        parts = [] if self.max_grad_norm is None else [optax.clip_by_global_norm(self.max_grad_norm)]
+        schedule = lr_schedule(self.lr_scheduler, self.lora_lr, self.warmup_steps, self.total_steps)
+        parts.append(optax.adamw(schedule, b1=self.beta1, b2=self.beta2, eps=self.epsilon,
+                                 weight_decay=self.weight_decay))
         tx = optax.chain(*parts)
         if self.accumulation_steps > 1:
             tx = optax.MultiSteps(tx, every_k_schedule=self.accumulation_steps)

@@ -3,18 +3,23 @@
 import os
 
 import jax
+import numpy as np
 
 from .. import families, files
+from ..formats import lora as lora_files
+from ..models import lora as lora_lib
+from ..tokens import split_rows
 from ..models import schedulers
 from . import checkpoint as ckpt, logs, losses, model_card
 from .validation_loss import fixed_timesteps
 
 
-def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None):
+def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None, lora=None):
     """Write the final embedding, model card (and pipeline, and Hub upload) for a finished run.
 
     `validation_losses`: the --validation_loss_steps records, for the model card's loss plot.
     `early`: --early_stopping's actions.EarlyStop (its losses and where it ended the run), or None.
+    `lora`: --lora_rank's factors (Engine.lora()), written beside the embedding (save_lora).
 
     A failed write is `files.WriteFailed` naming, besides the file, what was already saved
     (files of this call, the newest checkpoint): those stay intact.
@@ -28,6 +33,8 @@ def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None
             saved = run.family.save_embedding(learned.out_dir, learned.tokens[0], rows[learned.rows], widths,
                                               bin=config.no_safe_serialization)
             written.update({kind + suffix: path for kind, path in saved.items()})
+        if lora is not None:
+            written.update(save_lora(run, rows, lora, history[-1]["step"] if history else run.total_steps))
         if config.save_as_full_pipeline:
             written["pipeline"] = save_pipeline(run, rows)
         written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, run.family, grid,
@@ -42,6 +49,27 @@ def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None
     if config.push_to_hub:
         written["hub"] = push_to_hub(config)
     return written
+
+
+def save_lora(run, rows, factors, steps):
+    """Write pivotal tuning's LoRA to output_dir: diffusers' `pytorch_lora_weights.safetensors`,
+    and kohya's `<token>_lora.safetensors` with every concept's embedding bundled.
+    Returns {"lora_diffusers": path, "lora_kohya": path}."""
+    spec, lora = run.model.spec, run.opt_spec.lora
+    out = run.config.output_dir
+    names = run.family.kohya_lora_names(spec, factors)
+    tensors = lora_files.kohya_tensors(factors, lora.alpha, names)
+    for learned in run.learned:
+        tensors.update(lora_files.bundle(learned.tokens[0], split_rows(rows[learned.rows], spec.text_widths)))
+    token = run.learned[0].tokens[0]
+    resolution = run.config.resolution or run.family.default_resolution(spec)
+    metadata = lora_files.kohya_metadata(lora.rank, lora.alpha, run.family.kohya_base_model, resolution, steps,
+                                         os.path.splitext(lora_files.kohya_file(token))[0])
+    return {
+        "lora_diffusers": lora_files.save(os.path.join(out, lora_files.DIFFUSERS_FILE),
+                                          lora_files.diffusers_tensors(factors, lora.scale)),
+        "lora_kohya": lora_files.save(os.path.join(out, lora_files.kohya_file(token)), tensors, metadata),
+    }
 
 
 def save_pipeline(run, rows):
@@ -102,6 +130,7 @@ def print_banner(run):
         f"{_validation_loss_line(run)}"
         f"{_stopping_line(run)}"
         f"{_trainable_line(run, n_rows)}"
+        f"{_lora_line(run)}"
         f"  output     {config.output_dir}",
         flush=True,
     )
@@ -180,6 +209,20 @@ def _trainable_line(run, n_rows):
     return (f"  trainable  {n_rows * sum(w for w, _ in trained)} parameters ({n_rows} x "
             f"{' + '.join(f'{w} ({t})' for w, t in trained)}); {kept} kept at the initializer's rows "
             "(--text_encoders)\n")
+
+
+def _lora_line(run):
+    """The banner's pivotal-tuning line ("" without --lora_rank): the LoRA's size, rate and pivot."""
+    opt = run.opt_spec
+    if opt.lora is None:
+        return ""
+    lora, size = opt.lora, 0
+    for _, shape in lora.shapes:
+        a_shape, b_shape = lora_lib.factor_shapes(shape, lora.rank)
+        size += int(np.prod(a_shape)) + int(np.prod(b_shape))
+    return (f"  lora       rank {lora.rank}, alpha {lora.alpha:g} over {len(lora.shapes)} UNet modules "
+            f"({run.config.lora_targets}): {size} parameters, lr {opt.lora_lr:g}; the rows learn for the first "
+            f"{opt.pivot} of {run.total_steps} updates (--train_text_encoder_ti_frac)\n")
 
 
 def _rows_line(run):

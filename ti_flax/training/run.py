@@ -18,6 +18,7 @@ from ..data.buckets import BucketBatches
 from ..data.concept_mix import ConceptMix
 from ..errors import UserError
 from ..families import Frozen
+from ..models import lora
 from ..sampling import sampler, validation
 from . import checkpoint as ckpt, distribution as distributed, early_stopping, footprint, step as step_lib
 from .losses import LossSpec, bucket_latent_masks, check_schedule
@@ -126,7 +127,8 @@ def prepare(config, devices=None):
     stopping_images, stopping_examples = stopping_data(config, parts)
     targets = norm_targets(config, model.spec, tables) if config.norm_rate else ()
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths,
-                                         tuple(e.key for e in families.of(model.spec).encoders))
+                                         tuple(e.key for e in families.of(model.spec).encoders),
+                                         lora_shapes(config, model))
     config = check_loss_recipe(config, model)
     if config.push_to_hub:
         check_hub_token(config)
@@ -196,6 +198,25 @@ def learned_concepts(config, concepts, model, tables):
         learned.append(Learned(concept, tuple(names), slice(len(tokens), len(tokens) + len(names)), out_dir))
         tokens += names
     return np.concatenate(init_rows), learned, tokens, token_ids
+
+
+def lora_shapes(config, model):
+    """{module: weight shape} of the layers --lora_rank adapts (None without it); UserError for a
+    family without a LoRA, a rank above a layer's width, or a setting that does not use the LoRA yet."""
+    if config.lora_rank is None:
+        return None
+    shapes = families.of(model.spec).lora_targets(model.spec, config.lora_targets.split(","))
+    lora.check_rank(shapes, config.lora_rank)
+    # What would run without the LoRA, and so show or write something else than the run learned:
+    # refused until each reads it.
+    unused = [("--validation_prompt", config.validation_prompt), ("--validation_loss_steps", config.validation_loss_steps),
+              ("--early_stopping", config.early_stopping != "none"),
+              ("--save_as_full_pipeline", config.save_as_full_pipeline)]
+    for name, on in unused:
+        if on:
+            raise UserError(f"{name} does not use the LoRA yet (it would show the rows alone); leave it out with "
+                            "--lora_rank")
+    return shapes
 
 
 def check_validation_prompts(config, model, learned):

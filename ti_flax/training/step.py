@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from .. import families, models, parallel
+from ..models import lora as lora_lib
 from ..data.batches import LatentBatch, PixelBatch
 from ..parallel import AXIS, ONE, SPLIT, pmap_devices
 from . import losses
@@ -24,14 +25,17 @@ from .losses import LossSpec
 
 
 class TrainState(NamedTuple):
-    """What training changes: the step counter, the learned rows and their optimizer state, and
-    with --use_ema the rows' moving average (None without: the tree, and so a checkpoint, is
-    then exactly what it was before the EMA existed)."""
+    """What training changes: the step counter, the learned rows and their optimizer state, with
+    --use_ema the rows' moving average, and with --lora_rank the LoRA's factors and their own
+    optimizer state (None without: the tree, and so a checkpoint, is then exactly what it was
+    before these existed)."""
 
     step: Any  # int32 scalar
     rows: Any  # float32 [num_vectors, hidden]
     opt_state: Any
     ema: Any = None  # float32 [num_vectors, hidden], or None
+    lora: Any = None  # {module: {"lora_A", "lora_B"}} float32 (models/lora.py), or None
+    lora_opt_state: Any = None
 
     @property
     def output_rows(self):
@@ -43,7 +47,18 @@ class TrainState(NamedTuple):
 def init_state(rows, opt_spec):
     rows = jnp.asarray(rows, jnp.float32)
     ema = jnp.array(rows) if opt_spec.ema is not None else None  # diffusers' EMAModel: a copy of the start
-    return TrainState(step=jnp.zeros((), jnp.int32), rows=rows, opt_state=opt_spec.build().init(rows), ema=ema)
+    state = TrainState(step=jnp.zeros((), jnp.int32), rows=rows, opt_state=opt_spec.build().init(rows), ema=ema)
+    if opt_spec.lora is None:
+        return state
+    factors = opt_spec.lora.init()
+    return state._replace(lora=factors, lora_opt_state=opt_spec.build_lora().init(factors))
+
+
+def with_lora(frozen, factors, scale):
+    """`frozen` (a Frozen) whose denoiser carries the LoRA `factors` (None: `frozen` itself)."""
+    if factors is None:
+        return frozen
+    return frozen._replace(denoiser=lora_lib.attach(frozen.denoiser, factors, scale))
 
 
 # The noise offset's draw comes from fold_in(example key, OFFSET_DRAW), apart from the three
@@ -135,6 +150,13 @@ def diffusion_loss(rows, spec, compute, frozen, input_ids, noisy, timesteps, tar
     return (loss, jnp.mean(error, axis=tuple(range(1, error.ndim)))) if per_example else loss
 
 
+def pivotal_loss(trained, spec, compute, frozen, *args, scale, **options):
+    """diffusion_loss of `trained` = (rows, LoRA factors): the UNet runs with the factors attached,
+    so the gradient is taken with respect to both and nothing else."""
+    rows, factors = trained
+    return diffusion_loss(rows, spec, compute, with_lora(frozen, factors, scale), *args, **options)
+
+
 def concept_sums(example_losses, concept_ids, num_concepts, axis_name):
     """(loss sum, example count), float32 [num_concepts] each, over every device's examples
     (`axis_name` None: the examples given are every device's already)."""
@@ -175,31 +197,48 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
                          f"{'a' if batch.mask is not None else 'no'} mask")
     key = jax.random.fold_in(base_key, state.step)
     noisy, timesteps, target = diffusion_inputs(spec, compute, frozen, batch, key, loss_spec)
-    args = (state.rows, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
-    options = {"time_ids": batch.time_ids, "loss_spec": loss_spec, "mask": batch.mask}
+    lora = opt_spec.lora
+    if lora is None:  # the rows alone, as the step has always computed it
+        loss_fn, trained, options = diffusion_loss, state.rows, {}
+    else:
+        loss_fn, trained, options = functools.partial(pivotal_loss, scale=lora.scale), (state.rows, state.lora), {}
+    args = (trained, spec, compute, frozen, batch.input_ids, noisy, timesteps, target)
+    options = {**options, "time_ids": batch.time_ids, "loss_spec": loss_spec, "mask": batch.mask}
     extra = {}
     if num_concepts == 1:  # the loss alone, as the step has always computed it
-        loss, grads = jax.value_and_grad(diffusion_loss)(*args, **options)
+        loss, grads = jax.value_and_grad(loss_fn)(*args, **options)
     else:
-        (loss, example_losses), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
+        (loss, example_losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             *args, per_example=True, **options)
         sums, counts = concept_sums(example_losses, batch.concept_ids, num_concepts, axis_name)
         extra = {"concept_loss_sum": sums, "concept_count": counts}
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    updates, opt_state = opt_spec.build().update(grads, state.opt_state, state.rows)
+    row_grads, lora_grads = (grads, None) if lora is None else grads
+    updates, opt_state = opt_spec.build().update(row_grads, state.opt_state, state.rows)
     updated = opt_spec.updated(opt_state)
     step = state.step + jnp.asarray(updated, jnp.int32)
     # The norm control and the EMA, when on, once per optimizer update.
     rows, ema = opt_spec.after_update(optax.apply_updates(state.rows, updates), state.ema, step, updated)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": optax.tree.norm(row_grads),
         "row_norms": jnp.linalg.norm(rows, axis=-1),
-        "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(grads)),
+        "finite": jnp.isfinite(loss) & jnp.all(jnp.isfinite(row_grads)),
         **extra,
     }
-    return TrainState(step, rows, opt_state, ema), metrics
+    if lora is None:
+        return TrainState(step, rows, opt_state, ema), metrics
+    lora_updates, lora_opt_state = opt_spec.build_lora().update(lora_grads, state.lora_opt_state, state.lora)
+    factors = optax.apply_updates(state.lora, lora_updates)
+    # The pivot: from update `opt_spec.pivot` on, the rows, their optimizer state and EMA stay as they are.
+    learning = state.step < opt_spec.pivot
+    rows, opt_state, ema = jax.tree.map(lambda new, old: jnp.where(learning, new, old), (rows, opt_state, ema),
+                                        (state.rows, state.opt_state, state.ema))
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(lora_grads)]))
+    metrics = {**metrics, "row_norms": jnp.linalg.norm(rows, axis=-1), "finite": metrics["finite"] & finite,
+               "lora_grad_norm": optax.tree.norm(lora_grads)}
+    return TrainState(step, rows, opt_state, ema, factors, lora_opt_state), metrics
 
 
 def validation_losses(rows, frozen, batch, timesteps, key, *, spec, compute, guidance=None):
