@@ -32,7 +32,9 @@ def lora_config(model_dir, data_dir, output_dir, **changes):
 @pytest.fixture(scope="module")
 def sd1_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
     config = lora_config(tiny_model_dir, sample_images_dir, tmp_path_factory.mktemp("lora-sd1"),
-                         lora_targets="attn,proj", checkpointing_steps=2)
+                         lora_targets="attn,proj", checkpointing_steps=2, save_as_full_pipeline=True,
+                         validation_prompt="a photo of <cat-toy>", validation_steps=4, num_validation_images=1,
+                         validation_num_inference_steps=2, validation_loss_steps=2)
     return config, train(config)
 
 
@@ -211,7 +213,6 @@ def test_the_cli_takes_kohyas_names():
 @pytest.mark.slow
 @pytest.mark.parametrize("changes, needle", [
     ({"lora_rank": 33}, "--lora_rank 33 is above the width"),
-    ({"lora_rank": 4, "validation_prompt": "a {}"}, "--validation_prompt does not use the LoRA"),
 ])
 def test_refusals_with_the_model_are_one_line_and_write_nothing(tiny_model_dir, sample_images_dir, tmp_path, changes,
                                                                  needle):
@@ -221,3 +222,38 @@ def test_refusals_with_the_model_are_one_line_and_write_nothing(tiny_model_dir, 
         train(config)
     assert needle in str(excinfo.value) and "\n" not in str(excinfo.value)
     assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_the_full_pipeline_has_the_lora_merged_and_diffusers_loads_it(sd1_run):
+    """--save_as_full_pipeline: the UNet's weights are W + alpha / rank * B A; diffusers' pipeline
+    of the output folder gives our output with the LoRA attached."""
+    config, result = sd1_run
+    model = families.load_model(config.pretrained_model_name_or_path)
+    inputs = torch_inputs(model)
+    want = ours(model, result.lora, config.lora_alpha / config.lora_rank, inputs)
+    assert relative(theirs(pipeline(config.output_dir).unet, inputs), want) < 1e-4
+
+
+@pytest.mark.slow
+def test_validation_images_and_loss_use_the_lora(sd1_run):
+    """The last validation image is the sampler's with the final rows and the LoRA, not the rows
+    alone; the validation loss was computed (with the LoRA attached: Engine.scored)."""
+    from PIL import Image
+
+    from ti_flax.data.prompts import CUT, encode_prompt
+    from ti_flax.sampling.sampler import Sampler
+    from ti_flax.tokens import add_to_tokenizers
+
+    config, result = sd1_run
+    assert [r["step"] for r in result.validation_losses] == [2, 4]
+    saved = np.asarray(Image.open(os.path.join(config.output_dir, "validation", "step-000004-0.png")))
+    model = families.load_model(config.pretrained_model_name_or_path)
+    tokens = [TOKEN, f"{TOKEN}_1"]
+    add_to_tokenizers((model.tokenizer,), tokens)
+    ids = encode_prompt(model.tokenizer, "a photo of <cat-toy>", [tokens], overflow=CUT)
+    negative = encode_prompt(model.tokenizer, "", overflow=CUT)
+    sampler = Sampler.from_model(model, num_images=1, num_inference_steps=2)
+    pair = (result.lora, config.lora_alpha / config.lora_rank)
+    np.testing.assert_array_equal(sampler.sample(result.rows, ids, negative, seed=config.seed, lora=pair)[0], saved)
+    assert not np.array_equal(sampler.sample(result.rows, ids, negative, seed=config.seed)[0], saved)

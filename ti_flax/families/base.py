@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import models
 from ..errors import UserError
+from ..models import lora as lora_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,14 @@ class Frozen(NamedTuple):
             schedule = jax.ShapeDtypeStruct(np.shape(schedule), np.asarray(schedule).dtype)
         return cls(params["text_encoder"], params[model.spec.denoiser.FOLDER], params["vae"], schedule,
                    params.get("text_encoder_2"))
+
+    def with_lora(self, factors, scale):
+        """These weights with a LoRA's `factors` ({module: {"lora_A", "lora_B"}}, models/lora.py)
+        attached to the denoiser, lora_B times `scale`; `factors` None: these weights as they are.
+        Leaves are shared, not copied; `layers.linear` / `conv2d` apply the factors."""
+        if factors is None:
+            return self
+        return self._replace(denoiser=lora_lib.attach(self.denoiser, factors, scale))
 
     @property
     def text_params(self):

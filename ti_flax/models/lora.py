@@ -96,7 +96,25 @@ def attach(params, factors, scale):
         for name in path[:-1]:
             node[name] = dict(node[name])
             node = node[name]
-        node[path[-1]] = {**node[path[-1]], "lora_A": pair["lora_A"], "lora_B": pair["lora_B"] * scale}
+        up = pair["lora_B"] if scale == 1 else pair["lora_B"] * scale
+        node[path[-1]] = {**node[path[-1]], "lora_A": pair["lora_A"], "lora_B": up}
+    return out
+
+
+def merge(params, factors, scale):
+    """`params` with each module of `factors` merged into its weight (W + scale * B A, float32
+    numpy, cast back to W's dtype): the base network a LoRA-less reader (a full pipeline) loads.
+    New dicts along each path; the other leaves are shared."""
+    out = dict(params)
+    for module, pair in factors.items():
+        node, path = out, module.split(".")
+        for name in path[:-1]:
+            node[name] = dict(node[name])
+            node = node[name]
+        layer = node[path[-1]]
+        weight = layer["weight"]
+        merged = merged_weight(weight, pair, scale).astype(np.asarray(weight).dtype)
+        node[path[-1]] = {**layer, "weight": merged}
     return out
 
 

@@ -222,7 +222,7 @@ class Sampler:
         ids = np.concatenate([ids, np.repeat(ids[-1:], total - self.num_images, axis=0)])  # pads are dropped
         return ids.reshape(len(self.devices), self.per_device, -1)
 
-    def sample(self, rows, prompt_ids, negative_ids, seed=0, guidance_scale=None):
+    def sample(self, rows, prompt_ids, negative_ids, seed=0, guidance_scale=None, lora=None):
         """Generate `num_images` images.
 
         Args:
@@ -232,6 +232,9 @@ class Sampler:
             from prompts.encode_prompt.
           seed: images depend only on (seed, image index, rows, prompts, settings).
           guidance_scale: overrides the Sampler's (no recompilation).
+          lora: (factors, scale): a LoRA of the denoiser (models/lora.py's host factors, lora_B
+            scaled by `scale` when attached), or None. The program compiles once with a LoRA
+            and once without.
         Returns:
           uint8 [num_images, height, width, 3].
         """
@@ -249,12 +252,19 @@ class Sampler:
         image_ids = np.arange(prompt_ids.shape[0] * self.per_device, dtype=np.int32).reshape(prompt_ids.shape[:2])
         key = np.asarray(jax.random.key_data(jax.random.key(seed)))
         scale = np.float32(self.guidance_scale if guidance_scale is None else guidance_scale)
+        frozen = self.frozen
+        if lora is not None:
+            factors, factor_scale = lora
+            scaled = {m: {"lora_A": np.asarray(p["lora_A"], np.float32),
+                          "lora_B": np.asarray(p["lora_B"], np.float32) * np.float32(factor_scale)}
+                      for m, p in factors.items()}
+            frozen = frozen.with_lora(self.layout.weights(scaled), 1.0)
         if self.layout.sharded:  # every process gives the same prompts as its slices, and reads its own
             one, split = self.layout.state, self.layout.batch
-            images = self._fn(self.frozen, one(rows), split(prompt_ids), split(negative_ids), split(image_ids), one(key),
+            images = self._fn(frozen, one(rows), split(prompt_ids), split(negative_ids), split(image_ids), one(key),
                               one(scale))
             images = parallel.local_rows(images)
         else:
-            images = self._fn(self.frozen, rows, prompt_ids, negative_ids, image_ids, key, scale)
+            images = self._fn(frozen, rows, prompt_ids, negative_ids, image_ids, key, scale)
             images = np.asarray(images)
         return images.reshape((-1,) + images.shape[2:])[: self.num_images]

@@ -87,17 +87,19 @@ class Validator:
         # No negative prompt: for SDXL all zeros, as diffusers' SDXL pipeline called without one.
         self.negative_ids = encode_prompt(tokenizers, "", overflow=CUT)
 
-    def sample(self, rows):
-        """Each prompt's images with `rows`, uint8 [num_validation_images, H, W, 3] each, in job order."""
-        return [self.sampler.sample(rows, prompt_ids, self.negative_ids, seed=self.seed) for _, _, prompt_ids in self.jobs]
+    def sample(self, rows, lora=None):
+        """Each prompt's images with `rows` (and `lora`: Sampler.sample's), uint8
+        [num_validation_images, H, W, 3] each, in job order."""
+        return [self.sampler.sample(rows, prompt_ids, self.negative_ids, seed=self.seed, lora=lora)
+                for _, _, prompt_ids in self.jobs]
 
-    def __call__(self, rows, step):
-        """Sample with `rows` and save the images and their grid, for each prompt.
+    def __call__(self, rows, step, lora=None):
+        """Sample with `rows` (and `lora`) and save the images and their grid, for each prompt.
 
         Returns: [(concept name, or "" in a single-concept run; image paths; grid path; images)].
         """
         results = []
-        for (name, folder, _), images in zip(self.jobs, self.sample(rows)):
+        for (name, folder, _), images in zip(self.jobs, self.sample(rows, lora)):
             paths = [save_png(os.path.join(folder, f"step-{step:06d}-{i}.png"), im) for i, im in enumerate(images)]
             grid_path = save_png(os.path.join(folder, f"step-{step:06d}.png"), grid(images))
             results.append((name, paths, grid_path, images))

@@ -263,10 +263,10 @@ class Validate:
         per prompt goes to the callbacks."""
         config = self.run.config
         if not self.writer:
-            self.validator.sample(self.engine.rows())
+            self.validator.sample(self.engine.rows(), self.engine.lora_pair())
             return
         try:
-            results = self.validator(self.engine.rows(), done)
+            results = self.validator(self.engine.rows(), done, self.engine.lora_pair())
             for name, _, grid_path, images in results:
                 self.logger.log_image(done, f"validation/{name}" if name else "validation", grid_image(images))
             self.last_grid = results[0][2]

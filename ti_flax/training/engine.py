@@ -74,12 +74,17 @@ class Engine:
         """The validation loss of the rows the outputs use now (the learned rows, or with --use_ema
         their moving average; waits for the last update): {"loss", and with several concepts
         "loss/<name>"}; see validation_loss.Evaluator."""
-        return self.evaluator(self.state.output_rows, self.frozen)
+        return self.evaluator(self.state.output_rows, self.scored())
 
     def deterministic_loss(self):
         """--early_stopping's deterministic loss of the rows the outputs use now (waits for the
         last update), a Python float; see early_stopping.py."""
-        return self.deterministic(self.state.output_rows, self.frozen)["loss"]
+        return self.deterministic(self.state.output_rows, self.scored())["loss"]
+
+    def scored(self):
+        """The frozen weights the losses are computed with now: with --lora_rank, the LoRA's
+        current factors attached to the denoiser."""
+        return _with_lora(self.run, self.frozen, self.state)
 
     def rows(self):
         """The rows the run's outputs use now, float32 numpy [num_vectors, hidden] (waits for the
@@ -90,6 +95,10 @@ class Engine:
         """The LoRA's factors now, {module: {"lora_A", "lora_B"}} float32 numpy (None without
         --lora_rank; waits for the last update)."""
         return None if self.state.lora is None else parallel.unreplicate(self.state.lora)
+
+    def lora_pair(self):
+        """(factors, scale) of the LoRA now, as the sampler takes it; None without --lora_rank."""
+        return None if self.state.lora is None else (self.lora(), self.run.opt_spec.lora.scale)
 
 
 def build(run, state=None, start_step=0, *, keep_vae=False):
@@ -138,10 +147,10 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
     state = layout.state(state)
     keys = layout.state(jax.random.PRNGKey(config.seed))
     if deterministic is not None:  # evaluated before the first step: its program compiles beside the step's
-        deterministic.compile_in_background(state.output_rows, frozen)
+        deterministic.compile_in_background(state.output_rows, _with_lora(run, frozen, state))
     step_fn, compile_seconds = compiling.result()
     if evaluator is not None:  # its program compiles behind the first steps, not inside the loop
-        evaluator.compile_in_background(state.output_rows, frozen)
+        evaluator.compile_in_background(state.output_rows, _with_lora(run, frozen, state))
     estimated = None
     if compile_seconds is not None:  # compiled ahead: it must fit before anything runs
         def suggestions():  # only asked for when the step does not fit
@@ -163,6 +172,12 @@ def build(run, state=None, start_step=0, *, keep_vae=False):
                          len(devices), views))
     return Engine(run, compute, frozen, weights, state, keys, step_fn, batches, compile_seconds, cache_seconds,
                   estimated, evaluator, deterministic)
+
+
+def _with_lora(run, frozen, state):
+    """`frozen` with `state`'s LoRA factors attached (laid out alike), or as it is without --lora_rank."""
+    lora = run.opt_spec.lora
+    return frozen if lora is None else frozen.with_lora(state.lora, lora.scale)
 
 
 def step_shapes(run, state, host_frozen, start_step, bucket=None):

@@ -1,5 +1,6 @@
 """What a run writes and prints: final embedding, model card, full pipeline, Hub upload; banner and summary."""
 
+import dataclasses
 import os
 
 import jax
@@ -36,7 +37,7 @@ def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None
         if lora is not None:
             written.update(save_lora(run, rows, lora, history[-1]["step"] if history else run.total_steps))
         if config.save_as_full_pipeline:
-            written["pipeline"] = save_pipeline(run, rows)
+            written["pipeline"] = save_pipeline(run, rows, lora)
         written["model_card"] = model_card.write_model_card(config, run.tokens, history, written, run.family, grid,
                                                                run.learned, validation_losses,
                                                                model_card.Stopping.of(early, run.total_steps))
@@ -72,12 +73,17 @@ def save_lora(run, rows, factors, steps):
     }
 
 
-def save_pipeline(run, rows):
-    """Save the whole model, with the new tokens, as a diffusers folder in output_dir (staged, then moved in)."""
+def save_pipeline(run, rows, lora=None):
+    """Save the whole model, with the new tokens (and --lora_rank's `lora` factors merged into the
+    UNet's weights), as a diffusers folder in output_dir (staged, then moved in)."""
     out = run.config.output_dir
+    model = run.model
+    if lora is not None:
+        merged = lora_lib.merge(model.params["unet"], lora, run.opt_spec.lora.scale)
+        model = dataclasses.replace(model, params={**model.params, "unet": merged})
     # output_dir holds the run's other files: each component is moved in beside them.
     with files.staged_folder(out, f".pipeline-{os.getpid()}", merge=True, what="the full pipeline into") as tmp:
-        run.family.save_pipeline(run.model, rows, tmp)
+        run.family.save_pipeline(model, rows, tmp)
     return out
 
 

@@ -202,20 +202,11 @@ def learned_concepts(config, concepts, model, tables):
 
 def lora_shapes(config, model):
     """{module: weight shape} of the layers --lora_rank adapts (None without it); UserError for a
-    family without a LoRA, a rank above a layer's width, or a setting that does not use the LoRA yet."""
+    family without a LoRA or a rank above a layer's width."""
     if config.lora_rank is None:
         return None
     shapes = families.of(model.spec).lora_targets(model.spec, config.lora_targets.split(","))
     lora.check_rank(shapes, config.lora_rank)
-    # What would run without the LoRA, and so show or write something else than the run learned:
-    # refused until each reads it.
-    unused = [("--validation_prompt", config.validation_prompt), ("--validation_loss_steps", config.validation_loss_steps),
-              ("--early_stopping", config.early_stopping != "none"),
-              ("--save_as_full_pipeline", config.save_as_full_pipeline)]
-    for name, on in unused:
-        if on:
-            raise UserError(f"{name} does not use the LoRA yet (it would show the rows alone); leave it out with "
-                            "--lora_rank")
     return shapes
 
 

@@ -17,7 +17,6 @@ import numpy as np
 import optax
 
 from .. import families, models, parallel
-from ..models import lora as lora_lib
 from ..data.batches import LatentBatch, PixelBatch
 from ..parallel import AXIS, ONE, SPLIT, pmap_devices
 from . import losses
@@ -52,13 +51,6 @@ def init_state(rows, opt_spec):
         return state
     factors = opt_spec.lora.init()
     return state._replace(lora=factors, lora_opt_state=opt_spec.build_lora().init(factors))
-
-
-def with_lora(frozen, factors, scale):
-    """`frozen` (a Frozen) whose denoiser carries the LoRA `factors` (None: `frozen` itself)."""
-    if factors is None:
-        return frozen
-    return frozen._replace(denoiser=lora_lib.attach(frozen.denoiser, factors, scale))
 
 
 # The noise offset's draw comes from fold_in(example key, OFFSET_DRAW), apart from the three
@@ -154,7 +146,7 @@ def pivotal_loss(trained, spec, compute, frozen, *args, scale, **options):
     """diffusion_loss of `trained` = (rows, LoRA factors): the UNet runs with the factors attached,
     so the gradient is taken with respect to both and nothing else."""
     rows, factors = trained
-    return diffusion_loss(rows, spec, compute, with_lora(frozen, factors, scale), *args, **options)
+    return diffusion_loss(rows, spec, compute, frozen.with_lora(factors, scale), *args, **options)
 
 
 def concept_sums(example_losses, concept_ids, num_concepts, axis_name):
