@@ -257,3 +257,72 @@ def test_validation_images_and_loss_use_the_lora(sd1_run):
     pair = (result.lora, config.lora_alpha / config.lora_rank)
     np.testing.assert_array_equal(sampler.sample(result.rows, ids, negative, seed=config.seed, lora=pair)[0], saved)
     assert not np.array_equal(sampler.sample(result.rows, ids, negative, seed=config.seed)[0], saved)
+
+
+@pytest.mark.slow
+def test_generate_with_either_lora_file_draws_the_runs_last_validation_image(sd1_run, tmp_path):
+    """ti_flax.generate --lora with the PEFT file or the kohya one (alpha / rank folded in when
+    read), and the run's embedding: the same pixels as the run's last validation image."""
+    from PIL import Image
+
+    from ti_flax import generate
+
+    config, result = sd1_run
+    saved = np.asarray(Image.open(os.path.join(config.output_dir, "validation", "step-000004-0.png")))
+    for name in ("lora_diffusers", "lora_kohya"):
+        paths = generate(config.pretrained_model_name_or_path, "a photo of <cat-toy>", [result.files["diffusers"]],
+                         num_images=1, steps=2, seed=config.seed, output_dir=str(tmp_path / name),
+                         lora=result.files[name])
+        np.testing.assert_array_equal(np.asarray(Image.open(paths[0]))[..., :3], saved)
+
+
+@pytest.mark.slow
+def test_sd2_lora_files_load_in_diffusers_as_we_compute(golden_run, tmp_path):
+    """SD 2.x (linear projections, 64-wide heads): random factors of every target, written in
+    both layouts; diffusers' UNet with either gives ours within 1e-4 relative."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file as load_torch
+
+    name, model_dir, _, _ = golden_run
+    if name != "sd2":
+        pytest.skip("SD 2.x's layout only")
+    model = families.load_model(model_dir)
+    family = families.of(model.spec)
+    shapes = family.lora_targets(model.spec, ("attn", "ff", "proj"))
+    factors = lora_lib.init(step_lib.jax.random.PRNGKey(1), shapes, 2)
+    rng = np.random.default_rng(0)
+    factors = {m: {"lora_A": np.asarray(p["lora_A"]), "lora_B": rng.standard_normal(p["lora_B"].shape).astype(np.float32)
+                   * 0.05} for m, p in factors.items()}
+    inputs = torch_inputs(model)
+    want = ours(model, factors, 1.5, inputs)
+    assert relative(ours(model, None, 1.5, inputs), want) > 1e-2
+    kohya = lora_files.kohya_tensors(factors, 3.0, family.kohya_lora_names(model.spec, factors))
+    peft = lora_files.diffusers_tensors(factors, 1.5)
+    for tensors in (peft, kohya):
+        path = lora_files.save(str(tmp_path / "lora.safetensors"), tensors)
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+        pipe.load_lora_weights(load_torch(path))
+        assert relative(theirs(pipe.unet, inputs), want) < 1e-4
+        read = lora_files.read(path, family.lora_targets(model.spec, ("attn", "ff", "proj")),
+                               family.kohya_lora_names(model.spec, shapes))
+        assert relative(ours(model, read, 1.0, inputs), want) < 1e-5
+
+
+def test_reading_a_lora_refuses_what_it_cannot_apply_in_one_line(tmp_path):
+    shapes = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32)}
+    names = {m: m for m in shapes}
+    cases = [
+        ({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": np.zeros((4, 32), np.float32),
+          "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": np.zeros((32, 4), np.float32)},
+         "a text encoder's LoRA"),
+        ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": np.zeros((4, 16), np.float32),
+          "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": np.zeros((32, 4), np.float32)},
+         "a LoRA of another model"),
+        ({"unet.mid_block.attentions.0.proj_in.lora_A.weight": np.zeros((4, 32), np.float32)},
+         "not a LoRA weight of this model's UNet"),
+    ]
+    for tensors, needle in cases:
+        path = lora_files.save(str(tmp_path / "x.safetensors"), tensors)
+        with pytest.raises(UserError) as excinfo:
+            lora_files.read(path, shapes, names)
+        assert needle in str(excinfo.value) and "\n" not in str(excinfo.value) and path in str(excinfo.value)

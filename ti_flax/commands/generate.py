@@ -40,7 +40,7 @@ import warnings
 import numpy as np
 
 from ..config import TrainConfig, flags
-from ..config.choices import PREDICTION_TYPES, SAMPLERS
+from ..config.choices import LORA_TARGET_GROUPS, PREDICTION_TYPES, SAMPLERS
 from ..errors import UserError, run_cli
 
 MAX_SEED = 2**32 - 1
@@ -126,7 +126,7 @@ def load_concepts(tokenizers, spec, embedding_args, allow_pickle=False):
 def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prompt="", num_images=4, steps=None,
              guidance_scale=None, seed=0, height=None, width=None, scheduler=None, output_dir="generated",
              allow_pickle=False, devices=None, compilation_cache=True, prediction_type=None, zero_terminal_snr=None,
-             vae=None, separate=None):
+             vae=None, separate=None, lora=None, lora_scale=1.0):
     """Generate images from `prompt` with the given embeddings and save them as PNG files.
 
     Args:
@@ -157,6 +157,10 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         or Hub id, or one VAE file in the original layout.
       separate: FLUX.1 kept as files: {"clip_l", "t5xxl", "ae", "t5xxl_tokenizer"} paths (kohya's
         --clip_l, --t5xxl, --ae), with its transformer file as pretrained_model_name_or_path.
+      lora: a LoRA file of the UNet (pivotal tuning's `pytorch_lora_weights.safetensors`, or the
+        kohya-layout `<token>_lora.safetensors`, whose bundled embedding is not read: pass the
+        embedding in `embeddings`). lora_scale: its weight (diffusers' `scale`, A1111's
+        `<lora:name:weight>`; default 1).
     Returns:
       The paths of the images written, in order.
     Raises:
@@ -187,6 +191,8 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         raise UserError(f"--guidance_scale {guidance_scale}: must be a finite number")
     if scheduler is not None and scheduler not in SAMPLERS:
         raise UserError(f"--scheduler {scheduler!r}: choose one of {', '.join(SAMPLERS)}")
+    if not np.isfinite(lora_scale):
+        raise UserError(f"--lora_scale {lora_scale}: must be a finite number")
     if isinstance(embeddings, (str, os.PathLike)):
         embeddings = [embeddings]
     compile_cache.configure(enabled=compilation_cache)
@@ -199,6 +205,12 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
     steps = default_steps if steps is None else steps
     guidance_scale = default_guidance if guidance_scale is None else guidance_scale
     concepts, rows = load_concepts(model.tokenizers, model.spec, embeddings, allow_pickle)
+    lora_pair = None
+    if lora:
+        from ..formats import lora as lora_files
+
+        shapes = family.lora_targets(model.spec, tuple(LORA_TARGET_GROUPS))
+        lora_pair = (lora_files.read(lora, shapes, family.kohya_lora_names(model.spec, shapes)), float(lora_scale))
     sampler = Sampler.from_model(model, num_images=num_images, num_inference_steps=steps, guidance_scale=guidance_scale,
                                  height=height, width=width, scheduler=scheduler, devices=devices)
     tokenizers = families.of(model.spec).prompt_tokenizers(model)
@@ -208,11 +220,12 @@ def generate(pretrained_model_name_or_path, prompt, embeddings=(), negative_prom
         first = model.tokenizer.convert_tokens_to_ids(names[0])
         if first not in prompt_ids and first not in negative_ids:
             warnings.warn(f"embedding token {names[0]} appears in neither --prompt nor --negative_prompt", stacklevel=2)
-    images = sampler.sample(rows, prompt_ids, negative_ids, seed)
+    images = sampler.sample(rows, prompt_ids, negative_ids, seed, lora=lora_pair)
     parameters = (
         f"{prompt}\nNegative prompt: {negative_prompt}\nSteps: {steps}, Sampler: {sampler.settings.scheduler}, "
         f"CFG scale: {guidance_scale}, Seed: {seed}, Size: {sampler.width}x{sampler.height}, "
         f"Model: {pretrained_model_name_or_path}, Embeddings: {', '.join(n[0] for n in concepts) or 'none'}"
+        + (f", Lora: {os.path.basename(lora)} ({lora_scale:g})" if lora else "")
     )
     written = []
     for i, image in enumerate(images):
@@ -253,6 +266,11 @@ def build_parser():
     flags.add_arguments(parser, TrainConfig, only=(flags.MODEL_FILES,))  # FLUX.1's --clip_l, --t5xxl, --ae, ...
     parser.add_argument("--embeddings", nargs="+", default=[], metavar="FILE[:TOKEN]",
                         help="embedding files or folders; FILE:TOKEN names the token used in prompts")
+    parser.add_argument("--lora", default=None, metavar="FILE",
+                        help="a LoRA of the UNet: pivotal tuning's pytorch_lora_weights.safetensors or "
+                             "<token>_lora.safetensors (kohya's layout; pass its embedding with --embeddings)")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="the LoRA's weight (diffusers' scale, A1111's <lora:name:weight>; default 1)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative_prompt", default="", help="may use embedding tokens too")
     parser.add_argument("--num_images", type=int, default=4)
@@ -293,7 +311,8 @@ def main(argv=None):
             args.num_images, args.steps, args.guidance_scale, args.seed, args.height, args.width,
             args.scheduler, args.output_dir, args.allow_pickle, compilation_cache=not args.no_compilation_cache,
             prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
-            vae=args.pretrained_vae_model_name_or_path, separate=model_files(args),
+            vae=args.pretrained_vae_model_name_or_path, separate=model_files(args), lora=args.lora,
+            lora_scale=args.lora_scale,
         )))
     for path in paths:
         print(path)

@@ -18,6 +18,8 @@ import json
 import numpy as np
 
 from .. import files
+from ..errors import UserError
+from ..models.lora import factor_shapes
 from .sdxl import CLIP_G, CLIP_L
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -85,6 +87,56 @@ def split_kohya(tensors):
         elif leaf == "alpha":
             alphas[name] = float(np.asarray(value))
     return factors, alphas, bundled
+
+
+def read(path, shapes, kohya_names):
+    """The factors of a LoRA file in either layout, {module: {"lora_A", "lora_B"}} float32 numpy
+    with each module's scale folded into lora_B (apply with scale 1).
+
+    Args:
+      path: a `.safetensors` file: diffusers' PEFT layout (`unet.<module>.lora_A.weight`, its
+        alpha already in B) or kohya's (`lora_unet_<name>.lora_down.weight`, `.lora_up.weight`,
+        `.alpha`: B times alpha / rank); bundled embeddings are skipped.
+      shapes: {module: weight shape} of every module the model can adapt (the family's lora_targets
+        of every name). kohya_names: {module: kohya name} of the same modules.
+    Raises:
+      UserError naming the file and the first key it cannot place (a text encoder's LoRA, another
+      model's module) or a factor whose shape does not fit the module.
+    """
+    tensors = files.read_safetensors(path, advice=None)
+    factors = {}
+    if any(k.startswith(KOHYA_PREFIX) or k.startswith("lora_te") for k in tensors):
+        by_name = {KOHYA_PREFIX + name.replace(".", "_"): module for module, name in kohya_names.items()}
+        pairs, alphas, _ = split_kohya(tensors)
+        for name, pair in pairs.items():
+            module = by_name.get(name)
+            if module is None or set(pair) != {"lora_A", "lora_B"}:
+                what = "a text encoder's LoRA" if name.startswith("lora_te") else "no module of this model's UNet"
+                raise UserError(f"{path}: {name} is {what}; only a LoRA of the UNet's attention, feed-forward and "
+                                "projections can be applied")
+            rank = pair["lora_A"].shape[0]
+            scale = alphas.get(name, rank) / rank
+            factors[module] = {"lora_A": pair["lora_A"], "lora_B": pair["lora_B"] * np.float32(scale)}
+    else:
+        for key, value in tensors.items():
+            module, _, leaf = key.removeprefix("unet.").rpartition(".lora_")
+            if not key.startswith("unet.") or leaf not in ("A.weight", "B.weight") or module not in shapes:
+                raise UserError(f"{path}: {key} is not a LoRA weight of this model's UNet (diffusers' "
+                                "unet.<module>.lora_A.weight / lora_B.weight, or kohya's lora_unet_* layout)")
+            factors.setdefault(module, {})["lora_" + leaf[0]] = value
+    for module, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise UserError(f"{path}: {module} has only {', '.join(pair)}; a LoRA needs both factors")
+        rank = pair["lora_A"].shape[0]
+        want = factor_shapes(shapes[module], rank)
+        got = (tuple(pair["lora_A"].shape), tuple(pair["lora_B"].shape))
+        if got != want:
+            raise UserError(f"{path}: {module}'s factors are {got[0]} and {got[1]}, this model's needs {want[0]} and "
+                            f"{want[1]}: a LoRA of another model")
+        factors[module] = {k: np.asarray(v, np.float32) for k, v in pair.items()}
+    if not factors:
+        raise UserError(f"{path}: no LoRA weights in this file")
+    return factors
 
 
 def save(path, tensors, metadata=None):
