@@ -59,9 +59,10 @@ class Variant:
         """The TrainConfig of this variant's flags (with `changes`)."""
         from ti_flax.config import TrainConfig
 
-        return TrainConfig(mixed_precision=self.mixed_precision, cache_latents=self.cache_latents,
-                           gradient_checkpointing=self.remat, gradient_accumulation_steps=self.accumulation,
-                           attention=self.attention, **dict(self.rows), **changes)
+        flags = dict(mixed_precision=self.mixed_precision, cache_latents=self.cache_latents,
+                     gradient_checkpointing=self.remat, gradient_accumulation_steps=self.accumulation,
+                     attention=self.attention, **dict(self.rows))
+        return TrainConfig(**{**flags, **changes})  # `changes` replace the variant's own (compute's attention)
 
     def compute(self, attention=None):
         """models.Compute of this variant, by the run's own mapping (run.model_compute);
@@ -94,6 +95,11 @@ VARIANTS = {
         Variant("ours+normdecay", rows=(("embedding_norm_decay", 0.1),)),
         Variant("ours+ema", rows=(("use_ema", True),)),
         Variant("ours+preserve+ema+accum2", accumulation=2, rows=(("embedding_norm", "preserve"), ("use_ema", True))),
+        # pivotal tuning: a rank-16 LoRA of the UNet's attention beside the rows (--lora_rank 16)
+        Variant("ours+lora16", rows=(("lora_rank", 16),)),
+        Variant("ours+lora16+cache+bf16", cache_latents=True, mixed_precision="bf16", rows=(("lora_rank", 16),)),
+        Variant("ours+cache+bf16+lora16-all", cache_latents=True, mixed_precision="bf16",
+                rows=(("lora_rank", 16), ("lora_targets", "attn,ff,proj"))),
     )
 }
 
@@ -170,6 +176,7 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
     from ti_flax.training import footprint, step as step_lib
     from ti_flax.training.losses import LossSpec
     from ti_flax.training.optim import OptimizerSpec
+    from ti_flax.training.run import lora_shapes
 
     S = jax.ShapeDtypeStruct
     lead = lambda tree: jax.tree_util.tree_map(lambda x: S((1,) + tuple(x.shape), x.dtype), tree)  # noqa: E731
@@ -177,7 +184,8 @@ def abstract_cost(variant, batch, resolution, compile_it=True, model="sd15", los
     params = models.abstract_params(spec)
     config = variant.config()
     # A norm target per text encoder (any positive number costs the same as the tables' medians).
-    opt_spec = OptimizerSpec.from_config(config, 1, 1000, (0.4,) * len(spec.text_widths), spec.text_widths)
+    opt_spec = OptimizerSpec.from_config(config, 1, 1000, (0.4,) * len(spec.text_widths), spec.text_widths,
+                                         lora_shapes=lora_shapes(config, spec))
     hidden, latent = spec.row_width, resolution // spec.vae_scale_factor
     ids = {"input_ids": S((batch, 77), jnp.int32)}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))

@@ -144,7 +144,8 @@ def _try(config, spec, target, device, chip, flags):
     num_rows = sum(c.num_vectors for c in concepts)
     backend = footprint.platform(device)
     compute = run_lib.model_compute(config, backend)
-    opt_spec = OptimizerSpec.from_config(config, 1, config.max_train_steps or 1000)
+    opt_spec = OptimizerSpec.from_config(config, 1, config.max_train_steps or 1000,
+                                         lora_shapes=run_lib.lora_shapes(config, spec))
     args = footprint.step_args(spec, compute, opt_spec, config.train_batch_size, config.resolution, num_rows,
                                config.cache_latents)
     loss_spec = run_lib.loss_spec(config, spec)

@@ -128,7 +128,7 @@ def prepare(config, devices=None):
     targets = norm_targets(config, model.spec, tables) if config.norm_rate else ()
     opt_spec = OptimizerSpec.from_config(config, num_devices, total_steps, targets, model.spec.text_widths,
                                          tuple(e.key for e in families.of(model.spec).encoders),
-                                         lora_shapes(config, model))
+                                         lora_shapes(config, model.spec))
     config = check_loss_recipe(config, model)
     if config.push_to_hub:
         check_hub_token(config)
@@ -200,12 +200,12 @@ def learned_concepts(config, concepts, model, tables):
     return np.concatenate(init_rows), learned, tokens, token_ids
 
 
-def lora_shapes(config, model):
-    """{module: weight shape} of the layers --lora_rank adapts (None without it); UserError for a
-    family without a LoRA or a rank above a layer's width."""
+def lora_shapes(config, spec):
+    """{module: weight shape} of the layers --lora_rank adapts in a model of `spec` (None without
+    it); UserError for a family without a LoRA or a rank above a layer's width."""
     if config.lora_rank is None:
         return None
-    shapes = families.of(model.spec).lora_targets(model.spec, config.lora_targets.split(","))
+    shapes = families.of(spec).lora_targets(spec, config.lora_targets.split(","))
     lora.check_rank(shapes, config.lora_rank)
     return shapes
 
