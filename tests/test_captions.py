@@ -68,7 +68,12 @@ def write_folder(folder, sample_images_dir, texts):
 )
 def test_caption_ids_are_the_tokenizers_encoding_of_the_expanded_caption(tokenizer, caption, same_as):
     ids = prompts.encode_prompt(tokenizer, caption, [TOKENS], overflow=prompts.too_long("caption", TOKENS))
-    np.testing.assert_array_equal(ids, padded(tokenizer, same_as or expanded(caption)))
+    want = same_as or expanded(caption)
+    if tokenizer.convert_tokens_to_ids(TOKENS[0]) not in tokenizer(caption).input_ids:
+        # transformers 4's CLIPTokenizer matches added tokens case-sensitively, before it lower-cases
+        # the rest (5's lower-cases first): there "<CAT-TOY>" is plain text, for diffusers as for us.
+        want = caption
+    np.testing.assert_array_equal(ids, padded(tokenizer, want))
     assert ids.dtype == np.int32 and ids.shape == (77,)
 
 

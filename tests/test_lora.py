@@ -340,10 +340,11 @@ def test_one_device_with_the_global_batch_trains_the_four_device_lora(sd1_run, t
                                     validation_loss_steps=0, save_as_full_pipeline=False, checkpointing_steps=0),
                 devices=jax.local_devices()[:1])
     np.testing.assert_allclose(one.rows, result.rows, rtol=0, atol=2e-6)
-    # Adam divides each gradient by its own running scale, so where a factor's gradient is near
-    # zero the float rounding of a 4-way mean against one sum is amplified (measured: 2e-5 in one
-    # element of 9984). A wrong mean (a sum, one device's share) moves every factor by about the
-    # rate (3e-2) instead.
-    diffs = [np.abs(one.lora[m][leaf] - value) for m, pair in result.lora.items() for leaf, value in pair.items()]
-    assert max(float(d.max()) for d in diffs) < 1e-4
-    assert np.mean(np.concatenate([d.ravel() for d in diffs]) < 2e-6) > 0.99
+    # The factors are compared through the UNet they make, not one by one: B starts at zero, so
+    # A's first gradients are nearly zero, and Adam, dividing each by its own running scale,
+    # moves such an element by about the rate whatever the sign its float rounding gives it (a
+    # 4-way mean against one sum: up to 8e-4 apart in single elements, measured); the UNets they
+    # make are 2e-6 to 2e-5 apart (two machines' venvs), against over 1e-2 for the LoRA's effect.
+    model = families.load_model(config.pretrained_model_name_or_path)
+    scale, inputs = config.lora_alpha / config.lora_rank, torch_inputs(model)
+    assert relative(ours(model, one.lora, scale, inputs), ours(model, result.lora, scale, inputs)) < 1e-3
