@@ -348,3 +348,37 @@ def test_one_device_with_the_global_batch_trains_the_four_device_lora(sd1_run, t
     model = families.load_model(config.pretrained_model_name_or_path)
     scale, inputs = config.lora_alpha / config.lora_rank, torch_inputs(model)
     assert relative(ours(model, one.lora, scale, inputs), ours(model, result.lora, scale, inputs)) < 1e-3
+
+
+@pytest.mark.slow
+def test_export_converts_the_lora_between_layouts(sd1_run, sdxl_run, tmp_path):
+    """ti_flax.export --format lora-diffusers / lora-kohya --model: the converted file holds the
+    same (alpha-folded) factors; the kohya one bundles --embedding; the CLI refuses without --model."""
+    from ti_flax import export
+    from ti_flax.commands import export as export_cmd
+
+    for (config, result), embedding in ((sd1_run, "diffusers"), (sdxl_run, "sdxl")):
+        spec, _ = families.read_spec(config.pretrained_model_name_or_path)
+        family = families.of(spec)
+        shapes = family.lora_targets(spec, ("attn", "ff", "proj"))
+        names = family.kohya_lora_names(spec, shapes)
+        want = lora_files.read(result.files["lora_kohya"], shapes, names)
+        out = tmp_path / embedding
+        out.mkdir()
+        (to_diffusers,) = export(result.files["lora_kohya"], str(out), format="lora-diffusers",
+                                 model=config.pretrained_model_name_or_path)
+        assert os.path.basename(to_diffusers) == lora_files.DIFFUSERS_FILE
+        source = result.files.get("sdxl") or result.files["diffusers"]
+        (to_kohya,) = export(result.files["lora_diffusers"], str(out / "k.safetensors"), format="lora-kohya",
+                             model=config.pretrained_model_name_or_path, embedding=source, token=TOKEN)
+        for path in (to_diffusers, to_kohya):
+            got = lora_files.read(path, shapes, names)
+            assert set(got) == set(want)
+            for module in want:
+                for leaf in want[module]:
+                    np.testing.assert_allclose(got[module][leaf], want[module][leaf], rtol=1e-6, atol=1e-9)
+        bundled = [k for k in load_file(to_kohya) if k.startswith(f"bundle_emb.{TOKEN}.")]
+        assert len(bundled) == len(families.of(spec).encoders)
+    code = export_cmd.main([result.files["lora_kohya"], "--output", str(tmp_path / "x.safetensors"),
+                            "--format", "lora-diffusers"])
+    assert code != 0 and not os.path.exists(tmp_path / "x.safetensors")

@@ -26,6 +26,9 @@ import contextlib
 import os
 import re
 import secrets
+import sys
+
+import numpy as np
 
 from .. import files, formats
 from ..config import choices
@@ -34,7 +37,9 @@ from ..formats import DIFFUSERS_BIN, read_embedding
 
 # --format's values: the layouts ti_flax writes, as registered in ti_flax.formats, then other
 # tools' names for them (comfyui reads kohya's layout); and their row of the "Choices" table (docs/flags.md).
-FORMATS = (*formats.names(writable=True), *formats.ALIASES)
+# Pivotal tuning's LoRA files (export_lora), beside the embedding layouts: --format's last values.
+LORA_FORMATS = ("lora-kohya", "lora-diffusers")
+FORMATS = (*formats.names(writable=True), *formats.ALIASES, *LORA_FORMATS)
 FORMAT_CHOICE = choices.Choice("--format (ti_flax.export)", FORMATS, "diffusers")
 
 
@@ -109,6 +114,70 @@ def export_embedding(source, output, format="diffusers", token=None, name=None, 
     return _write_checked(pieces, layout, emb, token, name, verify, log or (lambda line: None))
 
 
+def export_lora(source, output, format="lora-kohya", model=None, embedding=None, token=None, overwrite=False,
+                log=None):
+    """Convert pivotal tuning's LoRA between diffusers' PEFT layout and kohya's (formats/lora.py).
+
+    Args:
+        source: a LoRA file in either layout (`pytorch_lora_weights.safetensors`,
+            `<token>_lora.safetensors`; a kohya file's bundled embedding is not carried over).
+        output: the file to write (a folder: `pytorch_lora_weights.safetensors` for
+            lora-diffusers, the source's name for lora-kohya).
+        format: "lora-kohya" (A1111 / Forge, ComfyUI, kohya) or "lora-diffusers" (diffusers'
+            `load_lora_weights`).
+        model: the model the LoRA was trained on (its folder or file): its modules' names and shapes.
+        embedding: with lora-kohya, an embedding file to bundle (as A1111 reads it), under `token`
+            (default: the token the file names, else its name without the extension).
+        overwrite: replace an existing output file.
+    Returns:
+        [the path written]. The file is read back and checked against the source's factors.
+    Raises:
+        UserError: no --model, a LoRA of another model, an output that exists.
+    """
+    from .. import families
+    from ..config.choices import LORA_TARGET_GROUPS
+    from ..formats import lora as lora_files
+
+    if format not in LORA_FORMATS:
+        raise UserError(f"--format {format!r}: a LoRA converts to one of {', '.join(LORA_FORMATS)}")
+    if not model:
+        raise UserError(f"--format {format}: pass --model, the model the LoRA was trained on (its modules' names)")
+    if embedding is not None and format != "lora-kohya":
+        raise UserError("--embedding: only kohya's layout bundles an embedding; diffusers loads it on its own")
+    from ..models import pretrained
+
+    # A folder's configs say its modules; a single file is loaded to know them.
+    spec = families.load_model(model).spec if pretrained.is_single_file(model) else families.read_spec(model)[0]
+    family = families.of(spec)
+    shapes = family.lora_targets(spec, tuple(LORA_TARGET_GROUPS))
+    names = family.kohya_lora_names(spec, shapes)
+    factors = lora_files.read(source, shapes, names)  # alpha / rank folded into lora_B
+    if os.path.isdir(output):
+        output = os.path.join(output, lora_files.DIFFUSERS_FILE if format == "lora-diffusers"
+                              else os.path.basename(source))
+    if os.path.exists(output) and not overwrite:
+        raise UserError(f"{output}: already exists; pass --overwrite to replace it")
+    if format == "lora-diffusers":
+        tensors, metadata = lora_files.diffusers_tensors(factors, 1.0), None
+    else:
+        rank = next(iter(factors.values()))["lora_A"].shape[0]
+        # The scale is folded into lora_up: alpha = rank says so to every reader.
+        tensors = lora_files.kohya_tensors(factors, float(rank), {m: names[m] for m in factors})
+        metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+                    "ss_base_model_version": family.kohya_base_model}
+        if embedding is not None:
+            emb = read_embedding(embedding, token=token)
+            name = token or emb.token or os.path.splitext(os.path.basename(embedding))[0]
+            tensors.update(lora_files.bundle(name, list(emb.parts.values())))
+    lora_files.save(output, tensors, metadata)
+    back = lora_files.read(output, shapes, names)
+    if set(back) != set(factors) or any(not np.allclose(back[m][k], factors[m][k], rtol=1e-6, atol=0)
+                                         for m in factors for k in factors[m]):
+        raise UserError(f"{output}: does not read back as the source's LoRA")
+    (log or (lambda line: None))(f"wrote {output} ({format}, {len(factors)} modules)")
+    return [output]
+
+
 def _write_checked(pieces, layout, emb, token, name, verify, log):
     """Stage every file, read each back, verify, then rename all into place (or none).
 
@@ -171,6 +240,8 @@ def _staging_name(path):
 def _layout_name(format):
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown; choose one of {', '.join(FORMATS)}")
+    if format in LORA_FORMATS:
+        raise UserError(f"--format {format}: converts a LoRA file (ti_flax.export's export_lora), not an embedding")
     return formats.ALIASES.get(format, format)
 
 
@@ -236,11 +307,22 @@ def build_parser():
     parser.add_argument("--bin", action="store_true", help=f"with --format diffusers, also write {DIFFUSERS_BIN} (needs torch)")
     parser.add_argument("--verify", metavar="MODEL_DIR", default=None,
                         help="load the written file in PyTorch diffusers from MODEL_DIR and compare with Flax (needs torch)")
+    parser.add_argument("--model", default=None, metavar="MODEL",
+                        help="with --format lora-kohya / lora-diffusers: the model the LoRA was trained on")
+    parser.add_argument("--embedding", default=None, metavar="FILE",
+                        help="with --format lora-kohya: an embedding file to bundle in the LoRA (A1111 reads it)")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.format in LORA_FORMATS:
+        return run_cli(lambda: export_lora(args.source, args.output, format=args.format, model=args.model,
+                                           embedding=args.embedding, token=args.token, overwrite=args.overwrite,
+                                           log=print))
+    if args.model or args.embedding:
+        print(f"error: --model and --embedding go with --format {' or '.join(LORA_FORMATS)}", file=sys.stderr)
+        return 2
     return run_cli(lambda: export_embedding(
         args.source, args.output, format=args.format, token=args.token, name=args.name,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, bin=args.bin, verify=args.verify, log=print,
@@ -248,5 +330,8 @@ def main(argv=None):
 
 
 def export(source, output, **kwargs):
-    """`ti_flax.export(...)`: the same as `export_embedding` (see there for the arguments)."""
+    """`ti_flax.export(...)`: `export_embedding` (see there for the arguments), or `export_lora`
+    with a `format` of LORA_FORMATS."""
+    if kwargs.get("format") in LORA_FORMATS:
+        return export_lora(source, output, **kwargs)
     return export_embedding(source, output, **kwargs)
