@@ -382,3 +382,11 @@ def test_export_converts_the_lora_between_layouts(sd1_run, sdxl_run, tmp_path):
     code = export_cmd.main([result.files["lora_kohya"], "--output", str(tmp_path / "x.safetensors"),
                             "--format", "lora-diffusers"])
     assert code != 0 and not os.path.exists(tmp_path / "x.safetensors")
+
+
+@pytest.mark.slow
+def test_the_model_card_says_to_load_the_lora_too(sd1_run):
+    config, result = sd1_run
+    with open(os.path.join(config.output_dir, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert "load_lora_weights" in card and "<lora:cat-toy_lora:1>" in card and "--lora " in card

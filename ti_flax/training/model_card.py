@@ -184,7 +184,7 @@ def _concepts_card(config, history, files, validation_grid, learned, family, val
         "",
     ]
     embeddings = [(c.tokens[0], c.out_dir, rel(c.out_dir)) for c in learned]
-    return lines + ["## Use them", "", *family.usage_lines(model, embeddings)]
+    return lines + ["## Use them", "", *_lora_lines(config, files), *family.usage_lines(model, embeddings)]
 
 
 def rows_notes(config):
@@ -244,7 +244,26 @@ def _single_card(config, tokens, history, files, validation_grid, family, valida
         "",
     ]
     embeddings = [(token, out, "")]
-    return lines + ["## Use it", "", *family.usage_lines(config.pretrained_model_name_or_path, embeddings)]
+    return lines + ["## Use it", "", *_lora_lines(config, files),
+                    *family.usage_lines(config.pretrained_model_name_or_path, embeddings)]
+
+
+def _lora_lines(config, files):
+    """With --lora_rank, how each tool loads the LoRA beside the embedding (docs/pivotal-tuning.md)."""
+    if "lora_diffusers" not in files:
+        return []
+    kohya = os.path.basename(files["lora_kohya"])
+    return [
+        "Pivotal tuning: the concept is the embedding and a LoRA of the UNet together; load both.",
+        "",
+        f"- diffusers: `pipe.load_lora_weights(\"{config.output_dir}\", weight_name=\"{os.path.basename(files['lora_diffusers'])}\")`, "
+        "then `pipe.load_textual_inversion(...)` as below.",
+        f"- A1111 / Forge: copy `{kohya}` into `models/Lora` and write `<lora:{os.path.splitext(kohya)[0]}:1>` with the "
+        "token: the embedding is bundled in it.",
+        f"- ComfyUI: load `{kohya}` with a LoRA loader and the embedding as below (ComfyUI ignores a bundled one).",
+        f"- ti_flax.generate: `--lora {files['lora_diffusers']}` with `--embeddings` as below.",
+        "",
+    ]
 
 
 def _buckets_note(config):
