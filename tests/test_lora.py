@@ -32,7 +32,7 @@ def lora_config(model_dir, data_dir, output_dir, **changes):
 @pytest.fixture(scope="module")
 def sd1_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
     config = lora_config(tiny_model_dir, sample_images_dir, tmp_path_factory.mktemp("lora-sd1"),
-                         lora_targets="attn,proj", checkpointing_steps=2, save_as_full_pipeline=True,
+                         lora_targets="attn,proj", checkpointing_steps=2, save_steps=2, save_as_full_pipeline=True,
                          validation_prompt="a photo of <cat-toy>", validation_steps=4, num_validation_images=1,
                          validation_num_inference_steps=2, validation_loss_steps=2)
     return config, train(config)
@@ -145,6 +145,14 @@ def test_the_rows_learn_until_the_pivot_and_the_lora_throughout(sd1_run, tmp_pat
     np.testing.assert_array_equal(saved[".rows"], result.rows)
     lora_keys = [k for k in saved if k.startswith(".lora[")]
     assert lora_keys and any(not np.array_equal(saved[k], _leaf(result.lora, k)) for k in lora_keys)
+    # --save_steps 2: the LoRA of update 2 beside its embedding (diffusers' layout: B times alpha / rank)
+    at_2 = load_file(os.path.join(config.output_dir, "pytorch_lora_weights-steps-2.safetensors"))
+    scale = config.lora_alpha / config.lora_rank
+    for key in lora_keys:
+        module, leaf = key[len(".lora['"):-2].split("']['")
+        want = saved[key] * (scale if leaf == "lora_B" else 1)
+        np.testing.assert_allclose(at_2[f"unet.{module}.{leaf}.weight"], want, rtol=1e-6, atol=0)
+    assert os.path.isfile(os.path.join(config.output_dir, "cat-toy_lora-steps-2.safetensors"))
     assert {len(p["lora_A"].shape) for p in result.lora.values()} == {2, 4}  # Linear and Conv2d factors
     assert any(m.endswith("proj_in") for m in result.lora)
 

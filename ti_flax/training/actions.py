@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..sampling.validation import grid as grid_image
 from . import checkpoint as ckpt, model_card, step as step_lib
 from .early_stopping import DVAR
+from .outputs import save_lora
 from .preemption import Preempted
 
 
@@ -180,7 +181,7 @@ class EarlyStop:
 
 class SaveRows:
     """--save_steps: learned_embeds-steps-N.safetensors (each concept's, in its folder) every
-    `every` updates (0: never).
+    `every` updates (0: never); with --lora_rank, the LoRA's two files with the same suffix.
 
     A failed write warns and training continues; the final save may still fit.
     """
@@ -193,7 +194,11 @@ class SaveRows:
 
     def __call__(self, done, stopping=False):
         try:
-            save_intermediate(self.run, self.engine.rows(), done)
+            rows = self.engine.rows()
+            save_intermediate(self.run, rows, done)
+            factors = self.engine.lora()
+            if factors is not None:  # pivotal tuning: the LoRA of the same update beside them
+                save_lora(self.run, rows, factors, done, suffix=f"-steps-{done}")
         except files.WriteFailed as err:
             save_failed(done, f"learned_embeds-steps-{done}.safetensors", err)
 

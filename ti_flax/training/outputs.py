@@ -52,10 +52,10 @@ def save_outputs(run, rows, history, grid=None, validation_losses=(), early=None
     return written
 
 
-def save_lora(run, rows, factors, steps):
+def save_lora(run, rows, factors, steps, suffix=""):
     """Write pivotal tuning's LoRA to output_dir: diffusers' `pytorch_lora_weights.safetensors`,
-    and kohya's `<token>_lora.safetensors` with every concept's embedding bundled.
-    Returns {"lora_diffusers": path, "lora_kohya": path}."""
+    and kohya's `<token>_lora.safetensors` with every concept's embedding bundled (`suffix` before
+    the extension: --save_steps' "-steps-N"). Returns {"lora_diffusers": path, "lora_kohya": path}."""
     spec, lora = run.model.spec, run.opt_spec.lora
     out = run.config.output_dir
     names = run.family.kohya_lora_names(spec, factors)
@@ -66,10 +66,11 @@ def save_lora(run, rows, factors, steps):
     resolution = run.config.resolution or run.family.default_resolution(spec)
     metadata = lora_files.kohya_metadata(lora.rank, lora.alpha, run.family.kohya_base_model, resolution, steps,
                                          os.path.splitext(lora_files.kohya_file(token))[0])
+    named = lambda name: os.path.join(out, name.replace(".safetensors", f"{suffix}.safetensors"))  # noqa: E731
     return {
-        "lora_diffusers": lora_files.save(os.path.join(out, lora_files.DIFFUSERS_FILE),
+        "lora_diffusers": lora_files.save(named(lora_files.DIFFUSERS_FILE),
                                           lora_files.diffusers_tensors(factors, lora.scale)),
-        "lora_kohya": lora_files.save(os.path.join(out, lora_files.kohya_file(token)), tensors, metadata),
+        "lora_kohya": lora_files.save(named(lora_files.kohya_file(token)), tensors, metadata),
     }
 
 
