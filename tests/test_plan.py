@@ -182,6 +182,12 @@ def test_plan_measures_the_tiny_step_and_answers_again_from_the_cache(tiny_model
     monkeypatch.setattr(footprint, "compile_step", no_compiling)
     again = planning.plan(config, "local")
     assert again.run.cached and again.run.footprint == f
+    # ti_flax's code builds the program: another version of it is another cache key.
+    real = planning._code_hash
+    monkeypatch.setattr(planning, "_code_hash", lambda: "another version of the code")
+    with pytest.raises(UserError, match="compiled again"):  # plan words a failed compile in one line
+        planning.plan(config, "local")
+    monkeypatch.setattr(planning, "_code_hash", real)
     # Another shape is another program: it compiles (and here, fails to, in one line).
     monkeypatch.setattr(footprint, "compile_step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("INTERNAL: boom\nat")))
     with pytest.raises(UserError, match=r"^the train step does not compile for cpu: RuntimeError: INTERNAL: boom$"):

@@ -15,6 +15,7 @@ version, so asking twice is instant. `python -m ti_flax.plan` takes train's flag
 """
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -201,13 +202,29 @@ def out_of_memory(message):
 
 def _cache_key(spec, compute, opt_spec, loss_spec, num_concepts, args, target, chip):
     """What the compiled program depends on, hashed: the step's statics and argument shapes, the
-    target chip and the compiler (jax, jaxlib, libtpu versions)."""
+    target chip, the compiler (jax, jaxlib, libtpu versions) and ti_flax's own code, which builds
+    the program (after a change to the model code a cached answer would repeat the old bytes)."""
     shapes = [(tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(args)]
     structure = str(jax.tree_util.tree_structure(args))
     versions = [_version(name) for name in ("jax", "jaxlib", "libtpu")]
     text = repr((CACHE_VERSION, spec, compute, opt_spec, loss_spec, num_concepts, shapes, structure, target, chip,
-                 versions))
+                 versions, _code_hash()))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=1)
+def _code_hash():
+    """A hash of every ti_flax source file's path and text (read once per process)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _version(name):
