@@ -11,7 +11,9 @@ bench_learning.py caches them):
 Each method trains STEPS updates from the initializer's row on the concept's 8 training images,
 then is scored on 64 held-out images at the validation loss's fixed draws: the held-out loss L,
 and the loss closed from the start, L(start) - L, with its standard error over the paired
-held-out examples. For `ring` also the gap closed, (L(start) - L) / (L(start) - L(v*)).
+held-out examples. For `ring` also the gap closed, (L(start) - L) / (L(start) - L(v*)). And the
+drift: how much the LoRA raises the loss of the vocabulary's own captions (fresh draws), which
+no row changes. Scores are read from each run's files (`--score_only` rescores runs in --out).
 
     python scripts/bench_pivotal.py --seeds 0 1 2 --out /tmp/pivotal     # about 15 minutes on 2 cores
 
@@ -97,7 +99,42 @@ class Scorer:
         return self.evaluator.per_example(rows, frozen).astype(np.float64)
 
 
-def run(planted, name, method, out, steps, learning_rate, lora_learning_rate):
+class VocabularyScorer(Scorer):
+    """The drift: the held-out loss of the vocabulary's own captions ("a photo of a red square", ...,
+    fresh draws: 2 per caption), whose prompts have no concept token, so only a LoRA changes it."""
+
+    def __init__(self, planted):
+        from ti_flax import models
+        from ti_flax.data.batches import ValidationImages
+        from ti_flax.data.prompts import CUT, encode_prompt
+        from ti_flax.training.validation_loss import Evaluator
+
+        self.planted = planted
+        images, phrases = planted_denoiser.captioned_images(2, planted.seed + 1000)
+        ids = np.stack([encode_prompt(planted.model.tokenizer, planted_denoiser.PROMPT.format(p), overflow=CUT)
+                        for p in phrases])
+        self.evaluator = Evaluator(planted.model.spec, models.Compute(),
+                                   ValidationImages(images, ids, np.zeros(len(images), np.int32)), planted.seed,
+                                   planted.devices)
+
+
+def outputs(out_dir, planted):
+    """(rows, (LoRA factors, 1.0) or None) of a finished run's files: the LoRA's scale is folded
+    into pytorch_lora_weights.safetensors."""
+    from ti_flax import families, formats
+    from ti_flax.formats import lora as lora_files
+
+    rows = formats.read_embedding(os.path.join(out_dir, "learned_embeds.safetensors")).rows
+    path = os.path.join(out_dir, lora_files.DIFFUSERS_FILE)
+    if not os.path.exists(path):
+        return rows, None
+    spec = planted.model.spec
+    family = families.of(spec)
+    shapes = family.lora_targets(spec, ("attn", "ff", "proj"))
+    return rows, (lora_files.read(path, shapes, family.kohya_lora_names(spec, shapes)), 1.0)
+
+
+def run(planted, name, method, out, steps, learning_rate, lora_learning_rate, score_only=False):
     data_dir = planted.write_images(name, bench_learning.data_folder(out, planted.seed, name)) if name != "stripes" \
         else write_stripes(planted, bench_learning.data_folder(out, planted.seed, name))
     out_dir = os.path.join(out, "runs", f"seed{planted.seed}", name, method.replace(" ", "_").replace(",", ""))
@@ -108,10 +145,10 @@ def run(planted, name, method, out, steps, learning_rate, lora_learning_rate):
     config = bench_learning.config_for(planted, "ring", data_dir, out_dir, steps, changes, 0,
                                        placeholder_token=concept.token)
     start = time.perf_counter()
-    result = train(config, devices=planted.train_devices)
+    if not (score_only and os.path.exists(os.path.join(out_dir, "learned_embeds.safetensors"))):
+        train(config, devices=planted.train_devices)
     seconds = time.perf_counter() - start
-    lora = None if result.lora is None else (result.lora, (config.lora_alpha or config.lora_rank) / config.lora_rank)
-    return result.rows, lora, seconds
+    return (*outputs(out_dir, planted), seconds)
 
 
 def write_stripes(planted, folder):
@@ -133,6 +170,7 @@ def main():
     p.add_argument("--learning_rate", type=float, default=LEARNING_RATE, help="the rows' (default 2e-3)")
     p.add_argument("--lora_learning_rate", type=float, default=LORA_LEARNING_RATE, help="the LoRA's (default 1e-3)")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--score_only", action="store_true", help="score the runs already in --out; train the missing")
     args = p.parse_args()
     compile_cache.configure(enabled=True)
     cache = args.cache or os.path.join(compile_cache.cache_root(), "planted")
@@ -142,17 +180,21 @@ def main():
         model_dir = planted_denoiser.cached_build(seed, cache, log=print)
         planted = planted_denoiser.Planted(model_dir, seed, devices=devices)
         planted.train_devices = devices[:1]
+        vocabulary = VocabularyScorer(planted)
+        base_vocabulary = vocabulary.per_example(planted.start(1))
         for name in args.concepts:
             scorer = Scorer(planted, name)
             start_loss = scorer.per_example(planted.start(1))
             target = scorer.per_example(planted.rows[name]) if name in planted.rows else None
             for method in args.methods:
                 rows, lora, seconds = run(planted, name, method, args.out, args.steps, args.learning_rate,
-                                          args.lora_learning_rate)
+                                          args.lora_learning_rate, args.score_only)
                 loss = scorer.per_example(rows, lora)
                 closed = start_loss - loss
+                drift = vocabulary.per_example(planted.start(1), lora) - base_vocabulary
                 record = {"seed": seed, "concept": name, "method": method, "loss": float(loss.mean()),
                           "closed": float(closed.mean()), "closed_se": float(closed.std(ddof=1) / np.sqrt(len(closed))),
+                          "drift": float(drift.mean()), "drift_se": float(drift.std(ddof=1) / np.sqrt(len(drift))),
                           "start_loss": float(start_loss.mean()), "seconds": seconds}
                 if target is not None:
                     record["gap_closed"] = float(closed.mean() / (start_loss - target).mean())
@@ -161,16 +203,19 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(records, f, indent=1)
-    print("\n| concept | method | held-out loss | closed from the start (+- s.e.) | gap closed | seeds |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| concept | method | held-out loss | closed from the start (+- s.e.) | gap closed | drift on the "
+          "vocabulary (+- s.e.) | seeds |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.concepts:
         for method in args.methods:
             rs = [r for r in records if r["concept"] == name and r["method"] == method]
             closed = np.array([r["closed"] for r in rs])
             se = np.sqrt(np.sum(np.square([r["closed_se"] for r in rs]))) / len(rs)
             gap = np.mean([r["gap_closed"] for r in rs]) if "gap_closed" in rs[0] else float("nan")
+            drift = np.mean([r["drift"] for r in rs])
+            drift_se = np.sqrt(np.sum(np.square([r["drift_se"] for r in rs]))) / len(rs)
             print(f"| {name} | {method} | {np.mean([r['loss'] for r in rs]):.4f} | {closed.mean():.4f} +- {se:.4f} | "
-                  f"{gap:.2f} | {len(rs)} |")
+                  f"{gap:.2f} | {drift:+.4f} +- {drift_se:.4f} | {len(rs)} |")
 
 
 if __name__ == "__main__":
