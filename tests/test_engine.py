@@ -48,6 +48,12 @@ class FakeEngine:
     def rows(self):
         return np.zeros((3, 4), np.float32)
 
+    def lora(self):  # a run without --lora_rank
+        return None
+
+    def lora_pair(self):
+        return None
+
 
 class Recorded:
     """A periodic action that records when it runs; due every `every` updates."""
@@ -262,7 +268,7 @@ def test_validate_saves_images_logs_the_grid_and_tells_the_callbacks(monkeypatch
     seen, cards = [], []
     monkeypatch.setattr(actions.model_card, "write_model_card", lambda *args: cards.append(args))
 
-    def validator(rows, step):
+    def validator(rows, step, lora=None):
         return [("", [f"img-{step}.png"], f"grid-{step}.png", np.zeros((2, 8, 8, 3), np.uint8))]
 
     logger = Logger()
@@ -274,7 +280,7 @@ def test_validate_saves_images_logs_the_grid_and_tells_the_callbacks(monkeypatch
     assert seen == [{"kind": "validation", "step": 4, "images": ["img-4.png"], "grid": "grid-4.png"}]
     assert len(cards) == 1
 
-    def failing(rows, step):
+    def failing(rows, step, lora=None):
         raise files.WriteFailed("out/validation", OSError(28, "No space left on device"))
 
     validate.validator = failing
@@ -287,7 +293,7 @@ def test_validate_with_several_concepts_logs_and_reports_each(monkeypatch, tmp_p
     seen = []
     monkeypatch.setattr(actions.model_card, "write_model_card", lambda *args: None)
 
-    def validator(rows, step):
+    def validator(rows, step, lora=None):
         return [(name, [f"{name}/img-{step}.png"], f"{name}/grid-{step}.png", np.zeros((1, 8, 8, 3), np.uint8))
                 for name in ("<a>", "<b>")]
 
