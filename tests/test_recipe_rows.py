@@ -246,7 +246,7 @@ def test_validation_images_are_given_the_ema_rows(ema_run, tmp_path):
     run, engine, _, emas = ema_run
     given = []
 
-    def validator(rows, step):
+    def validator(rows, step, lora=None):
         given.append(rows)
         return [("", [], None, np.zeros((1, 8, 8, 3), np.uint8))]
 
