@@ -40,7 +40,9 @@ def sd1_run(tiny_model_dir, sample_images_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_run(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory):
-    config = lora_config(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory.mktemp("lora-sdxl"))
+    # Two micro-batches per update: the pivot must not stop the update count (checkpoint-4 below).
+    config = lora_config(tiny_sdxl_model_dir, sample_images_dir, tmp_path_factory.mktemp("lora-sdxl"),
+                         gradient_accumulation_steps=2, checkpointing_steps=4)
     return config, train(config)
 
 
@@ -134,6 +136,16 @@ def test_the_kohya_file_bundles_the_embedding_as_a1111_reads_it(sd1_run, sdxl_ru
         assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8.0")
     sdxl_names = lora_files.split_kohya(load_file(sdxl_run[1].files["lora_kohya"]))[0]
     assert any(name.startswith("lora_unet_input_blocks_") for name in sdxl_names)  # kohya's SDXL block names
+
+
+@pytest.mark.slow
+def test_with_accumulation_the_pivot_keeps_counting_updates(sdxl_run):
+    """4 updates of 2 micro-batches, the rows frozen after 2: the state still counts 4 updates
+    (its checkpoint is checkpoint-4) and the rows stopped at the pivot's value."""
+    config, result = sdxl_run
+    saved = checkpoint.verify_checkpoint(checkpoint.checkpoint_dir(config.output_dir, 4))
+    assert int(saved[".step"]) == 4
+    np.testing.assert_array_equal(saved[".rows"], result.rows)
 
 
 @pytest.mark.slow

@@ -223,10 +223,11 @@ def train_step(state, frozen, batch, base_key, *, spec, compute, opt_spec, num_c
         return TrainState(step, rows, opt_state, ema), metrics
     lora_updates, lora_opt_state = opt_spec.build_lora().update(lora_grads, state.lora_opt_state, state.lora)
     factors = optax.apply_updates(state.lora, lora_updates)
-    # The pivot: from update `opt_spec.pivot` on, the rows, their optimizer state and EMA stay as they are.
+    # The pivot: from update `opt_spec.pivot` on, the rows and their EMA stay as they are. Their
+    # optimizer state runs on (unapplied): with accumulation its micro-step count says when an
+    # update lands, for the LoRA's too.
     learning = state.step < opt_spec.pivot
-    rows, opt_state, ema = jax.tree.map(lambda new, old: jnp.where(learning, new, old), (rows, opt_state, ema),
-                                        (state.rows, state.opt_state, state.ema))
+    rows, ema = jax.tree.map(lambda new, old: jnp.where(learning, new, old), (rows, ema), (state.rows, state.ema))
     finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(lora_grads)]))
     metrics = {**metrics, "row_norms": jnp.linalg.norm(rows, axis=-1), "finite": metrics["finite"] & finite,
                "lora_grad_norm": optax.tree.norm(lora_grads)}
