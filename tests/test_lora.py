@@ -297,15 +297,15 @@ def test_generate_with_either_lora_file_draws_the_runs_last_validation_image(sd1
 
 
 @pytest.mark.slow
-def test_sd2_lora_files_load_in_diffusers_as_we_compute(golden_run, tmp_path):
+def test_sd2_lora_files_load_in_diffusers_as_we_compute(tmp_path_factory, tmp_path):
     """SD 2.x (linear projections, 64-wide heads): random factors of every target, written in
     both layouts; diffusers' UNet with either gives ours within 1e-4 relative."""
+    import golden
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file as load_torch
 
-    name, model_dir, _, _ = golden_run
-    if name != "sd2":
-        pytest.skip("SD 2.x's layout only")
+    # The golden SD 2.x layout's folder alone (golden_run would also compute its forward values).
+    model_dir = golden.build_model("sd2", str(tmp_path_factory.mktemp("lora-sd2")))
     model = families.load_model(model_dir)
     family = families.of(model.spec)
     shapes = family.lora_targets(model.spec, ("attn", "ff", "proj"))
