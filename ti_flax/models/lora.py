@@ -90,31 +90,34 @@ def attach(params, factors, scale):
     """`params` (a nested PyTorch-named tree) with each module of `factors` carrying its factors:
     "lora_A" as it is and "lora_B" times `scale` (alpha / rank). New dicts along each path; the
     leaves of `params` are shared, not copied."""
-    out = dict(params)
-    for module, pair in factors.items():
-        node, path = out, module.split(".")
-        for name in path[:-1]:
-            node[name] = dict(node[name])
-            node = node[name]
+    def carry(layer, pair):
         up = pair["lora_B"] if scale == 1 else pair["lora_B"] * scale
-        node[path[-1]] = {**node[path[-1]], "lora_A": pair["lora_A"], "lora_B": up}
-    return out
+        return {**layer, "lora_A": pair["lora_A"], "lora_B": up}
+
+    return _with_layers(params, factors, carry)
 
 
 def merge(params, factors, scale):
     """`params` with each module of `factors` merged into its weight (W + scale * B A, float32
     numpy, cast back to W's dtype): the base network a LoRA-less reader (a full pipeline) loads.
     New dicts along each path; the other leaves are shared."""
+    def merged(layer, pair):
+        weight = layer["weight"]
+        return {**layer, "weight": merged_weight(weight, pair, scale).astype(np.asarray(weight).dtype)}
+
+    return _with_layers(params, factors, merged)
+
+
+def _with_layers(params, factors, change):
+    """`params` with the layer of each module of `factors` replaced by `change(layer, its pair)`,
+    new dicts along each path (the other leaves shared)."""
     out = dict(params)
     for module, pair in factors.items():
         node, path = out, module.split(".")
         for name in path[:-1]:
             node[name] = dict(node[name])
             node = node[name]
-        layer = node[path[-1]]
-        weight = layer["weight"]
-        merged = merged_weight(weight, pair, scale).astype(np.asarray(weight).dtype)
-        node[path[-1]] = {**layer, "weight": merged}
+        node[path[-1]] = change(node[path[-1]], pair)
     return out
 
 
